@@ -1,0 +1,39 @@
+# The README's commands. Every target that needs the environment runs setup first;
+# setup is idempotent and takes seconds when nothing changed.
+SHELL := /bin/bash
+ENV := source scripts/airflow-env.sh &&
+PY := .venv/bin/python
+
+.PHONY: setup test lint emulators emulators-stop emulators-status demo airflow bench phi-audit clean
+
+setup:
+	@bash scripts/setup.sh
+
+test: setup
+	@$(ENV) $(PY) -m ruff check .
+	@$(ENV) $(PY) -m pytest
+
+lint: setup
+	@$(PY) -m ruff check .
+	@$(PY) -m ruff format --check .
+
+emulators: setup
+	@$(ENV) $(PY) -m tools.emulators start
+
+emulators-stop:
+	@$(PY) -m tools.emulators stop
+
+emulators-status:
+	@$(PY) -m tools.emulators status
+
+demo: setup emulators
+	@$(ENV) $(PY) -m tools.demo
+
+airflow: setup emulators
+	@$(ENV) bash scripts/airflow-standalone.sh
+
+bench: setup
+	@$(ENV) $(PY) -m bench.run
+
+clean: emulators-stop
+	rm -rf .run .airflow .demo .bench

@@ -1,0 +1,219 @@
+"""Start, wait for and stop the local Cloud Storage and BigQuery emulators.
+
+One implementation serves both `make emulators` (pid files and logs under `.run/`) and the
+test fixtures (free ports, always stopped). The emulators live in their own venvs under
+`.emulators/`, built by `scripts/setup.sh`.
+
+    python -m tools.emulators start|stop|status [--run-dir .run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EMULATORS_DIR = REPO_ROOT / ".emulators"
+DEFAULT_PROJECT = "local-project"
+
+
+@dataclass
+class EmulatorProcess:
+    name: str
+    port: int
+    pid: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _spawn(name: str, argv: list[str], port: int, log_path: Path, env: dict[str, str]) -> EmulatorProcess:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,  # its own process group, so stop() takes its children too
+        )
+    return EmulatorProcess(name=name, port=port, pid=proc.pid, log_path=log_path)
+
+
+def start_gcs(port: int, log_path: Path, data_dir: Path | None = None) -> EmulatorProcess:
+    exe = EMULATORS_DIR / "gcs" / "bin" / "gcp-storage-emulator"
+    argv = [str(exe)]
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        argv += ["-d", str(data_dir)]
+    argv += ["start", "--host", "127.0.0.1", "--port", str(port)]
+    if data_dir is None:
+        argv.append("--in-memory")
+    return _spawn("gcs", argv, port, log_path, dict(os.environ))
+
+
+def bigquery_emulator_kind() -> str:
+    kind_file = EMULATORS_DIR / "bq-kind"
+    return kind_file.read_text().strip() if kind_file.exists() else "local-bigquery"
+
+
+def start_bigquery(
+    port: int, log_path: Path, data_dir: Path, project: str = DEFAULT_PROJECT, grpc_port: int | None = None
+) -> EmulatorProcess:
+    grpc_port = grpc_port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    bin_dir = EMULATORS_DIR / "bq" / "bin"
+    if bigquery_emulator_kind() == "bqemulator":
+        argv = [str(bin_dir / "bqemulator"), "start", "--rest-port", str(port), "--grpc-port", str(grpc_port),
+                "--persistent", "--data-dir", str(data_dir), "--project", project]
+    else:
+        argv = [str(bin_dir / "local-bigquery"), "serve", "--host", "127.0.0.1", "--port", str(port),
+                "--grpc-port", str(grpc_port), "--project", project, "--data-dir", str(data_dir)]
+    # DuckDB finds its pre-installed extensions under $HOME/.duckdb (see scripts/setup.sh).
+    env = dict(os.environ, HOME=str(EMULATORS_DIR / "bq-home"))
+    return _spawn("bigquery", argv, port, log_path, env)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status < 500
+    except urllib.error.HTTPError as err:
+        return err.code < 500
+    except OSError:
+        return False
+
+
+def readiness_url(emulator: EmulatorProcess, project: str = DEFAULT_PROJECT) -> str:
+    if emulator.name == "gcs":
+        return f"{emulator.url}/storage/v1/b?project={project}"
+    return f"{emulator.url}/bigquery/v2/projects/{project}/datasets"
+
+
+def wait_ready(emulator: EmulatorProcess, timeout: float = 60.0, project: str = DEFAULT_PROJECT) -> None:
+    deadline = time.monotonic() + timeout
+    url = readiness_url(emulator, project)
+    while time.monotonic() < deadline:
+        if not is_alive(emulator.pid):
+            raise RuntimeError(f"{emulator.name} emulator exited; see {emulator.log_path}")
+        if _answers(url):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{emulator.name} emulator did not answer {url} within {timeout:.0f}s; see {emulator.log_path}")
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); it is gone for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def stop(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM the emulator's process group, then SIGKILL what is left after `timeout`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            if not is_alive(pid):
+                return
+            time.sleep(0.1)
+
+
+# --- command line (make emulators / emulators-stop) -----------------------------------------
+
+def _pid_file(run_dir: Path, name: str) -> Path:
+    return run_dir / f"{name}.pid"
+
+
+def _running(run_dir: Path, name: str) -> int | None:
+    pid_file = _pid_file(run_dir, name)
+    if not pid_file.exists():
+        return None
+    pid = int(pid_file.read_text().split()[0])
+    return pid if is_alive(pid) else None
+
+
+def cli_start(run_dir: Path) -> int:
+    project = os.environ.get("GOOGLE_PROJECT_NAME", DEFAULT_PROJECT)
+    gcs_port = int(os.environ.get("GCS_EMULATOR_PORT", "9023"))
+    bq_port = int(os.environ.get("BQ_EMULATOR_PORT", "9050"))
+    started = []
+    if _running(run_dir, "gcs") is None:
+        started.append(start_gcs(gcs_port, run_dir / "gcs.log", data_dir=run_dir / "gcs-data"))
+    if _running(run_dir, "bigquery") is None:
+        started.append(start_bigquery(bq_port, run_dir / "bigquery.log", run_dir / "bigquery-data", project))
+    for emulator in started:
+        _pid_file(run_dir, emulator.name).write_text(f"{emulator.pid} {emulator.port}\n")
+        wait_ready(emulator, project=project)
+    return cli_status(run_dir)
+
+
+def cli_stop(run_dir: Path) -> int:
+    for name in ("gcs", "bigquery"):
+        pid = _running(run_dir, name)
+        if pid is not None:
+            stop(pid)
+            print(f"{name}: stopped (pid {pid})")
+        _pid_file(run_dir, name).unlink(missing_ok=True)
+    return 0
+
+
+def cli_status(run_dir: Path) -> int:
+    down = 0
+    for name in ("gcs", "bigquery"):
+        pid_file = _pid_file(run_dir, name)
+        pid = _running(run_dir, name)
+        if pid is None:
+            print(f"{name}: not running")
+            down += 1
+        else:
+            port = pid_file.read_text().split()[1]
+            print(f"{name}: running (pid {pid}) on http://127.0.0.1:{port}")
+    return 1 if down else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["start", "stop", "status"])
+    parser.add_argument("--run-dir", type=Path, default=REPO_ROOT / ".run")
+    args = parser.parse_args(argv)
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    return {"start": cli_start, "stop": cli_stop, "status": cli_status}[args.action](args.run_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
