@@ -94,6 +94,9 @@ if [ ! -f "$AIRFLOW_HOME/airflow.db" ] || ! stamp_ok airflow "$req_hash"; then
   log "migrating the Airflow metadata database in $AIRFLOW_HOME"
   mkdir -p "$AIRFLOW_HOME"
   .venv/bin/airflow db migrate >/dev/null
+  # The DAG's pools bound Cloud Storage and BigQuery concurrency.
+  .venv/bin/airflow pools set dicom_storage_gcs 4 "Concurrent archive uploads" >/dev/null
+  .venv/bin/airflow pools set dicom_storage_bigquery 2 "Concurrent BigQuery loads" >/dev/null
   echo "$req_hash" > "$STAMPS/airflow"
 fi
 log "ready (.venv, .emulators/gcs, .emulators/bq [$(cat .emulators/bq-kind)], $AIRFLOW_HOME)"

@@ -93,7 +93,7 @@ def bucket_name(gcs_emulator: emulators.EmulatorProcess) -> str:
 
 
 @pytest.fixture
-def bigquery_client(bigquery_emulator: emulators.EmulatorProcess):  # noqa: ANN201
+def bigquery_client(bigquery_emulator: emulators.EmulatorProcess):
     """A google.cloud.bigquery.Client obtained the production way, through BigQueryHook."""
     from airflow.providers.google.cloud.hooks.bigquery import BigQueryHook
 

@@ -38,17 +38,13 @@ def test_bigquery_dataset_table_load_and_query_through_hook(bigquery_client, dat
     client.create_table(bigquery.Table(table_id, schema=schema))
 
     rows = "\n".join(json.dumps({"name": f"row{i}", "n": i}) for i in range(10)).encode()
-    job_config = bigquery.LoadJobConfig(
-        source_format=bigquery.SourceFormat.NEWLINE_DELIMITED_JSON, schema=schema
-    )
+    job_config = bigquery.LoadJobConfig(source_format=bigquery.SourceFormat.NEWLINE_DELIMITED_JSON, schema=schema)
     client.load_table_from_file(io.BytesIO(rows), table_id, job_config=job_config).result()
 
     result = list(
         client.query(
             f"SELECT COUNT(*) AS c, SUM(n) AS s FROM `{table_id}` WHERE n >= @low",
-            job_config=bigquery.QueryJobConfig(
-                query_parameters=[bigquery.ScalarQueryParameter("low", "INT64", 5)]
-            ),
+            job_config=bigquery.QueryJobConfig(query_parameters=[bigquery.ScalarQueryParameter("low", "INT64", 5)]),
         ).result()
     )
     assert (result[0]["c"], result[0]["s"]) == (5, 5 + 6 + 7 + 8 + 9)

@@ -10,6 +10,7 @@ test fixtures (free ports, always stopped). The emulators live in their own venv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -82,11 +83,34 @@ def start_bigquery(
     data_dir.mkdir(parents=True, exist_ok=True)
     bin_dir = EMULATORS_DIR / "bq" / "bin"
     if bigquery_emulator_kind() == "bqemulator":
-        argv = [str(bin_dir / "bqemulator"), "start", "--rest-port", str(port), "--grpc-port", str(grpc_port),
-                "--persistent", "--data-dir", str(data_dir), "--project", project]
+        argv = [
+            str(bin_dir / "bqemulator"),
+            "start",
+            "--rest-port",
+            str(port),
+            "--grpc-port",
+            str(grpc_port),
+            "--persistent",
+            "--data-dir",
+            str(data_dir),
+            "--project",
+            project,
+        ]
     else:
-        argv = [str(bin_dir / "local-bigquery"), "serve", "--host", "127.0.0.1", "--port", str(port),
-                "--grpc-port", str(grpc_port), "--project", project, "--data-dir", str(data_dir)]
+        argv = [
+            str(bin_dir / "local-bigquery"),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--grpc-port",
+            str(grpc_port),
+            "--project",
+            project,
+            "--data-dir",
+            str(data_dir),
+        ]
     # DuckDB finds its pre-installed extensions under $HOME/.duckdb (see scripts/setup.sh).
     env = dict(os.environ, HOME=str(EMULATORS_DIR / "bq-home"))
     return _spawn("bigquery", argv, port, log_path, env)
@@ -144,16 +168,15 @@ def stop(pid: int, timeout: float = 10.0) -> None:
             return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
+            with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
             if not is_alive(pid):
                 return
             time.sleep(0.1)
 
 
 # --- command line (make emulators / emulators-stop) -----------------------------------------
+
 
 def _pid_file(run_dir: Path, name: str) -> Path:
     return run_dir / f"{name}.pid"

@@ -1,0 +1,12 @@
+-- One row per archive (study): where it is, whose, when, how many images and series.
+SELECT
+  storage_uri,
+  entity_id,
+  item_id,
+  StudyDate,
+  COUNT(*) AS images,
+  COUNT(DISTINCT SeriesInstanceUID) AS series,
+  STRING_AGG(DISTINCT Modality, ',' ORDER BY Modality) AS modalities
+FROM `{{ project }}.{{ dataset }}.{{ table }}`
+GROUP BY storage_uri, entity_id, item_id, StudyDate
+ORDER BY entity_id, StudyDate NULLS LAST, storage_uri

@@ -1,0 +1,180 @@
+"""Deterministic study archives, built and hashed in one streaming pass.
+
+tar (stream mode) -> gzip (python-isal, mtime 0, no file name) -> hashing sink -> any writable
+(a Cloud Storage resumable upload, a local file, or nothing but the hashes). Each image is read
+once: the bytes go into the tar, the sha256 and the header for the metadata row come from the
+same read. Memory stays bounded by the copy buffers, whatever the study size.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import google_crc32c
+import pydicom
+from isal import igzip
+from pydicom.dataset import Dataset
+
+from dicom_archive.deid import DeidPolicy, Quarantine, check_header
+from dicom_archive.landing import LandingZone
+from dicom_archive.plan import ImageRecord, StudyGroup
+
+COPY_CHUNK = 1024 * 1024
+DEFAULT_COMPRESSLEVEL = 1  # python-isal levels are 0 to 3
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+
+
+class ArchiveIntegrityError(RuntimeError):
+    """An image changed between planning and archiving; the archive must not be kept."""
+
+
+@dataclass
+class ArchivedMember:
+    relpath: str
+    member_name: str
+    size: int
+    sha256: str
+    header: Dataset
+
+
+@dataclass
+class ArchiveDigest:
+    size: int
+    md5: str  # base64, as Cloud Storage reports it
+    crc32c: str  # base64 of the big-endian value, as Cloud Storage reports it
+
+
+class HashingSink(io.RawIOBase):
+    """Counts and hashes everything written, then passes it on (or drops it if target is None)."""
+
+    def __init__(self, target: BinaryIO | None) -> None:
+        self.target = target
+        self.size = 0
+        self._md5 = hashlib.md5(usedforsecurity=False)
+        self._crc32c = google_crc32c.Checksum()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        self._md5.update(data)
+        self._crc32c.update(data)
+        self.size += len(data)
+        if self.target is not None:
+            self.target.write(data)
+        return len(data)
+
+    def digest(self) -> ArchiveDigest:
+        return ArchiveDigest(
+            size=self.size,
+            md5=base64.b64encode(self._md5.digest()).decode(),
+            crc32c=base64.b64encode(self._crc32c.digest()).decode(),
+        )
+
+
+class _HashingReader(io.RawIOBase):
+    """Reads through to the source, hashing every byte and keeping the first `keep` of them."""
+
+    def __init__(self, source: BinaryIO, keep: int) -> None:
+        self.source = source
+        self.keep = keep
+        self.prefix = bytearray()
+        self.sha256 = hashlib.sha256()
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
+        data = self.source.read(size)
+        if data:
+            self.sha256.update(data)
+            self.count += len(data)
+            if len(self.prefix) < self.keep:
+                self.prefix += data[: self.keep - len(self.prefix)]
+        return data
+
+
+def member_name(stem: str, ordinal: int, image: ImageRecord) -> str:
+    """Unique by the ordinal; the series folder keeps the archive pleasant to browse.
+    Nothing of the anonymizer's file names goes in: names come from validated ids."""
+    series = f"S{image.series_number}" if image.series_number is not None else "S-unknown"
+    return f"{stem}/{series}/{ordinal:05d}.dcm"
+
+
+def _tar_info(name: str, size: int, is_dir: bool = False) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = 0 if is_dir else size
+    info.type = tarfile.DIRTYPE if is_dir else tarfile.REGTYPE
+    info.mode = DIR_MODE if is_dir else FILE_MODE
+    info.mtime = 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def write_study_archive(
+    group: StudyGroup,
+    zone: LandingZone,
+    sink: BinaryIO | None,
+    *,
+    policy: DeidPolicy | None = None,
+    compresslevel: int = DEFAULT_COMPRESSLEVEL,
+    on_member: Callable[[ArchivedMember], None] | None = None,
+) -> tuple[ArchiveDigest, list[ArchivedMember]]:
+    """Write the group's tar.gz to `sink` (None: only compute the digest) and describe it.
+
+    The bytes depend only on the images and their order (sorted by series, instance, UIDs,
+    then path), never on time, user or machine.
+    """
+    policy = policy or DeidPolicy()
+    hashing = HashingSink(sink)
+    members: list[ArchivedMember] = []
+    stem = group.stem
+    with (
+        igzip.GzipFile(filename="", mode="wb", compresslevel=compresslevel, fileobj=hashing, mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT, bufsize=COPY_CHUNK) as tar,
+    ):
+        tar.copybufsize = COPY_CHUNK
+        tar.addfile(_tar_info(stem, 0, is_dir=True))
+        for ordinal, image in enumerate(group.sorted_images(), start=1):
+            member = _add_image(tar, zone, group.batch_id, stem, ordinal, image, policy)
+            members.append(member)
+            if on_member is not None:
+                on_member(member)
+    return hashing.digest(), members
+
+
+def _add_image(
+    tar: tarfile.TarFile,
+    zone: LandingZone,
+    batch_id: str,
+    stem: str,
+    ordinal: int,
+    image: ImageRecord,
+    policy: DeidPolicy,
+) -> ArchivedMember:
+    name = member_name(stem, ordinal, image)
+    where = zone.describe(batch_id, image.relpath)
+    with zone.open(batch_id, image.relpath, chunk_size=COPY_CHUNK) as stream:
+        reader = _HashingReader(stream, keep=image.header_length)
+        try:
+            tar.addfile(_tar_info(name, image.size), reader)
+        except OSError as err:
+            raise ArchiveIntegrityError(f"{where} changed size since it was checked ({err})") from err
+        if stream.read(1):
+            raise ArchiveIntegrityError(f"{where} grew since it was checked")
+    # The header is checked again on the bytes that went into the archive: a file swapped
+    # after planning must never be uploaded unchecked.
+    header = pydicom.dcmread(io.BytesIO(bytes(reader.prefix)), stop_before_pixels=True)
+    verdict = check_header(header, policy)
+    if isinstance(verdict, Quarantine):
+        raise ArchiveIntegrityError(f"{where} no longer passes the de-identification check ({verdict.reason})")
+    return ArchivedMember(image.relpath, name, image.size, reader.sha256.hexdigest(), header)

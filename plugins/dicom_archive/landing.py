@@ -1,0 +1,156 @@
+"""Landing zones: a local folder or a `gs://bucket/prefix`, one folder per batch.
+
+The project only reads what the anonymizer wrote; the one thing it writes into a batch folder
+is its own report (`batch.report.json`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+HEADER_READ_CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class LandingFile:
+    relpath: str  # POSIX path relative to the batch folder
+    size: int
+    outside_batch: bool = False  # a symlink whose target lies outside the batch folder
+
+
+class LandingZone(Protocol):
+    uri: str
+
+    def batch_ids(self) -> list[str]: ...
+
+    def read_bytes(self, batch_id: str, relpath: str) -> bytes | None: ...
+
+    def list_files(self, batch_id: str) -> list[LandingFile]: ...
+
+    def open(self, batch_id: str, relpath: str, chunk_size: int = HEADER_READ_CHUNK) -> BinaryIO: ...
+
+    def write_bytes(self, batch_id: str, relpath: str, data: bytes) -> str: ...
+
+    def modified(self, batch_id: str, relpath: str) -> datetime | None: ...
+
+    def describe(self, batch_id: str, relpath: str = "") -> str: ...
+
+
+class LocalLandingZone:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.uri = str(self.root)
+
+    def batch_ids(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.is_symlink())
+
+    def _path(self, batch_id: str, relpath: str) -> Path:
+        return self.root / batch_id / relpath
+
+    def read_bytes(self, batch_id: str, relpath: str) -> bytes | None:
+        try:
+            return self._path(batch_id, relpath).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def list_files(self, batch_id: str) -> list[LandingFile]:
+        batch_dir = (self.root / batch_id).resolve()
+        return sorted(self._walk(batch_dir), key=lambda f: f.relpath)
+
+    def _walk(self, batch_dir: Path) -> Iterator[LandingFile]:
+        for dirpath, dirnames, filenames in os.walk(batch_dir):
+            # Never follow a linked folder: it could lead anywhere, or loop.
+            linked_dirs = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+            dirnames[:] = sorted(d for d in dirnames if d not in linked_dirs)
+            for name in sorted(filenames) + linked_dirs:
+                path = Path(dirpath, name)
+                relpath = path.relative_to(batch_dir).as_posix()
+                if path.is_symlink():
+                    target = path.resolve()
+                    if not target.is_relative_to(batch_dir) or not target.is_file():
+                        yield LandingFile(relpath, 0, outside_batch=True)
+                        continue
+                yield LandingFile(relpath, path.stat().st_size)
+
+    def open(self, batch_id: str, relpath: str, chunk_size: int = HEADER_READ_CHUNK) -> BinaryIO:
+        return open(self._path(batch_id, relpath), "rb", buffering=chunk_size)
+
+    def write_bytes(self, batch_id: str, relpath: str, data: bytes) -> str:
+        path = self._path(batch_id, relpath)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        return str(path)
+
+    def modified(self, batch_id: str, relpath: str) -> datetime | None:
+        try:
+            return datetime.fromtimestamp(self._path(batch_id, relpath).stat().st_mtime, UTC)
+        except FileNotFoundError:
+            return None
+
+    def describe(self, batch_id: str, relpath: str = "") -> str:
+        return str(self._path(batch_id, relpath))
+
+
+class GCSLandingZone:
+    """A landing zone in a (private, staging) bucket, read through google-cloud-storage."""
+
+    def __init__(self, bucket: object, prefix: str = "") -> None:
+        self.bucket = bucket  # google.cloud.storage.Bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.uri = f"gs://{bucket.name}/{self.prefix}"  # type: ignore[attr-defined]
+
+    def _name(self, batch_id: str, relpath: str) -> str:
+        return f"{self.prefix}{batch_id}/{relpath}"
+
+    def batch_ids(self) -> list[str]:
+        iterator = self.bucket.list_blobs(prefix=self.prefix, delimiter="/")  # type: ignore[attr-defined]
+        for _ in iterator:  # the prefixes are filled while the pages are read
+            pass
+        return sorted(p[len(self.prefix) :].rstrip("/") for p in iterator.prefixes)
+
+    def read_bytes(self, batch_id: str, relpath: str) -> bytes | None:
+        blob = self.bucket.get_blob(self._name(batch_id, relpath))  # type: ignore[attr-defined]
+        return None if blob is None else blob.download_as_bytes()
+
+    def list_files(self, batch_id: str) -> list[LandingFile]:
+        base = self._name(batch_id, "")
+        files = [
+            LandingFile(blob.name[len(base) :], blob.size or 0)
+            for blob in self.bucket.list_blobs(prefix=base)  # type: ignore[attr-defined]
+            if not blob.name.endswith("/")
+        ]
+        return sorted(files, key=lambda f: f.relpath)
+
+    def open(self, batch_id: str, relpath: str, chunk_size: int = HEADER_READ_CHUNK) -> BinaryIO:
+        blob = self.bucket.blob(self._name(batch_id, relpath))  # type: ignore[attr-defined]
+        return blob.open("rb", chunk_size=chunk_size)
+
+    def write_bytes(self, batch_id: str, relpath: str, data: bytes) -> str:
+        blob = self.bucket.blob(self._name(batch_id, relpath))  # type: ignore[attr-defined]
+        blob.upload_from_string(data, content_type="application/json")
+        return f"gs://{self.bucket.name}/{blob.name}"  # type: ignore[attr-defined]
+
+    def modified(self, batch_id: str, relpath: str) -> datetime | None:
+        blob = self.bucket.get_blob(self._name(batch_id, relpath))  # type: ignore[attr-defined]
+        return None if blob is None else blob.updated
+
+    def describe(self, batch_id: str, relpath: str = "") -> str:
+        return f"gs://{self.bucket.name}/{self._name(batch_id, relpath)}"  # type: ignore[attr-defined]
+
+
+def split_gs_uri(uri: str) -> tuple[str, str]:
+    """`gs://bucket/some/prefix` -> ("bucket", "some/prefix")."""
+    if not uri.startswith("gs://"):
+        raise ValueError(f"{uri!r} is not a gs:// URI")
+    bucket, _, prefix = uri[len("gs://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"{uri!r} names no bucket")
+    return bucket, prefix

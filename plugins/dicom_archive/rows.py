@@ -1,0 +1,173 @@
+"""One BigQuery row per archived image, from its header, lookup.json and the stored object.
+
+Only allow-listed header fields go into `DicomHeader`; the raw header never leaves.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.valuerep import IS, DSdecimal, DSfloat, PersonName
+
+from dicom_archive import PIPELINE_VERSION
+from dicom_archive.archive import ArchivedMember
+from dicom_archive.plan import ImageRecord, StudyGroup
+from dicom_archive.stores import ARCHIVE_CONTENT_TYPE, StoredObject
+
+# De-identified, non-identifying technical and descriptive fields. Configuration: a site can
+# pass its own list (DICOM_HEADER_ALLOW_LIST).
+DEFAULT_HEADER_ALLOW_LIST: tuple[str, ...] = (
+    "Modality", "StudyDescription", "SeriesDescription", "BodyPartExamined", "PatientSex", "PatientAge",
+    "Manufacturer", "ManufacturerModelName", "ImageType", "SOPClassUID", "Rows", "Columns",
+    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "PhotometricInterpretation",
+    "SamplesPerPixel", "NumberOfFrames", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices",
+    "ImageOrientationPatient", "ImagePositionPatient", "SliceLocation", "PatientPosition",
+    "SeriesNumber", "InstanceNumber", "AcquisitionNumber", "KVP", "ExposureTime", "XRayTubeCurrent",
+    "Exposure", "ConvolutionKernel", "ScanOptions", "CTDIvol", "ContrastBolusAgent", "ProtocolName",
+    "MagneticFieldStrength", "EchoTime", "RepetitionTime", "InversionTime", "FlipAngle",
+    "SequenceName", "ScanningSequence", "MRAcquisitionType", "WindowCenter", "WindowWidth",
+    "RescaleIntercept", "RescaleSlope", "LossyImageCompression", "BurnedInAnnotation",
+    "PatientIdentityRemoved", "DeidentificationMethod",
+)  # fmt: skip
+
+# Row columns that come straight from the header (lookup.json may fill them when absent).
+HEADER_COLUMNS: tuple[str, ...] = (
+    "Modality", "StudyDescription", "SeriesDescription", "BodyPartExamined", "PatientSex",
+    "PatientAge", "Manufacturer", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+    "SOPClassUID",
+)  # fmt: skip
+
+
+def dicom_value_to_json(value: Any) -> Any:
+    """A JSON value for a header element's value; None for what must not or cannot go in."""
+    if isinstance(value, bytes | bytearray | Sequence):
+        return None
+    if isinstance(value, MultiValue | list | tuple):
+        items = [dicom_value_to_json(v) for v in value]
+        return [v for v in items if v is not None] or None
+    if isinstance(value, IS):
+        return int(value)
+    if isinstance(value, DSfloat | DSdecimal | float):
+        return float(value)
+    if isinstance(value, int | bool):
+        return value
+    if isinstance(value, PersonName):
+        return str(value) or None
+    text = str(value).strip()
+    return text or None
+
+
+def header_fields(ds: Dataset, allow_list: Iterable[str]) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for keyword in allow_list:
+        element = ds.data_element(keyword) if keyword in ds else None
+        if element is None:
+            continue
+        value = dicom_value_to_json(element.value)
+        if value is not None:
+            fields[keyword] = value
+    return fields
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    return dicom_value_to_json(ds.get(keyword)) if keyword in ds else None
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        return int(ds.get(keyword))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def _iso_date(yyyymmdd: str) -> str:
+    return f"{yyyymmdd[:4]}-{yyyymmdd[4:6]}-{yyyymmdd[6:]}"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Who and what writes the rows."""
+
+    upload_agent: str
+    dag_run_id: str | None = None
+    pipeline_version: str = PIPELINE_VERSION
+
+
+def build_row(
+    *,
+    group: StudyGroup,
+    image: ImageRecord,
+    member: ArchivedMember,
+    stored: StoredObject,
+    deid: dict[str, Any],
+    context: RunContext,
+    allow_list: Iterable[str] = DEFAULT_HEADER_ALLOW_LIST,
+) -> dict[str, Any]:
+    ds = member.header
+    lookup = {k: v for k, v in (image.lookup or {}).items() if k != "flagged"}
+    image_type = dicom_value_to_json(ds.get("ImageType")) if "ImageType" in ds else None
+    if isinstance(image_type, str):
+        image_type = [image_type]
+
+    row: dict[str, Any] = {
+        "collection": group.collection,
+        "batch_id": group.batch_id,
+        "entity_id": group.entity_id,
+        "item_id": group.item_id,
+        "PatientID": group.entity_id,
+        "AccessionNumber": group.item_id,
+        "CodedPatientID": group.entity_id,
+        "CodedAccessionNumberID": group.item_id,
+        "StudyDate": _iso_date(group.study_date),
+    }
+    for column in HEADER_COLUMNS:
+        value = _text(ds, column)
+        if value is None and isinstance(lookup.get(column), str | int | float):
+            value = str(lookup[column])
+        row[column] = value
+    row.update(
+        {
+            "ImageType": image_type or [],
+            "width": _int(ds, "Columns"),
+            "height": _int(ds, "Rows"),
+            "SeriesNumber": _int(ds, "SeriesNumber"),
+            "InstanceNumber": _int(ds, "InstanceNumber"),
+            "instance_sha256": member.sha256,
+            "archive_member": member.member_name,
+            "storage_uri": stored.uri,
+            "storage_bucket": stored.bucket,
+            "storage_name": stored.name,
+            "storage_md5Hash": stored.md5,
+            "storage_crc32c": stored.crc32c,
+            "storage_generation": stored.generation,
+            "storage_size": stored.size,
+            "storage_download": stored.media_link,
+            "storage_metadataLink": stored.self_link,
+            "ContentType": ARCHIVE_CONTENT_TYPE,
+            # Header values win over lookup.json values on conflict.
+            "DicomHeader": {**lookup, **header_fields(ds, allow_list)},
+            # When the archive was written: the object's creation time, so a rerun that finds
+            # the object already present produces the very same row.
+            "uploaded_at": stored.created,
+            "upload_agent": context.upload_agent,
+            "dag_run_id": context.dag_run_id,
+            "pipeline_version": context.pipeline_version,
+            "deid_software": _str_or_none(deid.get("software")),
+            "deid_recipe": _str_or_none(deid.get("recipe")),
+        }
+    )
+    return row
+
+
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def rows_to_ndjson(rows: Iterable[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(row, sort_keys=True, separators=(",", ":")).encode() + b"\n" for row in rows)

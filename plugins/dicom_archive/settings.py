@@ -1,0 +1,120 @@
+"""Settings of the outputs spec, read from the environment or any other lookup (Airflow Variables).
+
+The original pipeline's names stay; the DICOM_* names are this project's additions.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dicom_archive.deid import DEFAULT_PERSON_ATTRIBUTES, DeidPolicy
+from dicom_archive.naming import COLLECTION_RE
+from dicom_archive.rows import DEFAULT_HEADER_ALLOW_LIST
+
+Lookup = Callable[[str], str | None]
+
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off", ""}
+
+
+class SettingsError(ValueError):
+    """What is missing or wrong, all at once."""
+
+
+def _bool(name: str, value: str | None, default: bool, problems: list[str]) -> bool:
+    if value is None:
+        return default
+    word = value.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    problems.append(f"{name} must be true or false, not {value!r}")
+    return default
+
+
+def _int(name: str, value: str | None, default: int, low: int, high: int, problems: list[str]) -> int:
+    if value is None or value.strip() == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        problems.append(f"{name} must be a whole number, not {value!r}")
+        return default
+    if not low <= number <= high:
+        problems.append(f"{name} must be between {low} and {high}, not {number}")
+    return number
+
+
+def _names(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    if value is None or not value.strip():
+        return default
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    send_to_google: bool
+    landing_root: str
+    bucket: str | None
+    project: str | None
+    default_collection: str | None
+    local_output: str
+    replace_changed: bool = False
+    compresslevel: int = 1
+    bigquery_location: str = "US"
+    studies_per_task: int = 25
+    person_attributes: tuple[str, ...] = DEFAULT_PERSON_ATTRIBUTES
+    header_allow_list: tuple[str, ...] = DEFAULT_HEADER_ALLOW_LIST
+    max_image_mb: int = 4096
+
+    @property
+    def policy(self) -> DeidPolicy:
+        return DeidPolicy(person_attributes=self.person_attributes, max_image_bytes=self.max_image_mb * 1024 * 1024)
+
+    @classmethod
+    def load(cls, lookup: Lookup | None = None) -> Settings:
+        """Read and validate every setting; raise SettingsError naming all that is wrong."""
+        get = lookup or os.environ.get
+        problems: list[str] = []
+        send = _bool("SEND_TO_GOOGLE", get("SEND_TO_GOOGLE"), False, problems)
+        landing_root = (get("DICOM_LANDING_ROOT") or "").strip()
+        bucket = (get("GOOGLE_CLOUD_STORAGE") or "").strip() or None
+        project = (get("GOOGLE_PROJECT_NAME") or "").strip() or None
+        collection = (get("GOOGLE_STORAGE_COLLECTION") or "").strip() or None
+        local_output = (get("DICOM_LOCAL_OUTPUT") or "").strip()
+
+        if not landing_root:
+            problems.append("DICOM_LANDING_ROOT is not set (a local path or gs://bucket/prefix)")
+        if send:
+            if not bucket:
+                problems.append("GOOGLE_CLOUD_STORAGE (the bucket) is required when SEND_TO_GOOGLE=true")
+            if not project:
+                problems.append("GOOGLE_PROJECT_NAME (the BigQuery project) is required when SEND_TO_GOOGLE=true")
+        elif not local_output:
+            problems.append("DICOM_LOCAL_OUTPUT (the local output folder) is required when SEND_TO_GOOGLE=false")
+        if collection is not None and not COLLECTION_RE.fullmatch(collection):
+            problems.append(f"GOOGLE_STORAGE_COLLECTION {collection!r} must match {COLLECTION_RE.pattern}")
+
+        settings = cls(
+            send_to_google=send,
+            landing_root=landing_root,
+            bucket=bucket,
+            project=project,
+            default_collection=collection,
+            local_output=local_output,
+            replace_changed=_bool(
+                "DICOM_REPLACE_CHANGED_ARCHIVES", get("DICOM_REPLACE_CHANGED_ARCHIVES"), False, problems
+            ),
+            compresslevel=_int("DICOM_GZIP_LEVEL", get("DICOM_GZIP_LEVEL"), 1, 0, 3, problems),
+            bigquery_location=(get("DICOM_BIGQUERY_LOCATION") or "US").strip(),
+            studies_per_task=_int("DICOM_STUDIES_PER_TASK", get("DICOM_STUDIES_PER_TASK"), 25, 1, 10_000, problems),
+            person_attributes=_names(get("DICOM_PERSON_ATTRIBUTES"), DEFAULT_PERSON_ATTRIBUTES),
+            header_allow_list=_names(get("DICOM_HEADER_ALLOW_LIST"), DEFAULT_HEADER_ALLOW_LIST),
+            max_image_mb=_int("DICOM_MAX_IMAGE_MB", get("DICOM_MAX_IMAGE_MB"), 4096, 1, 1_048_576, problems),
+        )
+        if problems:
+            raise SettingsError("Settings are incomplete: " + "; ".join(problems))
+        return settings

@@ -1,0 +1,223 @@
+"""Where archives, staged rows and reports go: a Cloud Storage bucket or a local folder.
+
+Both stores offer create-only writes: Cloud Storage through the `if_generation_match`
+precondition, the local folder through a hard link that fails when the name exists.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+import google_crc32c
+
+UPLOAD_CHUNK = 16 * 1024 * 1024  # resumable upload chunk, a multiple of 256 KiB
+ARCHIVE_CONTENT_TYPE = "application/gzip"
+
+
+class ObjectExistsError(RuntimeError):
+    """A create-only write found the name taken (HTTP 412 on Cloud Storage)."""
+
+
+@dataclass
+class StoredObject:
+    uri: str
+    bucket: str
+    name: str
+    size: int
+    md5: str
+    crc32c: str
+    generation: int | None = None
+    created: str = ""  # RFC 3339
+    media_link: str | None = None
+    self_link: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def as_xcom(self) -> dict[str, Any]:
+        return {
+            "uri": self.uri,
+            "generation": self.generation,
+            "md5": self.md5,
+            "crc32c": self.crc32c,
+            "size": self.size,
+        }
+
+
+class ObjectStore(Protocol):
+    def get(self, name: str) -> StoredObject | None: ...
+
+    def writer(
+        self, name: str, *, metadata: dict[str, str], content_type: str, if_generation_match: int | None
+    ) -> contextlib.AbstractContextManager[BinaryIO]: ...
+
+    def delete(self, name: str, generation: int | None) -> None: ...
+
+    def write_bytes(self, name: str, data: bytes, content_type: str) -> StoredObject: ...
+
+    def read_bytes(self, name: str) -> bytes | None: ...
+
+    def list_names(self, prefix: str) -> list[str]: ...
+
+    def uri(self, name: str) -> str: ...
+
+
+class GCSObjectStore:
+    """A bucket, through a google.cloud.storage.Bucket (production gets it from GCSHook)."""
+
+    def __init__(self, bucket: Any, upload_chunk: int = UPLOAD_CHUNK) -> None:
+        self.bucket = bucket
+        self.upload_chunk = upload_chunk
+
+    def uri(self, name: str) -> str:
+        return f"gs://{self.bucket.name}/{name}"
+
+    def _stored(self, blob: Any) -> StoredObject:
+        return StoredObject(
+            uri=self.uri(blob.name),
+            bucket=self.bucket.name,
+            name=blob.name,
+            size=int(blob.size or 0),
+            md5=blob.md5_hash or "",
+            crc32c=blob.crc32c or "",
+            generation=int(blob.generation) if blob.generation is not None else None,
+            created=blob.time_created.astimezone(UTC).isoformat() if blob.time_created else "",
+            media_link=blob.media_link,
+            self_link=blob.self_link,
+            metadata=dict(blob.metadata or {}),
+        )
+
+    def get(self, name: str) -> StoredObject | None:
+        blob = self.bucket.get_blob(name)
+        return None if blob is None else self._stored(blob)
+
+    @contextlib.contextmanager
+    def writer(
+        self, name: str, *, metadata: dict[str, str], content_type: str, if_generation_match: int | None
+    ) -> Iterator[BinaryIO]:
+        from google.api_core.exceptions import PreconditionFailed
+
+        blob = self.bucket.blob(name, chunk_size=self.upload_chunk)
+        blob.metadata = metadata
+        try:
+            # The writer cancels the resumable session when the block raises, so a failed
+            # or interrupted archive never becomes an object.
+            with blob.open(
+                "wb",
+                content_type=content_type,
+                if_generation_match=if_generation_match,
+                ignore_flush=True,
+            ) as stream:
+                yield stream
+        except PreconditionFailed as err:
+            raise ObjectExistsError(f"{self.uri(name)} already exists (precondition failed)") from err
+
+    def delete(self, name: str, generation: int | None) -> None:
+        self.bucket.blob(name).delete(if_generation_match=generation)
+
+    def write_bytes(self, name: str, data: bytes, content_type: str) -> StoredObject:
+        blob = self.bucket.blob(name)
+        blob.upload_from_string(data, content_type=content_type)
+        return self._stored(blob)
+
+    def read_bytes(self, name: str) -> bytes | None:
+        blob = self.bucket.get_blob(name)
+        return None if blob is None else blob.download_as_bytes()
+
+    def list_names(self, prefix: str) -> list[str]:
+        return sorted(blob.name for blob in self.bucket.list_blobs(prefix=prefix))
+
+
+def _file_digest(path: Path) -> tuple[str, str]:
+    md5 = hashlib.md5(usedforsecurity=False)
+    crc = google_crc32c.Checksum()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1024 * 1024):
+            md5.update(chunk)
+            crc.update(chunk)
+    return base64.b64encode(md5.digest()).decode(), base64.b64encode(crc.digest()).decode()
+
+
+class LocalObjectStore:
+    """A local folder laid out like the bucket (SEND_TO_GOOGLE=false: nothing leaves the machine)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def uri(self, name: str) -> str:
+        return (self.root / name).resolve().as_uri()
+
+    def _path(self, name: str) -> Path:
+        path = (self.root / name).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise ValueError(f"{name!r} escapes {self.root}")
+        return path
+
+    def _stored(self, path: Path, name: str) -> StoredObject:
+        md5, crc = _file_digest(path)
+        stat = path.stat()
+        return StoredObject(
+            uri=self.uri(name),
+            bucket=str(self.root),
+            name=name,
+            size=stat.st_size,
+            md5=md5,
+            crc32c=crc,
+            generation=stat.st_mtime_ns,
+            created=datetime.fromtimestamp(stat.st_mtime, UTC).isoformat(),
+        )
+
+    def get(self, name: str) -> StoredObject | None:
+        path = self._path(name)
+        return self._stored(path, name) if path.is_file() else None
+
+    @contextlib.contextmanager
+    def writer(
+        self, name: str, *, metadata: dict[str, str], content_type: str, if_generation_match: int | None
+    ) -> Iterator[BinaryIO]:
+        path = self._path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            with open(tmp, "wb") as stream:
+                yield stream
+            if if_generation_match == 0:
+                try:
+                    os.link(tmp, path)  # create-only: fails if the name exists
+                except FileExistsError as err:
+                    raise ObjectExistsError(f"{path} already exists") from err
+            else:
+                current = self.get(name)
+                if current is not None and current.generation != if_generation_match:
+                    raise ObjectExistsError(f"{path} changed while it was being replaced")
+                os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def delete(self, name: str, generation: int | None) -> None:
+        self._path(name).unlink(missing_ok=True)
+
+    def write_bytes(self, name: str, data: bytes, content_type: str) -> StoredObject:
+        path = self._path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        return self._stored(path, name)
+
+    def read_bytes(self, name: str) -> bytes | None:
+        path = self._path(name)
+        return path.read_bytes() if path.is_file() else None
+
+    def list_names(self, prefix: str) -> list[str]:
+        base = self.root.resolve()
+        if not base.is_dir():
+            return []
+        names = (p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file())
+        return sorted(n for n in names if n.startswith(prefix) and not Path(n).name.endswith(".partial"))

@@ -1,0 +1,122 @@
+"""The hook that owns every Google client this project uses.
+
+It builds the landing zone, the archive store and the BigQuery client from the settings, with
+clients from the Google provider hooks (GCSHook, BigQueryHook) and the `google_cloud_default`
+connection. Locally the emulators are chosen by STORAGE_EMULATOR_HOST / BIGQUERY_EMULATOR_HOST
+alone, which the Google clients honour; nothing here knows about them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseHook
+
+from dicom_archive.landing import GCSLandingZone, LandingZone, LocalLandingZone, split_gs_uri
+from dicom_archive.settings import Settings
+from dicom_archive.stores import GCSObjectStore, LocalObjectStore, ObjectStore
+
+if TYPE_CHECKING:
+    from google.cloud import bigquery, storage
+
+
+class GooglePermissionError(RuntimeError):
+    """Google refused an operation; the message says which identity and which resource."""
+
+
+def load_settings() -> Settings:
+    """Settings from the environment first, then from Airflow Variables of the same name."""
+    from airflow.sdk import Variable
+
+    def lookup(name: str) -> str | None:
+        value = os.environ.get(name)
+        if value is not None:
+            return value
+        try:
+            return Variable.get(name, default=None)
+        except Exception:  # no Variable backend reachable (e.g. parsing outside a task)
+            return None
+
+    return Settings.load(lookup)
+
+
+class DicomStorageHook(BaseHook):
+    conn_name_attr = "gcp_conn_id"
+    default_conn_name = "google_cloud_default"
+    hook_name = "DICOM storage"
+
+    def __init__(self, *, gcp_conn_id: str = default_conn_name, impersonation_chain: str | None = None) -> None:
+        super().__init__()
+        self.gcp_conn_id = gcp_conn_id
+        self.impersonation_chain = impersonation_chain
+
+    @cached_property
+    def _gcs_hook(self) -> Any:
+        from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+        return GCSHook(gcp_conn_id=self.gcp_conn_id, impersonation_chain=self.impersonation_chain)
+
+    def storage_client(self) -> storage.Client:
+        return self._gcs_hook.get_conn()
+
+    def bigquery_client(self, project: str, location: str | None = None) -> bigquery.Client:
+        from airflow.providers.google.cloud.hooks.bigquery import BigQueryHook
+
+        hook = BigQueryHook(
+            gcp_conn_id=self.gcp_conn_id,
+            impersonation_chain=self.impersonation_chain,
+            location=location,
+            use_legacy_sql=False,
+        )
+        # get_client() does not fall back to the connection's project: pass it.
+        return hook.get_client(project_id=project, location=location)
+
+    def landing_zone(self, root: str) -> LandingZone:
+        if root.startswith("gs://"):
+            bucket, prefix = split_gs_uri(root)
+            return GCSLandingZone(self.storage_client().bucket(bucket), prefix)
+        return LocalLandingZone(root)
+
+    def archive_store(self, settings: Settings) -> ObjectStore:
+        if settings.send_to_google:
+            return GCSObjectStore(self.storage_client().bucket(settings.bucket))
+        return LocalObjectStore(settings.local_output)
+
+    def describe_credentials(self) -> str:
+        """Which identity the connection uses, for error messages (never a secret)."""
+        try:
+            extras = self.get_connection(self.gcp_conn_id).extra_dejson
+        except Exception:
+            extras = {}
+        if extras.get("is_anonymous"):
+            identity = "anonymous credentials"
+        elif extras.get("key_path") or extras.get("extra__google_cloud_platform__key_path"):
+            identity = f"the key file {extras.get('key_path') or extras.get('extra__google_cloud_platform__key_path')}"
+        elif extras.get("keyfile_dict") or extras.get("extra__google_cloud_platform__keyfile_dict"):
+            identity = "the key stored in the connection"
+        elif os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+            identity = f"GOOGLE_APPLICATION_CREDENTIALS={os.environ['GOOGLE_APPLICATION_CREDENTIALS']}"
+        else:
+            identity = "Application Default Credentials (the environment's service account)"
+        if self.impersonation_chain:
+            identity += f", impersonating {self.impersonation_chain}"
+        return f"connection {self.gcp_conn_id!r} with {identity}"
+
+    @contextlib.contextmanager
+    def explain_permission_errors(self, resource: str) -> Iterator[None]:
+        """Turn Google's 401/403 into a message that names the credentials and the resource,
+        as the original pipeline's documentation advises checking both."""
+        from google.api_core.exceptions import Forbidden, Unauthorized
+
+        try:
+            yield
+        except (Forbidden, Unauthorized) as err:
+            raise GooglePermissionError(
+                f"Google refused access to {resource} for {self.describe_credentials()}: {err.message}. "
+                "Check the credentials file (GOOGLE_APPLICATION_CREDENTIALS or the connection's key) and "
+                "that this identity has the IAM roles listed in docs/composer.md on that resource."
+            ) from err

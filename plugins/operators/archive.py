@@ -1,0 +1,126 @@
+"""DicomStudyArchiveOperator: verified, deterministic, streamed study archives."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator, Context
+
+from operators.links import CollectionArchivesLink
+
+if TYPE_CHECKING:
+    from dicom_archive.batch import Staging
+    from dicom_archive.plan import StudyGroup
+    from dicom_archive.stores import ObjectStore
+
+
+class DicomStudyArchiveOperator(BaseOperator):
+    """Archive study groups: check, tar, gzip and upload each in one pass, then stage the rows.
+
+    :param study_groups: one or a list of study groups (``StudyGroup.to_dict()``), or a chunk
+        reference from the plan step, ``{"batch_id", "run_key", "start", "stop"}`` (the form
+        that task mapping uses, so XCom stays small whatever the batch size).
+    :param landing_root: the landing zone; default: the DICOM_LANDING_ROOT setting.
+    :param deid: de-identification provenance for the rows, when groups are given inline.
+    :param gcp_conn_id: the Google Cloud connection.
+
+    Returns one small summary per archive: uri, generation, md5, crc32c, size, image count,
+    quarantined count, outcome (written / already_present / replaced). The per-image rows go to
+    the batch's staging folder for the BigQuery step, not to XCom.
+    """
+
+    template_fields: Sequence[str] = ("study_groups", "landing_root", "deid")
+    operator_extra_links = (CollectionArchivesLink(),)
+    ui_color = "#e8f4fd"
+
+    def __init__(
+        self,
+        *,
+        study_groups: dict[str, Any] | list[dict[str, Any]],
+        landing_root: str | None = None,
+        deid: dict[str, Any] | None = None,
+        gcp_conn_id: str = "google_cloud_default",
+        impersonation_chain: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.study_groups = study_groups
+        self.landing_root = landing_root
+        self.deid = deid
+        self.gcp_conn_id = gcp_conn_id
+        self.impersonation_chain = impersonation_chain
+        self.console_links: dict[str, str] = {}
+
+    def execute(self, context: Context) -> list[dict[str, Any]]:
+        # Imported here, not at module level, so that parsing the DAG stays fast.
+        from dicom_archive.batch import ArchiveSettings, archive_groups
+        from dicom_archive.rows import RunContext
+        from hooks.dicom_storage import DicomStorageHook, load_settings
+
+        settings = load_settings()
+        hook = DicomStorageHook(gcp_conn_id=self.gcp_conn_id, impersonation_chain=self.impersonation_chain)
+        store = hook.archive_store(settings)
+        zone = hook.landing_zone(self.landing_root or settings.landing_root)
+        archive_settings = ArchiveSettings(
+            policy=settings.policy,
+            compresslevel=settings.compresslevel,
+            replace_changed=settings.replace_changed,
+            header_allow_list=settings.header_allow_list,
+        )
+        run_context = RunContext(
+            upload_agent=f"airflow:{self.dag_id}.{self.task_id}",
+            dag_run_id=context["run_id"],
+        )
+        refs = self.study_groups if isinstance(self.study_groups, list) else [self.study_groups]
+        summaries: list[dict[str, Any]] = []
+        for staging, chunk, groups, deid in self._resolve(refs, store, context["run_id"]):
+            if not groups:
+                continue
+            self.log.info("batch %s: archiving %d studies (chunk %s)", staging.batch_id, len(groups), chunk)
+            resource = store.uri(groups[0].object_name.rsplit("/Entity/", 1)[0])
+            with hook.explain_permission_errors(resource):
+                chunk_summaries, rows = archive_groups(
+                    groups,
+                    zone,
+                    store,
+                    deid=deid,
+                    context=run_context,
+                    settings=archive_settings,
+                    progress=self._log_progress,
+                )
+                staging.write_chunk(chunk, chunk_summaries, rows)
+            summaries.extend(chunk_summaries)
+            if settings.send_to_google:
+                self.console_links[CollectionArchivesLink.name] = CollectionArchivesLink.url(
+                    bucket=settings.bucket, collection=groups[0].collection, project=settings.project
+                )
+        return summaries
+
+    def _resolve(
+        self, refs: list[dict[str, Any]], store: ObjectStore, run_id: str
+    ) -> list[tuple[Staging, str, list[StudyGroup], dict[str, Any]]]:
+        """Chunk references are read from the staged plan; inline groups are taken as they are."""
+        from dicom_archive.batch import Staging, chunk_id, run_key
+        from dicom_archive.plan import StudyGroup
+
+        resolved = []
+        inline: list[StudyGroup] = []
+        for ref in refs:
+            if "start" in ref:
+                staging = Staging(store, ref["batch_id"], ref["run_key"])
+                plan = staging.read_plan()
+                groups = plan.groups[ref["start"] : ref["stop"]]
+                resolved.append((staging, chunk_id(ref["start"]), groups, plan.deid))
+            else:
+                inline.append(StudyGroup.from_dict(ref))
+        for batch_id in sorted({g.batch_id for g in inline}):
+            groups = [g for g in inline if g.batch_id == batch_id]
+            digest = hashlib.sha1("\n".join(sorted(g.stem for g in groups)).encode()).hexdigest()[:16]
+            resolved.append((Staging(store, batch_id, run_key(run_id)), f"inline-{digest}", groups, self.deid or {}))
+        return resolved
+
+    def _log_progress(self, done: int, total: int, done_bytes: int, seconds: float) -> None:
+        rate = done_bytes / 1e6 / seconds if seconds > 0 else 0.0
+        self.log.info("studies %d/%d, %.1f MB read, %.1f MB/s", done, total, done_bytes / 1e6, rate)

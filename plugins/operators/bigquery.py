@@ -1,0 +1,113 @@
+"""DicomMetadataToBigQueryOperator: one row per archived image, exactly once."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from airflow.sdk import BaseOperator, Context
+
+from operators.links import CollectionTableLink
+
+TABLE = "dicom"
+
+
+class DicomMetadataToBigQueryOperator(BaseOperator):
+    """Load a batch's staged rows into `<project>.<collection>.dicom`, exactly once.
+
+    The rows go to a per-run staging table under a deterministic job id, then one MERGE on
+    (collection, instance_sha256) adds the new ones: a rerun, a retry or a backfill of the same
+    batch never duplicates a row. With SEND_TO_GOOGLE=false the rows are written to the local
+    output folder instead (`BigQuery/<collection>/dicom/<batch_id>.ndjson`).
+
+    :param batch: the plan step's description of one batch:
+        ``{"batch_id", "run_key", "collection", "status", "chunk_ids"}``.
+    :param gcp_conn_id: the Google Cloud connection.
+
+    Returns a small summary: table, rows in the batch, rows inserted.
+    """
+
+    template_fields: Sequence[str] = ("batch",)
+    operator_extra_links = (CollectionTableLink(),)
+    ui_color = "#e6f2e6"
+
+    def __init__(
+        self,
+        *,
+        batch: dict[str, Any],
+        gcp_conn_id: str = "google_cloud_default",
+        impersonation_chain: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.batch = batch
+        self.gcp_conn_id = gcp_conn_id
+        self.impersonation_chain = impersonation_chain
+        self.console_links: dict[str, str] = {}
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from dicom_archive.batch import Staging
+        from hooks.dicom_storage import DicomStorageHook, load_settings
+
+        settings = load_settings()
+        hook = DicomStorageHook(gcp_conn_id=self.gcp_conn_id, impersonation_chain=self.impersonation_chain)
+        store = hook.archive_store(settings)
+        staging = Staging(store, self.batch["batch_id"], self.batch["run_key"])
+        if self.batch["status"] != "DONE":
+            self.log.info("batch %s is %s: nothing to load", self.batch["batch_id"], self.batch["status"])
+            return {"table": None, "rows_in_batch": 0, "rows_inserted": 0}
+
+        expected = set(self.batch["chunk_ids"])
+        missing = sorted(expected - set(staging.read_archive_summaries()))
+        if missing:
+            # Loading part of a batch would make the report lie; the batch stays re-processable.
+            raise AirflowFailException(
+                f"batch {self.batch['batch_id']}: {len(missing)} of {len(expected)} archive chunks did not "
+                f"complete ({', '.join(missing)}); see archive_studies. Nothing was loaded."
+            )
+        ndjson = staging.read_rows(expected)
+        collection = self.batch["collection"]
+
+        if settings.send_to_google:
+            result = self._load_to_bigquery(hook, settings, collection, ndjson)
+        else:
+            name = f"BigQuery/{collection}/{TABLE}/{self.batch['batch_id']}.ndjson"
+            stored = store.write_bytes(name, ndjson, "application/x-ndjson")
+            rows = ndjson.count(b"\n")
+            result = {"table": stored.uri, "rows_in_batch": rows, "rows_inserted": rows}
+        staging.write_result("bigquery", result)
+        self.log.info(
+            "batch %s: %d rows, %d new in %s",
+            self.batch["batch_id"],
+            result["rows_in_batch"],
+            result["rows_inserted"],
+            result["table"],
+        )
+        return result
+
+    def _load_to_bigquery(self, hook: Any, settings: Any, collection: str, ndjson: bytes) -> dict[str, Any]:
+        from dicom_archive.bigquery_load import load_rows_exactly_once
+
+        table_id = f"{settings.project}.{collection}.{TABLE}"
+        with hook.explain_permission_errors(f"the BigQuery table {table_id}"):
+            client = hook.bigquery_client(settings.project, settings.bigquery_location)
+            loaded = load_rows_exactly_once(
+                client,
+                dataset_id=collection,
+                rows=ndjson,
+                run_key=self.batch["run_key"],
+                table=TABLE,
+                location=settings.bigquery_location,
+            )
+        self.console_links[CollectionTableLink.name] = CollectionTableLink.url(
+            project=settings.project, dataset=collection, table=TABLE
+        )
+        return {
+            "table": loaded.table_id,
+            "rows_in_batch": loaded.rows_in_batch,
+            "rows_inserted": loaded.rows_inserted,
+            "jobs": [job for job in (loaded.load_job_id, loaded.merge_job_id) if job],
+            "columns_added": loaded.columns_added,
+        }

@@ -1,0 +1,238 @@
+#!/usr/bin/env bash
+# Deploy the dicom_storage DAG to a Cloud Composer 3 environment with gcloud. See docs/composer.md.
+set -euo pipefail
+export LC_ALL=C  # stable glob order, so the commands come out in the same order every time
+
+usage() {
+  cat <<'EOF'
+Usage: scripts/deploy_composer.sh [--dry-run] --environment ENV --location LOCATION --project PROJECT
+                                  --bucket BUCKET --landing-root ROOT [options]
+
+Deploys this repository to a Cloud Composer 3 environment, in this order:
+  1. checks that the environment exists (gcloud composer environments describe)
+  2. installs the runtime packages Composer's image lacks (pydicom, isal, google-crc32c), with
+     their specifiers from requirements.in (--update-pypi-packages-from-file). This REPLACES the
+     environment's list of custom PyPI packages. Airflow and the Google provider are never
+     installed: Composer pins them.
+  3. sets the pipeline's environment variables (--update-env-variables): SEND_TO_GOOGLE=true,
+     GOOGLE_CLOUD_STORAGE, GOOGLE_PROJECT_NAME, GOOGLE_STORAGE_COLLECTION (if given),
+     DICOM_LANDING_ROOT, and any --set-env
+  4. imports include/ to the environment bucket's data/include (storage data import)
+  5. imports each entry of plugins/ to the bucket's plugins/ (storage plugins import)
+  6. imports each entry of dags/ to the bucket's dags/ (storage dags import)
+The code goes last, so it lands where its packages and settings already are. Steps 2 and 3 are
+environment updates: each takes minutes and restarts Airflow workers and schedulers.
+
+Required (flag, or the environment variable in brackets):
+  --environment ENV        Composer environment name               [COMPOSER_ENVIRONMENT]
+  --location LOCATION      its region, e.g. us-central1            [COMPOSER_LOCATION]
+  --project PROJECT        its Google Cloud project                [COMPOSER_PROJECT]
+  --bucket BUCKET          archive bucket name -> GOOGLE_CLOUD_STORAGE
+  --landing-root ROOT      landing zone -> DICOM_LANDING_ROOT: gs://bucket/prefix, or a path
+                           under /home/airflow/gcs/data/ (the environment bucket's data/ folder)
+Options:
+  --collection IRB         default collection -> GOOGLE_STORAGE_COLLECTION
+  --bigquery-project P     BigQuery project -> GOOGLE_PROJECT_NAME (default: --project)
+  --set-env NAME=VALUE     one more environment variable (repeatable), e.g.
+                           --set-env DICOM_REPLACE_CHANGED_ARCHIVES=true
+  --skip-pypi-update       skip step 2 (packages unchanged since the last deploy)
+  --skip-env-update        skip step 3 (variables unchanged since the last deploy)
+  --dry-run                print the gcloud commands instead of running them (gcloud not needed)
+  --source-root DIR        deploy dags/, plugins/, include/ and requirements.in from DIR
+                           (default: this repository)
+  -h, --help               show this help
+
+dags/ and plugins/ are imported entry by entry because importing a directory creates a
+subfolder of that name in the bucket (dags/dags/...). A staging copy without __pycache__ is
+uploaded; the --source paths printed by --dry-run point at it and it is removed on exit.
+Imports add and overwrite files but never delete: remove files deleted locally with
+`gcloud composer environments storage {dags,plugins,data} delete`.
+Environment: GCLOUD (the gcloud command, default gcloud), TMPDIR.
+EOF
+}
+
+die() { printf 'deploy_composer.sh: %s\n' "$*" >&2; exit 1; }
+usage_error() {
+  printf 'deploy_composer.sh: %s\n\n' "$*" >&2
+  usage >&2
+  exit 2
+}
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+GCLOUD=${GCLOUD:-gcloud}
+RUNTIME_PACKAGES=(pydicom isal google-crc32c)
+MANAGED_VARIABLES=(SEND_TO_GOOGLE GOOGLE_CLOUD_STORAGE GOOGLE_PROJECT_NAME GOOGLE_STORAGE_COLLECTION
+  DICOM_LANDING_ROOT)
+
+env_name=${COMPOSER_ENVIRONMENT:-}
+location=${COMPOSER_LOCATION:-}
+project=${COMPOSER_PROJECT:-}
+bucket=""
+landing_root=""
+collection=""
+bigquery_project=""
+extra_env=()
+dry_run=false
+skip_pypi=false
+skip_env=false
+source_root=$ROOT
+
+# --name=value becomes --name value.
+args=()
+for arg in "$@"; do
+  case $arg in
+    --*=*) args+=("${arg%%=*}" "${arg#*=}") ;;
+    *) args+=("$arg") ;;
+  esac
+done
+set -- "${args[@]}"
+
+while (($#)); do
+  case $1 in
+    -h | --help) usage; exit 0 ;;
+    --dry-run) dry_run=true ;;
+    --skip-pypi-update) skip_pypi=true ;;
+    --skip-env-update) skip_env=true ;;
+    --environment | --location | --project | --bucket | --landing-root | --collection | \
+      --bigquery-project | --set-env | --source-root)
+      (($# >= 2)) || usage_error "$1 needs a value"
+      case $1 in
+        --environment) env_name=$2 ;;
+        --location) location=$2 ;;
+        --project) project=$2 ;;
+        --bucket) bucket=$2 ;;
+        --landing-root) landing_root=$2 ;;
+        --collection) collection=$2 ;;
+        --bigquery-project) bigquery_project=$2 ;;
+        --set-env) extra_env+=("$2") ;;
+        --source-root) source_root=$2 ;;
+      esac
+      shift
+      ;;
+    *) usage_error "unknown argument: $1" ;;
+  esac
+  shift
+done
+
+# --- validation: everything wrong is reported at once -------------------------------------
+problems=()
+[[ -n $env_name ]] || problems+=("--environment (or COMPOSER_ENVIRONMENT) is required")
+[[ -n $location ]] || problems+=("--location (or COMPOSER_LOCATION) is required")
+[[ -n $project ]] || problems+=("--project (or COMPOSER_PROJECT) is required")
+[[ -n $bucket ]] || problems+=("--bucket is required")
+[[ -n $landing_root ]] || problems+=("--landing-root is required")
+bigquery_project=${bigquery_project:-$project}
+
+if [[ -n $bucket && ! $bucket =~ ^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$ ]]; then
+  problems+=("--bucket must be a bucket name like my-archive, not '$bucket'")
+fi
+if [[ -n $landing_root && ! $landing_root =~ ^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/.*)?$ &&
+  ! $landing_root =~ ^/home/airflow/gcs/data(/.*)?$ ]]; then
+  problems+=("--landing-root must be gs://<bucket>/<prefix> or a path under /home/airflow/gcs/data/ (a path on this machine means nothing on Composer), not '$landing_root'")
+fi
+
+env_pairs=("SEND_TO_GOOGLE=true" "GOOGLE_CLOUD_STORAGE=$bucket" "GOOGLE_PROJECT_NAME=$bigquery_project")
+[[ -z $collection ]] || env_pairs+=("GOOGLE_STORAGE_COLLECTION=$collection")
+env_pairs+=("DICOM_LANDING_ROOT=$landing_root")
+for pair in "${extra_env[@]}"; do
+  name=${pair%%=*}
+  if [[ $pair != *=* || ! $name =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]]; then
+    problems+=("--set-env takes NAME=VALUE, not '$pair'")
+  elif [[ " ${MANAGED_VARIABLES[*]} " == *" $name "* ]]; then
+    problems+=("--set-env $name: use the dedicated option for $name")
+  else
+    env_pairs+=("$pair")
+  fi
+done
+for pair in "${env_pairs[@]}"; do
+  [[ $pair != *,* ]] || problems+=("environment variable values cannot contain a comma: '$pair'")
+done
+
+for folder in dags plugins include; do
+  [[ -d $source_root/$folder ]] || problems+=("$source_root/$folder is not a directory")
+done
+[[ -f $source_root/requirements.in ]] || problems+=("$source_root/requirements.in is missing")
+
+if ((${#problems[@]})); then
+  printf -v message '%s\n' "${problems[@]}"
+  usage_error "${message%$'\n'}"
+fi
+
+if ! $dry_run && ! command -v "$GCLOUD" >/dev/null; then
+  die "gcloud not found ('$GCLOUD'); install the Google Cloud CLI, set GCLOUD, or use --dry-run"
+fi
+
+# --- staging: clean copies of the three folders and the PyPI requirements file -----------
+stage=$(mktemp -d "${TMPDIR:-/tmp}/deploy-composer.XXXXXX")
+trap 'rm -rf "$stage"' EXIT
+
+for folder in dags plugins include; do
+  cp -R "$source_root/$folder" "$stage/$folder"
+  find "$stage/$folder" \( -name __pycache__ -o -name '*.pyc' -o -name .pytest_cache \) -prune \
+    -exec rm -rf {} +
+  [[ -n $(find "$stage/$folder" -type f -print -quit) ]] || die "$source_root/$folder has no files to deploy"
+done
+
+pypi_file=$stage/composer-requirements.txt
+: >"$pypi_file"
+for package in "${RUNTIME_PACKAGES[@]}"; do
+  # The line of requirements.in that names the package, without its comment.
+  mapfile -t lines < <(sed -e 's/[[:space:]]*#.*$//' "$source_root/requirements.in" |
+    grep -iE "^${package}[[:space:]]*([=<>!~].*)?$" || true)
+  ((${#lines[@]} == 1)) || die "requirements.in must name $package exactly once (found ${#lines[@]})"
+  printf '%s\n' "${lines[0]// /}" >>"$pypi_file"
+done
+
+# --- the commands ---------------------------------------------------------------------------
+# One shell word per argument, quoted only when needed (as Python's shlex.quote does).
+quote() {
+  if [[ $1 =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
+    printf '%s' "$1"
+  else
+    printf "'%s'" "${1//\'/\'\"\'\"\'}"
+  fi
+}
+run() {
+  local line="" arg
+  for arg in "$@"; do
+    line+="${line:+ }$(quote "$arg")"
+  done
+  if $dry_run; then
+    printf '%s\n' "$line"
+  else
+    printf '+ %s\n' "$line" >&2
+    "$@"
+  fi
+}
+
+target=(--location="$location" --project="$project")
+environment=(--environment="$env_name" "${target[@]}")
+
+if $dry_run; then
+  printf '# composer-requirements.txt (%s):\n' "$pypi_file" >&2
+  sed 's/^/#   /' "$pypi_file" >&2
+fi
+
+run "$GCLOUD" composer environments describe "$env_name" "${target[@]}" \
+  --format='value(config.dagGcsPrefix)'
+$skip_pypi || run "$GCLOUD" composer environments update "$env_name" "${target[@]}" \
+  --update-pypi-packages-from-file="$pypi_file"
+if ! $skip_env; then
+  printf -v env_list '%s,' "${env_pairs[@]}"
+  run "$GCLOUD" composer environments update "$env_name" "${target[@]}" \
+    --update-env-variables="${env_list%,}"
+fi
+# include/ as a directory: it becomes data/include/ (mapped to /home/airflow/gcs/data/include).
+run "$GCLOUD" composer environments storage data import "${environment[@]}" --source="$stage/include"
+shopt -s dotglob nullglob  # entries like .airflowignore count
+for entry in "$stage"/plugins/*; do
+  run "$GCLOUD" composer environments storage plugins import "${environment[@]}" --source="$entry"
+done
+for entry in "$stage"/dags/*; do
+  run "$GCLOUD" composer environments storage dags import "${environment[@]}" --source="$entry"
+done
+
+if ! $dry_run; then
+  printf 'deploy_composer.sh: deployed to %s (%s, %s). Check the DAG for import errors in the Airflow UI.\n' \
+    "$env_name" "$location" "$project" >&2
+fi

@@ -1,0 +1,379 @@
+"""Schema creation and evolution, and exactly-once loads, against the real BigQuery emulator."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+
+import pytest
+from google.api_core import exceptions as gexc
+from google.cloud import bigquery
+
+from dicom_archive import bigquery_load as bl
+
+COLLECTION = "IRB41449"
+
+
+def image_row(n: int, **overrides: object) -> dict:
+    """One valid image row; `n` makes the row key (collection, instance_sha256) unique."""
+    row = {
+        "collection": COLLECTION,
+        "batch_id": "batch-1",
+        "entity_id": f"GL{n % 2}",
+        "item_id": f"IT{n % 3}",
+        "PatientID": f"GL{n % 2}",
+        "StudyDate": "2007-09-04",
+        "Modality": "CT",
+        "PatientAge": "045Y",
+        "ImageType": ["ORIGINAL", "PRIMARY"],
+        "width": 512,
+        "height": 512,
+        "SeriesNumber": 1,
+        "InstanceNumber": n,
+        "SOPInstanceUID": None,
+        "instance_sha256": f"{n:064x}",
+        "archive_member": f"GL_20070904_IT/{n:04d}.dcm",
+        "storage_uri": f"gs://radiology/Collection/{COLLECTION}/Entity/GL/GL_20070904_IT{n % 3}.tar.gz",
+        "storage_generation": 1700000000000000 + n,
+        "DicomHeader": {"Modality": "CT", "lookup": {"site": "A"}},
+        "uploaded_at": "2024-05-01T10:00:00Z",
+        "deid_software": "deid 0.3",
+        "deid_recipe": "recipe-v1",
+    }
+    row.update(overrides)
+    return row
+
+
+def table_id(client: bigquery.Client, dataset_id: str, table: str = "dicom") -> str:
+    return f"{client.project}.{dataset_id}.{table}"
+
+
+def count_rows(client: bigquery.Client, dataset_id: str) -> tuple[int, int]:
+    """(rows, distinct row keys) in the table."""
+    sql = (
+        "SELECT COUNT(*) AS n, COUNT(DISTINCT CONCAT(collection, '/', instance_sha256)) AS k "
+        f"FROM `{table_id(client, dataset_id)}`"
+    )
+    row = next(iter(client.query(sql).result()))
+    return row["n"], row["k"]
+
+
+def job_ids(client: bigquery.Client) -> set[str]:
+    return {job.job_id for job in client.list_jobs(all_users=True)}
+
+
+def columns(client: bigquery.Client, dataset_id: str, table: str = "dicom") -> dict[str, tuple[str, str]]:
+    return {f.name: (f.field_type, f.mode) for f in client.get_table(table_id(client, dataset_id, table)).schema}
+
+
+# --------------------------------------------------------------------------------------------- schema
+
+
+def test_schema_file_has_the_spec_columns():
+    schema = {f.name: (f.field_type, f.mode) for f in bl.load_schema()}
+    required = {name for name, (_, mode) in schema.items() if mode == "REQUIRED"}
+    assert required == {
+        "collection", "batch_id", "entity_id", "item_id", "instance_sha256",
+        "archive_member", "storage_uri", "uploaded_at",
+    }  # fmt: skip
+    assert schema["ImageType"] == ("STRING", "REPEATED")
+    assert schema["DicomHeader"] == ("JSON", "NULLABLE")
+    assert schema["StudyDate"] == ("DATE", "NULLABLE")
+    assert schema["uploaded_at"] == ("TIMESTAMP", "REQUIRED")
+    integers = {name for name, (kind, _) in schema.items() if kind == "INTEGER"}
+    assert integers == {"width", "height", "SeriesNumber", "InstanceNumber", "storage_generation", "storage_size"}
+    assert schema["deid_software"] == schema["deid_recipe"] == ("STRING", "NULLABLE")
+    assert len(schema) == 44
+    assert all(f.description for f in bl.load_schema())
+
+
+def test_ensure_table_creates_partitioned_clustered_table(bigquery_client, dataset_id):
+    dataset = bl.ensure_dataset(bigquery_client, dataset_id)
+    assert dataset.dataset_id == dataset_id
+    assert bl.ensure_table(bigquery_client, dataset_id) == []
+
+    table = bigquery_client.get_table(table_id(bigquery_client, dataset_id))
+    assert table.time_partitioning.type_ == "DAY"
+    assert table.time_partitioning.field == "uploaded_at"
+    assert table.clustering_fields == ["entity_id", "item_id"]
+    assert [f.name for f in table.schema] == [f.name for f in bl.load_schema()]
+    # A second call finds nothing to do.
+    assert bl.ensure_table(bigquery_client, dataset_id) == []
+
+
+def test_ensure_table_adds_missing_columns_and_drops_nothing(bigquery_client, dataset_id):
+    full = bl.load_schema()
+    old = [f for f in full if f.name in {"collection", "entity_id", "item_id", "instance_sha256", "uploaded_at"}]
+    legacy = bigquery.SchemaField("legacy_note", "STRING")
+    bl.ensure_dataset(bigquery_client, dataset_id)
+    bl.ensure_table(bigquery_client, dataset_id, schema=[*old, legacy])
+
+    added = bl.ensure_table(bigquery_client, dataset_id, schema=full)
+
+    assert added == [f.name for f in full if f not in old]
+    cols = columns(bigquery_client, dataset_id)
+    assert cols["legacy_note"] == ("STRING", "NULLABLE")  # never dropped
+    assert cols["collection"] == ("STRING", "REQUIRED")
+    # A REQUIRED column cannot be added to an existing table: it arrives NULLABLE.
+    assert cols["batch_id"] == ("STRING", "NULLABLE")
+    assert cols["ImageType"] == ("STRING", "REPEATED")
+    assert len(cols) == len(full) + 1
+    # And the REQUIRED-wanted-but-NULLABLE column is not a conflict on the next run.
+    assert bl.ensure_table(bigquery_client, dataset_id, schema=full) == []
+
+
+def test_type_conflict_raises_and_changes_nothing(bigquery_client, dataset_id):
+    full = bl.load_schema()
+    retyped = [bigquery.SchemaField("StudyDate", "STRING") if f.name == "StudyDate" else f for f in full]
+    bl.ensure_dataset(bigquery_client, dataset_id)
+    bl.ensure_table(bigquery_client, dataset_id, schema=retyped[:-3])  # also lacks the last 3 columns
+    before = columns(bigquery_client, dataset_id)
+
+    with pytest.raises(bl.SchemaConflictError, match=r"StudyDate: type STRING in the table, DATE wanted"):
+        bl.ensure_table(bigquery_client, dataset_id, schema=full)
+    with pytest.raises(bl.SchemaConflictError, match="StudyDate"):
+        bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, rows=[image_row(1)], run_key="r1")
+
+    assert columns(bigquery_client, dataset_id) == before
+    assert count_rows(bigquery_client, dataset_id) == (0, 0)
+
+
+def test_mode_conflicts():
+    want = bigquery.SchemaField("x", "STRING", mode="NULLABLE")
+    assert bl._conflict(bigquery.SchemaField("x", "STRING", mode="REQUIRED"), want)
+    assert bl._conflict(bigquery.SchemaField("x", "STRING", mode="REPEATED"), want)
+    assert bl._conflict(bigquery.SchemaField("x", "INT64"), bigquery.SchemaField("x", "INTEGER")) is None
+    assert bl._conflict(want, bigquery.SchemaField("x", "STRING", mode="REQUIRED")) is None
+
+
+def test_evolve_for_rows_infers_types_of_new_keys():
+    schema = [bigquery.SchemaField("Modality", "STRING")]
+    rows = [
+        {"modality": "CT", "n": 1, "ratio": 1, "flag": True, "note": None, "blob": {"a": 1}},
+        {"n": 2, "ratio": 0.5, "mixed": "x", "note": None},
+        {"mixed": 3},
+    ]
+    evolved = bl.evolve_for_rows(schema, rows)
+    assert [(f.name, f.field_type, f.mode) for f in evolved] == [
+        ("Modality", "STRING", "NULLABLE"),  # 'modality' is the same column: BigQuery names ignore case
+        ("n", "INTEGER", "NULLABLE"),
+        ("ratio", "FLOAT", "NULLABLE"),
+        ("flag", "BOOLEAN", "NULLABLE"),
+        ("note", "STRING", "NULLABLE"),
+        ("blob", "STRING", "NULLABLE"),
+        ("mixed", "STRING", "NULLABLE"),
+    ]
+    with pytest.raises(bl.RowError) as err:
+        bl.evolve_for_rows(schema, [{"ok": 1}, {"bad-name": 1}])
+    assert (err.value.row, err.value.column) == (2, "bad-name")
+
+
+def test_new_column_in_rows_is_added_and_kept(bigquery_client, dataset_id):
+    first = bl.load_rows_exactly_once(
+        bigquery_client, dataset_id=dataset_id, rows=[image_row(1, scanner_room="R1")], run_key="r1"
+    )
+    assert first.columns_added == []  # the table was created with the column already in it
+    assert columns(bigquery_client, dataset_id)["scanner_room"] == ("STRING", "NULLABLE")
+
+    second = bl.load_rows_exactly_once(
+        bigquery_client, dataset_id=dataset_id, rows=[image_row(2, slice_mm=1.25)], run_key="r2"
+    )
+    assert second.columns_added == ["slice_mm"]
+    cols = columns(bigquery_client, dataset_id)
+    assert cols["slice_mm"] == ("FLOAT", "NULLABLE")
+    assert "scanner_room" in cols
+
+    sql = f"SELECT InstanceNumber, scanner_room, slice_mm FROM `{first.table_id}` ORDER BY InstanceNumber"
+    got = [tuple(r.values()) for r in bigquery_client.query(sql).result()]
+    assert got == [(1, "R1", None), (2, None, 1.25)]
+
+
+# ----------------------------------------------------------------------------------- exactly once
+
+
+def test_load_rerun_and_backfill_leave_one_row_per_image(bigquery_client, dataset_id):
+    client = bigquery_client
+    rows = [image_row(n) for n in range(1, 5)]
+    before = job_ids(client)
+
+    first = bl.load_rows_exactly_once(client, dataset_id=dataset_id, rows=rows, run_key="manual__2024-05-01")
+    first_jobs = job_ids(client) - before
+    assert (first.rows_in_batch, first.rows_inserted, first.reattached) == (4, 4, False)
+    assert first_jobs == {first.load_job_id, first.merge_job_id}
+    assert len(first_jobs) <= 3
+    assert count_rows(client, dataset_id) == (4, 4)
+    # The staging table is gone; its expiry was only the fallback.
+    assert [t.table_id for t in client.list_tables(dataset_id)] == ["dicom"]
+
+    # Rerun of the same run, rows given as NDJSON this time: the same jobs, nothing new runs.
+    ndjson = b"\n".join(json.dumps(r).encode() for r in rows)
+    mid = job_ids(client)
+    rerun = bl.load_rows_exactly_once(client, dataset_id=dataset_id, rows=ndjson, run_key="manual__2024-05-01")
+    assert job_ids(client) == mid
+    assert rerun.reattached
+    assert rerun.merge_job_id == first.merge_job_id
+    assert count_rows(client, dataset_id) == (4, 4)
+
+    # A backfill (new run key) of the same rows plus two new ones inserts only the new ones.
+    mid = job_ids(client)
+    backfill = bl.load_rows_exactly_once(
+        client, dataset_id=dataset_id, rows=[*rows, image_row(5), image_row(6)], run_key="backfill__2024-05-02"
+    )
+    assert len(job_ids(client) - mid) == 2
+    assert (backfill.rows_in_batch, backfill.rows_inserted, backfill.reattached) == (6, 2, False)
+    assert backfill.merge_job_id != first.merge_job_id
+    assert count_rows(client, dataset_id) == (6, 6)
+
+
+def test_retry_after_failure_between_load_and_merge(bigquery_client, dataset_id):
+    client = bigquery_client
+    rows = [image_row(n) for n in range(1, 4)]
+    before = job_ids(client)
+
+    # First try: the load runs, then the worker dies before the MERGE.
+    batch = bl.prepare_batch(client, dataset_id=dataset_id, rows=rows, run_key="scheduled__1")
+    load_job = bl.stage_batch(client, batch)
+    assert job_ids(client) - before == {load_job.job_id}
+    assert client.get_table(batch.staging_table_id).num_rows == 3
+    assert client.get_table(batch.staging_table_id).expires is not None
+    assert count_rows(client, dataset_id) == (0, 0)
+
+    # The retry re-attaches to that load job and runs only the MERGE: two jobs for the batch in all.
+    mid = job_ids(client)
+    result = bl.load_rows_exactly_once(client, dataset_id=dataset_id, rows=rows, run_key="scheduled__1")
+    assert result.load_job_id == load_job.job_id
+    assert (result.rows_in_batch, result.rows_inserted) == (3, 3)
+    assert job_ids(client) - mid == {result.merge_job_id}
+    assert count_rows(client, dataset_id) == (3, 3)
+    with pytest.raises(gexc.NotFound):
+        client.get_table(batch.staging_table_id)
+
+
+def test_retry_after_merge_ran_reattaches_to_it(bigquery_client, dataset_id):
+    client = bigquery_client
+    rows = [image_row(n) for n in range(1, 3)]
+    batch = bl.prepare_batch(client, dataset_id=dataset_id, rows=rows, run_key="r")
+    bl.stage_batch(client, batch)
+    merge = bl.merge_batch(client, batch)  # the worker dies after this, before cleaning up
+    assert merge.num_dml_affected_rows == 2
+
+    before = job_ids(client)
+    result = bl.load_rows_exactly_once(client, dataset_id=dataset_id, rows=rows, run_key="r")
+    assert job_ids(client) == before
+    assert (result.reattached, result.merge_job_id, result.rows_inserted) == (True, merge.job_id, 2)
+    assert count_rows(client, dataset_id) == (2, 2)
+
+
+def test_duplicates_within_a_batch_give_one_row(bigquery_client, dataset_id):
+    rows = [
+        image_row(7, uploaded_at="2024-05-01T10:00:02Z", archive_member="late.dcm"),
+        image_row(7, uploaded_at="2024-05-01T10:00:01Z", archive_member="early.dcm"),
+        image_row(7, uploaded_at="2024-05-01T10:00:03Z", archive_member="later.dcm"),
+        image_row(8),
+    ]
+    result = bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, rows=rows, run_key="dup")
+    assert (result.rows_in_batch, result.rows_inserted) == (4, 2)
+    assert count_rows(bigquery_client, dataset_id) == (2, 2)
+    sql = f"SELECT archive_member FROM `{result.table_id}` WHERE instance_sha256 = @sha"
+    config = bigquery.QueryJobConfig(query_parameters=[bigquery.ScalarQueryParameter("sha", "STRING", f"{7:064x}")])
+    kept = [r["archive_member"] for r in bigquery_client.query(sql, job_config=config).result()]
+    assert kept == ["early.dcm"]  # the earliest upload wins
+
+
+def test_values_round_trip_with_their_types(bigquery_client, dataset_id):
+    row = image_row(
+        1,
+        uploaded_at=dt.datetime(2024, 5, 1, 12, 30, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+        StudyDate=dt.date(2007, 9, 4),
+        width="640",
+        ImageType=("DERIVED", "SECONDARY"),
+    )
+    result = bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, rows=[row], run_key="types")
+    got = dict(next(iter(bigquery_client.query(f"SELECT * FROM `{result.table_id}`").result())))
+    assert got["uploaded_at"] == dt.datetime(2024, 5, 1, 10, 30, tzinfo=dt.UTC)
+    assert got["StudyDate"] == dt.date(2007, 9, 4)
+    assert got["width"] == 640
+    assert got["ImageType"] == ["DERIVED", "SECONDARY"]
+    assert got["DicomHeader"] == {"Modality": "CT", "lookup": {"site": "A"}}
+    assert got["storage_generation"] == 1700000000000001
+    assert got["SOPInstanceUID"] is None
+
+
+# ------------------------------------------------------------------------------------------ bad rows
+
+
+@pytest.mark.parametrize(
+    ("override", "column", "words"),
+    [
+        ({"StudyDate": "2007/09/04"}, "StudyDate", "DATE expects 'YYYY-MM-DD'"),
+        ({"StudyDate": "2007-02-30"}, "StudyDate", "DATE expects"),
+        ({"uploaded_at": "yesterday"}, "uploaded_at", "TIMESTAMP expects an RFC 3339"),
+        ({"uploaded_at": None}, "uploaded_at", "REQUIRED value missing"),
+        ({"width": "12a"}, "width", "INTEGER expects an integer"),
+        ({"width": True}, "width", "INTEGER expects an integer, got bool"),
+        ({"ImageType": "ORIGINAL"}, "ImageType", "REPEATED STRING expects a list"),
+        ({"ImageType": ["A", None]}, "ImageType", "cannot contain null"),
+        ({"DicomHeader": "{}"}, "DicomHeader", "JSON expects an object"),
+        ({"Modality": ["CT"]}, "Modality", "STRING expects a string"),
+    ],
+)
+def test_bad_value_names_row_and_column_and_changes_nothing(bigquery_client, dataset_id, override, column, words):
+    rows = [image_row(1), image_row(2), image_row(3, **override)]
+    with pytest.raises(bl.RowError) as err:
+        bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, rows=rows, run_key="bad")
+    assert (err.value.row, err.value.column) == (3, column)
+    assert f"row 3, column {column!r}" in str(err.value)
+    assert words in str(err.value)
+    with pytest.raises(gexc.NotFound):  # validation runs before anything is created
+        bigquery_client.get_dataset(dataset_id)
+
+
+def test_ndjson_errors_count_lines_and_report_all(bigquery_client, dataset_id):
+    missing = image_row(2)
+    del missing["storage_uri"]
+    lines = [json.dumps(image_row(1)), "", json.dumps(missing), "{not json", json.dumps(image_row(4, height=1.5))]
+    with pytest.raises(bl.RowError) as err:
+        bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, rows="\n".join(lines).encode(), run_key="bad")
+    assert (err.value.row, err.value.column) == (4, None)  # JSON errors first, by NDJSON line
+    assert "not valid JSON" in str(err.value)
+
+    del lines[3]
+    with pytest.raises(bl.RowError) as err:
+        bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, rows="\n".join(lines).encode(), run_key="bad")
+    # Still NDJSON line numbers: the blank line 2 counts.
+    assert [(row, column) for row, column, _ in err.value.errors] == [(3, "storage_uri"), (4, "height")]
+
+
+def test_load_job_errors_are_surfaced_verbatim(bigquery_client, dataset_id):
+    client = bigquery_client
+    batch = bl.prepare_batch(client, dataset_id=dataset_id, rows=[image_row(1)], run_key="r")
+    # Bytes that skipped validation, under the batch's own job id (attempt 0).
+    broken = dataclasses.replace(batch, ndjson=b'{"collection": "c", "uploaded_at": "not a time"}\n')
+    with pytest.raises(bl.BigQueryJobError) as err:
+        bl.stage_batch(client, broken)
+    assert batch.job_id("load", 0) in str(err.value)
+    failed = client.get_job(batch.job_id("load", 0))
+    assert failed.error_result["message"] in str(err.value)
+
+    # The retry skips the failed attempt's id and loads under the next one.
+    job = bl.stage_batch(client, batch)
+    assert job.job_id == batch.job_id("load", 1)
+    assert client.get_table(batch.staging_table_id).num_rows == 1
+
+
+def test_identifiers_are_validated(bigquery_client):
+    with pytest.raises(ValueError, match="dataset"):
+        bl.ensure_dataset(bigquery_client, "IRB`; DROP")
+    with pytest.raises(ValueError, match="table"):
+        bl.load_rows_exactly_once(bigquery_client, dataset_id="IRB1", rows=[image_row(1)], run_key="r", table="dicom-x")
+    with pytest.raises(ValueError, match="run_key"):
+        bl.load_rows_exactly_once(bigquery_client, dataset_id="IRB1", rows=[image_row(1)], run_key="")
+
+
+def test_empty_batch_runs_no_job(bigquery_client, dataset_id):
+    before = job_ids(bigquery_client)
+    result = bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, rows=[], run_key="empty")
+    assert (result.rows_in_batch, result.rows_inserted, result.merge_job_id) == (0, 0, None)
+    assert job_ids(bigquery_client) == before
+    assert count_rows(bigquery_client, dataset_id) == (0, 0)

@@ -1,0 +1,352 @@
+"""scripts/deploy_composer.sh: the gcloud commands it would run, and what it refuses.
+
+gcloud is never called for real: --dry-run must not need it (a recording fake stands in for it and
+must see no call), and the real mode runs the recording fake through GCLOUD.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = REPO_ROOT / "scripts" / "deploy_composer.sh"
+RUNTIME_PACKAGES = ("pydicom", "isal", "google-crc32c")
+STAGE_RE = re.compile(r"/deploy-composer\.[A-Za-z0-9]{6}")
+
+REQUIRED = {
+    "--environment": "dicom-env",
+    "--location": "us-central1",
+    "--project": "my-project",
+    "--bucket": "radiology-archive",
+    "--landing-root": "gs://radiology-landing/incoming",
+}
+
+FAKE_GCLOUD = """#!{python}
+import json, os, sys
+from pathlib import Path
+
+args = sys.argv[1:]
+call = {{"argv": args, "files": {{}}, "pypi": None}}
+for arg in args:
+    if arg.startswith("--source="):
+        source = Path(arg.split("=", 1)[1])
+        call["files"][source.name] = sorted(
+            str(p.relative_to(source)) for p in source.rglob("*") if p.is_file()
+        ) if source.is_dir() else [source.name]
+    if arg.startswith("--update-pypi-packages-from-file="):
+        call["pypi"] = Path(arg.split("=", 1)[1]).read_text()
+with open(os.environ["FAKE_GCLOUD_LOG"], "a") as log:
+    log.write(json.dumps(call) + "\\n")
+if args[:3] == ["composer", "environments", "describe"]:
+    print("gs://us-central1-dicom-env-bucket/dags")
+"""
+
+
+def _runtime_requirements(requirements_in: Path) -> list[str]:
+    """The three runtime packages as requirements.in specifies them (independent of the script)."""
+    found = {}
+    for line in requirements_in.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            req = Requirement(line)
+            if req.name.lower() in RUNTIME_PACKAGES:
+                found[req.name.lower()] = str(req)
+    return [found[name] for name in RUNTIME_PACKAGES]
+
+
+@pytest.fixture
+def source_root(tmp_path: Path) -> Path:
+    """A small tree shaped like the repository, with bytecode that must not be deployed."""
+    root = tmp_path / "src"
+    files = {
+        "dags/dicom_storage.py": "# the DAG\n",
+        "dags/.airflowignore": "helpers/\n",
+        "dags/__pycache__/dicom_storage.cpython-311.pyc": "bytecode",
+        "plugins/dicom_archive/__init__.py": "",
+        "plugins/dicom_archive/naming.py": "",
+        "plugins/dicom_archive/__pycache__/naming.cpython-311.pyc": "bytecode",
+        "plugins/operators/__init__.py": "",
+        "plugins/operators/archive.py": "",
+        "include/sql/batch_summary.sql": "SELECT 1\n",
+        "include/schemas/dicom.json": "[]\n",
+    }
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (root / "requirements.in").write_text((REPO_ROOT / "requirements.in").read_text())
+    return root
+
+
+@pytest.fixture
+def fake_gcloud(tmp_path: Path) -> Path:
+    path = tmp_path / "bin" / "gcloud"
+    path.parent.mkdir()
+    path.write_text(FAKE_GCLOUD.format(python=sys.executable))
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture
+def gcloud_log(tmp_path: Path) -> Path:
+    return tmp_path / "gcloud-calls.jsonl"
+
+
+@pytest.fixture
+def run(tmp_path: Path, fake_gcloud: Path, gcloud_log: Path):
+    """Run the script in a clean environment (no COMPOSER_* or settings from the caller's shell)."""
+    (tmp_path / "tmp").mkdir()
+
+    def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        base = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(tmp_path),
+            "TMPDIR": str(tmp_path / "tmp"),
+            "GCLOUD": str(fake_gcloud),
+            "FAKE_GCLOUD_LOG": str(gcloud_log),
+        }
+        return subprocess.run(
+            ["bash", str(SCRIPT), *args],
+            env={**base, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    return _run
+
+
+def _calls(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def _normalized(argv: list[str]) -> list[str]:
+    return [STAGE_RE.sub("/<stage>", arg) for arg in argv]
+
+
+def _dry_run_commands(stdout: str) -> list[list[str]]:
+    return [_normalized(shlex.split(line)) for line in stdout.splitlines()]
+
+
+def _required_args() -> list[str]:
+    return [part for option, value in REQUIRED.items() for part in (option, value)]
+
+
+def _expected_commands(gcloud: str, env_variables: str) -> list[list[str]]:
+    target = ["--location=us-central1", "--project=my-project"]
+    environment = ["--environment=dicom-env", *target]
+    storage = [gcloud, "composer", "environments", "storage"]
+    return [
+        [gcloud, "composer", "environments", "describe", "dicom-env", *target,
+         "--format=value(config.dagGcsPrefix)"],
+        [gcloud, "composer", "environments", "update", "dicom-env", *target,
+         "--update-pypi-packages-from-file=/tmp/<stage>/composer-requirements.txt"],
+        [gcloud, "composer", "environments", "update", "dicom-env", *target,
+         f"--update-env-variables={env_variables}"],
+        [*storage, "data", "import", *environment, "--source=/tmp/<stage>/include"],
+        [*storage, "plugins", "import", *environment, "--source=/tmp/<stage>/plugins/dicom_archive"],
+        [*storage, "plugins", "import", *environment, "--source=/tmp/<stage>/plugins/operators"],
+        [*storage, "dags", "import", *environment, "--source=/tmp/<stage>/dags/.airflowignore"],
+        [*storage, "dags", "import", *environment, "--source=/tmp/<stage>/dags/dicom_storage.py"],
+    ]  # fmt: skip
+
+
+def _with_stage_dir(commands: list[list[str]], tmpdir: Path) -> list[list[str]]:
+    return [[arg.replace("/tmp/<stage>", f"{tmpdir}/<stage>") for arg in argv] for argv in commands]
+
+
+def test_dry_run_prints_the_gcloud_commands_and_calls_nothing(run, source_root, fake_gcloud, gcloud_log, tmp_path):
+    result = run("--dry-run", *_required_args(), "--collection", "IRB41449", "--source-root", str(source_root))
+
+    assert result.returncode == 0, result.stderr
+    env_variables = (
+        "SEND_TO_GOOGLE=true,GOOGLE_CLOUD_STORAGE=radiology-archive,GOOGLE_PROJECT_NAME=my-project,"
+        "GOOGLE_STORAGE_COLLECTION=IRB41449,DICOM_LANDING_ROOT=gs://radiology-landing/incoming"
+    )
+    expected = _with_stage_dir(_expected_commands(str(fake_gcloud), env_variables), tmp_path / "tmp")
+    assert _dry_run_commands(result.stdout) == expected
+    assert _calls(gcloud_log) == []  # printed, not run
+    assert not list((tmp_path / "tmp").iterdir()), "the staging copy must be removed on exit"
+
+
+def test_dry_run_does_not_need_gcloud(run, source_root, tmp_path):
+    """PATH holds only the basic tools the script uses: no gcloud anywhere."""
+    shim = tmp_path / "path-without-gcloud"
+    shim.mkdir()
+    for tool in ("bash", "cat", "cp", "dirname", "find", "grep", "mktemp", "rm", "sed"):
+        found = subprocess.run(["bash", "-c", f"command -v {tool}"], capture_output=True, text=True, check=True)
+        (shim / tool).symlink_to(found.stdout.strip())
+
+    result = run(
+        "--dry-run", *_required_args(), "--source-root", str(source_root),
+        env={"GCLOUD": "gcloud", "PATH": str(shim)},
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].startswith("gcloud composer environments describe dicom-env ")
+    assert len(result.stdout.splitlines()) == 8
+
+
+def test_real_run_executes_exactly_the_dry_run_commands(run, source_root, gcloud_log):
+    args = [*_required_args(), "--source-root", str(source_root), "--set-env", "DICOM_BIGQUERY_LOCATION=US"]
+    dry = run("--dry-run", *args)
+    real = run(*args)
+
+    assert dry.returncode == 0, dry.stderr
+    assert real.returncode == 0, real.stderr
+    calls = _calls(gcloud_log)
+    assert [_normalized(["gcloud", *call["argv"]])[1:] for call in calls] == [
+        argv[1:] for argv in _dry_run_commands(dry.stdout)
+    ]
+    assert "GOOGLE_STORAGE_COLLECTION" not in " ".join(calls[2]["argv"])  # not given: not set
+    assert calls[2]["argv"][-1].endswith(",DICOM_BIGQUERY_LOCATION=US")
+
+    uploaded = {name: files for call in calls for name, files in call["files"].items()}
+    assert uploaded == {
+        "include": ["schemas/dicom.json", "sql/batch_summary.sql"],
+        "dicom_archive": ["__init__.py", "naming.py"],  # no __pycache__
+        "operators": ["__init__.py", "archive.py"],
+        ".airflowignore": [".airflowignore"],
+        "dicom_storage.py": ["dicom_storage.py"],
+    }
+    assert calls[1]["pypi"].splitlines() == _runtime_requirements(REPO_ROOT / "requirements.in")
+
+
+def test_pypi_file_holds_only_the_runtime_packages(run, source_root, gcloud_log):
+    (source_root / "requirements.in").write_text(
+        "# top-level pins\n"
+        "apache-airflow==3.3.2\n"
+        "apache-airflow-providers-google==22.8.0\n"
+        "pydicom == 3.0.2   # DICOM\n"
+        "numpy>=2\n"
+        "google-crc32c>=1.6\n"
+        "isal==1.9.1\n"
+        "pytest==9.2.0\n"
+    )
+    result = run(*_required_args(), "--source-root", str(source_root))
+
+    assert result.returncode == 0, result.stderr
+    (update,) = [call for call in _calls(gcloud_log) if call["pypi"] is not None]
+    assert update["pypi"] == "pydicom==3.0.2\nisal==1.9.1\ngoogle-crc32c>=1.6\n"
+
+
+def test_runtime_packages_of_this_repository(run, source_root):
+    result = run("--dry-run", *_required_args(), "--source-root", str(source_root))
+    assert result.returncode == 0, result.stderr
+    listed = [line.removeprefix("#   ") for line in result.stderr.splitlines() if line.startswith("#   ")]
+    assert listed == _runtime_requirements(REPO_ROOT / "requirements.in")
+    assert not any("airflow" in line for line in listed)
+
+
+def test_layout_of_this_repository_is_deployed_entry_by_entry(run, tmp_path):
+    """plugins/ and include/ as they are in the repository; dags/ stubbed (it may still be empty)."""
+    root = tmp_path / "repo"
+    (root / "dags").mkdir(parents=True)
+    for folder in ("plugins", "include"):
+        subprocess.run(["cp", "-R", str(REPO_ROOT / folder), str(root / folder)], check=True)
+    (root / "dags" / "dicom_storage.py").write_text("")
+    (root / "requirements.in").write_text((REPO_ROOT / "requirements.in").read_text())
+
+    result = run("--dry-run", *_required_args(), "--source-root", str(root))
+
+    assert result.returncode == 0, result.stderr
+    commands = _dry_run_commands(result.stdout)
+    sources = {argv[4]: [] for argv in commands if argv[3] == "storage"}
+    for argv in commands:
+        if argv[3] == "storage":
+            sources[argv[4]].append(argv[-1].rsplit("/", 1)[1])
+    plugin_entries = sorted(p.name for p in (REPO_ROOT / "plugins").iterdir() if p.name != "__pycache__")
+    assert sources == {"data": ["include"], "plugins": plugin_entries, "dags": ["dicom_storage.py"]}
+
+
+def test_skip_flags_leave_out_the_environment_updates(run, source_root):
+    result = run(
+        "--dry-run", *_required_args(), "--source-root", str(source_root), "--skip-pypi-update", "--skip-env-update"
+    )
+    assert result.returncode == 0, result.stderr
+    assert not any(argv[3] == "update" for argv in _dry_run_commands(result.stdout))
+
+
+def test_settings_from_environment_variables(run, source_root):
+    env = {"COMPOSER_ENVIRONMENT": "dicom-env", "COMPOSER_LOCATION": "us-central1", "COMPOSER_PROJECT": "my-project"}
+    result = run(
+        "--dry-run", "--bucket=radiology-archive", "--landing-root=gs://radiology-landing/incoming",
+        "--bigquery-project=bq-project", "--source-root", str(source_root), env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    commands = _dry_run_commands(result.stdout)
+    assert commands[0][4:7] == ["dicom-env", "--location=us-central1", "--project=my-project"]
+    assert "GOOGLE_PROJECT_NAME=bq-project" in commands[2][-1]
+
+
+def test_refuses_to_run_without_arguments(run, gcloud_log):
+    result = run()
+    assert result.returncode == 2
+    assert "Usage: scripts/deploy_composer.sh" in result.stderr
+    for option in REQUIRED:
+        assert f"{option} " in result.stderr, option
+    assert result.stdout == ""
+    assert _calls(gcloud_log) == []
+
+
+@pytest.mark.parametrize("missing", sorted(REQUIRED))
+def test_refuses_to_run_without_each_required_argument(missing, run, source_root, gcloud_log):
+    args = [part for option, value in REQUIRED.items() if option != missing for part in (option, value)]
+    for mode in ([], ["--dry-run"]):
+        result = run(*mode, *args, "--source-root", str(source_root))
+        assert result.returncode == 2, (mode, result.stderr)
+        assert f"{missing} " in result.stderr.splitlines()[0], result.stderr
+        assert result.stdout == ""
+    assert _calls(gcloud_log) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--landing-root", "/work/main/.demo/landing"], "--landing-root must be gs://"),
+        (["--bucket", "gs://radiology-archive"], "--bucket must be a bucket name"),
+        (["--collection", "IRB1,IRB2"], "cannot contain a comma"),
+        (["--set-env", "SEND_TO_GOOGLE=false"], "use the dedicated option"),
+        (["--set-env", "NOT A PAIR"], "--set-env takes NAME=VALUE"),
+        (["--unknown"], "unknown argument: --unknown"),
+        (["--collection"], "--collection needs a value"),
+    ],
+)
+def test_refuses_bad_values(args, message, run, source_root, gcloud_log):
+    result = run("--dry-run", "--source-root", str(source_root), *_required_args(), *args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert result.stdout == ""
+    assert _calls(gcloud_log) == []
+
+
+def test_refuses_a_source_without_a_dag(run, source_root, gcloud_log):
+    for path in sorted((source_root / "dags").rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    result = run(*_required_args(), "--source-root", str(source_root))
+    assert result.returncode == 1
+    assert "dags has no files to deploy" in result.stderr
+    assert _calls(gcloud_log) == []
+
+
+def test_real_run_without_gcloud_fails_clearly(run, source_root):
+    result = run(*_required_args(), "--source-root", str(source_root), env={"GCLOUD": "/nonexistent/gcloud"})
+    assert result.returncode == 1
+    assert "gcloud not found" in result.stderr
+    assert result.stdout == ""
+
+
+def test_help(run):
+    result = run("--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith("Usage: scripts/deploy_composer.sh")
+    assert "--dry-run" in result.stdout
