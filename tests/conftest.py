@@ -27,6 +27,7 @@ os.environ.update(
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__UNIT_TEST_MODE": "True",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+        "DICOM_TASK_RETRIES": "0",  # a failing task in a test fails at once
         "GOOGLE_PROJECT_NAME": PROJECT,
         "AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT": json.dumps(
             {"conn_type": "google_cloud_platform", "extra": {"is_anonymous": True, "project": PROJECT}}

@@ -25,8 +25,9 @@ from typing import Any
 from google.api_core import exceptions as gexc
 from google.cloud import bigquery
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SCHEMA_PATH = REPO_ROOT / "include" / "schemas" / "dicom.json"
+from dicom_archive.resources import include_dir
+
+SCHEMA_PATH = include_dir() / "schemas" / "dicom.json"
 
 DEFAULT_TABLE = "dicom"
 ROW_KEY = ("collection", "instance_sha256")

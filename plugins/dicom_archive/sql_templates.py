@@ -10,16 +10,15 @@ import datetime as dt
 import re
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import jinja2
 from google.cloud import bigquery
 
 from dicom_archive.bigquery_load import DEFAULT_TABLE, check_name, check_project
+from dicom_archive.resources import include_dir
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SQL_DIR = REPO_ROOT / "include" / "sql"
+SQL_DIR = include_dir() / "sql"
 
 _TEMPLATE_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 # Named parameters in rendered SQL; the templates keep '@' out of strings and comments' examples.

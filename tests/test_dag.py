@@ -1,0 +1,193 @@
+"""The dicom_storage DAG, parsed and run for real: dag.test() against both emulators.
+
+Expected objects and row counts are derived from the landing zone's specs (what was planted),
+not from the pipeline's own output.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from google.cloud import bigquery
+
+from tests.conftest import PROJECT, REPO_ROOT
+from tools.landing_zone import BatchSpec, ImageSpec, demo_batches, write_batch
+
+DAG_ID = "dicom_storage"
+COLLECTION = "IRB41449"
+
+
+def accepted(image: ImageSpec, lookup: dict | None) -> bool:
+    """The contract's checks, restated from the spec of what the generator planted."""
+    overrides = image.header_overrides
+    return not (
+        image.path.startswith("PHI/")
+        or (lookup or {}).get(image.path, {}).get("flagged") is True
+        or overrides.get("BurnedInAnnotation") == "YES"
+        or overrides.get("PatientName", image.entity_id) not in ("", image.entity_id)
+    )
+
+
+def expected_objects(batch: BatchSpec) -> set[str]:
+    return {
+        f"Collection/{batch.collection}/Entity/{i.entity_id}/{i.entity_id}_{i.study_date}_{i.item_id}.tar.gz"
+        for i in batch.images
+        if accepted(i, batch.lookup)
+    }
+
+
+def expected_image_count(batch: BatchSpec) -> int:
+    return sum(accepted(i, batch.lookup) for i in batch.images)
+
+
+def test_dagbag_has_no_import_errors_and_the_expected_dag(airflow_db):
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO_ROOT / "dags"))
+    assert bag.import_errors == {}
+    assert set(bag.dag_ids) == {DAG_ID}
+    dag = bag.get_dag(DAG_ID)
+    assert set(dag.task_ids) == {
+        "wait_for_batches",
+        "plan_batches",
+        "study_chunks",
+        "archive_studies",
+        "load_metadata",
+        "collection_summary",
+        "batch_report",
+    }
+    assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"
+    assert dag.catchup is False
+    assert dag.get_task("wait_for_batches").mode == "reschedule"
+    assert dag.get_task("archive_studies").pool == "dicom_storage_gcs"
+    assert dag.get_task("load_metadata").pool == "dicom_storage_bigquery"
+
+
+@pytest.fixture(scope="module")
+def pipeline_env(tmp_path_factory, gcs_emulator, bigquery_emulator, airflow_db) -> Iterator[dict]:
+    """Settings of a local run that sends to the emulators, with a fresh bucket and landing zone."""
+    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+    root = tmp_path_factory.mktemp("landing")
+    bucket = "dag-test-archive"
+    GCSHook().create_bucket(bucket_name=bucket, project_id=PROJECT)
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {
+            "SEND_TO_GOOGLE": "true",
+            "GOOGLE_CLOUD_STORAGE": bucket,
+            "GOOGLE_PROJECT_NAME": PROJECT,
+            "GOOGLE_STORAGE_COLLECTION": COLLECTION,
+            "DICOM_LANDING_ROOT": str(root),
+            "DICOM_STUDIES_PER_TASK": "2",  # several mapped archive tasks per batch
+        }.items():
+            mp.setenv(name, value)
+        yield {"root": root, "bucket": bucket}
+
+
+def run_dag(batch_ids: list[str]) -> str:
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(dag_folder=str(REPO_ROOT / "dags")).get_dag(DAG_ID)
+    dag_run = dag.test(run_conf={"batch_ids": batch_ids})
+    return str(dag_run.state)
+
+
+def bucket_objects(bucket: str) -> dict[str, int]:
+    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+    return {b.name: b.generation for b in GCSHook().get_conn().list_blobs(bucket)}
+
+
+def table_counts(client: bigquery.Client) -> tuple[int, int]:
+    rows = client.query(
+        f"SELECT COUNT(*) AS n, COUNT(DISTINCT instance_sha256) AS d FROM `{PROJECT}.{COLLECTION}.dicom`"
+    ).result()
+    row = next(iter(rows))
+    return row["n"], row["d"]
+
+
+def read_report(root: Path, batch_id: str) -> dict:
+    return json.loads((root / batch_id / "batch.report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def good_batches(pipeline_env) -> list[BatchSpec]:
+    batches = demo_batches(days=3)
+    for batch in batches:
+        write_batch(pipeline_env["root"], batch)
+    return batches
+
+
+def test_end_to_end_run_writes_exact_objects_rows_and_reports(pipeline_env, good_batches, bigquery_client):
+    state = run_dag([b.batch_id for b in good_batches])
+    assert state == "success"
+
+    objects = bucket_objects(pipeline_env["bucket"])
+    archives = {name for name in objects if name.endswith(".tar.gz")}
+    assert archives == set().union(*(expected_objects(b) for b in good_batches))
+    assert {n for n in objects if "/Batches/" in n} == {
+        f"Collection/{COLLECTION}/Batches/{b.batch_id}.json" for b in good_batches
+    }
+    assert not [n for n in objects if n.startswith("_staging/")], "staging is cleared after the report"
+
+    total = sum(expected_image_count(b) for b in good_batches)
+    assert table_counts(bigquery_client) == (total, total)
+
+    for batch in good_batches:
+        report = read_report(pipeline_env["root"], batch.batch_id)
+        assert report["status"] == "DONE"
+        assert report["images"]["seen"] == len(batch.images)
+        assert report["images"]["archived"] == expected_image_count(batch)
+        assert report["images"]["quarantined"] == len(batch.images) - expected_image_count(batch)
+        assert report["archives"]["total"] == len(expected_objects(batch))
+        assert report["bigquery"]["rows_in_batch"] == expected_image_count(batch)
+
+
+def test_second_run_changes_nothing(pipeline_env, good_batches, bigquery_client):
+    before = bucket_objects(pipeline_env["bucket"])
+    rows_before = table_counts(bigquery_client)
+
+    assert run_dag([b.batch_id for b in good_batches]) == "success"
+
+    after = bucket_objects(pipeline_env["bucket"])
+    archives = {n: g for n, g in after.items() if n.endswith(".tar.gz")}
+    assert archives == {n: g for n, g in before.items() if n.endswith(".tar.gz")}, "no new generation"
+    assert table_counts(bigquery_client) == rows_before
+    for batch in good_batches:
+        report = read_report(pipeline_env["root"], batch.batch_id)
+        assert report["archives"]["written"] == 0
+        assert report["archives"]["already_present"] == len(expected_objects(batch))
+        assert report["bigquery"]["rows_inserted"] == 0
+
+
+def test_error_empty_and_bad_manifest_batches_beside_a_good_one(pipeline_env, bigquery_client):
+    root = pipeline_env["root"]
+    clean = ImageSpec("GLaa0001", "GLbb0001", "20230105", "CT", source="ct")
+    good = BatchSpec("mixed-good", images=[clean], collection=COLLECTION)
+    errored = BatchSpec("mixed-error", images=[clean], collection=COLLECTION, status="ERROR")
+    named = ImageSpec("GLaa0002", "GLbb0002", "20230106", "CT", source="ct", header_overrides={"PatientName": "X^Y"})
+    empty = BatchSpec("mixed-empty", images=[named], collection=COLLECTION)
+    broken = BatchSpec("mixed-broken", images=[clean], raw_manifest=b'{"batch_id": "someone-else"}')
+    for batch in (good, errored, empty, broken):
+        write_batch(root, batch)
+
+    # The broken manifest fails its batch (and so the run), and nothing else.
+    assert run_dag(["mixed-good", "mixed-error", "mixed-empty", "mixed-broken"]) == "failed"
+
+    objects = bucket_objects(pipeline_env["bucket"])
+    assert expected_objects(good) <= set(objects)
+    assert not any("GLaa0002" in name for name in objects), "nothing of the EMPTY batch is uploaded"
+    assert read_report(root, "mixed-good")["status"] == "DONE"
+    assert read_report(root, "mixed-error")["status"] == "ERROR"
+    assert read_report(root, "mixed-error")["archives"]["total"] == 0
+    empty_report = read_report(root, "mixed-empty")
+    assert empty_report["status"] == "EMPTY"
+    assert empty_report["images"]["quarantined_by_reason"] == {"identifying_attribute": 1}
+    broken_report = read_report(root, "mixed-broken")
+    assert broken_report["status"] == "ERROR"
+    assert "batch.json" in broken_report["error"]
+    assert "must equal the folder name" in broken_report["error"]
+    assert f"Collection/{COLLECTION}/Batches/mixed-broken.json" not in objects

@@ -1,0 +1,173 @@
+"""End to end under `airflow standalone`: a backfill of three historical days processes exactly
+the batches completed on those days, and the REST API shows the runs.
+
+Its own AIRFLOW_HOME, port and bucket; the emulators of this test session. The landing zone
+also holds batches of the day before and the day after, which the backfill must not touch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PROJECT, REPO_ROOT
+from tools import emulators
+from tools.landing_zone import demo_batches, write_batch
+
+pytestmark = pytest.mark.e2e
+
+DAG_ID = "dicom_storage"
+PASSWORD = "e2e-password"
+BACKFILL_DAYS = ("20240105-0001", "20240106-0001", "20240107-0001")
+OUTSIDE_DAYS = ("20240104-0001", "20240108-0001")
+
+
+def _request(base: str, method: str, path: str, token: str | None = None, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"{base}{path}", data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read() or b"{}")
+
+
+def _wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("airflow standalone exited before it was healthy")
+        try:
+            health = _request(base, "GET", "/api/v2/monitor/health")
+            if all(part.get("status") == "healthy" for part in (health["metadatabase"], health["scheduler"])):
+                return
+        except (OSError, KeyError):
+            pass
+        time.sleep(1)
+    raise TimeoutError("airflow standalone did not become healthy")
+
+
+@pytest.fixture(scope="module")
+def standalone(tmp_path_factory, gcs_emulator, bigquery_emulator) -> Iterator[dict]:
+    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+    home = tmp_path_factory.mktemp("standalone-home")
+    landing = tmp_path_factory.mktemp("standalone-landing")
+    bucket = "e2e-standalone"
+    GCSHook().create_bucket(bucket_name=bucket, project_id=PROJECT)
+    # Five consecutive days of batches: the backfill covers the middle three.
+    for batch in demo_batches(days=5, start=date(2024, 1, 4)):
+        write_batch(landing, batch)
+
+    port = emulators.free_port()
+    passwords = home / "passwords.json"
+    passwords.write_text(json.dumps({"admin": PASSWORD}))
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO_ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
+        "PATH": f"{REPO_ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "DICOM_SCHEDULE": "0 0 * * *",
+        "SEND_TO_GOOGLE": "true",
+        "GOOGLE_CLOUD_STORAGE": bucket,
+        "GOOGLE_PROJECT_NAME": PROJECT,
+        "GOOGLE_STORAGE_COLLECTION": "IRB41449",
+        "DICOM_LANDING_ROOT": str(landing),
+    }
+    airflow = str(REPO_ROOT / ".venv" / "bin" / "airflow")
+    subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True)
+    for pool in ("dicom_storage_gcs", "dicom_storage_bigquery"):
+        subprocess.run([airflow, "pools", "set", pool, "4", "e2e"], env=env, check=True, capture_output=True)
+
+    log = open(home / "standalone.log", "wb")  # noqa: SIM115  (closed in the finally below)
+    proc = subprocess.Popen(
+        [airflow, "standalone"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(base, proc)
+        token = _request(base, "POST", "/auth/token", body={"username": "admin", "password": PASSWORD})["access_token"]
+        yield {"env": env, "base": base, "token": token, "landing": landing, "bucket": bucket, "airflow": airflow}
+    finally:
+        emulators.stop(proc.pid, timeout=30)
+        log.close()
+
+
+def _wait_for_dag(base: str, token: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _request(base, "GET", f"/api/v2/dags/{DAG_ID}", token)
+            return
+        except urllib.error.HTTPError as err:
+            if err.code != 404:
+                raise
+        time.sleep(2)
+    raise TimeoutError(f"{DAG_ID} was not parsed in time")
+
+
+def test_backfill_of_three_days_processes_exactly_their_batches(standalone):
+    base, token, landing = standalone["base"], standalone["token"], standalone["landing"]
+    _wait_for_dag(base, token)
+    _request(base, "PATCH", f"/api/v2/dags/{DAG_ID}", token, {"is_paused": False})
+
+    subprocess.run(
+        [standalone["airflow"], "backfill", "create", "--dag-id", DAG_ID,
+         "--from-date", "2024-01-05", "--to-date", "2024-01-07"],
+        env=standalone["env"], check=True, capture_output=True,
+    )  # fmt: skip
+
+    deadline = time.monotonic() + 300
+    runs: list[dict] = []
+    while time.monotonic() < deadline:
+        runs = _request(base, "GET", f"/api/v2/dags/{DAG_ID}/dagRuns?run_type=backfill", token)["dag_runs"]
+        if len(runs) == 3 and all(r["state"] in ("success", "failed") for r in runs):
+            break
+        time.sleep(3)
+    assert sorted(r["logical_date"][:10] for r in runs) == ["2024-01-05", "2024-01-06", "2024-01-07"]
+    assert [r["state"] for r in runs] == ["success"] * 3, runs
+
+    reported = {p.parent.name for p in Path(landing).glob("*/batch.report.json")}
+    assert reported == set(BACKFILL_DAYS)
+    for batch_id in BACKFILL_DAYS:
+        report = json.loads((landing / batch_id / "batch.report.json").read_text())
+        assert report["status"] == "DONE"
+        assert report["archives"]["total"] >= 3
+
+    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+    names = [b.name for b in GCSHook().get_conn().list_blobs(standalone["bucket"])]
+    assert sorted(n for n in names if "/Batches/" in n) == [
+        f"Collection/IRB41449/Batches/{b}.json" for b in BACKFILL_DAYS
+    ]
+    for outside in OUTSIDE_DAYS:
+        assert not (landing / outside / "batch.report.json").exists()
+
+    # Each run's sensor handed over exactly the batch of its own day.
+    for run in runs:
+        xcom = _request(
+            base,
+            "GET",
+            f"/api/v2/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}/taskInstances/wait_for_batches/xcomEntries/return_value",
+            token,
+        )
+        day = run["logical_date"][:10].replace("-", "")
+        assert xcom["value"] == [f"{day}-0001"]
