@@ -219,11 +219,20 @@ def build_report(
     }
 
 
+def changed_anything(report: dict[str, Any]) -> bool:
+    return bool(report["archives"]["written"] or report["bigquery"].get("rows_inserted"))
+
+
 def publish_report(report: dict[str, Any], zone: LandingZone, store: ObjectStore | None) -> list[str]:
-    """Write the report next to the batch and, when the collection is known, to the bucket."""
+    """Write the report next to the batch and, when the collection is known, to the bucket.
+
+    The bucket copy records the run that archived the batch: a rerun that changed nothing
+    leaves it as it is, so a no-op rerun leaves the bucket untouched."""
     body = json.dumps(report, indent=2, sort_keys=True).encode()
     locations = [zone.write_bytes(report["batch_id"], REPORT_NAME, body)]
     if store is not None and report.get("collection"):
         name = batch_report_object_name(report["collection"], report["batch_id"])
-        locations.append(store.write_bytes(name, body, JSON_TYPE).uri)
+        if changed_anything(report) or store.get(name) is None:
+            store.write_bytes(name, body, JSON_TYPE)
+        locations.append(store.uri(name))
     return locations
