@@ -109,6 +109,20 @@ def table_counts(client: bigquery.Client) -> tuple[int, int]:
     return row["n"], row["d"]
 
 
+def extra_links() -> set[tuple[str, str]]:
+    """The console links the UI shows, as the worker stored them in XCom for the latest run."""
+    from airflow.models.dagrun import DagRun
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        run_id = session.query(DagRun.run_id).filter(DagRun.dag_id == DAG_ID).order_by(DagRun.id.desc()).first()[0]
+        rows = session.query(XComModel.task_id, XComModel.value).filter(
+            XComModel.dag_id == DAG_ID, XComModel.run_id == run_id, XComModel.key.like("_link_%")
+        )
+        return {(task_id, value) for task_id, value in rows}
+
+
 def read_report(root: Path, batch_id: str) -> dict:
     return json.loads((root / batch_id / "batch.report.json").read_text())
 
@@ -135,6 +149,12 @@ def test_end_to_end_run_writes_exact_objects_rows_and_reports(pipeline_env, good
 
     total = sum(expected_image_count(b) for b in good_batches)
     assert table_counts(bigquery_client) == (total, total)
+    assert extra_links() == {
+        ("archive_studies", f"https://console.cloud.google.com/storage/browser/{pipeline_env['bucket']}"
+         f"/Collection/{COLLECTION}?project={PROJECT}"),
+        ("load_metadata", f"https://console.cloud.google.com/bigquery?project={PROJECT}&p={PROJECT}"
+         f"&d={COLLECTION}&t=dicom&page=table"),
+    }  # fmt: skip
 
     for batch in good_batches:
         report = read_report(pipeline_env["root"], batch.batch_id)
@@ -190,3 +210,58 @@ def test_error_empty_and_bad_manifest_batches_beside_a_good_one(pipeline_env, bi
     assert "batch.json" in broken_report["error"]
     assert "must equal the folder name" in broken_report["error"]
     assert f"Collection/{COLLECTION}/Batches/mixed-broken.json" not in objects
+
+
+@pytest.fixture
+def refusing_google(monkeypatch) -> Iterator[list[str]]:
+    """Both Google endpoints pointed at a server that records every request and answers 403."""
+    import http.server
+    import threading
+
+    seen: list[str] = []
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def _refuse(self) -> None:
+            seen.append(f"{self.command} {self.path}")
+            self.send_response(403)
+            self.end_headers()
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _refuse
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
+    monkeypatch.setenv("BIGQUERY_EMULATOR_HOST", url)
+    yield seen
+    server.shutdown()
+
+
+def test_local_mode_sends_nothing_and_reads_settings_from_variables(
+    pipeline_env, refusing_google, tmp_path, monkeypatch
+):
+    from airflow.models import Variable
+
+    root, output = tmp_path / "landing", tmp_path / "output"
+    batch = demo_batches(days=1)[0]
+    write_batch(root, batch)
+    monkeypatch.setenv("SEND_TO_GOOGLE", "false")
+    monkeypatch.setenv("DICOM_LOCAL_OUTPUT", str(output))
+    monkeypatch.delenv("DICOM_LANDING_ROOT")
+    Variable.set("DICOM_LANDING_ROOT", str(root))  # read by the tasks through the Task SDK
+    try:
+        assert run_dag([batch.batch_id]) == "success"
+    finally:
+        Variable.delete("DICOM_LANDING_ROOT")
+
+    assert refusing_google == [], "SEND_TO_GOOGLE=false must not call Google at all"
+    archives = {p.relative_to(output).as_posix() for p in output.rglob("*.tar.gz")}
+    assert archives == expected_objects(batch)
+    rows = (output / "BigQuery" / COLLECTION / "dicom" / f"{batch.batch_id}.ndjson").read_text().splitlines()
+    assert len(rows) == expected_image_count(batch)
+    assert {json.loads(r)["storage_uri"].split("/output/", 1)[1] for r in rows} == expected_objects(batch)
+    assert read_report(root, batch.batch_id)["status"] == "DONE"
+    assert not list(output.glob("_staging/*/*/*")), "staging is cleared after the report"

@@ -102,6 +102,7 @@ class GCSObjectStore:
         self, name: str, *, metadata: dict[str, str], content_type: str, if_generation_match: int | None
     ) -> Iterator[BinaryIO]:
         from google.api_core.exceptions import PreconditionFailed
+        from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 
         blob = self.bucket.blob(name, chunk_size=self.upload_chunk)
         blob.metadata = metadata
@@ -117,6 +118,16 @@ class GCSObjectStore:
                 yield stream
         except PreconditionFailed as err:
             raise ObjectExistsError(f"{self.uri(name)} already exists (precondition failed)") from err
+        except DataCorruption:
+            # The blob writer (unlike upload_from_file) neither deletes the finished object nor
+            # converts the error: leave the object for the caller, which compares its own
+            # digest with what the store reports, deletes the object and fails.
+            pass
+        except InvalidResponse as err:
+            # The blob writer reports a failed precondition as a raw 412, not PreconditionFailed.
+            if getattr(err.response, "status_code", None) == 412:
+                raise ObjectExistsError(f"{self.uri(name)} already exists (precondition failed)") from err
+            raise
 
     def delete(self, name: str, generation: int | None) -> None:
         self.bucket.blob(name).delete(if_generation_match=generation)
@@ -201,7 +212,17 @@ class LocalObjectStore:
             tmp.unlink(missing_ok=True)
 
     def delete(self, name: str, generation: int | None) -> None:
-        self._path(name).unlink(missing_ok=True)
+        path = self._path(name)
+        path.unlink(missing_ok=True)
+        # A bucket has no folders: leave none behind either.
+        root = self.root.resolve()
+        for parent in path.parents:
+            if parent == root or not parent.is_relative_to(root):
+                break
+            try:
+                parent.rmdir()
+            except OSError:
+                break
 
     def write_bytes(self, name: str, data: bytes, content_type: str) -> StoredObject:
         path = self._path(name)

@@ -1,0 +1,132 @@
+"""CompletedBatchSensor's choice of batches, and the settings check that runs when a run starts."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+
+import pytest
+
+from dicom_archive.settings import Settings, SettingsError
+from tools.landing_zone import BatchSpec, ImageSpec, write_batch
+
+IMAGE = ImageSpec("GLaa0001", "GLbb0001", "20230105", "CT", source="ct")
+
+
+def batch(batch_id: str, completed: datetime, **kwargs) -> BatchSpec:
+    return BatchSpec(batch_id, images=[IMAGE], collection="IRB1", completed_at=completed, **kwargs)
+
+
+@pytest.fixture
+def landing(tmp_path, monkeypatch):
+    root = tmp_path / "landing"
+    root.mkdir()
+    monkeypatch.setenv("DICOM_LANDING_ROOT", str(root))
+    monkeypatch.setenv("SEND_TO_GOOGLE", "false")
+    monkeypatch.setenv("DICOM_LOCAL_OUTPUT", str(tmp_path / "out"))
+    day = datetime(2024, 1, 5, tzinfo=UTC)
+    write_batch(root, batch("before", day - timedelta(seconds=1)))
+    write_batch(root, batch("first", day))  # the interval's start belongs to it
+    write_batch(root, batch("last", day + timedelta(hours=23, minutes=59)))
+    write_batch(root, batch("after", day + timedelta(days=1)))  # the end does not
+    write_batch(root, batch("busy", day + timedelta(hours=1), status="RUNNING"))
+    write_batch(root, batch("gave-up", day + timedelta(hours=2), status="ERROR"))
+    write_batch(root, batch("unfinished", day + timedelta(hours=3), write_manifest=False))
+    return root
+
+
+def poke(sensor, run_type: str = "scheduled", start: datetime | None = None, days: int = 1):
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    start = start or datetime(2024, 1, 5, tzinfo=UTC)
+    context = {
+        "dag_run": SimpleNamespace(run_type=run_type),
+        "data_interval_start": start,
+        "data_interval_end": start + timedelta(days=days),
+    }
+    try:
+        return sensor.poke(context)
+    except AirflowSkipException as skip:
+        return skip
+
+
+def make_sensor(**kwargs):
+    from sensors.batches import CompletedBatchSensor
+
+    return CompletedBatchSensor(task_id="wait", **kwargs)
+
+
+def test_scheduled_run_gets_exactly_the_batches_completed_in_its_interval(landing):
+    result = poke(make_sensor())
+    assert result.is_done
+    assert result.xcom_value == ["first", "gave-up", "last"]
+
+
+def test_past_interval_without_batches_is_skipped_at_once(landing):
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    result = poke(make_sensor(), start=datetime(2023, 6, 1, tzinfo=UTC))
+    assert isinstance(result, AirflowSkipException)
+    assert "no batch completed" in str(result)
+
+
+def test_recent_interval_without_batches_keeps_waiting(landing):
+    start = datetime.now(UTC) - timedelta(hours=1)
+    result = poke(make_sensor(), start=start, days=1)
+    assert result.is_done is False
+
+
+def test_manual_run_with_ids_gets_exactly_those(landing):
+    result = poke(make_sensor(batch_ids=["last", "first", "first"]), run_type="manual")
+    assert result.xcom_value == ["first", "last"]
+
+
+def test_manual_run_without_ids_gets_every_complete_batch_without_a_report(landing):
+    (landing / "first" / "batch.report.json").write_text("{}")
+    result = poke(make_sensor(), run_type="manual")
+    # "busy" has a manifest (not ready yet, but the plan reports it); "unfinished" has none.
+    assert result.xcom_value == ["after", "before", "busy", "gave-up", "last"]
+
+
+def test_sensor_fails_at_once_with_every_missing_setting_named(monkeypatch):
+    monkeypatch.delenv("DICOM_LANDING_ROOT", raising=False)
+    monkeypatch.setenv("SEND_TO_GOOGLE", "true")
+    monkeypatch.delenv("GOOGLE_CLOUD_STORAGE", raising=False)
+    monkeypatch.delenv("GOOGLE_PROJECT_NAME", raising=False)
+    with pytest.raises(SettingsError) as err:
+        poke(make_sensor())
+    message = str(err.value)
+    for name in ("DICOM_LANDING_ROOT", "GOOGLE_CLOUD_STORAGE", "GOOGLE_PROJECT_NAME"):
+        assert name in message
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"SEND_TO_GOOGLE": "maybe"}, "SEND_TO_GOOGLE must be true or false"),
+        ({"DICOM_GZIP_LEVEL": "9"}, "DICOM_GZIP_LEVEL must be between 0 and 3"),
+        ({"DICOM_STUDIES_PER_TASK": "many"}, "DICOM_STUDIES_PER_TASK must be a whole number"),
+        ({"GOOGLE_STORAGE_COLLECTION": "IRB-1"}, "GOOGLE_STORAGE_COLLECTION 'IRB-1' must match"),
+        ({"SEND_TO_GOOGLE": "false", "DICOM_LOCAL_OUTPUT": ""}, "DICOM_LOCAL_OUTPUT"),
+    ],
+)
+def test_bad_settings_are_named(env, problem):
+    base = {"DICOM_LANDING_ROOT": "/data/landing", "DICOM_LOCAL_OUTPUT": "/data/out"}
+    with pytest.raises(SettingsError, match=problem):
+        Settings.load({**base, **env}.get)
+
+
+def test_settings_defaults_and_lists():
+    settings = Settings.load(
+        {
+            "DICOM_LANDING_ROOT": "gs://staging/landing",
+            "SEND_TO_GOOGLE": "TRUE",
+            "GOOGLE_CLOUD_STORAGE": "radiology",
+            "GOOGLE_PROJECT_NAME": "p",
+            "DICOM_PERSON_ATTRIBUTES": "PatientName, OperatorsName",
+        }.get
+    )
+    assert settings.send_to_google is True
+    assert settings.compresslevel == 1
+    assert settings.replace_changed is False
+    assert settings.policy.person_attributes == ("PatientName", "OperatorsName")
