@@ -72,7 +72,8 @@ with DAG(
         for batch_id in batch_ids:
             plan = plan_batch(zone, batch_id, default_collection=settings.default_collection, policy=settings.policy)
             staging = Staging(store, batch_id, run_key(run_id or "manual"))
-            staging.write_plan(plan)
+            with hook.explain_google_errors(f"the staging area {store.uri(staging.prefix)}"):
+                staging.write_plan(plan)
             refs = chunk_refs(plan, staging, settings.studies_per_task)
             batches.append(
                 {
@@ -118,14 +119,16 @@ with DAG(
         from hooks.dicom_storage import DicomStorageHook, load_settings
 
         settings = load_settings()
-        collections = sorted({b["collection"] for b in batches if b["collection"] and b["status"] == "DONE"})
+        collections = sorted({b["collection"] for b in batches or [] if b["collection"] and b["status"] == "DONE"})
         if not settings.send_to_google or not collections:
             print("nothing loaded to BigQuery in this run")
             return {}
-        client = DicomStorageHook().bigquery_client(settings.project, settings.bigquery_location)
+        hook = DicomStorageHook()
+        client = hook.bigquery_client(settings.project, settings.bigquery_location)
         summaries = {}
         for collection in collections:
-            rows = run_summary(client, "collection_summary", project=settings.project, dataset=collection)
+            with hook.explain_google_errors(f"the BigQuery dataset {settings.project}.{collection}"):
+                rows = run_summary(client, "collection_summary", project=settings.project, dataset=collection)
             print(f"collection {collection}:\n{format_table(rows)}")
             summaries[collection] = rows
         return summaries
@@ -143,14 +146,15 @@ with DAG(
         zone = hook.landing_zone(settings.landing_root)
         store = hook.archive_store(settings)
         staging = Staging(store, batch["batch_id"], batch["run_key"])
-        plan = staging.read_plan()
-        loaded = staging.read_result("bigquery")
+        with hook.explain_google_errors(f"the staging area {store.uri(staging.prefix)}"):
+            plan = staging.read_plan()
+            loaded = staging.read_result("bigquery")
+            archives = [a for chunk in staging.read_archive_summaries().values() for a in chunk]
         if plan.status == "DONE" and loaded is None:
             raise AirflowFailException(
                 f"batch {plan.batch_id}: its metadata was not loaded (see load_metadata); no report is written "
                 "and the batch stays re-processable"
             )
-        archives = [a for chunk in staging.read_archive_summaries().values() for a in chunk]
         report = build_report(
             plan,
             archives=archives,
@@ -158,8 +162,9 @@ with DAG(
             rows_loaded=(loaded or {}).get("rows_in_batch"),
             rows_inserted=(loaded or {}).get("rows_inserted"),
         )
-        locations = publish_report(report, zone, store)
-        staging.clear()
+        with hook.explain_google_errors(f"the batch report of {plan.batch_id}"):
+            locations = publish_report(report, zone, store)
+            staging.clear()
         print(f"batch {plan.batch_id}: {report['status']}; report written to {', '.join(locations)}")
         if plan.collection is None:  # the manifest itself is broken: the batch fails, visibly
             raise AirflowFailException(plan.error or f"batch {plan.batch_id} failed")

@@ -68,7 +68,13 @@ class HashingSink(io.RawIOBase):
         self._crc32c.update(data)
         self.size += len(data)
         if self.target is not None:
-            self.target.write(data)
+            try:
+                self.target.write(data)
+            except BaseException:
+                # The archive is void. Drop what the tar and gzip streams still flush on their
+                # way out, so that the sink's first error is the one reported, not a follow-up.
+                self.target = None
+                raise
         return len(data)
 
     def digest(self) -> ArchiveDigest:

@@ -20,7 +20,7 @@ from dicom_archive.deid import DeidPolicy
 from dicom_archive.landing import LandingZone
 from dicom_archive.manifest import REPORT_NAME
 from dicom_archive.naming import batch_report_object_name
-from dicom_archive.plan import BatchPlan, StudyGroup
+from dicom_archive.plan import STATUS_NOT_READY, BatchPlan, StudyGroup
 from dicom_archive.publish import ALREADY_PRESENT, publish_study_archive
 from dicom_archive.rows import DEFAULT_HEADER_ALLOW_LIST, RunContext, build_row, rows_to_ndjson
 from dicom_archive.stores import ObjectStore
@@ -227,7 +227,10 @@ def publish_report(report: dict[str, Any], zone: LandingZone, store: ObjectStore
     """Write the report next to the batch and, when the collection is known, to the bucket.
 
     The bucket copy records the run that archived the batch: a rerun that changed nothing
-    leaves it as it is, so a no-op rerun leaves the bucket untouched."""
+    leaves it as it is, so a no-op rerun leaves the bucket untouched. A batch that is not ready
+    gets no report at all."""
+    if report["status"] == STATUS_NOT_READY:
+        return []  # a report would make the batch look handled: it is processed once it is ready
     body = json.dumps(report, indent=2, sort_keys=True).encode()
     locations = [zone.write_bytes(report["batch_id"], REPORT_NAME, body)]
     if store is not None and report.get("collection"):

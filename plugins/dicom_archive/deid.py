@@ -29,7 +29,6 @@ class Reason(StrEnum):
     INVALID_STUDY_DATE = "invalid_study_date"
     BURNED_IN_ANNOTATION = "burned_in_annotation"
     IDENTIFYING_ATTRIBUTE = "identifying_attribute"
-    DUPLICATE = "duplicate"
 
 
 DEFAULT_PERSON_ATTRIBUTES: tuple[str, ...] = (
@@ -53,20 +52,11 @@ class Quarantine:
     reason: Reason
     detail: str = ""
 
-    def as_dict(self) -> dict[str, str]:
-        return {"reason": str(self.reason), "detail": self.detail}
-
 
 @dataclass(frozen=True)
 class DeidPolicy:
     person_attributes: tuple[str, ...] = DEFAULT_PERSON_ATTRIBUTES
     max_image_bytes: int = 4 * 1024**3
-
-    @classmethod
-    def from_attributes(cls, attributes: Iterable[str] | None, **kwargs: int) -> DeidPolicy:
-        if attributes is None:
-            return cls(**kwargs)
-        return cls(person_attributes=tuple(attributes), **kwargs)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ is its own report (`batch.report.json`).
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ class LandingFile:
     relpath: str  # POSIX path relative to the batch folder
     size: int
     outside_batch: bool = False  # a symlink whose target lies outside the batch folder
+    special: bool = False  # not a regular file (a named pipe, socket or device): never opened
 
 
 class LandingZone(Protocol):
@@ -77,7 +79,12 @@ class LocalLandingZone:
                     if not target.is_relative_to(batch_dir) or not target.is_file():
                         yield LandingFile(relpath, 0, outside_batch=True)
                         continue
-                yield LandingFile(relpath, path.stat().st_size)
+                info = path.stat()
+                if not stat.S_ISREG(info.st_mode):
+                    # Opening a named pipe blocks until someone writes to it: never try.
+                    yield LandingFile(relpath, 0, special=True)
+                    continue
+                yield LandingFile(relpath, info.st_size)
 
     def open(self, batch_id: str, relpath: str, chunk_size: int = HEADER_READ_CHUNK) -> BinaryIO:
         return open(self._path(batch_id, relpath), "rb", buffering=chunk_size)

@@ -105,6 +105,9 @@ def parse_lookup(raw: bytes, source: str = LOOKUP_NAME) -> dict[str, dict[str, A
     for key, value in doc.items():
         if not isinstance(value, dict):
             raise ManifestError(source, f"the entry for {key!r} must be an object")
+        if value.get("flagged") is not None and not isinstance(value["flagged"], bool):
+            # Fail closed: a flag that is neither true nor false must not let the image through.
+            raise ManifestError(source, f"the entry for {key!r}: flagged must be true or false")
     return doc
 
 

@@ -7,13 +7,16 @@ step reads each file once more, in full, and takes the sha256 and the row from t
 from __future__ import annotations
 
 import json
+import struct
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, BinaryIO
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from dicom_archive.deid import DeidPolicy, Quarantine, Reason, StudyIdentity, check_header, valid_study_date
 from dicom_archive.landing import LandingFile, LandingZone
@@ -34,6 +37,7 @@ from dicom_archive.naming import BATCH_ID_RE, InvalidIdentifierError, archive_ob
 STATUS_DONE = "DONE"
 STATUS_EMPTY = "EMPTY"
 STATUS_ERROR = "ERROR"
+STATUS_NOT_READY = "NOT_READY"  # no batch.json, or a status that says the anonymizer is not done
 
 
 @dataclass
@@ -105,7 +109,7 @@ class StudyGroup:
 class BatchPlan:
     batch_id: str
     collection: str | None
-    status: str  # DONE, EMPTY or ERROR
+    status: str  # DONE, EMPTY, ERROR or NOT_READY
     completed_at: str | None = None
     deid: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
@@ -141,6 +145,95 @@ def _int_or_none(value: object) -> int | None:
         return None
 
 
+_PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})  # where stop_before_pixels stops
+_ITEM_TAG, _SEQUENCE_DELIMITER_TAG = 0xFFFEE000, 0xFFFEE0DD
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+# Explicit VRs whose length takes 4 bytes (after 2 reserved ones).
+_LONG_LENGTH_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+
+
+def _has_short_element(ds: pydicom.Dataset) -> bool:
+    """An element holding fewer bytes than its declared length: the file ended inside it."""
+    for element in ds.elements():
+        if isinstance(element, RawDataElement):
+            if (
+                element.length != _UNDEFINED_LENGTH
+                and isinstance(element.value, bytes)
+                and len(element.value) < element.length
+            ):
+                return True
+        elif element.VR == "SQ" and any(_has_short_element(item) for item in element.value):
+            return True
+    return False
+
+
+def _is_image(ds: pydicom.Dataset) -> bool:
+    sop_class = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID") or ""
+    return "Rows" in ds or "Image Storage" in UID(str(sop_class)).name
+
+
+def incomplete_reason(ds: pydicom.Dataset, stream: BinaryIO, header_length: int, size: int) -> str | None:
+    """Why a file whose header parsed is still not a whole Part 10 file (None: it is whole).
+
+    pydicom reads what is there without complaint: a file cut short, or garbage after the
+    preamble, parses into a partial dataset. Checked without reading the pixel data: the file
+    meta names a transfer syntax, no header element is cut short, and what follows the header
+    is the pixel data element, complete (its declared length, or its fragments up to the
+    sequence delimiter, fit in the file). `stream` is left positioned anywhere.
+    """
+    if not ds.file_meta.get("TransferSyntaxUID") or _has_short_element(ds.file_meta) or _has_short_element(ds):
+        return "truncated or corrupt header"
+    if ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:
+        return None  # the dataset was inflated: stream positions say nothing about it
+    if header_length >= size:
+        # Whole non-image objects (reports, presentation states) end here; an image cannot.
+        return "an image without pixel data (truncated)" if _is_image(ds) else None
+    implicit, little = ds.original_encoding
+    order = "<" if little is not False else ">"
+    stream.seek(header_length)
+    head = stream.read(8)
+    if len(head) < 8:
+        return "truncated pixel data"
+    group, element = struct.unpack(f"{order}HH", head[:4])
+    if (group << 16 | element) not in _PIXEL_DATA_TAGS:
+        return "unexpected data after the header"
+    if implicit or not b"AA" <= head[4:6] <= b"ZZ":  # like pydicom, accept a switch to implicit VR
+        (length,) = struct.unpack(f"{order}L", head[4:])
+    elif head[4:6] in _LONG_LENGTH_VRS:
+        extra = stream.read(4)
+        if len(extra) < 4:
+            return "truncated pixel data"
+        (length,) = struct.unpack(f"{order}L", extra)
+    else:
+        (length,) = struct.unpack(f"{order}H", head[6:])
+    if length != _UNDEFINED_LENGTH:
+        return "truncated pixel data" if stream.tell() + length > size else None
+    # Encapsulated: items (fragments) up to a sequence delimiter, most often the file's last bytes.
+    items_start = stream.tell()
+    delimiter = struct.pack(f"{order}HHL", 0xFFFE, 0xE0DD, 0)
+    if size - items_start >= 8:
+        stream.seek(size - 8)
+        if stream.read(8) == delimiter:
+            return None
+    position = items_start
+    while True:
+        stream.seek(position)
+        item = stream.read(8)
+        if len(item) < 8:
+            return "truncated pixel data"
+        group, element, length = struct.unpack(f"{order}HHL", item)
+        tag = group << 16 | element
+        if tag == _SEQUENCE_DELIMITER_TAG:
+            return None
+        if tag != _ITEM_TAG or length == _UNDEFINED_LENGTH:
+            return "corrupt pixel data"
+        position += 8 + length
+        if position > size:
+            return "truncated pixel data"
+
+
 def _study_stem(ds: pydicom.Dataset) -> str | None:
     try:
         date = str(ds.get("StudyDate", ""))
@@ -169,18 +262,23 @@ def inspect_image(
         return quarantined(Reason.FLAGGED_IN_LOOKUP, "flagged in lookup.json")
     if file.outside_batch:
         return quarantined(Reason.OUTSIDE_BATCH, "a link that points outside the batch folder")
+    if file.special:
+        return quarantined(Reason.UNREADABLE, "not a regular file (a named pipe, socket or device)")
     if file.size > policy.max_image_bytes:
         return quarantined(Reason.TOO_LARGE, f"{file.size} bytes is over the limit of {policy.max_image_bytes}")
     try:
         with zone.open(batch_id, file.relpath) as stream:
             ds = pydicom.dcmread(stream, stop_before_pixels=True)
             header_length = stream.tell()
+            damage = incomplete_reason(ds, stream, header_length, file.size)
     except InvalidDicomError:
         return quarantined(Reason.NOT_DICOM, "not a DICOM Part 10 file (no DICM preamble)")
     except OSError as err:
         return quarantined(Reason.UNREADABLE, f"cannot be read: {err.strerror or type(err).__name__}")
     except Exception as err:  # pydicom raises many kinds on a damaged file
         return quarantined(Reason.NOT_DICOM, f"does not parse as DICOM ({type(err).__name__})")
+    if damage is not None:
+        return quarantined(Reason.NOT_DICOM, f"does not parse as DICOM ({damage})")
 
     verdict = check_header(ds, policy)
     if isinstance(verdict, Quarantine):
@@ -229,9 +327,20 @@ def plan_batch(
     try:
         manifest = read_manifest(zone, batch_id, default_collection)
         if manifest is None:
-            return BatchPlan(batch_id, None, STATUS_ERROR, error=f"{zone.describe(batch_id)} has no batch.json")
+            return BatchPlan(batch_id, None, STATUS_NOT_READY, error=f"{zone.describe(batch_id)} has no batch.json")
+        if not manifest.is_ready:
+            # Like a missing batch.json: a batch the anonymizer has not finished is not processed,
+            # even when a manual run names it.
+            return BatchPlan(
+                batch_id,
+                None,
+                STATUS_NOT_READY,
+                error=f"{zone.describe(batch_id, MANIFEST_NAME)}: status {manifest.status!r} means the batch is "
+                "not ready yet (only DONEPROCESSING or ERROR are processed)",
+            )
         raw_lookup = zone.read_bytes(batch_id, LOOKUP_NAME)
-        lookup = parse_lookup(raw_lookup, zone.describe(batch_id, LOOKUP_NAME)) if raw_lookup else {}
+        # An empty lookup.json is not valid JSON either: it may have lost the flags it was written for.
+        lookup = parse_lookup(raw_lookup, zone.describe(batch_id, LOOKUP_NAME)) if raw_lookup is not None else {}
     except ManifestError as err:
         return BatchPlan(batch_id, None, STATUS_ERROR, error=str(err))
 

@@ -101,20 +101,21 @@ class GCSObjectStore:
     def writer(
         self, name: str, *, metadata: dict[str, str], content_type: str, if_generation_match: int | None
     ) -> Iterator[BinaryIO]:
-        from google.api_core.exceptions import PreconditionFailed
+        from google.api_core.exceptions import PreconditionFailed, from_http_response
         from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 
         blob = self.bucket.blob(name, chunk_size=self.upload_chunk)
         blob.metadata = metadata
+        writer = blob.open(
+            "wb",
+            content_type=content_type,
+            if_generation_match=if_generation_match,
+            ignore_flush=True,
+        )
         try:
             # The writer cancels the resumable session when the block raises, so a failed
             # or interrupted archive never becomes an object.
-            with blob.open(
-                "wb",
-                content_type=content_type,
-                if_generation_match=if_generation_match,
-                ignore_flush=True,
-            ) as stream:
+            with writer as stream:
                 yield stream
         except PreconditionFailed as err:
             raise ObjectExistsError(f"{self.uri(name)} already exists (precondition failed)") from err
@@ -124,10 +125,21 @@ class GCSObjectStore:
             # digest with what the store reports, deletes the object and fails.
             pass
         except InvalidResponse as err:
-            # The blob writer reports a failed precondition as a raw 412, not PreconditionFailed.
+            # The blob writer reports HTTP errors raw (upload_from_file converts them): a failed
+            # precondition is a 412, not PreconditionFailed, and a refusal a 403, not Forbidden.
             if getattr(err.response, "status_code", None) == 412:
                 raise ObjectExistsError(f"{self.uri(name)} already exists (precondition failed)") from err
-            raise
+            if err.response is None:
+                raise
+            raise from_http_response(err.response) from err
+        finally:
+            if not writer.closed:
+                # close() failed (the last chunk was refused or never answered). A writer left
+                # open uploads its buffer again when it is garbage-collected: cancel it now.
+                with contextlib.suppress(Exception):
+                    writer.terminate()
+                if not writer.closed:  # terminate() could not reach the service
+                    writer._buffer.close()
 
     def delete(self, name: str, generation: int | None) -> None:
         self.bucket.blob(name).delete(if_generation_match=generation)

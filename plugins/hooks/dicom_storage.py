@@ -107,16 +107,39 @@ class DicomStorageHook(BaseHook):
         return f"connection {self.gcp_conn_id!r} with {identity}"
 
     @contextlib.contextmanager
-    def explain_permission_errors(self, resource: str) -> Iterator[None]:
-        """Turn Google's 401/403 into a message that names the credentials and the resource,
-        as the original pipeline's documentation advises checking both."""
-        from google.api_core.exceptions import Forbidden, Unauthorized
+    def explain_google_errors(self, resource: str) -> Iterator[None]:
+        """Turn Google's refusals and silences into messages that say who and what.
+
+        401/403 name the credentials and the resource, as the original pipeline's documentation
+        advises checking both; exhausted retries name the endpoint that did not answer."""
+        from google.api_core.exceptions import RetryError
 
         try:
             yield
-        except (Forbidden, Unauthorized) as err:
-            raise GooglePermissionError(
-                f"Google refused access to {resource} for {self.describe_credentials()}: {err.message}. "
-                "Check the credentials file (GOOGLE_APPLICATION_CREDENTIALS or the connection's key) and "
-                "that this identity has the IAM roles listed in docs/composer.md on that resource."
-            ) from err
+        except Exception as err:
+            status = _refusal_status(err)
+            if status is not None:
+                raise GooglePermissionError(
+                    f"Google refused access ({status}) to {resource} for {self.describe_credentials()}: "
+                    f"{getattr(err, 'message', err)}. Check the credentials file (GOOGLE_APPLICATION_CREDENTIALS "
+                    "or the connection's key) and that this identity has the IAM roles listed in "
+                    "docs/composer.md on that resource."
+                ) from err
+            if isinstance(err, RetryError):
+                raise GoogleUnavailableError(
+                    f"Google did not answer for {resource} before the retries ran out ({err.cause!r}). "
+                    "Nothing was lost: rerun the batch once the service answers."
+                ) from err
+            raise
+
+
+class GoogleUnavailableError(RuntimeError):
+    """Google could not be reached, even after the clients' retries."""
+
+
+def _refusal_status(err: BaseException) -> int | None:
+    """401 or 403, whether the client raised an API error or a raw upload response error."""
+    code = getattr(err, "code", None)
+    if code not in (401, 403):
+        code = getattr(getattr(err, "response", None), "status_code", None)
+    return code if code in (401, 403) else None

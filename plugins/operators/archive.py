@@ -80,7 +80,7 @@ class DicomStudyArchiveOperator(BaseOperator):
                 continue
             self.log.info("batch %s: archiving %d studies (chunk %s)", staging.batch_id, len(groups), chunk)
             resource = store.uri(groups[0].object_name.rsplit("/Entity/", 1)[0])
-            with hook.explain_permission_errors(resource):
+            with hook.explain_google_errors(resource):
                 chunk_summaries, rows = archive_groups(
                     groups,
                     zone,

@@ -91,7 +91,7 @@ class DicomMetadataToBigQueryOperator(BaseOperator):
         from dicom_archive.bigquery_load import load_rows_exactly_once
 
         table_id = f"{settings.project}.{collection}.{TABLE}"
-        with hook.explain_permission_errors(f"the BigQuery table {table_id}"):
+        with hook.explain_google_errors(f"the BigQuery table {table_id}"):
             client = hook.bigquery_client(settings.project, settings.bigquery_location)
             loaded = load_rows_exactly_once(
                 client,

@@ -54,7 +54,7 @@ class CompletedBatchSensor(BaseSensorOperator):
         settings = load_settings()
         root = self.landing_root or settings.landing_root
         hook = DicomStorageHook(gcp_conn_id=self.gcp_conn_id, impersonation_chain=self.impersonation_chain)
-        with hook.explain_permission_errors(f"the landing zone {root}"):
+        with hook.explain_google_errors(f"the landing zone {root}"):
             zone = hook.landing_zone(root)
             requested = self._requested_ids()
             if requested:

@@ -1,0 +1,811 @@
+"""The bad-input catalogue: every way a batch can be wrong, each next to good images.
+
+Every test runs the domain code the DAG runs (plan -> staged plan JSON -> archive_groups into a
+LocalObjectStore -> rows -> report -> publish_report) on a landing zone written by the generator,
+and checks, besides the reason the bad item gets:
+
+- the good images are all planned AND archived (tar members with the very bytes of the files), and
+  their rows carry the same sha256s;
+- nothing in the landing zone changed except the new `batch.report.json` (tree snapshot before
+  and after, links and the files outside the zone included);
+- no plan, report or row text holds a planted identifying value, and the PHI audit of the outputs
+  and reports finds nothing.
+
+Manifest problems fail the whole batch (ERROR, with a message naming the file and the rule) and leave
+the neighbouring good batch untouched. docs/reliability.md lists this catalogue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicom_archive.batch import ArchiveSettings, archive_groups, build_report, publish_report
+from dicom_archive.bigquery_load import DEDUPE_ORDER, ROW_KEY
+from dicom_archive.deid import DEFAULT_PERSON_ATTRIBUTES, DeidPolicy, Reason
+from dicom_archive.landing import LocalLandingZone
+from dicom_archive.plan import BatchPlan, find_completed_batches, find_unreported_batches, plan_batch
+from dicom_archive.rows import RunContext, rows_to_ndjson
+from dicom_archive.stores import LocalObjectStore
+from tools import phi_audit
+from tools.landing_zone import BatchSpec, ImageSpec, image_bytes, make_image, raw_identifiers, write_batch
+
+# pydicom warns when the generator writes the invalid values planted here; that is the point.
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+BATCH = "20240105-0001"
+NEIGHBOUR = "20240105-0002"
+COLLECTION = "IRB41449"
+ENTITY, ITEM, DATE = "GL664ba0", "GL71cfb7", "20230811"
+OTHER = ("GL0a1b2c", "GLdd0e1f", "20230901")
+BAD = "incoming/bad.dcm"  # where a bad image goes, unless the test needs another place
+ALWAYS = datetime(2000, 1, 1, tzinfo=UTC), datetime.now(UTC) + timedelta(days=1)
+
+# Realistic identifying values, one per person attribute of the contract (check 6).
+PLANTED = {
+    "PatientName": "Kowalczyk^Agnieszka",
+    "OtherPatientIDs": "MRN-7731904",
+    "OtherPatientNames": "Nowak^Agnieszka",
+    "PatientAddress": "14 Larkspur Lane, Springfield",
+    "PatientTelephoneNumbers": "+1 555 0147 2291",
+    "PatientMotherBirthName": "Lindqvist^Margareta",
+    "ReferringPhysicianName": "Okonkwo^Chidi^^Dr.",
+    "PerformingPhysicianName": "Haverford^Eleanor",
+    "OperatorsName": "Brightwater^Tomas",
+    "PhysiciansOfRecord": "Castellanos^Ines",
+    "RequestingPhysician": "Abernathy^Quentin",
+    "NameOfPhysiciansReadingStudy": "Vasquez-Moreau^Celine",
+}
+
+
+def good_images() -> list[ImageSpec]:
+    """Two studies: a CT of two images (the bad image usually joins it) and an MR of one."""
+    return [
+        ImageSpec(ENTITY, ITEM, DATE, "CT", 1, 1),
+        ImageSpec(ENTITY, ITEM, DATE, "CT", 1, 2),
+        ImageSpec(*OTHER, "MR", 1, 1),
+    ]
+
+
+def bad_image(relpath: str = BAD, **overrides: object) -> ImageSpec:
+    """An image of the CT study, different from the good ones, with header overrides."""
+    return ImageSpec(ENTITY, ITEM, DATE, "CT", 2, 1, relpath=relpath, header_overrides=overrides)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class RecordingZone(LocalLandingZone):
+    """A local landing zone that remembers every file it was asked to read."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.opened: list[tuple[str, str]] = []
+
+    def open(self, batch_id, relpath, chunk_size=256 * 1024):
+        self.opened.append((batch_id, relpath))
+        return super().open(batch_id, relpath, chunk_size)
+
+    def read_bytes(self, batch_id, relpath):
+        self.opened.append((batch_id, relpath))
+        return super().read_bytes(batch_id, relpath)
+
+
+def snapshot(*roots: Path) -> dict[str, tuple]:
+    """Every entry under the roots, links not followed: kind, content hash, mode, link target."""
+    tree: dict[str, tuple] = {}
+    for root in roots:
+        if not root.exists():
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames + filenames:
+                path = Path(dirpath, name)
+                info = path.lstat()
+                if path.is_symlink():
+                    entry: tuple = ("link", os.readlink(path))
+                elif path.is_dir():
+                    entry = ("dir", info.st_mode)
+                elif path.is_file():
+                    entry = ("file", sha256(path.read_bytes()), info.st_mode, info.st_mtime_ns)
+                else:
+                    entry = ("special", info.st_mode)
+                tree[str(path)] = entry
+    return tree
+
+
+@dataclass
+class Outcome:
+    plan: BatchPlan
+    report: dict
+    rows: list[dict]
+    archives: dict[str, list[tuple[str, str]]]  # object name -> [(member name, sha256)]
+    zone: RecordingZone
+    texts: list[str] = field(default_factory=list)  # plan, report and rows as written
+
+    @property
+    def reasons(self) -> dict[str, str]:
+        return {q.relpath: q.reason for q in self.plan.quarantined}
+
+    @property
+    def planned(self) -> set[str]:
+        return {image.relpath for group in self.plan.groups for image in group.images}
+
+    def archived_shas(self) -> Counter:
+        return Counter(sha for members in self.archives.values() for _, sha in members)
+
+    def opened(self, relpath: str) -> bool:
+        return any(path == relpath for _, path in self.zone.opened)
+
+
+@dataclass
+class Landing:
+    """A landing zone root, an output folder and a folder outside both (link targets)."""
+
+    tmp: Path
+
+    @property
+    def root(self) -> Path:
+        return self.tmp / "landing"
+
+    @property
+    def out(self) -> Path:
+        return self.tmp / "out"
+
+    @property
+    def outside(self) -> Path:
+        return self.tmp / "outside"
+
+    def write(self, spec: BatchSpec) -> Path:
+        return write_batch(self.root, spec)
+
+    def process(
+        self, batch_id: str, *, policy: DeidPolicy | None = None, default_collection: str | None = None
+    ) -> Outcome:
+        """What the DAG does with one batch, in the domain code it calls."""
+        policy = policy or DeidPolicy()
+        zone = RecordingZone(self.root)
+        plan = plan_batch(zone, batch_id, default_collection=default_collection, policy=policy)
+        plan = BatchPlan.from_json(plan.to_json())  # staged between tasks as JSON
+        store = LocalObjectStore(self.out)
+        summaries, rows = archive_groups(
+            plan.groups,
+            zone,
+            store,
+            deid=plan.deid,
+            context=RunContext("bad-input-test", "manual__bad_input"),
+            settings=ArchiveSettings(policy=policy),
+        )
+        ndjson = rows_to_ndjson(rows)
+        if rows:
+            store.write_bytes(f"BigQuery/{plan.collection}/dicom/{batch_id}.ndjson", ndjson, "application/x-ndjson")
+        report = build_report(plan, archives=summaries, table=None, rows_loaded=len(rows), rows_inserted=len(rows))
+        publish_report(report, zone, store)
+        archives = {}
+        for summary in summaries:
+            name = summary["uri"].split(f"{self.out.resolve()}/", 1)[1]
+            with tarfile.open(self.out / name, "r:gz") as tar:
+                archives[name] = [(m.name, sha256(tar.extractfile(m).read())) for m in tar.getmembers() if m.isfile()]
+        texts = [plan.to_json(), json.dumps(report), ndjson.decode()]
+        return Outcome(plan, report, rows, archives, zone, texts)
+
+
+@pytest.fixture
+def landing(tmp_path: Path) -> Landing:
+    return Landing(tmp_path)
+
+
+def file_shas(folder: Path, relpaths: list[str]) -> Counter:
+    return Counter(sha256((folder / relpath).read_bytes()) for relpath in relpaths)
+
+
+def assert_no_leak(landing: Landing, outcome: Outcome, planted: list[str]) -> None:
+    """No planted value in plan, report or rows, and the audit of outputs and reports is clean."""
+    values = [v for v in planted if phi_audit.is_meaningful(v)]
+    for text in outcome.texts:
+        normalized = phi_audit.normalize(text)
+        for value in values:
+            assert phi_audit.normalize(value) not in normalized, "a planted identifier reached the outputs"
+    assert phi_audit.audit(values, [landing.out], reports=[landing.root]) == []
+
+
+def run_batch(
+    landing: Landing,
+    *,
+    bad: list[ImageSpec] = (),
+    extra_files: dict[str, bytes] | None = None,
+    lookup: dict | None = None,
+    expect: dict[str, str],
+    policy: DeidPolicy | None = None,
+    planted: tuple[str, ...] = (),
+    setup=None,
+) -> Outcome:
+    """Write a batch of good images plus the bad items, process it, check everything, return it.
+
+    `expect` maps each bad item's path to its quarantine reason; `setup(folder)` adds what the
+    generator cannot write (links, pipes) before the snapshot.
+    """
+    good = good_images()
+    spec = BatchSpec(
+        BATCH, images=[*good, *bad], collection=COLLECTION, lookup=lookup, extra_files=dict(extra_files or {})
+    )
+    folder = landing.write(spec)
+    if setup is not None:
+        setup(folder)
+    before = snapshot(landing.root, landing.outside)
+
+    outcome = landing.process(BATCH, policy=policy)
+
+    plan = outcome.plan
+    assert plan.status == "DONE", plan.error
+    assert outcome.reasons == expect
+    assert outcome.planned == {image.path for image in good}
+    assert plan.images_seen == len(good) + len(expect)
+    # The good images are in the archives, byte for byte, and in the rows.
+    assert outcome.archived_shas() == file_shas(folder, [image.path for image in good])
+    assert Counter(row["instance_sha256"] for row in outcome.rows) == outcome.archived_shas()
+    assert sorted(outcome.archives) == sorted(
+        {
+            f"Collection/{COLLECTION}/Entity/{ENTITY}/{ENTITY}_{DATE}_{ITEM}.tar.gz",
+            f"Collection/{COLLECTION}/Entity/{OTHER[0]}/{OTHER[0]}_{OTHER[2]}_{OTHER[1]}.tar.gz",
+        }
+    )
+    report = outcome.report
+    assert report["status"] == "DONE"
+    assert report["images"]["archived"] == len(good)
+    assert report["images"]["quarantined_by_reason"] == dict(Counter(expect.values()))
+    assert {q["path"]: q["reason"] for q in report["quarantined"]} == expect
+    # Only our report was added to the landing zone; nothing else moved.
+    after = snapshot(landing.root, landing.outside)
+    report_path = str(folder / "batch.report.json")
+    assert set(after) - set(before) == {report_path}
+    assert {k: v for k, v in after.items() if k != report_path} == before
+    assert_no_leak(landing, outcome, [*raw_identifiers([spec]), *planted])
+    return outcome
+
+
+def run_broken_batch(
+    landing: Landing, spec: BatchSpec, *, source: str, rule: str, default_collection: str | None = None
+) -> Outcome:
+    """A batch whose manifest (or lookup) breaks the contract, next to a good batch."""
+    spec.images = good_images()
+    folder = landing.write(spec)
+    neighbour = landing.write(BatchSpec(NEIGHBOUR, images=good_images(), collection=COLLECTION))
+    before = snapshot(landing.root)
+
+    outcome = landing.process(BATCH, default_collection=default_collection)
+    assert outcome.plan.status == "ERROR"
+    assert outcome.plan.error.startswith(f"{folder / source}: ")  # names the file...
+    assert rule in outcome.plan.error  # ...and the rule
+    assert outcome.report["status"] == "ERROR"
+    assert outcome.report["error"] == outcome.plan.error
+    assert not outcome.plan.groups
+    assert outcome.archives == {}
+    assert not list(landing.out.glob("Collection/*/Entity/**/*.tar.gz"))
+    # Nothing of the batch was read but its control files.
+    assert {relpath for _, relpath in outcome.zone.opened} <= {"batch.json", "lookup.json"}
+
+    other = landing.process(NEIGHBOUR, default_collection=default_collection)  # other batches go on
+    assert other.plan.status == "DONE"
+    assert other.archived_shas() == file_shas(neighbour, [image.path for image in good_images()])
+
+    after = snapshot(landing.root)
+    added = {str(folder / "batch.report.json"), str(neighbour / "batch.report.json")}
+    assert set(after) - set(before) == added
+    assert {k: v for k, v in after.items() if k not in added} == before
+    assert_no_leak(landing, outcome, raw_identifiers([spec]))
+    return outcome
+
+
+def manifest(**changes: object) -> bytes:
+    """batch.json of BATCH with fields changed (None removes one)."""
+    doc = BatchSpec(BATCH, collection=COLLECTION).manifest()
+    for key, value in changes.items():
+        if value is None:
+            doc.pop(key, None)
+        else:
+            doc[key] = value
+    return json.dumps(doc).encode()
+
+
+# --- files that are not (whole) DICOM -------------------------------------------------------
+
+
+def _full_image() -> bytes:
+    return image_bytes(bad_image())
+
+
+def _meta_end(data: bytes) -> int:
+    meta = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).file_meta
+    return 132 + 12 + meta.FileMetaInformationGroupLength
+
+
+def _without_part10_header() -> bytes:
+    ds = make_image(bad_image())
+    del ds.file_meta
+    ds.preamble = None
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=False, implicit_vr=False, little_endian=True)
+    return buffer.getvalue()
+
+
+PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000") + b"\0" * 64
+
+NOT_DICOM = {
+    "zero-byte": lambda: b"",
+    "truncated-in-pixel-data": lambda: _full_image()[: len(_full_image()) // 2],
+    "truncated-last-bytes": lambda: _full_image()[:-7],
+    "truncated-in-header": lambda: _full_image()[:1000],
+    "truncated-in-file-meta": lambda: _full_image()[:200],
+    "garbage-after-preamble": lambda: _full_image()[:132] + bytes(range(256)) * 8,
+    "garbage-after-file-meta": lambda: (
+        _full_image()[: _meta_end(_full_image())] + bytes((i * 7919 + 13) % 256 for i in range(4000))
+    ),
+    "text-file": lambda: b"Patient list\nnothing to see here\n",
+    "png-bytes": lambda: PNG,
+    "dicom-without-part10-header": _without_part10_header,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NOT_DICOM))
+def test_a_file_that_is_not_a_whole_dicom_file_is_not_dicom(landing, kind):
+    outcome = run_batch(landing, extra_files={BAD: NOT_DICOM[kind]()}, expect={BAD: Reason.NOT_DICOM})
+    assert outcome.plan.quarantined[0].detail.startswith(("not a DICOM Part 10 file", "does not parse as DICOM"))
+
+
+@pytest.mark.timeout(60)  # before the fix, the plan blocked here forever
+def test_a_named_pipe_is_never_opened(landing):
+    # Opening a FIFO for reading blocks until a writer comes: the plan must not even try.
+    outcome = run_batch(
+        landing, expect={"incoming/pipe.dcm": Reason.UNREADABLE}, setup=lambda folder: _mkfifo(folder / "incoming")
+    )
+    assert not outcome.opened("incoming/pipe.dcm")
+
+
+def _mkfifo(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(folder / "pipe.dcm")
+
+
+def test_a_file_over_the_size_limit_is_too_large_and_never_read(landing):
+    big = bad_image(PatientName=PLANTED["PatientName"])
+    big.rows = big.cols = 256  # about 130 KB
+    outcome = run_batch(
+        landing,
+        bad=[big],
+        expect={BAD: Reason.TOO_LARGE},
+        policy=DeidPolicy(max_image_bytes=64 * 1024),  # the good images are about 34 KB
+        planted=(PLANTED["PatientName"],),
+    )
+    assert not outcome.opened(BAD)
+
+
+# --- batch.json and lookup.json -------------------------------------------------------------
+
+
+def test_a_folder_without_batch_json_is_not_ready(landing):
+    folder = landing.write(BatchSpec(BATCH, images=good_images(), collection=COLLECTION, write_manifest=False))
+    # The anonymizer's manifest still being written (temp name, not renamed yet) changes nothing.
+    (folder / ".batch.json.tmp").write_bytes(manifest())
+    landing.write(BatchSpec(NEIGHBOUR, images=good_images(), collection=COLLECTION))
+    zone = LocalLandingZone(landing.root)
+    assert find_completed_batches(zone, *ALWAYS) == [NEIGHBOUR]
+    assert find_unreported_batches(zone) == [NEIGHBOUR]
+    before = snapshot(landing.root)
+
+    outcome = landing.process(BATCH)  # a manual run that names it anyway
+
+    assert outcome.plan.status == "NOT_READY"
+    assert outcome.plan.error == f"{folder} has no batch.json"
+    assert outcome.archives == {}
+    assert snapshot(landing.root) == before, "a batch that is not ready gets no report"
+
+
+@pytest.mark.parametrize(
+    ("raw", "rule"),
+    [
+        pytest.param(b'{"batch_id": "20240105-0001", "status": ', "is not valid JSON", id="cut-short"),
+        pytest.param(b"", "is not valid JSON", id="empty-file"),
+        pytest.param(b'{"batch_id": "\xff"}', "is not valid JSON", id="not-utf8"),
+        pytest.param(b"[]", "must be a JSON object, not list", id="array"),
+        pytest.param(b'"DONEPROCESSING"', "must be a JSON object, not str", id="string"),
+        pytest.param(b"null", "must be a JSON object, not NoneType", id="null"),
+    ],
+)
+def test_a_batch_json_that_is_not_a_json_object_fails_the_batch(landing, raw, rule):
+    run_broken_batch(landing, BatchSpec(BATCH, raw_manifest=raw), source="batch.json", rule=rule)
+    # Unreadable, it belongs to the interval of its modification time: reported once, not forever.
+    assert BATCH in find_completed_batches(LocalLandingZone(landing.root), *ALWAYS)
+
+
+@pytest.mark.parametrize(
+    ("changes", "rule"),
+    [
+        pytest.param({"batch_id": NEIGHBOUR}, "must equal the folder name", id="batch-id-of-another-folder"),
+        pytest.param({"batch_id": None}, "batch_id None must match", id="batch-id-missing"),
+        pytest.param({"batch_id": "../20240105-0001"}, "must match", id="batch-id-path"),
+        pytest.param({"collection": "IRB-1"}, "collection 'IRB-1' must match", id="collection-dash"),
+        pytest.param({"collection": "a/b"}, "collection 'a/b' must match", id="collection-slash"),
+        pytest.param({"collection": "../IRB1"}, "must match", id="collection-dotdot"),
+        pytest.param({"collection": ""}, "collection '' must match", id="collection-empty"),
+        pytest.param({"collection": "IRB 41449"}, "must match", id="collection-space"),
+        pytest.param({"collection": 41449}, "collection 41449 must match", id="collection-number"),
+        pytest.param({"collection": None}, "has no collection and no default", id="collection-missing"),
+        pytest.param({"status": None}, "status must be a non-empty string", id="status-missing"),
+        pytest.param({"status": ""}, "status must be a non-empty string", id="status-empty"),
+        pytest.param({"completed_at": None}, "completed_at must be an RFC 3339", id="completed-at-missing"),
+        pytest.param({"completed_at": "2024-01-05"}, "needs a date, a time and a UTC offset", id="date-only"),
+        pytest.param({"completed_at": "2024-01-05T09:30:00"}, "needs a date, a time and a UTC", id="no-offset"),
+        pytest.param({"completed_at": "yesterday"}, "is not an RFC 3339 timestamp", id="words"),
+        pytest.param({"completed_at": "2024-13-05T09:30:00Z"}, "is not an RFC 3339", id="month-13"),
+        pytest.param({"completed_at": 1704447000}, "must be an RFC 3339 timestamp string", id="epoch"),
+        pytest.param({"deid": "deid 0.4.13"}, "deid must be an object", id="deid-not-object"),
+    ],
+)
+def test_a_batch_json_that_breaks_a_rule_fails_the_batch(landing, changes, rule):
+    run_broken_batch(landing, BatchSpec(BATCH, raw_manifest=manifest(**changes)), source="batch.json", rule=rule)
+
+
+@pytest.mark.parametrize(
+    ("raw", "rule"),
+    [
+        pytest.param(b'{"incoming/a.dcm": {"flagged": tru', "is not valid JSON", id="not-json"),
+        pytest.param(b"", "is not valid JSON", id="empty-file"),
+        pytest.param(b'["incoming/a.dcm"]', "must be a JSON object, not list", id="array"),
+        pytest.param(b'{"incoming/a.dcm": "CT CHEST"}', "the entry for 'incoming/a.dcm' must be an object", id="entry"),
+        pytest.param(b'{"incoming/a.dcm": {"flagged": "true"}}', "flagged must be true or false", id="flag-string"),
+        pytest.param(b'{"incoming/a.dcm": {"flagged": 1}}', "flagged must be true or false", id="flag-number"),
+    ],
+)
+def test_a_lookup_json_that_breaks_the_contract_fails_the_batch(landing, raw, rule):
+    spec = BatchSpec(BATCH, collection=COLLECTION, extra_files={"lookup.json": raw})
+    run_broken_batch(landing, spec, source="lookup.json", rule=rule)
+    # The manifest itself is fine: the batch is found by its completed_at, then fails visibly.
+    assert BATCH in find_completed_batches(
+        LocalLandingZone(landing.root), datetime(2024, 1, 5, tzinfo=UTC), datetime(2024, 1, 6, tzinfo=UTC)
+    )
+
+
+def test_a_batch_json_without_collection_uses_the_default_collection(landing):
+    folder = landing.write(BatchSpec(BATCH, images=good_images(), raw_manifest=manifest(collection=None)))
+    outcome = landing.process(BATCH, default_collection="IRB_DEFAULT")
+    assert outcome.plan.status == "DONE"
+    assert {name.split("/")[1] for name in outcome.archives} == {"IRB_DEFAULT"}
+    assert outcome.archived_shas() == file_shas(folder, [image.path for image in good_images()])
+
+
+@pytest.mark.parametrize("status", ["PROCESSING", "donepro", "DONE", "QUEUED"])
+def test_a_batch_with_an_unknown_status_is_not_ready(landing, status):
+    folder = landing.write(BatchSpec(BATCH, images=good_images(), collection=COLLECTION, status=status))
+    zone = LocalLandingZone(landing.root)
+    assert find_completed_batches(zone, *ALWAYS) == []
+    # A manual run that names it does not archive it either.
+    outcome = landing.process(BATCH)
+    assert outcome.plan.status == "NOT_READY"
+    assert not (folder / "batch.report.json").exists()
+    assert outcome.plan.error == (
+        f"{folder / 'batch.json'}: status {status!r} means the batch is not ready yet "
+        "(only DONEPROCESSING or ERROR are processed)"
+    )
+    assert outcome.archives == {}
+    assert outcome.rows == []
+    assert {relpath for _, relpath in outcome.zone.opened} <= {"batch.json"}
+
+
+def test_a_batch_the_anonymizer_gave_up_on_is_reported_and_nothing_uploaded(landing):
+    folder = landing.write(BatchSpec(BATCH, images=good_images(), collection=COLLECTION, status="ERROR"))
+    assert find_completed_batches(LocalLandingZone(landing.root), *ALWAYS) == [BATCH]  # ready: it gets a report
+    before = snapshot(landing.root)
+
+    outcome = landing.process(BATCH)
+
+    assert outcome.plan.status == "ERROR"
+    assert outcome.plan.collection == COLLECTION
+    assert outcome.plan.error == f"{folder / 'batch.json'}: the anonymizer reported status ERROR"
+    assert outcome.archives == {}
+    assert outcome.rows == []
+    assert outcome.report["status"] == "ERROR"
+    assert {relpath for _, relpath in outcome.zone.opened} <= {"batch.json", "lookup.json"}
+    assert set(snapshot(landing.root)) - set(before) == {str(folder / "batch.report.json")}
+    # The report is also kept in the bucket, under the collection.
+    assert (landing.out / f"Collection/{COLLECTION}/Batches/{BATCH}.json").is_file()
+
+
+# --- header checks (contract checks 3 to 6) -------------------------------------------------
+
+BAD_IDS = {
+    "slash": "GL66/4ba0",
+    "dotdot": "..",
+    "dot": ".",
+    "traversal": "../GL664ba0",
+    "space": "Jane Roe",
+    "65-chars": "X" * 65,
+    "backslash-multi-value": "GL66\\4ba0",
+    "unicode": "GL664bä0",
+}
+
+
+@pytest.mark.parametrize("value", BAD_IDS.values(), ids=BAD_IDS.keys())
+def test_a_patient_id_that_is_not_a_coded_id_is_quarantined(landing, value):
+    run_batch(landing, bad=[bad_image(PatientID=value)], expect={BAD: Reason.INVALID_PATIENT_ID}, planted=("Jane Roe",))
+
+
+@pytest.mark.parametrize("value", BAD_IDS.values(), ids=BAD_IDS.keys())
+def test_an_accession_number_that_is_not_a_coded_id_is_quarantined(landing, value):
+    run_batch(
+        landing,
+        bad=[bad_image(AccessionNumber=value)],
+        expect={BAD: Reason.INVALID_ACCESSION_NUMBER},
+        planted=("Jane Roe",),
+    )
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "reason"),
+    [
+        pytest.param("PatientID", None, Reason.INVALID_PATIENT_ID, id="PatientID-missing"),
+        pytest.param("PatientID", "", Reason.INVALID_PATIENT_ID, id="PatientID-empty"),
+        pytest.param("AccessionNumber", None, Reason.INVALID_ACCESSION_NUMBER, id="AccessionNumber-missing"),
+        pytest.param("AccessionNumber", "", Reason.INVALID_ACCESSION_NUMBER, id="AccessionNumber-empty"),
+        pytest.param("StudyDate", None, Reason.INVALID_STUDY_DATE, id="StudyDate-missing"),
+        pytest.param("StudyDate", "", Reason.INVALID_STUDY_DATE, id="StudyDate-empty"),
+        pytest.param("StudyDate", "20230230", Reason.INVALID_STUDY_DATE, id="February-30"),
+        pytest.param("StudyDate", "2023-01-01", Reason.INVALID_STUDY_DATE, id="ISO-dashes"),
+        pytest.param("StudyDate", "99999999", Reason.INVALID_STUDY_DATE, id="99999999"),
+        pytest.param("StudyDate", "20231301", Reason.INVALID_STUDY_DATE, id="month-13"),
+        pytest.param("StudyDate", "2023081", Reason.INVALID_STUDY_DATE, id="seven-digits"),
+        pytest.param("PatientIdentityRemoved", None, Reason.IDENTITY_NOT_REMOVED, id="identity-removed-missing"),
+        pytest.param("PatientIdentityRemoved", "NO", Reason.IDENTITY_NOT_REMOVED, id="identity-removed-NO"),
+        pytest.param("PatientIdentityRemoved", "yes", Reason.IDENTITY_NOT_REMOVED, id="identity-removed-lowercase"),
+        pytest.param("BurnedInAnnotation", "YES", Reason.BURNED_IN_ANNOTATION, id="burned-in-annotation"),
+    ],
+)
+def test_a_header_that_breaks_the_contract_is_quarantined(landing, keyword, value, reason):
+    outcome = run_batch(landing, bad=[bad_image(**{keyword: value})], expect={BAD: reason})
+    assert outcome.opened(BAD)  # read, judged, not archived
+
+
+@pytest.mark.parametrize("keyword", DEFAULT_PERSON_ATTRIBUTES)
+def test_a_filled_person_attribute_is_quarantined_and_its_value_never_reported(landing, keyword):
+    value = PLANTED[keyword]
+    outcome = run_batch(
+        landing, bad=[bad_image(**{keyword: value})], expect={BAD: Reason.IDENTIFYING_ATTRIBUTE}, planted=(value,)
+    )
+    held = outcome.plan.quarantined[0]
+    assert held.detail == f"holds a value: {keyword}"  # the attribute, never its value
+    # The study it belongs to still knows one of its images was held back.
+    study = next(group for group in outcome.plan.groups if group.entity_id == ENTITY)
+    assert (held.study, study.quarantined) == (study.stem, 1)
+
+
+def test_every_person_attribute_at_once_is_named_in_the_detail(landing):
+    outcome = run_batch(
+        landing, bad=[bad_image(**PLANTED)], expect={BAD: Reason.IDENTIFYING_ATTRIBUTE}, planted=tuple(PLANTED.values())
+    )
+    assert outcome.plan.quarantined[0].detail == "holds a value: " + ", ".join(DEFAULT_PERSON_ATTRIBUTES)
+
+
+def test_a_multi_valued_other_patient_ids_with_one_value_is_quarantined(landing):
+    run_batch(
+        landing,
+        bad=[bad_image(OtherPatientIDs=["", "MRN-7731904"])],
+        expect={BAD: Reason.IDENTIFYING_ATTRIBUTE},
+        planted=("MRN-7731904",),
+    )
+
+
+@pytest.mark.parametrize("value", ["", ENTITY], ids=["empty", "equal-to-PatientID"])
+def test_a_patient_name_that_is_empty_or_the_coded_id_is_archived(landing, value):
+    good = ImageSpec(
+        ENTITY, ITEM, DATE, "CT", 3, 1, relpath="incoming/tolerated.dcm", header_overrides={"PatientName": value}
+    )
+    folder = landing.write(BatchSpec(BATCH, images=[*good_images(), good], collection=COLLECTION))
+    outcome = landing.process(BATCH)
+    assert outcome.reasons == {}
+    assert outcome.archived_shas() == file_shas(folder, [i.path for i in [*good_images(), good]])
+
+
+# --- what the anonymizer set aside ----------------------------------------------------------
+
+
+def test_an_image_under_phi_is_never_read(landing):
+    phi = bad_image(relpath="PHI/" + BAD, PatientName=PLANTED["PatientName"], BurnedInAnnotation="YES")
+    outcome = run_batch(landing, bad=[phi], expect={phi.path: Reason.PHI_FOLDER}, planted=(PLANTED["PatientName"],))
+    assert not outcome.opened(phi.path)
+
+
+def test_an_image_flagged_in_lookup_json_is_never_read(landing):
+    flagged = bad_image(OperatorsName=PLANTED["OperatorsName"])
+    lookup = {image.path: {"ScanOptions": "HELICAL", "CTDIvol": 12.1} for image in good_images()}
+    lookup[BAD] = {"ScanOptions": "HELICAL", "flagged": True}
+    outcome = run_batch(
+        landing,
+        bad=[flagged],
+        lookup=lookup,
+        expect={BAD: Reason.FLAGGED_IN_LOOKUP},
+        planted=(PLANTED["OperatorsName"],),
+    )
+    assert not outcome.opened(BAD)
+    # The good images' lookup values still reach their rows; the header wins on conflict.
+    ct_rows = [row for row in outcome.rows if row["entity_id"] == ENTITY]
+    assert {row["DicomHeader"]["CTDIvol"] for row in ct_rows} == {12.1}
+    assert {row["DicomHeader"]["ScanOptions"] for row in ct_rows} == {"HELICAL MODE"}
+
+
+# --- links ----------------------------------------------------------------------------------
+
+
+def _outside_image(landing: Landing) -> Path:
+    """A perfectly valid image outside the landing zone, carrying a name that must never travel."""
+    target = landing.outside / "elsewhere" / "secret.dcm"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(image_bytes(ImageSpec(ENTITY, ITEM, DATE, "CT", 4, 1)))
+    return target
+
+
+def test_a_link_pointing_out_of_the_batch_is_never_followed(landing):
+    target = _outside_image(landing)
+    outcome = run_batch(
+        landing,
+        expect={"incoming/link.dcm": Reason.OUTSIDE_BATCH},
+        setup=lambda folder: _symlink(folder / "incoming" / "link.dcm", target),
+    )
+    assert not outcome.opened("incoming/link.dcm")
+    assert sha256(target.read_bytes()) not in outcome.archived_shas()
+
+
+def test_a_link_to_another_batch_is_outside_the_batch(landing):
+    neighbour = landing.write(BatchSpec(NEIGHBOUR, images=[ImageSpec(*OTHER, "MR", 2, 1)], collection=COLLECTION))
+    target = neighbour / ImageSpec(*OTHER, "MR", 2, 1).path
+    outcome = run_batch(
+        landing,
+        expect={"incoming/link.dcm": Reason.OUTSIDE_BATCH},
+        setup=lambda folder: _symlink(
+            folder / "incoming" / "link.dcm", Path("..", "..", NEIGHBOUR, target.relative_to(neighbour))
+        ),
+    )
+    assert not outcome.opened("incoming/link.dcm")
+
+
+def test_a_dangling_link_is_outside_the_batch(landing):
+    run_batch(
+        landing,
+        expect={"incoming/gone.dcm": Reason.OUTSIDE_BATCH},
+        setup=lambda folder: _symlink(folder / "incoming" / "gone.dcm", landing.tmp / "no-such-file"),
+    )
+
+
+@pytest.mark.parametrize("where", ["outside", "inside"])
+def test_a_linked_folder_is_never_walked(landing, where):
+    # Pointing outside, it could lead anywhere; pointing inside, it would archive images twice.
+    def setup(folder: Path) -> None:
+        target = _outside_image(landing).parent if where == "outside" else folder / ENTITY
+        _symlink(folder / "linked", target)
+
+    outcome = run_batch(landing, expect={"linked": Reason.OUTSIDE_BATCH}, setup=setup)
+    assert not [relpath for _, relpath in outcome.zone.opened if relpath.startswith("linked")]
+
+
+def test_a_linked_batch_folder_is_never_discovered(landing):
+    target = landing.outside / "batches" / BATCH
+    write_batch(target.parent, BatchSpec(BATCH, images=good_images(), collection=COLLECTION))
+    landing.write(BatchSpec(NEIGHBOUR, images=good_images(), collection=COLLECTION))
+    _symlink(landing.root / "linked-batch", target)
+    zone = LocalLandingZone(landing.root)
+    assert zone.batch_ids() == [NEIGHBOUR]
+    assert find_completed_batches(zone, *ALWAYS) == [NEIGHBOUR]
+    assert find_unreported_batches(zone) == [NEIGHBOUR]
+
+
+def _symlink(link: Path, target: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+
+
+# --- batch ids given by a user --------------------------------------------------------------
+
+
+class ExplodingZone:
+    """A landing zone that fails the test if anything touches it."""
+
+    uri = "nowhere"
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the landing zone was touched ({name}) for an invalid batch id")
+
+
+@pytest.mark.parametrize(
+    "batch_id",
+    ["..", ".", "...", "../outside", "../../etc", "a/b", "/etc", "x/../y", "", " ", "a\\b", ".hidden", "-x", "a" * 129],
+)
+def test_a_batch_id_that_is_a_path_is_refused_without_touching_anything(landing, batch_id):
+    # A valid batch one level up: "../outside" would find it if the id were used as a path.
+    write_batch(landing.tmp / "outside", BatchSpec("outside", images=good_images(), collection=COLLECTION))
+    landing.root.mkdir()
+    plan = plan_batch(ExplodingZone(), batch_id, default_collection=COLLECTION)
+    assert plan.status == "ERROR"
+    assert plan.error == f"{batch_id!r} is not a valid batch id"
+    zone = RecordingZone(landing.root)
+    assert plan_batch(zone, batch_id).status == "ERROR"
+    assert zone.opened == []
+
+
+# --- what is left: nothing, all quarantined, duplicates -------------------------------------
+
+
+def test_a_batch_with_only_batch_json_is_empty(landing):
+    folder = landing.write(BatchSpec(BATCH, collection=COLLECTION))
+    before = snapshot(landing.root)
+    outcome = landing.process(BATCH)
+    assert (outcome.plan.status, outcome.plan.images_seen, outcome.plan.error) == ("EMPTY", 0, None)
+    assert outcome.report["status"] == "EMPTY"
+    assert outcome.archives == {}
+    assert set(snapshot(landing.root)) - set(before) == {str(folder / "batch.report.json")}
+
+
+def test_a_batch_where_every_image_is_quarantined_is_empty(landing):
+    images = [
+        bad_image(relpath="PHI/a.dcm"),
+        bad_image(relpath="b.dcm", BurnedInAnnotation="YES"),
+        bad_image(relpath="c.dcm", PatientName=PLANTED["PatientName"]),
+    ]
+    folder = landing.write(BatchSpec(BATCH, images=images, collection=COLLECTION, extra_files={"d.dcm": b""}))
+    outcome = landing.process(BATCH)
+    assert outcome.plan.status == "EMPTY"
+    assert outcome.reasons == {
+        "PHI/a.dcm": Reason.PHI_FOLDER,
+        "b.dcm": Reason.BURNED_IN_ANNOTATION,
+        "c.dcm": Reason.IDENTIFYING_ATTRIBUTE,
+        "d.dcm": Reason.NOT_DICOM,
+    }
+    assert outcome.report["images"] == {
+        "seen": 4,
+        "archived": 0,
+        "quarantined": 4,
+        "quarantined_by_reason": {
+            "burned_in_annotation": 1,
+            "identifying_attribute": 1,
+            "not_dicom": 1,
+            "phi_folder": 1,
+        },
+    }
+    assert outcome.archives == {}
+    assert (folder / "batch.report.json").is_file()
+    assert_no_leak(landing, outcome, [PLANTED["PatientName"]])
+
+
+def test_the_same_file_twice_in_a_study_is_archived_twice_and_keyed_once(landing):
+    """Decision (docs/reliability.md): both copies are archived (the archive mirrors what was
+    delivered, member names never collide); both rows carry the same (collection, instance_sha256),
+    and the BigQuery MERGE keeps one of them (ROW_NUMBER over the key, ordered by DEDUPE_ORDER)."""
+    copy_path = "copies/again.dcm"
+    original = good_images()[0]
+    good = good_images()
+    folder = landing.write(
+        BatchSpec(BATCH, images=good, collection=COLLECTION, extra_files={copy_path: image_bytes(original)})
+    )
+    outcome = landing.process(BATCH)
+    assert outcome.reasons == {}
+    assert outcome.planned == {image.path for image in good} | {copy_path}
+    duplicated = sha256((folder / original.path).read_bytes())
+    assert sha256((folder / copy_path).read_bytes()) == duplicated
+    members = outcome.archives[f"Collection/{COLLECTION}/Entity/{ENTITY}/{ENTITY}_{DATE}_{ITEM}.tar.gz"]
+    assert len(members) == 3
+    assert len({name for name, _ in members}) == 3  # names never collide
+    assert [sha for _, sha in members].count(duplicated) == 2
+    rows = [row for row in outcome.rows if row["instance_sha256"] == duplicated]
+    assert len(rows) == 2  # one per archive member...
+    assert len({row["archive_member"] for row in rows}) == 2
+    assert {(row["collection"], row["instance_sha256"]) for row in rows} == {(COLLECTION, duplicated)}  # ...one key
+    assert ROW_KEY == ("collection", "instance_sha256")
+    assert DEDUPE_ORDER[-1] == "archive_member"  # the kept row is deterministic: the first member

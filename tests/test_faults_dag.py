@@ -1,0 +1,181 @@
+"""Injected faults on whole DAG runs: nothing lost, nothing duplicated, a clear message.
+
+A fault-injecting proxy (tests/faultproxy.py) sits in front of each emulator; the clients reach
+it through STORAGE_EMULATOR_HOST / BIGQUERY_EMULATOR_HOST, exactly as they reach the emulators.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import PROJECT, REPO_ROOT
+from tests.faultproxy import FaultProxy, Rule, proxied
+from tests.test_dag import expected_image_count, expected_objects, read_report
+from tools.landing_zone import BatchSpec, demo_batches, write_batch
+
+DAG_ID = "dicom_storage"
+
+# What real Google APIs answer when they are overloaded: the clients retry these reasons.
+BACKEND_ERROR = {
+    "error": {"code": 503, "message": "backend error (injected)", "status": "UNAVAILABLE",
+              "errors": [{"reason": "backendError", "message": "backend error (injected)"}]}
+}  # fmt: skip
+ACCESS_DENIED = {
+    "error": {"code": 403, "message": "Access Denied: injected", "status": "PERMISSION_DENIED",
+              "errors": [{"reason": "accessDenied", "message": "Access Denied: injected"}]}
+}  # fmt: skip
+
+
+@pytest.fixture
+def env(tmp_path, gcs_emulator, bigquery_emulator, airflow_db, monkeypatch) -> Iterator[dict]:
+    """A fresh bucket, dataset and landing zone, with both emulators behind fault proxies."""
+    import uuid
+
+    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+    suffix = uuid.uuid4().hex[:8]
+    bucket, collection = f"faults-{suffix}", f"IRB_faults_{suffix}"  # a row key is per collection
+    GCSHook().create_bucket(bucket_name=bucket, project_id=PROJECT)
+    root = tmp_path / "landing"
+    for name, value in {
+        "SEND_TO_GOOGLE": "true",
+        "GOOGLE_CLOUD_STORAGE": bucket,
+        "GOOGLE_PROJECT_NAME": PROJECT,
+        "GOOGLE_STORAGE_COLLECTION": collection,
+        "DICOM_LANDING_ROOT": str(root),
+    }.items():
+        monkeypatch.setenv(name, value)
+    with (
+        proxied(gcs_emulator.url, "STORAGE_EMULATOR_HOST") as gcs,
+        proxied(bigquery_emulator.url, "BIGQUERY_EMULATOR_HOST") as bq,
+    ):
+        yield {"bucket": bucket, "root": root, "gcs": gcs, "bq": bq, "collection": collection}
+
+
+def one_batch(env: dict, batch_id: str) -> BatchSpec:
+    batch = demo_batches(days=1, collection=env["collection"])[0]
+    batch.batch_id = batch_id
+    write_batch(env["root"], batch)
+    return batch
+
+
+def run_dag(batch_ids: list[str]) -> str:
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(dag_folder=str(REPO_ROOT / "dags")).get_dag(DAG_ID)
+    return str(dag.test(run_conf={"batch_ids": batch_ids}).state)
+
+
+def generations(bucket: str) -> dict[str, int]:
+    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+    return {b.name: b.generation for b in GCSHook().get_conn().list_blobs(bucket) if b.name.endswith(".tar.gz")}
+
+
+def row_counts(batch: BatchSpec) -> tuple[int, int]:
+    from airflow.providers.google.cloud.hooks.bigquery import BigQueryHook
+
+    client = BigQueryHook().get_client(project_id=PROJECT)
+    sql = (
+        f"SELECT COUNT(*) AS n, COUNT(DISTINCT instance_sha256) AS d FROM `{PROJECT}.{batch.collection}.dicom` "
+        "WHERE batch_id = @batch"
+    )
+    from google.cloud import bigquery
+
+    config = bigquery.QueryJobConfig(
+        query_parameters=[bigquery.ScalarQueryParameter("batch", "STRING", batch.batch_id)]
+    )
+    row = next(iter(client.query(sql, job_config=config).result()))
+    return row["n"], row["d"]
+
+
+def test_transient_errors_during_upload_and_load_are_retried_to_a_complete_run(env):
+    batch = one_batch(env, "faults-transient")
+    gcs: FaultProxy = env["gcs"]
+    bq: FaultProxy = env["bq"]
+    upload_start = gcs.add(Rule(method="POST", path=r"^/upload/", status=429, times=1))
+    upload_chunk = gcs.add(Rule(method="PUT", query="upload_id", status=503, body=BACKEND_ERROR, times=2))
+    job_insert = bq.add(Rule(method="POST", path=r"/jobs$", status=503, body=BACKEND_ERROR, times=1))
+
+    # Task retries are off in the tests: only the clients' own retries can save this run.
+    assert run_dag([batch.batch_id]) == "success"
+
+    assert upload_start.fired == 1
+    assert upload_chunk.fired == 2
+    assert job_insert.fired == 1
+    assert set(generations(env["bucket"])) == expected_objects(batch)
+    n = expected_image_count(batch)
+    assert row_counts(batch) == (n, n)
+    assert read_report(env["root"], batch.batch_id)["status"] == "DONE"
+
+
+def test_bigquery_refusing_after_the_upload_then_a_rerun(env):
+    batch = one_batch(env, "faults-bq-refuses")
+    refuse = env["bq"].add(Rule(method="POST", path=r"/jobs$", status=403, body=ACCESS_DENIED, times=None))
+
+    assert run_dag([batch.batch_id]) == "failed"
+    assert refuse.fired >= 1
+    first = generations(env["bucket"])
+    assert set(first) == expected_objects(batch), "the archives were uploaded before the load failed"
+    assert not (env["root"] / batch.batch_id / "batch.report.json").exists(), "no report: re-processable"
+
+    env["bq"].clear()
+    assert run_dag([batch.batch_id]) == "success"
+    assert generations(env["bucket"]) == first, "the rerun writes no second generation"
+    n = expected_image_count(batch)
+    assert row_counts(batch) == (n, n)
+    report = read_report(env["root"], batch.batch_id)
+    assert report["archives"]["already_present"] == len(expected_objects(batch))
+    assert report["bigquery"]["rows_inserted"] == n
+
+
+def test_permission_error_names_the_credentials_and_the_resource(env, capfd):
+    batch = one_batch(env, "faults-forbidden")
+    env["gcs"].add(Rule(method="POST", path=r"^/upload/", status=403, body=ACCESS_DENIED, times=None))
+
+    assert run_dag([batch.batch_id]) == "failed"
+    log = capfd.readouterr()
+    text = log.out + log.err
+    assert f"Google refused access (403) to the staging area gs://{env['bucket']}/_staging/" in text
+    assert "connection 'google_cloud_default' with anonymous credentials" in text
+    assert generations(env["bucket"]) == {}
+
+
+def test_task_killed_mid_upload_then_rerun_leaves_no_partial_or_duplicate_object(env):
+    """The whole `airflow dags test` process is killed while an archive is in flight."""
+    batch = one_batch(env, "faults-killed")
+    stall = env["gcs"].add(Rule(method="PUT", query="upload_id", delay=120, times=1))
+    conf = json.dumps({"batch_ids": [batch.batch_id]})
+    airflow = str(REPO_ROOT / ".venv" / "bin" / "airflow")
+    proc = subprocess.Popen(
+        [airflow, "dags", "test", DAG_ID, "--conf", conf],
+        env=dict(os.environ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while stall.seen == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert stall.seen == 1, "the upload never started"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert generations(env["bucket"]) == {}, "an interrupted upload never becomes an object"
+
+    env["gcs"].clear()
+    assert run_dag([batch.batch_id]) == "success"
+    objects = generations(env["bucket"])
+    assert set(objects) == expected_objects(batch)
+    n = expected_image_count(batch)
+    assert row_counts(batch) == (n, n)
+    report = read_report(env["root"], batch.batch_id)
+    assert report["archives"]["written"] == len(objects)
