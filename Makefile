@@ -32,6 +32,11 @@ demo: setup emulators
 airflow: setup emulators
 	@$(ENV) bash scripts/airflow-standalone.sh
 
+# The PHI leak audit of the demo's outputs (see tools/phi_audit.py to point it at your own).
+phi-audit: setup
+	@$(ENV) $(PY) -m tools.phi_audit --raw .demo/raw_identifiers.json --outputs "gs://$$GOOGLE_CLOUD_STORAGE" \
+		--reports "$$DICOM_LANDING_ROOT" --bigquery "$$GOOGLE_PROJECT_NAME.$$GOOGLE_STORAGE_COLLECTION.dicom"
+
 bench: setup
 	@$(ENV) $(PY) -m bench.run
 

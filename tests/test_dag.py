@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from google.cloud import bigquery
 
+from hooks.dicom_storage import DicomStorageHook
 from tests.conftest import PROJECT, REPO_ROOT
 from tools.landing_zone import BatchSpec, ImageSpec, demo_batches, write_batch
 
@@ -123,6 +124,25 @@ def extra_links() -> set[tuple[str, str]]:
         return {(task_id, value) for task_id, value in rows}
 
 
+def phi_audit(pipeline_env: dict, batches: list[BatchSpec]) -> list:
+    """Every identifying value planted in the landing zone (and carried by the pydicom samples the
+    images start from), searched in object names, archive members and headers, rows and reports."""
+    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+    from tools.landing_zone import raw_identifiers
+    from tools.phi_audit import audit
+
+    hook = DicomStorageHook()
+    return audit(
+        raw_identifiers(batches, include_sources=True),
+        [f"gs://{pipeline_env['bucket']}"],
+        reports=[pipeline_env["root"]],
+        bigquery_tables=[f"{PROJECT}.{COLLECTION}.dicom"],
+        bigquery_client=hook.bigquery_client(PROJECT),
+        storage_client=GCSHook().get_conn(),
+    )
+
+
 def read_report(root: Path, batch_id: str) -> dict:
     return json.loads((root / batch_id / "batch.report.json").read_text())
 
@@ -155,6 +175,9 @@ def test_end_to_end_run_writes_exact_objects_rows_and_reports(pipeline_env, good
         ("load_metadata", f"https://console.cloud.google.com/bigquery?project={PROJECT}&p={PROJECT}"
          f"&d={COLLECTION}&t=dicom&page=table"),
     }  # fmt: skip
+
+    findings = phi_audit(pipeline_env, good_batches)
+    assert findings == [], [str(f) for f in findings]
 
     for batch in good_batches:
         report = read_report(pipeline_env["root"], batch.batch_id)

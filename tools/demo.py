@@ -104,6 +104,21 @@ def show(batch_ids: list[str]) -> None:
         print(f"\n== Studies: {collection} (include/sql/study_summary.sql)")
         print(format_table(run_summary(client, "study_summary", project=project, dataset=collection)))
 
+    from tools.phi_audit import audit, load_identifiers
+
+    identifiers = load_identifiers([root.parent / "raw_identifiers.json"])
+    findings = audit(
+        identifiers,
+        [f"gs://{bucket}"],
+        reports=[root],
+        bigquery_tables=[f"{project}.{c}.dicom" for c in collections],
+        bigquery_client=client,
+        storage_client=hook.storage_client(),
+    )
+    print(f"\n== PHI audit (make phi-audit): {len(identifiers)} raw identifiers, {len(findings)} findings")
+    for finding in findings:
+        print(f"  {finding}")
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
