@@ -66,7 +66,7 @@ with DAG(
 
         settings = load_settings()
         hook = DicomStorageHook()
-        zone = hook.landing_zone(settings.landing_root)
+        zone = hook.landing_zone(settings)
         store = hook.archive_store(settings)
         batches: list[dict[str, Any]] = []
         for batch_id in batch_ids:
@@ -143,7 +143,7 @@ with DAG(
 
         settings = load_settings()
         hook = DicomStorageHook()
-        zone = hook.landing_zone(settings.landing_root)
+        zone = hook.landing_zone(settings)
         store = hook.archive_store(settings)
         staging = Staging(store, batch["batch_id"], batch["run_key"])
         with hook.explain_google_errors(f"the staging area {store.uri(staging.prefix)}"):

@@ -179,3 +179,26 @@ def test_task_killed_mid_upload_then_rerun_leaves_no_partial_or_duplicate_object
     assert row_counts(batch) == (n, n)
     report = read_report(env["root"], batch.batch_id)
     assert report["archives"]["written"] == len(objects)
+
+
+def test_cloud_storage_down_when_the_run_starts_fails_clearly_and_leaves_the_batch_reprocessable(
+    env, monkeypatch, capfd
+):
+    batch = one_batch(env, "faults-down")
+    down = env["gcs"].add(Rule(reset_after=0, times=None))  # every connection is cut: the service is gone
+    monkeypatch.setenv("DICOM_GOOGLE_RETRY_SECONDS", "5")
+
+    started = time.monotonic()
+    assert run_dag([batch.batch_id]) == "failed"
+    assert time.monotonic() - started < 60, "gives up after the retry window, not the client's default"
+    assert down.fired > 1, "the client retried before giving up"
+    log = capfd.readouterr()
+    assert f"Google did not answer for the staging area gs://{env['bucket']}/_staging/" in log.out + log.err
+    assert "Nothing was lost: rerun the batch once the service answers." in log.out + log.err
+    assert not (env["root"] / batch.batch_id / "batch.report.json").exists()
+
+    env["gcs"].clear()
+    assert run_dag([batch.batch_id]) == "success"
+    assert set(generations(env["bucket"])) == expected_objects(batch)
+    n = expected_image_count(batch)
+    assert row_counts(batch) == (n, n)

@@ -109,8 +109,9 @@ class LocalLandingZone:
 class GCSLandingZone:
     """A landing zone in a (private, staging) bucket, read through google-cloud-storage."""
 
-    def __init__(self, bucket: object, prefix: str = "") -> None:
+    def __init__(self, bucket: object, prefix: str = "", retry: object = None) -> None:
         self.bucket = bucket  # google.cloud.storage.Bucket
+        self._retry: dict[str, object] = {} if retry is None else {"retry": retry}
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.uri = f"gs://{bucket.name}/{self.prefix}"  # type: ignore[attr-defined]
 
@@ -118,35 +119,35 @@ class GCSLandingZone:
         return f"{self.prefix}{batch_id}/{relpath}"
 
     def batch_ids(self) -> list[str]:
-        iterator = self.bucket.list_blobs(prefix=self.prefix, delimiter="/")  # type: ignore[attr-defined]
+        iterator = self.bucket.list_blobs(prefix=self.prefix, delimiter="/", **self._retry)  # type: ignore[attr-defined]
         for _ in iterator:  # the prefixes are filled while the pages are read
             pass
         return sorted(p[len(self.prefix) :].rstrip("/") for p in iterator.prefixes)
 
     def read_bytes(self, batch_id: str, relpath: str) -> bytes | None:
-        blob = self.bucket.get_blob(self._name(batch_id, relpath))  # type: ignore[attr-defined]
-        return None if blob is None else blob.download_as_bytes()
+        blob = self.bucket.get_blob(self._name(batch_id, relpath), **self._retry)  # type: ignore[attr-defined]
+        return None if blob is None else blob.download_as_bytes(**self._retry)
 
     def list_files(self, batch_id: str) -> list[LandingFile]:
         base = self._name(batch_id, "")
         files = [
             LandingFile(blob.name[len(base) :], blob.size or 0)
-            for blob in self.bucket.list_blobs(prefix=base)  # type: ignore[attr-defined]
+            for blob in self.bucket.list_blobs(prefix=base, **self._retry)  # type: ignore[attr-defined]
             if not blob.name.endswith("/")
         ]
         return sorted(files, key=lambda f: f.relpath)
 
     def open(self, batch_id: str, relpath: str, chunk_size: int = HEADER_READ_CHUNK) -> BinaryIO:
         blob = self.bucket.blob(self._name(batch_id, relpath))  # type: ignore[attr-defined]
-        return blob.open("rb", chunk_size=chunk_size)
+        return blob.open("rb", chunk_size=chunk_size, **self._retry)
 
     def write_bytes(self, batch_id: str, relpath: str, data: bytes) -> str:
         blob = self.bucket.blob(self._name(batch_id, relpath))  # type: ignore[attr-defined]
-        blob.upload_from_string(data, content_type="application/json")
+        blob.upload_from_string(data, content_type="application/json", **self._retry)
         return f"gs://{self.bucket.name}/{blob.name}"  # type: ignore[attr-defined]
 
     def modified(self, batch_id: str, relpath: str) -> datetime | None:
-        blob = self.bucket.get_blob(self._name(batch_id, relpath))  # type: ignore[attr-defined]
+        blob = self.bucket.get_blob(self._name(batch_id, relpath), **self._retry)  # type: ignore[attr-defined]
         return None if blob is None else blob.updated
 
     def describe(self, batch_id: str, relpath: str = "") -> str:

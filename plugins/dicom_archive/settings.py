@@ -69,6 +69,7 @@ class Settings:
     person_attributes: tuple[str, ...] = DEFAULT_PERSON_ATTRIBUTES
     header_allow_list: tuple[str, ...] = DEFAULT_HEADER_ALLOW_LIST
     max_image_mb: int = 4096
+    google_retry_seconds: int = 120  # how long the clients keep retrying transient errors
 
     @property
     def policy(self) -> DeidPolicy:
@@ -114,6 +115,9 @@ class Settings:
             person_attributes=_names(get("DICOM_PERSON_ATTRIBUTES"), DEFAULT_PERSON_ATTRIBUTES),
             header_allow_list=_names(get("DICOM_HEADER_ALLOW_LIST"), DEFAULT_HEADER_ALLOW_LIST),
             max_image_mb=_int("DICOM_MAX_IMAGE_MB", get("DICOM_MAX_IMAGE_MB"), 4096, 1, 1_048_576, problems),
+            google_retry_seconds=_int(
+                "DICOM_GOOGLE_RETRY_SECONDS", get("DICOM_GOOGLE_RETRY_SECONDS"), 120, 1, 3600, problems
+            ),
         )
         if problems:
             raise SettingsError("Settings are incomplete: " + "; ".join(problems))

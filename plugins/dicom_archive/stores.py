@@ -71,9 +71,11 @@ class ObjectStore(Protocol):
 class GCSObjectStore:
     """A bucket, through a google.cloud.storage.Bucket (production gets it from GCSHook)."""
 
-    def __init__(self, bucket: Any, upload_chunk: int = UPLOAD_CHUNK) -> None:
+    def __init__(self, bucket: Any, upload_chunk: int = UPLOAD_CHUNK, retry: Any = None) -> None:
         self.bucket = bucket
         self.upload_chunk = upload_chunk
+        # The client's own retry (backoff on 429, 5xx and resets); `retry` only changes how long.
+        self._retry: dict[str, Any] = {} if retry is None else {"retry": retry}
 
     def uri(self, name: str) -> str:
         return f"gs://{self.bucket.name}/{name}"
@@ -94,7 +96,7 @@ class GCSObjectStore:
         )
 
     def get(self, name: str) -> StoredObject | None:
-        blob = self.bucket.get_blob(name)
+        blob = self.bucket.get_blob(name, **self._retry)
         return None if blob is None else self._stored(blob)
 
     @contextlib.contextmanager
@@ -111,6 +113,7 @@ class GCSObjectStore:
             content_type=content_type,
             if_generation_match=if_generation_match,
             ignore_flush=True,
+            **self._retry,
         )
         try:
             # The writer cancels the resumable session when the block raises, so a failed
@@ -142,19 +145,19 @@ class GCSObjectStore:
                     writer._buffer.close()
 
     def delete(self, name: str, generation: int | None) -> None:
-        self.bucket.blob(name).delete(if_generation_match=generation)
+        self.bucket.blob(name).delete(if_generation_match=generation, **self._retry)
 
     def write_bytes(self, name: str, data: bytes, content_type: str) -> StoredObject:
         blob = self.bucket.blob(name)
-        blob.upload_from_string(data, content_type=content_type)
+        blob.upload_from_string(data, content_type=content_type, **self._retry)
         return self._stored(blob)
 
     def read_bytes(self, name: str) -> bytes | None:
-        blob = self.bucket.get_blob(name)
-        return None if blob is None else blob.download_as_bytes()
+        blob = self.bucket.get_blob(name, **self._retry)
+        return None if blob is None else blob.download_as_bytes(**self._retry)
 
     def list_names(self, prefix: str) -> list[str]:
-        return sorted(blob.name for blob in self.bucket.list_blobs(prefix=prefix))
+        return sorted(blob.name for blob in self.bucket.list_blobs(prefix=prefix, **self._retry))
 
 
 def _file_digest(path: Path) -> tuple[str, str]:

@@ -49,7 +49,12 @@ class DicomStorageHook(BaseHook):
     default_conn_name = "google_cloud_default"
     hook_name = "DICOM storage"
 
-    def __init__(self, *, gcp_conn_id: str = default_conn_name, impersonation_chain: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        gcp_conn_id: str = default_conn_name,
+        impersonation_chain: str | None = None,
+    ) -> None:
         super().__init__()
         self.gcp_conn_id = gcp_conn_id
         self.impersonation_chain = impersonation_chain
@@ -75,15 +80,17 @@ class DicomStorageHook(BaseHook):
         # get_client() does not fall back to the connection's project: pass it.
         return hook.get_client(project_id=project, location=location)
 
-    def landing_zone(self, root: str) -> LandingZone:
+    def landing_zone(self, settings: Settings, root: str | None = None) -> LandingZone:
+        """The landing zone at `root` (default: the DICOM_LANDING_ROOT setting)."""
+        root = root or settings.landing_root
         if root.startswith("gs://"):
             bucket, prefix = split_gs_uri(root)
-            return GCSLandingZone(self.storage_client().bucket(bucket), prefix)
+            return GCSLandingZone(self.storage_client().bucket(bucket), prefix, retry=_storage_retry(settings))
         return LocalLandingZone(root)
 
     def archive_store(self, settings: Settings) -> ObjectStore:
         if settings.send_to_google:
-            return GCSObjectStore(self.storage_client().bucket(settings.bucket))
+            return GCSObjectStore(self.storage_client().bucket(settings.bucket), retry=_storage_retry(settings))
         return LocalObjectStore(settings.local_output)
 
     def describe_credentials(self) -> str:
@@ -131,6 +138,14 @@ class DicomStorageHook(BaseHook):
                     "Nothing was lost: rerun the batch once the service answers."
                 ) from err
             raise
+
+
+def _storage_retry(settings: Settings) -> Any:
+    """The storage client's own retry policy (backoff on 429, 5xx, resets), for as long as the
+    DICOM_GOOGLE_RETRY_SECONDS setting says."""
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    return DEFAULT_RETRY.with_timeout(settings.google_retry_seconds)
 
 
 class GoogleUnavailableError(RuntimeError):

@@ -62,7 +62,7 @@ class DicomStudyArchiveOperator(BaseOperator):
         settings = load_settings()
         hook = DicomStorageHook(gcp_conn_id=self.gcp_conn_id, impersonation_chain=self.impersonation_chain)
         store = hook.archive_store(settings)
-        zone = hook.landing_zone(self.landing_root or settings.landing_root)
+        zone = hook.landing_zone(settings, self.landing_root)
         archive_settings = ArchiveSettings(
             policy=settings.policy,
             compresslevel=settings.compresslevel,

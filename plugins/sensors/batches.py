@@ -55,7 +55,7 @@ class CompletedBatchSensor(BaseSensorOperator):
         root = self.landing_root or settings.landing_root
         hook = DicomStorageHook(gcp_conn_id=self.gcp_conn_id, impersonation_chain=self.impersonation_chain)
         with hook.explain_google_errors(f"the landing zone {root}"):
-            zone = hook.landing_zone(root)
+            zone = hook.landing_zone(settings, root)
             requested = self._requested_ids()
             if requested:
                 return PokeReturnValue(is_done=True, xcom_value=requested)
