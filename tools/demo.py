@@ -19,9 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "plugins"))
-
 
 def _setting(name: str) -> str:
     value = os.environ.get(name)

@@ -54,7 +54,6 @@ import io
 import json
 import math
 import os
-import re
 import shutil
 import sys
 from collections.abc import Iterable, Sequence
@@ -69,28 +68,15 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
+from dicom_archive.deid import DEFAULT_PERSON_ATTRIBUTES
+from dicom_archive.naming import BATCH_ID_RE, COLLECTION_RE
+
 MANIFEST = "batch.json"
 LOOKUP = "lookup.json"
 DEFAULT_DEID = {"software": "deid 0.4.13", "recipe": "deid.dicom"}
 DEFAULT_COLLECTION = "IRB41449"
-BATCH_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-COLLECTION_RE = re.compile(r"[A-Za-z0-9_]{1,1024}")
-
 # The contract's default list of attributes that must not hold a value in an archived image.
-PERSON_KEYWORDS = (
-    "PatientName",
-    "OtherPatientIDs",
-    "OtherPatientNames",
-    "PatientAddress",
-    "PatientTelephoneNumbers",
-    "PatientMotherBirthName",
-    "ReferringPhysicianName",
-    "PerformingPhysicianName",
-    "OperatorsName",
-    "PhysiciansOfRecord",
-    "RequestingPhysician",
-    "NameOfPhysiciansReadingStudy",
-)
+PERSON_KEYWORDS = DEFAULT_PERSON_ATTRIBUTES
 
 _SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
