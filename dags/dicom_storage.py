@@ -60,7 +60,7 @@ with DAG(
     @task
     def plan_batches(batch_ids: list[str], run_id: str | None = None) -> list[dict[str, Any]]:
         """Check every image header and group the images into studies; stage each plan."""
-        from dicom_archive.batch import Staging, chunk_id, chunk_refs, run_key
+        from dicom_archive.batch import Staging, chunk_id, chunk_refs, run_key, studies_per_chunk
         from dicom_archive.plan import plan_batch
         from hooks.dicom_storage import DicomStorageHook, load_settings
 
@@ -68,16 +68,23 @@ with DAG(
         hook = DicomStorageHook()
         zone = hook.landing_zone(settings)
         store = hook.archive_store(settings)
-        batches: list[dict[str, Any]] = []
+        planned = []
         for batch_id in batch_ids:
             plan = plan_batch(zone, batch_id, default_collection=settings.default_collection, policy=settings.policy)
             staging = Staging(store, batch_id, run_key(run_id or "manual"))
             with hook.explain_google_errors(f"the staging area {store.uri(staging.prefix)}"):
                 staging.write_plan(plan)
-            refs = chunk_refs(plan, staging, settings.studies_per_task)
+            planned.append((plan, staging))
+
+        size = studies_per_chunk(
+            [len(plan.groups) for plan, _ in planned], settings.studies_per_task, settings.max_archive_tasks
+        )
+        batches: list[dict[str, Any]] = []
+        for plan, staging in planned:
+            refs = chunk_refs(plan, staging, size)
             batches.append(
                 {
-                    "batch_id": batch_id,
+                    "batch_id": plan.batch_id,
                     "run_key": staging.run_key,
                     "collection": plan.collection,
                     "status": plan.status,
@@ -86,9 +93,9 @@ with DAG(
                 }
             )
             print(
-                f"batch {batch_id}: {plan.status}, {plan.images_seen} images seen, {plan.images_accepted} accepted "
-                f"in {len(plan.groups)} studies ({len(refs)} archive tasks), quarantined {plan.quarantine_counts()}"
-                + (f"; {plan.error}" if plan.error else "")
+                f"batch {plan.batch_id}: {plan.status}, {plan.images_seen} images seen, {plan.images_accepted} "
+                f"accepted in {len(plan.groups)} studies ({len(refs)} archive tasks of up to {size} studies), "
+                f"quarantined {plan.quarantine_counts()}" + (f"; {plan.error}" if plan.error else "")
             )
         return batches
 

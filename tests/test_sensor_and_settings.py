@@ -130,3 +130,19 @@ def test_settings_defaults_and_lists():
     assert settings.compresslevel == 1
     assert settings.replace_changed is False
     assert settings.policy.person_attributes == ("PatientName", "OperatorsName")
+
+
+@pytest.mark.parametrize(
+    ("counts", "preferred", "limit"),
+    [([3, 4], 25, 512), ([50_000], 25, 512), ([20_000, 20_000, 1, 1], 25, 512), ([10_000] * 30, 25, 100), ([0], 5, 1)],
+)
+def test_chunking_keeps_the_mapped_tasks_of_a_run_under_the_limit(counts, preferred, limit):
+    from math import ceil
+
+    from dicom_archive.batch import studies_per_chunk
+
+    size = studies_per_chunk(counts, preferred, limit)
+    assert size >= preferred
+    assert sum(ceil(n / size) for n in counts) <= max(limit, len(counts))
+    if sum(ceil(n / preferred) for n in counts) <= limit - len(counts):
+        assert size == preferred, "small runs keep the preferred size"

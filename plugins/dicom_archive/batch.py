@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -110,6 +111,15 @@ def chunk_refs(plan: BatchPlan, staging: Staging, studies_per_chunk: int) -> lis
         }
         for start in range(0, len(plan.groups), size)
     ]
+
+
+def studies_per_chunk(study_counts: list[int], preferred: int, max_chunks: int) -> int:
+    """The chunk size for a run: `preferred`, or larger when the run's batches would otherwise need
+    more than `max_chunks` mapped archive tasks (Airflow caps a mapping at max_map_length, and
+    every mapped task costs the scheduler). Each batch rounds its last chunk up, hence the margin."""
+    total = sum(study_counts)
+    budget = max(1, max_chunks - len(study_counts))
+    return max(1, preferred, math.ceil(total / budget))
 
 
 def chunk_id(start: int) -> str:

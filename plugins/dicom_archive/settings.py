@@ -66,6 +66,7 @@ class Settings:
     compresslevel: int = 1
     bigquery_location: str = "US"
     studies_per_task: int = 25
+    max_archive_tasks: int = 512  # per run; the chunk size grows beyond studies_per_task to stay under it
     person_attributes: tuple[str, ...] = DEFAULT_PERSON_ATTRIBUTES
     header_allow_list: tuple[str, ...] = DEFAULT_HEADER_ALLOW_LIST
     max_image_mb: int = 4096
@@ -112,6 +113,9 @@ class Settings:
             compresslevel=_int("DICOM_GZIP_LEVEL", get("DICOM_GZIP_LEVEL"), 1, 0, 3, problems),
             bigquery_location=(get("DICOM_BIGQUERY_LOCATION") or "US").strip(),
             studies_per_task=_int("DICOM_STUDIES_PER_TASK", get("DICOM_STUDIES_PER_TASK"), 25, 1, 10_000, problems),
+            max_archive_tasks=_int(
+                "DICOM_MAX_ARCHIVE_TASKS", get("DICOM_MAX_ARCHIVE_TASKS"), 512, 1, 100_000, problems
+            ),
             person_attributes=_names(get("DICOM_PERSON_ATTRIBUTES"), DEFAULT_PERSON_ATTRIBUTES),
             header_allow_list=_names(get("DICOM_HEADER_ALLOW_LIST"), DEFAULT_HEADER_ALLOW_LIST),
             max_image_mb=_int("DICOM_MAX_IMAGE_MB", get("DICOM_MAX_IMAGE_MB"), 4096, 1, 1_048_576, problems),
