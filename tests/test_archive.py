@@ -199,7 +199,11 @@ def test_member_sha256_and_extracted_files_equal_the_inputs(tmp_path):
     root = tmp_path / "zone"
     zone = make_batch(root, "b1", good_images(3) + good_images(2, series=2))
     group = only_group(plan_batch(zone, "b1"))
-    data, _, members = archive_bytes(group, zone)
+
+    def describe(ds, image):
+        return {"PatientID": ds.PatientID, "SOPInstanceUID": ds.SOPInstanceUID, "relpath": image.relpath}
+
+    data, _, members = archive_bytes(group, zone, describe=describe)
     assert len(members) == 5
 
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
@@ -209,9 +213,10 @@ def test_member_sha256_and_extracted_files_equal_the_inputs(tmp_path):
         assert member.sha256 == hashlib.sha256(source).hexdigest()
         assert member.size == len(source)
         assert (tmp_path / "out" / member.member_name).read_bytes() == source
-        # The header handed on for the metadata row is the file's own.
-        assert member.header.PatientID == ENTITY
-        assert member.header.SOPInstanceUID == pydicom.dcmread(root / "b1" / member.relpath).SOPInstanceUID
+        # What is taken from the header for the metadata row comes from the file's own header.
+        assert member.fields["PatientID"] == ENTITY
+        assert member.fields["SOPInstanceUID"] == pydicom.dcmread(root / "b1" / member.relpath).SOPInstanceUID
+        assert member.fields["relpath"] == member.relpath
     extracted = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert len(extracted) == 5
 

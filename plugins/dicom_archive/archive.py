@@ -14,7 +14,7 @@ import io
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import google_crc32c
 import pydicom
@@ -41,7 +41,11 @@ class ArchivedMember:
     member_name: str
     size: int
     sha256: str
-    header: Dataset
+    fields: dict[str, Any]  # what `describe` took from the header; the header itself is not kept
+
+
+# What to keep of an archived image's parsed header (rows.image_fields in the pipeline).
+Describe = Callable[[Dataset, ImageRecord], dict[str, Any]]
 
 
 @dataclass
@@ -133,12 +137,13 @@ def write_study_archive(
     *,
     policy: DeidPolicy | None = None,
     compresslevel: int = DEFAULT_COMPRESSLEVEL,
-    on_member: Callable[[ArchivedMember], None] | None = None,
+    describe: Describe | None = None,
 ) -> tuple[ArchiveDigest, list[ArchivedMember]]:
     """Write the group's tar.gz to `sink` (None: only compute the digest) and describe it.
 
     The bytes depend only on the images and their order (sorted by series, instance, UIDs,
-    then path), never on time, user or machine.
+    then path), never on time, user or machine. Memory stays flat in the study size: each
+    image's header is parsed, checked, passed to `describe`, and dropped.
     """
     policy = policy or DeidPolicy()
     hashing = HashingSink(sink)
@@ -151,10 +156,7 @@ def write_study_archive(
         tar.copybufsize = COPY_CHUNK
         tar.addfile(_tar_info(stem, 0, is_dir=True))
         for ordinal, image in enumerate(group.sorted_images(), start=1):
-            member = _add_image(tar, zone, group.batch_id, stem, ordinal, image, policy)
-            members.append(member)
-            if on_member is not None:
-                on_member(member)
+            members.append(_add_image(tar, zone, group.batch_id, stem, ordinal, image, policy, describe))
     return hashing.digest(), members
 
 
@@ -166,6 +168,7 @@ def _add_image(
     ordinal: int,
     image: ImageRecord,
     policy: DeidPolicy,
+    describe: Describe | None,
 ) -> ArchivedMember:
     name = member_name(stem, ordinal, image)
     where = zone.describe(batch_id, image.relpath)
@@ -183,4 +186,5 @@ def _add_image(
     verdict = check_header(header, policy)
     if isinstance(verdict, Quarantine):
         raise ArchiveIntegrityError(f"{where} no longer passes the de-identification check ({verdict.reason})")
-    return ArchivedMember(image.relpath, name, image.size, reader.sha256.hexdigest(), header)
+    fields = describe(header, image) if describe is not None else {}
+    return ArchivedMember(image.relpath, name, image.size, reader.sha256.hexdigest(), fields)

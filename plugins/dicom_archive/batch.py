@@ -7,6 +7,7 @@ folder), one folder per batch and run: `_staging/<batch_id>/<run_key>/`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -23,7 +24,7 @@ from dicom_archive.manifest import REPORT_NAME
 from dicom_archive.naming import batch_report_object_name
 from dicom_archive.plan import STATUS_NOT_READY, BatchPlan, StudyGroup
 from dicom_archive.publish import ALREADY_PRESENT, publish_study_archive
-from dicom_archive.rows import DEFAULT_HEADER_ALLOW_LIST, RunContext, build_row, rows_to_ndjson
+from dicom_archive.rows import DEFAULT_HEADER_ALLOW_LIST, RunContext, build_row, image_fields, rows_to_ndjson
 from dicom_archive.stores import ObjectStore
 
 STAGING_ROOT = "_staging"
@@ -150,6 +151,7 @@ def archive_groups(
     """Publish each group's archive; return the per-archive summaries and the per-image rows."""
     summaries: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
+    describe = functools.partial(image_fields, allow_list=settings.header_allow_list)
     started = time.monotonic()
     done_bytes = 0
     for done, group in enumerate(groups, start=1):
@@ -161,20 +163,12 @@ def archive_groups(
             policy=settings.policy,
             compresslevel=settings.compresslevel,
             replace_changed=settings.replace_changed,
+            describe=describe,
         )
-        images = {image.relpath: image for image in group.images}
-        for member in published.members:
-            rows.append(
-                build_row(
-                    group=group,
-                    image=images[member.relpath],
-                    member=member,
-                    stored=published.stored,
-                    deid=deid,
-                    context=context,
-                    allow_list=settings.header_allow_list,
-                )
-            )
+        rows.extend(
+            build_row(group=group, member=member, stored=published.stored, deid=deid, context=context)
+            for member in published.members
+        )
         done_bytes += group.size
         summaries.append(
             {

@@ -9,11 +9,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from dicom_archive import PIPELINE_VERSION
-from dicom_archive.archive import ArchiveDigest, ArchivedMember, write_study_archive
+from dicom_archive.archive import ArchiveDigest, ArchivedMember, Describe, write_study_archive
 from dicom_archive.deid import DeidPolicy
 from dicom_archive.landing import LandingZone
 from dicom_archive.plan import StudyGroup
@@ -67,13 +66,15 @@ def publish_study_archive(
     policy: DeidPolicy | None = None,
     compresslevel: int = 1,
     replace_changed: bool = False,
-    on_member: Callable[[ArchivedMember], None] | None = None,
+    describe: Describe | None = None,
 ) -> PublishedArchive:
     name = group.object_name
     existing = store.get(name)
     precondition = 0
     if existing is not None:
-        digest, members = write_study_archive(group, zone, None, policy=policy, compresslevel=compresslevel)
+        digest, members = write_study_archive(
+            group, zone, None, policy=policy, compresslevel=compresslevel, describe=describe
+        )
         if digest.md5 == existing.md5:
             return PublishedArchive(ALREADY_PRESENT, existing, digest, members)
         if not replace_changed:
@@ -88,7 +89,7 @@ def publish_study_archive(
             if_generation_match=precondition,
         ) as stream:
             digest, members = write_study_archive(
-                group, zone, stream, policy=policy, compresslevel=compresslevel, on_member=on_member
+                group, zone, stream, policy=policy, compresslevel=compresslevel, describe=describe
             )
     except ObjectExistsError:
         # Another writer won the race between our look and our write (the precondition may
@@ -96,7 +97,9 @@ def publish_study_archive(
         raced = store.get(name)
         if raced is None:
             raise
-        digest, members = write_study_archive(group, zone, None, policy=policy, compresslevel=compresslevel)
+        digest, members = write_study_archive(
+            group, zone, None, policy=policy, compresslevel=compresslevel, describe=describe
+        )
         if raced.md5 == digest.md5:
             return PublishedArchive(ALREADY_PRESENT, raced, digest, members)
         raise ArchiveConflictError(_conflict_message(store, raced, digest, len(group.images))) from None

@@ -99,23 +99,46 @@ class RunContext:
     pipeline_version: str = PIPELINE_VERSION
 
 
-def build_row(
-    *,
-    group: StudyGroup,
-    image: ImageRecord,
-    member: ArchivedMember,
-    stored: StoredObject,
-    deid: dict[str, Any],
-    context: RunContext,
-    allow_list: Iterable[str] = DEFAULT_HEADER_ALLOW_LIST,
+def image_fields(
+    ds: Dataset, image: ImageRecord, allow_list: Iterable[str] = DEFAULT_HEADER_ALLOW_LIST
 ) -> dict[str, Any]:
-    ds = member.header
+    """The columns that come from one image's header and its lookup.json entry.
+
+    Taken as soon as the image is archived, so that its parsed header need not be kept."""
     lookup = {k: v for k, v in (image.lookup or {}).items() if k != "flagged"}
     image_type = dicom_value_to_json(ds.get("ImageType")) if "ImageType" in ds else None
     if isinstance(image_type, str):
         image_type = [image_type]
+    fields: dict[str, Any] = {}
+    for column in HEADER_COLUMNS:
+        value = _text(ds, column)
+        if value is None and isinstance(lookup.get(column), str | int | float):
+            value = str(lookup[column])
+        fields[column] = value
+    fields.update(
+        {
+            "ImageType": image_type or [],
+            "width": _int(ds, "Columns"),
+            "height": _int(ds, "Rows"),
+            "SeriesNumber": _int(ds, "SeriesNumber"),
+            "InstanceNumber": _int(ds, "InstanceNumber"),
+            # Header values win over lookup.json values on conflict.
+            "DicomHeader": {**lookup, **header_fields(ds, allow_list)},
+        }
+    )
+    return fields
 
-    row: dict[str, Any] = {
+
+def build_row(
+    *,
+    group: StudyGroup,
+    member: ArchivedMember,
+    stored: StoredObject,
+    deid: dict[str, Any],
+    context: RunContext,
+) -> dict[str, Any]:
+    """One image's row: its identity in the study, its header fields, the stored archive."""
+    return {
         "collection": group.collection,
         "batch_id": group.batch_id,
         "entity_id": group.entity_id,
@@ -125,44 +148,28 @@ def build_row(
         "CodedPatientID": group.entity_id,
         "CodedAccessionNumberID": group.item_id,
         "StudyDate": _iso_date(group.study_date),
+        **member.fields,
+        "instance_sha256": member.sha256,
+        "archive_member": member.member_name,
+        "storage_uri": stored.uri,
+        "storage_bucket": stored.bucket,
+        "storage_name": stored.name,
+        "storage_md5Hash": stored.md5,
+        "storage_crc32c": stored.crc32c,
+        "storage_generation": stored.generation,
+        "storage_size": stored.size,
+        "storage_download": stored.media_link,
+        "storage_metadataLink": stored.self_link,
+        "ContentType": ARCHIVE_CONTENT_TYPE,
+        # When the archive was written: the object's creation time, so a rerun that finds
+        # the object already present produces the very same row.
+        "uploaded_at": stored.created,
+        "upload_agent": context.upload_agent,
+        "dag_run_id": context.dag_run_id,
+        "pipeline_version": context.pipeline_version,
+        "deid_software": _str_or_none(deid.get("software")),
+        "deid_recipe": _str_or_none(deid.get("recipe")),
     }
-    for column in HEADER_COLUMNS:
-        value = _text(ds, column)
-        if value is None and isinstance(lookup.get(column), str | int | float):
-            value = str(lookup[column])
-        row[column] = value
-    row.update(
-        {
-            "ImageType": image_type or [],
-            "width": _int(ds, "Columns"),
-            "height": _int(ds, "Rows"),
-            "SeriesNumber": _int(ds, "SeriesNumber"),
-            "InstanceNumber": _int(ds, "InstanceNumber"),
-            "instance_sha256": member.sha256,
-            "archive_member": member.member_name,
-            "storage_uri": stored.uri,
-            "storage_bucket": stored.bucket,
-            "storage_name": stored.name,
-            "storage_md5Hash": stored.md5,
-            "storage_crc32c": stored.crc32c,
-            "storage_generation": stored.generation,
-            "storage_size": stored.size,
-            "storage_download": stored.media_link,
-            "storage_metadataLink": stored.self_link,
-            "ContentType": ARCHIVE_CONTENT_TYPE,
-            # Header values win over lookup.json values on conflict.
-            "DicomHeader": {**lookup, **header_fields(ds, allow_list)},
-            # When the archive was written: the object's creation time, so a rerun that finds
-            # the object already present produces the very same row.
-            "uploaded_at": stored.created,
-            "upload_agent": context.upload_agent,
-            "dag_run_id": context.dag_run_id,
-            "pipeline_version": context.pipeline_version,
-            "deid_software": _str_or_none(deid.get("software")),
-            "deid_recipe": _str_or_none(deid.get("recipe")),
-        }
-    )
-    return row
 
 
 def _str_or_none(value: object) -> str | None:
