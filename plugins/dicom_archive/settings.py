@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from dicom_archive.batch import ArchiveSettings
 from dicom_archive.deid import DEFAULT_PERSON_ATTRIBUTES, DeidPolicy
 from dicom_archive.naming import COLLECTION_RE
 from dicom_archive.rows import DEFAULT_HEADER_ALLOW_LIST
@@ -71,6 +72,16 @@ class Settings:
     header_allow_list: tuple[str, ...] = DEFAULT_HEADER_ALLOW_LIST
     max_image_mb: int = 4096
     google_retry_seconds: int = 120  # how long the clients keep retrying transient errors
+
+    @property
+    def archive(self) -> ArchiveSettings:
+        """What archiving a study needs of these settings."""
+        return ArchiveSettings(
+            policy=self.policy,
+            compresslevel=self.compresslevel,
+            replace_changed=self.replace_changed,
+            header_allow_list=self.header_allow_list,
+        )
 
     @property
     def policy(self) -> DeidPolicy:

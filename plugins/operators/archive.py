@@ -55,7 +55,7 @@ class DicomStudyArchiveOperator(BaseOperator):
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
         # Imported here, not at module level, so that parsing the DAG stays fast.
-        from dicom_archive.batch import ArchiveSettings, archive_groups
+        from dicom_archive.batch import archive_groups
         from dicom_archive.rows import RunContext
         from hooks.dicom_storage import DicomStorageHook, load_settings
 
@@ -63,19 +63,15 @@ class DicomStudyArchiveOperator(BaseOperator):
         hook = DicomStorageHook(gcp_conn_id=self.gcp_conn_id, impersonation_chain=self.impersonation_chain)
         store = hook.archive_store(settings)
         zone = hook.landing_zone(settings, self.landing_root)
-        archive_settings = ArchiveSettings(
-            policy=settings.policy,
-            compresslevel=settings.compresslevel,
-            replace_changed=settings.replace_changed,
-            header_allow_list=settings.header_allow_list,
-        )
         run_context = RunContext(
             upload_agent=f"airflow:{self.dag_id}.{self.task_id}",
             dag_run_id=context["run_id"],
         )
         refs = self.study_groups if isinstance(self.study_groups, list) else [self.study_groups]
         summaries: list[dict[str, Any]] = []
-        for staging, chunk, groups, deid in self._resolve(refs, store, context["run_id"]):
+        with hook.explain_google_errors(f"the staged plans under {store.uri('_staging/')}"):
+            work = self._resolve(refs, store, context["run_id"])
+        for staging, chunk, groups, deid in work:
             if not groups:
                 continue
             self.log.info("batch %s: archiving %d studies (chunk %s)", staging.batch_id, len(groups), chunk)
@@ -87,7 +83,7 @@ class DicomStudyArchiveOperator(BaseOperator):
                     store,
                     deid=deid,
                     context=run_context,
-                    settings=archive_settings,
+                    settings=settings.archive,
                     progress=self._log_progress,
                 )
                 staging.write_chunk(chunk, chunk_summaries, rows)
