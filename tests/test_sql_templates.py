@@ -56,6 +56,8 @@ def fixture_rows() -> list[dict]:
                     "PatientSex": sex,
                     "PatientAge": age,
                     "SeriesInstanceUID": series,
+                    # A5's one image has a blank UID but a SeriesNumber, like the demo's awkward study.
+                    "SeriesNumber": int(series[1:]) if series else 7,
                     "instance_sha256": f"{archive}-{n}",
                     "archive_member": f"{archive}/{n}.dcm",
                     "storage_uri": uri(archive),
@@ -190,7 +192,7 @@ def test_study_summary(bigquery_client, loaded):
         (uri("A2"), "E1", "I2", d("2021-06-01"), 2, 1, "MR"),
         (uri("A3"), "E2", "I3", d("2019-03-15"), 2, 2, "CT,PT"),
         (uri("A4"), "E3", "I4", d("2022-02-02"), 1, 1, "CR"),
-        (uri("A5"), "E4", "I5", d("2018-12-31"), 1, 0, None),  # a NULL SeriesInstanceUID counts no series
+        (uri("A5"), "E4", "I5", d("2018-12-31"), 1, 1, None),  # a blank UID: the series counts by its number
         (uri("A6"), "E5", "I6", d("2023-03-03"), 1, 1, "MR"),
     ]
 

@@ -1,11 +1,12 @@
 -- One row per archive (study): where it is, whose, when, how many images and series.
+-- A series is told apart by its SeriesInstanceUID, or by its SeriesNumber where the UID is blank.
 SELECT
   storage_uri,
   entity_id,
   item_id,
   StudyDate,
   COUNT(*) AS images,
-  COUNT(DISTINCT SeriesInstanceUID) AS series,
+  COUNT(DISTINCT COALESCE(SeriesInstanceUID, CONCAT('number:', CAST(SeriesNumber AS STRING)))) AS series,
   STRING_AGG(DISTINCT Modality, ',' ORDER BY Modality) AS modalities
 FROM `{{ project }}.{{ dataset }}.{{ table }}`
 GROUP BY storage_uri, entity_id, item_id, StudyDate
