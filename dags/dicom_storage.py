@@ -168,6 +168,7 @@ with DAG(
             table=(loaded or {}).get("table"),
             rows_loaded=(loaded or {}).get("rows_in_batch"),
             rows_inserted=(loaded or {}).get("rows_inserted"),
+            load_seconds=(loaded or {}).get("seconds"),
         )
         with hook.explain_google_errors(f"the batch report of {plan.batch_id}"):
             locations = publish_report(report, zone, store)

@@ -187,6 +187,10 @@ def test_end_to_end_run_writes_exact_objects_rows_and_reports(pipeline_env, good
         assert report["images"]["quarantined"] == len(batch.images) - expected_image_count(batch)
         assert report["archives"]["total"] == len(expected_objects(batch))
         assert report["bigquery"]["rows_in_batch"] == expected_image_count(batch)
+        timings = report["timings"]
+        assert timings["plan_seconds"] > 0
+        assert timings["archive_seconds"] > 0
+        assert timings["load_seconds"] > 0
 
 
 def test_second_run_changes_nothing(pipeline_env, good_batches, bigquery_client):

@@ -34,13 +34,9 @@ def _hook():
 
 
 def prepare() -> list[str]:
-    """The bucket in the emulator and the demo landing zone; returns the batch ids."""
+    """The demo landing zone (`make emulators` made the bucket); returns the batch ids."""
     from tools.landing_zone import demo_landing_zone
 
-    client = _hook().storage_client()
-    bucket = _setting("GOOGLE_CLOUD_STORAGE")
-    if client.lookup_bucket(bucket) is None:
-        client.create_bucket(bucket)
     root = Path(_setting("DICOM_LANDING_ROOT"))
     if not root.is_dir() or not any(root.iterdir()):
         batches = demo_landing_zone(root, days=3)

@@ -202,7 +202,22 @@ def cli_start(run_dir: Path) -> int:
     for emulator in started:
         _pid_file(run_dir, emulator.name).write_text(f"{emulator.pid} {emulator.port}\n")
         wait_ready(emulator, project=project)
+    bucket = os.environ.get("GOOGLE_CLOUD_STORAGE")
+    if bucket:
+        ensure_bucket(f"http://127.0.0.1:{gcs_port}", bucket, project)
     return cli_status(run_dir)
+
+
+def ensure_bucket(gcs_url: str, bucket: str, project: str) -> None:
+    """The configured bucket, in the emulator: in production it is provisioned beforehand."""
+    os.environ["STORAGE_EMULATOR_HOST"] = gcs_url
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    client = storage.Client(project=project, credentials=AnonymousCredentials())
+    if client.lookup_bucket(bucket) is None:
+        client.create_bucket(bucket)
+        print(f"gcs: created bucket {bucket}")
 
 
 def cli_stop(run_dir: Path) -> int:

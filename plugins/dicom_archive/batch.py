@@ -192,10 +192,18 @@ def build_report(
     table: str | None,
     rows_loaded: int | None,
     rows_inserted: int | None,
-    timings: dict[str, float] | None = None,
+    load_seconds: float | None = None,
 ) -> dict[str, Any]:
     """The batch report of the outputs spec. Paths and reasons only: never a header value."""
     written = [a for a in archives if a.get("outcome") != ALREADY_PRESENT]
+    archive_seconds = round(sum(a.get("seconds", 0.0) for a in archives), 3)
+    input_bytes = sum(a.get("input_bytes", 0) for a in archives)
+    timings = {
+        "plan_seconds": plan.plan_seconds,
+        "archive_seconds": archive_seconds,  # summed over the archive tasks, which may run in parallel
+        "archive_MB_per_s": round(input_bytes / 1e6 / archive_seconds, 1) if archive_seconds else None,
+        "load_seconds": load_seconds,
+    }
     return {
         "batch_id": plan.batch_id,
         "collection": plan.collection,
@@ -215,11 +223,11 @@ def build_report(
             "written": len(written),
             "already_present": len(archives) - len(written),
             "bytes": sum(a.get("size", 0) for a in archives),
-            "input_bytes": sum(a.get("input_bytes", 0) for a in archives),
+            "input_bytes": input_bytes,
             "objects": sorted(a["uri"] for a in archives),
         },
         "bigquery": {"table": table, "rows_in_batch": rows_loaded, "rows_inserted": rows_inserted},
-        "timings": timings or {},
+        "timings": timings,
     }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -116,6 +117,7 @@ class BatchPlan:
     images_seen: int = 0
     groups: list[StudyGroup] = field(default_factory=list)
     quarantined: list[QuarantinedImage] = field(default_factory=list)
+    plan_seconds: float = 0.0
 
     @property
     def images_accepted(self) -> int:
@@ -312,6 +314,21 @@ def read_manifest(zone: LandingZone, batch_id: str, default_collection: str | No
 
 
 def plan_batch(
+    zone: LandingZone,
+    batch_id: str,
+    *,
+    default_collection: str | None = None,
+    policy: DeidPolicy | None = None,
+) -> BatchPlan:
+    """Everything the archive step needs to know about one batch (see _plan_batch); timed for
+    the batch report."""
+    started = time.monotonic()
+    plan = _plan_batch(zone, batch_id, default_collection=default_collection, policy=policy)
+    plan.plan_seconds = round(time.monotonic() - started, 3)
+    return plan
+
+
+def _plan_batch(
     zone: LandingZone,
     batch_id: str,
     *,

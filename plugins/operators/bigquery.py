@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,6 +70,7 @@ class DicomMetadataToBigQueryOperator(BaseOperator):
             )
         ndjson = staging.read_rows(expected)
         collection = self.batch["collection"]
+        started = time.monotonic()
 
         if settings.send_to_google:
             result = self._load_to_bigquery(hook, settings, collection, ndjson)
@@ -77,6 +79,7 @@ class DicomMetadataToBigQueryOperator(BaseOperator):
             stored = store.write_bytes(name, ndjson, "application/x-ndjson")
             rows = ndjson.count(b"\n")
             result = {"table": stored.uri, "rows_in_batch": rows, "rows_inserted": rows}
+        result["seconds"] = round(time.monotonic() - started, 3)
         staging.write_result("bigquery", result)
         self.log.info(
             "batch %s: %d rows, %d new in %s",
