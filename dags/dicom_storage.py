@@ -15,15 +15,13 @@ import os
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from airflow.sdk import DAG, Asset, CronDataIntervalTimetable, Param, TriggerRule, task
+from airflow.sdk import DAG, CronDataIntervalTimetable, Param, TriggerRule, task
 
 from operators.archive import DicomStudyArchiveOperator
+from operators.assets import ARCHIVES_ALIAS, TABLES_ALIAS
 from operators.bigquery import DicomMetadataToBigQueryOperator
 from sensors.batches import CompletedBatchSensor
 
-# Names only: no bucket, dataset or patient id is baked in at parse time.
-ARCHIVES_ASSET = Asset(name="dicom_storage_archives")
-METADATA_ASSET = Asset(name="dicom_storage_metadata")
 STORAGE_POOL = "dicom_storage_gcs"
 BIGQUERY_POOL = "dicom_storage_bigquery"
 
@@ -109,14 +107,14 @@ with DAG(
     archive_studies = DicomStudyArchiveOperator.partial(
         task_id="archive_studies",
         pool=STORAGE_POOL,
-        outlets=[ARCHIVES_ASSET],
+        outlets=[ARCHIVES_ALIAS],  # mapped: partial() fixes outlets before the operator's default applies
     ).expand(study_groups=study_chunks(batches))
 
     load_metadata = DicomMetadataToBigQueryOperator.partial(
         task_id="load_metadata",
         pool=BIGQUERY_POOL,
         trigger_rule=TriggerRule.ALL_DONE,  # one batch's failed archive must not hold back the others
-        outlets=[METADATA_ASSET],
+        outlets=[TABLES_ALIAS],
     ).expand(batch=batches)
 
     @task(trigger_rule=TriggerRule.ALL_DONE)

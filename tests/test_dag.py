@@ -124,6 +124,16 @@ def extra_links() -> set[tuple[str, str]]:
         return {(task_id, value) for task_id, value in rows}
 
 
+def asset_event_uris() -> set[str]:
+    """The assets that received an event, through the asset aliases of the two operators."""
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = session.query(AssetModel.uri).join(AssetEvent, AssetEvent.asset_id == AssetModel.id)
+        return {uri for (uri,) in rows}
+
+
 def phi_audit(pipeline_env: dict, batches: list[BatchSpec]) -> list:
     """Every identifying value planted in the landing zone (and carried by the pydicom samples the
     images start from), searched in object names, archive members and headers, rows and reports."""
@@ -175,6 +185,11 @@ def test_end_to_end_run_writes_exact_objects_rows_and_reports(pipeline_env, good
         ("load_metadata", f"https://console.cloud.google.com/bigquery?project={PROJECT}&p={PROJECT}"
          f"&d={COLLECTION}&t=dicom&page=table"),
     }  # fmt: skip
+
+    assert asset_event_uris() >= {
+        f"gs://{pipeline_env['bucket']}/Collection/{COLLECTION}",
+        f"bigquery://{PROJECT}/{COLLECTION}/dicom",
+    }, "downstream DAGs can be scheduled on the bucket prefix and the table"
 
     findings = phi_audit(pipeline_env, good_batches)
     assert findings == [], [str(f) for f in findings]

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator, Context
 
+from operators.assets import ARCHIVES_ALIAS, archive_prefix_asset
 from operators.links import CollectionArchivesLink
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ class DicomStudyArchiveOperator(BaseOperator):
         impersonation_chain: str | None = None,
         **kwargs: Any,
     ) -> None:
+        kwargs.setdefault("outlets", [ARCHIVES_ALIAS])
         super().__init__(**kwargs)
         self.study_groups = study_groups
         self.landing_root = landing_root
@@ -89,8 +91,17 @@ class DicomStudyArchiveOperator(BaseOperator):
                 staging.write_chunk(chunk, chunk_summaries, rows)
             summaries.extend(chunk_summaries)
             if settings.send_to_google:
+                collection = groups[0].collection
                 self.console_links[CollectionArchivesLink.name] = CollectionArchivesLink.url(
-                    bucket=settings.bucket, collection=groups[0].collection, project=settings.project
+                    bucket=settings.bucket, collection=collection, project=settings.project
+                )
+                context["outlet_events"][ARCHIVES_ALIAS].add(
+                    archive_prefix_asset(settings.bucket, collection),
+                    extra={
+                        "batch_id": staging.batch_id,
+                        "archives": len(chunk_summaries),
+                        "written": sum(s["outcome"] != "already_present" for s in chunk_summaries),
+                    },
                 )
         return summaries
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 
+from operators.assets import TABLES_ALIAS, table_asset
 from operators.links import CollectionTableLink
 
 TABLE = "dicom"
@@ -40,6 +41,7 @@ class DicomMetadataToBigQueryOperator(BaseOperator):
         impersonation_chain: str | None = None,
         **kwargs: Any,
     ) -> None:
+        kwargs.setdefault("outlets", [TABLES_ALIAS])
         super().__init__(**kwargs)
         self.batch = batch
         self.gcp_conn_id = gcp_conn_id
@@ -74,6 +76,10 @@ class DicomMetadataToBigQueryOperator(BaseOperator):
 
         if settings.send_to_google:
             result = self._load_to_bigquery(hook, settings, collection, ndjson)
+            context["outlet_events"][TABLES_ALIAS].add(
+                table_asset(settings.project, collection, TABLE),
+                extra={"batch_id": self.batch["batch_id"], "rows_inserted": result["rows_inserted"]},
+            )
         else:
             name = f"BigQuery/{collection}/{TABLE}/{self.batch['batch_id']}.ndjson"
             stored = store.write_bytes(name, ndjson, "application/x-ndjson")
