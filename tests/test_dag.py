@@ -307,3 +307,19 @@ def test_local_mode_sends_nothing_and_reads_settings_from_variables(
     assert {json.loads(r)["storage_uri"].split("/output/", 1)[1] for r in rows} == expected_objects(batch)
     assert read_report(root, batch.batch_id)["status"] == "DONE"
     assert not list(output.glob("_staging/*/*/*")), "staging is cleared after the report"
+
+
+def test_run_with_nothing_to_do_is_skipped_not_failed(pipeline_env, good_batches, tmp_path, monkeypatch):
+    from airflow.dag_processing.dagbag import DagBag
+
+    empty_root = tmp_path / "empty-landing"
+    empty_root.mkdir()
+    monkeypatch.setenv("DICOM_LANDING_ROOT", str(empty_root))
+    dag = DagBag(dag_folder=str(REPO_ROOT / "dags")).get_dag(DAG_ID)
+    dag_run = dag.test()  # a manual run without batch_ids: every complete batch without a report
+
+    states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
+    assert str(dag_run.state) == "success", states
+    assert states["wait_for_batches"] == "skipped"
+    assert states["plan_batches"] == "skipped"
+    assert "failed" not in states.values()

@@ -36,11 +36,12 @@ def landing(tmp_path, monkeypatch):
 
 
 def poke(sensor, run_type: str = "scheduled", start: datetime | None = None, days: int = 1):
+    from airflow.sdk.api.datamodels._generated import DagRunType
     from airflow.sdk.exceptions import AirflowSkipException
 
     start = start or datetime(2024, 1, 5, tzinfo=UTC)
     context = {
-        "dag_run": SimpleNamespace(run_type=run_type),
+        "dag_run": SimpleNamespace(run_type=DagRunType(run_type)),  # the enum a real run carries
         "data_interval_start": start,
         "data_interval_end": start + timedelta(days=days),
     }
@@ -146,3 +147,13 @@ def test_chunking_keeps_the_mapped_tasks_of_a_run_under_the_limit(counts, prefer
     assert sum(ceil(n / size) for n in counts) <= max(limit, len(counts))
     if sum(ceil(n / preferred) for n in counts) <= limit - len(counts):
         assert size == preferred, "small runs keep the preferred size"
+
+
+def test_manual_run_without_ids_and_nothing_pending_is_skipped_at_once(landing):
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    for batch_dir in landing.iterdir():
+        (batch_dir / "batch.report.json").write_text("{}")
+    result = poke(make_sensor(), run_type="manual")
+    assert isinstance(result, AirflowSkipException)
+    assert "no complete batch without a report" in str(result)

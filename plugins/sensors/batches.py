@@ -20,7 +20,7 @@ class CompletedBatchSensor(BaseSensorOperator):
     - A scheduled or backfill run: batches whose ``completed_at`` lies in the data interval.
       If none has appeared by ``timeout`` after the interval's end, the run ends skipped; a
       backfill of a past interval therefore skips at once rather than waiting.
-    - A manual run without ids: every complete batch that has no report yet.
+    - A manual run without ids: every complete batch that has no report yet; none: skipped at once.
 
     Settings are validated at the first poke, so a run with missing settings fails at once
     with a message that names them.
@@ -48,6 +48,8 @@ class CompletedBatchSensor(BaseSensorOperator):
         self.impersonation_chain = impersonation_chain
 
     def poke(self, context: Context) -> PokeReturnValue:
+        from airflow.sdk.exceptions import AirflowSkipException
+
         from dicom_archive.plan import find_completed_batches, find_unreported_batches
         from hooks.dicom_storage import DicomStorageHook, load_settings
 
@@ -60,11 +62,13 @@ class CompletedBatchSensor(BaseSensorOperator):
             if requested:
                 return PokeReturnValue(is_done=True, xcom_value=requested)
 
-            dag_run = context["dag_run"]
-            if str(getattr(dag_run, "run_type", "")) == "manual":
+            run_type = getattr(context["dag_run"], "run_type", None)
+            if getattr(run_type, "value", run_type) == "manual":  # an enum in a real run
                 pending = find_unreported_batches(zone)
                 self.log.info("manual run without batch_ids: %d unreported batches", len(pending))
-                return PokeReturnValue(is_done=bool(pending), xcom_value=pending or None)
+                if not pending:  # a manual run asks about now: nothing to wait for
+                    raise AirflowSkipException(f"no complete batch without a report under {zone.uri}")
+                return PokeReturnValue(is_done=True, xcom_value=pending)
 
             start, end = context["data_interval_start"], context["data_interval_end"]
             found = find_completed_batches(zone, start, end, settings.default_collection)
@@ -72,8 +76,6 @@ class CompletedBatchSensor(BaseSensorOperator):
         if found:
             return PokeReturnValue(is_done=True, xcom_value=found)
         if datetime.now(UTC) >= end + timedelta(seconds=self.timeout):
-            from airflow.sdk.exceptions import AirflowSkipException
-
             raise AirflowSkipException(f"no batch completed in [{start}, {end}) under {zone.uri}")
         return PokeReturnValue(is_done=False)
 
