@@ -218,6 +218,13 @@ def build_report(
             "quarantined_by_reason": plan.quarantine_counts(),
         },
         "quarantined": [{"path": q.relpath, "reason": q.reason, "detail": q.detail} for q in plan.quarantined],
+        # Second names of an image (hard or symbolic links): counted and archived once, under the first.
+        "aliases": [{"path": path, "same_as": first} for path, first in sorted(plan.aliases.items())],
+        "lookup": {
+            "keys_matching_no_image": plan.lookup_unmatched,
+            "keys_matching_several_images": plan.lookup_ambiguous,
+            "images_with_several_keys": plan.lookup_merged,
+        },
         "archives": {
             "total": len(archives),
             "written": len(written),

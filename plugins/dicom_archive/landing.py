@@ -25,6 +25,10 @@ class LandingFile:
     size: int
     outside_batch: bool = False  # a symlink whose target lies outside the batch folder
     special: bool = False  # not a regular file (a named pipe, socket or device): never opened
+    # What the file is, whatever name it was reached under: "device:inode" in a local zone (hard
+    # links and symbolic links share their target's), the object name in a bucket. None: unknown.
+    identity: str | None = None
+    link_target: str | None = None  # a symbolic link's resolved path, relative to the batch folder
 
 
 class LandingZone(Protocol):
@@ -76,17 +80,19 @@ class LocalLandingZone:
             for name in sorted(filenames) + linked_dirs:
                 path = Path(dirpath, name)
                 relpath = path.relative_to(batch_dir).as_posix()
+                link_target = None
                 if path.is_symlink():
                     target = path.resolve()
                     if not target.is_relative_to(batch_dir) or not target.is_file():
                         yield LandingFile(relpath, 0, outside_batch=True)
                         continue
+                    link_target = target.relative_to(batch_dir).as_posix()
                 info = path.stat()
                 if not stat.S_ISREG(info.st_mode):
                     # Opening a named pipe blocks until someone writes to it: never try.
                     yield LandingFile(relpath, 0, special=True)
                     continue
-                yield LandingFile(relpath, info.st_size)
+                yield LandingFile(relpath, info.st_size, identity=file_identity(info), link_target=link_target)
 
     def open(self, batch_id: str, relpath: str, chunk_size: int = HEADER_READ_CHUNK) -> BinaryIO:
         stream = open(self._path(batch_id, relpath), "rb", buffering=chunk_size)  # noqa: SIM115  (returned)
@@ -137,7 +143,7 @@ class GCSLandingZone:
     def list_files(self, batch_id: str) -> list[LandingFile]:
         base = self._name(batch_id, "")
         files = [
-            LandingFile(blob.name[len(base) :], blob.size or 0)
+            LandingFile(blob.name[len(base) :], blob.size or 0, identity=blob.name)
             for blob in self.bucket.list_blobs(prefix=base, **self._retry)  # type: ignore[attr-defined]
             if not blob.name.endswith("/")
         ]
@@ -158,6 +164,50 @@ class GCSLandingZone:
 
     def describe(self, batch_id: str, relpath: str = "") -> str:
         return f"gs://{self.bucket.name}/{self._name(batch_id, relpath)}"  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------------
+# Names and identities of the images of a batch (batch contract: "Links and names of files")
+
+PHI_FOLDER = "PHI"
+
+
+def normalise_relpath(relpath: str) -> str:
+    """The one spelling of a path inside a batch, the same for a local and a gs:// landing zone.
+
+    Backslashes are separators, blanks around a component are dropped, and so are empty and `.`
+    components: `PHI//x.dcm`, `./PHI/x.dcm`, `PHI \\x.dcm` and `PHI/x.dcm ` all give `PHI/x.dcm`.
+    Case is kept (lookup keys are matched case-insensitively, see manifest.match_lookup)."""
+    parts = (part.strip() for part in relpath.replace("\\", "/").split("/"))
+    return "/".join(part for part in parts if part not in ("", "."))
+
+
+def is_under_phi_folder(relpath: str) -> bool:
+    """True for an image in a `PHI` folder at ANY depth and in ANY case (`PHI/`, `a/phi/`, `Phi/`).
+
+    The contract names a top-level `PHI/`; a folder of that name anywhere else is taken to mean
+    the same, because guessing otherwise would upload images the anonymizer meant to hold back."""
+    folders = normalise_relpath(relpath).split("/")[:-1]
+    return any(folder.casefold() == PHI_FOLDER.casefold() for folder in folders)
+
+
+def file_identity(info: os.stat_result) -> str:
+    return f"{info.st_dev}:{info.st_ino}"
+
+
+def aliases(files: list[LandingFile]) -> dict[str, list[LandingFile]]:
+    """Files reached under more than one name (hard links, symbolic links to a file of the batch),
+    by identity; each list starts with the name the file is counted under (not a symbolic link,
+    then the shortest, then the first in order)."""
+    by_identity: dict[str, list[LandingFile]] = {}
+    for file in files:
+        if file.identity is not None:
+            by_identity.setdefault(file.identity, []).append(file)
+    return {
+        identity: sorted(names, key=lambda f: (f.link_target is not None, len(f.relpath), f.relpath))
+        for identity, names in by_identity.items()
+        if len(names) > 1
+    }
 
 
 def split_gs_uri(uri: str) -> tuple[str, str]:

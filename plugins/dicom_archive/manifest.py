@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any
 
+from pydicom.datadict import dictionary_VR, keyword_dict, keyword_for_tag
+
+from dicom_archive.deid import DEFAULT_PERSON_ATTRIBUTES
+from dicom_archive.landing import PHI_FOLDER, is_under_phi_folder, normalise_relpath  # noqa: F401  (re-exported)
 from dicom_archive.naming import BATCH_ID_RE, COLLECTION_RE
 
 MANIFEST_NAME = "batch.json"
 LOOKUP_NAME = "lookup.json"
 REPORT_NAME = "batch.report.json"
-PHI_FOLDER = "PHI"
+FLAG_FIELD = "flagged"
 
 STATUS_DONE = "DONEPROCESSING"
 STATUS_ERROR = "ERROR"
@@ -115,12 +122,156 @@ def is_flagged(lookup_entry: dict[str, Any] | None) -> bool:
     return bool(lookup_entry) and lookup_entry.get("flagged") is True
 
 
-def is_under_phi_folder(relpath: str) -> bool:
-    return relpath.split("/", 1)[0] == PHI_FOLDER
-
-
 def is_control_file(relpath: str) -> bool:
     """Files of the contract (and our own report) that are not images."""
     return relpath in (MANIFEST_NAME, LOOKUP_NAME, REPORT_NAME) or (
         "/" not in relpath and relpath.startswith(f".{MANIFEST_NAME}")
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# lookup.json keys: which image each entry is for (fails closed)
+
+
+def lookup_key(path: str) -> str:
+    """The form under which lookup keys and image paths are compared: the landing zone's
+    normalisation (`./`, `//`, backslashes, blanks), then case-insensitive, so that a key in
+    another case still reaches its image; two images that differ only in case make the key
+    ambiguous, never a silent miss."""
+    return normalise_relpath(path).casefold()
+
+
+@dataclass
+class LookupMatch:
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)  # image path -> its (merged) entry
+    unmatched: list[str] = field(default_factory=list)  # keys that match no image
+    ambiguous: dict[str, list[str]] = field(default_factory=dict)  # key -> the images it matches
+    merged: dict[str, list[str]] = field(default_factory=dict)  # image -> its keys, when several
+
+    def unsafe_flags(self, lookup: dict[str, dict[str, Any]]) -> list[str]:
+        """Keys that carry `flagged: true` but name no image, or several: the batch must fail."""
+        return sorted(k for k in (*self.unmatched, *self.ambiguous) if is_flagged(lookup.get(k)))
+
+
+def match_lookup(lookup: dict[str, dict[str, Any]], relpaths: Iterable[str]) -> LookupMatch:
+    """lookup.json's entries by image path. A key matching several images is applied to none of
+    them (reported; fatal with a flag); several keys for one image are merged, a flag from any wins."""
+    images: dict[str, list[str]] = {}
+    for relpath in relpaths:
+        images.setdefault(lookup_key(relpath), []).append(relpath)
+    match = LookupMatch()
+    keys_of: dict[str, list[str]] = {}
+    for key in sorted(lookup):
+        found = images.get(lookup_key(key), [])
+        if not found:
+            match.unmatched.append(key)
+        elif len(found) > 1:
+            match.ambiguous[key] = sorted(found)
+        else:
+            keys_of.setdefault(found[0], []).append(key)
+    for relpath, keys in keys_of.items():
+        entry: dict[str, Any] = {}
+        for key in keys:
+            entry.update(lookup[key])
+        if any(is_flagged(lookup[key]) for key in keys):
+            entry[FLAG_FIELD] = True
+        match.entries[relpath] = entry
+        if len(keys) > 1:
+            match.merged[relpath] = keys
+    return match
+
+
+# ---------------------------------------------------------------------------------------------
+# lookup.json values: the header's person-name and identifier rules, by field name and by shape
+
+# Identifying attributes that a lookup value must never carry, on top of the person attributes.
+LOOKUP_IDENTIFYING_ATTRIBUTES: tuple[str, ...] = (
+    "PatientBirthName",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "IssuerOfPatientID",
+    "MedicalRecordLocator",
+    "PatientTelephoneNumbers",
+    "PersonTelephoneNumbers",
+    "PatientAddress",
+    "PersonAddress",
+    "OtherPatientIDsSequence",
+)
+_TAG_NAME = re.compile(r"\(?([0-9A-Fa-f]{4})\s*,?\s*([0-9A-Fa-f]{4})\)?")
+_INDEX = re.compile(r"\[[^\]]*\]")
+
+
+@cache
+def _keywords_by_loose_name() -> dict[str, str]:
+    return {_loose(keyword): keyword for keyword in keyword_dict}
+
+
+def _loose(name: str) -> str:
+    return re.sub(r"[^0-9a-z]", "", name.casefold())
+
+
+def field_keyword(field_name: str) -> str | None:
+    """The DICOM keyword a lookup field is about: its last `A.B.C` component, indexes (`[0]`)
+    dropped, matched to pydicom's dictionary exactly, then ignoring case, blanks and `_`
+    (`patient_name` is PatientName), or written as a tag (`(0010,0010)`, `00100010`)."""
+    last = _INDEX.sub("", field_name).strip().rsplit(".", 1)[-1].strip()
+    if last in keyword_dict:
+        return last
+    tag = _TAG_NAME.fullmatch(last)
+    if tag:
+        return keyword_for_tag(int(tag.group(1) + tag.group(2), 16)) or None
+    return _keywords_by_loose_name().get(_loose(last))
+
+
+def _is_person_name(keyword: str) -> bool:
+    try:
+        return dictionary_VR(keyword) == "PN"
+    except KeyError:
+        return False
+
+
+def _leaves(value: Any, path: str) -> Iterator[tuple[str, str]]:
+    """(field path, text) for every scalar in a lookup value; nested objects extend the path."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _leaves(item, f"{path}.{key}")
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _leaves(item, path)
+    elif value is not None and not isinstance(value, bool):
+        yield path, str(value).strip()
+
+
+def lookup_violations(
+    entry: dict[str, Any],
+    *,
+    entity_id: str,
+    item_id: str,
+    person_attributes: Iterable[str] = DEFAULT_PERSON_ATTRIBUTES,
+) -> list[str]:
+    """What in one image's lookup entry breaks the header's rules: `field (rule)` strings, never
+    the values. A person name (VR PN by the field's keyword, or a value shaped like one, with `^`)
+    must be empty or the coded PatientID; PatientID and AccessionNumber must be empty or the
+    image's coded ids; the person-identifying attributes (and birth date, address, telephone)
+    must be empty. DICOM keywords are recognised by the rules of field_keyword."""
+    person = frozenset(person_attributes) | {"PatientBirthName"}
+    coded = {"PatientID": entity_id, "OtherPatientIDs": entity_id, "AccessionNumber": item_id}
+    found: dict[str, str] = {}
+    for name, value in entry.items():
+        if name == FLAG_FIELD:
+            continue
+        for path, text in _leaves(value, name):
+            if not text:
+                continue
+            keyword = field_keyword(path)
+            if keyword in coded:
+                if text != coded[keyword]:
+                    found.setdefault(path, f"{keyword} other than the image's coded id")
+            elif keyword is not None and (_is_person_name(keyword) or keyword in person):
+                if not (_is_person_name(keyword) and text == entity_id):
+                    found.setdefault(path, f"{keyword} holds a value")
+            elif keyword in LOOKUP_IDENTIFYING_ATTRIBUTES:
+                found.setdefault(path, f"{keyword} holds a value")
+            elif "^" in text and text != entity_id:
+                found.setdefault(path, "a value shaped like a person name (^)")
+    return [f"{path} ({rule})" for path, rule in sorted(found.items())]

@@ -20,16 +20,19 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from dicom_archive.deid import DeidPolicy, Quarantine, Reason, StudyIdentity, check_header, valid_study_date
-from dicom_archive.landing import LandingFile, LandingZone
+from dicom_archive.landing import LandingFile, LandingZone, aliases
 from dicom_archive.manifest import (
     LOOKUP_NAME,
     MANIFEST_NAME,
     REPORT_NAME,
     BatchManifest,
+    LookupMatch,
     ManifestError,
     is_control_file,
     is_flagged,
     is_under_phi_folder,
+    lookup_violations,
+    match_lookup,
     parse_lookup,
     parse_manifest,
 )
@@ -118,6 +121,10 @@ class BatchPlan:
     groups: list[StudyGroup] = field(default_factory=list)
     quarantined: list[QuarantinedImage] = field(default_factory=list)
     plan_seconds: float = 0.0
+    aliases: dict[str, str] = field(default_factory=dict)  # a second name of an image -> the name counted
+    lookup_unmatched: list[str] = field(default_factory=list)  # lookup.json keys that name no image
+    lookup_ambiguous: dict[str, list[str]] = field(default_factory=dict)  # key -> the images it names
+    lookup_merged: dict[str, list[str]] = field(default_factory=dict)  # image -> its several keys
 
     @property
     def images_accepted(self) -> int:
@@ -373,12 +380,38 @@ def _plan_batch(
         plan.error = f"{zone.describe(batch_id, MANIFEST_NAME)}: the anonymizer reported status ERROR"
         return plan
 
+    files = [file for file in zone.list_files(batch_id) if not is_control_file(file.relpath)]
+    matched = match_lookup(lookup, (file.relpath for file in files))
+    plan.lookup_unmatched, plan.lookup_ambiguous, plan.lookup_merged = (
+        matched.unmatched,
+        matched.ambiguous,
+        matched.merged,
+    )
+    unsafe = matched.unsafe_flags(lookup)
+    if unsafe:
+        plan.status = STATUS_ERROR
+        plan.error = (
+            f"{zone.describe(batch_id, LOOKUP_NAME)}: flagged entries that match no image, or several "
+            f"(nothing is uploaded rather than risk an unflagged image): {', '.join(repr(k) for k in unsafe)}"
+        )
+        return plan
+    held_identities = _held_identities(files, matched)
+    second_names = _second_names(files, held_identities)
     groups: dict[StudyIdentity, StudyGroup] = {}
-    for file in zone.list_files(batch_id):
-        if is_control_file(file.relpath):
+    for file in files:
+        if file.relpath in second_names:
+            plan.aliases[file.relpath] = second_names[file.relpath]  # a file reached twice counts once
             continue
         plan.images_seen += 1
-        outcome = inspect_image(zone, batch_id, file, lookup.get(file.relpath), policy)
+        entry = matched.entries.get(file.relpath)
+        if _held_by_link(file, entry, held_identities):
+            plan.quarantined.append(
+                QuarantinedImage(
+                    file.relpath, str(Reason.PHI_FOLDER), "a link to an image under PHI/ or flagged in lookup.json"
+                )
+            )
+            continue
+        outcome = _check_lookup_values(inspect_image(zone, batch_id, file, entry, policy), entry, policy)
         if isinstance(outcome, QuarantinedImage):
             plan.quarantined.append(outcome)
             continue
@@ -398,6 +431,55 @@ def _plan_batch(
     if not plan.groups:
         plan.status = STATUS_EMPTY
     return plan
+
+
+def _held_identities(files: list[LandingFile], matched: LookupMatch) -> set[str]:
+    """Identities of the files that are never uploaded under any name: under PHI/ or flagged."""
+    return {
+        file.identity
+        for file in files
+        if file.identity is not None
+        and (is_under_phi_folder(file.relpath) or is_flagged(matched.entries.get(file.relpath)))
+    }
+
+
+def _second_names(files: list[LandingFile], held: set[str]) -> dict[str, str]:
+    """Each further name of a file reached under several (hard or symbolic links) -> the name it is
+    counted under. The names of a held file are all kept, so that each is quarantined and reported."""
+    return {
+        other.relpath: names[0].relpath
+        for identity, names in aliases(files).items()
+        if identity not in held
+        for other in names[1:]
+    }
+
+
+def _held_by_link(file: LandingFile, entry: dict[str, Any] | None, held: set[str]) -> bool:
+    """A name that is not itself under PHI/ or flagged, for a file that is (or links into PHI/)."""
+    if is_under_phi_folder(file.relpath) or is_flagged(entry):
+        return False  # quarantined under its own reason by inspect_image
+    return file.identity in held or (file.link_target is not None and is_under_phi_folder(file.link_target))
+
+
+def _check_lookup_values(
+    outcome: tuple[StudyIdentity, ImageRecord] | QuarantinedImage,
+    entry: dict[str, Any] | None,
+    policy: DeidPolicy,
+) -> tuple[StudyIdentity, ImageRecord] | QuarantinedImage:
+    """An image whose lookup.json entry breaks the header's person-name or identifier rules is
+    quarantined (identifying_attribute, the fields named, never their values): its entry is
+    never staged nor loaded, and the anonymizer's output for that image is suspect."""
+    if isinstance(outcome, QuarantinedImage) or not entry:
+        return outcome
+    identity, record = outcome
+    broken = lookup_violations(
+        entry, entity_id=identity.entity_id, item_id=identity.item_id, person_attributes=policy.person_attributes
+    )
+    if not broken:
+        return outcome
+    held = QuarantinedImage(record.relpath, str(Reason.IDENTIFYING_ATTRIBUTE), "lookup.json: " + "; ".join(broken))
+    held.study = archive_stem(identity.entity_id, identity.study_date, identity.item_id)
+    return held
 
 
 def find_completed_batches(

@@ -36,7 +36,7 @@ DEFAULT_HEADER_ALLOW_LIST: tuple[str, ...] = (
     "PatientIdentityRemoved", "DeidentificationMethod",
 )  # fmt: skip
 
-# Row columns that come straight from the header (lookup.json may fill them when absent).
+# Row columns that come straight from the header, and only from it (never from lookup.json).
 HEADER_COLUMNS: tuple[str, ...] = (
     "Modality", "StudyDescription", "SeriesDescription", "BodyPartExamined", "PatientSex",
     "PatientAge", "Manufacturer", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
@@ -104,17 +104,17 @@ def image_fields(
 ) -> dict[str, Any]:
     """The columns that come from one image's header and its lookup.json entry.
 
-    Taken as soon as the image is archived, so that its parsed header need not be kept."""
+    Typed columns come from the header alone; lookup.json values (already checked against the
+    person-name and identifier rules when the batch was planned) go only into `DicomHeader`, each
+    under its own key, and a header value of the same name wins. Taken as soon as the image is
+    archived, so that its parsed header need not be kept."""
     lookup = {k: v for k, v in (image.lookup or {}).items() if k != "flagged"}
     image_type = dicom_value_to_json(ds.get("ImageType")) if "ImageType" in ds else None
     if isinstance(image_type, str):
         image_type = [image_type]
     fields: dict[str, Any] = {}
     for column in HEADER_COLUMNS:
-        value = _text(ds, column)
-        if value is None and isinstance(lookup.get(column), str | int | float):
-            value = str(lookup[column])
-        fields[column] = value
+        fields[column] = _text(ds, column)
     fields.update(
         {
             "ImageType": image_type or [],
