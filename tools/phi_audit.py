@@ -74,11 +74,14 @@ from pydicom.charset import python_encoding
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 REPORT_NAME = "batch.report.json"
+LOOKUP_NAME = "lookup.json"
 MIN_CHARS = 4  # letters or digits
 MIN_DIGITS = 6  # for a value made of digits only
 ANYWHERE_LENGTH = 8  # normalised values at least this long match inside other words too
@@ -132,6 +135,8 @@ _WHITESPACE = re.compile(r"\s+")
 _ALNUM = re.compile(r"[^\W_]")
 _DIGIT_SEPARATORS = re.compile(r"[\s\-./()+]")
 _DATE = re.compile(r"(\d{4})(\d{2})(\d{2})")
+_CONTROL_RUN = re.compile(r"[\x00-\x1f\x7f]+")
+_NAME_SHAPE = re.compile(r"[^\W\d_][^\^=]*\^|\^\s*[^\W\d_]")  # a letter next to a `^` separator
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +287,43 @@ def _element_texts(element: Element, vr: str | None, encodings: list[str]) -> li
     return [str(value)]
 
 
+def _raw_elements(stream: BinaryIO) -> Iterator[tuple[str, int, bytes]]:
+    """(label, tag, value bytes) for every top-level data element of a Part 10 file, in file order:
+    each copy of a duplicated element, and the elements after the pixel data too (whose value is
+    skipped by its length, never read). Sequences of defined length come as their raw bytes.
+
+    A parsed dataset holds only the last copy of an element: this walk sees what the parser
+    hides. Nothing for a deflated file (its dataset is compressed)."""
+    stream.seek(0)
+    read_preamble(stream, force=True)
+    meta = _read_file_meta_info(stream)
+    syntax = meta.get("TransferSyntaxUID")
+    if syntax == DeflatedExplicitVRLittleEndian:
+        return
+    implicit = syntax == ImplicitVRLittleEndian
+    little = syntax != ExplicitVRBigEndian
+    copies: dict[int, int] = {}
+    for element in data_element_generator(stream, implicit, little, defer_size=MAX_VALUE_BYTES):
+        tag = int(element.tag)
+        copies[tag] = copies.get(tag, 0) + 1
+        value = element.value
+        if tag in _PIXEL_TAGS or not isinstance(value, bytes | bytearray) or len(value) > MAX_VALUE_BYTES:
+            continue
+        yield f"raw element {Tag(tag)} (copy {copies[tag]})", tag, bytes(value)
+
+
+def _raw_texts(value: bytes, encodings: list[str]) -> list[str]:
+    """Text runs of an undecoded value: control bytes (lengths, tags of nested items) split runs."""
+    text = value.decode("latin-1")
+    for encoding in (*encodings, "utf-8"):
+        try:
+            text = value.decode(encoding)
+            break
+        except (UnicodeDecodeError, LookupError):
+            continue
+    return [run for run in _CONTROL_RUN.split(text) if len(run) >= MIN_CHARS]
+
+
 def _encodings(ds: Dataset) -> list[str]:
     try:
         charset = ds.get("SpecificCharacterSet") or "ISO_IR 6"
@@ -335,11 +377,78 @@ def identifiers_from_dicom(paths: Iterable[str | os.PathLike[str]]) -> list[Iden
             category = IDENTIFYING_KEYWORDS.get(keyword)
             if category is None and vr == "PN":
                 category = PERSON_NAME_CATEGORY
+            texts = _element_texts(element, vr, encodings)
+            if category is None and Tag(element.tag).is_private:
+                # A private element of unknown VR holding something shaped like a name.
+                texts = [t for t in texts if _NAME_SHAPE.search(t)]
+                category = PERSON_NAME_CATEGORY if texts else None
             if category is None:
                 continue
-            for text in _element_texts(element, vr, encodings):
+            for text in texts:
                 raw.extend(Identifier(v, category) for v in text.split("\\") if v.strip())
+        raw.extend(_duplicated_identifiers(path, encodings))
         found.extend(expand(raw, exclude=device))
+    return expand(found)
+
+
+def _duplicated_identifiers(path: Path, encodings: list[str]) -> list[Identifier]:
+    """Identifying values of the further copies of a duplicated top-level element (the parser
+    keeps one copy only)."""
+    found: list[Identifier] = []
+    try:
+        with open(path, "rb") as stream:
+            elements = list(_raw_elements(stream))
+    except Exception:  # a file the raw walk cannot follow: the parsed walk is all there is
+        return found
+    for label, tag, value in elements:
+        keyword = keyword_for_tag(tag) or ""
+        category = IDENTIFYING_KEYWORDS.get(keyword)
+        if category is None and keyword and _dictionary_vr(tag) == "PN":
+            category = PERSON_NAME_CATEGORY
+        if category is None or label.endswith("(copy 1)"):
+            continue
+        for text in _raw_texts(value, encodings):
+            found.extend(Identifier(v.strip(), category) for v in text.split("\\") if v.strip())
+    return found
+
+
+def _dictionary_vr(tag: int) -> str | None:
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:
+        return None
+
+
+# A lookup.json field is identifying when its last `A.B.C` component names an identifying keyword
+# (case, `_` and blanks ignored); a value shaped like a person name is identifying whatever its field.
+_KEYWORD_LOOSE = {re.sub(r"[^0-9a-z]", "", k.casefold()): k for k in IDENTIFYING_KEYWORDS}
+
+
+def identifiers_from_lookup(path: str | os.PathLike[str]) -> list[Identifier]:
+    """The identifying values of a raw lookup.json (an object of objects, keyed by image path)."""
+    doc = json.loads(Path(path).read_text())
+    found: list[Identifier] = []
+
+    def visit(name: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                visit(str(key), item)
+        elif isinstance(value, list):
+            for item in value:
+                visit(name, item)
+        elif value is not None and not isinstance(value, bool):
+            text = str(value)
+            last = re.sub(r"\[[^\]]*\]", "", name).rsplit(".", 1)[-1]
+            keyword = _KEYWORD_LOOSE.get(re.sub(r"[^0-9a-z]", "", last.casefold()))
+            if keyword is not None:
+                found.append(Identifier(text, IDENTIFYING_KEYWORDS[keyword]))
+            elif _NAME_SHAPE.search(text):
+                found.append(Identifier(text, PERSON_NAME_CATEGORY))
+                found.extend(Identifier(word, PERSON_NAME_CATEGORY) for word in text.split() if "^" in word)
+
+    if isinstance(doc, dict):
+        for entry in doc.values():
+            visit("", entry)
     return expand(found)
 
 
@@ -351,8 +460,11 @@ def load_identifiers(sources: Iterable[str | os.PathLike[str]]) -> list[Identifi
         path = Path(source)
         if path.is_file() and path.suffix.lower() == ".json":
             doc = json.loads(path.read_text())
+            if isinstance(doc, dict):  # a raw lookup.json
+                values.extend(identifiers_from_lookup(path))
+                continue
             if not isinstance(doc, list):
-                raise ValueError(f"{path}: expected a JSON list of identifying values")
+                raise ValueError(f"{path}: expected a JSON list of identifying values, or a lookup.json object")
             for item in doc:
                 if isinstance(item, dict):
                     values.append(Identifier(str(item["value"]), str(item.get("category", "identifier"))))
@@ -360,6 +472,8 @@ def load_identifiers(sources: Iterable[str | os.PathLike[str]]) -> list[Identifi
                     values.append(Identifier(str(item)))
         else:
             dicom.append(path)
+            if path.is_dir():
+                values.extend(i for lookup in sorted(path.rglob(LOOKUP_NAME)) for i in identifiers_from_lookup(lookup))
     if dicom:
         values.extend(identifiers_from_dicom(dicom))
     return expand(values)
@@ -463,6 +577,14 @@ class Auditor:
         elif isinstance(value, list):
             for index, item in enumerate(value):
                 self.scan_json_value(item, location, where, f"{path}[{index}]")
+        elif isinstance(value, str) and value[:1] in ("{", "["):
+            self.check(value, location, where, path)
+            try:
+                parsed = json.loads(value)  # a JSON column read back as text: decode its escapes
+            except json.JSONDecodeError:
+                return
+            if isinstance(parsed, dict | list):
+                self.scan_json_value(parsed, location, where, path)
         elif value is not None and not isinstance(value, bool):
             self.check(str(value), location, where, path)
 
@@ -501,10 +623,20 @@ class Auditor:
             return False
         self.stats.dicom_headers += 1
         encodings = _encodings(ds)
+        before = len(self.findings)
         for part in (ds.file_meta, ds) if getattr(ds, "file_meta", None) else (ds,):
             for path, element, _keyword, vr in _iter_elements(part):
                 for text in _element_texts(element, vr, encodings):
                     self.check(text, location, "DICOM header", f"{label}: {path}")
+        # What the parser hides: further copies of an element, bytes it could not place.
+        found = {f.masked for f in self.findings[before:]}
+        try:
+            for raw_label, _tag, value in _raw_elements(stream):
+                for text in _raw_texts(value, encodings):
+                    if not all(mask(i.value) in found for i in self.matcher.find(text)):
+                        self.check(text, location, "DICOM header", f"{label}: {raw_label}")
+        except Exception as err:  # the parsed walk has run; say that the raw one could not finish
+            self.stats.skipped.append(f"{location}: {label}: raw element walk stopped ({type(err).__name__})")
         return True
 
     def scan_blob(self, stream: BinaryIO, size: int, location: str, name: str) -> None:

@@ -197,14 +197,14 @@ def file_identity(info: os.stat_result) -> str:
 
 def aliases(files: list[LandingFile]) -> dict[str, list[LandingFile]]:
     """Files reached under more than one name (hard links, symbolic links to a file of the batch),
-    by identity; each list starts with the name the file is counted under (not a symbolic link,
-    then the shortest, then the first in order)."""
+    by identity; each list starts with the name the file is counted under: the first in path
+    order that is not a symbolic link."""
     by_identity: dict[str, list[LandingFile]] = {}
     for file in files:
         if file.identity is not None:
             by_identity.setdefault(file.identity, []).append(file)
     return {
-        identity: sorted(names, key=lambda f: (f.link_target is not None, len(f.relpath), f.relpath))
+        identity: sorted(names, key=lambda f: (f.link_target is not None, f.relpath))
         for identity, names in by_identity.items()
         if len(names) > 1
     }

@@ -199,6 +199,7 @@ LOOKUP_IDENTIFYING_ATTRIBUTES: tuple[str, ...] = (
 )
 _TAG_NAME = re.compile(r"\(?([0-9A-Fa-f]{4})\s*,?\s*([0-9A-Fa-f]{4})\)?")
 _INDEX = re.compile(r"\[[^\]]*\]")
+_NAME_SHAPE = re.compile(r"[^\W\d_][^\^=]*\^|\^\s*[^\W\d_]")  # a letter next to a `^` separator
 
 
 @cache
@@ -250,7 +251,8 @@ def lookup_violations(
     person_attributes: Iterable[str] = DEFAULT_PERSON_ATTRIBUTES,
 ) -> list[str]:
     """What in one image's lookup entry breaks the header's rules: `field (rule)` strings, never
-    the values. A person name (VR PN by the field's keyword, or a value shaped like one, with `^`)
+    the values. A person name (VR PN by the field's keyword, or a value shaped like one: a letter
+    next to a `^`)
     must be empty or the coded PatientID; PatientID and AccessionNumber must be empty or the
     image's coded ids; the person-identifying attributes (and birth date, address, telephone)
     must be empty. DICOM keywords are recognised by the rules of field_keyword."""
@@ -272,6 +274,6 @@ def lookup_violations(
                     found.setdefault(path, f"{keyword} holds a value")
             elif keyword in LOOKUP_IDENTIFYING_ATTRIBUTES:
                 found.setdefault(path, f"{keyword} holds a value")
-            elif "^" in text and text != entity_id:
+            elif _NAME_SHAPE.search(text):
                 found.setdefault(path, "a value shaped like a person name (^)")
     return [f"{path} ({rule})" for path, rule in sorted(found.items())]

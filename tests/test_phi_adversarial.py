@@ -1,0 +1,560 @@
+"""Hostile batches: every class of path by which PHI could reach Cloud Storage or BigQuery (issue 11).
+
+Each class is tried in several variants, not only the one that was found:
+
+- links: symbolic and hard links (relative, absolute, chained, from any folder) to an image under
+  `PHI/` or flagged in lookup.json; a clean image reached under two names;
+- names of files: `PHI` folders spelled with another case, below the top level, with blanks, or
+  behind a backslash; on a gs:// landing zone, objects named `<batch>//PHI/x`, `<batch>/./PHI/x`...;
+- lookup.json keys: `./`, another case, backslashes, blanks, `//`; keys that match no image or
+  several, with and without a flag;
+- lookup.json values: person names and identifiers by field name (plain, flattened `A.B.C`,
+  indexed, snake case, tag numbers, nested objects) and by shape (`^`), and lookup values that
+  try to fill a typed column;
+- the audit itself: it must find a planted value wherever the gate might not look (private
+  elements, nested sequences, after the pixel data, the second copy of a duplicated element,
+  lookup.json values, JSON columns read back as text).
+
+Most tests run the domain code the DAG runs (tests.test_bad_input.run_batch: plan -> staged plan
+JSON -> archives -> rows -> report, with the landing zone snapshot and the PHI audit of every
+output); the gs:// variants run against the Cloud Storage emulator, and one batch of each class
+goes through the whole DAG (dag.test()) against both emulators.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicom_archive.deid import Reason
+from dicom_archive.landing import GCSLandingZone, is_under_phi_folder, normalise_relpath
+from dicom_archive.manifest import field_keyword, lookup_violations, match_lookup
+from dicom_archive.plan import plan_batch
+from dicom_archive.rows import DEFAULT_HEADER_ALLOW_LIST
+from tests.test_bad_input import (
+    BAD,
+    BATCH,
+    COLLECTION,
+    DATE,
+    ENTITY,
+    ITEM,
+    PLANTED,
+    Landing,
+    Outcome,
+    bad_image,
+    good_images,
+    run_batch,
+    snapshot,
+)
+from tools import phi_audit
+from tools.landing_zone import BatchSpec, ImageSpec, image_bytes, write_batch
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+NAME = PLANTED["PatientName"]  # Kowalczyk^Agnieszka
+MRN = PLANTED["OtherPatientIDs"]  # MRN-7731904
+BIRTH_DATE = "19650412"
+
+
+@pytest.fixture
+def landing(tmp_path: Path) -> Landing:
+    return Landing(tmp_path)
+
+
+# =============================================================================================
+# Paths and their normalisation (unit level: the rule, then the batches below)
+
+
+@pytest.mark.parametrize(
+    ("raw", "normal"),
+    [
+        ("PHI/x.dcm", "PHI/x.dcm"),
+        ("PHI//x.dcm", "PHI/x.dcm"),
+        ("/PHI/x.dcm", "PHI/x.dcm"),
+        ("./PHI/x.dcm", "PHI/x.dcm"),
+        ("PHI/./x.dcm", "PHI/x.dcm"),
+        ("PHI \\x.dcm", "PHI/x.dcm"),
+        (" PHI /x.dcm ", "PHI/x.dcm"),
+        ("a\\b\\c.dcm", "a/b/c.dcm"),
+        ("a/b/c.dcm\t", "a/b/c.dcm"),
+    ],
+)
+def test_paths_are_normalised_one_way(raw, normal):
+    assert normalise_relpath(raw) == normal
+
+
+@pytest.mark.parametrize(
+    "relpath",
+    ["PHI/x.dcm", "phi/x.dcm", "Phi/x.dcm", "a/PHI/x.dcm", "a/b/phi/c/x", "PHI \\x", ".//PHI//x", " PHI/x"],
+)
+def test_a_phi_folder_counts_at_any_depth_and_in_any_case(relpath):
+    assert is_under_phi_folder(relpath)
+
+
+@pytest.mark.parametrize("relpath", ["PHI", "a/PHI", "PHIx/a.dcm", "a/PHI.dcm", "xPHI/a", "P H I/a"])
+def test_a_file_named_phi_or_a_folder_that_only_contains_the_word_does_not(relpath):
+    assert not is_under_phi_folder(relpath)
+
+
+# =============================================================================================
+# Links: an image is judged by what it is, not by the name it is reached under
+
+
+def _link(link: Path, target: Path | str, *, hard: bool = False) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if hard:
+        os.link(target, link)
+    else:
+        link.symlink_to(target)
+
+
+PHI_IMAGE = "PHI/" + BAD
+
+
+def run_hostile(
+    landing: Landing,
+    *,
+    bad: list[ImageSpec] = (),
+    lookup: dict | None = None,
+    setup: Callable[[Path], dict[str, str]] | None = None,
+    expect: dict[str, str] | None = None,
+    planted: tuple[str, ...] = (),
+) -> Outcome:
+    """tests.test_bad_input.run_batch, for batches whose hostile names are made by `setup(folder)`:
+    it returns the quarantine reason of each path it made, added to `expect`."""
+    expected = dict(expect or {})
+
+    def plant(folder: Path) -> None:
+        if setup is not None:
+            expected.update(setup(folder))
+
+    class Expected(dict):
+        """The expectation, known once the setup has run inside run_batch."""
+
+        def __eq__(self, other: object) -> bool:
+            return expected == other
+
+        def __len__(self) -> int:
+            return len(expected)
+
+        def values(self):  # type: ignore[override]
+            return expected.values()
+
+    return run_batch(landing, bad=bad, lookup=lookup, expect=Expected(), setup=plant, planted=planted)
+
+
+LINK_VARIANTS: dict[str, Callable[[Path], list[str]]] = {
+    "symbolic-relative": lambda f: _links(f, ("incoming/l.dcm", Path("..", PHI_IMAGE))),
+    "symbolic-absolute": lambda f: _links(f, ("incoming/l.dcm", f / PHI_IMAGE)),
+    "symbolic-at-top": lambda f: _links(f, ("l.dcm", Path(PHI_IMAGE))),
+    "symbolic-chain": lambda f: _links(
+        f, ("a/first.dcm", Path("..", PHI_IMAGE)), ("incoming/l.dcm", Path("../a/first.dcm"))
+    ),
+    "symbolic-through-dots": lambda f: _links(f, ("incoming/l.dcm", Path("../incoming/..", PHI_IMAGE))),
+    "symbolic-to-the-phi-folder": lambda f: _links(f, ("incoming/l.dcm", Path("../PHI/incoming/bad.dcm"))),
+    "hard": lambda f: _links(f, ("incoming/l.dcm", f / PHI_IMAGE), hard=True),
+    "hard-at-top": lambda f: _links(f, ("l.dcm", f / PHI_IMAGE), hard=True),
+    "hard-deep-without-extension": lambda f: _links(f, ("x/y/z/l", f / PHI_IMAGE), hard=True),
+    "hard-and-symbolic": lambda f: [
+        *_links(f, ("h/l.dcm", f / PHI_IMAGE), hard=True),
+        *_links(f, ("s/l.dcm", Path("../h/l.dcm"))),
+    ],
+}  # fmt: skip
+
+
+def _links(folder: Path, *pairs: tuple[str, Path], hard: bool = False) -> list[str]:
+    for relpath, target in pairs:
+        link = folder / relpath
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if hard:
+            os.link(target, link)
+        else:
+            link.symlink_to(target)
+    return [relpath for relpath, _ in pairs]
+
+
+@pytest.mark.parametrize("variant", sorted(LINK_VARIANTS))
+def test_a_link_to_an_image_under_phi_is_quarantined_as_phi_folder(landing, variant):
+    made: list[str] = []
+
+    def setup(folder: Path) -> dict[str, str]:
+        made.extend(LINK_VARIANTS[variant](folder))
+        return dict.fromkeys(made, Reason.PHI_FOLDER)
+
+    phi = bad_image(relpath=PHI_IMAGE, PatientName=NAME)
+    outcome = run_hostile(landing, bad=[phi], setup=setup, expect={PHI_IMAGE: Reason.PHI_FOLDER}, planted=(NAME,))
+    assert made
+    for relpath in [PHI_IMAGE, *made]:
+        assert not outcome.opened(relpath), f"{relpath} was read"
+    details = {q.relpath: q.detail for q in outcome.plan.quarantined}
+    for relpath in made:
+        assert details[relpath] == "a link to an image under PHI/ or flagged in lookup.json"
+    # Every name of the held image is listed in the report, none is an alias.
+    assert {q["path"] for q in outcome.report["quarantined"]} == {PHI_IMAGE, *made}
+    assert outcome.report["aliases"] == []
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["symbolic", "hard"])
+@pytest.mark.parametrize("flag_key", [BAD, "./" + BAD, BAD.upper()], ids=["exact", "dot", "case"])
+def test_a_link_to_an_image_flagged_in_lookup_json_is_quarantined_as_phi_folder(landing, hard, flag_key):
+    flagged = bad_image(OperatorsName=PLANTED["OperatorsName"])
+
+    def setup(folder: Path) -> dict[str, str]:
+        target = folder / BAD if hard else Path("..", BAD)
+        return dict.fromkeys(_links(folder, ("other/copy.dcm", target), hard=hard), Reason.PHI_FOLDER)
+
+    outcome = run_hostile(
+        landing,
+        bad=[flagged],
+        lookup={flag_key: {"flagged": True}},
+        setup=setup,
+        expect={BAD: Reason.FLAGGED_IN_LOOKUP},
+        planted=(PLANTED["OperatorsName"],),
+    )
+    assert not outcome.opened("other/copy.dcm")
+    assert not outcome.opened(BAD)
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["symbolic", "hard"])
+def test_a_clean_image_reached_under_two_names_counts_once(landing, hard):
+    good = good_images()
+    folder = landing.write(BatchSpec(BATCH, images=good, collection=COLLECTION))
+    _links(folder, ("again/same.dcm", folder / good[0].path if hard else Path("..", good[0].path)), hard=hard)
+    outcome = landing.process(BATCH)
+    assert outcome.plan.status == "DONE"
+    assert outcome.reasons == {}
+    assert outcome.plan.images_seen == len(good)
+    # Counted under its first name in path order that is not a symbolic link.
+    first, second = sorted([good[0].path, "again/same.dcm"]) if hard else (good[0].path, "again/same.dcm")
+    assert outcome.planned == {image.path for image in good[1:]} | {first}
+    assert sum(len(members) for members in outcome.archives.values()) == len(good)
+    assert len(outcome.rows) == len(good)
+    assert outcome.report["aliases"] == [{"path": second, "same_as": first}]
+    assert not outcome.opened(second)
+
+
+# =============================================================================================
+# Names of files in a local landing zone
+
+
+@pytest.mark.parametrize(
+    "relpath",
+    ["phi/" + BAD, "Phi/" + BAD, "incoming/PHI/bad.dcm", "a/b/phi/c/bad.dcm", "PHI /bad.dcm", "PHI\\bad.dcm",
+     " PHI/bad.dcm"],
+)  # fmt: skip
+def test_an_image_in_a_phi_folder_of_any_spelling_is_never_read(landing, relpath):
+    data = image_bytes(bad_image(PatientName=NAME))
+
+    def setup(folder: Path) -> dict[str, str]:
+        target = folder.joinpath(*relpath.split("/"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        return {relpath: Reason.PHI_FOLDER}
+
+    outcome = run_hostile(landing, setup=setup, planted=(NAME,))
+    assert not outcome.opened(relpath)
+
+
+# =============================================================================================
+# lookup.json keys
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["./" + BAD, BAD.upper(), "Incoming/Bad.DCM", BAD.replace("/", "\\"), BAD + "  ", " " + BAD, BAD.replace("/", "//"),
+     "./incoming/./bad.dcm", "/" + BAD],
+)  # fmt: skip
+def test_a_flag_under_any_spelling_of_the_key_holds_the_image(landing, key):
+    flagged = bad_image(OperatorsName=PLANTED["OperatorsName"])
+    lookup = {image.path: {"ScanOptions": "HELICAL"} for image in good_images()}
+    lookup[key] = {"flagged": True}
+    outcome = run_batch(
+        landing,
+        bad=[flagged],
+        lookup=lookup,
+        expect={BAD: Reason.FLAGGED_IN_LOOKUP},
+        planted=(PLANTED["OperatorsName"],),
+    )
+    assert not outcome.opened(BAD)
+    assert outcome.report["lookup"]["keys_matching_no_image"] == []
+
+
+@pytest.mark.parametrize("key", ["incoming/other.dcm", "bad.dcm", "incoming", "PHI/" + BAD, "batch.json"])
+def test_a_flag_that_matches_no_image_fails_the_batch_and_uploads_nothing(landing, key):
+    folder = landing.write(
+        BatchSpec(BATCH, images=[*good_images(), bad_image()], collection=COLLECTION, lookup={key: {"flagged": True}})
+    )
+    before = snapshot(landing.root)
+    outcome = landing.process(BATCH)
+    assert outcome.plan.status == "ERROR"
+    assert outcome.plan.error.startswith(f"{folder / 'lookup.json'}: flagged entries that match no image")
+    assert repr(key) in outcome.plan.error
+    assert outcome.archives == {}
+    assert outcome.rows == []
+    assert outcome.report["status"] == "ERROR"
+    assert {relpath for _, relpath in outcome.zone.opened} <= {"batch.json", "lookup.json"}
+    after = snapshot(landing.root)
+    assert set(after) - set(before) == {str(folder / "batch.report.json")}
+
+
+def test_a_flag_that_matches_several_images_fails_the_batch(landing):
+    images = [*good_images(), bad_image("a/x.dcm"), bad_image("A/X.dcm")]
+    images[-1].instance_number = 2
+    landing.write(BatchSpec(BATCH, images=images, collection=COLLECTION, lookup={"a/X.dcm": {"flagged": True}}))
+    outcome = landing.process(BATCH)
+    assert outcome.plan.status == "ERROR"
+    assert "'a/X.dcm'" in outcome.plan.error
+    assert outcome.archives == {}
+
+
+def test_keys_that_match_no_image_or_several_are_reported_and_applied_to_none(landing):
+    images = [*good_images(), bad_image("a/x.dcm"), bad_image("A/X.dcm")]
+    images[-1].instance_number = 2
+    lookup = {"a/x.DCM": {"CTDIvol": 1.0}, "no/such.dcm": {"CTDIvol": 2.0}, "./" + images[0].path: {"CTDIvol": 3.0}}
+    landing.write(BatchSpec(BATCH, images=images, collection=COLLECTION, lookup=lookup))
+    outcome = landing.process(BATCH)
+    assert outcome.plan.status == "DONE"
+    assert outcome.report["lookup"] == {
+        "keys_matching_no_image": ["no/such.dcm"],
+        "keys_matching_several_images": {"a/x.DCM": ["A/X.dcm", "a/x.dcm"]},
+        "images_with_several_keys": {},
+    }
+    by_path = {row["archive_member"]: row for row in outcome.rows}
+    ctdi = [row["DicomHeader"].get("CTDIvol") for row in by_path.values()]
+    assert ctdi.count(3.0) == 1
+    assert 1.0 not in ctdi
+    assert 2.0 not in ctdi
+
+
+def test_several_keys_for_one_image_are_merged_and_any_flag_wins(landing):
+    flagged = bad_image(OperatorsName=PLANTED["OperatorsName"])
+    lookup = {BAD: {"ScanOptions": "HELICAL"}, "./" + BAD: {"flagged": False}, BAD.upper(): {"flagged": True}}
+    expect = {BAD: Reason.FLAGGED_IN_LOOKUP}
+    outcome = run_batch(landing, bad=[flagged], lookup=lookup, expect=expect, planted=(PLANTED["OperatorsName"],))
+    assert outcome.report["lookup"]["images_with_several_keys"] == {BAD: sorted(lookup)}
+
+
+def test_match_lookup_rules():
+    files = ["a.dcm", "b/c.dcm", "d.dcm", "D.dcm"]
+    match = match_lookup(
+        {"./a.dcm": {"flagged": True}, "A.DCM ": {"x": 1}, "b\\c.dcm": {}, "z": {"flagged": True}, "d.DCM": {}}, files
+    )
+    assert match.entries == {"a.dcm": {"flagged": True, "x": 1}, "b/c.dcm": {}}
+    assert match.unmatched == ["z"]
+    assert match.ambiguous == {"d.DCM": ["D.dcm", "d.dcm"]}
+    assert match.merged == {"a.dcm": ["./a.dcm", "A.DCM "]}
+    assert match.unsafe_flags({"z": {"flagged": True}, "d.DCM": {}}) == ["z"]
+
+
+# =============================================================================================
+# lookup.json values
+
+
+BAD_LOOKUP_VALUES = {
+    "PatientName": NAME,
+    "patient_name": NAME,
+    "PATIENT NAME": NAME,
+    "(0010,0010)": NAME,
+    "00100010": NAME,
+    "PatientID": MRN,
+    "OtherPatientIDs": MRN,
+    "AccessionNumber": "ACC-55193402",
+    "PatientBirthDate": BIRTH_DATE,
+    "PatientAddress": PLANTED["PatientAddress"],
+    "RequestAttributesSequence.ScheduledPerformingPhysicianName": PLANTED["PerformingPhysicianName"],
+    "RequestAttributesSequence[0].ScheduledPerformingPhysicianName": PLANTED["PerformingPhysicianName"],
+    "ReferencedStudySequence.0.ReferringPhysicianName": PLANTED["ReferringPhysicianName"],
+    "StudyDescription": f"CT CHEST {NAME}",
+    "ClinicalNote": "seen by Haverford^Eleanor",
+    "ProtocolName": ["HELICAL", NAME],
+    "RequestAttributesSequence": {"RequestingPhysician": PLANTED["RequestingPhysician"]},
+}
+
+
+@pytest.mark.parametrize("field_name", sorted(BAD_LOOKUP_VALUES))
+def test_a_lookup_value_that_breaks_a_header_rule_quarantines_its_image(landing, field_name):
+    """Decision (README): the image is quarantined (identifying_attribute), not only the value
+    dropped: an anonymizer that leaks into lookup.json is suspect for that image. The detail
+    names the field, never the value."""
+    value = BAD_LOOKUP_VALUES[field_name]
+    image = bad_image()
+    lookup = {img.path: {"ScanOptions": "HELICAL"} for img in good_images()}
+    lookup[BAD] = {"CTDIvol": 12.1, field_name: value}
+    planted = [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str) and v != "HELICAL"]
+    if isinstance(value, dict):
+        planted = list(value.values())
+    outcome = run_batch(
+        landing, bad=[image], lookup=lookup, expect={BAD: Reason.IDENTIFYING_ATTRIBUTE}, planted=tuple(planted)
+    )
+    (held,) = outcome.plan.quarantined
+    assert held.detail.startswith("lookup.json: ")
+    assert held.study == f"{ENTITY}_{DATE}_{ITEM}"
+    for text in planted:
+        assert phi_audit.normalize(text) not in phi_audit.normalize(held.detail)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"PatientName": ENTITY},
+        {"PatientID": ENTITY, "AccessionNumber": ITEM},
+        {"PatientName": "", "OtherPatientIDs": ""},
+        {"CTDIvol": 12.1, "ScanOptions": "HELICAL", "RequestAttributesSequence.RequestedProcedureDescription": "CT"},
+        {"Exponent": "2^10"},  # a caret with no letter beside it is no name
+        {"Nested": {"SliceThickness": 1.25, "Kernel": ["B30f", "B70f"]}},
+        {"flagged": False, "KVP": 120},
+    ],
+)
+def test_lookup_values_that_keep_the_rules_reach_dicomheader(landing, entry):
+    target = good_images()[0].path
+    outcome = run_batch(landing, lookup={target: entry}, expect={})
+    (row,) = [row for row in outcome.rows if row["SOPInstanceUID"] == _sop_of(landing, target)]
+    for key, value in entry.items():
+        if key == "flagged":
+            assert key not in row["DicomHeader"]
+        elif key in DEFAULT_HEADER_ALLOW_LIST:
+            assert key in row["DicomHeader"]  # the header's value wins on conflict
+        else:
+            assert row["DicomHeader"][key] == value
+
+
+def _sop_of(landing: Landing, relpath: str) -> str:
+    return str(pydicom.dcmread(landing.root / BATCH / relpath, stop_before_pixels=True).SOPInstanceUID)
+
+
+def test_lookup_values_never_fill_typed_columns_and_stay_under_their_own_key(landing):
+    good = good_images()
+    no_description = ImageSpec(ENTITY, ITEM, DATE, "CT", 3, 1, relpath="x/plain.dcm",
+                               header_overrides={"StudyDescription": None, "BodyPartExamined": None})  # fmt: skip
+    lookup = {
+        no_description.path: {
+            "StudyDescription": "CT CHEST FROM LOOKUP",
+            "BodyPartExamined": "LUNG",
+            "Modality": "MR",
+            "CTDIvol": 9.5,
+            "PatientName": ENTITY,
+        },
+        good[0].path: {"StudyDescription": "OTHER WORDING", "ScanOptions": "HELICAL"},
+    }
+    spec = BatchSpec(BATCH, images=[*good, no_description], collection=COLLECTION, lookup=lookup)
+    landing.write(spec)
+    outcome = landing.process(BATCH)
+    assert outcome.reasons == {}
+    rows = {row["SOPInstanceUID"]: row for row in outcome.rows}
+    plain = next(r for r in rows.values() if r["SeriesNumber"] == 3)
+    assert plain["StudyDescription"] is None, "a lookup value filled a typed column"
+    assert plain["BodyPartExamined"] is None
+    assert plain["Modality"] == "CT"
+    assert plain["DicomHeader"]["StudyDescription"] == "CT CHEST FROM LOOKUP"
+    assert plain["DicomHeader"]["BodyPartExamined"] == "LUNG"
+    assert plain["DicomHeader"]["Modality"] == "CT", "the header wins on conflict"
+    assert plain["DicomHeader"]["CTDIvol"] == 9.5
+    first = next(r for r in rows.values() if (r["entity_id"], r["SeriesNumber"], r["InstanceNumber"]) == (ENTITY, 1, 1))
+    assert first["StudyDescription"] == "CT CHEST W CONTRAST"
+    assert first["DicomHeader"]["StudyDescription"] == "CT CHEST W CONTRAST"
+
+
+@pytest.mark.parametrize(
+    ("name", "keyword"),
+    [
+        ("PatientName", "PatientName"),
+        ("patient_name", "PatientName"),
+        ("Patient Name", "PatientName"),
+        ("A.B.ReferringPhysicianName", "ReferringPhysicianName"),
+        ("Seq[0].Inner[12].OperatorsName", "OperatorsName"),
+        ("(0008,0090)", "ReferringPhysicianName"),
+        ("00080090", "ReferringPhysicianName"),
+        ("CTDIvol", "CTDIvol"),
+        ("no such field", None),
+    ],
+)
+def test_field_keyword(name, keyword):
+    assert field_keyword(name) == keyword
+
+
+def test_lookup_violations_name_fields_never_values():
+    broken = lookup_violations(
+        {"PatientName": NAME, "StudyDescription": f"CT {NAME}", "CTDIvol": 1.0, "PatientID": ENTITY, "flagged": False},
+        entity_id=ENTITY,
+        item_id=ITEM,
+    )
+    assert [b.split(" ", 1)[0] for b in broken] == ["PatientName", "StudyDescription"]
+    assert not any("Kowalczyk" in b for b in broken)
+
+
+# =============================================================================================
+# Names of objects in a gs:// landing zone (Cloud Storage emulator)
+
+GS_PHI_NAMES = [
+    "/PHI/" + BAD,  # <batch>//PHI/...
+    "./PHI/" + BAD,  # <batch>/./PHI/...
+    "PHI//" + BAD,
+    "PHI/./" + BAD,
+    "PHI /" + BAD,
+    "PHI\\" + BAD.replace("/", "\\"),
+    "phi/" + BAD,
+    "incoming/Phi/bad.dcm",
+    ".//./PHI/" + BAD,
+]
+
+
+@pytest.fixture
+def gcs_zone(bucket_name):
+    """A gs:// landing zone with a prefix, read the production way (GCSLandingZone)."""
+    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+    bucket = GCSHook().get_conn().bucket(bucket_name)
+    return GCSLandingZone(bucket, "landing/zone")
+
+
+def _upload_batch(zone: GCSLandingZone, spec: BatchSpec, extra: dict[str, bytes], tmp_path: Path) -> None:
+    """write_batch into a local folder, then every file as an object (batch.json last), plus
+    objects under names no file system can hold."""
+    folder = write_batch(tmp_path / "staging", spec)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "batch.json")
+    for path in files:
+        zone.bucket.blob(f"{zone.prefix}{spec.batch_id}/{path.relative_to(folder).as_posix()}").upload_from_filename(
+            str(path)
+        )
+    for name, data in extra.items():
+        zone.bucket.blob(f"{zone.prefix}{spec.batch_id}/{name}").upload_from_string(data)
+    zone.bucket.blob(f"{zone.prefix}{spec.batch_id}/batch.json").upload_from_filename(str(folder / "batch.json"))
+
+
+def test_gs_objects_whose_names_hide_a_phi_folder_are_quarantined(gcs_zone, tmp_path):
+    data = image_bytes(bad_image(PatientName=NAME))
+    spec = BatchSpec(BATCH, images=good_images(), collection=COLLECTION)
+    _upload_batch(gcs_zone, spec, dict.fromkeys(GS_PHI_NAMES, data), tmp_path)
+    listed = {f.relpath for f in gcs_zone.list_files(BATCH)}
+    assert set(GS_PHI_NAMES) <= listed, "the emulator keeps every name as given"
+
+    plan = plan_batch(gcs_zone, BATCH)
+    assert plan.status == "DONE", plan.error
+    assert {q.relpath: q.reason for q in plan.quarantined} == dict.fromkeys(GS_PHI_NAMES, Reason.PHI_FOLDER)
+    assert {image.relpath for group in plan.groups for image in group.images} == {i.path for i in good_images()}
+    assert NAME.split("^")[0] not in plan.to_json()
+
+
+@pytest.mark.parametrize("key", ["./" + BAD, "//" + BAD, BAD.upper(), BAD.replace("/", "\\") + " "])
+def test_gs_lookup_keys_are_matched_after_the_same_normalisation(gcs_zone, tmp_path, key):
+    spec = BatchSpec(BATCH, images=[*good_images(), bad_image(OperatorsName=PLANTED["OperatorsName"])],
+                     collection=COLLECTION, lookup={key: {"flagged": True}})  # fmt: skip
+    _upload_batch(gcs_zone, spec, {}, tmp_path)
+    plan = plan_batch(gcs_zone, BATCH)
+    assert plan.status == "DONE", plan.error
+    assert {q.relpath: q.reason for q in plan.quarantined} == {BAD: Reason.FLAGGED_IN_LOOKUP}
+
+
+def test_gs_objects_that_differ_only_in_spelling_make_a_flag_ambiguous(gcs_zone, tmp_path):
+    """`a.dcm` and `./a.dcm` are two objects with one normalised name: a flag for it fails the batch."""
+    data = image_bytes(bad_image())
+    spec = BatchSpec(BATCH, images=good_images(), collection=COLLECTION, lookup={BAD: {"flagged": True}})
+    _upload_batch(gcs_zone, spec, {BAD: data, "./" + BAD: data}, tmp_path)
+    plan = plan_batch(gcs_zone, BATCH)
+    assert plan.status == "ERROR"
+    assert "match no image, or several" in plan.error
+    assert plan.lookup_ambiguous == {BAD: sorted(["./" + BAD, BAD])}
