@@ -23,12 +23,17 @@ goes through the whole DAG (dag.test()) against both emulators.
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import struct
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 
 from dicom_archive.deid import Reason
 from dicom_archive.landing import GCSLandingZone, is_under_phi_folder, normalise_relpath
@@ -558,3 +563,132 @@ def test_gs_objects_that_differ_only_in_spelling_make_a_flag_ambiguous(gcs_zone,
     assert plan.status == "ERROR"
     assert "match no image, or several" in plan.error
     assert plan.lookup_ambiguous == {BAD: sorted(["./" + BAD, BAD])}
+
+
+# =============================================================================================
+# Hostile headers, written byte by byte where pydicom would not write them
+
+
+_LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+
+
+def explicit_element(tag: int, vr: str, value: bytes) -> bytes:
+    """One data element in Explicit VR Little Endian (the generator's transfer syntax)."""
+    if len(value) % 2:
+        value += b"\0" if vr in ("UI", "OB", "UN") else b" "
+    group, element = tag >> 16, tag & 0xFFFF
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2sHL", group, element, vr.encode(), 0, len(value)) + value
+    return struct.pack("<HH2sH", group, element, vr.encode(), len(value)) + value
+
+
+def element_end(data: bytes, tag: int) -> int:
+    """The offset just after the (first) top-level element `tag` of a Part 10 file."""
+    stream = io.BytesIO(data)
+    read_preamble(stream, force=True)
+    _read_file_meta_info(stream)
+    for element in data_element_generator(stream, False, True, defer_size=256):
+        if int(element.tag) == tag:
+            return element.value_tell + element.length
+    raise KeyError(f"{tag:08X} is not in the file")
+
+
+def with_copy(data: bytes, tag: int, vr: str, value: str) -> bytes:
+    """A second copy of a top-level element right after the first: the parser keeps the last."""
+    end = element_end(data, tag)
+    return data[:end] + explicit_element(tag, vr, value.encode()) + data[end:]
+
+
+def after_pixels(data: bytes, tag: int, vr: str, value: str) -> bytes:
+    """An element appended after the pixel data (out of order: the gate must not stop reading)."""
+    return data + explicit_element(tag, vr, value.encode())
+
+
+PATIENT_NAME, PATIENT_ID, IDENTITY_REMOVED = 0x00100010, 0x00100020, 0x00120062
+
+
+def hidden_name_archive(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A tar.gz whose DICOM members hide a value from a parsed view, one way each."""
+    base = bad_image(PatientName=NAME)
+    members = {
+        "duplicate.dcm": with_copy(image_bytes(base), PATIENT_NAME, "PN", ENTITY),  # last copy is clean
+        "after-pixels.dcm": after_pixels(image_bytes(bad_image()), PATIENT_NAME, "PN", "Lindqvist^Margareta"),
+        "private-lo.dcm": after_pixels(
+            with_copy(image_bytes(bad_image()), PATIENT_ID, "LO", ENTITY), 0x7FE10010, "LO", "Okonkwo^Chidi"
+        ),
+    }
+    nested = bad_image(
+        RequestAttributesSequence=[{"ScheduledPerformingPhysicianName": "Haverford^Eleanor"}],
+    )
+    members["nested.dcm"] = image_bytes(nested)
+    private = bad_image()
+    private.private_elements = (("ACME RECORDS 1.0", 0x0029, 0x10, "LO", "MRN-7731904"),)
+    members["private.dcm"] = image_bytes(private)
+    path = tmp_path / "out" / "study.tar.gz"
+    path.parent.mkdir(parents=True)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(f"study/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    expected = {
+        "duplicate.dcm": NAME,
+        "after-pixels.dcm": "Lindqvist^Margareta",
+        "private-lo.dcm": "Okonkwo^Chidi",
+        "nested.dcm": "Haverford^Eleanor",
+        "private.dcm": MRN,
+    }
+    return path, expected
+
+
+def test_the_audit_finds_what_a_parsed_view_hides(tmp_path):
+    path, expected = hidden_name_archive(tmp_path)
+    auditor = phi_audit.Auditor(list(expected.values()))
+    phi_audit.run(auditor, [path.parent])
+    found = {f.field.split("!study/", 1)[1].split(":", 1)[0]: f for f in auditor.findings}
+    assert set(found) == set(expected), [str(f) for f in auditor.findings]
+    assert "raw element (0010,0010) (copy 1)" in found["duplicate.dcm"].field
+    for finding in auditor.findings:
+        assert "#" in finding.masked
+        assert "Kowalczyk" not in str(finding)
+
+
+def test_the_audit_collects_identifiers_hidden_in_raw_inputs(tmp_path):
+    """Raw inputs: a duplicated PatientName's first copy, a private name, and lookup.json values."""
+    raw = tmp_path / "raw"
+    (raw / "b").mkdir(parents=True)
+    (raw / "b" / "dup.dcm").write_bytes(with_copy(image_bytes(bad_image(PatientName=NAME)), PATIENT_NAME, "PN", ENTITY))
+    implicit_private = bad_image()
+    implicit_private.private_elements = (("ACME 1.0", 0x0029, 0x10, "LO", "Brightwater^Tomas"),)
+    (raw / "b" / "private.dcm").write_bytes(image_bytes(implicit_private))
+    (raw / "b" / "lookup.json").write_text(
+        json.dumps(
+            {
+                BAD: {
+                    "patient_name": "Castellanos^Ines",
+                    "RequestAttributesSequence.OtherPatientIDs": "MRN-0042117",
+                    "PatientBirthDate": BIRTH_DATE,
+                    "Comment": "referred by Abernathy^Quentin",
+                    "CTDIvol": 12.1,
+                    "ScanOptions": "HELICAL",
+                }
+            }
+        )
+    )
+    values = {phi_audit.normalize(i.value) for i in phi_audit.load_identifiers([raw])}
+    for expected in (NAME, "Brightwater^Tomas", "Castellanos^Ines", "MRN-0042117", BIRTH_DATE, "Abernathy^Quentin"):
+        assert phi_audit.normalize(expected) in values, expected
+    assert "helical" not in values
+    # The lookup.json alone, given as a file.
+    alone = {i.value for i in phi_audit.load_identifiers([raw / "b" / "lookup.json"])}
+    assert "Castellanos^Ines" in alone
+
+
+def test_the_audit_reads_a_json_column_returned_as_text(tmp_path):
+    name = "Ågren^Åsa"
+    row = {"DicomHeader": json.dumps({"Comment": name}), "entity_id": ENTITY}
+    out = tmp_path / "rows.ndjson"
+    out.write_text(json.dumps(row) + "\n")  # the JSON text escapes Å: only a decoded view finds it
+    assert "Ågren" not in out.read_text()
+    findings = phi_audit.audit([name], [out])
+    assert findings, "a name inside a JSON column read back as text was missed"

@@ -64,7 +64,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pydicom
 from pydicom.data import get_testdata_file
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
@@ -187,7 +187,9 @@ class ImageSpec:
     """One de-identified image as the anonymizer would leave it.
 
     header_overrides sets any DICOM keyword after everything else (None deletes it), e.g.
-    {"PatientName": "DOE^JANE"} to plant an identifier or {"PatientIdentityRemoved": None}.
+    {"PatientName": "DOE^JANE"} to plant an identifier or {"PatientIdentityRemoved": None}; a
+    sequence is a list of dicts, e.g. {"RequestAttributesSequence": [{"RequestingPhysician": "X^Y"}]}.
+    private_elements plants private data elements, e.g. (("ACME 1.0", 0x0029, 0x10, "LO", "MRN-1"),).
     """
 
     entity_id: str
@@ -203,6 +205,8 @@ class ImageSpec:
     source: str | None = None  # a SOURCES key; by default chosen from the modality
     header_overrides: dict[str, object] = field(default_factory=dict)
     relpath: str | None = None  # inside the batch, POSIX; may start with PHI/
+    # Private data elements, each (creator, group, element offset in the block, VR, value).
+    private_elements: tuple[tuple[str, int, int, str, object], ...] = ()
 
     @property
     def path(self) -> str:
@@ -425,7 +429,9 @@ def make_image(spec: ImageSpec) -> pydicom.Dataset:
             if keyword in ds:
                 delattr(ds, keyword)
         else:
-            setattr(ds, keyword, value)
+            setattr(ds, keyword, _sequence_items(value))
+    for creator, group, offset, vr, value in spec.private_elements:
+        ds.private_block(group, creator, create=True).add_new(offset, vr, value)
 
     meta = FileMetaDataset()
     meta.FileMetaInformationGroupLength = 0  # filled in by the writer
@@ -438,6 +444,21 @@ def make_image(spec: ImageSpec) -> pydicom.Dataset:
     ds.file_meta = meta
     ds.preamble = b"\0" * 128
     return ds
+
+
+def _sequence_items(value: object) -> object:
+    """A list of dicts as the items of a sequence (nested lists of dicts too); anything else as is."""
+    if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+        items = []
+        for doc in value:
+            item = Dataset()
+            for keyword, inner in doc.items():
+                if tag_for_keyword(keyword) is None:
+                    raise ValueError(f"header_overrides: {keyword!r} is not a DICOM keyword")
+                setattr(item, keyword, _sequence_items(inner))
+            items.append(item)
+        return items
+    return value
 
 
 def image_bytes(spec: ImageSpec) -> bytes:
@@ -649,16 +670,52 @@ def source_identifiers() -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
+# Planted values of these keywords are identifying too (besides the person attributes and any PN).
+_IDENTIFYING_KEYWORDS = frozenset(
+    {"PatientBirthName", "PatientBirthDate", "PatientID", "OtherPatientIDs", "AccessionNumber", "IssuerOfPatientID"}
+)
+
+
+def _planted(keyword: str, value: object, image: ImageSpec) -> Iterable[str]:
+    """The identifying values a header override (or a lookup value) plants, at any depth."""
+    if isinstance(value, dict):
+        for inner_keyword, inner in value.items():
+            yield from _planted(str(inner_keyword), inner, image)
+        return
+    if isinstance(value, list | tuple):
+        for item in value:
+            yield from _planted(keyword, item, image)
+        return
+    if value is None or isinstance(value, bool):
+        return
+    text = str(value)
+    last = keyword.rsplit(".", 1)[-1]
+    identifying = last in PERSON_KEYWORDS or last in _IDENTIFYING_KEYWORDS or _is_person_name_keyword(last)
+    if (identifying or "^" in text) and text not in ("", image.entity_id, image.item_id):
+        yield text
+
+
+def _is_person_name_keyword(keyword: str) -> bool:
+    tag = tag_for_keyword(keyword)
+    return tag is not None and dictionary_VR(tag) == "PN"
+
+
 def raw_identifiers(batches: Iterable[BatchSpec], *, include_sources: bool = True) -> list[str]:
-    """Identifying values planted in the batches (plus, by default, the samples' own), for leak audits."""
+    """Identifying values planted in the batches (plus, by default, the samples' own), for leak audits:
+    person attributes, person names and identifiers at any depth of the header overrides, the
+    values of private elements, and the identifying values of lookup.json."""
     found: set[str] = set(source_identifiers()) if include_sources else set()
     for batch in batches:
+        by_path = {image.path: image for image in batch.images}
         for image in batch.images:
             for keyword, value in image.header_overrides.items():
-                if keyword not in PERSON_KEYWORDS or value in (None, "", image.entity_id):
-                    continue
-                values = value if isinstance(value, list | tuple) else [value]
-                found.update(str(v) for v in values if str(v))
+                found.update(_planted(keyword, value, image))
+            for *_where, value in image.private_elements:
+                found.update(v for v in [str(value)] if v not in ("", image.entity_id))
+        for path, entry in (batch.lookup or {}).items():
+            image = by_path.get(path) or ImageSpec("", "", "")
+            for keyword, value in entry.items():
+                found.update(_planted(keyword, value, image))
     return sorted(found)
 
 

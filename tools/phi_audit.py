@@ -392,20 +392,20 @@ def identifiers_from_dicom(paths: Iterable[str | os.PathLike[str]]) -> list[Iden
 
 
 def _duplicated_identifiers(path: Path, encodings: list[str]) -> list[Identifier]:
-    """Identifying values of the further copies of a duplicated top-level element (the parser
-    keeps one copy only)."""
+    """Identifying values of every copy of a top-level element, read raw: of a duplicated
+    element the parser keeps one copy only."""
     found: list[Identifier] = []
     try:
         with open(path, "rb") as stream:
             elements = list(_raw_elements(stream))
     except Exception:  # a file the raw walk cannot follow: the parsed walk is all there is
         return found
-    for label, tag, value in elements:
+    for _label, tag, value in elements:
         keyword = keyword_for_tag(tag) or ""
         category = IDENTIFYING_KEYWORDS.get(keyword)
         if category is None and keyword and _dictionary_vr(tag) == "PN":
             category = PERSON_NAME_CATEGORY
-        if category is None or label.endswith("(copy 1)"):
+        if category is None:
             continue
         for text in _raw_texts(value, encodings):
             found.extend(Identifier(v.strip(), category) for v in text.split("\\") if v.strip())
