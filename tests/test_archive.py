@@ -24,7 +24,7 @@ from dicom_archive.landing import LocalLandingZone
 from dicom_archive.naming import InvalidIdentifierError, archive_object_name, archive_stem
 from dicom_archive.plan import STATUS_DONE, STATUS_ERROR, BatchPlan, StudyGroup, plan_batch
 from dicom_archive.publish import WRITTEN, publish_study_archive
-from dicom_archive.settings import Settings
+from dicom_archive.settings import Settings, SettingsError
 from dicom_archive.stores import LocalObjectStore
 from tools.landing_zone import BatchSpec, ImageSpec, image_bytes, write_batch
 
@@ -400,7 +400,12 @@ BAD_CODED_ID_NAMES = ["missing", "empty", "space", "slash", "dots", "too-long", 
 def test_missing_or_invalid_patient_id_is_quarantined(tmp_path, value):
     bad = ImageSpec(ENTITY, ITEM, DATE, "CT", 1, 9, header_overrides={"PatientID": value}, relpath="odd/1.dcm")
     zone, plan = plan_with(tmp_path, [bad])
-    assert single_quarantine(plan) == ("odd/1.dcm", Reason.INVALID_PATIENT_ID, "PatientID is missing or not a coded id")
+    assert single_quarantine(plan)[:2] == ("odd/1.dcm", Reason.INVALID_PATIENT_ID)
+    failures = plan.quarantined[0].failures
+    assert failures[0] == {"reason": Reason.INVALID_PATIENT_ID, "detail": "PatientID is missing or not a coded id"}
+    # Every failing check is listed: the generator's PatientName (the old coded id) no longer
+    # equals the PatientID, so it is judged a name too.
+    assert failures[1:] in ([], [{"reason": Reason.IDENTIFYING_ATTRIBUTE, "detail": "holds a value: PatientName"}])
     assert plan.quarantined[0].study is None  # no valid study to count it against
     assert_good_study_archived(tmp_path, zone, plan, held_back=0)
 
@@ -505,7 +510,7 @@ def test_patient_name_that_only_contains_the_patient_id_is_quarantined(tmp_path)
     assert_good_study_archived(tmp_path, zone, plan, held_back=1)
 
 
-def test_configured_attribute_list_is_honoured(tmp_path):
+def test_configured_attribute_list_adds_to_the_contract_default(tmp_path):
     settings = Settings.load(
         {
             "DICOM_LANDING_ROOT": str(tmp_path),
@@ -514,7 +519,7 @@ def test_configured_attribute_list_is_honoured(tmp_path):
         }.get
     )
     policy = settings.policy
-    assert policy.person_attributes == ("InstitutionName", "OperatorsName")
+    assert policy.person_attributes == (*DEFAULT_PERSON_ATTRIBUTES, "InstitutionName")
     institution = ImageSpec(ENTITY, ITEM, DATE, "CT", 1, 7, header_overrides={"InstitutionName": "ST ELSEWHERE"})
     operator = ImageSpec(ENTITY, ITEM, DATE, "CT", 1, 8, header_overrides={"OperatorsName": "TECH^TOM"})
     referrer = ImageSpec(ENTITY, ITEM, DATE, "CT", 1, 9, header_overrides={"ReferringPhysicianName": "HOUSE^G"})
@@ -524,15 +529,22 @@ def test_configured_attribute_list_is_honoured(tmp_path):
     assert held == {
         institution.path: (Reason.IDENTIFYING_ATTRIBUTE, "holds a value: InstitutionName"),
         operator.path: (Reason.IDENTIFYING_ATTRIBUTE, "holds a value: OperatorsName"),
+        referrer.path: (Reason.IDENTIFYING_ATTRIBUTE, "holds a value: ReferringPhysicianName"),
     }
     group = only_group(plan)
-    assert referrer.path in [i.relpath for i in group.images]  # not on this site's list
-    assert len(group.images) == 4
+    assert len(group.images) == 3
+    # The archive step re-checks with the same policy; the institution is not checked by default.
     _, _, members = archive_bytes(group, zone, policy=policy)
-    assert len(members) == 4
-    # The archive step re-checks with the same policy: with the default list it refuses the file.
-    with pytest.raises(ArchiveIntegrityError, match="identifying_attribute"):
-        write_study_archive(group, zone, None, policy=DeidPolicy())
+    assert len(members) == 3
+
+
+def test_removing_a_default_person_attribute_takes_its_own_setting(tmp_path):
+    env = {"DICOM_LANDING_ROOT": str(tmp_path), "DICOM_LOCAL_OUTPUT": str(tmp_path / "out")}
+    settings = Settings.load({**env, "DICOM_PERSON_ATTRIBUTES_REMOVED": "OtherPatientIDs"}.get)
+    assert "OtherPatientIDs" not in settings.policy.person_attributes
+    assert settings.policy.describe()["person_attributes_removed"] == ["OtherPatientIDs"]
+    with pytest.raises(SettingsError, match="may only name defaults.*InstitutionName"):
+        Settings.load({**env, "DICOM_PERSON_ATTRIBUTES_REMOVED": "InstitutionName"}.get)
 
 
 def test_every_reason_in_one_batch_keeps_the_good_study(tmp_path):

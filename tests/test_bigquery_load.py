@@ -82,9 +82,14 @@ def test_schema_file_has_the_spec_columns():
     assert schema["StudyDate"] == ("DATE", "NULLABLE")
     assert schema["uploaded_at"] == ("TIMESTAMP", "REQUIRED")
     integers = {name for name, (kind, _) in schema.items() if kind == "INTEGER"}
-    assert integers == {"width", "height", "SeriesNumber", "InstanceNumber", "storage_generation", "storage_size"}
+    assert integers == {
+        "width", "height", "SeriesNumber", "InstanceNumber", "storage_generation", "storage_size",
+        "private_elements_removed",
+    }  # fmt: skip
     assert schema["deid_software"] == schema["deid_recipe"] == ("STRING", "NULLABLE")
-    assert len(schema) == 44
+    assert schema["source_sha256"] == ("STRING", "NULLABLE")
+    assert schema["private_elements_removed"] == ("INTEGER", "NULLABLE")
+    assert len(schema) == 46
     assert all(f.description for f in bl.load_schema())
 
 

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from dicom_archive.deid import DEFAULT_PERSON_ATTRIBUTES
 from dicom_archive.settings import Settings, SettingsError
 from tools.landing_zone import BatchSpec, ImageSpec, write_batch
 
@@ -109,6 +110,16 @@ def test_sensor_fails_at_once_with_every_missing_setting_named(monkeypatch):
         ({"DICOM_STUDIES_PER_TASK": "many"}, "DICOM_STUDIES_PER_TASK must be a whole number"),
         ({"GOOGLE_STORAGE_COLLECTION": "IRB-1"}, "GOOGLE_STORAGE_COLLECTION 'IRB-1' must match"),
         ({"SEND_TO_GOOGLE": "false", "DICOM_LOCAL_OUTPUT": ""}, "DICOM_LOCAL_OUTPUT"),
+        # A typo must never switch a check off without a word (issue 11).
+        ({"DICOM_PERSON_ATTRIBUTES": "PatientsName"}, "DICOM_PERSON_ATTRIBUTES: not DICOM keywords.*PatientsName"),
+        ({"DICOM_PERSON_ATTRIBUTES": "OperatorsName, referringphysicianname"}, "referringphysicianname"),
+        ({"DICOM_HEADER_ALLOW_LIST": "Modality, SeriesDescripton"}, "DICOM_HEADER_ALLOW_LIST: .*SeriesDescripton"),
+        ({"DICOM_PERSON_ATTRIBUTES_REMOVED": "PatientNam"}, "DICOM_PERSON_ATTRIBUTES_REMOVED: .*PatientNam"),
+        ({"DICOM_PRIVATE_TAGS": "keep"}, "DICOM_PRIVATE_TAGS must be one of strip, quarantine"),
+        ({"DICOM_PRIVATE_TAGS": "off"}, "DICOM_PRIVATE_TAGS must be one of"),
+        ({"DICOM_DEID_PROFILE": "none"}, "DICOM_DEID_PROFILE must be one of contract, basic"),
+        ({"DICOM_PRIVATE_ALLOW": "SIEMENS CSA HEADER:0029,1010"}, "not a creator:gggg,xxee pattern"),
+        ({"DICOM_PRIVATE_ALLOW": "GEMS_ACQU_01:0018,xx39"}, "not a private"),
     ],
 )
 def test_bad_settings_are_named(env, problem):
@@ -130,7 +141,33 @@ def test_settings_defaults_and_lists():
     assert settings.send_to_google is True
     assert settings.compresslevel == 1
     assert settings.replace_changed is False
-    assert settings.policy.person_attributes == ("PatientName", "OperatorsName")
+    # DICOM_PERSON_ATTRIBUTES adds to the contract's list: naming two defaults changes nothing.
+    assert settings.policy.person_attributes == DEFAULT_PERSON_ATTRIBUTES
+    assert settings.policy.private_tags == "strip"
+    assert settings.policy.profile == "contract"
+
+
+def test_private_allow_patterns_are_parsed():
+    settings = Settings.load(
+        {
+            "DICOM_LANDING_ROOT": "/data/landing",
+            "DICOM_LOCAL_OUTPUT": "/data/out",
+            "DICOM_PRIVATE_TAGS": "Quarantine",
+            "DICOM_PRIVATE_ALLOW": "SIEMENS CSA HEADER:0029,xx10; GEMS_ACQU_01:0043,xx39\nGEMS_PARM_01:0019,XXBB",
+        }.get
+    )
+    policy = settings.policy
+    assert policy.private_tags == "quarantine"
+    assert [str(rule) for rule in policy.private_allow] == [
+        "SIEMENS CSA HEADER:0029,xx10",
+        "GEMS_ACQU_01:0043,xx39",
+        "GEMS_PARM_01:0019,xxBB",
+    ]
+    assert policy.private_allowed("SIEMENS CSA HEADER", 0x0029, 0x1010)
+    assert policy.private_allowed("SIEMENS CSA HEADER", 0x0029, 0x1110)  # any block the creator reserved
+    assert not policy.private_allowed("SIEMENS CSA HEADER", 0x0029, 0x1020)
+    assert not policy.private_allowed("SIEMENS MEDCOM HEADER", 0x0029, 0x1010)
+    assert not policy.private_allowed(None, 0x0029, 0x1010)
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,11 @@
 """Deterministic study archives, built and hashed in one streaming pass.
 
 tar (stream mode) -> gzip (python-isal, mtime 0, no file name) -> hashing sink -> any writable
-(a Cloud Storage resumable upload, a local file, or nothing but the hashes). Each image is read
-once: the bytes go into the tar, the sha256 and the header for the metadata row come from the
-same read. Memory stays bounded by the copy buffers, whatever the study size.
+(a Cloud Storage resumable upload, a local file, or nothing but the hashes). Each image's whole
+header is walked and judged again (header_walk; the pixel data skipped by its length), then the
+file is streamed once into the tar: private elements dropped from the header (DICOM_PRIVATE_TAGS
+=strip), everything else copied as it is, the source and archived sha256 taken on the way.
+Memory stays bounded by the copy buffers and the header, whatever the study size.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import google_crc32c
-import pydicom
 from isal import igzip
 from pydicom.dataset import Dataset
 
-from dicom_archive.deid import DeidPolicy, Quarantine, check_header
+from dicom_archive.deid import DeidPolicy, StudyIdentity
+from dicom_archive.header_walk import SizeChangedError, StrippedReader, WalkError, judge_header, walk_header
 from dicom_archive.landing import LandingZone
 from dicom_archive.plan import ImageRecord, StudyGroup
 
@@ -40,8 +42,10 @@ class ArchivedMember:
     relpath: str
     member_name: str
     size: int
-    sha256: str
+    sha256: str  # of the archived copy (private elements stripped): with the collection, the row key
     fields: dict[str, Any]  # what `describe` took from the header; the header itself is not kept
+    source_sha256: str = ""  # of the file in the landing zone
+    private_elements_removed: int = 0
 
 
 # What to keep of an archived image's parsed header (rows.image_fields in the pipeline).
@@ -89,29 +93,6 @@ class HashingSink(io.RawIOBase):
         )
 
 
-class _HashingReader(io.RawIOBase):
-    """Reads through to the source, hashing every byte and keeping the first `keep` of them."""
-
-    def __init__(self, source: BinaryIO, keep: int) -> None:
-        self.source = source
-        self.keep = keep
-        self.prefix = bytearray()
-        self.sha256 = hashlib.sha256()
-        self.count = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
-        data = self.source.read(size)
-        if data:
-            self.sha256.update(data)
-            self.count += len(data)
-            if len(self.prefix) < self.keep:
-                self.prefix += data[: self.keep - len(self.prefix)]
-        return data
-
-
 def member_name(stem: str, ordinal: int, image: ImageRecord) -> str:
     """Unique by the ordinal; the series folder keeps the archive pleasant to browse.
     Nothing of the anonymizer's file names goes in: names come from validated ids."""
@@ -156,14 +137,14 @@ def write_study_archive(
         tar.copybufsize = COPY_CHUNK
         tar.addfile(_tar_info(stem, 0, is_dir=True))
         for ordinal, image in enumerate(group.sorted_images(), start=1):
-            members.append(_add_image(tar, zone, group.batch_id, stem, ordinal, image, policy, describe))
+            members.append(_add_image(tar, zone, group, stem, ordinal, image, policy, describe))
     return hashing.digest(), members
 
 
 def _add_image(
     tar: tarfile.TarFile,
     zone: LandingZone,
-    batch_id: str,
+    group: StudyGroup,
     stem: str,
     ordinal: int,
     image: ImageRecord,
@@ -171,20 +152,47 @@ def _add_image(
     describe: Describe | None,
 ) -> ArchivedMember:
     name = member_name(stem, ordinal, image)
-    where = zone.describe(batch_id, image.relpath)
-    with zone.open(batch_id, image.relpath, chunk_size=COPY_CHUNK) as stream:
-        reader = _HashingReader(stream, keep=image.header_length)
+    where = zone.describe(group.batch_id, image.relpath)
+    with zone.open(group.batch_id, image.relpath, chunk_size=COPY_CHUNK) as stream:
+        # The whole header is walked and judged again here: a file swapped after planning must
+        # never be uploaded unchecked, nor under another study's name.
         try:
-            tar.addfile(_tar_info(name, image.size), reader)
+            walk = walk_header(stream, image.size, policy)
+        except SizeChangedError as err:
+            change = "grew" if "grew" in err.detail else "changed size"
+            raise ArchiveIntegrityError(f"{where} {change} since it was checked ({err.detail})") from err
+        except WalkError as err:
+            raise ArchiveIntegrityError(f"{where} no longer passes the de-identification check ({err.reason})") from err
+        verdict = judge_header(walk, policy)
+        if verdict.failures:
+            reasons = ", ".join(sorted({str(f.reason) for f in verdict.failures}))
+            raise ArchiveIntegrityError(f"{where} no longer passes the de-identification check ({reasons})")
+        planned = StudyIdentity(group.entity_id, group.study_date, group.item_id)
+        if verdict.identity != planned:
+            raise ArchiveIntegrityError(
+                f"{where}: PatientID, StudyDate or AccessionNumber differ from the plan's (the file was "
+                "replaced after planning); nothing of this archive is kept"
+            )
+        stream.seek(0)
+        reader = StrippedReader(stream, walk, COPY_CHUNK)
+        try:
+            tar.addfile(_tar_info(name, walk.output_size), reader)
+        except SizeChangedError as err:
+            raise ArchiveIntegrityError(f"{where} changed size since it was checked ({err.detail})") from err
         except OSError as err:
             raise ArchiveIntegrityError(f"{where} changed size since it was checked ({err})") from err
-        if stream.read(1):
+        problem = reader.verify()
+        if problem == "grew":
             raise ArchiveIntegrityError(f"{where} grew since it was checked")
-    # The header is checked again on the bytes that went into the archive: a file swapped
-    # after planning must never be uploaded unchecked.
-    header = pydicom.dcmread(io.BytesIO(bytes(reader.prefix)), stop_before_pixels=True)
-    verdict = check_header(header, policy)
-    if isinstance(verdict, Quarantine):
-        raise ArchiveIntegrityError(f"{where} no longer passes the de-identification check ({verdict.reason})")
-    fields = describe(header, image) if describe is not None else {}
-    return ArchivedMember(image.relpath, name, image.size, reader.sha256.hexdigest(), fields)
+        if problem is not None:
+            raise ArchiveIntegrityError(f"{where} changed while it was archived")
+    fields = describe(walk.dataset(), image) if describe is not None else {}
+    return ArchivedMember(
+        image.relpath,
+        name,
+        walk.output_size,
+        reader.out_sha.hexdigest(),
+        fields,
+        source_sha256=reader.source_sha.hexdigest(),
+        private_elements_removed=walk.private_removed,
+    )

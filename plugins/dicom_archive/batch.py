@@ -175,6 +175,8 @@ def archive_groups(
                 **published.stored.as_xcom(),
                 "outcome": published.outcome,
                 "image_count": len(published.members),
+                "images_stripped": sum(1 for m in published.members if m.private_elements_removed),
+                "private_elements_removed": sum(m.private_elements_removed for m in published.members),
                 "quarantined_count": group.quarantined,
                 "input_bytes": group.size,
                 "seconds": round(time.monotonic() - t0, 3),
@@ -216,8 +218,16 @@ def build_report(
             "archived": sum(a.get("image_count", 0) for a in archives),
             "quarantined": len(plan.quarantined),
             "quarantined_by_reason": plan.quarantine_counts(),
+            # Archived with private data elements stripped (DICOM_PRIVATE_TAGS=strip).
+            "stripped": sum(a.get("images_stripped", 0) for a in archives),
+            "private_elements_removed": sum(a.get("private_elements_removed", 0) for a in archives),
         },
-        "quarantined": [{"path": q.relpath, "reason": q.reason, "detail": q.detail} for q in plan.quarantined],
+        # Every check each image fails (reason codes and tag paths, never values).
+        "quarantined": [
+            {"path": q.relpath, "reason": q.reason, "detail": q.detail, "failures": q.all_failures()}
+            for q in plan.quarantined
+        ],
+        "deid_gate": plan.gate,
         # Second names of an image (hard or symbolic links): counted and archived once, under the first.
         "aliases": [{"path": path, "same_as": first} for path, first in sorted(plan.aliases.items())],
         "lookup": {

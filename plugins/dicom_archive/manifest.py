@@ -10,9 +10,9 @@ from datetime import UTC, datetime
 from functools import cache
 from typing import Any
 
-from pydicom.datadict import dictionary_VR, keyword_dict, keyword_for_tag
+from pydicom.datadict import keyword_dict, keyword_for_tag
 
-from dicom_archive.deid import DEFAULT_PERSON_ATTRIBUTES
+from dicom_archive.deid import DEFAULT_PERSON_ATTRIBUTES, judge_field
 from dicom_archive.landing import PHI_FOLDER, is_under_phi_folder, normalise_relpath  # noqa: F401  (re-exported)
 from dicom_archive.naming import BATCH_ID_RE, COLLECTION_RE
 
@@ -199,7 +199,6 @@ LOOKUP_IDENTIFYING_ATTRIBUTES: tuple[str, ...] = (
 )
 _TAG_NAME = re.compile(r"\(?([0-9A-Fa-f]{4})\s*,?\s*([0-9A-Fa-f]{4})\)?")
 _INDEX = re.compile(r"\[[^\]]*\]")
-_NAME_SHAPE = re.compile(r"[^\W\d_][^\^=]*\^|\^\s*[^\W\d_]")  # a letter next to a `^` separator
 
 
 @cache
@@ -224,13 +223,6 @@ def field_keyword(field_name: str) -> str | None:
     return _keywords_by_loose_name().get(_loose(last))
 
 
-def _is_person_name(keyword: str) -> bool:
-    try:
-        return dictionary_VR(keyword) == "PN"
-    except KeyError:
-        return False
-
-
 def _leaves(value: Any, path: str) -> Iterator[tuple[str, str]]:
     """(field path, text) for every scalar in a lookup value; nested objects extend the path."""
     if isinstance(value, dict):
@@ -246,18 +238,15 @@ def _leaves(value: Any, path: str) -> Iterator[tuple[str, str]]:
 def lookup_violations(
     entry: dict[str, Any],
     *,
-    entity_id: str,
-    item_id: str,
+    entity_id: str | None,
+    item_id: str | None,
     person_attributes: Iterable[str] = DEFAULT_PERSON_ATTRIBUTES,
 ) -> list[str]:
-    """What in one image's lookup entry breaks the header's rules: `field (rule)` strings, never
-    the values. A person name (VR PN by the field's keyword, or a value shaped like one: a letter
-    next to a `^`)
-    must be empty or the coded PatientID; PatientID and AccessionNumber must be empty or the
-    image's coded ids; the person-identifying attributes (and birth date, address, telephone)
-    must be empty. DICOM keywords are recognised by the rules of field_keyword."""
-    person = frozenset(person_attributes) | {"PatientBirthName"}
-    coded = {"PatientID": entity_id, "OtherPatientIDs": entity_id, "AccessionNumber": item_id}
+    """What in one image's lookup entry breaks the header's rules (deid.judge_field): `field (rule)`
+    strings, never the values. A field is judged by the DICOM keyword it names (field_keyword:
+    flattened, indexed, snake-cased or tag-numbered names included) and by the shape of its value
+    (a letter next to `^`); nested objects and lists are judged value by value. On top of the
+    header's rules, the birth date, address and telephone attributes must hold nothing."""
     found: dict[str, str] = {}
     for name, value in entry.items():
         if name == FLAG_FIELD:
@@ -266,14 +255,11 @@ def lookup_violations(
             if not text:
                 continue
             keyword = field_keyword(path)
-            if keyword in coded:
-                if text != coded[keyword]:
-                    found.setdefault(path, f"{keyword} other than the image's coded id")
-            elif keyword is not None and (_is_person_name(keyword) or keyword in person):
-                if not (_is_person_name(keyword) and text == entity_id):
-                    found.setdefault(path, f"{keyword} holds a value")
-            elif keyword in LOOKUP_IDENTIFYING_ATTRIBUTES:
-                found.setdefault(path, f"{keyword} holds a value")
-            elif _NAME_SHAPE.search(text):
-                found.setdefault(path, "a value shaped like a person name (^)")
-    return [f"{path} ({rule})" for path, rule in sorted(found.items())]
+            why = judge_field(
+                keyword or path, text, entity_id=entity_id, item_id=item_id, person_attributes=person_attributes
+            )
+            if why is None and keyword in LOOKUP_IDENTIFYING_ATTRIBUTES:
+                why = f"{keyword} holds a value"
+            if why is not None:
+                found.setdefault(path, why)
+    return [f"{path} ({why})" for path, why in sorted(found.items())]

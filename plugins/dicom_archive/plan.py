@@ -1,25 +1,21 @@
 """Planning a batch: validate the manifest, check every image's header, group into studies.
 
-Only the header of each image is read here (pydicom stops before the pixel data); the archive
-step reads each file once more, in full, and takes the sha256 and the row from that one read.
+Only the header of each image is read here, all of it, at every depth and past the pixel data,
+whose value is skipped by its length (header_walk); the archive step walks each header again,
+then streams the file once, in full, and takes the sha256 and the row from that pass.
 """
 
 from __future__ import annotations
 
 import json
-import struct
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any, BinaryIO
+from typing import Any
 
-import pydicom
-from pydicom.dataelem import RawDataElement
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
-
-from dicom_archive.deid import DeidPolicy, Quarantine, Reason, StudyIdentity, check_header, valid_study_date
+from dicom_archive.deid import DeidPolicy, Reason, StudyIdentity
+from dicom_archive.header_walk import WalkError, judge_header, walk_header
 from dicom_archive.landing import LandingFile, LandingZone, aliases
 from dicom_archive.manifest import (
     LOOKUP_NAME,
@@ -36,7 +32,7 @@ from dicom_archive.manifest import (
     parse_lookup,
     parse_manifest,
 )
-from dicom_archive.naming import BATCH_ID_RE, InvalidIdentifierError, archive_object_name, archive_stem
+from dicom_archive.naming import BATCH_ID_RE, archive_object_name, archive_stem
 
 STATUS_DONE = "DONE"
 STATUS_EMPTY = "EMPTY"
@@ -71,8 +67,12 @@ class ImageRecord:
 class QuarantinedImage:
     relpath: str
     reason: str
-    detail: str = ""
+    detail: str = ""  # every failing check's detail, joined
     study: str | None = None  # the archive stem, when the header names a valid study
+    failures: list[dict[str, str]] = field(default_factory=list)  # every failing check: reason, detail
+
+    def all_failures(self) -> list[dict[str, str]]:
+        return self.failures or [{"reason": self.reason, "detail": self.detail}]
 
 
 @dataclass
@@ -121,6 +121,7 @@ class BatchPlan:
     groups: list[StudyGroup] = field(default_factory=list)
     quarantined: list[QuarantinedImage] = field(default_factory=list)
     plan_seconds: float = 0.0
+    gate: dict[str, Any] = field(default_factory=dict)  # the de-identification gate's settings (DeidPolicy.describe)
     aliases: dict[str, str] = field(default_factory=dict)  # a second name of an image -> the name counted
     lookup_unmatched: list[str] = field(default_factory=list)  # lookup.json keys that name no image
     lookup_ambiguous: dict[str, list[str]] = field(default_factory=dict)  # key -> the images it names
@@ -154,105 +155,6 @@ def _int_or_none(value: object) -> int | None:
         return None
 
 
-_PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})  # where stop_before_pixels stops
-_ITEM_TAG, _SEQUENCE_DELIMITER_TAG = 0xFFFEE000, 0xFFFEE0DD
-_UNDEFINED_LENGTH = 0xFFFFFFFF
-# Explicit VRs whose length takes 4 bytes (after 2 reserved ones).
-_LONG_LENGTH_VRS = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-)
-
-
-def _has_short_element(ds: pydicom.Dataset) -> bool:
-    """An element holding fewer bytes than its declared length: the file ended inside it."""
-    for element in ds.elements():
-        if isinstance(element, RawDataElement):
-            if (
-                element.length != _UNDEFINED_LENGTH
-                and isinstance(element.value, bytes)
-                and len(element.value) < element.length
-            ):
-                return True
-        elif element.VR == "SQ" and any(_has_short_element(item) for item in element.value):
-            return True
-    return False
-
-
-def _is_image(ds: pydicom.Dataset) -> bool:
-    sop_class = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID") or ""
-    return "Rows" in ds or "Image Storage" in UID(str(sop_class)).name
-
-
-def incomplete_reason(ds: pydicom.Dataset, stream: BinaryIO, header_length: int, size: int) -> str | None:
-    """Why a file whose header parsed is still not a whole Part 10 file (None: it is whole).
-
-    pydicom reads what is there without complaint: a file cut short, or garbage after the
-    preamble, parses into a partial dataset. Checked without reading the pixel data: the file
-    meta names a transfer syntax, no header element is cut short, and what follows the header
-    is the pixel data element, complete (its declared length, or its fragments up to the
-    sequence delimiter, fit in the file). `stream` is left positioned anywhere.
-    """
-    if not ds.file_meta.get("TransferSyntaxUID") or _has_short_element(ds.file_meta) or _has_short_element(ds):
-        return "truncated or corrupt header"
-    if ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:
-        return None  # the dataset was inflated: stream positions say nothing about it
-    if header_length >= size:
-        # Whole non-image objects (reports, presentation states) end here; an image cannot.
-        return "an image without pixel data (truncated)" if _is_image(ds) else None
-    implicit, little = ds.original_encoding
-    order = "<" if little is not False else ">"
-    stream.seek(header_length)
-    head = stream.read(8)
-    if len(head) < 8:
-        return "truncated pixel data"
-    group, element = struct.unpack(f"{order}HH", head[:4])
-    if (group << 16 | element) not in _PIXEL_DATA_TAGS:
-        return "unexpected data after the header"
-    if implicit or not b"AA" <= head[4:6] <= b"ZZ":  # like pydicom, accept a switch to implicit VR
-        (length,) = struct.unpack(f"{order}L", head[4:])
-    elif head[4:6] in _LONG_LENGTH_VRS:
-        extra = stream.read(4)
-        if len(extra) < 4:
-            return "truncated pixel data"
-        (length,) = struct.unpack(f"{order}L", extra)
-    else:
-        (length,) = struct.unpack(f"{order}H", head[6:])
-    if length != _UNDEFINED_LENGTH:
-        return "truncated pixel data" if stream.tell() + length > size else None
-    # Encapsulated: items (fragments) up to a sequence delimiter, most often the file's last bytes.
-    items_start = stream.tell()
-    delimiter = struct.pack(f"{order}HHL", 0xFFFE, 0xE0DD, 0)
-    if size - items_start >= 8:
-        stream.seek(size - 8)
-        if stream.read(8) == delimiter:
-            return None
-    position = items_start
-    while True:
-        stream.seek(position)
-        item = stream.read(8)
-        if len(item) < 8:
-            return "truncated pixel data"
-        group, element, length = struct.unpack(f"{order}HHL", item)
-        tag = group << 16 | element
-        if tag == _SEQUENCE_DELIMITER_TAG:
-            return None
-        if tag != _ITEM_TAG or length == _UNDEFINED_LENGTH:
-            return "corrupt pixel data"
-        position += 8 + length
-        if position > size:
-            return "truncated pixel data"
-
-
-def _study_stem(ds: pydicom.Dataset) -> str | None:
-    try:
-        date = str(ds.get("StudyDate", ""))
-        if not valid_study_date(date):
-            return None
-        return archive_stem(str(ds.get("PatientID", "")), date, str(ds.get("AccessionNumber", "")))
-    except InvalidIdentifierError:
-        return None
-
-
 def inspect_image(
     zone: LandingZone,
     batch_id: str,
@@ -260,7 +162,8 @@ def inspect_image(
     lookup_entry: dict[str, Any] | None,
     policy: DeidPolicy,
 ) -> tuple[StudyIdentity, ImageRecord] | QuarantinedImage:
-    """Checks 1 to 6 of the contract for one image, reading only its header."""
+    """Every check of the contract for one image, on its whole header (the pixel data is
+    skipped by its length, never read); the quarantine entry lists every check that fails."""
 
     def quarantined(reason: Reason, detail: str = "") -> QuarantinedImage:
         return QuarantinedImage(file.relpath, str(reason), detail)
@@ -277,34 +180,36 @@ def inspect_image(
         return quarantined(Reason.TOO_LARGE, f"{file.size} bytes is over the limit of {policy.max_image_bytes}")
     try:
         with zone.open(batch_id, file.relpath) as stream:
-            ds = pydicom.dcmread(stream, stop_before_pixels=True)
-            header_length = stream.tell()
-            damage = incomplete_reason(ds, stream, header_length, file.size)
-    except InvalidDicomError:
-        return quarantined(Reason.NOT_DICOM, "not a DICOM Part 10 file (no DICM preamble)")
+            walk = walk_header(stream, file.size, policy)
+    except WalkError as err:
+        return quarantined(err.reason, err.detail)
     except OSError as err:
         return quarantined(Reason.UNREADABLE, f"cannot be read: {err.strerror or type(err).__name__}")
-    except Exception as err:  # pydicom raises many kinds on a damaged file
-        return quarantined(Reason.NOT_DICOM, f"does not parse as DICOM ({type(err).__name__})")
-    if damage is not None:
-        return quarantined(Reason.NOT_DICOM, f"does not parse as DICOM ({damage})")
 
-    verdict = check_header(ds, policy)
-    if isinstance(verdict, Quarantine):
-        held = quarantined(verdict.reason, verdict.detail)
-        held.study = _study_stem(ds)
+    verdict = judge_header(walk, policy)
+    if not verdict.passed:
+        first = verdict.failures[0]
+        held = QuarantinedImage(
+            file.relpath,
+            str(first.reason),
+            "; ".join(f.detail for f in verdict.failures),
+            failures=[{"reason": str(f.reason), "detail": f.detail} for f in verdict.failures],
+        )
+        if verdict.identity is not None:
+            held.study = archive_stem(verdict.identity.entity_id, verdict.identity.study_date, verdict.identity.item_id)
         return held
+    ds = walk.dataset()
     record = ImageRecord(
         relpath=file.relpath,
         size=file.size,
-        header_length=header_length,
+        header_length=walk.header_length,
         series_number=_int_or_none(ds.get("SeriesNumber")),
         instance_number=_int_or_none(ds.get("InstanceNumber")),
         series_uid=str(ds.get("SeriesInstanceUID") or ""),
         sop_uid=str(ds.get("SOPInstanceUID") or ""),
         lookup=lookup_entry,
     )
-    return verdict, record
+    return verdict.identity, record  # type: ignore[return-value]
 
 
 def read_manifest(zone: LandingZone, batch_id: str, default_collection: str | None) -> BatchManifest | None:
@@ -374,6 +279,7 @@ def _plan_batch(
         status=STATUS_DONE,
         completed_at=manifest.completed_at.isoformat(),
         deid=manifest.deid,
+        gate=policy.describe(),
     )
     if manifest.is_error:
         plan.status = STATUS_ERROR
@@ -468,8 +374,16 @@ def _check_lookup_values(
 ) -> tuple[StudyIdentity, ImageRecord] | QuarantinedImage:
     """An image whose lookup.json entry breaks the header's person-name or identifier rules is
     quarantined (identifying_attribute, the fields named, never their values): its entry is
-    never staged nor loaded, and the anonymizer's output for that image is suspect."""
-    if isinstance(outcome, QuarantinedImage) or not entry:
+    never staged nor loaded, and the anonymizer's output for that image is suspect. For an image
+    already held back, the lookup's failures join its list (judged without its coded ids)."""
+    if not entry or is_flagged(entry):
+        return outcome
+    if isinstance(outcome, QuarantinedImage):
+        broken = lookup_violations(entry, entity_id=None, item_id=None, person_attributes=policy.person_attributes)
+        if broken and outcome.reason not in _NEVER_READ:
+            failures = [*outcome.all_failures(), _lookup_failure(broken)]
+            outcome.failures = failures
+            outcome.detail = "; ".join(f["detail"] for f in failures)
         return outcome
     identity, record = outcome
     broken = lookup_violations(
@@ -477,9 +391,18 @@ def _check_lookup_values(
     )
     if not broken:
         return outcome
-    held = QuarantinedImage(record.relpath, str(Reason.IDENTIFYING_ATTRIBUTE), "lookup.json: " + "; ".join(broken))
+    failure = _lookup_failure(broken)
+    held = QuarantinedImage(record.relpath, failure["reason"], failure["detail"], failures=[failure])
     held.study = archive_stem(identity.entity_id, identity.study_date, identity.item_id)
     return held
+
+
+# Quarantined before the file is read: nothing else about them is judged.
+_NEVER_READ = frozenset(str(r) for r in (Reason.PHI_FOLDER, Reason.FLAGGED_IN_LOOKUP, Reason.OUTSIDE_BATCH))
+
+
+def _lookup_failure(broken: list[str]) -> dict[str, str]:
+    return {"reason": str(Reason.IDENTIFYING_ATTRIBUTE), "detail": "lookup.json: " + "; ".join(broken)}
 
 
 def find_completed_batches(

@@ -150,6 +150,8 @@ def build_row(
         "StudyDate": _iso_date(group.study_date),
         **member.fields,
         "instance_sha256": member.sha256,
+        "source_sha256": member.source_sha256 or None,
+        "private_elements_removed": member.private_elements_removed,
         "archive_member": member.member_name,
         "storage_uri": stored.uri,
         "storage_bucket": stored.bucket,

@@ -10,7 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dicom_archive.batch import ArchiveSettings
-from dicom_archive.deid import DEFAULT_PERSON_ATTRIBUTES, DeidPolicy
+from dicom_archive.deid import (
+    DEFAULT_PERSON_ATTRIBUTES,
+    DEID_PROFILES,
+    PRIVATE_TAGS_MODES,
+    DeidPolicy,
+    PrivateAllow,
+    is_dicom_keyword,
+)
 from dicom_archive.naming import COLLECTION_RE
 from dicom_archive.rows import DEFAULT_HEADER_ALLOW_LIST
 
@@ -55,6 +62,51 @@ def _names(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
+def _keywords(name: str, value: str | None, default: tuple[str, ...], problems: list[str]) -> tuple[str, ...]:
+    """A comma list of DICOM keywords; a name pydicom's dictionary does not know is a typo that
+    would switch a check off without a word, so it fails the settings check, named."""
+    names = _names(value, default)
+    unknown = [n for n in names if not is_dicom_keyword(n)]
+    if unknown:
+        problems.append(f"{name}: not DICOM keywords (a typo?): {', '.join(unknown)}")
+    return names
+
+
+def _choice(name: str, value: str | None, default: str, choices: tuple[str, ...], problems: list[str]) -> str:
+    word = (value or "").strip().lower() or default
+    if word not in choices:
+        problems.append(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+        return default
+    return word
+
+
+def _private_allow(value: str | None, problems: list[str]) -> tuple[PrivateAllow, ...]:
+    """`creator:gggg,xxee` patterns, separated by `;` or new lines (a pattern holds a comma)."""
+    rules = []
+    for part in (value or "").replace("\n", ";").split(";"):
+        if not part.strip():
+            continue
+        try:
+            rules.append(PrivateAllow.parse(part))
+        except ValueError as err:
+            problems.append(f"DICOM_PRIVATE_ALLOW: {err}")
+    return tuple(rules)
+
+
+def person_attributes(added: tuple[str, ...], removed: tuple[str, ...], problems: list[str]) -> tuple[str, ...]:
+    """The contract's list, plus DICOM_PERSON_ATTRIBUTES, less DICOM_PERSON_ATTRIBUTES_REMOVED
+    (which may name only defaults: removing is never done by leaving a name out)."""
+    not_defaults = [n for n in removed if n not in DEFAULT_PERSON_ATTRIBUTES]
+    if not_defaults:
+        problems.append(
+            "DICOM_PERSON_ATTRIBUTES_REMOVED may only name defaults of the contract's list, not: "
+            + ", ".join(not_defaults)
+        )
+    merged = [n for n in DEFAULT_PERSON_ATTRIBUTES if n not in removed]
+    merged += [n for n in added if n not in merged and n not in removed]
+    return tuple(merged)
+
+
 @dataclass(frozen=True)
 class Settings:
     send_to_google: bool
@@ -69,6 +121,10 @@ class Settings:
     studies_per_task: int = 25
     max_archive_tasks: int = 512  # per run; the chunk size grows beyond studies_per_task to stay under it
     person_attributes: tuple[str, ...] = DEFAULT_PERSON_ATTRIBUTES
+    person_attributes_removed: tuple[str, ...] = ()
+    private_tags: str = "strip"
+    private_allow: tuple[PrivateAllow, ...] = ()
+    deid_profile: str = "contract"
     header_allow_list: tuple[str, ...] = DEFAULT_HEADER_ALLOW_LIST
     max_image_mb: int = 4096
     google_retry_seconds: int = 120  # how long the clients keep retrying transient errors
@@ -85,7 +141,14 @@ class Settings:
 
     @property
     def policy(self) -> DeidPolicy:
-        return DeidPolicy(person_attributes=self.person_attributes, max_image_bytes=self.max_image_mb * 1024 * 1024)
+        return DeidPolicy(
+            person_attributes=self.person_attributes,
+            max_image_bytes=self.max_image_mb * 1024 * 1024,
+            private_tags=self.private_tags,
+            private_allow=self.private_allow,
+            profile=self.deid_profile,
+            removed_person_attributes=self.person_attributes_removed,
+        )
 
     @classmethod
     def load(cls, lookup: Lookup | None = None) -> Settings:
@@ -111,6 +174,8 @@ class Settings:
         if collection is not None and not COLLECTION_RE.fullmatch(collection):
             problems.append(f"GOOGLE_STORAGE_COLLECTION {collection!r} must match {COLLECTION_RE.pattern}")
 
+        added = _keywords("DICOM_PERSON_ATTRIBUTES", get("DICOM_PERSON_ATTRIBUTES"), (), problems)
+        removed = _keywords("DICOM_PERSON_ATTRIBUTES_REMOVED", get("DICOM_PERSON_ATTRIBUTES_REMOVED"), (), problems)
         settings = cls(
             send_to_google=send,
             landing_root=landing_root,
@@ -127,8 +192,16 @@ class Settings:
             max_archive_tasks=_int(
                 "DICOM_MAX_ARCHIVE_TASKS", get("DICOM_MAX_ARCHIVE_TASKS"), 512, 1, 100_000, problems
             ),
-            person_attributes=_names(get("DICOM_PERSON_ATTRIBUTES"), DEFAULT_PERSON_ATTRIBUTES),
-            header_allow_list=_names(get("DICOM_HEADER_ALLOW_LIST"), DEFAULT_HEADER_ALLOW_LIST),
+            person_attributes=person_attributes(added, removed, problems),
+            person_attributes_removed=removed,
+            private_tags=_choice(
+                "DICOM_PRIVATE_TAGS", get("DICOM_PRIVATE_TAGS"), "strip", PRIVATE_TAGS_MODES, problems
+            ),
+            private_allow=_private_allow(get("DICOM_PRIVATE_ALLOW"), problems),
+            deid_profile=_choice("DICOM_DEID_PROFILE", get("DICOM_DEID_PROFILE"), "contract", DEID_PROFILES, problems),
+            header_allow_list=_keywords(
+                "DICOM_HEADER_ALLOW_LIST", get("DICOM_HEADER_ALLOW_LIST"), DEFAULT_HEADER_ALLOW_LIST, problems
+            ),
             max_image_mb=_int("DICOM_MAX_IMAGE_MB", get("DICOM_MAX_IMAGE_MB"), 4096, 1, 1_048_576, problems),
             google_retry_seconds=_int(
                 "DICOM_GOOGLE_RETRY_SECONDS", get("DICOM_GOOGLE_RETRY_SECONDS"), 120, 1, 3600, problems

@@ -57,6 +57,9 @@ class DicomStudyArchiveOperator(BaseOperator):
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
         # Imported here, not at module level, so that parsing the DAG stays fast.
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from dicom_archive.archive import ArchiveIntegrityError
         from dicom_archive.batch import archive_groups
         from dicom_archive.rows import RunContext
         from hooks.dicom_storage import DicomStorageHook, load_settings
@@ -79,15 +82,20 @@ class DicomStudyArchiveOperator(BaseOperator):
             self.log.info("batch %s: archiving %d studies (chunk %s)", staging.batch_id, len(groups), chunk)
             resource = store.uri(groups[0].object_name.rsplit("/Entity/", 1)[0])
             with hook.explain_google_errors(resource):
-                chunk_summaries, rows = archive_groups(
-                    groups,
-                    zone,
-                    store,
-                    deid=deid,
-                    context=run_context,
-                    settings=settings.archive,
-                    progress=self._log_progress,
-                )
+                try:
+                    chunk_summaries, rows = archive_groups(
+                        groups,
+                        zone,
+                        store,
+                        deid=deid,
+                        context=run_context,
+                        settings=settings.archive,
+                        progress=self._log_progress,
+                    )
+                except ArchiveIntegrityError as err:
+                    # An image changed after planning: a retry would meet the same file. Nothing
+                    # of the archive being written was kept (the upload was cancelled).
+                    raise AirflowFailException(f"ArchiveIntegrityError: {err}") from err
                 staging.write_chunk(chunk, chunk_summaries, rows)
             summaries.extend(chunk_summaries)
             if settings.send_to_google:

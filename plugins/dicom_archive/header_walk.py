@@ -1,0 +1,696 @@
+"""The whole header of a DICOM Part 10 file, walked without loading its bulk data.
+
+pydicom's `dcmread(stop_before_pixels=True)` stops at the pixel data and keeps the last copy of a
+duplicated element: both hide PHI (a name after the pixel data, a second PatientName). This
+walker reads the file element by element in its transfer syntax, at every depth (sequences,
+their items, private blocks), and past the pixel data, whose value is skipped by its length
+(encapsulated pixel data fragment by fragment), never read. It records
+
+- every person name and identifier it meets, with its tag path, for the gate to judge;
+- duplicated or out-of-order elements (a malformed header), naming the tag;
+- private data elements and their creators, and, in strip mode, the byte ranges to drop and the
+  lengths of enclosing sequences and items to patch, so that the archived copy can be written
+  by streaming the file once (`StrippedReader`): the header rewritten, the rest copied as is.
+
+Memory stays bounded: values longer than `BULK_SKIP` of a bulk VR are skipped, the others count
+against the policy's `max_header_bytes`, and nesting against its `max_depth`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import hashlib
+import io
+import itertools
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from pydicom.datadict import dictionary_VR, get_private_entry, keyword_for_tag
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from dicom_archive.deid import (
+    BURNED_IN_ANNOTATION_OK,
+    CODED_ID_ATTRIBUTES,
+    IDENTITY_REMOVED_VALUE,
+    NAME_MAY_BE_CODED_ID,
+    DeidPolicy,
+    Reason,
+    Verdict,
+    check_identity,
+    coded_flag,
+    coded_id_value_allowed,
+    holds_value,
+    person_value_allowed,
+)
+
+ITEM, ITEM_DELIMITER, SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+UNDEFINED = 0xFFFFFFFF
+PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+LONG_LENGTH_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
+BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+BULK_SKIP = 64 * 1024  # bulk values longer than this are skipped by their length, never read
+COPY_CHUNK = 1024 * 1024
+
+IMPLICIT_LITTLE = "1.2.840.10008.1.2"
+EXPLICIT_BIG = "1.2.840.10008.1.2.2"
+DEFLATED = "1.2.840.10008.1.2.1.99"
+TRANSFER_SYNTAX_TAG = 0x00020010
+
+# Top-level attributes whose every copy the gate judges (a duplicate must not hide one).
+FLAG_KEYWORDS = frozenset({"PatientID", "AccessionNumber", "StudyDate", "PatientIdentityRemoved", "BurnedInAnnotation"})
+
+
+class WalkError(Exception):
+    """The header cannot be walked: the image is quarantined with this reason and detail."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class SizeChangedError(WalkError):
+    """The file is not the size it was listed with (it changed, or is being written)."""
+
+
+def tag_text(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+@functools.lru_cache(maxsize=8192)
+def _public_vr_and_keyword(tag: int) -> tuple[str, str]:
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        vr = "UN"
+    return vr.split(" or ")[0], keyword_for_tag(tag) or ""
+
+
+@functools.lru_cache(maxsize=8192)
+def _private_vr(creator: str | None, tag: int) -> str:
+    if creator is None:
+        return "UN"
+    try:
+        return get_private_entry(tag, creator)[0].split(" or ")[0]
+    except KeyError:
+        return "UN"
+
+
+@dataclass
+class PrivateElement:
+    path: str
+    group: int
+    element: int
+    creator: str | None
+
+    def __str__(self) -> str:
+        return f"({self.group:04X},{self.element:04X}, {self.creator or 'no creator'})"
+
+
+@dataclass
+class HeaderWalk:
+    """What the walk found; `judge_header` turns it into a verdict."""
+
+    size: int
+    transfer_syntax: str = ""
+    implicit: bool = False
+    little: bool = True
+    top: dict[int, RawDataElement] = field(default_factory=dict)  # first copy of each top-level value
+    copies: dict[str, list[str]] = field(default_factory=dict)  # every copy of FLAG_KEYWORDS
+    persons: list[tuple[str, str, str, bool]] = field(default_factory=list)  # path, keyword, text, is PN
+    nested_ids: list[tuple[str, str]] = field(default_factory=list)  # path, text
+    malformed: list[str] = field(default_factory=list)
+    private: list[PrivateElement] = field(default_factory=list)  # not on the allow list
+    public_values: list[tuple[str, int, bool]] = field(default_factory=list)  # basic profile: path, tag, filled
+    removals: list[tuple[int, int]] = field(default_factory=list)  # byte ranges dropped from the copy
+    patches: dict[int, bytes] = field(default_factory=dict)  # offset -> new 4-byte length
+    skipped: list[tuple[int, int]] = field(default_factory=list)  # ranges never read (bulk data)
+    read_sha256: str = ""  # of every byte read (the file less `skipped`)
+    pixel_offset: int | None = None
+    private_removed: int = 0  # private data elements dropped (creators and group lengths not counted)
+
+    @property
+    def output_size(self) -> int:
+        return self.size - sum(end - start for start, end in self.removals)
+
+    @property
+    def rewritten(self) -> bool:
+        return bool(self.removals)
+
+    @property
+    def header_length(self) -> int:
+        return self.pixel_offset if self.pixel_offset is not None else self.size
+
+    def dataset(self) -> Dataset:
+        """The top level as a pydicom Dataset (sequences and bulk data left out)."""
+        return Dataset(dict(self.top))
+
+    def text(self, keyword: str) -> str | None:
+        """The single value of a top-level flag, None when absent or not single."""
+        values = self.copies.get(keyword, [])
+        if len(values) != 1 or "\\" in values[0]:
+            return None
+        return values[0].strip(" \0")
+
+
+@dataclass
+class _Container:
+    """A sequence or item of defined length whose length field may need a patch."""
+
+    length_offset: int
+    length: int
+    little: bool
+    removed: int = 0
+
+
+@dataclass
+class _Scope:
+    """One dataset (the top level, or an item): its order and its private blocks."""
+
+    previous: int = -1
+    creators: dict[int, tuple[str, int, int]] = field(default_factory=dict)  # (group<<8|block) -> creator, start, end
+    kept_blocks: set[int] = field(default_factory=set)
+    used_blocks: set[int] = field(default_factory=set)
+    group_lengths: list[tuple[int, int]] = field(default_factory=list)
+    changed: bool = False
+
+
+class _Walker:
+    def __init__(self, stream: BinaryIO, size: int, policy: DeidPolicy) -> None:
+        self.stream = stream
+        self.size = size
+        self.policy = policy
+        self.strip = policy.private_tags == "strip"
+        self.profile = policy.profile == "basic"
+        self.pos = 0
+        self.loaded = 0
+        self.sha = hashlib.sha256()
+        self.containers: list[_Container] = []
+        self.all_containers: list[_Container] = []
+        self.walk = HeaderWalk(size=size)
+
+    # --- reading ------------------------------------------------------------------------
+
+    def read(self, n: int, what: str = "header") -> bytes:
+        data = self.stream.read(n) if n else b""
+        if len(data) != n:
+            raise SizeChangedError(Reason.NOT_DICOM, f"does not parse as DICOM (truncated {what})")
+        self.sha.update(data)
+        self.pos += n
+        return data
+
+    def skip(self, n: int, what: str) -> None:
+        if self.pos + n > self.size:
+            raise SizeChangedError(Reason.NOT_DICOM, f"does not parse as DICOM (truncated {what})")
+        if n:
+            self.stream.seek(self.pos + n)
+            self.walk.skipped.append((self.pos, self.pos + n))
+            self.pos += n
+
+    def load(self, n: int) -> bytes:
+        self.loaded += n
+        if self.loaded > self.policy.max_header_bytes:
+            raise WalkError(
+                Reason.UNREADABLE, f"the header is larger than the limit of {self.policy.max_header_bytes} bytes"
+            )
+        return self.read(n)
+
+    # --- structure ----------------------------------------------------------------------
+
+    def run(self) -> HeaderWalk:
+        head = self.stream.read(132)
+        self.sha.update(head)
+        self.pos = len(head)
+        if len(head) < 132 or head[128:132] != b"DICM":
+            raise WalkError(Reason.NOT_DICOM, "not a DICOM Part 10 file (no DICM preamble)")
+        first = self._file_meta()
+        syntax = self.walk.transfer_syntax
+        if syntax == DEFLATED:
+            raise WalkError(
+                Reason.UNREADABLE, "deflated transfer syntax: the header cannot be walked without inflating the file"
+            )
+        implicit, little = syntax == IMPLICIT_LITTLE, syntax != EXPLICIT_BIG
+        self.walk.implicit, self.walk.little = implicit, little
+        self._dataset(_Scope(), None, 0, "", implicit, little, first=first, discard=False, rewrite=self.strip)
+        if self.stream.read(1):
+            raise SizeChangedError(Reason.UNREADABLE, "the file grew: it is longer than its listed size")
+        self.walk.read_sha256 = self.sha.hexdigest()
+        self.walk.removals.sort()
+        for container in self.all_containers:
+            if container.removed:
+                order = "<" if container.little else ">"
+                self.walk.patches[container.length_offset] = struct.pack(
+                    f"{order}L", container.length - container.removed
+                )
+        return self.walk
+
+    def _file_meta(self) -> bytes | None:
+        """Group 0002, always explicit VR little endian. Returns the next element's tag bytes."""
+        previous = -1
+        while self.pos < self.size:
+            raw = self.read(4, "file meta")
+            group, element = struct.unpack("<HH", raw)
+            if group != 0x0002:
+                break
+            tag = group << 16 | element
+            _, length, _ = self._explicit_header(tag, "<")
+            if tag <= previous:
+                self.walk.malformed.append(f"{tag_text(tag)} in the file meta is duplicated or out of order")
+            previous = tag
+            value = self.load(length)
+            if tag == TRANSFER_SYNTAX_TAG:
+                self.walk.transfer_syntax = value.decode("latin-1").strip(" \0")
+        else:
+            raw = None
+        if not self.walk.transfer_syntax:
+            raise WalkError(Reason.NOT_DICOM, "does not parse as DICOM (truncated or corrupt header)")
+        return raw
+
+    def _explicit_header(self, tag: int, order: str) -> tuple[str, int, int]:
+        code = self.read(2)
+        if not (0x41 <= code[0] <= 0x5A and 0x41 <= code[1] <= 0x5A):
+            raise WalkError(Reason.NOT_DICOM, f"does not parse as DICOM (no valid VR at {tag_text(tag)})")
+        vr = code.decode("ascii")
+        if vr in LONG_LENGTH_VRS:
+            self.read(2)
+            (length,) = struct.unpack(f"{order}L", self.read(4))
+            return vr, length, self.pos - 4
+        (length,) = struct.unpack(f"{order}H", self.read(2))
+        return vr, length, self.pos - 2
+
+    def _dataset(
+        self,
+        scope: _Scope,
+        end: int | None,
+        depth: int,
+        path: str,
+        implicit: bool,
+        little: bool,
+        *,
+        first: bytes | None = None,
+        discard: bool,
+        rewrite: bool,
+    ) -> bool:
+        """Walk one dataset: the top level (end None, depth 0: to the end of the file), an item
+        of defined length (up to `end`), or of undefined length (up to its delimiter).
+        Returns whether anything inside it is dropped from the archived copy."""
+        order = "<" if little else ">"
+        top = depth == 0
+        while True:
+            if end is not None and self.pos >= end:
+                if self.pos > end:
+                    raise WalkError(Reason.NOT_DICOM, f"does not parse as DICOM (an item overruns {path})")
+                break
+            if top and self.pos >= self.size:
+                break
+            start = self.pos - (4 if first is not None else 0)
+            raw = first if first is not None else self.read(4)
+            first = None
+            group, element = struct.unpack(f"{order}HH", raw)
+            tag = group << 16 | element
+            if group == 0xFFFE:
+                self.read(4)
+                if tag == ITEM_DELIMITER and end is None and not top:
+                    break
+                where = path or "the dataset"
+                raise WalkError(Reason.NOT_DICOM, f"does not parse as DICOM (unexpected {tag_text(tag)} in {where})")
+            if implicit:
+                (length,) = struct.unpack(f"{order}L", self.read(4))
+                vr, length_offset = None, self.pos - 4
+            else:
+                vr, length, length_offset = self._explicit_header(tag, order)
+            self._element(scope, tag, vr, length, start, length_offset, depth, path, implicit, little, discard, rewrite)
+        if not discard and rewrite:
+            self._close_scope(scope, top)
+        return scope.changed
+
+    def _close_scope(self, scope: _Scope, top: bool) -> None:
+        """Strip mode: drop the creators of blocks that keep nothing, and group lengths that a
+        change inside the dataset made wrong (they are retired outside the file meta)."""
+        for key, (_, start, stop) in scope.creators.items():
+            if key not in scope.kept_blocks:
+                self._remove(start, stop, scope)
+        if scope.changed:
+            for start, stop in scope.group_lengths:
+                self._remove(start, stop, scope)
+
+    def _remove(self, start: int, stop: int, scope: _Scope) -> None:
+        self.walk.removals.append((start, stop))
+        for container in self.containers:
+            container.removed += stop - start
+        scope.changed = True
+
+    def _element(
+        self,
+        scope: _Scope,
+        tag: int,
+        vr: str | None,
+        length: int,
+        start: int,
+        length_offset: int,
+        depth: int,
+        path: str,
+        implicit: bool,
+        little: bool,
+        discard: bool,
+        rewrite: bool,
+    ) -> None:
+        group, element = tag >> 16, tag & 0xFFFF
+        private = group % 2 == 1
+        creator: str | None = None
+        block_key = -1
+        keyword = ""
+        if private:
+            if element >= 0x1000:
+                block_key = group << 8 | element >> 8
+                known = scope.creators.get(block_key)
+                creator = known[0] if known is not None else None
+            semantic = _private_vr(creator, tag) if block_key >= 0 else "UN"
+            name = tag_text(tag)
+        else:
+            semantic, keyword = _public_vr_and_keyword(tag)
+            name = keyword or tag_text(tag)
+        element_path = f"{path}.{name}" if path else name
+
+        if not discard:
+            if tag == scope.previous:
+                self.walk.malformed.append(f"{element_path} is duplicated")
+            elif tag < scope.previous:
+                self.walk.malformed.append(f"{element_path} is out of order")
+            scope.previous = max(scope.previous, tag)
+
+        if vr is not None and vr != "UN":
+            semantic = vr
+        is_sequence = semantic == "SQ" or (
+            length == UNDEFINED and tag not in PIXEL_DATA_TAGS and vr in (None, "UN", "SQ")
+        )
+        if vr == "UN" and is_sequence:
+            implicit, little = True, True  # PS3.5 6.2.2: a UN sequence is encoded implicit VR little endian
+
+        # Private data elements: dropped (strip), reported (quarantine), or kept (allow list).
+        private_data = private and (element >= 0x1000 or 0x0001 <= element <= 0x000F)
+        drop = False
+        inner_discard, inner_rewrite = discard, rewrite
+        if private_data and not discard:
+            if block_key >= 0:
+                scope.used_blocks.add(block_key)
+            if self.policy.private_allowed(creator, group, element):
+                if block_key >= 0:
+                    scope.kept_blocks.add(block_key)
+                inner_rewrite = False  # kept as it is
+            else:
+                self.walk.private.append(PrivateElement(element_path, group, element, creator))
+                if rewrite:
+                    drop = True
+                    inner_discard = True
+
+        if is_sequence:
+            if inner_discard and length != UNDEFINED:
+                self.skip(length, f"value of {element_path}")
+            else:
+                self._sequence(
+                    length, length_offset, depth, element_path, implicit, little, inner_discard, inner_rewrite
+                )
+            if not discard and self.profile and not private:
+                self.walk.public_values.append((element_path, tag, length not in (0,)))
+        elif length == UNDEFINED:
+            if tag not in PIXEL_DATA_TAGS:
+                raise WalkError(Reason.NOT_DICOM, f"does not parse as DICOM (undefined length of {element_path})")
+            self._fragments(little, element_path)
+        elif inner_discard or (length > BULK_SKIP and (semantic in BULK_VRS or tag in PIXEL_DATA_TAGS)):
+            self.skip(length, f"value of {element_path}")
+        else:
+            value = self.load(length)
+            if not discard:
+                self._value(scope, tag, semantic, vr, value, length, start, depth, element_path, keyword,
+                            implicit, little, private, element)  # fmt: skip
+
+        if depth == 0 and tag in PIXEL_DATA_TAGS and self.walk.pixel_offset is None:
+            self.walk.pixel_offset = start
+        if discard:
+            return
+        if drop:
+            self._remove(start, self.pos, scope)
+            self.walk.private_removed += 1
+        elif element == 0x0000 and group != 0x0002:
+            scope.group_lengths.append((start, self.pos))
+
+    def _value(
+        self,
+        scope: _Scope,
+        tag: int,
+        semantic: str,
+        vr: str | None,
+        value: bytes,
+        length: int,
+        start: int,
+        depth: int,
+        path: str,
+        keyword: str,
+        implicit: bool,
+        little: bool,
+        private: bool,
+        element: int,
+    ) -> None:
+        if private and 0x0010 <= element <= 0x00FF:
+            creator = value.decode("latin-1").strip(" \0")
+            scope.creators[(tag >> 16) << 8 | element] = (creator, start, self.pos)
+            return
+        if depth == 0 and not private:
+            if tag not in self.walk.top:
+                self.walk.top[tag] = RawDataElement(tag, vr, length, value, start, implicit, little, True, False)
+            if keyword in FLAG_KEYWORDS:
+                self.walk.copies.setdefault(keyword, []).append(value.decode("latin-1"))
+        if self.profile and not private:
+            self.walk.public_values.append((path, tag, holds_value(value) if semantic not in BULK_VRS else bool(value)))
+        is_name = semantic == "PN"
+        if is_name or keyword in self.policy.person_keywords:
+            self.walk.persons.append((path, keyword, _decode(value), is_name))
+        elif depth > 0 and keyword in CODED_ID_ATTRIBUTES:
+            self.walk.nested_ids.append((path, _decode(value)))
+
+    def _sequence(
+        self,
+        length: int,
+        length_offset: int,
+        depth: int,
+        path: str,
+        implicit: bool,
+        little: bool,
+        discard: bool,
+        rewrite: bool,
+    ) -> None:
+        if depth + 1 > self.policy.max_depth:
+            raise WalkError(Reason.UNREADABLE, f"sequences nested deeper than {self.policy.max_depth} at {path}")
+        order = "<" if little else ">"
+        end = None
+        if length != UNDEFINED:
+            end = self.pos + length
+            self._push(length_offset, length, little)
+        index = 0
+        while end is None or self.pos < end:
+            group, element, item_length = struct.unpack(f"{order}HHL", self.read(8))
+            tag = group << 16 | element
+            if tag == SEQUENCE_DELIMITER:
+                if end is not None:
+                    raise WalkError(Reason.NOT_DICOM, f"does not parse as DICOM (stray delimiter in {path})")
+                break
+            if tag != ITEM:
+                raise WalkError(Reason.NOT_DICOM, f"does not parse as DICOM (no item in {path})")
+            item_path = f"{path}[{index}]"
+            if item_length == UNDEFINED:
+                self._dataset(_Scope(), None, depth + 1, item_path, implicit, little, discard=discard, rewrite=rewrite)
+            else:
+                self._push(self.pos - 4, item_length, little)
+                self._dataset(
+                    _Scope(), self.pos + item_length, depth + 1, item_path, implicit, little,
+                    discard=discard, rewrite=rewrite,
+                )  # fmt: skip
+                self.containers.pop()
+            index += 1
+        if end is not None:
+            if self.pos != end:
+                raise WalkError(Reason.NOT_DICOM, f"does not parse as DICOM (an item overruns {path})")
+            self.containers.pop()
+
+    def _push(self, length_offset: int, length: int, little: bool) -> None:
+        container = _Container(length_offset, length, little)
+        self.containers.append(container)
+        self.all_containers.append(container)
+
+    def _fragments(self, little: bool, path: str) -> None:
+        """Encapsulated pixel data: items skipped by their lengths, up to the delimiter."""
+        order = "<" if little else ">"
+        while True:
+            group, element, length = struct.unpack(f"{order}HHL", self.read(8, "pixel data"))
+            tag = group << 16 | element
+            if tag == SEQUENCE_DELIMITER:
+                return
+            if tag != ITEM or length == UNDEFINED:
+                raise WalkError(Reason.NOT_DICOM, "does not parse as DICOM (corrupt pixel data)")
+            self.skip(length, "pixel data")
+
+
+def _inside(ranges: list[tuple[int, int]], start: int, stop: int) -> bool:
+    """Whether [start, stop) lies within one of the sorted, disjoint `ranges`."""
+    index = bisect.bisect_right(ranges, (start, float("inf"))) - 1
+    return index >= 0 and ranges[index][0] <= start and stop <= ranges[index][1]
+
+
+def _decode(value: bytes) -> str:
+    return value.decode("latin-1").strip(" \0")
+
+
+def walk_header(stream: BinaryIO, size: int, policy: DeidPolicy) -> HeaderWalk:
+    """Walk a whole Part 10 file from its first byte. Raises WalkError (quarantine the image)."""
+    try:
+        return _Walker(stream, size, policy).run()
+    except (struct.error, UnicodeDecodeError) as err:
+        raise WalkError(Reason.NOT_DICOM, f"does not parse as DICOM ({type(err).__name__})") from err
+    except RecursionError as err:
+        raise WalkError(Reason.UNREADABLE, "the header is nested too deeply to walk") from err
+
+
+def _is_image(walk: HeaderWalk) -> bool:
+    if 0x00280010 in walk.top:  # Rows
+        return True
+    sop_class = walk.top.get(0x00080016)
+    return sop_class is not None and "Image Storage" in UID(_decode(sop_class.value)).name
+
+
+def judge_header(walk: HeaderWalk, policy: DeidPolicy) -> Verdict:
+    """Checks 3 to 9 of the contract on a walked header; every failing check is listed."""
+    verdict = Verdict()
+    if walk.pixel_offset is None and _is_image(walk):
+        verdict.fail(Reason.NOT_DICOM, "does not parse as DICOM (an image without pixel data (truncated))")
+        return verdict
+    if walk.malformed:
+        verdict.fail(Reason.MALFORMED_HEADER, "; ".join(walk.malformed))
+
+    why = coded_flag(walk.copies.get("PatientIdentityRemoved", []), IDENTITY_REMOVED_VALUE)
+    if why is not None:
+        verdict.fail(Reason.IDENTITY_NOT_REMOVED, f"PatientIdentityRemoved {why}")
+
+    check_identity(walk.text("PatientID"), walk.text("AccessionNumber"), walk.text("StudyDate"), verdict)
+
+    if "BurnedInAnnotation" in walk.copies:
+        why = coded_flag(walk.copies["BurnedInAnnotation"], BURNED_IN_ANNOTATION_OK)
+        if why is not None:
+            said = "is YES" if walk.text("BurnedInAnnotation") == "YES" else why
+            verdict.fail(Reason.BURNED_IN_ANNOTATION, f"BurnedInAnnotation {said}")
+
+    entity_id = walk.text("PatientID")
+    item_id = walk.text("AccessionNumber")
+    filled: list[str] = []
+    for path, keyword, text, is_name in walk.persons:
+        if is_name or keyword in NAME_MAY_BE_CODED_ID:
+            allowed = person_value_allowed(text, entity_id)
+        else:
+            allowed = not holds_value(text)
+        if not allowed and path not in filled:
+            filled.append(path)
+    if filled:
+        verdict.fail(Reason.IDENTIFYING_ATTRIBUTE, "holds a value: " + ", ".join(filled))
+    foreign = [path for path, text in walk.nested_ids if not coded_id_value_allowed(text, (entity_id, item_id))]
+    if foreign:
+        detail = "holds an identifier other than the coded ids: " + ", ".join(foreign)
+        verdict.fail(Reason.IDENTIFYING_ATTRIBUTE, detail)
+
+    if policy.private_tags == "quarantine" and walk.private:
+        listed = ", ".join(str(p) for p in walk.private[:20])
+        more = f" and {len(walk.private) - 20} more" if len(walk.private) > 20 else ""
+        verdict.fail(Reason.PRIVATE_ATTRIBUTE, f"private elements not on DICOM_PRIVATE_ALLOW: {listed}{more}")
+
+    if policy.profile == "basic":
+        from dicom_archive.profile import check_basic_profile
+
+        check_basic_profile(walk, policy, verdict)
+    return verdict
+
+
+class StrippedReader(io.RawIOBase):
+    """The archived copy of a walked file, read once from its start: dropped ranges left out,
+    patched lengths put in, everything else (the pixel data) copied as it is.
+
+    Hashes the source (source_sha256), the copy (instance_sha256), and the bytes the walk read,
+    so that `verify` can tell whether the file changed between the walk and the copy."""
+
+    def __init__(self, source: BinaryIO, walk: HeaderWalk, chunk: int = COPY_CHUNK) -> None:
+        self.source = source
+        self.walk = walk
+        self.chunk = chunk
+        self.source_sha = hashlib.sha256()
+        self.out_sha = hashlib.sha256() if walk.rewritten else self.source_sha
+        self.read_sha = hashlib.sha256()
+        self._pieces = self._generate()
+        self._buffer = bytearray()
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def _intervals(self) -> list[tuple[int, int, bool, bool, bytes | None]]:
+        """[start, stop) pieces of the source: dropped?, walked (read by the walk)?, patch."""
+        walk = self.walk
+        points = {0, walk.size}
+        for start, stop in walk.removals + walk.skipped:
+            points.update((start, stop))
+        for offset in walk.patches:
+            points.update((offset, offset + 4))
+        edges = sorted(p for p in points if 0 <= p <= walk.size)
+        pieces = []
+        for start, stop in itertools.pairwise(edges):
+            dropped = _inside(walk.removals, start, stop)
+            skipped = _inside(walk.skipped, start, stop)
+            pieces.append((start, stop, dropped, not skipped, walk.patches.get(start) if stop - start == 4 else None))
+        return pieces
+
+    def _generate(self) -> Iterator[bytes]:
+        for start, stop, dropped, walked, patch in self._intervals():
+            remaining = stop - start
+            while remaining:
+                data = self.source.read(min(remaining, self.chunk))
+                if not data:
+                    raise SizeChangedError(Reason.UNREADABLE, "the file ended early")
+                remaining -= len(data)
+                self.source_sha.update(data)
+                if walked:
+                    self.read_sha.update(data)
+                if dropped:
+                    continue
+                out = patch if patch is not None else data
+                if self.out_sha is not self.source_sha:
+                    self.out_sha.update(out)
+                yield out
+
+    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
+        if size is None or size < 0:
+            size = 1 << 62
+        while len(self._buffer) < size and not self._done:
+            try:
+                piece = next(self._pieces)
+            except StopIteration:
+                self._done = True
+                break
+            if not self._buffer and len(piece) >= size:
+                if len(piece) == size:
+                    return piece
+                self._buffer += piece
+                break
+            self._buffer += piece
+        out = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return out
+
+    def verify(self) -> str | None:
+        """Why the copy cannot be trusted (None: it can): the bytes the walk judged changed."""
+        if self.source.read(1):
+            return "grew"
+        if self.read_sha.hexdigest() != self.walk.read_sha256:
+            return "changed"
+        return None
