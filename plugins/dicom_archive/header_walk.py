@@ -689,6 +689,8 @@ class StrippedReader(io.RawIOBase):
 
     def verify(self) -> str | None:
         """Why the copy cannot be trusted (None: it can): the bytes the walk judged changed."""
+        for _ in self._pieces:  # dropped pieces at the end (private elements after the pixel data)
+            pass
         if self.source.read(1):
             return "grew"
         if self.read_sha.hexdigest() != self.walk.read_sha256:
