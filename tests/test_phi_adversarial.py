@@ -50,6 +50,7 @@ from tests.test_bad_input import (
     PLANTED,
     Landing,
     Outcome,
+    assert_no_leak,
     bad_image,
     good_images,
     run_batch,
@@ -128,6 +129,7 @@ def run_hostile(
     setup: Callable[[Path], dict[str, str]] | None = None,
     expect: dict[str, str] | None = None,
     planted: tuple[str, ...] = (),
+    compare_reasons: bool = True,
 ) -> Outcome:
     """tests.test_bad_input.run_batch, for batches whose hostile names are made by `setup(folder)`:
     it returns the quarantine reason of each path it made, added to `expect`."""
@@ -138,9 +140,12 @@ def run_hostile(
             expected.update(setup(folder))
 
     class Expected(dict):
-        """The expectation, known once the setup has run inside run_batch."""
+        """The expectation, known once the setup has run inside run_batch (compare_reasons=False:
+        only the paths; the caller checks the reasons)."""
 
         def __eq__(self, other: object) -> bool:
+            if not compare_reasons and isinstance(other, dict):
+                expected.update((k, v) for k, v in other.items() if k in expected)
             return expected == other
 
         def __len__(self) -> int:
@@ -692,3 +697,153 @@ def test_the_audit_reads_a_json_column_returned_as_text(tmp_path):
     assert "Ågren" not in out.read_text()
     findings = phi_audit.audit([name], [out])
     assert findings, "a name inside a JSON column read back as text was missed"
+
+
+HEADER_VARIANTS: dict[str, tuple[Callable[[], bytes], set[str], tuple[str, ...]]] = {
+    # name -> (the file's bytes, the reasons its quarantine entry must list, planted values)
+    "nested-physician": (
+        lambda: image_bytes(bad_image(RequestAttributesSequence=[{"ScheduledPerformingPhysicianName": NAME}])),
+        {Reason.IDENTIFYING_ATTRIBUTE},
+        (NAME,),
+    ),
+    "nested-twice": (
+        lambda: image_bytes(
+            bad_image(
+                ReferencedStudySequence=[{"ReferencedSOPClassUID": "1.2.3", "ReferencedSOPInstanceUID": "1.2.3.4"}],
+                RequestAttributesSequence=[
+                    {"RequestedProcedureID": "RP1"},
+                    {
+                        "RequestedProcedureCodeSequence": [{"CodeMeaning": "CT", "CodeValue": "C1"}],
+                        "ScheduledPerformingPhysicianName": PLANTED["PerformingPhysicianName"],
+                    },
+                ],
+            )
+        ),
+        {Reason.IDENTIFYING_ATTRIBUTE},
+        (PLANTED["PerformingPhysicianName"],),
+    ),  # fmt: skip
+    "nested-patient-id": (
+        lambda: image_bytes(bad_image(OtherPatientIDsSequence=[{"PatientID": MRN}])),
+        {Reason.IDENTIFYING_ATTRIBUTE},
+        (MRN,),
+    ),
+    "nested-other-patient-name": (
+        lambda: image_bytes(bad_image(RequestAttributesSequence=[{"PatientBirthName": "Lindqvist^Margareta"}])),
+        {Reason.IDENTIFYING_ATTRIBUTE},
+        ("Lindqvist^Margareta",),
+    ),
+    "burned-in-lower-case": (
+        lambda: image_bytes(bad_image(BurnedInAnnotation="yes")),
+        {Reason.BURNED_IN_ANNOTATION},
+        (),
+    ),
+    "burned-in-multi-valued": (
+        lambda: image_bytes(bad_image(BurnedInAnnotation=["NO", "YES"])),
+        {Reason.BURNED_IN_ANNOTATION},
+        (),
+    ),
+    "burned-in-padded": (lambda: image_bytes(bad_image(BurnedInAnnotation=" Yes")), {Reason.BURNED_IN_ANNOTATION}, ()),
+    "identity-removed-lower-case": (
+        lambda: image_bytes(bad_image(PatientIdentityRemoved="yes")),
+        {Reason.IDENTITY_NOT_REMOVED},
+        (),
+    ),
+    "identity-removed-no-then-yes": (
+        lambda: with_copy(image_bytes(bad_image(PatientIdentityRemoved="NO")), IDENTITY_REMOVED, "CS", "YES"),
+        {Reason.MALFORMED_HEADER},
+        (),
+    ),
+    "patient-name-duplicated": (
+        lambda: with_copy(image_bytes(bad_image(PatientName=NAME)), PATIENT_NAME, "PN", ENTITY),
+        {Reason.MALFORMED_HEADER},
+        (NAME,),
+    ),
+    "patient-name-after-pixels": (
+        lambda: after_pixels(image_bytes(bad_image(PatientName=None)), PATIENT_NAME, "PN", NAME),
+        {Reason.MALFORMED_HEADER},
+        (NAME,),
+    ),
+}
+
+
+def _with_private(image: ImageSpec, *elements: tuple) -> ImageSpec:
+    image.private_elements = elements
+    return image
+
+
+@pytest.mark.parametrize("variant", sorted(HEADER_VARIANTS))
+def test_a_header_that_hides_phi_is_quarantined_with_every_reason(landing, variant):
+    make, reasons, planted = HEADER_VARIANTS[variant]
+    data = make()
+
+    def setup(folder: Path) -> dict[str, str]:
+        target = folder / "incoming" / "hostile.dcm"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        return {"incoming/hostile.dcm": min(reasons)}  # placeholder, compared below by the set of reasons
+
+    outcome = run_hostile(landing, setup=setup, planted=planted, compare_reasons=False)
+    (held,) = outcome.plan.quarantined
+    assert held.relpath == "incoming/hostile.dcm"
+    assert reasons <= {f["reason"] for f in held.all_failures()}, held.all_failures()
+    for value in planted:
+        assert phi_audit.normalize(value) not in phi_audit.normalize(held.detail)
+
+
+@pytest.mark.parametrize("vr", ["LO", "SH", "UT", "UN", "OB", "PN"])
+def test_private_elements_are_stripped_from_the_archived_copy(landing, vr):
+    value = {"UN": MRN.encode(), "OB": MRN.encode(), "PN": NAME}.get(vr, MRN)
+    image = _with_private(
+        ImageSpec(ENTITY, ITEM, DATE, "CT", 1, 3, relpath="incoming/private.dcm"),
+        ("ACME RECORDS 1.0", 0x0029, 0x10, vr, value),
+        ("ACME RECORDS 1.0", 0x0029, 0x11, "LO", "Brightwater Tomas"),
+    )
+    spec = BatchSpec(BATCH, images=[*good_images(), image], collection=COLLECTION)
+    landing.write(spec)
+    outcome = landing.process(BATCH)
+    assert outcome.reasons == {}
+    assert outcome.report["images"]["stripped"] == 1
+    assert outcome.report["images"]["private_elements_removed"] >= 2
+    (row,) = [r for r in outcome.rows if r["InstanceNumber"] == 3]
+    assert row["private_elements_removed"] >= 2
+    assert row["source_sha256"] != row["instance_sha256"]
+    assert_no_leak(landing, outcome, [MRN, NAME, "Brightwater Tomas"])
+
+
+@pytest.mark.parametrize("where", ["top", "nested"])
+def test_private_elements_quarantine_the_image_when_so_configured(landing, where):
+    from dicom_archive.deid import DeidPolicy
+
+    image = ImageSpec(ENTITY, ITEM, DATE, "CT", 1, 3, relpath="incoming/private.dcm")
+    if where == "top":
+        image.private_elements = (("ACME RECORDS 1.0", 0x0029, 0x10, "LO", MRN),)
+    else:
+        image.header_overrides = {"RequestAttributesSequence": [{"RequestedProcedureID": "RP1"}]}
+    data = bytearray(image_bytes(image))
+    if where == "nested":
+        # A private block inside the sequence item, written by hand: (0029,0010) creator + (0029,1010).
+        ds = pydicom.dcmread(io.BytesIO(bytes(data)))
+        item = ds.RequestAttributesSequence[0]
+        item.private_block(0x0029, "ACME RECORDS 1.0", create=True).add_new(0x10, "LO", MRN)
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        data = bytearray(buffer.getvalue())
+    folder = landing.write(BatchSpec(BATCH, images=good_images(), collection=COLLECTION))
+    (folder / "incoming").mkdir()
+    (folder / "incoming" / "private.dcm").write_bytes(bytes(data))
+    outcome = landing.process(BATCH, policy=DeidPolicy(private_tags="quarantine"))
+    assert outcome.reasons == {"incoming/private.dcm": Reason.PRIVATE_ATTRIBUTE}
+    assert "ACME RECORDS 1.0" in outcome.plan.quarantined[0].detail
+    assert_no_leak(landing, outcome, [MRN])
+
+
+def test_private_elements_after_the_pixel_data_are_stripped_too(landing):
+    data = image_bytes(ImageSpec(ENTITY, ITEM, DATE, "CT", 1, 3))
+    data = after_pixels(data, 0x7FE10010, "LO", "ACME RECORDS 1.0")
+    data = after_pixels(data, 0x7FE11010, "LO", "Okonkwo^Chidi")
+    folder = landing.write(BatchSpec(BATCH, images=good_images(), collection=COLLECTION))
+    (folder / "tail.dcm").write_bytes(data)
+    outcome = landing.process(BATCH)
+    assert outcome.reasons == {}
+    assert outcome.report["images"]["stripped"] == 1
+    assert_no_leak(landing, outcome, ["Okonkwo^Chidi"])
