@@ -721,7 +721,7 @@ HEADER_VARIANTS: dict[str, tuple[Callable[[], bytes], set[str], tuple[str, ...]]
         ),
         {Reason.IDENTIFYING_ATTRIBUTE},
         (PLANTED["PerformingPhysicianName"],),
-    ),  # fmt: skip
+    ),
     "nested-patient-id": (
         lambda: image_bytes(bad_image(OtherPatientIDsSequence=[{"PatientID": MRN}])),
         {Reason.IDENTIFYING_ATTRIBUTE},
