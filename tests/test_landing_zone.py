@@ -376,7 +376,14 @@ def test_demo_with_one_day_still_has_every_feature():
 
 def test_raw_identifiers_cover_plants_and_samples():
     planted = lz.raw_identifiers(lz.demo_batches(), include_sources=False)
-    assert planted == ["DOE^JANE"]
+    assert planted == sorted(
+        [
+            "DOE^JANE",
+            lz.DEMO_NESTED_NAME,
+            lz.DEMO_LOOKUP_IDENTIFIER,
+            *(str(value) for *_where, value in lz.DEMO_PRIVATE_ELEMENTS),
+        ]
+    )
     everything = lz.raw_identifiers(lz.demo_batches())
     assert {"CompressedSamples^CT1", "JFK IMAGING CENTER", "DOE^JANE"} <= set(everything)
     assert "TOSHIBA" not in everything, "a substring of the kept Manufacturer would be a false alarm"

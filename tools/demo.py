@@ -74,7 +74,8 @@ def show(batch_ids: list[str]) -> None:
         archives = report["archives"]
         print(
             f"  {batch_id}: {report['status']}, {report['images']['seen']} images seen, "
-            f"{report['images']['archived']} archived in {archives['total']} archives "
+            f"{report['images']['archived']} archived ({report['images'].get('stripped', 0)} with private "
+            f"elements stripped) in {archives['total']} archives "
             f"({archives['written']} written, {archives['already_present']} already present), "
             f"{report['bigquery']['rows_inserted']} new rows"
         )
@@ -83,6 +84,9 @@ def show(batch_ids: list[str]) -> None:
     for batch_id, report in reports.items():
         for held in report["quarantined"]:
             print(f"  {batch_id}/{held['path']}: {held['reason']} ({held['detail']})")
+        lookup = report.get("lookup") or {}
+        for key in lookup.get("keys_matching_no_image", []):
+            print(f"  {batch_id}/lookup.json: key {key!r} matches no image")
 
     client = hook.bigquery_client(project)
     collections = sorted({r["collection"] for r in reports.values() if r["collection"]})

@@ -546,6 +546,16 @@ def _lookup_entry(image: ImageSpec) -> dict[str, object]:
     return entry
 
 
+# What the demo plants besides DOE^JANE (issue 11): names where a gate reading only the top level
+# would not look, and an identifier in lookup.json.
+DEMO_PRIVATE_ELEMENTS: tuple[tuple[str, int, int, str, object], ...] = (
+    ("SIEMENS MED HIS", 0x0033, 0x10, "LO", "Ingrid Rasmussen"),
+    ("SIEMENS MED HIS", 0x0033, 0x11, "LO", "MRN-88412907"),
+)
+DEMO_NESTED_NAME = "Lindgren^Sven^^Dr."
+DEMO_LOOKUP_IDENTIFIER = "MRN-55201937"
+
+
 def demo_batches(
     days: int = 3, *, start: date = date(2024, 1, 5), collection: str | None = DEFAULT_COLLECTION
 ) -> list[BatchSpec]:
@@ -561,6 +571,11 @@ def demo_batches(
       - 1 MR image flagged in lookup.json ("flagged": true);
       - 1 US image with BurnedInAnnotation=YES (its burned-in text is kept in the pixels);
       - 1 CT image whose PatientName is "DOE^JANE" instead of the entity id;
+      - 1 MR image with a physician's name inside a sequence item
+        (RequestAttributesSequence[0].ScheduledPerformingPhysicianName, quarantined);
+      - 1 CT image whose lookup.json entry carries an identifier (OtherPatientIDs, quarantined);
+    1 CT image with a name and a record number in private elements, as deid's default recipe
+    leaves them (archived: the private elements are stripped from the archived copy),
     and 1 extra CT study that is archivable but awkward: anonymizer-style file names without an
     extension, blank UIDs, instance numbers 1, 2, 2, 3 and an empty PatientName.
     """
@@ -603,6 +618,15 @@ def demo_batches(
     flagged = extra(1 % days, "MR", 4)  # flagged in lookup.json below
     extra(1 % days, "US", 4, header_overrides={"BurnedInAnnotation": "YES"})
     extra(2 % days, "CT", 5, header_overrides={"PatientName": "DOE^JANE"})
+    private = extra(0 % days, "CT", 6)
+    private.private_elements = DEMO_PRIVATE_ELEMENTS
+    extra(
+        1 % days,
+        "MR",
+        5,
+        header_overrides={"RequestAttributesSequence": [{"ScheduledPerformingPhysicianName": DEMO_NESTED_NAME}]},
+    )
+    lookup_leak = extra(2 % days, "CT", 7)
 
     awkward_day = 2 % days
     awkward_date = f"{start + timedelta(days=awkward_day) - timedelta(days=3):%Y%m%d}"
@@ -630,6 +654,8 @@ def demo_batches(
         }
         if day == 1 % days:
             lookup[flagged.path]["flagged"] = True
+        if day == 2 % days:
+            lookup[lookup_leak.path]["OtherPatientIDs"] = DEMO_LOOKUP_IDENTIFIER
         batch.lookup = lookup
     return batches
 

@@ -3,20 +3,24 @@
     python -m tools.phi_audit --raw RAW [--raw RAW ...] --outputs OUT [--outputs OUT ...]
                               [--reports LANDING_ROOT ...] [--bigquery PROJECT.DATASET.TABLE ...] [--json]
 
-RAW is a folder of raw DICOM files (searched recursively), one DICOM file, or a JSON list of identifying
-values (strings, or {"value": ..., "category": ...} objects; `python -m tools.landing_zone demo
---identifiers FILE` writes one). OUT is a local output folder (SEND_TO_GOOGLE=false) or a
-`gs://bucket[/prefix]`; LANDING_ROOT is a landing zone (local or gs://) of which only the
-`<batch>/batch.report.json` files are read (the landing zone itself still holds the quarantined
-images, which may carry PHI on purpose). Exit code 1 when anything is found, 0 when clean, 2 on a usage
-error. A finding names the place, the field and the category of the identifier, never the identifier
-itself: it is masked (first and last character) and fingerprinted (`#` + 8 hex of its sha256).
+RAW is a folder of raw DICOM files (searched recursively, lookup.json files included), one DICOM file, a
+raw lookup.json, or a JSON list of identifying values (strings, or {"value": ..., "category": ...}
+objects; `python -m tools.landing_zone demo --identifiers FILE` writes one). OUT is a local output
+folder (SEND_TO_GOOGLE=false) or a `gs://bucket[/prefix]`; LANDING_ROOT is a landing zone (local or
+gs://) of which only the `<batch>/batch.report.json` files are read (the landing zone itself still
+holds the quarantined images, which may carry PHI on purpose). Exit code 1 when anything is found,
+0 when clean, 2 on a usage error. A finding names the place, the field and the category of the
+identifier, never the identifier itself: it is masked (first and last character) and fingerprinted
+(`#` + 8 hex of its sha256).
 
 What is collected from raw DICOM files (anywhere in the dataset, inside sequences too): PatientName,
 OtherPatientNames, PatientBirthName, PatientMotherBirthName and every other person name (PN) element,
 with their components; PatientID, OtherPatientIDs, IssuerOfPatientID, MedicalRecordLocator;
 PatientBirthDate; PatientAddress; telephone numbers; InstitutionName, InstitutionAddress,
-InstitutionalDepartmentName; AccessionNumber; StudyID.
+InstitutionalDepartmentName; AccessionNumber; StudyID; private elements of unknown VR whose value is
+shaped like a name (a letter next to `^`); every copy of a duplicated top-level element (read raw).
+From raw lookup.json files (given as files, or found in a RAW folder): values of fields that name one
+of those keywords (last `A.B.C` component, case, blanks and `_` ignored) and values shaped like names.
 
 A value is skipped when it is too short or too generic to mean anything (it would match by chance):
   - fewer than 4 letters or digits (`DOE`, `CT1`, `----`);
@@ -39,9 +43,12 @@ such as a UID).
 What is scanned: object names (file paths under a local folder, object names in a bucket); in every
 `.tar.gz`/`.tgz`/`.tar`, each member name and, for DICOM members, every element of the header at any
 depth (file meta, sequences, private elements; text values decoded, binary values of type OB/UN/OW
-searched for printable runs; pixel data and values over 1 MiB skipped), other members as text; JSON and
-NDJSON files (report, staged plan and rows, BigQuery rows written locally) key by key and value by
-value; other small files as text; BigQuery rows (every column) when tables are given.
+searched for printable runs; pixel data and values over 1 MiB skipped), then every top-level element
+again read raw in file order (what a parsed view hides: the other copies of a duplicated element,
+bytes of sequences it could not place; elements after the pixel data are in both walks), other
+members as text; JSON and NDJSON files (report, staged plan and rows, BigQuery rows written locally)
+key by key and value by value, a string that holds JSON (a JSON column read back as text) decoded
+too; other small files as text; BigQuery rows (every column) when tables are given.
 
 Library:
 
