@@ -40,6 +40,7 @@ from dicom_archive.landing import GCSLandingZone, is_under_phi_folder, normalise
 from dicom_archive.manifest import field_keyword, lookup_violations, match_lookup
 from dicom_archive.plan import plan_batch
 from dicom_archive.rows import DEFAULT_HEADER_ALLOW_LIST
+from tests.conftest import PROJECT, REPO_ROOT
 from tests.test_bad_input import (
     BAD,
     BATCH,
@@ -847,3 +848,137 @@ def test_private_elements_after_the_pixel_data_are_stripped_too(landing):
     assert outcome.reasons == {}
     assert outcome.report["images"]["stripped"] == 1
     assert_no_leak(landing, outcome, ["Okonkwo^Chidi"])
+
+
+# =============================================================================================
+# One hostile batch of every class through the whole DAG (dag.test() against both emulators)
+
+DAG_BUCKET = "adversarial-archive"
+DAG_LANDING_BUCKET = "adversarial-landing"
+DAG_COLLECTION = "IRB77310"
+
+
+def _hostile_files() -> tuple[dict[str, bytes], dict, dict[str, set[str]], list[str]]:
+    """(files by path, lookup.json, expected reasons by path, planted values) of a batch that holds
+    one item of each class that needs no link: lookup keys and values, hidden headers, private."""
+    files = {image.path: image_bytes(image) for image in good_images()}
+    private = _with_private(
+        ImageSpec(ENTITY, ITEM, DATE, "CT", 4, 1), ("ACME RECORDS 1.0", 0x0029, 0x10, "LO", "Brightwater Tomas")
+    )
+    files["x/private.dcm"] = image_bytes(private)
+    files["x/flagged.dcm"] = image_bytes(bad_image(OperatorsName=PLANTED["OperatorsName"]))
+    files["x/lookup-leak.dcm"] = image_bytes(ImageSpec(ENTITY, ITEM, DATE, "CT", 4, 2))
+    files["x/nested.dcm"] = image_bytes(
+        bad_image(RequestAttributesSequence=[{"ScheduledPerformingPhysicianName": PLANTED["PerformingPhysicianName"]}])
+    )
+    files["x/duplicate.dcm"] = with_copy(image_bytes(bad_image(PatientName=NAME)), PATIENT_NAME, "PN", ENTITY)
+    files["x/after-pixels.dcm"] = after_pixels(
+        image_bytes(bad_image(PatientName=None)), PATIENT_NAME, "PN", "Lindqvist^Margareta"
+    )
+    lookup = {"./X/Flagged.dcm": {"flagged": True}, "x\\lookup-leak.dcm ": {"OtherPatientIDs": MRN, "CTDIvol": 3.0}}
+    expected = {
+        "x/flagged.dcm": {Reason.FLAGGED_IN_LOOKUP},
+        "x/lookup-leak.dcm": {Reason.IDENTIFYING_ATTRIBUTE},
+        "x/nested.dcm": {Reason.IDENTIFYING_ATTRIBUTE},
+        "x/duplicate.dcm": {Reason.MALFORMED_HEADER, Reason.IDENTIFYING_ATTRIBUTE},
+        "x/after-pixels.dcm": {Reason.MALFORMED_HEADER, Reason.IDENTIFYING_ATTRIBUTE},
+    }
+    planted = [NAME, MRN, "Brightwater Tomas", "Lindqvist^Margareta", *PLANTED.values()]
+    return files, lookup, expected, planted
+
+
+@pytest.fixture(scope="module")
+def dag_env(gcs_emulator, bigquery_emulator, airflow_db):
+    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+    for bucket in (DAG_BUCKET, DAG_LANDING_BUCKET):
+        GCSHook().create_bucket(bucket_name=bucket, project_id=PROJECT)
+    return {"bucket": DAG_BUCKET}
+
+
+def _run_dag(landing_root: str, batch_id: str) -> tuple[str, object]:
+    from airflow.dag_processing.dagbag import DagBag
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {
+            "SEND_TO_GOOGLE": "true",
+            "GOOGLE_CLOUD_STORAGE": DAG_BUCKET,
+            "GOOGLE_PROJECT_NAME": PROJECT,
+            "GOOGLE_STORAGE_COLLECTION": DAG_COLLECTION,
+            "DICOM_LANDING_ROOT": landing_root,
+        }.items():
+            mp.setenv(name, value)
+        dag = DagBag(dag_folder=str(REPO_ROOT / "dags")).get_dag("dicom_storage")
+        return str(dag.test(run_conf={"batch_ids": [batch_id]}).state), dag
+
+
+def _dag_audit(planted: list[str], reports: str) -> list:
+    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+    from hooks.dicom_storage import DicomStorageHook
+
+    return phi_audit.audit(
+        [v for v in planted if phi_audit.is_meaningful(v)],
+        [f"gs://{DAG_BUCKET}"],
+        reports=[reports],
+        bigquery_tables=[f"{PROJECT}.{DAG_COLLECTION}.dicom"],
+        bigquery_client=DicomStorageHook().bigquery_client(PROJECT),
+        storage_client=GCSHook().get_conn(),
+    )
+
+
+def _failures(report: dict) -> dict[str, set[str]]:
+    return {q["path"]: {f["reason"] for f in q["failures"]} for q in report["quarantined"]}
+
+
+def test_a_hostile_local_batch_through_the_dag(dag_env, tmp_path):
+    files, lookup, expected, planted = _hostile_files()
+    root = tmp_path / "landing"
+    batch_id = "20240105-hostile-local"
+    folder = root / batch_id
+    for relpath, data in {**files, PHI_IMAGE: image_bytes(bad_image(relpath=PHI_IMAGE, PatientName=NAME))}.items():
+        (folder / relpath).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relpath).write_bytes(data)
+    _links(folder, ("incoming/l.dcm", Path("..", PHI_IMAGE)))
+    _links(folder, ("h/l.dcm", folder / PHI_IMAGE), hard=True)
+    _links(folder, ("again/same.dcm", Path("..", good_images()[0].path)))
+    (folder / "lookup.json").write_text(json.dumps(lookup))
+    (folder / "batch.json").write_text(json.dumps(BatchSpec(batch_id, collection=DAG_COLLECTION).manifest()))
+
+    state, _ = _run_dag(str(root), batch_id)
+    assert state == "success"
+    report = json.loads((folder / "batch.report.json").read_text())
+    assert _failures(report) == {
+        **expected,
+        PHI_IMAGE: {Reason.PHI_FOLDER},
+        "incoming/l.dcm": {Reason.PHI_FOLDER},
+        "h/l.dcm": {Reason.PHI_FOLDER},
+    }
+    assert report["aliases"] == [{"path": "again/same.dcm", "same_as": good_images()[0].path}]
+    assert report["images"]["archived"] == len(good_images()) + 1
+    assert report["images"]["stripped"] == 1
+    assert _dag_audit(planted, str(root)) == []
+
+
+def test_a_hostile_gs_batch_through_the_dag(dag_env):
+    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+    files, lookup, expected, planted = _hostile_files()
+    phi = image_bytes(bad_image(PatientName=NAME))
+    hidden = {"/PHI/" + BAD: phi, "./PHI/" + BAD: phi, "phi /a.dcm": phi, "y\\Phi\\b.dcm": phi}
+    batch_id = "20240105-hostile-gs"
+    bucket = GCSHook().get_conn().bucket(DAG_LANDING_BUCKET)
+    prefix = f"zone/{batch_id}/"
+    for name, data in {**files, **hidden}.items():
+        bucket.blob(prefix + name).upload_from_string(data)
+    bucket.blob(prefix + "lookup.json").upload_from_string(json.dumps(lookup))
+    bucket.blob(prefix + "batch.json").upload_from_string(
+        json.dumps(BatchSpec(batch_id, collection=DAG_COLLECTION).manifest())
+    )
+
+    state, _ = _run_dag(f"gs://{DAG_LANDING_BUCKET}/zone", batch_id)
+    assert state == "success"
+    report = json.loads(bucket.blob(prefix + "batch.report.json").download_as_bytes())
+    assert _failures(report) == {**expected, **{name: {Reason.PHI_FOLDER} for name in hidden}}
+    assert report["images"]["archived"] == len(good_images()) + 1
+    assert _dag_audit(planted, f"gs://{DAG_LANDING_BUCKET}/zone") == []
