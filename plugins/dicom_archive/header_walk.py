@@ -581,7 +581,7 @@ def judge_header(walk: HeaderWalk, policy: DeidPolicy) -> Verdict:
     if "BurnedInAnnotation" in walk.copies:
         why = coded_flag(walk.copies["BurnedInAnnotation"], BURNED_IN_ANNOTATION_OK)
         if why is not None:
-            said = "is YES" if walk.text("BurnedInAnnotation") == "YES" else why
+            said = "is YES" if (walk.text("BurnedInAnnotation") or "").upper() == "YES" else why
             verdict.fail(Reason.BURNED_IN_ANNOTATION, f"BurnedInAnnotation {said}")
 
     entity_id = walk.text("PatientID")
@@ -689,6 +689,8 @@ class StrippedReader(io.RawIOBase):
 
     def verify(self) -> str | None:
         """Why the copy cannot be trusted (None: it can): the bytes the walk judged changed."""
+        for _ in self._pieces:  # dropped ranges at the end of the file were not read yet
+            pass
         if self.source.read(1):
             return "grew"
         if self.read_sha.hexdigest() != self.walk.read_sha256:
