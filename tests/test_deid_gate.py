@@ -660,3 +660,93 @@ def test_values_not_shaped_like_names(value):
 )
 def test_judge_field(name, value, why):
     assert judge_field(name, value, entity_id=ENTITY, item_id=ITEM) == why
+
+
+# --- DICOM_DEID_PROFILE=basic (PS3.15 Annex E, table from dicom-anonymizer) ---------------------
+
+BASIC = DeidPolicy(profile="basic")
+
+
+def test_the_basic_profile_table_comes_from_the_pinned_package_edition():
+    from dicom_archive.profile import ANNEX_E_EDITION, removed_or_emptied
+
+    assert ANNEX_E_EDITION == "2026c"
+    assert removed_or_emptied(0x00081030)  # StudyDescription: X
+    assert removed_or_emptied(0x00100040)  # PatientSex: Z
+    assert removed_or_emptied(0x60004000)  # Overlay Comments, a repeating group (60xx,4000): X
+    assert removed_or_emptied(0x60224000)
+    assert not removed_or_emptied(0x00080060)  # Modality: kept
+    assert not removed_or_emptied(0x00080018)  # SOPInstanceUID: U, replaced, may hold a value
+
+
+def test_the_default_contract_profile_keeps_what_annex_e_removes():
+    ds = base(StudyDescription="CT CHEST", PatientSex="F")
+    assert reasons(encode(ds)) == {}
+
+
+def test_a_clean_image_conforms_to_the_basic_profile():
+    assert reasons(encode(base()), BASIC) == {}
+
+
+@pytest.mark.parametrize(
+    ("attributes", "path"),
+    [
+        ({"StudyDescription": "CT CHEST"}, "StudyDescription"),
+        ({"PatientSex": "F"}, "PatientSex"),
+        ({"StudyTime": "101010"}, "StudyTime"),
+        (
+            {"RequestAttributesSequence": Sequence([item(RequestedProcedureDescription="CT CHEST")])},
+            "RequestAttributesSequence[0].RequestedProcedureDescription",
+        ),
+    ],
+    ids=["X-descriptor", "Z-patient-sex", "time", "nested"],
+)
+def test_what_the_basic_profile_removes_or_empties_must_hold_no_value(attributes, path):
+    found = reasons(encode(base(**attributes)), BASIC)
+    assert list(found) == ["basic_profile"]
+    assert found["basic_profile"].startswith("PS3.15 Annex E Basic Profile (DICOM 2026c) removes or empties: ")
+    assert path in found["basic_profile"]
+    assert "CT CHEST" not in found["basic_profile"]
+
+
+def test_an_empty_attribute_conforms():
+    assert reasons(encode(base(StudyDescription="", PatientSex="")), BASIC) == {}
+
+
+@pytest.mark.parametrize(
+    ("attributes", "option", "code"),
+    [
+        ({"StudyDescription": "CT CHEST"}, "clean_descriptors", "113105"),
+        ({"PatientSex": "F", "PatientAge": "045Y"}, "retain_patient_characteristics", "113108"),
+        ({"StudyTime": "101010", "AcquisitionDate": DATE}, "retain_longitudinal_modified_dates", "113107"),
+    ],
+    ids=["clean-descriptors", "patient-characteristics", "longitudinal-dates"],
+)
+def test_declared_options_exempt_what_they_retain(attributes, option, code):
+    data = encode(base(**attributes))
+    assert "basic_profile" in reasons(data, BASIC)
+    assert reasons(data, DeidPolicy(profile="basic", profile_options=(option,))) == {}
+    # The same option declared by the image itself (DeidentificationMethodCodeSequence).
+    coded = base(**attributes)
+    coded.DeidentificationMethodCodeSequence = Sequence(
+        [item(CodeValue="113100", CodingSchemeDesignator="DCM"), item(CodeValue=code, CodingSchemeDesignator="DCM")]
+    )
+    assert reasons(encode(coded), BASIC) == {}
+    # An option that retains something else exempts nothing here.
+    other = "retain_uids"
+    assert "basic_profile" in reasons(data, DeidPolicy(profile="basic", profile_options=(other,)))
+
+
+def test_batch_json_options_reach_plan_and_archive(tmp_path):
+    root = tmp_path / "landing"
+    spec = BatchSpec("b1", images=[], collection="IRB1", deid={"software": "x", "options": ["clean_descriptors"]})
+    write_batch(root, spec)
+    (root / "b1" / "a.dcm").write_bytes(encode(base(StudyDescription="CT CHEST")))
+    (root / "b1" / "b.dcm").write_bytes(encode(base(InstanceNumber=2, PatientSex="F")))
+    zone = LocalLandingZone(root)
+    plan = plan_batch(zone, "b1", policy=BASIC)
+    assert {q.relpath: q.reason for q in plan.quarantined} == {"b.dcm": "basic_profile"}
+    assert plan.gate["profile_options"] == ["clean_descriptors"]
+    (group,) = plan.groups
+    _, members = write_study_archive(group, zone, None, policy=BASIC)  # the archive pass re-checks with them
+    assert [m.relpath for m in members] == ["a.dcm"]

@@ -63,7 +63,9 @@ DEFLATED = "1.2.840.10008.1.2.1.99"
 TRANSFER_SYNTAX_TAG = 0x00020010
 
 # Top-level attributes whose every copy the gate judges (a duplicate must not hide one).
-FLAG_KEYWORDS = frozenset({"PatientID", "AccessionNumber", "StudyDate", "PatientIdentityRemoved", "BurnedInAnnotation"})
+FLAG_KEYWORDS = frozenset(
+    {"PatientID", "PatientName", "AccessionNumber", "StudyDate", "PatientIdentityRemoved", "BurnedInAnnotation"}
+)
 
 
 class WalkError(Exception):
@@ -128,6 +130,7 @@ class HeaderWalk:
     malformed: list[str] = field(default_factory=list)
     private: list[PrivateElement] = field(default_factory=list)  # not on the allow list
     public_values: list[tuple[str, int, bool]] = field(default_factory=list)  # basic profile: path, tag, filled
+    deid_codes: list[str] = field(default_factory=list)  # CodeValues of DeidentificationMethodCodeSequence
     removals: list[tuple[int, int]] = field(default_factory=list)  # byte ranges dropped from the copy
     patches: dict[int, bytes] = field(default_factory=dict)  # offset -> new 4-byte length
     skipped: list[tuple[int, int]] = field(default_factory=list)  # ranges never read (bulk data)
@@ -520,6 +523,8 @@ class _Walker:
                 self.walk.copies.setdefault(keyword, []).append(value.decode("latin-1"))
         if self.profile and not private:
             self.walk.public_values.append((path, tag, holds_value(value) if semantic not in BULK_VRS else bool(value)))
+            if keyword == "CodeValue" and path.startswith("DeidentificationMethodCodeSequence["):
+                self.walk.deid_codes.append(_decode(value))
         is_name = semantic == "PN"
         if is_name or keyword in self.policy.person_keywords:
             self.walk.persons.append((path, keyword, _decode(value), is_name))
