@@ -543,7 +543,7 @@ def test_removing_a_default_person_attribute_takes_its_own_setting(tmp_path):
     settings = Settings.load({**env, "DICOM_PERSON_ATTRIBUTES_REMOVED": "OtherPatientIDs"}.get)
     assert "OtherPatientIDs" not in settings.policy.person_attributes
     assert settings.policy.describe()["person_attributes_removed"] == ["OtherPatientIDs"]
-    with pytest.raises(SettingsError, match="may only name defaults.*InstitutionName"):
+    with pytest.raises(SettingsError, match=r"may only name defaults.*InstitutionName"):
         Settings.load({**env, "DICOM_PERSON_ATTRIBUTES_REMOVED": "InstitutionName"}.get)
 
 

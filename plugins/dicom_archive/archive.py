@@ -11,6 +11,7 @@ Memory stays bounded by the copy buffers and the header, whatever the study size
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import io
 import tarfile
@@ -127,6 +128,8 @@ def write_study_archive(
     image's header is parsed, checked, passed to `describe`, and dropped.
     """
     policy = policy or DeidPolicy()
+    if group.deid_options:
+        policy = dataclasses.replace(policy, profile_options=tuple(group.deid_options))
     hashing = HashingSink(sink)
     members: list[ArchivedMember] = []
     stem = group.stem

@@ -117,6 +117,7 @@ class DeidPolicy:
     private_tags: str = "strip"  # strip | quarantine
     private_allow: tuple[PrivateAllow, ...] = ()
     profile: str = "contract"  # contract | basic
+    profile_options: tuple[str, ...] = ()  # the batch's declared PS3.15 options (batch.json deid.options)
     # Defaults the site removed on purpose (DICOM_PERSON_ATTRIBUTES_REMOVED); recorded in reports.
     removed_person_attributes: tuple[str, ...] = ()
     max_header_bytes: int = 64 * 1024**2  # everything but bulk data (pixel data) read to check a header
@@ -139,6 +140,7 @@ class DeidPolicy:
         """What the batch report records about the gate (names of settings, never values of images)."""
         return {
             "profile": self.profile,
+            "profile_options": list(self.profile_options),
             "private_tags": self.private_tags,
             "private_allow": [str(rule) for rule in self.private_allow],
             "person_attributes": list(self.person_attributes),

@@ -55,6 +55,7 @@ LONG_LENGTH_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC
 BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 BULK_SKIP = 64 * 1024  # bulk values longer than this are skipped by their length, never read
 COPY_CHUNK = 1024 * 1024
+READ_AHEAD = 16 * 1024  # a header read: like the landing zone's header chunk, no deep read-ahead
 
 IMPLICIT_LITTLE = "1.2.840.10008.1.2"
 EXPLICIT_BIG = "1.2.840.10008.1.2.2"
@@ -62,7 +63,9 @@ DEFLATED = "1.2.840.10008.1.2.1.99"
 TRANSFER_SYNTAX_TAG = 0x00020010
 
 # Top-level attributes whose every copy the gate judges (a duplicate must not hide one).
-FLAG_KEYWORDS = frozenset({"PatientID", "AccessionNumber", "StudyDate", "PatientIdentityRemoved", "BurnedInAnnotation"})
+FLAG_KEYWORDS = frozenset(
+    {"PatientID", "PatientName", "AccessionNumber", "StudyDate", "PatientIdentityRemoved", "BurnedInAnnotation"}
+)
 
 
 class WalkError(Exception):
@@ -127,6 +130,7 @@ class HeaderWalk:
     malformed: list[str] = field(default_factory=list)
     private: list[PrivateElement] = field(default_factory=list)  # not on the allow list
     public_values: list[tuple[str, int, bool]] = field(default_factory=list)  # basic profile: path, tag, filled
+    deid_codes: list[str] = field(default_factory=list)  # CodeValues of DeidentificationMethodCodeSequence
     removals: list[tuple[int, int]] = field(default_factory=list)  # byte ranges dropped from the copy
     patches: dict[int, bytes] = field(default_factory=dict)  # offset -> new 4-byte length
     skipped: list[tuple[int, int]] = field(default_factory=list)  # ranges never read (bulk data)
@@ -188,29 +192,64 @@ class _Walker:
         self.strip = policy.private_tags == "strip"
         self.profile = policy.profile == "basic"
         self.pos = 0
+        self.hashed = 0  # walked bytes before this offset are in `sha`
+        self.window = b""  # bytes of the file from window_start on, read but not all parsed yet
+        self.window_start = 0
         self.loaded = 0
         self.sha = hashlib.sha256()
         self.containers: list[_Container] = []
         self.all_containers: list[_Container] = []
         self.walk = HeaderWalk(size=size)
 
-    # --- reading ------------------------------------------------------------------------
+    # --- reading ---------------------------------------------------------------------
+    # The file is read in windows of READ_AHEAD bytes and parsed from memory; the digest of the
+    # walked bytes is taken in runs (between skips), not element by element.
+
+    def _hash_pending(self) -> None:
+        if self.hashed < self.pos:
+            base = self.window_start
+            self.sha.update(self.window[self.hashed - base : self.pos - base])
+            self.hashed = self.pos
+
+    def _fill(self, end: int) -> None:
+        self._hash_pending()
+        base = self.window_start
+        kept = self.window[self.pos - base :]
+        wanted = max(end - self.pos, READ_AHEAD) - len(kept)
+        self.window = kept + self.stream.read(wanted) if wanted > 0 else kept
+        self.window_start = self.pos
 
     def read(self, n: int, what: str = "header") -> bytes:
-        data = self.stream.read(n) if n else b""
-        if len(data) != n:
-            raise SizeChangedError(Reason.NOT_DICOM, f"does not parse as DICOM (truncated {what})")
-        self.sha.update(data)
-        self.pos += n
+        end = self.pos + n
+        if end > self.window_start + len(self.window):
+            self._fill(end)
+            if end > self.window_start + len(self.window):
+                raise SizeChangedError(Reason.NOT_DICOM, f"does not parse as DICOM (truncated {what})")
+        base = self.window_start
+        data = self.window[self.pos - base : end - base]
+        self.pos = end
         return data
 
     def skip(self, n: int, what: str) -> None:
         if self.pos + n > self.size:
             raise SizeChangedError(Reason.NOT_DICOM, f"does not parse as DICOM (truncated {what})")
-        if n:
-            self.stream.seek(self.pos + n)
-            self.walk.skipped.append((self.pos, self.pos + n))
-            self.pos += n
+        if not n:
+            return
+        self._hash_pending()
+        self.walk.skipped.append((self.pos, self.pos + n))
+        self.pos += n
+        self.hashed = self.pos
+        if self.pos > self.window_start + len(self.window):
+            self.stream.seek(self.pos)
+            self.window, self.window_start = b"", self.pos
+
+    def at_end(self) -> bool:
+        """Whether the file ends where it was listed to end (no byte past `size`)."""
+        self._hash_pending()
+        if self.window_start + len(self.window) > self.size:
+            return False
+        self.stream.seek(self.window_start + len(self.window))
+        return not self.stream.read(1)
 
     def load(self, n: int) -> bytes:
         self.loaded += n
@@ -223,11 +262,11 @@ class _Walker:
     # --- structure ----------------------------------------------------------------------
 
     def run(self) -> HeaderWalk:
-        head = self.stream.read(132)
-        self.sha.update(head)
-        self.pos = len(head)
+        self._fill(132)
+        head = self.window[:132]
         if len(head) < 132 or head[128:132] != b"DICM":
             raise WalkError(Reason.NOT_DICOM, "not a DICOM Part 10 file (no DICM preamble)")
+        self.pos = 132
         first = self._file_meta()
         syntax = self.walk.transfer_syntax
         if syntax == DEFLATED:
@@ -237,7 +276,7 @@ class _Walker:
         implicit, little = syntax == IMPLICIT_LITTLE, syntax != EXPLICIT_BIG
         self.walk.implicit, self.walk.little = implicit, little
         self._dataset(_Scope(), None, 0, "", implicit, little, first=first, discard=False, rewrite=self.strip)
-        if self.stream.read(1):
+        if not self.at_end():
             raise SizeChangedError(Reason.UNREADABLE, "the file grew: it is longer than its listed size")
         self.walk.read_sha256 = self.sha.hexdigest()
         self.walk.removals.sort()
@@ -300,6 +339,10 @@ class _Walker:
         of defined length (up to `end`), or of undefined length (up to its delimiter).
         Returns whether anything inside it is dropped from the archived copy."""
         order = "<" if little else ">"
+        unpack_tag = struct.Struct(f"{order}HH").unpack_from
+        unpack_length = struct.Struct(f"{order}4xL").unpack_from
+        unpack_short = struct.Struct(f"{order}6xH").unpack_from
+        unpack_long = struct.Struct(f"{order}L").unpack
         top = depth == 0
         while True:
             if end is not None and self.pos >= end:
@@ -308,22 +351,33 @@ class _Walker:
                 break
             if top and self.pos >= self.size:
                 break
-            start = self.pos - (4 if first is not None else 0)
-            raw = first if first is not None else self.read(4)
-            first = None
-            group, element = struct.unpack(f"{order}HH", raw)
+            if first is not None:
+                start = self.pos - 4
+                head = first + self.read(4)
+                first = None
+            else:
+                start = self.pos
+                head = self.read(8)
+            group, element = unpack_tag(head)
             tag = group << 16 | element
             if group == 0xFFFE:
-                self.read(4)
                 if tag == ITEM_DELIMITER and end is None and not top:
                     break
                 where = path or "the dataset"
                 raise WalkError(Reason.NOT_DICOM, f"does not parse as DICOM (unexpected {tag_text(tag)} in {where})")
             if implicit:
-                (length,) = struct.unpack(f"{order}L", self.read(4))
+                (length,) = unpack_length(head)
                 vr, length_offset = None, self.pos - 4
             else:
-                vr, length, length_offset = self._explicit_header(tag, order)
+                if not (0x41 <= head[4] <= 0x5A and 0x41 <= head[5] <= 0x5A):
+                    raise WalkError(Reason.NOT_DICOM, f"does not parse as DICOM (no valid VR at {tag_text(tag)})")
+                vr = head[4:6].decode("ascii")
+                if vr in LONG_LENGTH_VRS:
+                    (length,) = unpack_long(self.read(4))
+                    length_offset = self.pos - 4
+                else:
+                    (length,) = unpack_short(head)
+                    length_offset = self.pos - 2
             self._element(scope, tag, vr, length, start, length_offset, depth, path, implicit, little, discard, rewrite)
         if not discard and rewrite:
             self._close_scope(scope, top)
@@ -378,11 +432,12 @@ class _Walker:
         element_path = f"{path}.{name}" if path else name
 
         if not discard:
-            if tag == scope.previous:
+            if tag > scope.previous:
+                scope.previous = tag
+            elif tag == scope.previous:
                 self.walk.malformed.append(f"{element_path} is duplicated")
-            elif tag < scope.previous:
+            else:
                 self.walk.malformed.append(f"{element_path} is out of order")
-            scope.previous = max(scope.previous, tag)
 
         if vr is not None and vr != "UN":
             semantic = vr
@@ -468,6 +523,8 @@ class _Walker:
                 self.walk.copies.setdefault(keyword, []).append(value.decode("latin-1"))
         if self.profile and not private:
             self.walk.public_values.append((path, tag, holds_value(value) if semantic not in BULK_VRS else bool(value)))
+            if keyword == "CodeValue" and path.startswith("DeidentificationMethodCodeSequence["):
+                self.walk.deid_codes.append(_decode(value))
         is_name = semantic == "PN"
         if is_name or keyword in self.policy.person_keywords:
             self.walk.persons.append((path, keyword, _decode(value), is_name))
@@ -581,7 +638,7 @@ def judge_header(walk: HeaderWalk, policy: DeidPolicy) -> Verdict:
     if "BurnedInAnnotation" in walk.copies:
         why = coded_flag(walk.copies["BurnedInAnnotation"], BURNED_IN_ANNOTATION_OK)
         if why is not None:
-            said = "is YES" if walk.text("BurnedInAnnotation") == "YES" else why
+            said = "is YES" if (walk.text("BurnedInAnnotation") or "").upper() == "YES" else why
             verdict.fail(Reason.BURNED_IN_ANNOTATION, f"BurnedInAnnotation {said}")
 
     entity_id = walk.text("PatientID")
@@ -689,7 +746,7 @@ class StrippedReader(io.RawIOBase):
 
     def verify(self) -> str | None:
         """Why the copy cannot be trusted (None: it can): the bytes the walk judged changed."""
-        for _ in self._pieces:  # dropped pieces at the end (private elements after the pixel data)
+        for _ in self._pieces:  # dropped ranges at the end of the file were not read yet
             pass
         if self.source.read(1):
             return "grew"

@@ -7,6 +7,7 @@ then streams the file once, in full, and takes the sha256 and the row from that 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import Counter, defaultdict
@@ -84,6 +85,7 @@ class StudyGroup:
     item_id: str
     images: list[ImageRecord] = field(default_factory=list)
     quarantined: int = 0  # images of this study that were held back
+    deid_options: list[str] = field(default_factory=list)  # the batch's declared PS3.15 options
 
     @property
     def stem(self) -> str:
@@ -273,6 +275,9 @@ def _plan_batch(
     except ManifestError as err:
         return BatchPlan(batch_id, None, STATUS_ERROR, error=str(err))
 
+    options = manifest.deid.get("options") if isinstance(manifest.deid, dict) else None
+    if isinstance(options, list):
+        policy = dataclasses.replace(policy, profile_options=tuple(str(o) for o in options))
     plan = BatchPlan(
         batch_id=batch_id,
         collection=manifest.collection,
@@ -325,7 +330,12 @@ def _plan_batch(
         group = groups.get(identity)
         if group is None:
             group = groups[identity] = StudyGroup(
-                manifest.collection, batch_id, identity.entity_id, identity.study_date, identity.item_id
+                manifest.collection,
+                batch_id,
+                identity.entity_id,
+                identity.study_date,
+                identity.item_id,
+                deid_options=list(policy.profile_options),
             )
         group.images.append(record)
 

@@ -1,0 +1,752 @@
+"""The de-identification gate against hostile headers: every class of path of issue 11, with
+several variants each (depths, transfer syntaxes, spellings, encodings), at unit level
+(walk_header + judge_header) and through plan + archive for what ends up in the tar.
+
+Images are built here with pydicom, then edited byte by byte where pydicom would not write the
+hostile form (an element after the pixel data, a duplicated element).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import struct
+import tarfile
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+)
+
+from dicom_archive.archive import ArchiveIntegrityError, write_study_archive
+from dicom_archive.deid import (
+    DeidPolicy,
+    PrivateAllow,
+    Reason,
+    coded_flag,
+    is_person_identifying_keyword,
+    judge_field,
+    value_looks_like_person_name,
+)
+from dicom_archive.header_walk import WalkError, judge_header, walk_header
+from dicom_archive.landing import LocalLandingZone
+from dicom_archive.plan import plan_batch
+from dicom_archive.publish import publish_study_archive
+from dicom_archive.stores import LocalObjectStore
+from tools.landing_zone import BatchSpec, write_batch
+
+ENTITY, ITEM, DATE = "GL664ba0", "GL71cfb7", "20070904"
+NAME = "DOE^JOHN"
+PIXELS = bytes(range(128))
+SYNTAXES = {
+    "explicit-le": ExplicitVRLittleEndian,
+    "implicit-le": ImplicitVRLittleEndian,
+    "explicit-be": ExplicitVRBigEndian,
+}
+LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+
+
+# --- building images ------------------------------------------------------------------------
+
+
+def base(**attributes: object) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    ds.StudyDate = DATE
+    ds.AccessionNumber = ITEM
+    ds.Modality = "CT"
+    ds.PatientName = ENTITY
+    ds.PatientID = ENTITY
+    ds.PatientIdentityRemoved = "YES"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = ds.Columns = 8
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.PixelData = PIXELS
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def encode(ds: Dataset, syntax: str = ExplicitVRLittleEndian) -> bytes:
+    ds.file_meta.TransferSyntaxUID = syntax
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def element(tag: int, vr: str, value: bytes, syntax: str = ExplicitVRLittleEndian) -> bytes:
+    """One data element encoded by hand (what pydicom will not write: out of order, twice)."""
+    if len(value) % 2:
+        value += b" "
+    order = ">" if syntax == ExplicitVRBigEndian else "<"
+    head = struct.pack(f"{order}HH", tag >> 16, tag & 0xFFFF)
+    if syntax == ImplicitVRLittleEndian:
+        return head + struct.pack("<L", len(value)) + value
+    if vr in LONG_VRS:
+        return head + vr.encode() + b"\0\0" + struct.pack(f"{order}L", len(value)) + value
+    return head + vr.encode() + struct.pack(f"{order}H", len(value)) + value
+
+
+def item(**attributes: object) -> Dataset:
+    ds = Dataset()
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def nest(depth: int, **leaf: object) -> Dataset:
+    """`depth` levels of ReferencedStudySequence with `leaf` in the innermost item."""
+    inner = item(**leaf)
+    for _ in range(depth - 1):
+        inner = item(ReferencedStudySequence=Sequence([inner]))
+    return inner
+
+
+def with_private(ds: Dataset, group: int, creator: str, offset: int, vr: str, value: object) -> Dataset:
+    ds.private_block(group, creator, create=True).add_new(offset, vr, value)
+    return ds
+
+
+def verdict_of(data: bytes, policy: DeidPolicy | None = None):
+    policy = policy or DeidPolicy()
+    return judge_header(walk_header(io.BytesIO(data), len(data), policy), policy)
+
+
+def reasons(data: bytes, policy: DeidPolicy | None = None) -> dict[str, str]:
+    return {str(f.reason): f.detail for f in verdict_of(data, policy).failures}
+
+
+def walk_error(data: bytes, policy: DeidPolicy | None = None) -> WalkError:
+    with pytest.raises(WalkError) as caught:
+        walk_header(io.BytesIO(data), len(data), policy or DeidPolicy())
+    return caught.value
+
+
+QUARANTINE = DeidPolicy(private_tags="quarantine")
+
+
+# --- the baseline passes in every transfer syntax -------------------------------------------
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES.values(), ids=SYNTAXES.keys())
+def test_a_clean_image_passes_in_every_transfer_syntax(syntax):
+    verdict = verdict_of(encode(base(), syntax))
+    assert verdict.failures == []
+    assert (verdict.identity.entity_id, verdict.identity.study_date, verdict.identity.item_id) == (ENTITY, DATE, ITEM)
+
+
+# --- names anywhere -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES.values(), ids=SYNTAXES.keys())
+def test_a_physician_in_a_sequence_item_is_named_by_its_tag_path(syntax):
+    ds = base(RequestAttributesSequence=Sequence([item(ScheduledPerformingPhysicianName=NAME)]))
+    found = reasons(encode(ds, syntax))
+    assert found == {
+        "identifying_attribute": "holds a value: RequestAttributesSequence[0].ScheduledPerformingPhysicianName"
+    }
+    assert "DOE" not in str(found)
+
+
+@pytest.mark.parametrize(
+    ("depth", "path"),
+    [
+        (1, "ReferencedStudySequence[0].PersonName"),
+        (3, "ReferencedStudySequence[0].ReferencedStudySequence[0].ReferencedStudySequence[0].PersonName"),
+        (6, ".".join(["ReferencedStudySequence[0]"] * 6) + ".PersonName"),
+    ],
+)
+@pytest.mark.parametrize("undefined", [False, True], ids=["defined-length", "undefined-length"])
+def test_names_at_depth(depth, path, undefined):
+    ds = base(ReferencedStudySequence=Sequence([nest(depth, PersonName=NAME)]))
+    for elem in ds.iterall():
+        if elem.VR == "SQ":
+            elem.is_undefined_length = undefined
+    assert reasons(encode(ds)) == {"identifying_attribute": f"holds a value: {path}"}
+
+
+def test_the_second_item_and_every_offender_are_named():
+    ds = base(
+        RequestAttributesSequence=Sequence(
+            [item(RequestedProcedureID="1"), item(ScheduledPerformingPhysicianName=NAME, PatientBirthName="ROE")]
+        ),
+        OtherPatientNames="ROE^JANE",
+    )
+    detail = reasons(encode(ds))["identifying_attribute"]
+    assert detail == (
+        "holds a value: OtherPatientNames, RequestAttributesSequence[1].PatientBirthName, "
+        "RequestAttributesSequence[1].ScheduledPerformingPhysicianName"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "passes"),
+    [("", True), (ENTITY, True), (f"{ENTITY}\\{ENTITY}", True), (f"{ENTITY}\\{NAME}", False), (f"{ENTITY}^", False)],
+    ids=["empty", "coded-id", "coded-id-twice", "coded-id-then-name", "coded-id-with-caret"],
+)
+def test_a_nested_name_may_only_be_empty_or_the_coded_patient_id(value, passes):
+    ds = base(ReferencedStudySequence=Sequence([item(PatientName=value)]))
+    assert (reasons(encode(ds)) == {}) is passes
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "passes"),
+    [
+        ("PatientID", ENTITY, True),
+        ("PatientID", "", True),
+        ("PatientID", "MRN123456", False),
+        ("AccessionNumber", ITEM, True),
+        ("AccessionNumber", "ACC998877", False),
+        ("OtherPatientIDs", "MRN123456", False),
+    ],
+)
+def test_identifiers_in_sequences_must_be_the_coded_ids(keyword, value, passes):
+    ds = base(ReferencedStudySequence=Sequence([item(**{keyword: value})]))
+    found = reasons(encode(ds))
+    assert (found == {}) is passes
+    if not passes:
+        assert "ReferencedStudySequence[0]." + keyword in found["identifying_attribute"]
+        assert value not in found["identifying_attribute"]
+
+
+@pytest.mark.parametrize("keyword", ["PatientAddress", "PatientTelephoneNumbers", "PatientBirthName"])
+def test_contract_attributes_are_checked_at_every_depth(keyword):
+    ds = base(ReferencedStudySequence=Sequence([item(**{keyword: "12 ELM STREET"})]))
+    assert reasons(encode(ds)) == {"identifying_attribute": f"holds a value: ReferencedStudySequence[0].{keyword}"}
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ExplicitVRBigEndian], ids=["explicit-le", "explicit-be"])
+def test_a_private_name_with_explicit_vr_pn(syntax):
+    data = encode(with_private(base(), 0x0033, "ACME 1.0", 0x10, "PN", NAME), syntax)
+    found = reasons(data, QUARANTINE)
+    assert found["identifying_attribute"] == "holds a value: (0033,1010)"
+    assert found["private_attribute"] == "private elements not on DICOM_PRIVATE_ALLOW: (0033,1010, ACME 1.0)"
+    # Stripped, the element never reaches the archive: the image passes.
+    assert reasons(data) == {}
+
+
+def test_a_private_name_in_implicit_vr_is_known_by_the_private_dictionary():
+    data = encode(with_private(base(), 0x0015, "GEMS_DL_STUDY_01", 0x88, "PN", NAME), ImplicitVRLittleEndian)
+    found = reasons(data, QUARANTINE)
+    assert found["identifying_attribute"] == "holds a value: (0015,1088)"
+    assert "(0015,1088, GEMS_DL_STUDY_01)" in found["private_attribute"]
+
+
+def test_an_allowed_private_name_is_still_judged():
+    policy = DeidPolicy(private_allow=(PrivateAllow.parse("ACME 1.0:0033,xx10"),))
+    data = encode(with_private(base(), 0x0033, "ACME 1.0", 0x10, "PN", NAME))
+    assert reasons(data, policy) == {"identifying_attribute": "holds a value: (0033,1010)"}
+
+
+def test_a_private_element_without_creator_is_private():
+    ds = base()
+    ds.add_new(0x00331010, "LO", "MRN123")  # no (0033,0010) creator
+    assert reasons(encode(ds), QUARANTINE) == {
+        "private_attribute": "private elements not on DICOM_PRIVATE_ALLOW: (0033,1010, no creator)"
+    }
+
+
+# --- what the parser did not see: after the pixel data, duplicates, order ---------------------
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES.values(), ids=SYNTAXES.keys())
+def test_a_name_after_the_pixel_data(syntax):
+    data = encode(base(), syntax) + element(0x00100010, "PN", NAME.encode(), syntax)
+    found = reasons(data)
+    assert found["identifying_attribute"] == "holds a value: PatientName"
+    assert found["malformed_header"] == "PatientName is out of order"
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES.values(), ids=SYNTAXES.keys())
+def test_a_private_name_after_the_pixel_data_in_order(syntax):
+    tail = element(0x7FE10010, "LO", b"ACME 1.0", syntax) + element(0x7FE11010, "PN", NAME.encode(), syntax)
+    data = encode(base(), syntax) + tail
+    found = reasons(data, QUARANTINE)
+    assert "(7FE1,1010, ACME 1.0)" in found["private_attribute"]
+    assert "malformed_header" not in found
+
+
+def test_a_name_after_encapsulated_pixel_data_is_found_without_reading_the_fragments():
+    ds = base()
+    ds.PixelData = encapsulate([b"\xff\xd8" + bytes(200_000) + b"\xff\xd9", b"\xff\xd8" + bytes(70_000) + b"\xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    data = encode(ds, JPEGBaseline8Bit) + element(0xFFFAFFFA, "SQ", b"")  # an empty sequence, in order
+    data += element(0x00100010, "PN", NAME.encode())
+    walk = walk_header(io.BytesIO(data), len(data), DeidPolicy())
+    assert sum(b - a for a, b in walk.skipped) >= 270_000  # the fragments were skipped, not read
+    found = {str(f.reason) for f in judge_header(walk, DeidPolicy()).failures}
+    assert found == {"identifying_attribute", "malformed_header"}
+
+
+def test_a_sequence_after_the_pixel_data_is_walked():
+    ds = base()
+    ds.DigitalSignaturesSequence = Sequence([item(PersonName=NAME)])
+    assert reasons(encode(ds)) == {"identifying_attribute": "holds a value: DigitalSignaturesSequence[0].PersonName"}
+
+
+def _insert_after(data: bytes, marker: bytes, extra: bytes) -> bytes:
+    at = data.index(marker)
+    end = at + len(marker)
+    return data[:end] + extra + data[end:]
+
+
+def _pn(value: str, syntax: str = ExplicitVRLittleEndian) -> bytes:
+    return element(0x00100010, "PN", value.encode(), syntax)
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES.values(), ids=SYNTAXES.keys())
+def test_a_duplicated_patient_name_is_malformed_and_both_copies_are_judged(syntax):
+    data = encode(base(), syntax)
+    coded = _pn(ENTITY, syntax)
+    assert data.count(coded) == 1
+    found = reasons(_insert_after(data, coded, _pn(NAME, syntax)))
+    assert found["malformed_header"] == "PatientName is duplicated"
+    assert found["identifying_attribute"] == "holds a value: PatientName"
+
+
+def test_a_duplicate_that_is_harmless_is_still_malformed():
+    data = encode(base())
+    coded = _pn(ENTITY)
+    assert reasons(_insert_after(data, coded, coded)) == {"malformed_header": "PatientName is duplicated"}
+
+
+@pytest.mark.parametrize(
+    ("first", "second"), [("NO", "YES"), ("YES", "NO"), ("YES", "YES")], ids=["NO-then-YES", "YES-then-NO", "twice"]
+)
+def test_a_duplicated_patient_identity_removed_never_passes(first, second):
+    ds = base(PatientIdentityRemoved=first)
+    data = encode(ds)
+    flag = element(0x00120062, "CS", first.encode())
+    assert data.count(flag) == 1
+    found = reasons(_insert_after(data, flag, element(0x00120062, "CS", second.encode())))
+    assert found["malformed_header"] == "PatientIdentityRemoved is duplicated"
+    assert found["identity_not_removed"] == "PatientIdentityRemoved occurs more than once"
+
+
+def test_a_duplicate_inside_a_sequence_item_names_its_path():
+    ds = base(ReferencedStudySequence=Sequence([item(PersonName="")]))
+    ds["ReferencedStudySequence"].is_undefined_length = True
+    ds.ReferencedStudySequence[0].is_undefined_length_sequence_item = True
+    data = encode(ds)
+    empty = element(0x0040A123, "PN", b"")
+    found = reasons(_insert_after(data, empty, element(0x0040A123, "PN", NAME.encode())))
+    assert found["malformed_header"] == "ReferencedStudySequence[0].PersonName is duplicated"
+    assert found["identifying_attribute"] == "holds a value: ReferencedStudySequence[0].PersonName"
+
+
+def test_elements_out_of_order_name_the_tag():
+    data = encode(base())
+    modality = element(0x00080060, "CS", b"CT")
+    swapped = data.replace(modality, b"")
+    swapped = _insert_after(swapped, element(0x00100020, "LO", ENTITY.encode()), modality)
+    assert reasons(swapped) == {"malformed_header": "Modality is out of order"}
+
+
+# --- strict coded-string values ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "detail"),
+    [
+        ("YES", "BurnedInAnnotation is YES"),
+        ("yes", "BurnedInAnnotation is YES"),
+        ("no", "BurnedInAnnotation is not exactly NO (wrong case)"),
+        ("NO\\YES", "BurnedInAnnotation holds several values"),
+        ("NO\\NO", "BurnedInAnnotation holds several values"),
+        ("", "BurnedInAnnotation is empty"),
+        ("N0", "BurnedInAnnotation is not NO"),
+        ("UNKNOWN", "BurnedInAnnotation is not NO"),
+    ],
+)
+def test_burned_in_annotation_must_be_exactly_no(value, detail):
+    found = reasons(encode(base(BurnedInAnnotation=value)))
+    assert found == {"burned_in_annotation": detail}
+
+
+@pytest.mark.parametrize("value", ["NO", " NO ", "NO "])
+def test_burned_in_annotation_no_passes_after_trimming(value):
+    assert reasons(encode(base(BurnedInAnnotation=value))) == {}
+
+
+@pytest.mark.parametrize(
+    ("value", "passes"),
+    [
+        ("YES", True),
+        (" YES ", True),
+        ("yes", False),
+        ("Yes", False),
+        ("YES\\NO", False),
+        ("NO\\YES", False),
+        ("", False),
+    ],
+)
+def test_patient_identity_removed_must_be_exactly_yes(value, passes):
+    found = reasons(encode(base(PatientIdentityRemoved=value)))
+    assert (found == {}) is passes
+    if not passes:
+        assert set(found) == {"identity_not_removed"}
+
+
+def test_coded_flag_rules():
+    assert coded_flag(["YES"], "YES") is None
+    assert coded_flag([" YES \0"], "YES") is None
+    assert coded_flag([], "YES") == "is missing"
+    assert coded_flag(["YES", "YES"], "YES") == "occurs more than once"
+    assert coded_flag(["YES\\YES"], "YES") == "holds several values"
+
+
+# --- unreadable headers: the batch goes on -----------------------------------------------------
+
+
+def test_too_deep_is_unreadable():
+    ds = base(ReferencedStudySequence=Sequence([nest(20, PersonName="")]))
+    err = walk_error(encode(ds))
+    assert err.reason == Reason.UNREADABLE
+    assert "nested deeper than 16" in err.detail
+
+
+def test_too_large_a_header_is_unreadable():
+    err = walk_error(encode(base(ImageComments="x" * 20_000)), DeidPolicy(max_header_bytes=10_000))
+    assert (err.reason, err.detail) == (Reason.UNREADABLE, "the header is larger than the limit of 10000 bytes")
+
+
+def test_a_deflated_file_is_unreadable_fail_closed():
+    err = walk_error(encode(base(), DeflatedExplicitVRLittleEndian))
+    assert err.reason == Reason.UNREADABLE
+
+
+@pytest.mark.parametrize("cut", [-7, -200, 400])
+def test_a_cut_file_does_not_parse(cut):
+    data = encode(base(ImageComments="x" * 300))[:cut]
+    try:
+        found = reasons(data)
+    except WalkError as err:
+        found = {str(err.reason): err.detail}
+    assert list(found) == ["not_dicom"]
+    assert found["not_dicom"].startswith("does not parse as DICOM")
+
+
+def test_unreadable_and_malformed_images_do_not_stop_the_batch(tmp_path):
+    bad = {
+        "deep.dcm": encode(base(ReferencedStudySequence=Sequence([nest(20)]))),
+        "dup.dcm": _insert_after(encode(base()), _pn(ENTITY), _pn(NAME)),
+        "deflated.dcm": encode(base(), DeflatedExplicitVRLittleEndian),
+    }
+    zone = _batch(tmp_path, {"good.dcm": encode(base()), **bad})
+    plan = plan_batch(zone, "b1")
+    assert {q.relpath: q.reason for q in plan.quarantined} == {
+        "deep.dcm": "unreadable",
+        "dup.dcm": "malformed_header",
+        "deflated.dcm": "unreadable",
+    }
+    assert [i.relpath for g in plan.groups for i in g.images] == ["good.dcm"]
+
+
+# --- every failure, not only the first --------------------------------------------------------
+
+
+def test_every_failing_check_is_listed(tmp_path):
+    ds = base(BurnedInAnnotation="YES", ReferencedStudySequence=Sequence([item(PersonName=NAME)]))
+    with_private(ds, 0x0033, "ACME 1.0", 0x10, "LO", "MRN")
+    data = _insert_after(encode(ds), element(0x00080060, "CS", b"CT"), element(0x00080060, "CS", b"MR"))
+    zone = _batch(tmp_path, {"good.dcm": encode(base()), "bad.dcm": data})
+    plan = plan_batch(zone, "b1", policy=QUARANTINE)
+    (held,) = plan.quarantined
+    assert [f["reason"] for f in held.failures] == [
+        "malformed_header",
+        "burned_in_annotation",
+        "identifying_attribute",
+        "private_attribute",
+    ]
+    assert held.reason == "malformed_header"
+    assert held.study == f"{ENTITY}_{DATE}_{ITEM}"
+    assert "DOE" not in held.detail
+    assert "MRN" not in held.detail
+
+
+# --- stripping private elements ---------------------------------------------------------------
+
+
+def _batch(tmp_path: Path, files: dict[str, bytes]) -> LocalLandingZone:
+    root = tmp_path / "landing"
+    write_batch(root, BatchSpec("b1", images=[], collection="IRB1"))
+    for relpath, data in files.items():
+        (root / "b1" / relpath).parent.mkdir(parents=True, exist_ok=True)
+        (root / "b1" / relpath).write_bytes(data)
+    return LocalLandingZone(root)
+
+
+def _archived(tmp_path: Path, files: dict[str, bytes], policy: DeidPolicy | None = None):
+    zone = _batch(tmp_path, files)
+    plan = plan_batch(zone, "b1", policy=policy)
+    assert plan.quarantined == []
+    (group,) = plan.groups
+    buffer = io.BytesIO()
+    _, members = write_study_archive(group, zone, buffer, policy=policy)
+    with tarfile.open(fileobj=io.BytesIO(buffer.getvalue()), mode="r:gz") as tar:
+        contents = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    by_source = {m.relpath: (m, contents[m.member_name]) for m in members}
+    return buffer.getvalue(), by_source
+
+
+def _private_tags(ds: Dataset) -> list[int]:
+    return [int(e.tag) for e in ds.iterall() if e.tag.is_private]
+
+
+def _hostile(syntax: str, undefined: bool) -> Dataset:
+    ds = base(
+        RequestAttributesSequence=Sequence([item(RequestedProcedureID="1"), item(RequestedProcedureID="2")]),
+    )
+    for i, entry in enumerate(ds.RequestAttributesSequence):
+        with_private(entry, 0x0035, "ACME NESTED", 0x01, "PN", NAME)
+        with_private(entry, 0x0035, "ACME NESTED", 0x02, "LO", f"MRN{i}")
+        entry.is_undefined_length_sequence_item = undefined
+    ds["RequestAttributesSequence"].is_undefined_length = undefined
+    with_private(ds, 0x0029, "SIEMENS CSA HEADER", 0x10, "OB", b"CSA-KEEP")
+    with_private(ds, 0x0033, "ACME 1.0", 0x10, "PN", NAME)
+    with_private(ds, 0x0033, "ACME 1.0", 0x11, "LO", "MRN999")
+    return ds
+
+
+@pytest.mark.parametrize("undefined", [False, True], ids=["defined-lengths", "undefined-lengths"])
+@pytest.mark.parametrize("syntax", SYNTAXES.values(), ids=SYNTAXES.keys())
+def test_strip_leaves_no_private_element_keeps_the_allowed_and_the_pixels(tmp_path, syntax, undefined):
+    source = encode(_hostile(syntax, undefined), syntax) + (
+        element(0x7FE10010, "LO", b"ACME TAIL", syntax) + element(0x7FE11001, "LO", b"MRN-TAIL", syntax)
+    )
+    policy = DeidPolicy(private_allow=(PrivateAllow.parse("SIEMENS CSA HEADER:0029,xx10"),))
+    _, archived = _archived(tmp_path, {"x.dcm": source}, policy)
+    member, data = archived["x.dcm"]
+    ds = pydicom.dcmread(io.BytesIO(data))
+    assert _private_tags(ds) == [0x00290010, 0x00291010], "only the allowed element and its creator"
+    assert ds[0x00291010].value.rstrip(b"\0") == b"CSA-KEEP"
+    assert [e.RequestedProcedureID for e in ds.RequestAttributesSequence] == ["1", "2"]
+    assert ds.PixelData == PIXELS
+    for planted in (b"DOE", b"MRN", b"ACME"):
+        assert planted not in data
+    assert member.private_elements_removed == 2 * 2 + 2 + 1  # two per item, two at the top, one in the tail
+    assert member.sha256 == hashlib.sha256(data).hexdigest()
+    assert member.source_sha256 == hashlib.sha256(source).hexdigest()
+    assert member.size == len(data) < len(source)
+    # The stripped copy passes the gate on its own.
+    assert reasons(data, DeidPolicy(private_tags="quarantine", private_allow=policy.private_allow)) == {}
+
+
+def test_an_image_without_private_elements_is_archived_byte_for_byte(tmp_path):
+    source = encode(base())
+    _, archived = _archived(tmp_path, {"x.dcm": source})
+    member, data = archived["x.dcm"]
+    assert data == source
+    assert member.sha256 == member.source_sha256 == hashlib.sha256(source).hexdigest()
+    assert member.private_elements_removed == 0
+
+
+def test_stripped_archives_are_deterministic(tmp_path):
+    files = {"a.dcm": encode(_hostile(ExplicitVRLittleEndian, True)), "b.dcm": encode(base(InstanceNumber=2))}
+    first, _ = _archived(tmp_path / "1", files)
+    second, _ = _archived(tmp_path / "2", files)
+    assert first == second
+
+
+def test_strip_streams_large_pixel_data_without_loading_it(tmp_path):
+    ds = base()
+    ds.Rows = ds.Columns = 1024
+    ds.PixelData = bytes(range(256)) * (1024 * 1024 * 2 // 256)  # 2 MiB
+    with_private(ds, 0x0033, "ACME 1.0", 0x10, "PN", NAME)
+    source = encode(ds)
+    zone = _batch(tmp_path, {"big.dcm": source})
+    walk = walk_header(zone.open("b1", "big.dcm"), len(source), DeidPolicy())
+    assert (walk.pixel_offset + 12, len(source)) in walk.skipped  # the pixel data value, never read
+    _, archived = _archived(tmp_path / "again", {"big.dcm": source})
+    _, data = archived["big.dcm"]
+    assert data.endswith(ds.PixelData)
+
+
+# --- identity re-check at archive time ----------------------------------------------------------
+
+
+def test_an_image_swapped_for_another_patient_fails_the_archive_and_keeps_nothing(tmp_path):
+    zone = _batch(tmp_path, {"a.dcm": encode(base()), "b.dcm": encode(base(InstanceNumber=2))})
+    (group,) = plan_batch(zone, "b1").groups
+    other = encode(base(InstanceNumber=2, PatientID="GL000000", PatientName="GL000000"))
+    assert len(other) == (tmp_path / "landing" / "b1" / "b.dcm").stat().st_size  # same size, also de-identified
+    (tmp_path / "landing" / "b1" / "b.dcm").write_bytes(other)
+
+    store = LocalObjectStore(tmp_path / "out")
+    with pytest.raises(ArchiveIntegrityError, match="differ from the plan") as caught:
+        publish_study_archive(group, zone, store)
+    assert "GL000000" not in str(caught.value)
+    assert [p for p in (tmp_path / "out").rglob("*") if p.is_file()] == []
+
+
+@pytest.mark.parametrize(
+    "change", [{"StudyDate": "20070905"}, {"AccessionNumber": "GL71cfb8"}], ids=["study-date", "accession"]
+)
+def test_any_identity_change_fails_the_archive(tmp_path, change):
+    zone = _batch(tmp_path, {"a.dcm": encode(base())})
+    (group,) = plan_batch(zone, "b1").groups
+    (tmp_path / "landing" / "b1" / "a.dcm").write_bytes(encode(base(**change)))
+    with pytest.raises(ArchiveIntegrityError, match="differ from the plan"):
+        write_study_archive(group, zone, io.BytesIO())
+
+
+# --- the rules as plain functions (reused for lookup.json values) -------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "PatientName",
+        "ReferringPhysicianName",
+        "RequestAttributesSequence.ScheduledPerformingPhysicianName",
+        "RequestAttributesSequence[0].ScheduledPerformingPhysicianName",
+        "PatientBirthName",
+        "PatientAddress",
+        "ContentSequence.PersonName",
+    ],
+)
+def test_person_identifying_names(name):
+    assert is_person_identifying_keyword(name)
+
+
+@pytest.mark.parametrize("name", ["StudyDescription", "ScanOptions", "CTDIvol", "PatientSex"])
+def test_not_person_identifying_names(name):
+    assert not is_person_identifying_keyword(name)
+
+
+@pytest.mark.parametrize("value", ["DOE^JOHN", "Doe^John^^Dr", "^Jane", "Smith^", "ENTITY\\DOE^J", "Müller^Jörg"])
+def test_values_shaped_like_names(value):
+    assert value_looks_like_person_name(value)
+
+
+@pytest.mark.parametrize("value", ["", ENTITY, "CT CHEST", "HELICAL", "12.1", "1^2", None, 12.1])
+def test_values_not_shaped_like_names(value):
+    assert not value_looks_like_person_name(value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "why"),
+    [
+        ("PatientName", ENTITY, None),
+        ("PatientName", NAME, "PatientName holds a person's name or identifier"),
+        ("PatientID", "MRN1", "PatientID holds an identifier other than the coded ids"),
+        ("A.B.AccessionNumber", ITEM, None),
+        ("PatientBirthDate", "19700101", None),
+        ("StudyDescription", "CT CHEST for DOE^JOHN", "StudyDescription holds a value shaped like a person's name"),
+        ("ScanOptions", "HELICAL", None),
+        ("PatientAddress", "1 MAIN ST", "PatientAddress holds a value"),
+    ],
+)
+def test_judge_field(name, value, why):
+    assert judge_field(name, value, entity_id=ENTITY, item_id=ITEM) == why
+
+
+# --- DICOM_DEID_PROFILE=basic (PS3.15 Annex E, table from dicom-anonymizer) ---------------------
+
+BASIC = DeidPolicy(profile="basic")
+
+
+def test_the_basic_profile_table_comes_from_the_pinned_package_edition():
+    from dicom_archive.profile import ANNEX_E_EDITION, removed_or_emptied
+
+    assert ANNEX_E_EDITION == "2026c"
+    assert removed_or_emptied(0x00081030)  # StudyDescription: X
+    assert removed_or_emptied(0x00100040)  # PatientSex: Z
+    assert removed_or_emptied(0x60004000)  # Overlay Comments, a repeating group (60xx,4000): X
+    assert removed_or_emptied(0x60224000)
+    assert not removed_or_emptied(0x00080060)  # Modality: kept
+    assert not removed_or_emptied(0x00080018)  # SOPInstanceUID: U, replaced, may hold a value
+
+
+def test_the_default_contract_profile_keeps_what_annex_e_removes():
+    ds = base(StudyDescription="CT CHEST", PatientSex="F")
+    assert reasons(encode(ds)) == {}
+
+
+def test_a_clean_image_conforms_to_the_basic_profile():
+    assert reasons(encode(base()), BASIC) == {}
+
+
+@pytest.mark.parametrize(
+    ("attributes", "path"),
+    [
+        ({"StudyDescription": "CT CHEST"}, "StudyDescription"),
+        ({"PatientSex": "F"}, "PatientSex"),
+        ({"StudyTime": "101010"}, "StudyTime"),
+        (
+            {"RequestAttributesSequence": Sequence([item(RequestedProcedureDescription="CT CHEST")])},
+            "RequestAttributesSequence[0].RequestedProcedureDescription",
+        ),
+    ],
+    ids=["X-descriptor", "Z-patient-sex", "time", "nested"],
+)
+def test_what_the_basic_profile_removes_or_empties_must_hold_no_value(attributes, path):
+    found = reasons(encode(base(**attributes)), BASIC)
+    assert list(found) == ["basic_profile"]
+    assert found["basic_profile"].startswith("PS3.15 Annex E Basic Profile (DICOM 2026c) removes or empties: ")
+    assert path in found["basic_profile"]
+    assert "CT CHEST" not in found["basic_profile"]
+
+
+def test_an_empty_attribute_conforms():
+    assert reasons(encode(base(StudyDescription="", PatientSex="")), BASIC) == {}
+
+
+@pytest.mark.parametrize(
+    ("attributes", "option", "code"),
+    [
+        ({"StudyDescription": "CT CHEST"}, "clean_descriptors", "113105"),
+        ({"PatientSex": "F", "PatientAge": "045Y"}, "retain_patient_characteristics", "113108"),
+        ({"StudyTime": "101010", "AcquisitionDate": DATE}, "retain_longitudinal_modified_dates", "113107"),
+    ],
+    ids=["clean-descriptors", "patient-characteristics", "longitudinal-dates"],
+)
+def test_declared_options_exempt_what_they_retain(attributes, option, code):
+    data = encode(base(**attributes))
+    assert "basic_profile" in reasons(data, BASIC)
+    assert reasons(data, DeidPolicy(profile="basic", profile_options=(option,))) == {}
+    # The same option declared by the image itself (DeidentificationMethodCodeSequence).
+    coded = base(**attributes)
+    coded.DeidentificationMethodCodeSequence = Sequence(
+        [item(CodeValue="113100", CodingSchemeDesignator="DCM"), item(CodeValue=code, CodingSchemeDesignator="DCM")]
+    )
+    assert reasons(encode(coded), BASIC) == {}
+    # An option that retains something else exempts nothing here.
+    other = "retain_uids"
+    assert "basic_profile" in reasons(data, DeidPolicy(profile="basic", profile_options=(other,)))
+
+
+def test_batch_json_options_reach_plan_and_archive(tmp_path):
+    root = tmp_path / "landing"
+    spec = BatchSpec("b1", images=[], collection="IRB1", deid={"software": "x", "options": ["clean_descriptors"]})
+    write_batch(root, spec)
+    (root / "b1" / "a.dcm").write_bytes(encode(base(StudyDescription="CT CHEST")))
+    (root / "b1" / "b.dcm").write_bytes(encode(base(InstanceNumber=2, PatientSex="F")))
+    zone = LocalLandingZone(root)
+    plan = plan_batch(zone, "b1", policy=BASIC)
+    assert {q.relpath: q.reason for q in plan.quarantined} == {"b.dcm": "basic_profile"}
+    assert plan.gate["profile_options"] == ["clean_descriptors"]
+    (group,) = plan.groups
+    _, members = write_study_archive(group, zone, None, policy=BASIC)  # the archive pass re-checks with them
+    assert [m.relpath for m in members] == ["a.dcm"]
