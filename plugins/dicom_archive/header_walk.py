@@ -448,7 +448,8 @@ class _Walker:
             implicit, little = True, True  # PS3.5 6.2.2: a UN sequence is encoded implicit VR little endian
 
         # Private data elements: dropped (strip), reported (quarantine), or kept (allow list).
-        private_data = private and (element >= 0x1000 or 0x0001 <= element <= 0x000F)
+        # A creator slot that holds a sequence names no block: it is data (deid-data's ctbrain2 has them).
+        private_data = private and (element >= 0x1000 or 0x0001 <= element <= 0x000F or is_sequence)
         drop = False
         inner_discard, inner_rewrite = discard, rewrite
         if private_data and not discard:
