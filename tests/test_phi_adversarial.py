@@ -982,3 +982,32 @@ def test_a_hostile_gs_batch_through_the_dag(dag_env):
     assert _failures(report) == {**expected, **{name: {Reason.PHI_FOLDER} for name in hidden}}
     assert report["images"]["archived"] == len(good_images()) + 1
     assert _dag_audit(planted, f"gs://{DAG_LANDING_BUCKET}/zone") == []
+
+
+@pytest.mark.parametrize("mode", ["strip", "quarantine"])
+@pytest.mark.parametrize("group", [0x0009, 0x0007])  # 0007 is not a private group by the standard: odd all the same
+def test_a_private_creator_slot_holding_a_sequence_is_private_data(landing, mode, group):
+    """(gggg,0010-00FF) reserves a block with a short text; holding a sequence it names no block
+    but can carry anything (deid-data's ctbrain2 has such elements in group 0007)."""
+    from pydicom.dataset import Dataset
+
+    from dicom_archive.deid import DeidPolicy
+
+    ds = pydicom.dcmread(io.BytesIO(image_bytes(ImageSpec(ENTITY, ITEM, DATE, "CT", 1, 3))))
+    item = Dataset()
+    item.add_new(0x00100010, "PN", NAME)
+    item.add_new((group << 16) | 0x0011, "LO", MRN)
+    ds.add_new((group << 16) | 0x0011, "SQ", [item])
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    folder = landing.write(BatchSpec(BATCH, images=good_images(), collection=COLLECTION))
+    (folder / "slot.dcm").write_bytes(buffer.getvalue())
+    outcome = landing.process(BATCH, policy=DeidPolicy(private_tags=mode))
+    if mode == "strip":
+        assert outcome.reasons == {}
+        assert outcome.report["images"]["stripped"] == 1
+    else:
+        (held,) = outcome.plan.quarantined
+        assert held.relpath == "slot.dcm"
+        assert Reason.PRIVATE_ATTRIBUTE in {f["reason"] for f in held.all_failures()}
+    assert_no_leak(landing, outcome, [NAME, MRN])
