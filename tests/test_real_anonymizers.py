@@ -276,10 +276,11 @@ def test_archived_copies_carry_no_private_element_and_the_same_pixels(pipeline):
     archives = _archives(BUCKET)
     assert archives
     members = 0
-    originals = {
-        str(ds.get("SOPInstanceUID", "") or "") + str(ds.PatientID): ds
+    pixels = {
+        hashlib.sha256(ds.PixelData).hexdigest()
         for batch in pipeline["batches"].values()
         for ds in batch["images"].values()
+        if "PixelData" in ds
     }
     for data in archives.values():
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
@@ -289,9 +290,8 @@ def test_archived_copies_carry_no_private_element_and_the_same_pixels(pipeline):
                 members += 1
                 ds = pydicom.dcmread(io.BytesIO(tar.extractfile(member).read()))
                 assert private_elements(ds) == 0, member.name
-                source = originals.get(str(ds.get("SOPInstanceUID", "") or "") + str(ds.PatientID))
-                if source is not None and "PixelData" in source:
-                    assert ds.PixelData == source.PixelData, "pixel data is copied as it is"
+                if "PixelData" in ds:
+                    assert hashlib.sha256(ds.PixelData).hexdigest() in pixels, "pixel data is copied as it is"
     expected = sum(
         expected_outcome(a, ds)[0] != "quarantined"
         for a, batch in pipeline["batches"].items()
