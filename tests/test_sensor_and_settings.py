@@ -153,15 +153,15 @@ def test_private_allow_patterns_are_parsed():
             "DICOM_LANDING_ROOT": "/data/landing",
             "DICOM_LOCAL_OUTPUT": "/data/out",
             "DICOM_PRIVATE_TAGS": "Quarantine",
-            "DICOM_PRIVATE_ALLOW": "SIEMENS CSA HEADER:0029,xx10; GEMS_ACQU_01:0043,xx39\nGEMS_PARM_01:0019,XXBB",
+            "DICOM_PRIVATE_ALLOW": "SIEMENS CSA HEADER:0029,xx10; GEMS_PARM_01:0043,xx39\nGEMS_ACQU_01:0019,XXBB",
         }.get
     )
     policy = settings.policy
     assert policy.private_tags == "quarantine"
     assert [str(rule) for rule in policy.private_allow] == [
         "SIEMENS CSA HEADER:0029,xx10",
-        "GEMS_ACQU_01:0043,xx39",
-        "GEMS_PARM_01:0019,xxBB",
+        "GEMS_PARM_01:0043,xx39",
+        "GEMS_ACQU_01:0019,xxBB",
     ]
     assert policy.private_allowed("SIEMENS CSA HEADER", 0x0029, 0x1010)
     assert policy.private_allowed("SIEMENS CSA HEADER", 0x0029, 0x1110)  # any block the creator reserved

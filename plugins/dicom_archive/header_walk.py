@@ -24,7 +24,6 @@ import hashlib
 import io
 import itertools
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -685,9 +684,9 @@ class StrippedReader(io.RawIOBase):
         self.source_sha = hashlib.sha256()
         self.out_sha = hashlib.sha256() if walk.rewritten else self.source_sha
         self.read_sha = hashlib.sha256()
-        self._pieces = self._generate()
-        self._buffer = bytearray()
-        self._done = False
+        self._pieces = self._intervals()
+        self._index = 0
+        self._offset = 0  # in the source
 
     def readable(self) -> bool:
         return True
@@ -708,46 +707,46 @@ class StrippedReader(io.RawIOBase):
             pieces.append((start, stop, dropped, not skipped, walk.patches.get(start) if stop - start == 4 else None))
         return pieces
 
-    def _generate(self) -> Iterator[bytes]:
-        for start, stop, dropped, walked, patch in self._intervals():
-            remaining = stop - start
-            while remaining:
-                data = self.source.read(min(remaining, self.chunk))
-                if not data:
-                    raise SizeChangedError(Reason.UNREADABLE, "the file ended early")
-                remaining -= len(data)
-                self.source_sha.update(data)
-                if walked:
-                    self.read_sha.update(data)
-                if dropped:
-                    continue
-                out = patch if patch is not None else data
-                if self.out_sha is not self.source_sha:
-                    self.out_sha.update(out)
-                yield out
+    def _next_part(self, limit: int) -> bytes | None:
+        """The next bytes of the copy, at most `limit` (None at the end). The source is read in
+        order, once; dropped ranges are read (for the source digest) and not passed on."""
+        while self._index < len(self._pieces):
+            start, stop, dropped, walked, patch = self._pieces[self._index]
+            if self._offset >= stop:
+                self._index += 1
+                continue
+            n = min(stop - self._offset, self.chunk if dropped else min(limit, self.chunk))
+            data = self.source.read(n)
+            if len(data) != n:
+                raise SizeChangedError(Reason.UNREADABLE, "the file ended early")
+            relative = self._offset - start
+            self._offset += n
+            self.source_sha.update(data)
+            if walked:
+                self.read_sha.update(data)
+            if dropped:
+                continue
+            out = data if patch is None else patch[relative : relative + n]
+            if self.out_sha is not self.source_sha:
+                self.out_sha.update(out)
+            return out
+        return None
 
     def read(self, size: int = -1) -> bytes:  # type: ignore[override]
-        if size is None or size < 0:
-            size = 1 << 62
-        while len(self._buffer) < size and not self._done:
-            try:
-                piece = next(self._pieces)
-            except StopIteration:
-                self._done = True
+        # Pulled in the sizes tarfile asks for: a part that fits is passed on without a copy.
+        need = (1 << 62) if size is None or size < 0 else size
+        parts = []
+        while need > 0:
+            part = self._next_part(need)
+            if part is None:
                 break
-            if not self._buffer and len(piece) >= size:
-                if len(piece) == size:
-                    return piece
-                self._buffer += piece
-                break
-            self._buffer += piece
-        out = bytes(self._buffer[:size])
-        del self._buffer[:size]
-        return out
+            parts.append(part)
+            need -= len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def verify(self) -> str | None:
         """Why the copy cannot be trusted (None: it can): the bytes the walk judged changed."""
-        for _ in self._pieces:  # dropped ranges at the end of the file were not read yet
+        while self._next_part(self.chunk) is not None:  # dropped ranges at the end are not read yet
             pass
         if self.source.read(1):
             return "grew"
