@@ -30,7 +30,7 @@ BIGQUERY_POOL = "dicom_storage_bigquery"
 default_args = {
     "owner": "radiology-research",
     "retries": int(os.environ.get("DICOM_TASK_RETRIES", "3")),
-    "retry_delay": timedelta(seconds=30),
+    "retry_delay": timedelta(seconds=int(os.environ.get("DICOM_RETRY_DELAY_SECONDS", "30"))),
     "retry_exponential_backoff": True,
     "max_retry_delay": timedelta(minutes=10),
 }
@@ -62,6 +62,7 @@ with DAG(
         """Claim each batch, check every image header and group the images into studies; stage
         each plan. A refused id is passed on untouched (batch_report fails it); a batch claimed by
         another live run is left alone; an error inside one batch fails that batch only."""
+        import contextlib
         from datetime import timedelta
 
         from dicom_archive import claims
@@ -79,38 +80,46 @@ with DAG(
         key = run_key(run_id)
         refused: list[dict[str, Any]] = []
         planned = []
-        for batch_id in batch_ids:
-            problem = batch_id_problem(batch_id)
-            if problem is not None:  # before anything is read or written for it
-                print(f"refused batch id: {problem}; nothing is read or written for it")
-                refused.append(
-                    {"batch_id": batch_id, "run_key": key, "collection": None, "status": "REFUSED", "error": problem,
-                     "chunk_ids": [], "chunks": []}
-                )  # fmt: skip
-                continue
-            with hook.explain_google_errors(f"the claim {store.uri(claims.claim_name(batch_id))}"):
-                claim = claims.acquire(store, batch_id, run_id, timedelta(hours=settings.claim_hours))
-            print(f"batch {batch_id}: {claim.message}")
-            if not claim.owned:
-                continue
-            try:
-                plan = plan_batch(
-                    zone, batch_id, default_collection=settings.default_collection, policy=settings.policy
-                )
-            except Exception as err:  # one batch's trouble (a symlink loop, an unreadable folder) is its own
-                problem = f"{zone.describe(batch_id)} could not be planned: {type(err).__name__}: {err}"
-                plan = BatchPlan(batch_id, None, STATUS_ERROR, error=problem)
-                try:  # the report also goes to the bucket when the manifest names the collection
-                    manifest = read_manifest(zone, batch_id, settings.default_collection)
-                    plan.collection = manifest.collection if manifest else None
-                except Exception:
-                    pass
-            staging = Staging(store, batch_id, key)
-            with hook.explain_google_errors(f"the staging area {store.uri(staging.prefix)}"):
-                staging.write_plan(plan)
-                earlier = staging.earlier_attempts()
-            reported = zone.read_bytes(batch_id, REPORT_NAME) is not None
-            planned.append((plan, staging, earlier, reported))
+        claimed: list[str] = []
+        try:
+            for batch_id in batch_ids:
+                problem = batch_id_problem(batch_id)
+                if problem is not None:  # before anything is read or written for it
+                    print(f"refused batch id: {problem}; nothing is read or written for it")
+                    refused.append(
+                        {"batch_id": batch_id, "run_key": key, "collection": None, "status": "REFUSED",
+                         "error": problem, "chunk_ids": [], "chunks": []}
+                    )  # fmt: skip
+                    continue
+                with hook.explain_google_errors(f"the claim {store.uri(claims.claim_name(batch_id))}"):
+                    claim = claims.acquire(store, batch_id, run_id, timedelta(hours=settings.claim_hours))
+                print(f"batch {batch_id}: {claim.message}")
+                if not claim.owned:
+                    continue
+                claimed.append(batch_id)
+                try:
+                    plan = plan_batch(
+                        zone, batch_id, default_collection=settings.default_collection, policy=settings.policy
+                    )
+                except Exception as err:  # one batch's trouble (a symlink loop, an unreadable folder) is its own
+                    problem = f"{zone.describe(batch_id)} could not be planned: {type(err).__name__}: {err}"
+                    plan = BatchPlan(batch_id, None, STATUS_ERROR, error=problem)
+                    with contextlib.suppress(Exception):  # the bucket copy of the report needs the collection
+                        manifest = read_manifest(zone, batch_id, settings.default_collection)
+                        plan.collection = manifest.collection if manifest else None
+                staging = Staging(store, batch_id, key)
+                with hook.explain_google_errors(f"the staging area {store.uri(staging.prefix)}"):
+                    staging.write_plan(plan)
+                    earlier = staging.earlier_attempts()
+                reported = zone.read_bytes(batch_id, REPORT_NAME) is not None
+                planned.append((plan, staging, earlier, reported))
+        except BaseException:
+            # The task failed as a whole: give this run's claims up, so that no batch stays blocked
+            # until its claim expires (a retry of this task claims them again).
+            for batch_id in claimed:
+                with contextlib.suppress(Exception):
+                    claims.release(store, batch_id, run_id)
+            raise
 
         size = studies_per_chunk(
             [len(plan.groups) for plan, *_ in planned], settings.studies_per_task, settings.max_archive_tasks
