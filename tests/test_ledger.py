@@ -300,7 +300,7 @@ def test_two_create_only_claims_at_once_one_owner(env):
 def test_overlapping_runs_on_the_same_batches_one_owner_no_duplicates(env, tmp_path):
     """Two `airflow dags test` processes (two workers) on the same batches at the same time."""
     import os
-    import shutil
+    import sqlite3
     import subprocess
     import threading
     import time
@@ -318,7 +318,8 @@ def test_overlapping_runs_on_the_same_batches_one_owner_no_duplicates(env, tmp_p
         elif b'"Collection/' in request.body:  # an archive or a report: wait for the second run
             second_tried.wait(timeout=120)
 
-    env["gcs"].add(Rule(method="POST", path=r"^/upload/", before=count_or_hold, times=None, name="claims"))
+    # First in the chain: the precondition rule answers a refused claim itself, ending the chain.
+    env["gcs"].rules.insert(0, Rule(method="POST", path=r"^/upload/", before=count_or_hold, times=None))
     from airflow import settings
 
     database = settings.SQL_ALCHEMY_CONN.removeprefix("sqlite:///")
@@ -327,7 +328,8 @@ def test_overlapping_runs_on_the_same_batches_one_owner_no_duplicates(env, tmp_p
     for n in range(2):
         home = tmp_path / f"airflow-{n}"
         home.mkdir()
-        shutil.copy(database, home / "airflow.db")
+        with sqlite3.connect(database) as source, sqlite3.connect(home / "airflow.db") as copy:
+            source.backup(copy)  # a consistent copy of the migrated database
         child_env = dict(os.environ, AIRFLOW_HOME=str(home),
                          AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home / 'airflow.db'}")  # fmt: skip
         log = open(tmp_path / f"run-{n}.log", "w")  # noqa: SIM115  (closed below)
