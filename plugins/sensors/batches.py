@@ -62,9 +62,13 @@ class CompletedBatchSensor(BaseSensorOperator):
 
         from dicom_archive.landing import LandingRootError
         from dicom_archive.ledger import check_requested, select_batches
+        from dicom_archive.settings import SettingsError
         from hooks.dicom_storage import DicomStorageHook, load_settings
 
-        settings = load_settings()
+        try:
+            settings = load_settings()
+        except SettingsError as err:  # a retry cannot fix a setting: fail at once, with every problem named
+            raise AirflowFailException(str(err)) from err
         limit = self.max_batches(settings.max_batches_per_run)
         requested = self._requested_ids()
         if requested is not None:
