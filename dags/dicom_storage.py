@@ -214,18 +214,24 @@ with DAG(
         staging = Staging(store, batch["batch_id"], batch["run_key"])
         owner = run_id or "manual"
 
+        if batch["status"] == "NOT_READY":  # no report, by design: it is processed once it is ready
+            with hook.explain_google_errors(f"the staging area {store.uri(staging.batch_prefix)}"):
+                error = staging.read_plan().error if store.read_bytes(staging.plan_name) else None
+                staging.clear()
+                claims.release(store, batch["batch_id"], owner)
+            raise AirflowFailException(error or f"batch {batch['batch_id']} is not ready; no report is written")
+
         published = zone.read_bytes(batch["batch_id"], REPORT_NAME)
         report = json.loads(published) if published else None
-        if batch["status"] == "NOT_READY" or (report is not None and report.get("run_key") == batch["run_key"]):
-            # Not ready (no report, by design), or this run's report is out: finish the clear.
+        if report is not None and report.get("run_key") == batch["run_key"]:
+            # This run's report is out (a retry, or a cleared task): finish the clear and succeed.
             with hook.explain_google_errors(f"the staging area {store.uri(staging.batch_prefix)}"):
                 staging.clear()
                 claims.release(store, batch["batch_id"], owner)
-            done = "its report was already written by this run" if report else "no report until it is ready"
-            print(f"batch {batch['batch_id']}: {batch['status']}; {done}")
-            if report is not None and report.get("collection") is None:
+            print(f"batch {batch['batch_id']}: {report['status']}; its report was already written by this run")
+            if report.get("collection") is None:
                 raise AirflowFailException(report.get("error") or f"batch {batch['batch_id']} failed")
-            return report or {}
+            return report
 
         with hook.explain_google_errors(f"the staging area {store.uri(staging.prefix)}"):
             plan = staging.read_plan()
