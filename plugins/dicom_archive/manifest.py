@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from dicom_archive.naming import batch_id_problem, collection_problem
+from dicom_archive.naming import BATCH_ID_RE, batch_id_problem, collection_problem
 
 MANIFEST_NAME = "batch.json"
 LOOKUP_NAME = "lookup.json"
@@ -73,9 +73,9 @@ def parse_manifest(
     doc = _parse_json_object(raw, source)
 
     batch_id = doc.get("batch_id")
-    problem = batch_id_problem(batch_id)
-    if problem is not None:
-        raise ManifestError(source, f"batch_id: {problem}")
+    if batch_id_problem(batch_id) is not None:
+        shown = repr(batch_id) if not isinstance(batch_id, str) or len(batch_id) <= 60 else f"{batch_id[:60]!r}..."
+        raise ManifestError(source, f"batch_id {shown} must match {BATCH_ID_RE.pattern} without '..'")
     if batch_id != folder_name:
         raise ManifestError(source, f"batch_id {batch_id!r} must equal the folder name {folder_name!r}")
 
