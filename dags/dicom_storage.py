@@ -67,6 +67,7 @@ with DAG(
 
         from dicom_archive import claims
         from dicom_archive.batch import Staging, chunk_id, chunk_refs, run_key, studies_per_chunk
+        from dicom_archive.landing import batch_folder_problem
         from dicom_archive.manifest import REPORT_NAME
         from dicom_archive.naming import batch_id_problem
         from dicom_archive.plan import STATUS_ERROR, BatchPlan, plan_batch, read_manifest
@@ -83,7 +84,7 @@ with DAG(
         claimed: list[str] = []
         try:
             for batch_id in batch_ids:
-                problem = batch_id_problem(batch_id)
+                problem = batch_id_problem(batch_id) or batch_folder_problem(zone, batch_id)
                 if problem is not None:  # before anything is read or written for it
                     print(f"refused batch id: {problem}; nothing is read or written for it")
                     refused.append(

@@ -62,13 +62,15 @@ def test_every_hostile_id_in_the_conf_is_refused_and_the_good_batch_is_done(env,
     absolute = outside / "abs"
     absolute.mkdir()
     good = add_batch(env, "good-batch", T0)
+    (root / "linked").symlink_to(victim)  # a valid id, but not a folder of the landing root
+    (victim / "batch.json").write_text(json.dumps({"batch_id": "linked", "status": "DONEPROCESSING"}))
     before = snapshot(outside)
 
-    run = run_manual([*HOSTILE_IDS, str(absolute), good.batch_id])
+    run = run_manual([*HOSTILE_IDS, str(absolute), "linked", good.batch_id])
 
     assert str(run.state) == "failed", "a refused id fails visibly"
     refused = [s for s in states(run)["batch_report"] if s == "failed"]
-    assert len(refused) == len(HOSTILE_IDS) + 1
+    assert len(refused) == len(HOSTILE_IDS) + 2
     assert report(env, good.batch_id)["status"] == "DONE"
     after = snapshot(outside)
     assert after.pop(f"landing/{good.batch_id}/batch.report.json")

@@ -239,6 +239,15 @@ class GCSLandingZone:
         return f"gs://{self.bucket.name}/{self._name(batch_id, relpath)}"  # type: ignore[attr-defined]
 
 
+def batch_folder_problem(zone: LandingZone, batch_id: str) -> str | None:
+    """Why a (valid) batch id does not name a direct child folder of the landing root: a linked
+    folder could lead anywhere, and our report would be written there (None: it is one, or it
+    does not exist yet, which the plan reports as not ready)."""
+    if isinstance(zone, LocalLandingZone) and (zone.root / batch_id).is_symlink():
+        return f"{zone.root / batch_id} is a link, not a folder of the landing root"
+    return None
+
+
 def _stat_or_none(path: Path) -> os.stat_result | None:
     try:
         return path.stat()
