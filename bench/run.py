@@ -26,6 +26,7 @@ from bench import (  # noqa: E402  (dicom_archive needs plugins/ on sys.path fir
     dag_parse,
     end_to_end,
     memory,
+    poke_cost,
     read_amplification,
     report,
     scaling,
@@ -42,6 +43,7 @@ BENCHMARKS: dict[str, Callable[[Context], Result]] = {
     "bigquery": bigquery_calls.run,
     "dag": dag_parse.run,
     "scaling": scaling.run,
+    "poke": poke_cost.run,
 }
 
 

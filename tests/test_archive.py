@@ -21,7 +21,13 @@ import pytest
 from dicom_archive.archive import ArchiveIntegrityError, write_study_archive
 from dicom_archive.deid import DEFAULT_PERSON_ATTRIBUTES, DeidPolicy, Reason
 from dicom_archive.landing import LocalLandingZone
-from dicom_archive.naming import InvalidIdentifierError, archive_object_name, archive_stem
+from dicom_archive.naming import (
+    MAX_COLLECTION_LENGTH,
+    InvalidIdentifierError,
+    archive_object_name,
+    archive_stem,
+    batch_report_object_name,
+)
 from dicom_archive.plan import STATUS_DONE, STATUS_ERROR, BatchPlan, StudyGroup, plan_batch
 from dicom_archive.publish import WRITTEN, publish_study_archive
 from dicom_archive.settings import Settings, SettingsError
@@ -298,7 +304,13 @@ def test_object_naming_rejects_ids_that_could_escape_or_overflow(collection, ent
 
 def test_longest_valid_ids_are_accepted():
     assert archive_stem("x" * 64, DATE, "y" * 64) == f"{'x' * 64}_{DATE}_{'y' * 64}"
-    assert archive_object_name("I" * 1024, "a.b-c_d", DATE, "e").startswith(f"Collection/{'I' * 1024}/Entity/a.b-c_d/")
+    # The longest collection whose longest object names stay within Cloud Storage's 1024 bytes.
+    longest = archive_object_name("I" * MAX_COLLECTION_LENGTH, "x" * 64, DATE, "y" * 64)
+    assert longest.startswith(f"Collection/{'I' * MAX_COLLECTION_LENGTH}/Entity/{'x' * 64}/")
+    assert len(longest.encode()) <= 1024
+    assert len(batch_report_object_name("I" * MAX_COLLECTION_LENGTH, "b" * 128).encode()) <= 1024
+    with pytest.raises(InvalidIdentifierError, match="limit of 1024 bytes per object name"):
+        archive_object_name("I" * (MAX_COLLECTION_LENGTH + 1), "a", DATE, "e")
 
 
 # --- quarantine reasons ---------------------------------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 from tests.conftest import PROJECT, REPO_ROOT
 from tests.faultproxy import FaultProxy, Rule, proxied
 from tests.test_dag import expected_image_count, expected_objects, read_report
+from tests.test_ledger import expire_claim
 from tools.landing_zone import BatchSpec, demo_batches, write_batch
 
 DAG_ID = "dicom_storage"
@@ -132,7 +133,11 @@ def test_bigquery_refusing_after_the_upload_then_a_rerun(env):
     n = expected_image_count(batch)
     assert row_counts(batch) == (n, n)
     report = read_report(env["root"], batch.batch_id)
-    assert report["archives"]["already_present"] == len(expected_objects(batch))
+    # The batch's first report: the archives its failed attempt wrote count as written by it.
+    assert report["note"] == "completed after an interrupted attempt"
+    assert report["archives"]["written"] == len(expected_objects(batch))
+    assert report["archives"]["already_present"] == 0
+    assert report["recovery"]["archives_written_by_interrupted_attempt"] == len(expected_objects(batch))
     assert report["bigquery"]["rows_inserted"] == n
 
 
@@ -143,7 +148,8 @@ def test_permission_error_names_the_credentials_and_the_resource(env, capfd):
     assert run_dag([batch.batch_id]) == "failed"
     log = capfd.readouterr()
     text = log.out + log.err
-    assert f"Google refused access (403) to the staging area gs://{env['bucket']}/_staging/" in text
+    # The run's first write is the batch's claim (one owner per batch).
+    assert f"Google refused access (403) to the claim gs://{env['bucket']}/_claims/" in text
     assert "connection 'google_cloud_default' with anonymous credentials" in text
     assert generations(env["bucket"]) == {}
 
@@ -172,6 +178,7 @@ def test_task_killed_mid_upload_then_rerun_leaves_no_partial_or_duplicate_object
     assert generations(env["bucket"]) == {}, "an interrupted upload never becomes an object"
 
     env["gcs"].clear()
+    expire_claim(env, batch.batch_id)  # the killed run's claim runs out (DICOM_CLAIM_HOURS)
     assert run_dag([batch.batch_id]) == "success"
     objects = generations(env["bucket"])
     assert set(objects) == expected_objects(batch)
@@ -193,7 +200,7 @@ def test_cloud_storage_down_when_the_run_starts_fails_clearly_and_leaves_the_bat
     assert time.monotonic() - started < 60, "gives up after the retry window, not the client's default"
     assert down.fired > 1, "the client retried before giving up"
     log = capfd.readouterr()
-    assert f"Google did not answer for the staging area gs://{env['bucket']}/_staging/" in log.out + log.err
+    assert f"Google did not answer for the claim gs://{env['bucket']}/_claims/" in log.out + log.err
     assert "Nothing was lost: rerun the batch once the service answers." in log.out + log.err
     assert not (env["root"] / batch.batch_id / "batch.report.json").exists()
 

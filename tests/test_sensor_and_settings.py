@@ -58,24 +58,41 @@ def make_sensor(**kwargs):
     return CompletedBatchSensor(task_id="wait", **kwargs)
 
 
-def test_scheduled_run_gets_exactly_the_batches_completed_in_its_interval(landing):
+def test_scheduled_run_takes_every_unreported_batch_completed_before_its_interval_end(landing):
+    (landing / "first" / "batch.report.json").write_text("{}")  # in the ledger: done
     result = poke(make_sensor())
     assert result.is_done
+    # Oldest first; "after" belongs to a later run, "busy" and "unfinished" are not ready.
+    assert result.xcom_value == ["before", "gave-up", "last"]
+
+
+def test_backfill_run_reprocesses_exactly_its_interval_reported_or_not(landing):
+    (landing / "first" / "batch.report.json").write_text("{}")
+    result = poke(make_sensor(), run_type="backfill")
     assert result.xcom_value == ["first", "gave-up", "last"]
 
 
-def test_past_interval_without_batches_is_skipped_at_once(landing):
+def test_past_interval_with_nothing_pending_is_skipped_at_once(landing):
     from airflow.sdk.exceptions import AirflowSkipException
 
     result = poke(make_sensor(), start=datetime(2023, 6, 1, tzinfo=UTC))
     assert isinstance(result, AirflowSkipException)
-    assert "no batch completed" in str(result)
+    assert "nothing pending" in str(result)
 
 
-def test_recent_interval_without_batches_keeps_waiting(landing):
-    start = datetime.now(UTC) - timedelta(hours=1)
-    result = poke(make_sensor(), start=start, days=1)
-    assert result.is_done is False
+def test_recent_interval_with_nothing_pending_is_skipped_at_once_not_after_hours(landing):
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    for folder in landing.iterdir():
+        (folder / "batch.report.json").write_text("{}")
+    result = poke(make_sensor(), start=datetime.now(UTC) - timedelta(hours=1), days=1)
+    assert isinstance(result, AirflowSkipException)
+
+
+def test_per_run_cap_takes_the_oldest_and_leaves_the_rest(landing, monkeypatch):
+    monkeypatch.setenv("DICOM_MAX_BATCHES_PER_RUN", "2")
+    result = poke(make_sensor(), run_type="manual")
+    assert result.xcom_value == ["before", "first"]
 
 
 def test_manual_run_with_ids_gets_exactly_those(landing):
@@ -83,11 +100,27 @@ def test_manual_run_with_ids_gets_exactly_those(landing):
     assert result.xcom_value == ["first", "last"]
 
 
+@pytest.mark.parametrize("bad", ["", "../victim", "/abs/path", "a/../b", "a/.", ".", "..", "x" * 129, "b\u00e4tch"])
+def test_manual_run_passes_a_refused_id_on_next_to_the_good_one(landing, bad):
+    result = poke(make_sensor(batch_ids=["first", bad]), run_type="manual")
+    assert result.xcom_value == ["first", bad], "the plan step refuses it visibly; the good id goes on"
+
+
 def test_manual_run_without_ids_gets_every_complete_batch_without_a_report(landing):
     (landing / "first" / "batch.report.json").write_text("{}")
     result = poke(make_sensor(), run_type="manual")
-    # "busy" has a manifest (not ready yet, but the plan reports it); "unfinished" has none.
-    assert result.xcom_value == ["after", "before", "busy", "gave-up", "last"]
+    # Oldest first; "busy" is not ready yet, "unfinished" has no manifest.
+    assert result.xcom_value == ["before", "gave-up", "last", "after"]
+
+
+def test_a_missing_landing_root_fails_the_run_and_never_skips(tmp_path, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    monkeypatch.setenv("DICOM_LANDING_ROOT", str(tmp_path / "not-mounted"))
+    monkeypatch.setenv("SEND_TO_GOOGLE", "false")
+    monkeypatch.setenv("DICOM_LOCAL_OUTPUT", str(tmp_path / "out"))
+    with pytest.raises(AirflowFailException, match="does not exist"):
+        poke(make_sensor())
 
 
 def test_sensor_fails_at_once_with_every_missing_setting_named(monkeypatch):
@@ -95,7 +128,9 @@ def test_sensor_fails_at_once_with_every_missing_setting_named(monkeypatch):
     monkeypatch.setenv("SEND_TO_GOOGLE", "true")
     monkeypatch.delenv("GOOGLE_CLOUD_STORAGE", raising=False)
     monkeypatch.delenv("GOOGLE_PROJECT_NAME", raising=False)
-    with pytest.raises(SettingsError) as err:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    with pytest.raises(AirflowFailException) as err:  # a setting is not fixed by a retry
         poke(make_sensor())
     message = str(err.value)
     for name in ("DICOM_LANDING_ROOT", "GOOGLE_CLOUD_STORAGE", "GOOGLE_PROJECT_NAME"):
@@ -108,7 +143,10 @@ def test_sensor_fails_at_once_with_every_missing_setting_named(monkeypatch):
         ({"SEND_TO_GOOGLE": "maybe"}, "SEND_TO_GOOGLE must be true or false"),
         ({"DICOM_GZIP_LEVEL": "9"}, "DICOM_GZIP_LEVEL must be between 0 and 3"),
         ({"DICOM_STUDIES_PER_TASK": "many"}, "DICOM_STUDIES_PER_TASK must be a whole number"),
-        ({"GOOGLE_STORAGE_COLLECTION": "IRB-1"}, "GOOGLE_STORAGE_COLLECTION 'IRB-1' must match"),
+        ({"GOOGLE_STORAGE_COLLECTION": "IRB-1"}, "GOOGLE_STORAGE_COLLECTION: collection 'IRB-1' must match"),
+        ({"GOOGLE_STORAGE_COLLECTION": "I" * 1024}, "limit of 1024 bytes per object name"),
+        ({"DICOM_MAX_BATCHES_PER_RUN": "0"}, "DICOM_MAX_BATCHES_PER_RUN must be between 1"),
+        ({"DICOM_LANDING_ROOT": "gs://Staging/x"}, "DICOM_LANDING_ROOT: bucket name 'Staging' has uppercase"),
         ({"SEND_TO_GOOGLE": "false", "DICOM_LOCAL_OUTPUT": ""}, "DICOM_LOCAL_OUTPUT"),
         # A typo must never switch a check off without a word (issue 11).
         ({"DICOM_PERSON_ATTRIBUTES": "PatientsName"}, "DICOM_PERSON_ATTRIBUTES: not DICOM keywords.*PatientsName"),
@@ -193,4 +231,4 @@ def test_manual_run_without_ids_and_nothing_pending_is_skipped_at_once(landing):
         (batch_dir / "batch.report.json").write_text("{}")
     result = poke(make_sensor(), run_type="manual")
     assert isinstance(result, AirflowSkipException)
-    assert "no complete batch without a report" in str(result)
+    assert "nothing pending" in str(result)

@@ -21,7 +21,7 @@ from typing import Any
 from dicom_archive.deid import DeidPolicy
 from dicom_archive.landing import LandingZone
 from dicom_archive.manifest import REPORT_NAME
-from dicom_archive.naming import batch_report_object_name
+from dicom_archive.naming import batch_report_object_name, require_batch_id
 from dicom_archive.plan import STATUS_NOT_READY, BatchPlan, StudyGroup
 from dicom_archive.publish import ALREADY_PRESENT, publish_study_archive
 from dicom_archive.rows import DEFAULT_HEADER_ALLOW_LIST, RunContext, build_row, image_fields, rows_to_ndjson
@@ -43,6 +43,16 @@ class Staging:
     store: ObjectStore
     batch_id: str
     run_key: str
+
+    def __post_init__(self) -> None:
+        # No name under _staging/ is ever built from an id that could leave it.
+        require_batch_id(self.batch_id)
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,100}", self.run_key):
+            raise ValueError(f"run key {self.run_key!r} is not a run_key() value")
+
+    @property
+    def batch_prefix(self) -> str:
+        return f"{STAGING_ROOT}/{self.batch_id}/"
 
     @property
     def prefix(self) -> str:
@@ -78,10 +88,24 @@ class Staging:
             for name in names
         }
 
+    def earlier_attempts(self) -> list[str]:
+        """Run keys of other attempts whose staging files are still there (interrupted runs)."""
+        keys = {name[len(self.batch_prefix) :].split("/", 1)[0] for name in self.store.list_names(self.batch_prefix)}
+        return sorted(keys - {self.run_key})
+
     def clear(self) -> None:
-        """Remove this run's staging files (after the report is written)."""
-        for name in self.store.list_names(self.prefix):
+        """Remove the batch's staging files once its report is written: earlier interrupted
+        attempts' first, then this run's chunks, its load result, and its plan last, so that a
+        retry after any partial clear still finds what it needs (or the published report)."""
+        names = self.store.list_names(self.batch_prefix)
+        last = [f"{self.prefix}bigquery.json", self.plan_name]
+        for name in [n for n in names if not n.startswith(self.prefix)]:
             self.store.delete(name, None)
+        for name in [n for n in names if n.startswith(self.prefix) and n not in last]:
+            self.store.delete(name, None)
+        for name in last:
+            if name in names:
+                self.store.delete(name, None)
 
     def read_rows(self, chunk_ids: Iterable[str]) -> bytes:
         parts = []
@@ -174,6 +198,7 @@ def archive_groups(
             {
                 **published.stored.as_xcom(),
                 "outcome": published.outcome,
+                "written_by_batch": published.stored.metadata.get("batch_id"),
                 "image_count": len(published.members),
                 "images_stripped": sum(1 for m in published.members if m.private_elements_removed),
                 "private_elements_removed": sum(m.private_elements_removed for m in published.members),
@@ -195,9 +220,15 @@ def build_report(
     rows_loaded: int | None,
     rows_inserted: int | None,
     load_seconds: float | None = None,
+    run_key: str | None = None,
+    recovered: Recovery | None = None,
 ) -> dict[str, Any]:
-    """The batch report of the outputs spec. Paths and reasons only: never a header value."""
+    """The batch report of the outputs spec. Paths and reasons only: never a header value.
+
+    With `recovered`, this run completed an attempt that was interrupted after it wrote
+    archives or rows: they count as written by this batch, and the report says so."""
     written = [a for a in archives if a.get("outcome") != ALREADY_PRESENT]
+    earlier = [] if recovered is None else [a for a in archives if recovered.wrote_archive(a)]
     archive_seconds = round(sum(a.get("seconds", 0.0) for a in archives), 3)
     input_bytes = sum(a.get("input_bytes", 0) for a in archives)
     timings = {
@@ -206,11 +237,12 @@ def build_report(
         "archive_MB_per_s": round(input_bytes / 1e6 / archive_seconds, 1) if archive_seconds else None,
         "load_seconds": load_seconds,
     }
-    return {
+    report = {
         "batch_id": plan.batch_id,
         "collection": plan.collection,
         "status": plan.status,
         "error": plan.error,
+        "run_key": run_key,
         "completed_at": plan.completed_at,
         "reported_at": datetime.now(UTC).isoformat(),
         "images": {
@@ -237,8 +269,8 @@ def build_report(
         },
         "archives": {
             "total": len(archives),
-            "written": len(written),
-            "already_present": len(archives) - len(written),
+            "written": len(written) + len(earlier),
+            "already_present": len(archives) - len(written) - len(earlier),
             "bytes": sum(a.get("size", 0) for a in archives),
             "input_bytes": input_bytes,
             "objects": sorted(a["uri"] for a in archives),
@@ -246,6 +278,39 @@ def build_report(
         "bigquery": {"table": table, "rows_in_batch": rows_loaded, "rows_inserted": rows_inserted},
         "timings": timings,
     }
+    if recovered is not None and recovered.happened(earlier):
+        rows_earlier = recovered.rows_of_batch - (rows_inserted or 0) if recovered.rows_of_batch is not None else 0
+        report["note"] = RECOVERED_NOTE
+        report["recovery"] = {
+            "earlier_attempts": recovered.earlier_attempts,
+            "archives_written_by_interrupted_attempt": len(earlier),
+            "rows_inserted_by_interrupted_attempt": max(0, rows_earlier),
+        }
+        if recovered.rows_of_batch is not None:
+            report["bigquery"]["rows_inserted"] = max(rows_inserted or 0, recovered.rows_of_batch)
+    return report
+
+
+RECOVERED_NOTE = "completed after an interrupted attempt"
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What an earlier, interrupted attempt of a batch without a report left behind.
+
+    An archive already present whose metadata names this batch, while the batch has no report
+    yet, was written by that attempt; `rows_of_batch` is the table's count of this batch's rows
+    (None when it was not counted)."""
+
+    batch_id: str
+    earlier_attempts: list[str] = field(default_factory=list)  # run keys with staging left
+    rows_of_batch: int | None = None
+
+    def wrote_archive(self, archive: dict[str, Any]) -> bool:
+        return archive.get("outcome") == ALREADY_PRESENT and archive.get("written_by_batch") == self.batch_id
+
+    def happened(self, earlier_archives: list[dict[str, Any]]) -> bool:
+        return bool(self.earlier_attempts or earlier_archives)
 
 
 def changed_anything(report: dict[str, Any]) -> bool:
@@ -260,6 +325,7 @@ def publish_report(report: dict[str, Any], zone: LandingZone, store: ObjectStore
     gets no report at all."""
     if report["status"] == STATUS_NOT_READY:
         return []  # a report would make the batch look handled: it is processed once it is ready
+    require_batch_id(report["batch_id"])  # never a path: a refused id gets no report anywhere
     body = json.dumps(report, indent=2, sort_keys=True).encode()
     locations = [zone.write_bytes(report["batch_id"], REPORT_NAME, body)]
     if store is not None and report.get("collection"):

@@ -31,10 +31,31 @@ class LandingFile:
     link_target: str | None = None  # a symbolic link's resolved path, relative to the batch folder
 
 
+# The two names the ledger needs of each batch folder (see list_batch_folders).
+_MANIFEST = "batch.json"
+_REPORT = "batch.report.json"
+
+
+class LandingRootError(RuntimeError):
+    """The landing root does not exist or cannot be read: the run fails, it never skips."""
+
+
+@dataclass(frozen=True)
+class BatchFolder:
+    """One direct child of the landing root, as a single listing shows it."""
+
+    name: str
+    has_manifest: bool
+    has_report: bool
+    manifest_modified: datetime | None = None
+
+
 class LandingZone(Protocol):
     uri: str
 
     def batch_ids(self) -> list[str]: ...
+
+    def list_batch_folders(self) -> list[BatchFolder]: ...
 
     def read_bytes(self, batch_id: str, relpath: str) -> bytes | None: ...
 
@@ -58,6 +79,30 @@ class LocalLandingZone:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.is_symlink())
+
+    def list_batch_folders(self) -> list[BatchFolder]:
+        """Every folder directly under the root (linked folders excluded: they are not direct
+        children), with whether it holds batch.json and our report. Two stats per folder, no read."""
+        if not self.root.is_dir():
+            raise LandingRootError(
+                f"the landing root {self.root} does not exist or is not a folder (DICOM_LANDING_ROOT); "
+                "a run cannot tell whether batches are pending, so it fails rather than skip"
+            )
+        folders = []
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                if not entry.is_dir(follow_symlinks=False):
+                    continue
+                manifest = _stat_or_none(Path(entry.path, _MANIFEST))
+                folders.append(
+                    BatchFolder(
+                        entry.name,
+                        has_manifest=manifest is not None,
+                        has_report=_stat_or_none(Path(entry.path, _REPORT)) is not None,
+                        manifest_modified=None if manifest is None else datetime.fromtimestamp(manifest.st_mtime, UTC),
+                    )
+                )
+        return sorted(folders, key=lambda f: f.name)
 
     def _path(self, batch_id: str, relpath: str) -> Path:
         return self.root / batch_id / relpath
@@ -136,9 +181,43 @@ class GCSLandingZone:
             pass
         return sorted(p[len(self.prefix) :].rstrip("/") for p in iterator.prefixes)
 
+    def list_batch_folders(self) -> list[BatchFolder]:
+        """One paged listing of the root, narrowed by the service to the two names the ledger
+        needs (`<prefix>*/batch.json`, `<prefix>*/batch.report.json`): the requests are the list
+        pages, however many images the landing zone holds. A bucket that does not exist or
+        cannot be read fails the run (never a skip)."""
+        from google.api_core.exceptions import NotFound
+
+        glob = f"{_glob_escape(self.prefix)}*/{{{_MANIFEST},{_REPORT}}}"
+        seen: dict[str, dict[str, object]] = {}
+        try:
+            for blob in self.bucket.list_blobs(prefix=self.prefix, match_glob=glob, **self._retry):  # type: ignore[attr-defined]
+                folder, _, leaf = blob.name[len(self.prefix) :].partition("/")
+                if folder and leaf in (_MANIFEST, _REPORT):  # filtered again: exact names only
+                    seen.setdefault(folder, {})[leaf] = blob.updated
+        except NotFound as err:
+            raise LandingRootError(
+                f"the landing zone {self.uri} cannot be listed: bucket {self.bucket.name!r} does not exist "  # type: ignore[attr-defined]
+                "(DICOM_LANDING_ROOT); a run cannot tell whether batches are pending, so it fails rather than skip"
+            ) from err
+        return [
+            BatchFolder(
+                name,
+                has_manifest=_MANIFEST in leaves,
+                has_report=_REPORT in leaves,
+                manifest_modified=leaves.get(_MANIFEST),  # type: ignore[arg-type]
+            )
+            for name, leaves in sorted(seen.items())
+        ]
+
     def read_bytes(self, batch_id: str, relpath: str) -> bytes | None:
-        blob = self.bucket.get_blob(self._name(batch_id, relpath), **self._retry)  # type: ignore[attr-defined]
-        return None if blob is None else blob.download_as_bytes(**self._retry)
+        from google.api_core.exceptions import NotFound
+
+        # One request per read (no metadata GET first): the ledger reads each new manifest once.
+        try:
+            return self.bucket.blob(self._name(batch_id, relpath)).download_as_bytes(**self._retry)  # type: ignore[attr-defined]
+        except NotFound:
+            return None
 
     def list_files(self, batch_id: str) -> list[LandingFile]:
         base = self._name(batch_id, "")
@@ -208,6 +287,27 @@ def aliases(files: list[LandingFile]) -> dict[str, list[LandingFile]]:
         for identity, names in by_identity.items()
         if len(names) > 1
     }
+
+
+def batch_folder_problem(zone: LandingZone, batch_id: str) -> str | None:
+    """Why a (valid) batch id does not name a direct child folder of the landing root: a linked
+    folder could lead anywhere, and our report would be written there (None: it is one, or it
+    does not exist yet, which the plan reports as not ready)."""
+    if isinstance(zone, LocalLandingZone) and (zone.root / batch_id).is_symlink():
+        return f"{zone.root / batch_id} is a link, not a folder of the landing root"
+    return None
+
+
+def _stat_or_none(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return None
+
+
+def _glob_escape(text: str) -> str:
+    """A literal prefix inside a Cloud Storage matchGlob pattern."""
+    return "".join(f"[{c}]" if c in "*?[]{}\\," else c for c in text)
 
 
 def split_gs_uri(uri: str) -> tuple[str, str]:

@@ -14,7 +14,7 @@ from pydicom.datadict import keyword_dict, keyword_for_tag
 
 from dicom_archive.deid import DEFAULT_PERSON_ATTRIBUTES, judge_field
 from dicom_archive.landing import PHI_FOLDER, is_under_phi_folder, normalise_relpath  # noqa: F401  (re-exported)
-from dicom_archive.naming import BATCH_ID_RE, COLLECTION_RE
+from dicom_archive.naming import BATCH_ID_RE, batch_id_problem, collection_problem
 
 MANIFEST_NAME = "batch.json"
 LOOKUP_NAME = "lookup.json"
@@ -80,8 +80,9 @@ def parse_manifest(
     doc = _parse_json_object(raw, source)
 
     batch_id = doc.get("batch_id")
-    if not isinstance(batch_id, str) or not BATCH_ID_RE.fullmatch(batch_id):
-        raise ManifestError(source, f"batch_id {batch_id!r} must match {BATCH_ID_RE.pattern}")
+    if batch_id_problem(batch_id) is not None:
+        shown = repr(batch_id) if not isinstance(batch_id, str) or len(batch_id) <= 60 else f"{batch_id[:60]!r}..."
+        raise ManifestError(source, f"batch_id {shown} must match {BATCH_ID_RE.pattern} without '..'")
     if batch_id != folder_name:
         raise ManifestError(source, f"batch_id {batch_id!r} must equal the folder name {folder_name!r}")
 
@@ -90,8 +91,9 @@ def parse_manifest(
         raise ManifestError(
             source, "has no collection and no default collection is configured (GOOGLE_STORAGE_COLLECTION)"
         )
-    if not isinstance(collection, str) or not COLLECTION_RE.fullmatch(collection):
-        raise ManifestError(source, f"collection {collection!r} must match {COLLECTION_RE.pattern}")
+    problem = collection_problem(collection)
+    if problem is not None:
+        raise ManifestError(source, problem)
 
     status = doc.get("status")
     if not isinstance(status, str) or not status:
@@ -122,11 +124,16 @@ def is_flagged(lookup_entry: dict[str, Any] | None) -> bool:
     return bool(lookup_entry) and lookup_entry.get("flagged") is True
 
 
+# Our own temporary name while the report is replaced (see LocalLandingZone.write_bytes).
+REPORT_TEMP_NAME = f".{REPORT_NAME}.tmp"
+OWN_FILES = frozenset({MANIFEST_NAME, LOOKUP_NAME, REPORT_NAME, REPORT_TEMP_NAME})
+
+
 def is_control_file(relpath: str) -> bool:
-    """Files of the contract (and our own report) that are not images."""
-    return relpath in (MANIFEST_NAME, LOOKUP_NAME, REPORT_NAME) or (
-        "/" not in relpath and relpath.startswith(f".{MANIFEST_NAME}")
-    )
+    """Files of the contract and our own report, matched by their exact names at the top of the
+    batch: every other file counts as seen and is archived or quarantined, whatever its name
+    (an image called `.batch.json.x.dcm` included)."""
+    return relpath in OWN_FILES
 
 
 # ---------------------------------------------------------------------------------------------

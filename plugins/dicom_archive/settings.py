@@ -18,7 +18,7 @@ from dicom_archive.deid import (
     PrivateAllow,
     is_dicom_keyword,
 )
-from dicom_archive.naming import COLLECTION_RE
+from dicom_archive.naming import bucket_name_problem, collection_problem
 from dicom_archive.rows import DEFAULT_HEADER_ALLOW_LIST
 
 Lookup = Callable[[str], str | None]
@@ -128,6 +128,9 @@ class Settings:
     header_allow_list: tuple[str, ...] = DEFAULT_HEADER_ALLOW_LIST
     max_image_mb: int = 4096
     google_retry_seconds: int = 120  # how long the clients keep retrying transient errors
+    # -- which run processes a batch (the ledger): see dicom_archive.ledger and dicom_archive.claims
+    max_batches_per_run: int = 200  # oldest completed_at first; also capped at Airflow's max_map_length
+    claim_hours: int = 12  # a run's claim on a batch; a dead run's claim can be taken over after it
 
     @property
     def archive(self) -> ArchiveSettings:
@@ -171,8 +174,16 @@ class Settings:
                 problems.append("GOOGLE_PROJECT_NAME (the BigQuery project) is required when SEND_TO_GOOGLE=true")
         elif not local_output:
             problems.append("DICOM_LOCAL_OUTPUT (the local output folder) is required when SEND_TO_GOOGLE=false")
-        if collection is not None and not COLLECTION_RE.fullmatch(collection):
-            problems.append(f"GOOGLE_STORAGE_COLLECTION {collection!r} must match {COLLECTION_RE.pattern}")
+        if collection is not None and (problem := collection_problem(collection)) is not None:
+            problems.append(f"GOOGLE_STORAGE_COLLECTION: {problem}")
+        # Google's naming rules, checked here so that a bad name fails the run's first task with
+        # the rule named, not a later one with a raw 400 or 404.
+        if send and bucket and (problem := bucket_name_problem(bucket)) is not None:
+            problems.append(f"GOOGLE_CLOUD_STORAGE: {problem}")
+        if landing_root.startswith("gs://"):
+            landing_bucket = landing_root[len("gs://") :].partition("/")[0]
+            if (problem := bucket_name_problem(landing_bucket)) is not None:
+                problems.append(f"DICOM_LANDING_ROOT: {problem}")
 
         added = _keywords("DICOM_PERSON_ATTRIBUTES", get("DICOM_PERSON_ATTRIBUTES"), (), problems)
         removed = _keywords("DICOM_PERSON_ATTRIBUTES_REMOVED", get("DICOM_PERSON_ATTRIBUTES_REMOVED"), (), problems)
@@ -206,6 +217,10 @@ class Settings:
             google_retry_seconds=_int(
                 "DICOM_GOOGLE_RETRY_SECONDS", get("DICOM_GOOGLE_RETRY_SECONDS"), 120, 1, 3600, problems
             ),
+            max_batches_per_run=_int(
+                "DICOM_MAX_BATCHES_PER_RUN", get("DICOM_MAX_BATCHES_PER_RUN"), 200, 1, 100_000, problems
+            ),
+            claim_hours=_int("DICOM_CLAIM_HOURS", get("DICOM_CLAIM_HOURS"), 12, 1, 24 * 30, problems),
         )
         if problems:
             raise SettingsError("Settings are incomplete: " + "; ".join(problems))

@@ -67,6 +67,13 @@ class ObjectStore(Protocol):
 
     def uri(self, name: str) -> str: ...
 
+    # Small compare-and-swap objects (claims): see dicom_archive.claims.
+    def write_bytes_if_generation(
+        self, name: str, data: bytes, content_type: str, if_generation_match: int
+    ) -> StoredObject: ...
+
+    def read_versioned(self, name: str) -> tuple[bytes, int] | None: ...
+
 
 class GCSObjectStore:
     """A bucket, through a google.cloud.storage.Bucket (production gets it from GCSHook)."""
@@ -159,6 +166,38 @@ class GCSObjectStore:
     def list_names(self, prefix: str) -> list[str]:
         return sorted(blob.name for blob in self.bucket.list_blobs(prefix=prefix, **self._retry))
 
+    # -- compare-and-swap objects (claims)
+
+    def write_bytes_if_generation(
+        self, name: str, data: bytes, content_type: str, if_generation_match: int
+    ) -> StoredObject:
+        """Write only if the live object has this generation (0: only if there is none);
+        ObjectExistsError otherwise (HTTP 412)."""
+        from google.api_core.exceptions import PreconditionFailed
+
+        blob = self.bucket.blob(name)
+        try:
+            blob.upload_from_string(
+                data, content_type=content_type, if_generation_match=if_generation_match, **self._retry
+            )
+        except PreconditionFailed as err:
+            raise ObjectExistsError(f"{self.uri(name)} changed or exists (precondition failed)") from err
+        return self._stored(blob)
+
+    def read_versioned(self, name: str) -> tuple[bytes, int] | None:
+        """The object's bytes and the generation they belong to (None: no such object)."""
+        from google.api_core.exceptions import NotFound
+
+        blob = self.bucket.get_blob(name, **self._retry)
+        if blob is None:
+            return None
+        generation = int(blob.generation)
+        try:
+            data = blob.download_as_bytes(if_generation_match=generation, **self._retry)
+        except NotFound:
+            return None
+        return data, generation
+
 
 def _file_digest(path: Path) -> tuple[str, str]:
     md5 = hashlib.md5(usedforsecurity=False)
@@ -250,6 +289,23 @@ class LocalObjectStore:
     def read_bytes(self, name: str) -> bytes | None:
         path = self._path(name)
         return path.read_bytes() if path.is_file() else None
+
+    # -- compare-and-swap objects (claims)
+
+    def write_bytes_if_generation(
+        self, name: str, data: bytes, content_type: str, if_generation_match: int
+    ) -> StoredObject:
+        with self.writer(name, metadata={}, content_type=content_type, if_generation_match=if_generation_match) as out:
+            out.write(data)
+        return self._stored(self._path(name), name)
+
+    def read_versioned(self, name: str) -> tuple[bytes, int] | None:
+        path = self._path(name)
+        try:
+            with open(path, "rb") as stream:
+                return stream.read(), os.fstat(stream.fileno()).st_mtime_ns
+        except FileNotFoundError:
+            return None
 
     def list_names(self, prefix: str) -> list[str]:
         base = self.root.resolve()

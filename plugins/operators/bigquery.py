@@ -57,10 +57,10 @@ class DicomMetadataToBigQueryOperator(BaseOperator):
         settings = load_settings()
         hook = DicomStorageHook(gcp_conn_id=self.gcp_conn_id, impersonation_chain=self.impersonation_chain)
         store = hook.archive_store(settings)
-        staging = Staging(store, self.batch["batch_id"], self.batch["run_key"])
-        if self.batch["status"] != "DONE":
+        if self.batch["status"] != "DONE":  # before any name is built from the id (it may be a refused one)
             self.log.info("batch %s is %s: nothing to load", self.batch["batch_id"], self.batch["status"])
             return {"table": None, "rows_in_batch": 0, "rows_inserted": 0}
+        staging = Staging(store, self.batch["batch_id"], self.batch["run_key"])
 
         expected = set(self.batch["chunk_ids"])
         missing = sorted(expected - set(staging.read_archive_summaries()))

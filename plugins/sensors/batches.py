@@ -1,29 +1,36 @@
-"""CompletedBatchSensor: waits for anonymization batches that are complete in the run's interval.
+"""CompletedBatchSensor: finds the batches a run processes, by the ledger of batch reports.
 
-Reschedule mode by default: no worker slot is held while waiting, and no custom trigger is
-needed (Cloud Composer 3 cannot load triggers from plugins/).
+The published batch reports are the ledger: a run takes every complete batch without a report
+whose completed_at is before the end of its data interval (a late batch goes to the next run;
+downtime loses nothing), oldest first, up to DICOM_MAX_BATCHES_PER_RUN. A run with nothing
+pending ends skipped at its first poke: waiting belongs to the schedule, not to a sensor that
+holds a run open for hours. Reschedule mode, no custom trigger (Cloud Composer 3 cannot load
+triggers from plugins/).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from airflow.sdk import BaseSensorOperator, Context, PokeReturnValue
 
 
 class CompletedBatchSensor(BaseSensorOperator):
-    """Succeeds with the ids of the batches this run owns.
+    """Succeeds with the ids of the batches this run processes; skips at once when there are none.
 
-    - ``batch_ids`` given (a manual run's conf): exactly those, whatever their dates.
-    - A scheduled or backfill run: batches whose ``completed_at`` lies in the data interval.
-      If none has appeared by ``timeout`` after the interval's end, the run ends skipped; a
-      backfill of a past interval therefore skips at once rather than waiting.
-    - A manual run without ids: every complete batch that has no report yet; none: skipped at once.
+    - ``batch_ids`` given (a manual run's conf): exactly those, whatever their dates. Ids that
+      break the contract's pattern are passed on to be refused, visibly, by the plan step (nothing
+      is read or written for them); an empty id is an error, never "all".
+    - A backfill run: every complete batch whose ``completed_at`` lies in its data interval,
+      reported or not (a no-op where nothing changed).
+    - Any other run (scheduled, manual without ids, asset-triggered): the ledger, every complete
+      batch without a report completed before the end of its data interval (before now for a
+      manual run).
 
-    Settings are validated at the first poke, so a run with missing settings fails at once
-    with a message that names them.
+    At most DICOM_MAX_BATCHES_PER_RUN batches (and never more than Airflow's max_map_length),
+    oldest first; the log says how many wait for the next run. Settings are validated at the
+    first poke; a landing root that does not exist or cannot be read fails the run.
     """
 
     template_fields: Sequence[str] = ("landing_root", "batch_ids")
@@ -37,50 +44,91 @@ class CompletedBatchSensor(BaseSensorOperator):
         gcp_conn_id: str = "google_cloud_default",
         impersonation_chain: str | None = None,
         mode: str = "reschedule",
-        poke_interval: float = 300,
-        timeout: float = 6 * 3600,
+        poke_interval: float = 60,
+        timeout: float = 3600,
         **kwargs: Any,
     ) -> None:
-        super().__init__(mode=mode, poke_interval=poke_interval, timeout=timeout, soft_fail=True, **kwargs)
+        # No soft_fail: a landing zone that cannot be read must fail the run, not skip it.
+        super().__init__(mode=mode, poke_interval=poke_interval, timeout=timeout, **kwargs)
         self.landing_root = landing_root
         self.batch_ids = batch_ids
         self.gcp_conn_id = gcp_conn_id
         self.impersonation_chain = impersonation_chain
 
     def poke(self, context: Context) -> PokeReturnValue:
-        from airflow.sdk.exceptions import AirflowSkipException
+        from datetime import UTC, datetime
 
-        from dicom_archive.plan import find_completed_batches, find_unreported_batches
+        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+        from dicom_archive.landing import LandingRootError
+        from dicom_archive.ledger import check_requested, select_batches
+        from dicom_archive.settings import SettingsError
         from hooks.dicom_storage import DicomStorageHook, load_settings
 
-        settings = load_settings()
+        try:
+            settings = load_settings()
+        except SettingsError as err:  # a retry cannot fix a setting: fail at once, with every problem named
+            raise AirflowFailException(str(err)) from err
+        limit = self.max_batches(settings.max_batches_per_run)
+        requested = self._requested_ids()
+        if requested is not None:
+            valid, refused = check_requested(requested)
+            for shown, problem in refused.items():
+                self.log.error("refused batch id %s: %s; nothing is read or written for it", shown, problem)
+            if len(requested) > limit:
+                raise AirflowFailException(
+                    f"{len(requested)} batch ids were given; a run takes at most {limit} (DICOM_MAX_BATCHES_PER_RUN, "
+                    "and Airflow's max_map_length): split them over several runs"
+                )
+            # Refused ids go on to the plan step, which fails them visibly without touching anything.
+            return PokeReturnValue(is_done=True, xcom_value=valid + [str(i) for i in requested if i not in valid])
+
         root = self.landing_root or settings.landing_root
         hook = DicomStorageHook(gcp_conn_id=self.gcp_conn_id, impersonation_chain=self.impersonation_chain)
-        with hook.explain_google_errors(f"the landing zone {root}"):
-            zone = hook.landing_zone(settings, root)
-            requested = self._requested_ids()
-            if requested:
-                return PokeReturnValue(is_done=True, xcom_value=requested)
+        run_type = getattr(context["dag_run"], "run_type", None)
+        run_type = getattr(run_type, "value", run_type)  # an enum in a real run
+        start, end = context["data_interval_start"], context["data_interval_end"]
+        if run_type == "manual":  # a manual run asks about now; its data interval means nothing
+            start, end = None, datetime.now(UTC)
+        elif run_type != "backfill":
+            start = None  # the ledger: everything pending before the end of the interval
+        try:
+            with hook.explain_google_errors(f"the landing zone {root}"):
+                zone = hook.landing_zone(settings, root)
+                selection = select_batches(
+                    zone, start=start, end=end, default_collection=settings.default_collection, limit=limit
+                )
+        except LandingRootError as err:
+            raise AirflowFailException(str(err)) from err
+        for name, problem in sorted(selection.rejected.items()):
+            self.log.warning("landing zone folder %r is not a batch: %s; it is left alone", name, problem)
+        for name, problem in sorted(selection.unreadable.items()):
+            self.log.warning("batch %s: its manifest cannot be read (%s); its plan reports it", name, problem)
+        window = f"[{start}, {end})" if start is not None else f"completed before {end}"
+        self.log.info("%s run, batches %s under %s: %s", run_type, window, zone.uri, selection.describe())
+        if selection.deferred:
+            self.log.warning(
+                "%d pending batches wait for the next runs (at most %d per run, DICOM_MAX_BATCHES_PER_RUN)",
+                len(selection.deferred),
+                limit,
+            )
+        if not selection.batch_ids:
+            raise AirflowSkipException(f"nothing pending {window} under {zone.uri}")
+        return PokeReturnValue(is_done=True, xcom_value=selection.batch_ids)
 
-            run_type = getattr(context["dag_run"], "run_type", None)
-            if getattr(run_type, "value", run_type) == "manual":  # an enum in a real run
-                pending = find_unreported_batches(zone)
-                self.log.info("manual run without batch_ids: %d unreported batches", len(pending))
-                if not pending:  # a manual run asks about now: nothing to wait for
-                    raise AirflowSkipException(f"no complete batch without a report under {zone.uri}")
-                return PokeReturnValue(is_done=True, xcom_value=pending)
+    @staticmethod
+    def max_batches(setting: int) -> int:
+        """The per-run cap: the setting, within Airflow's max_map_length (each batch maps a
+        load_metadata and a batch_report instance)."""
+        from airflow.configuration import conf
 
-            start, end = context["data_interval_start"], context["data_interval_end"]
-            found = find_completed_batches(zone, start, end, settings.default_collection)
-        self.log.info("%d completed batches in [%s, %s) under %s", len(found), start, end, zone.uri)
-        if found:
-            return PokeReturnValue(is_done=True, xcom_value=found)
-        if datetime.now(UTC) >= end + timedelta(seconds=self.timeout):
-            raise AirflowSkipException(f"no batch completed in [{start}, {end}) under {zone.uri}")
-        return PokeReturnValue(is_done=False)
+        return max(1, min(setting, conf.getint("core", "max_map_length", fallback=1024)))
 
-    def _requested_ids(self) -> list[str]:
+    def _requested_ids(self) -> list[object] | None:
+        """The conf's ids as given (None: no ids asked for). An empty string is an id, refused."""
         ids = self.batch_ids
+        if ids is None or ids == "None" or ids == []:
+            return None
         if isinstance(ids, str):
-            ids = [part.strip() for part in ids.split(",")]
-        return sorted({i for i in ids or [] if i})
+            return [part.strip() for part in ids.split(",")]
+        return list(ids)

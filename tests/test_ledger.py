@@ -1,0 +1,405 @@
+"""Which run processes a batch (the ledger), through real Airflow runs against both emulators.
+
+`dag.test()` always creates a *manual* run. For the scheduled and backfill cases, `run_as()`
+creates the run the way the scheduler would (run type and the timetable's data interval), then
+lets `dag.test()` run it: the sensor, the mapping, the trigger rules and the tasks are real.
+The Cloud Storage emulator ignores `ifGenerationMatch`; the fault proxy in front of it enforces
+it (tests/faultproxy.py, `gcs_preconditions`), as real Cloud Storage does, so that the claims'
+create-only writes answer 412 to a second writer here too.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from unittest import mock
+
+import pytest
+
+from tests.conftest import PROJECT, REPO_ROOT
+from tests.faultproxy import Rule, gcs_preconditions, proxied
+from tools.landing_zone import BatchSpec, ImageSpec, write_batch
+
+DAG_ID = "dicom_storage"
+HOUR = timedelta(hours=1)
+T0 = datetime(2024, 3, 1, 10, tzinfo=UTC)  # the start of an hourly interval
+
+
+@pytest.fixture
+def env(tmp_path, gcs_emulator, bigquery_emulator, airflow_db, monkeypatch) -> Iterator[dict]:
+    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+    suffix = uuid.uuid4().hex[:8]
+    bucket, collection = f"ledger-{suffix}", f"IRB_ledger_{suffix}"
+    GCSHook().create_bucket(bucket_name=bucket, project_id=PROJECT)
+    root = tmp_path / "landing"
+    root.mkdir()
+    for name, value in {
+        "SEND_TO_GOOGLE": "true",
+        "GOOGLE_CLOUD_STORAGE": bucket,
+        "GOOGLE_PROJECT_NAME": PROJECT,
+        "GOOGLE_STORAGE_COLLECTION": collection,
+        "DICOM_LANDING_ROOT": str(root),
+        "DICOM_RETRY_DELAY_SECONDS": "1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    with proxied(gcs_emulator.url, "STORAGE_EMULATOR_HOST") as gcs:
+        gcs.add(gcs_preconditions(gcs))
+        yield {"bucket": bucket, "collection": collection, "root": root, "gcs": gcs, "tmp": tmp_path}
+
+
+_serial = iter(range(1, 1_000_000))
+
+
+def add_batch(env: dict, batch_id: str, completed_at: datetime, **kwargs) -> BatchSpec:
+    n = next(_serial)
+    image = ImageSpec(f"GL{n:06d}", f"GA{n:06d}", "20230105", "CT", source="ct")
+    spec = BatchSpec(batch_id, images=[image], collection=env["collection"], completed_at=completed_at, **kwargs)
+    write_batch(env["root"], spec)
+    return spec
+
+
+def get_dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(REPO_ROOT / "dags")).get_dag(DAG_ID)
+
+
+def run_as(run_type: str, start: datetime, end: datetime, conf: dict | None = None):
+    """One run of `run_type` ("scheduled", "backfill") for the data interval [start, end)."""
+    import airflow.models.dagrun as dagrun_module
+    from airflow.utils.state import DagRunState
+    from airflow.utils.types import DagRunType
+    from sqlalchemy import select
+
+    def create(*, dag, logical_date, run_after, conf, triggered_by, triggering_user_name, session, **_):
+        DagRun = dagrun_module.DagRun
+        existing = session.scalar(select(DagRun).where(DagRun.dag_id == dag.dag_id, DagRun.logical_date == start))
+        if existing:
+            session.delete(existing)
+            session.commit()
+        kind = DagRunType(run_type)
+        return dag.create_dagrun(
+            run_id=DagRun.generate_run_id(run_type=kind, logical_date=start, run_after=end),
+            logical_date=start,
+            data_interval=(start, end),
+            run_after=end,
+            conf=conf,
+            run_type=kind,
+            state=DagRunState.RUNNING,
+            triggered_by=triggered_by,
+            triggering_user_name=triggering_user_name,
+            start_date=datetime.now(UTC),
+            session=session,
+        )
+
+    with mock.patch.object(dagrun_module, "get_or_create_dagrun", create):
+        return get_dag().test(logical_date=start, run_conf=conf)
+
+
+def run_manual(batch_ids: list[str] | None = None, **kwargs):
+    return get_dag().test(run_conf=None if batch_ids is None else {"batch_ids": batch_ids}, **kwargs)
+
+
+def states(dag_run) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for ti in dag_run.get_task_instances():
+        found.setdefault(ti.task_id, []).append(str(ti.state))
+    return found
+
+
+def sensor_output(dag_run) -> list[str] | None:
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        value = (
+            session.query(XComModel.value)
+            .filter(
+                XComModel.dag_id == DAG_ID,
+                XComModel.run_id == dag_run.run_id,
+                XComModel.task_id == "wait_for_batches",
+                XComModel.key == "return_value",
+            )
+            .scalar()
+        )
+    return None if value is None else json.loads(value) if isinstance(value, str) else value
+
+
+def report(env: dict, batch_id: str) -> dict | None:
+    path = env["root"] / batch_id / "batch.report.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def objects(env: dict) -> dict[str, int]:
+    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+    return {b.name: b.generation for b in GCSHook().get_conn().list_blobs(env["bucket"])}
+
+
+def rows(env: dict) -> tuple[int, int]:
+    from hooks.dicom_storage import DicomStorageHook
+
+    client = DicomStorageHook().bigquery_client(PROJECT)
+    table = f"`{PROJECT}.{env['collection']}.dicom`"
+    row = next(iter(client.query(f"SELECT COUNT(*) AS n, COUNT(DISTINCT instance_sha256) AS d FROM {table}").result()))
+    return row["n"], row["d"]
+
+
+def expire_claim(env: dict, batch_id: str) -> None:
+    """Time passing for a dead run's claim: its expiry moves into the past."""
+    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+    blob = GCSHook().get_conn().bucket(env["bucket"]).blob(f"_claims/{batch_id}.json")
+    doc = json.loads(blob.download_as_bytes())
+    doc["expires_at"] = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    blob.upload_from_string(json.dumps(doc))
+
+
+# --- the ledger ------------------------------------------------------------------------------
+
+
+def test_a_late_batch_is_archived_by_the_next_scheduled_run(env):
+    add_batch(env, "on-time", T0 + timedelta(minutes=5))
+    first = run_as("scheduled", T0, T0 + HOUR)
+    assert str(first.state) == "success"
+    assert sensor_output(first) == ["on-time"]
+
+    # Completed in the first interval, but its batch.json landed after that run's poke.
+    add_batch(env, "late", T0 + timedelta(minutes=50))
+    second = run_as("scheduled", T0 + HOUR, T0 + 2 * HOUR)
+    assert str(second.state) == "success"
+    assert sensor_output(second) == ["late"], "the ledger: unreported and completed before the interval's end"
+    assert report(env, "late")["status"] == "DONE"
+    assert rows(env) == (2, 2)
+
+
+def test_after_scheduler_downtime_the_first_run_archives_every_batch_of_the_gap(env):
+    gap = [add_batch(env, f"gap-{i}", T0 + i * HOUR + timedelta(minutes=10)) for i in range(4)]
+    future = add_batch(env, "future", T0 + 9 * HOUR)
+    # catchup=False: after the downtime the scheduler runs only the latest interval.
+    run = run_as("scheduled", T0 + 5 * HOUR, T0 + 6 * HOUR)
+    assert str(run.state) == "success"
+    assert sensor_output(run) == [b.batch_id for b in gap], "oldest first"
+    assert all(report(env, b.batch_id)["status"] == "DONE" for b in gap)
+    assert report(env, future.batch_id) is None, "completed after the interval: a later run's"
+    assert rows(env) == (4, 4)
+
+
+def test_a_backfill_reprocesses_exactly_the_batches_of_its_interval(env):
+    inside = add_batch(env, "inside", T0 + timedelta(minutes=30))
+    before = add_batch(env, "before", T0 - timedelta(minutes=1))
+    after = add_batch(env, "after", T0 + HOUR)  # the interval's end is not in it
+    assert str(run_manual().state) == "success"  # everything is archived and reported once
+    reports = {b.batch_id: report(env, b.batch_id) for b in (inside, before, after)}
+    generations = objects(env)
+
+    backfill = run_as("backfill", T0, T0 + HOUR)
+    assert str(backfill.state) == "success"
+    assert sensor_output(backfill) == ["inside"]
+    again = report(env, "inside")
+    assert again["run_key"] != reports["inside"]["run_key"], "reprocessed by the backfill"
+    assert (again["archives"]["written"], again["bigquery"]["rows_inserted"]) == (0, 0), "a no-op"
+    assert report(env, "before") == reports["before"]
+    assert report(env, "after") == reports["after"]
+    assert objects(env) == generations, "nothing rewritten in the bucket"
+    assert rows(env) == (3, 3)
+
+
+def test_more_batches_than_the_cap_go_over_consecutive_runs_oldest_first(env, monkeypatch):
+    monkeypatch.setenv("DICOM_MAX_BATCHES_PER_RUN", "2")
+    batches = [add_batch(env, f"capped-{i}", T0 + timedelta(minutes=i)) for i in range(5)]
+    taken = []
+    for i in range(3):
+        run = run_as("scheduled", T0 + (i + 1) * HOUR, T0 + (i + 2) * HOUR)
+        assert str(run.state) == "success", states(run)
+        taken.append(sensor_output(run))
+    assert taken == [["capped-0", "capped-1"], ["capped-2", "capped-3"], ["capped-4"]]
+    assert all(report(env, b.batch_id)["status"] == "DONE" for b in batches)
+    assert rows(env) == (5, 5)
+    last = run_as("scheduled", T0 + 4 * HOUR, T0 + 5 * HOUR)
+    assert states(last)["wait_for_batches"] == ["skipped"]
+
+
+def test_the_cap_never_exceeds_max_map_length(env, monkeypatch):
+    monkeypatch.setenv("DICOM_MAX_BATCHES_PER_RUN", "100000")
+    monkeypatch.setenv("AIRFLOW__CORE__MAX_MAP_LENGTH", "3")
+    for i in range(4):
+        add_batch(env, f"mapped-{i}", T0 + timedelta(minutes=i))
+    run = run_as("scheduled", T0 + HOUR, T0 + 2 * HOUR)
+    assert str(run.state) == "success", states(run)
+    assert sensor_output(run) == ["mapped-0", "mapped-1", "mapped-2"]
+    assert max(len(v) for v in states(run).values()) <= 3
+
+
+def test_an_empty_scheduled_run_ends_skipped_within_one_poke(env):
+    add_batch(env, "done-already", T0)
+    assert str(run_manual().state) == "success"
+    run = run_as("scheduled", T0 + HOUR, T0 + 2 * HOUR)
+    assert str(run.state) == "success"
+    sensor = next(ti for ti in run.get_task_instances() if ti.task_id == "wait_for_batches")
+    assert str(sensor.state) == "skipped"
+    assert sensor.try_number == 1, "one poke, no reschedule"
+    assert (sensor.end_date - sensor.start_date).total_seconds() < 60
+
+
+# --- one owner per batch ---------------------------------------------------------------------
+
+
+def test_a_live_claim_leaves_the_batch_alone_and_an_expired_one_is_taken_over(env, capfd):
+    from dicom_archive import claims
+    from dicom_archive.stores import GCSObjectStore
+    from hooks.dicom_storage import DicomStorageHook
+
+    add_batch(env, "contested", T0)
+    store = GCSObjectStore(DicomStorageHook().storage_client().bucket(env["bucket"]))
+    assert claims.acquire(store, "contested", "other-run", timedelta(hours=1)).owned
+
+    run = run_manual(["contested"])
+    assert str(run.state) == "success"
+    assert "left alone: it is claimed by run 'other-run'" in capfd.readouterr().out
+    assert report(env, "contested") is None
+    assert claims.holder_of(store, "contested").run_id == "other-run"
+
+    expire_claim(env, "contested")
+    run = run_manual(["contested"])
+    assert str(run.state) == "success"
+    assert "took over the expired claim of run 'other-run'" in capfd.readouterr().out
+    assert report(env, "contested")["status"] == "DONE"
+    assert claims.holder_of(store, "contested") is None, "released after the report"
+
+
+def test_two_create_only_claims_at_once_one_owner(env):
+    """Through the proxy that enforces ifGenerationMatch like Cloud Storage (the emulator does not)."""
+    import threading
+
+    from dicom_archive import claims
+    from dicom_archive.stores import GCSObjectStore
+    from hooks.dicom_storage import DicomStorageHook
+
+    store = GCSObjectStore(DicomStorageHook().storage_client().bucket(env["bucket"]))
+    barrier = threading.Barrier(4)
+    outcomes: dict[str, bool] = {}
+
+    def claim(run_id: str) -> None:
+        barrier.wait()
+        outcomes[run_id] = claims.acquire(store, "raced", run_id, timedelta(hours=1)).owned
+
+    threads = [threading.Thread(target=claim, args=(f"run-{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(outcomes.values()) == 1, outcomes
+    owner = next(run for run, owned in outcomes.items() if owned)
+    assert claims.holder_of(store, "raced").run_id == owner
+
+
+def test_overlapping_runs_on_the_same_batches_one_owner_no_duplicates(env, tmp_path):
+    """Two `airflow dags test` processes (two workers) on the same batches at the same time."""
+    import os
+    import sqlite3
+    import subprocess
+    import threading
+    import time
+
+    batches = [add_batch(env, f"overlap-{i}", T0 + timedelta(minutes=i)) for i in range(2)]
+    ids = [b.batch_id for b in batches]
+    # The second run's claim attempts (412 from the proxy) happen while the first holds the batches:
+    # the first run's archive uploads wait until the second has tried to claim both.
+    second_tried = threading.Event()
+    claim_attempts: list[str] = []
+
+    def count_or_hold(request) -> None:
+        if b'"_claims/' in request.body or "_claims" in request.query:
+            claim_attempts.append(request.query)
+        elif b'"Collection/' in request.body:  # an archive or a report: wait for the second run
+            second_tried.wait(timeout=120)
+
+    # First in the chain: the precondition rule answers a refused claim itself, ending the chain.
+    env["gcs"].rules.insert(0, Rule(method="POST", path=r"^/upload/", before=count_or_hold, times=None))
+    from airflow import settings
+
+    database = settings.SQL_ALCHEMY_CONN.removeprefix("sqlite:///")
+    airflow = str(REPO_ROOT / ".venv" / "bin" / "airflow")
+    procs = []
+    for n in range(2):
+        home = tmp_path / f"airflow-{n}"
+        home.mkdir()
+        with sqlite3.connect(database) as source, sqlite3.connect(home / "airflow.db") as copy:
+            source.backup(copy)  # a consistent copy of the migrated database
+        child_env = dict(os.environ, AIRFLOW_HOME=str(home),
+                         AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home / 'airflow.db'}")  # fmt: skip
+        log = open(tmp_path / f"run-{n}.log", "w")  # noqa: SIM115  (closed below)
+        procs.append((subprocess.Popen([airflow, "dags", "test", DAG_ID, "--conf", json.dumps({"batch_ids": ids})],
+                                       env=child_env, stdout=log, stderr=subprocess.STDOUT), log))  # fmt: skip
+        if n == 0:  # the second run starts once the first owns both batches
+            deadline = time.monotonic() + 120
+            while len(claim_attempts) < 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+    deadline = time.monotonic() + 120
+    while len(claim_attempts) < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    second_tried.set()
+    for proc, log in procs:
+        proc.wait(timeout=300)
+        log.close()
+    logs = [(tmp_path / f"run-{n}.log").read_text() for n in range(2)]
+    assert all(proc.returncode == 0 for proc, _ in procs), logs[1][-3000:]
+    assert len(claim_attempts) == 4, "each run tried to claim each batch once"
+    assert logs[1].count("left alone: it is claimed by run") == 2, logs[1][-3000:]
+    assert rows(env) == (2, 2), "0 duplicate rows"
+    names = set(objects(env))
+    assert {n for n in names if "/Batches/" in n} == {f"Collection/{env['collection']}/Batches/{i}.json" for i in ids}
+    assert not [n for n in names if n.startswith(("_staging/", "_claims/"))]
+    owners = {report(env, i)["run_key"] for i in ids}
+    assert len(owners) == 1, "one run reported both batches"
+
+
+# --- an idempotent report, and the truth after a recovery ------------------------------------
+
+
+@pytest.mark.parametrize("step", range(5))
+def test_batch_report_is_retried_after_each_step_of_a_partial_clear(env, step):
+    """Staging of one study: rows, archive summary, load result, plan (last), then the claim.
+    The delete of step `step` is refused once; Airflow retries batch_report, which finds the
+    report it published and finishes the clear."""
+    from airflow.models import Variable  # noqa: F401  (Airflow configured)
+
+    add_batch(env, "retried", T0)
+    refused = env["gcs"].add(
+        Rule(method="DELETE", path=r"/o/(_staging|_claims)", skip=step, times=1, status=403, name="refuse-delete")
+    )
+    with mock.patch.dict("os.environ", {"DICOM_TASK_RETRIES": "1"}):
+        run = run_manual(["retried"])
+    assert refused.fired == 1
+    assert str(run.state) == "success", states(run)
+    tries = [ti.try_number for ti in run.get_task_instances() if ti.task_id == "batch_report"]
+    assert tries == [2], "failed once, then succeeded on its retry"
+    assert report(env, "retried")["status"] == "DONE"
+    assert not [n for n in objects(env) if n.startswith(("_staging/", "_claims/"))]
+
+
+def test_a_report_after_a_crash_recovery_counts_what_the_interrupted_attempt_wrote(env):
+    batch = add_batch(env, "recovered", T0)
+    # The first attempt dies after the MERGE: its batch_report never runs.
+    crashed = run_manual(["recovered"], mark_success_pattern="^batch_report$")
+    assert report(env, "recovered") is None
+    assert rows(env) == (1, 1)
+    written = {n for n in objects(env) if n.endswith(".tar.gz")}
+    assert len(written) == 1
+    expire_claim(env, "recovered")  # the dead run's claim runs out
+
+    rerun = run_manual(["recovered"], logical_date=datetime.now(UTC) + timedelta(seconds=1))
+    assert str(rerun.state) == "success"
+    assert rerun.run_id != crashed.run_id
+    done = report(env, batch.batch_id)
+    assert done["note"] == "completed after an interrupted attempt"
+    assert done["archives"]["written"] == 1
+    assert done["archives"]["already_present"] == 0
+    assert done["bigquery"]["rows_inserted"] == 1
+    assert done["recovery"]["archives_written_by_interrupted_attempt"] == 1
+    assert done["recovery"]["rows_inserted_by_interrupted_attempt"] == 1
+    assert not [n for n in objects(env) if n.startswith(("_staging/", "_claims/"))], "the crashed staging too"
