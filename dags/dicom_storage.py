@@ -60,6 +60,7 @@ with DAG(
         """Check every image header and group the images into studies; stage each plan."""
         from dicom_archive.batch import Staging, chunk_id, chunk_refs, run_key, studies_per_chunk
         from dicom_archive.plan import plan_batch
+        from dicom_archive.withdraw import hold_back_withdrawn
         from hooks.dicom_storage import DicomStorageHook, load_settings
 
         settings = load_settings()
@@ -69,6 +70,7 @@ with DAG(
         planned = []
         for batch_id in batch_ids:
             plan = plan_batch(zone, batch_id, default_collection=settings.default_collection, policy=settings.policy)
+            hold_back_withdrawn(plan, store)
             staging = Staging(store, batch_id, run_key(run_id or "manual"))
             with hook.explain_google_errors(f"the staging area {store.uri(staging.prefix)}"):
                 staging.write_plan(plan)
@@ -167,6 +169,7 @@ with DAG(
             rows_loaded=(loaded or {}).get("rows_in_batch"),
             rows_inserted=(loaded or {}).get("rows_inserted"),
             load_seconds=(loaded or {}).get("seconds"),
+            bigquery={k: (loaded or {}).get(k) for k in ("rows_updated", "rows_deleted") if k in (loaded or {})},
         )
         with hook.explain_google_errors(f"the batch report of {plan.batch_id}"):
             locations = publish_report(report, zone, store)
