@@ -121,6 +121,20 @@ def table_rows(env: dict) -> list[dict]:
     return [dict(row.items()) for row in client.query(sql).result()]
 
 
+def last_state(dag_id: str, task_id: str) -> str:
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        ti = (
+            session.query(TaskInstance)
+            .filter(TaskInstance.dag_id == dag_id, TaskInstance.task_id == task_id)
+            .order_by(TaskInstance.start_date.desc())
+            .first()
+        )
+        return str(ti.state)
+
+
 def job_of(request: ProxyRequest) -> dict:
     """What a job insertion asks for (a resumable load's start carries the job as JSON too)."""
     try:
@@ -312,7 +326,9 @@ def test_withdrawal_removes_objects_and_rows_and_a_rerun_does_not_bring_them_bac
     assert again["withdrawn"] == {"studies": 2, "images": 5}
 
     # The request is done: the next scheduled run has nothing to do, and the summary SQL knows.
-    assert run("dicom_withdraw", {}) == "skipped"
+    assert run("dicom_withdraw", {}) == "success"
+    assert last_state("dicom_withdraw", "find_requests") == "skipped"
+    assert withdrawal_record(env, "wd-0001") == record, "the record is left as it was"
     from airflow.providers.google.cloud.hooks.bigquery import BigQueryHook
 
     from dicom_archive.sql_templates import run_summary
