@@ -28,6 +28,7 @@ from bench import (  # noqa: E402  (dicom_archive needs plugins/ on sys.path fir
     memory,
     read_amplification,
     report,
+    rerun,
     scaling,
 )
 from bench.config import FULL, QUICK  # noqa: E402
@@ -42,6 +43,7 @@ BENCHMARKS: dict[str, Callable[[Context], Result]] = {
     "bigquery": bigquery_calls.run,
     "dag": dag_parse.run,
     "scaling": scaling.run,
+    "rerun": rerun.run,
 }
 
 
