@@ -70,9 +70,9 @@ with DAG(
         planned = []
         for batch_id in batch_ids:
             plan = plan_batch(zone, batch_id, default_collection=settings.default_collection, policy=settings.policy)
-            hold_back_withdrawn(plan, store)
             staging = Staging(store, batch_id, run_key(run_id or "manual"))
             with hook.explain_google_errors(f"the staging area {store.uri(staging.prefix)}"):
+                hold_back_withdrawn(plan, store)  # withdrawn studies: quarantine reason `withdrawn`
                 staging.write_plan(plan)
             planned.append((plan, staging))
 
