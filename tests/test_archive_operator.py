@@ -28,7 +28,7 @@ BATCH_ID = "20240105-0001"
 COLLECTION = "IRB41449"
 DEID = {"software": "deid 0.4.13", "recipe": "deid.dicom"}
 XCOM_KEYS = {"uri", "generation", "md5", "crc32c", "size", "outcome", "image_count", "quarantined_count",
-             "input_bytes", "seconds", "content_digest"}  # fmt: skip
+             "input_bytes", "seconds", "content_digest", "name"}  # fmt: skip
 
 DAG_FILE = textwrap.dedent(
     '''

@@ -165,10 +165,11 @@ def archive_groups(
             replace_changed=settings.replace_changed,
             describe=describe,
         )
-        rows.extend(
-            build_row(group=group, member=member, stored=published.stored, deid=deid, context=context)
-            for member in published.members
-        )
+        if not published.rows_loaded:  # else its rows are in the table already (see publish.py)
+            rows.extend(
+                build_row(group=group, member=member, stored=published.stored, deid=deid, context=context)
+                for member in published.members
+            )
         done_bytes += group.size
         summaries.append(
             {
@@ -188,7 +189,9 @@ def archive_groups(
 
 def _content_fields(published: PublishedArchive) -> dict[str, Any]:
     """What the summary says of the archive's content identity (and of a replacement)."""
-    fields: dict[str, Any] = {"content_digest": published.content_digest}
+    fields: dict[str, Any] = {"content_digest": published.content_digest, "name": published.stored.name}
+    if published.rows_loaded:
+        fields["rows_loaded"] = True
     if published.legacy_checked:
         fields["legacy_checked"] = True
     if published.outcome == REPLACED:

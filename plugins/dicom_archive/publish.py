@@ -53,6 +53,9 @@ REPLACED = "replaced"
 
 DIGEST_KEY = "content_digest"
 DIGEST_FORMAT_KEY = "content_digest_format"
+# Set after the MERGE that loaded the archive's rows succeeded: the generation whose rows are in
+# the table. A rerun that finds the archive present with its rows loaded builds no rows at all.
+ROWS_LOADED_KEY = "rows_loaded_generation"
 
 
 class ArchiveConflictError(RuntimeError):
@@ -72,6 +75,7 @@ class PublishedArchive:
     content_digest: str = ""
     legacy_checked: bool = False  # an object without a digest was read to compare it
     images_before: int | None = None  # replaced: how many images the old object held
+    rows_loaded: bool = False  # present, and its rows are known to be in the table: no rows needed
 
 
 def archive_metadata(group: StudyGroup, members: list[ArchivedMember] | None = None) -> dict[str, str]:
@@ -137,6 +141,11 @@ def _conflict_message(store: ObjectStore, existing: StoredObject, judged: _Judge
     )
 
 
+def rows_loaded(stored: StoredObject) -> bool:
+    """Whether the rows of this very generation were loaded (see ROWS_LOADED_KEY)."""
+    return stored.generation is not None and stored.metadata.get(ROWS_LOADED_KEY) == str(stored.generation)
+
+
 def _present(judged: _Judgement, members: list[ArchivedMember], digest: str) -> PublishedArchive:
     stored = judged.stored
     return PublishedArchive(
@@ -146,7 +155,27 @@ def _present(judged: _Judgement, members: list[ArchivedMember], digest: str) -> 
         members,
         content_digest=digest,
         legacy_checked=judged.legacy_checked,
+        rows_loaded=rows_loaded(stored) and stored_digest(stored) == digest,
     )
+
+
+def mark_rows_loaded(store: ObjectStore, name: str, generation: int | None) -> bool:
+    """Record on the archive that the rows of `generation` are in the table (after the MERGE).
+    Metadata only, guarded by the metageneration; False if the object moved on meanwhile."""
+    stored = store.get(name)
+    if stored is None or generation is None or stored.generation != generation:
+        return False
+    if rows_loaded(stored):
+        return True
+    try:
+        store.update_metadata(
+            name,
+            {**stored.metadata, ROWS_LOADED_KEY: str(generation)},
+            if_metageneration_match=stored.metageneration,
+        )
+    except ObjectChangedError:
+        return False
+    return True
 
 
 def publish_study_archive(
@@ -164,8 +193,10 @@ def publish_study_archive(
     precondition = 0
     judged: _Judgement | None = None
     if existing is not None:
-        # A rerun: hash each image once, compress nothing, upload nothing.
-        members = hash_study_members(group, zone, policy=policy, describe=describe)
+        # A rerun: hash each image once, compress nothing, upload nothing. When the rows of this
+        # generation are known to be loaded, not even the rows' header fields are taken.
+        needs_rows = not (rows_loaded(existing) and stored_digest(existing) is not None)
+        members = hash_study_members(group, zone, policy=policy, describe=describe if needs_rows else None)
         digest = members_digest(members)
         judged = _judge(store, existing, digest)
         if judged.same:

@@ -81,6 +81,7 @@ class DicomMetadataToBigQueryOperator(BaseOperator):
 
         if settings.send_to_google:
             result = self._load_to_bigquery(hook, settings, collection, ndjson)
+            result["archives_marked"] = self._mark_rows_loaded(store, staging)
             context["outlet_events"][TABLES_ALIAS].add(
                 table_asset(settings.project, collection, TABLE),
                 extra={
@@ -107,6 +108,19 @@ class DicomMetadataToBigQueryOperator(BaseOperator):
             result["table"],
         )
         return result
+
+    def _mark_rows_loaded(self, store: Any, staging: Any) -> int:
+        """After the MERGE: mark each archive whose rows it loaded, so that a no-op rerun builds
+        no rows and runs no BigQuery job for it."""
+        from dicom_archive.publish import mark_rows_loaded
+
+        marked = 0
+        for chunk in staging.read_archive_summaries().values():
+            for summary in chunk:
+                if summary.get("rows_loaded") or "name" not in summary:
+                    continue
+                marked += mark_rows_loaded(store, summary["name"], summary.get("generation"))
+        return marked
 
     def _load_to_bigquery(self, hook: Any, settings: Any, collection: str, ndjson: bytes) -> dict[str, Any]:
         from dicom_archive.bigquery_load import ensure_withdrawals_table, load_rows_exactly_once
