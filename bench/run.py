@@ -29,6 +29,7 @@ from bench import (  # noqa: E402  (dicom_archive needs plugins/ on sys.path fir
     poke_cost,
     read_amplification,
     report,
+    rerun,
     scaling,
 )
 from bench.config import FULL, QUICK  # noqa: E402
@@ -44,6 +45,7 @@ BENCHMARKS: dict[str, Callable[[Context], Result]] = {
     "dag": dag_parse.run,
     "scaling": scaling.run,
     "poke": poke_cost.run,
+    "rerun": rerun.run,
 }
 
 

@@ -71,6 +71,7 @@ with DAG(
         from dicom_archive.manifest import REPORT_NAME
         from dicom_archive.naming import batch_id_problem
         from dicom_archive.plan import STATUS_ERROR, BatchPlan, plan_batch, read_manifest
+        from dicom_archive.withdraw import hold_back_withdrawn
         from hooks.dicom_storage import DicomStorageHook, load_settings
 
         settings = load_settings()
@@ -110,6 +111,7 @@ with DAG(
                         plan.collection = manifest.collection if manifest else None
                 staging = Staging(store, batch_id, key)
                 with hook.explain_google_errors(f"the staging area {store.uri(staging.prefix)}"):
+                    hold_back_withdrawn(plan, store)  # withdrawn studies: quarantine reason `withdrawn`
                     staging.write_plan(plan)
                     earlier = staging.earlier_attempts()
                 reported = zone.read_bytes(batch_id, REPORT_NAME) is not None
@@ -260,6 +262,7 @@ with DAG(
             load_seconds=(loaded or {}).get("seconds"),
             run_key=staging.run_key,
             recovered=recovery,
+            bigquery={k: (loaded or {}).get(k) for k in ("rows_updated", "rows_deleted") if k in (loaded or {})},
         )
         with hook.explain_google_errors(f"the batch report of {plan.batch_id}"):
             locations = publish_report(report, zone, store)

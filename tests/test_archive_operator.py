@@ -28,7 +28,8 @@ BATCH_ID = "20240105-0001"
 COLLECTION = "IRB41449"
 DEID = {"software": "deid 0.4.13", "recipe": "deid.dicom"}
 XCOM_KEYS = {"uri", "generation", "md5", "crc32c", "size", "outcome", "written_by_batch", "image_count",
-             "quarantined_count", "input_bytes", "seconds", "images_stripped", "private_elements_removed"}  # fmt: skip
+             "quarantined_count", "input_bytes", "seconds", "images_stripped", "private_elements_removed",
+             "content_digest", "name"}  # fmt: skip
 
 DAG_FILE = textwrap.dedent(
     '''

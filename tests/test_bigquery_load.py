@@ -382,3 +382,53 @@ def test_empty_batch_runs_no_job(bigquery_client, dataset_id):
     assert (result.rows_in_batch, result.rows_inserted, result.merge_job_id) == (0, 0, None)
     assert job_ids(bigquery_client) == before
     assert count_rows(bigquery_client, dataset_id) == (0, 0)
+
+
+# ------------------------------------------------------------------- corrections and pruning (cost O(batch))
+
+
+def test_merge_is_bounded_by_the_batch_entities_on_the_clustered_column(bigquery_client, dataset_id):
+    """BigQuery prunes a clustered table's blocks only on constant filters of its clustering
+    columns; the emulator reports no bytes scanned, so this is shown from the statement, and by
+    a row outside the batch's entities that the MERGE would otherwise touch."""
+    client = bigquery_client
+    archive = image_row(1)["storage_uri"]
+    others = [image_row(n, entity_id="OTHER", storage_uri=archive) for n in (101, 102)]  # same uri, other entity
+    bl.load_rows_exactly_once(client, dataset_id=dataset_id, rows=others, run_key="others")
+    rows = [image_row(n, entity_id="GL1") for n in (1, 4)]
+    batch = bl.prepare_batch(client, dataset_id=dataset_id, rows=rows, run_key="bounded")
+
+    sql = bl.merge_sql(batch)
+    assert "ON T.`collection` = S.`collection` AND T.`instance_sha256` = S.`instance_sha256` AND " in sql
+    assert sql.count("T.`entity_id` IN UNNEST(@entity_ids)") == 2  # the join, and the delete of stale rows
+    assert "WHEN NOT MATCHED BY SOURCE AND T.`entity_id` IN UNNEST(@entity_ids)" in sql
+    assert "PARTITION BY" in sql  # dedup over the staging table only
+    params = {p.name: p.values for p in bl.merge_parameters(batch)}
+    assert params == {"entity_ids": ["GL1"], "archive_uris": [archive]}
+    for whole in (True, False):
+        assert "WHERE `entity_id` IN UNNEST(@entity_ids)" in bl.withdraw_rows_sql("p.d.dicom", whole_entity=whole)
+
+    result = bl.load_rows_exactly_once(client, dataset_id=dataset_id, rows=rows, run_key="bounded")
+    assert (result.rows_inserted, result.rows_deleted) == (2, 0)
+    kept = client.query(f"SELECT COUNT(*) AS n FROM `{table_id(client, dataset_id)}` WHERE entity_id = 'OTHER'")
+    assert next(iter(kept.result()))["n"] == 2, "rows outside the batch's entities are never touched"
+
+
+def test_replaced_archive_rows_are_updated_and_stale_ones_deleted(bigquery_client, dataset_id):
+    client = bigquery_client
+    old = [image_row(n, entity_id="GL1", storage_generation=1) for n in (1, 4, 7)]
+    bl.load_rows_exactly_once(client, dataset_id=dataset_id, rows=old, run_key="first")
+    # The corrected archive: image 7 gone, image 4 changed (a new sha), image 1 unchanged, new generation.
+    new = [
+        image_row(1, entity_id="GL1", storage_generation=2, batch_id="batch-2"),
+        image_row(40, entity_id="GL1", storage_generation=2, batch_id="batch-2", storage_uri=old[0]["storage_uri"]),
+    ]
+    result = bl.load_rows_exactly_once(client, dataset_id=dataset_id, rows=new, run_key="second")
+    assert (result.rows_inserted, result.rows_updated, result.rows_deleted) == (1, 1, 2)
+    got = client.query(
+        f"SELECT instance_sha256, storage_generation, batch_id FROM `{table_id(client, dataset_id)}` ORDER BY 1"
+    ).result()
+    assert [tuple(r.values()) for r in got] == [(f"{1:064x}", 2, "batch-2"), (f"{40:064x}", 2, "batch-2")]
+    # The same batch again changes nothing.
+    again = bl.load_rows_exactly_once(client, dataset_id=dataset_id, rows=new, run_key="third")
+    assert (again.rows_inserted, again.rows_updated, again.rows_deleted) == (0, 0, 0)

@@ -52,7 +52,7 @@ def test_dagbag_has_no_import_errors_and_the_expected_dag(airflow_db):
 
     bag = DagBag(dag_folder=str(REPO_ROOT / "dags"))
     assert bag.import_errors == {}
-    assert set(bag.dag_ids) == {DAG_ID}
+    assert set(bag.dag_ids) == {DAG_ID, "dicom_withdraw"}
     dag = bag.get_dag(DAG_ID)
     assert set(dag.task_ids) == {
         "wait_for_batches",

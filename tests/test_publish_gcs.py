@@ -158,11 +158,19 @@ def test_object_metadata_content_type_and_no_acl(proxy, bucket_name, direct, lan
 
     blob = direct.bucket(bucket_name).get_blob(group.object_name)
     assert blob.content_type == "application/gzip"
+    # The content digest, worked out here from the object's own members (not from the pipeline).
+    with tarfile.open(fileobj=io.BytesIO(blob.download_as_bytes()), mode="r:gz") as tar:
+        pairs = sorted((m.name, hashlib.sha256(tar.extractfile(m).read()).hexdigest()) for m in tar if m.isfile())
+    expected_digest = hashlib.sha256(
+        b"dicom-archive-content/1\n" + b"".join(f"{n}\0{h}\n".encode() for n, h in pairs)
+    ).hexdigest()
     assert blob.metadata == {
         "batch_id": "b-full",
         "collection": "IRB41449",
         "image_count": "6",
         "pipeline_version": PIPELINE_VERSION,
+        "content_digest": expected_digest,
+        "content_digest_format": "1",
     }
     assert published.stored.metadata == blob.metadata
     assert len(bodies) == 1
@@ -171,6 +179,17 @@ def test_object_metadata_content_type_and_no_acl(proxy, bucket_name, direct, lan
     assert_no_acl_calls(proxy)
     with tarfile.open(fileobj=io.BytesIO(blob.download_as_bytes()), mode="r:gz") as tar:
         assert len([m for m in tar.getmembers() if m.isfile()]) == 6
+
+
+def content_digest_of(archive: bytes) -> str:
+    """The content digest of the outputs spec, worked out from an archive's bytes."""
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        pairs = sorted((m.name, hashlib.sha256(tar.extractfile(m).read()).hexdigest()) for m in tar if m.isfile())
+    return hashlib.sha256(b"dicom-archive-content/1\n" + b"".join(f"{n}\0{h}\n".encode() for n, h in pairs)).hexdigest()
+
+
+def direct_bytes(direct, bucket_name: str, group) -> bytes:
+    return direct.bucket(bucket_name).blob(group.object_name).download_as_bytes()
 
 
 # --- conflicts and replacement --------------------------------------------------------------
@@ -187,12 +206,12 @@ def test_different_bytes_under_the_same_name_is_a_conflict_and_nothing_changes(p
         publish_study_archive(full, zone, store)
 
     message = str(caught.value)
-    expected = expected_archive(full, zone)
-    assert f"gs://{bucket_name}/{full.object_name} already exists with different bytes" in message
-    assert f"stored md5 {before.stored.md5}, {before.stored.size} bytes" in message
+    expected = content_digest_of(expected_archive(full, zone))
+    assert f"gs://{bucket_name}/{full.object_name} already exists with different content" in message
+    assert f"stored content digest {content_digest_of(direct_bytes(direct, bucket_name, full))}" in message
     assert f"generation {before.stored.generation}" in message
     assert "written by batch b-early with 5 images" in message
-    assert f"this batch gives md5 {b64md5(expected)}, {len(expected)} bytes, 6 images" in message
+    assert f"this batch gives content digest {expected}, 6 images" in message
     assert "Nothing was overwritten" in message
     assert "DICOM_REPLACE_CHANGED_ARCHIVES=true" in message
 
@@ -236,7 +255,7 @@ def test_replace_that_loses_a_race_is_a_conflict_not_an_overwrite(proxy, bucket_
         direct.bucket(bucket_name).blob(full.object_name).upload_from_string(b"a third version")
 
     proxy.rules.insert(0, Rule(*UPLOAD_START, before=someone_else_rewrites))
-    with pytest.raises(ArchiveConflictError, match="already exists with different bytes"):
+    with pytest.raises(ArchiveConflictError, match="already exists with different content"):
         publish_study_archive(full, zone, store, replace_changed=True)
     assert direct.bucket(bucket_name).blob(full.object_name).download_as_bytes() == b"a third version"
     assert [r.status for r in upload_starts(proxy)] == [200, 412]
@@ -266,7 +285,7 @@ def test_object_created_between_look_and_write_is_judged(proxy, bucket_name, dir
         published = publish_study_archive(full, zone, store)
         assert published.outcome == ALREADY_PRESENT
     else:
-        with pytest.raises(ArchiveConflictError, match="already exists with different bytes"):
+        with pytest.raises(ArchiveConflictError, match="already exists with different content"):
             publish_study_archive(full, zone, store)
 
     refused = [r for r in proxy.log if r.status == 412]

@@ -97,8 +97,8 @@ def ts(text: str) -> dt.datetime:
 
 def test_templates_are_the_expected_set():
     assert st.available_templates() == [
-        "batch_summary", "collection_summary", "demographics", "entity_summary",
-        "find_studies", "modality_summary", "study_summary",
+        "batch_summary", "collection_rows", "collection_summary", "demographics", "entity_summary",
+        "find_studies", "modality_summary", "study_summary", "withdrawals_summary",
     ]  # fmt: skip
 
 
@@ -261,3 +261,35 @@ def test_summary_of_a_fresh_rerun_is_unchanged(bigquery_client, loaded):
     assert run(bigquery_client, "modality_summary", loaded) == before
     text = st.format_table(before)
     assert text.splitlines()[2] == "CT       |      4 |       2 |        2"
+
+
+# ---------------------------------------------------------------------------------------- withdrawals
+
+
+def test_withdrawals_summary_and_row_counts_without_withdrawn_entities(bigquery_client, loaded):
+    # E3 withdrawn whole (its 1 row), study I2 of E1 withdrawn (2 of E1's 5 rows), both logged
+    # while their rows are still in the table (a withdrawal in progress): they are not counted.
+    for record in (
+        {"request_id": "r1", "entity_id": "E3", "item_id": None, "reason": "consent_withdrawn",
+         "objects_deleted": 1, "rows_deleted": 1, "completed_at": "2024-08-01T00:00:00+00:00"},
+        {"request_id": "r2", "entity_id": "E1", "item_id": "I2", "reason": "phi_found",
+         "objects_deleted": 1, "rows_deleted": 2, "completed_at": "2024-08-02T00:00:00+00:00"},
+        {"request_id": "r3", "entity_id": "E9", "item_id": None, "reason": "consent_withdrawn",
+         "objects_deleted": 0, "rows_deleted": 0, "completed_at": "2024-08-03T00:00:00+00:00"},
+    ):  # fmt: skip
+        bl.log_withdrawal(bigquery_client, dataset_id=loaded, record={"collection": "IRB1", **record})
+    # Logged twice (a retry): still one row per request.
+    bl.log_withdrawal(
+        bigquery_client,
+        dataset_id=loaded,
+        record={"collection": "IRB1", "request_id": "r1", "entity_id": "E3", "reason": "consent_withdrawn",
+                "completed_at": "2024-08-01T00:00:00+00:00"},
+    )  # fmt: skip
+
+    summary = [tuple(r.values()) for r in run(bigquery_client, "withdrawals_summary", loaded)]
+    assert summary == [
+        ("entity", "consent_withdrawn", 2, 1, 1, ts("2024-08-01T00:00:00Z"), ts("2024-08-03T00:00:00Z")),
+        ("study", "phi_found", 1, 1, 2, ts("2024-08-02T00:00:00Z"), ts("2024-08-02T00:00:00Z")),
+    ]
+    counts = [tuple(r.values()) for r in run(bigquery_client, "collection_rows", loaded)]
+    assert counts == [("IRB1", 10 - 1 - 2, 4, 4)]  # E1 (I1 only), E2, E4, E5; archives A1, A3, A5, A6

@@ -15,7 +15,7 @@ import dataclasses
 import hashlib
 import io
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -112,6 +112,15 @@ def _tar_info(name: str, size: int, is_dir: bool = False) -> tarfile.TarInfo:
     return info
 
 
+def study_policy(group: StudyGroup, policy: DeidPolicy | None) -> DeidPolicy:
+    """The policy an archive's images are judged by: the batch's declared de-identification
+    options (batch.json deid.options) apply to the basic profile."""
+    policy = policy or DeidPolicy()
+    if group.deid_options:
+        policy = dataclasses.replace(policy, profile_options=tuple(group.deid_options))
+    return policy
+
+
 def write_study_archive(
     group: StudyGroup,
     zone: LandingZone,
@@ -127,9 +136,7 @@ def write_study_archive(
     then path), never on time, user or machine. Memory stays flat in the study size: each
     image's header is parsed, checked, passed to `describe`, and dropped.
     """
-    policy = policy or DeidPolicy()
-    if group.deid_options:
-        policy = dataclasses.replace(policy, profile_options=tuple(group.deid_options))
+    policy = study_policy(group, policy)
     hashing = HashingSink(sink)
     members: list[ArchivedMember] = []
     stem = group.stem
@@ -199,3 +206,71 @@ def _add_image(
         source_sha256=reader.source_sha.hexdigest(),
         private_elements_removed=walk.private_removed,
     )
+
+
+# ------------------------------------------------------------------------------------ content identity
+#
+# An archive is identified by what it holds, not by its compressed bytes: a sha256 over the sorted
+# (member name, member sha256) list, with a format version. The compression level, the gzip
+# library and the tar layout can change without changing it.
+
+CONTENT_DIGEST_FORMAT = "1"
+
+
+def content_digest(members: Iterable[tuple[str, str]]) -> str:
+    """The content digest of an archive's images: (member name, sha256 hex) pairs, any order."""
+    h = hashlib.sha256(f"dicom-archive-content/{CONTENT_DIGEST_FORMAT}\n".encode())
+    for name, sha256 in sorted(members):
+        h.update(f"{name}\0{sha256}\n".encode())
+    return h.hexdigest()
+
+
+def members_digest(members: Iterable[ArchivedMember]) -> str:
+    return content_digest((m.member_name, m.sha256) for m in members)
+
+
+class _DigestOnlyTar:
+    """Stands in for the tar stream when only the members' hashes are wanted: each member's
+    bytes are read (and so hashed by the reader that _add_image wraps around the image) and
+    dropped. Nothing is compressed and nothing is written."""
+
+    def addfile(self, tarinfo: tarfile.TarInfo, fileobj: BinaryIO | None = None) -> None:
+        remaining = tarinfo.size
+        while remaining > 0 and fileobj is not None:
+            data = fileobj.read(min(COPY_CHUNK, remaining))
+            if not data:
+                raise OSError("unexpected end of data")  # what tarfile says for a short file
+            remaining -= len(data)
+
+
+def hash_study_members(
+    group: StudyGroup,
+    zone: LandingZone,
+    *,
+    policy: DeidPolicy | None = None,
+    describe: Describe | None = None,
+) -> list[ArchivedMember]:
+    """The members `write_study_archive` would write, from one read of each image, without
+    building the archive: the same per-image code path (checks included), into no tar."""
+    policy = study_policy(group, policy)
+    tar: Any = _DigestOnlyTar()
+    return [
+        _add_image(tar, zone, group, group.stem, ordinal, image, policy, describe)
+        for ordinal, image in enumerate(group.sorted_images(), start=1)
+    ]
+
+
+def read_archive_members(stream: BinaryIO) -> list[tuple[str, str]]:
+    """(member name, sha256 hex) of every file in a tar.gz stream (an archive written before
+    objects carried their content digest). Folders are not members."""
+    found = []
+    with tarfile.open(fileobj=stream, mode="r|gz", bufsize=COPY_CHUNK) as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            source = tar.extractfile(info)
+            sha256 = hashlib.sha256()
+            while source is not None and (chunk := source.read(COPY_CHUNK)):
+                sha256.update(chunk)
+            found.append((info.name, sha256.hexdigest()))
+    return found

@@ -22,8 +22,8 @@ from dicom_archive.deid import DeidPolicy
 from dicom_archive.landing import LandingZone
 from dicom_archive.manifest import REPORT_NAME
 from dicom_archive.naming import batch_report_object_name, require_batch_id
-from dicom_archive.plan import STATUS_NOT_READY, BatchPlan, StudyGroup
-from dicom_archive.publish import ALREADY_PRESENT, publish_study_archive
+from dicom_archive.plan import STATUS_NOT_READY, WITHDRAWN, BatchPlan, StudyGroup
+from dicom_archive.publish import ALREADY_PRESENT, REPLACED, PublishedArchive, publish_study_archive
 from dicom_archive.rows import DEFAULT_HEADER_ALLOW_LIST, RunContext, build_row, image_fields, rows_to_ndjson
 from dicom_archive.stores import ObjectStore
 
@@ -189,10 +189,11 @@ def archive_groups(
             replace_changed=settings.replace_changed,
             describe=describe,
         )
-        rows.extend(
-            build_row(group=group, member=member, stored=published.stored, deid=deid, context=context)
-            for member in published.members
-        )
+        if not published.rows_loaded:  # else its rows are in the table already (see publish.py)
+            rows.extend(
+                build_row(group=group, member=member, stored=published.stored, deid=deid, context=context)
+                for member in published.members
+            )
         done_bytes += group.size
         summaries.append(
             {
@@ -205,11 +206,33 @@ def archive_groups(
                 "quarantined_count": group.quarantined,
                 "input_bytes": group.size,
                 "seconds": round(time.monotonic() - t0, 3),
+                **_content_fields(published),
             }
         )
         if progress is not None:
             progress(done, len(groups), done_bytes, time.monotonic() - started)
     return summaries, rows
+
+
+def _content_fields(published: PublishedArchive) -> dict[str, Any]:
+    """What the summary says of the archive's content identity (and of a replacement)."""
+    fields: dict[str, Any] = {"content_digest": published.content_digest, "name": published.stored.name}
+    if published.rows_loaded:
+        fields["rows_loaded"] = True
+    if published.legacy_checked:
+        fields["legacy_checked"] = True
+    if published.outcome == REPLACED:
+        fields["images_before"] = published.images_before
+    return fields
+
+
+def replacements(archives: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The replaced archives of a batch, with their image counts before and after."""
+    return [
+        {"uri": a["uri"], "images_before": a.get("images_before"), "images_after": a.get("image_count")}
+        for a in sorted(archives, key=lambda a: a["uri"])
+        if a.get("outcome") == REPLACED
+    ]
 
 
 def build_report(
@@ -222,6 +245,7 @@ def build_report(
     load_seconds: float | None = None,
     run_key: str | None = None,
     recovered: Recovery | None = None,
+    bigquery: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The batch report of the outputs spec. Paths and reasons only: never a header value.
 
@@ -271,11 +295,14 @@ def build_report(
             "total": len(archives),
             "written": len(written) + len(earlier),
             "already_present": len(archives) - len(written) - len(earlier),
+            "replaced": len(replacements(archives)),
+            "replacements": replacements(archives),
             "bytes": sum(a.get("size", 0) for a in archives),
             "input_bytes": input_bytes,
             "objects": sorted(a["uri"] for a in archives),
         },
-        "bigquery": {"table": table, "rows_in_batch": rows_loaded, "rows_inserted": rows_inserted},
+        "bigquery": {"table": table, "rows_in_batch": rows_loaded, "rows_inserted": rows_inserted, **(bigquery or {})},
+        "withdrawn": withdrawn_summary(plan),
         "timings": timings,
     }
     if recovered is not None and recovered.happened(earlier):
@@ -313,8 +340,17 @@ class Recovery:
         return bool(self.earlier_attempts or earlier_archives)
 
 
+def withdrawn_summary(plan: BatchPlan) -> dict[str, int]:
+    """Studies and images of the batch held back because they were withdrawn (counts only)."""
+    held = [q for q in plan.quarantined if q.reason == WITHDRAWN]
+    return {"studies": len({q.study for q in held}), "images": len(held)}
+
+
 def changed_anything(report: dict[str, Any]) -> bool:
-    return bool(report["archives"]["written"] or report["bigquery"].get("rows_inserted"))
+    bq = report["bigquery"]
+    return bool(
+        report["archives"]["written"] or bq.get("rows_inserted") or bq.get("rows_updated") or bq.get("rows_deleted")
+    )
 
 
 def publish_report(report: dict[str, Any], zone: LandingZone, store: ObjectStore | None) -> list[str]:

@@ -3,10 +3,16 @@
 Plain Python on top of `google.cloud.bigquery.Client` (production gets one from
 `BigQueryHook.get_client(project_id=...)`), so it runs the same against BigQuery and an emulator.
 
-One batch costs at most two BigQuery jobs: a load into a per-run staging table and one MERGE that
-inserts only rows whose (collection, instance_sha256) is not in the table yet. Both job ids are
-derived from the run key and a hash of the rows, so a retry re-attaches to the job it started
-instead of running it twice; the MERGE makes reruns and backfills no-ops.
+One batch costs at most two BigQuery jobs: a load into a per-run staging table and one MERGE.
+The MERGE inserts rows whose (collection, instance_sha256) is not in the table yet, brings the
+rows of an archive that was replaced (a correction) up to the new object, and deletes the rows of
+images the batch's archives no longer hold. Both job ids are derived from the run key and a hash
+of the rows, so a retry re-attaches to the job it started instead of running it twice; the MERGE
+makes reruns and backfills no-ops.
+
+Cost O(batch), not O(table): the table is clustered by entity_id, and every statement on it
+(the MERGE, the withdrawal DELETE) names the entity ids it may touch as a constant list (a query
+parameter), on the target's clustered column, so BigQuery reads only those entities' blocks.
 """
 
 from __future__ import annotations
@@ -454,6 +460,8 @@ class Batch:
     digest: str
     location: str | None
     columns_added: list[str] = field(default_factory=list)
+    entity_ids: tuple[str, ...] = ()  # of the batch's rows: what the statements may touch
+    archive_uris: tuple[str, ...] = ()  # of the batch's rows: the archives whose rows it defines
 
     @property
     def table_id(self) -> str:
@@ -477,6 +485,8 @@ class LoadResult:
     staging_table_id: str | None
     columns_added: list[str] = field(default_factory=list)
     reattached: bool = False  # the MERGE had already run (an earlier try of the same batch)
+    rows_updated: int = 0  # rows moved to a replaced archive's new object
+    rows_deleted: int = 0  # rows of images a replaced archive no longer holds
 
 
 def _slug(run_key: str) -> str:
@@ -522,6 +532,8 @@ def prepare_batch(
         digest=digest,
         location=location or dataset.location,
         columns_added=added,
+        entity_ids=tuple(sorted({str(row.get("entity_id")) for row in parsed if row.get("entity_id")})),
+        archive_uris=tuple(sorted({str(row.get("storage_uri")) for row in parsed if row.get("storage_uri")})),
     )
 
 
@@ -549,17 +561,29 @@ def _run_or_reattach(
     submit: Callable[[str], Job],
     usable: Callable[[Job], bool] = lambda job: True,
 ) -> Job:
-    """Run `submit(job_id)` under the step's first free attempt id and wait for it.
+    """Run `submit(job_id)` under the step's first free attempt id and wait for it (see run_job)."""
+    return run_job(client, lambda attempt: batch.job_id(step, attempt), batch.location, step, submit, usable)
+
+
+def run_job(
+    client: bigquery.Client,
+    job_id: Callable[[int], str],
+    location: str | None,
+    step: str,
+    submit: Callable[[str], Job],
+    usable: Callable[[Job], bool] = lambda job: True,
+) -> Job:
+    """Run `submit(job_id(attempt))` under the first free attempt id and wait for it.
 
     An attempt id already taken (409) belongs to an earlier try: if that job is running or
     succeeded and is still `usable`, wait for it and return it instead of starting another one.
     """
     for attempt in range(MAX_JOB_ATTEMPTS):
-        job_id = batch.job_id(step, attempt)
+        this_id = job_id(attempt)
         try:
-            job = submit(job_id)
+            job = submit(this_id)
         except gexc.Conflict:
-            job = client.get_job(job_id, location=batch.location)
+            job = client.get_job(this_id, location=location)
             if _succeeded(job) and usable(job):
                 return job
             continue  # that attempt failed or its output is gone: its id is burnt
@@ -570,7 +594,7 @@ def _run_or_reattach(
         if job.error_result is not None:
             _raise_job_error(job, step)
         return job
-    raise BigQueryJobError(f"{step}: {MAX_JOB_ATTEMPTS} attempts of {batch.job_id(step, 0)} all used")
+    raise BigQueryJobError(f"{step}: {MAX_JOB_ATTEMPTS} attempts of {job_id(0)} all used")
 
 
 def find_done_merge(client: bigquery.Client, batch: Batch) -> bigquery.QueryJob | None:
@@ -617,7 +641,16 @@ def stage_batch(client: bigquery.Client, batch: Batch) -> bigquery.LoadJob:
 
 
 def merge_sql(batch: Batch) -> str:
-    """MERGE that inserts each (collection, instance_sha256) of the staging table at most once."""
+    """MERGE of the staging table into the table, one row per (collection, instance_sha256).
+
+    - a new image: inserted;
+    - an image already in the table under the same archive but another generation (the archive
+      was replaced): every column takes the new value (storage fields, member name, run);
+    - a row of one of the batch's archives whose image is not in the batch: deleted (the
+      replaced archive no longer holds it).
+    Rows of the same object and generation are left alone, so a rerun changes nothing.
+    `@entity_ids` (the batch's, a constant list on the clustered column) bounds what is read.
+    """
     columns = [f.name for f in batch.schema]
     names = {c.lower() for c in columns}
     for name in columns:
@@ -626,6 +659,7 @@ def merge_sql(batch: Batch) -> str:
     order = ", ".join(f"`{c}`" for c in DEDUPE_ORDER if c.lower() in names)
     key = ", ".join(f"`{c}`" for c in ROW_KEY)
     on = " AND ".join(f"T.`{c}` = S.`{c}`" for c in ROW_KEY)
+    updates = ", ".join(f"`{c}` = S.`{c}`" for c in columns if c not in ROW_KEY)
     # WHERE TRUE: BigQuery accepts QUALIFY only next to WHERE, GROUP BY or HAVING.
     return (
         f"MERGE `{batch.table_id}` AS T\n"
@@ -634,22 +668,45 @@ def merge_sql(batch: Batch) -> str:
         f"  WHERE TRUE\n"
         f"  QUALIFY ROW_NUMBER() OVER (PARTITION BY {key} ORDER BY {order}) = 1\n"
         f") AS S\n"
-        f"ON {on}\n"
+        f"ON {on} AND T.`entity_id` IN UNNEST(@entity_ids)\n"
+        f"WHEN MATCHED AND T.`storage_uri` = S.`storage_uri`\n"
+        f"  AND T.`storage_generation` IS DISTINCT FROM S.`storage_generation` THEN\n"
+        f"  UPDATE SET {updates}\n"
         f"WHEN NOT MATCHED THEN\n"
         f"  INSERT ({', '.join(f'`{c}`' for c in columns)})\n"
         f"  VALUES ({', '.join(f'S.`{c}`' for c in columns)})\n"
+        f"WHEN NOT MATCHED BY SOURCE AND T.`entity_id` IN UNNEST(@entity_ids)\n"
+        f"  AND T.`storage_uri` IN UNNEST(@archive_uris) THEN\n"
+        f"  DELETE\n"
     )
+
+
+def merge_parameters(batch: Batch) -> list[bigquery.ArrayQueryParameter]:
+    return [
+        bigquery.ArrayQueryParameter("entity_ids", "STRING", list(batch.entity_ids)),
+        bigquery.ArrayQueryParameter("archive_uris", "STRING", list(batch.archive_uris)),
+    ]
 
 
 def merge_batch(client: bigquery.Client, batch: Batch) -> bigquery.QueryJob:
     """Run (or re-attach to) the batch's MERGE from its staging table into the table."""
     sql = merge_sql(batch)
+    config = bigquery.QueryJobConfig(query_parameters=merge_parameters(batch))
 
     def submit(job_id: str) -> bigquery.QueryJob:
         # job_retry=None: a retried query would need a new id, which defeats re-attaching.
-        return client.query(sql, job_id=job_id, location=batch.location, job_retry=None)
+        return client.query(sql, job_id=job_id, location=batch.location, job_retry=None, job_config=config)
 
     return _run_or_reattach(client, batch, "merge", submit)
+
+
+def dml_counts(job: bigquery.QueryJob) -> tuple[int, int, int]:
+    """(inserted, updated, deleted) rows of a DML job; all of it as inserted where the backend
+    reports only the total."""
+    stats = getattr(job, "dml_stats", None)
+    if stats is not None:
+        return int(stats.inserted_row_count or 0), int(stats.updated_row_count or 0), int(stats.deleted_row_count or 0)
+    return int(job.num_dml_affected_rows or 0), 0, 0
 
 
 def load_rows_exactly_once(
@@ -683,9 +740,12 @@ def load_rows_exactly_once(
 
 
 def _result(batch: Batch, load_job_id: str | None, merge_job: bigquery.QueryJob, *, reattached: bool) -> LoadResult:
+    inserted, updated, deleted = dml_counts(merge_job)
     return LoadResult(
         rows_in_batch=batch.row_count,
-        rows_inserted=int(merge_job.num_dml_affected_rows or 0),
+        rows_inserted=inserted,
+        rows_updated=updated,
+        rows_deleted=deleted,
         table_id=batch.table_id,
         load_job_id=load_job_id,
         merge_job_id=merge_job.job_id,
@@ -693,3 +753,114 @@ def _result(batch: Batch, load_job_id: str | None, merge_job: bigquery.QueryJob,
         columns_added=batch.columns_added,
         reattached=reattached,
     )
+
+
+# ----------------------------------------------------------------------------------------- withdrawals
+
+WITHDRAWALS_TABLE = "withdrawals"
+WITHDRAWALS_SCHEMA = [
+    bigquery.SchemaField("request_id", "STRING", mode="REQUIRED"),
+    bigquery.SchemaField("collection", "STRING", mode="REQUIRED"),
+    bigquery.SchemaField("entity_id", "STRING", mode="REQUIRED"),
+    bigquery.SchemaField("item_id", "STRING"),  # NULL: the whole entity (patient)
+    bigquery.SchemaField("reason", "STRING"),
+    bigquery.SchemaField("source", "STRING"),
+    bigquery.SchemaField("requested_at", "TIMESTAMP"),
+    bigquery.SchemaField("completed_at", "TIMESTAMP", mode="REQUIRED"),
+    bigquery.SchemaField("objects_deleted", "INTEGER"),
+    bigquery.SchemaField("versions_deleted", "INTEGER"),
+    bigquery.SchemaField("rows_deleted", "INTEGER"),
+    bigquery.SchemaField("dag_run_id", "STRING"),
+]
+
+
+def ensure_withdrawals_table(client: bigquery.Client, dataset_id: str, location: str | None = None) -> str:
+    """The collection's `withdrawals` log (one row per completed request), created if missing."""
+    ensure_dataset(client, dataset_id, location or "US")
+    table_id = table_ref(client.project, dataset_id, WITHDRAWALS_TABLE)
+    if _get_table(client, table_id) is None:
+        client.create_table(bigquery.Table(table_id, schema=WITHDRAWALS_SCHEMA), exists_ok=True)
+    return table_id
+
+
+def withdraw_rows_sql(table_id: str, *, whole_entity: bool) -> str:
+    """DELETE of one entity's (or one study's) rows. The entity is a constant on the clustered
+    column, so BigQuery reads only that entity's blocks."""
+    study = "" if whole_entity else "\n  AND `item_id` = @item_id"
+    return (
+        f"DELETE FROM `{table_id}`\nWHERE `entity_id` IN UNNEST(@entity_ids)\n  AND `collection` = @collection{study}\n"
+    )
+
+
+def withdrawal_log_sql(table_id: str) -> str:
+    """Insert the request's log row once (a rerun or a retry finds it there)."""
+    columns = [f.name for f in WITHDRAWALS_SCHEMA]
+    select = ",\n    ".join(f"@{c} AS `{c}`" for c in columns)
+    return (
+        f"MERGE `{table_id}` AS T\n"
+        f"USING (SELECT\n    {select}) AS S\n"
+        f"ON T.`request_id` = S.`request_id`\n"
+        f"WHEN NOT MATCHED THEN\n"
+        f"  INSERT ({', '.join(f'`{c}`' for c in columns)})\n"
+        f"  VALUES ({', '.join(f'S.`{c}`' for c in columns)})\n"
+    )
+
+
+def _withdraw_job_id(request_id: str, key: str, step: str) -> Callable[[int], str]:
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return lambda attempt: f"withdraw_{step}_{_slug(request_id)}_{digest}_{attempt}"
+
+
+def delete_withdrawn_rows(
+    client: bigquery.Client,
+    *,
+    dataset_id: str,
+    collection: str,
+    request_id: str,
+    entity_id: str,
+    item_id: str | None,
+    table: str = DEFAULT_TABLE,
+    location: str | None = None,
+) -> int:
+    """Delete the entity's (or study's) rows under a deterministic job id: a retry re-attaches to
+    the job an earlier try ran and reports its count. 0 when the table does not exist."""
+    table_id = table_ref(client.project, dataset_id, table)
+    if _get_table(client, table_id) is None:
+        return 0
+    sql = withdraw_rows_sql(table_id, whole_entity=item_id is None)
+    params: list[Any] = [
+        bigquery.ArrayQueryParameter("entity_ids", "STRING", [entity_id]),
+        bigquery.ScalarQueryParameter("collection", "STRING", collection),
+    ]
+    if item_id is not None:
+        params.append(bigquery.ScalarQueryParameter("item_id", "STRING", item_id))
+    config = bigquery.QueryJobConfig(query_parameters=params)
+    key = "\0".join([table_id, request_id, entity_id, item_id or ""])
+
+    def submit(job_id: str) -> bigquery.QueryJob:
+        return client.query(sql, job_id=job_id, location=location, job_retry=None, job_config=config)
+
+    job = run_job(client, _withdraw_job_id(request_id, key, "delete"), location, "withdrawal delete", submit)
+    return int(job.num_dml_affected_rows or 0)
+
+
+def log_withdrawal(
+    client: bigquery.Client, *, dataset_id: str, record: Mapping[str, Any], location: str | None = None
+) -> None:
+    """One row per request in the collection's `withdrawals` table (idempotent)."""
+    table_id = ensure_withdrawals_table(client, dataset_id, location)
+    kinds = {"INTEGER": "INT64", "TIMESTAMP": "TIMESTAMP", "STRING": "STRING"}
+    params = []
+    for f in WITHDRAWALS_SCHEMA:
+        value = record.get(f.name)
+        if f.field_type == "TIMESTAMP" and value is not None:
+            value = dt.datetime.fromisoformat(str(value))
+        params.append(bigquery.ScalarQueryParameter(f.name, kinds[f.field_type], value))
+    config = bigquery.QueryJobConfig(query_parameters=params)
+    sql = withdrawal_log_sql(table_id)
+
+    def submit(job_id: str) -> bigquery.QueryJob:
+        return client.query(sql, job_id=job_id, location=location, job_retry=None, job_config=config)
+
+    key = "\0".join([table_id, str(record["request_id"])])
+    run_job(client, _withdraw_job_id(str(record["request_id"]), key, "log"), location, "withdrawal log", submit)

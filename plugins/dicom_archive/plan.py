@@ -11,6 +11,7 @@ import dataclasses
 import json
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -39,6 +40,7 @@ STATUS_DONE = "DONE"
 STATUS_EMPTY = "EMPTY"
 STATUS_ERROR = "ERROR"
 STATUS_NOT_READY = "NOT_READY"  # no batch.json, or a status that says the anonymizer is not done
+WITHDRAWN = "withdrawn"  # quarantine reason: the study or its patient was withdrawn (withdraw.py)
 
 
 @dataclass
@@ -413,6 +415,26 @@ _NEVER_READ = frozenset(str(r) for r in (Reason.PHI_FOLDER, Reason.FLAGGED_IN_LO
 
 def _lookup_failure(broken: list[str]) -> dict[str, str]:
     return {"reason": str(Reason.IDENTIFYING_ATTRIBUTE), "detail": "lookup.json: " + "; ".join(broken)}
+
+
+def apply_withdrawals(plan: BatchPlan, withdrawn_by: Callable[[str, str], str | None]) -> BatchPlan:
+    """Hold back every study that was withdrawn, like a quarantine reason: its images are listed
+    as `withdrawn` and never archived again. `withdrawn_by(entity_id, item_id)` names the
+    withdrawal request, or None. Kept apart from the header checks: it needs the archive store."""
+    kept = []
+    for group in plan.groups:
+        request = withdrawn_by(group.entity_id, group.item_id)
+        if request is None:
+            kept.append(group)
+            continue
+        plan.quarantined.extend(
+            QuarantinedImage(image.relpath, WITHDRAWN, f"withdrawn by request {request}", study=group.stem)
+            for image in group.images
+        )
+    plan.groups = kept
+    if plan.status == STATUS_DONE and not plan.groups:
+        plan.status = STATUS_EMPTY
+    return plan
 
 
 def find_completed_batches(

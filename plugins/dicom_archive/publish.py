@@ -1,30 +1,65 @@
-"""Publishing one study archive: idempotent, create-only, verified.
+"""Publishing one study archive: idempotent, create-only, verified, identified by its content.
 
-- No object yet: stream the archive with a create-only precondition, then compare the md5 and
-  crc32c computed while streaming with what the store reports; on a mismatch the object is
-  deleted and the task fails.
-- An object exists: build the archive again into nothing but the hashes. Same md5: left alone,
-  reported as already present. Different: a clear failure, unless replacement is allowed.
+An archive's identity is its content digest (archive.content_digest: a sha256 over the sorted
+(member name, member sha256) list, with a format version), kept in the object's custom metadata.
+The compressed bytes are never compared: a change of DICOM_GZIP_LEVEL, of python-isal or of the
+tar layout leaves the identity as it is.
+
+- No object yet: stream the archive with a create-only precondition, compare the md5 and crc32c
+  computed while streaming with what the store reports (a mismatch deletes the object and fails),
+  then record the content digest in the object's metadata (guarded by its metageneration).
+- An object exists: hash each image once, without compressing or uploading anything, and compare
+  the digest with the object's. Same: left alone, reported as already present. Different: a
+  conflict, or with replacement allowed a replacement guarded by the old generation.
+- An object without a digest (written before digests existed, or whose digest update was
+  interrupted) is read once: its members are hashed and, if they match, the digest is added by a
+  metadata-only update guarded by the metageneration. Later reruns are cheap again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import tarfile
+import zlib
 from dataclasses import dataclass
 
 from dicom_archive import PIPELINE_VERSION
-from dicom_archive.archive import ArchiveDigest, ArchivedMember, Describe, write_study_archive
+from dicom_archive.archive import (
+    CONTENT_DIGEST_FORMAT,
+    ArchiveDigest,
+    ArchivedMember,
+    Describe,
+    content_digest,
+    hash_study_members,
+    members_digest,
+    read_archive_members,
+    write_study_archive,
+)
 from dicom_archive.deid import DeidPolicy
 from dicom_archive.landing import LandingZone
 from dicom_archive.plan import StudyGroup
-from dicom_archive.stores import ARCHIVE_CONTENT_TYPE, ObjectExistsError, ObjectStore, StoredObject
+from dicom_archive.stores import (
+    ARCHIVE_CONTENT_TYPE,
+    ObjectChangedError,
+    ObjectExistsError,
+    ObjectStore,
+    StoredObject,
+)
 
 WRITTEN = "written"
 ALREADY_PRESENT = "already_present"
 REPLACED = "replaced"
 
+DIGEST_KEY = "content_digest"
+DIGEST_FORMAT_KEY = "content_digest_format"
+# Set after the MERGE that loaded the archive's rows succeeded: the generation whose rows are in
+# the table. A rerun that finds the archive present with its rows loaded builds no rows at all.
+ROWS_LOADED_KEY = "rows_loaded_generation"
+
 
 class ArchiveConflictError(RuntimeError):
-    """The archive's name is taken by different bytes, and replacement is not allowed."""
+    """The archive's name is taken by other content, and replacement is not allowed."""
 
 
 class ChecksumMismatchError(RuntimeError):
@@ -37,25 +72,110 @@ class PublishedArchive:
     stored: StoredObject
     digest: ArchiveDigest
     members: list[ArchivedMember]
+    content_digest: str = ""
+    legacy_checked: bool = False  # an object without a digest was read to compare it
+    images_before: int | None = None  # replaced: how many images the old object held
+    rows_loaded: bool = False  # present, and its rows are known to be in the table: no rows needed
 
 
-def archive_metadata(group: StudyGroup) -> dict[str, str]:
-    return {
+def archive_metadata(group: StudyGroup, members: list[ArchivedMember] | None = None) -> dict[str, str]:
+    metadata = {
         "batch_id": group.batch_id,
         "collection": group.collection,
-        "image_count": str(len(group.images)),
+        "image_count": str(len(members) if members is not None else len(group.images)),
         "pipeline_version": PIPELINE_VERSION,
     }
+    if members is not None:
+        metadata[DIGEST_KEY] = members_digest(members)
+        metadata[DIGEST_FORMAT_KEY] = CONTENT_DIGEST_FORMAT
+    return metadata
 
 
-def _conflict_message(store: ObjectStore, existing: StoredObject, digest: ArchiveDigest, n_images: int) -> str:
+def stored_digest(stored: StoredObject) -> str | None:
+    """The object's content digest, if it carries one of the current format."""
+    if stored.metadata.get(DIGEST_FORMAT_KEY) != CONTENT_DIGEST_FORMAT:
+        return None
+    return stored.metadata.get(DIGEST_KEY) or None
+
+
+@dataclass
+class _Judgement:
+    same: bool
+    stored: StoredObject  # possibly with its digest just added
+    legacy_checked: bool
+    images: int | None  # images in the stored object, when known
+
+
+def _judge(store: ObjectStore, existing: StoredObject, digest: str) -> _Judgement:
+    """Does `existing` hold the content whose digest is `digest`?"""
+    known = stored_digest(existing)
+    count = existing.metadata.get("image_count")
+    if known is not None:
+        return _Judgement(known == digest, existing, False, int(count) if count and count.isdigit() else None)
+    # No digest: read the members of exactly the generation that was looked at.
+    try:
+        with store.open_reader(existing.name, existing.generation) as stream:
+            members = read_archive_members(stream)
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile):
+        return _Judgement(False, existing, True, None)  # not an archive of ours at all
+    theirs = content_digest(members)
+    if theirs != digest:
+        return _Judgement(False, existing, True, len(members))
+    metadata = {**existing.metadata, DIGEST_KEY: theirs, DIGEST_FORMAT_KEY: CONTENT_DIGEST_FORMAT}
+    metadata.setdefault("image_count", str(len(members)))
+    try:
+        updated = store.update_metadata(existing.name, metadata, if_metageneration_match=existing.metageneration)
+    except ObjectChangedError:
+        updated = existing  # someone else updated it first; what we compared is still that generation
+    return _Judgement(True, updated if updated.generation == existing.generation else existing, True, len(members))
+
+
+def _conflict_message(store: ObjectStore, existing: StoredObject, judged: _Judgement, digest: str, n: int) -> str:
+    theirs = stored_digest(existing) or "none (an object without a digest: its members were read)"
+    images = judged.images if judged.images is not None else "?"
     return (
-        f"{store.uri(existing.name)} already exists with different bytes: stored md5 {existing.md5}, "
-        f"{existing.size} bytes, generation {existing.generation}, written by batch "
-        f"{existing.metadata.get('batch_id', '?')} with {existing.metadata.get('image_count', '?')} images; "
-        f"this batch gives md5 {digest.md5}, {digest.size} bytes, {n_images} images. "
+        f"{store.uri(existing.name)} already exists with different content: stored content digest {theirs}, "
+        f"generation {existing.generation}, written by batch {existing.metadata.get('batch_id', '?')} with "
+        f"{images} images; this batch gives content digest {digest}, {n} images. "
         "Nothing was overwritten. Set DICOM_REPLACE_CHANGED_ARCHIVES=true to replace it."
     )
+
+
+def rows_loaded(stored: StoredObject) -> bool:
+    """Whether the rows of this very generation were loaded (see ROWS_LOADED_KEY)."""
+    return stored.generation is not None and stored.metadata.get(ROWS_LOADED_KEY) == str(stored.generation)
+
+
+def _present(judged: _Judgement, members: list[ArchivedMember], digest: str) -> PublishedArchive:
+    stored = judged.stored
+    return PublishedArchive(
+        ALREADY_PRESENT,
+        stored,
+        ArchiveDigest(stored.size, stored.md5, stored.crc32c),
+        members,
+        content_digest=digest,
+        legacy_checked=judged.legacy_checked,
+        rows_loaded=rows_loaded(stored) and stored_digest(stored) == digest,
+    )
+
+
+def mark_rows_loaded(store: ObjectStore, name: str, generation: int | None) -> bool:
+    """Record on the archive that the rows of `generation` are in the table (after the MERGE).
+    Metadata only, guarded by the metageneration; False if the object moved on meanwhile."""
+    stored = store.get(name)
+    if stored is None or generation is None or stored.generation != generation:
+        return False
+    if rows_loaded(stored):
+        return True
+    try:
+        store.update_metadata(
+            name,
+            {**stored.metadata, ROWS_LOADED_KEY: str(generation)},
+            if_metageneration_match=stored.metageneration,
+        )
+    except ObjectChangedError:
+        return False
+    return True
 
 
 def publish_study_archive(
@@ -71,14 +191,18 @@ def publish_study_archive(
     name = group.object_name
     existing = store.get(name)
     precondition = 0
+    judged: _Judgement | None = None
     if existing is not None:
-        digest, members = write_study_archive(
-            group, zone, None, policy=policy, compresslevel=compresslevel, describe=describe
-        )
-        if digest.md5 == existing.md5:
-            return PublishedArchive(ALREADY_PRESENT, existing, digest, members)
+        # A rerun: hash each image once, compress nothing, upload nothing. When the rows of this
+        # generation are known to be loaded, not even the rows' header fields are taken.
+        needs_rows = not (rows_loaded(existing) and stored_digest(existing) is not None)
+        members = hash_study_members(group, zone, policy=policy, describe=describe if needs_rows else None)
+        digest = members_digest(members)
+        judged = _judge(store, existing, digest)
+        if judged.same:
+            return _present(judged, members, digest)
         if not replace_changed:
-            raise ArchiveConflictError(_conflict_message(store, existing, digest, len(group.images)))
+            raise ArchiveConflictError(_conflict_message(store, existing, judged, digest, len(members)))
         precondition = existing.generation or 0
 
     try:
@@ -88,29 +212,44 @@ def publish_study_archive(
             content_type=ARCHIVE_CONTENT_TYPE,
             if_generation_match=precondition,
         ) as stream:
-            digest, members = write_study_archive(
+            archived, members = write_study_archive(
                 group, zone, stream, policy=policy, compresslevel=compresslevel, describe=describe
             )
     except ObjectExistsError:
         # Another writer won the race between our look and our write (the precondition may
-        # fail before the stream ends): judge its object against a fresh digest of ours.
+        # fail before the stream ends): judge its object by content.
         raced = store.get(name)
         if raced is None:
             raise
-        digest, members = write_study_archive(
-            group, zone, None, policy=policy, compresslevel=compresslevel, describe=describe
-        )
-        if raced.md5 == digest.md5:
-            return PublishedArchive(ALREADY_PRESENT, raced, digest, members)
-        raise ArchiveConflictError(_conflict_message(store, raced, digest, len(group.images))) from None
+        members = hash_study_members(group, zone, policy=policy, describe=describe)
+        digest = members_digest(members)
+        raced_judged = _judge(store, raced, digest)
+        if raced_judged.same:
+            return _present(raced_judged, members, digest)
+        raise ArchiveConflictError(_conflict_message(store, raced, raced_judged, digest, len(members))) from None
 
     stored = store.get(name)
-    if stored is None or (stored.md5, stored.crc32c, stored.size) != (digest.md5, digest.crc32c, digest.size):
+    if stored is None or (stored.md5, stored.crc32c, stored.size) != (archived.md5, archived.crc32c, archived.size):
         if stored is not None:
             store.delete(name, stored.generation)
         seen = "nothing" if stored is None else f"md5 {stored.md5}, crc32c {stored.crc32c}, {stored.size} bytes"
         raise ChecksumMismatchError(
-            f"{store.uri(name)}: streamed md5 {digest.md5}, crc32c {digest.crc32c}, {digest.size} bytes, "
+            f"{store.uri(name)}: streamed md5 {archived.md5}, crc32c {archived.crc32c}, {archived.size} bytes, "
             f"but the store reports {seen}; the object was removed"
         )
-    return PublishedArchive(REPLACED if existing is not None else WRITTEN, stored, digest, members)
+    # The digest is known only once every image went through; a resumable upload fixes its
+    # metadata when it starts, so it is added now. Interrupted here, the object is judged like
+    # one without a digest on the next run (its members are read once) and repaired then.
+    with contextlib.suppress(ObjectChangedError):
+        stored = store.update_metadata(
+            name, archive_metadata(group, members), if_metageneration_match=stored.metageneration
+        )
+    return PublishedArchive(
+        REPLACED if existing is not None else WRITTEN,
+        stored,
+        archived,
+        members,
+        content_digest=members_digest(members),
+        legacy_checked=bool(judged and judged.legacy_checked),
+        images_before=judged.images if judged is not None else None,
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,10 @@ class ObjectExistsError(RuntimeError):
     """A create-only write found the name taken (HTTP 412 on Cloud Storage)."""
 
 
+class ObjectChangedError(RuntimeError):
+    """A guarded update found the object changed since it was read (HTTP 412 on Cloud Storage)."""
+
+
 @dataclass
 class StoredObject:
     uri: str
@@ -39,6 +44,7 @@ class StoredObject:
     media_link: str | None = None
     self_link: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    metageneration: int | None = None  # guards metadata-only updates (None: the store has none)
 
     def as_xcom(self) -> dict[str, Any]:
         return {
@@ -74,6 +80,18 @@ class ObjectStore(Protocol):
 
     def read_versioned(self, name: str) -> tuple[bytes, int] | None: ...
 
+    # Content identity and withdrawals (see publish.py and withdraw.py).
+
+    def update_metadata(
+        self, name: str, metadata: dict[str, str], *, if_metageneration_match: int | None
+    ) -> StoredObject: ...
+
+    def open_reader(self, name: str, generation: int | None) -> contextlib.AbstractContextManager[BinaryIO]: ...
+
+    def list_versions(self, prefix: str) -> list[StoredObject]: ...
+
+    def delete_version(self, name: str, generation: int | None) -> bool: ...
+
 
 class GCSObjectStore:
     """A bucket, through a google.cloud.storage.Bucket (production gets it from GCSHook)."""
@@ -100,6 +118,7 @@ class GCSObjectStore:
             media_link=blob.media_link,
             self_link=blob.self_link,
             metadata=dict(blob.metadata or {}),
+            metageneration=int(blob.metageneration) if blob.metageneration is not None else None,
         )
 
     def get(self, name: str) -> StoredObject | None:
@@ -198,6 +217,42 @@ class GCSObjectStore:
             return None
         return data, generation
 
+    def update_metadata(
+        self, name: str, metadata: dict[str, str], *, if_metageneration_match: int | None
+    ) -> StoredObject:
+        """Replace the object's custom metadata (all of it: the emulator replaces rather than
+        merges, so the full set is always sent), only if its metageneration is still the one read."""
+        from google.api_core.exceptions import PreconditionFailed
+
+        blob = self.bucket.blob(name)
+        blob.metadata = metadata
+        try:
+            blob.patch(if_metageneration_match=if_metageneration_match, **self._retry)
+        except PreconditionFailed as err:
+            raise ObjectChangedError(f"{self.uri(name)} changed while its metadata was updated") from err
+        return self._stored(blob)
+
+    @contextlib.contextmanager
+    def open_reader(self, name: str, generation: int | None) -> Iterator[BinaryIO]:
+        blob = self.bucket.blob(name, generation=generation)
+        with blob.open("rb", chunk_size=self.upload_chunk, **self._retry) as stream:
+            yield stream
+
+    def list_versions(self, prefix: str) -> list[StoredObject]:
+        """Every version under `prefix`, noncurrent ones included where the bucket keeps them."""
+        blobs = self.bucket.list_blobs(prefix=prefix, versions=True, **self._retry)
+        return sorted((self._stored(blob) for blob in blobs), key=lambda o: (o.name, o.generation or 0))
+
+    def delete_version(self, name: str, generation: int | None) -> bool:
+        """Delete one version for good (False: it was gone already, e.g. an earlier try's)."""
+        from google.api_core.exceptions import NotFound
+
+        try:
+            self.bucket.blob(name, generation=generation).delete(**self._retry)
+        except NotFound:
+            return False
+        return True
+
 
 def _file_digest(path: Path) -> tuple[str, str]:
     md5 = hashlib.md5(usedforsecurity=False)
@@ -207,6 +262,9 @@ def _file_digest(path: Path) -> tuple[str, str]:
             md5.update(chunk)
             crc.update(chunk)
     return base64.b64encode(md5.digest()).decode(), base64.b64encode(crc.digest()).decode()
+
+
+METADATA_DIR = ".metadata"  # local store: custom metadata of `name` in `.metadata/<name>.json`
 
 
 class LocalObjectStore:
@@ -236,7 +294,45 @@ class LocalObjectStore:
             crc32c=crc,
             generation=stat.st_mtime_ns,
             created=datetime.fromtimestamp(stat.st_mtime, UTC).isoformat(),
+            metadata=self._read_metadata(name),
         )
+
+    def _metadata_path(self, name: str) -> Path:
+        return self._path(f"{METADATA_DIR}/{name}.json")
+
+    def _read_metadata(self, name: str) -> dict[str, str]:
+        try:
+            return json.loads(self._metadata_path(name).read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def _write_metadata(self, name: str, metadata: dict[str, str]) -> None:
+        path = self._metadata_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        tmp.write_text(json.dumps(metadata, sort_keys=True))
+        tmp.replace(path)
+
+    def update_metadata(
+        self, name: str, metadata: dict[str, str], *, if_metageneration_match: int | None
+    ) -> StoredObject:
+        if not self._path(name).is_file():
+            raise ObjectChangedError(f"{self.uri(name)} is gone")
+        self._write_metadata(name, metadata)
+        return self._stored(self._path(name), name)
+
+    @contextlib.contextmanager
+    def open_reader(self, name: str, generation: int | None) -> Iterator[BinaryIO]:
+        with open(self._path(name), "rb") as stream:
+            yield stream
+
+    def list_versions(self, prefix: str) -> list[StoredObject]:
+        return [self._stored(self._path(name), name) for name in self.list_names(prefix)]
+
+    def delete_version(self, name: str, generation: int | None) -> bool:
+        existed = self._path(name).is_file()
+        self.delete(name, generation)
+        return existed
 
     def get(self, name: str) -> StoredObject | None:
         path = self._path(name)
@@ -262,12 +358,15 @@ class LocalObjectStore:
                 if current is not None and current.generation != if_generation_match:
                     raise ObjectExistsError(f"{path} changed while it was being replaced")
                 os.replace(tmp, path)
+            self._write_metadata(name, metadata)
         finally:
             tmp.unlink(missing_ok=True)
 
     def delete(self, name: str, generation: int | None) -> None:
         path = self._path(name)
         path.unlink(missing_ok=True)
+        if not name.startswith(f"{METADATA_DIR}/"):
+            self._metadata_path(name).unlink(missing_ok=True)
         # A bucket has no folders: leave none behind either.
         root = self.root.resolve()
         for parent in path.parents:
@@ -312,4 +411,8 @@ class LocalObjectStore:
         if not base.is_dir():
             return []
         names = (p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file())
-        return sorted(n for n in names if n.startswith(prefix) and not Path(n).name.endswith(".partial"))
+        return sorted(
+            n
+            for n in names
+            if n.startswith(prefix) and not Path(n).name.endswith(".partial") and not n.startswith(f"{METADATA_DIR}/")
+        )

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator, Context
 
 from operators.assets import ARCHIVES_ALIAS, archive_prefix_asset
+from operators.failures import fail_at_once_on_permanent_errors
 from operators.links import CollectionArchivesLink
 
 if TYPE_CHECKING:
@@ -56,6 +57,10 @@ class DicomStudyArchiveOperator(BaseOperator):
         self.console_links: dict[str, str] = {}
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
+        with fail_at_once_on_permanent_errors():
+            return self._archive(context)
+
+    def _archive(self, context: Context) -> list[dict[str, Any]]:
         # Imported here, not at module level, so that parsing the DAG stays fast.
         from airflow.sdk.exceptions import AirflowFailException
 
@@ -77,6 +82,7 @@ class DicomStudyArchiveOperator(BaseOperator):
         with hook.explain_google_errors(f"the staged plans under {store.uri('_staging/')}"):
             work = self._resolve(refs, store, context["run_id"])
         for staging, chunk, groups, deid in work:
+            groups = self._drop_withdrawn(groups, store)
             if not groups:
                 continue
             self.log.info("batch %s: archiving %d studies (chunk %s)", staging.batch_id, len(groups), chunk)
@@ -109,9 +115,35 @@ class DicomStudyArchiveOperator(BaseOperator):
                         "batch_id": staging.batch_id,
                         "archives": len(chunk_summaries),
                         "written": sum(s["outcome"] != "already_present" for s in chunk_summaries),
+                        "replaced": sum(s["outcome"] == "replaced" for s in chunk_summaries),
                     },
                 )
+            for summary in chunk_summaries:
+                if summary["outcome"] == "replaced":
+                    self.log.info(
+                        "replaced %s: %s images before, %s after",
+                        summary["uri"],
+                        summary.get("images_before", "?"),
+                        summary["image_count"],
+                    )
         return summaries
+
+    def _drop_withdrawn(self, groups: list[StudyGroup], store: ObjectStore) -> list[StudyGroup]:
+        """Studies withdrawn since the plan was made are not archived (the plan step holds back
+        those withdrawn before it, as quarantine reason `withdrawn`)."""
+        from dicom_archive.withdraw import WithdrawnIndex
+
+        if not groups:
+            return groups
+        index = WithdrawnIndex.load(store, groups[0].collection)
+        if not index.names:
+            return groups
+        kept = [g for g in groups if index.withdrawn_by(g.entity_id, g.item_id) is None]
+        if len(kept) != len(groups):
+            self.log.warning(
+                "%d studies of this chunk were withdrawn since planning: not archived", len(groups) - len(kept)
+            )
+        return kept
 
     def _resolve(
         self, refs: list[dict[str, Any]], store: ObjectStore, run_id: str

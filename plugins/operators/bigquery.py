@@ -9,6 +9,7 @@ from typing import Any
 from airflow.sdk import BaseOperator, Context
 
 from operators.assets import TABLES_ALIAS, table_asset
+from operators.failures import fail_at_once_on_permanent_errors
 from operators.links import CollectionTableLink
 
 TABLE = "dicom"
@@ -49,6 +50,10 @@ class DicomMetadataToBigQueryOperator(BaseOperator):
         self.console_links: dict[str, str] = {}
 
     def execute(self, context: Context) -> dict[str, Any]:
+        with fail_at_once_on_permanent_errors():
+            return self._load(context)
+
+    def _load(self, context: Context) -> dict[str, Any]:
         from airflow.sdk.exceptions import AirflowFailException
 
         from dicom_archive.batch import Staging
@@ -76,9 +81,15 @@ class DicomMetadataToBigQueryOperator(BaseOperator):
 
         if settings.send_to_google:
             result = self._load_to_bigquery(hook, settings, collection, ndjson)
+            result["archives_marked"] = self._mark_rows_loaded(store, staging)
             context["outlet_events"][TABLES_ALIAS].add(
                 table_asset(settings.project, collection, TABLE),
-                extra={"batch_id": self.batch["batch_id"], "rows_inserted": result["rows_inserted"]},
+                extra={
+                    "batch_id": self.batch["batch_id"],
+                    "rows_inserted": result["rows_inserted"],
+                    "rows_updated": result.get("rows_updated", 0),
+                    "rows_deleted": result.get("rows_deleted", 0),
+                },
             )
         else:
             name = f"BigQuery/{collection}/{TABLE}/{self.batch['batch_id']}.ndjson"
@@ -88,20 +99,36 @@ class DicomMetadataToBigQueryOperator(BaseOperator):
         result["seconds"] = round(time.monotonic() - started, 3)
         staging.write_result("bigquery", result)
         self.log.info(
-            "batch %s: %d rows, %d new in %s",
+            "batch %s: %d rows, %d new, %d updated (replaced archives), %d deleted in %s",
             self.batch["batch_id"],
             result["rows_in_batch"],
             result["rows_inserted"],
+            result.get("rows_updated", 0),
+            result.get("rows_deleted", 0),
             result["table"],
         )
         return result
 
+    def _mark_rows_loaded(self, store: Any, staging: Any) -> int:
+        """After the MERGE: mark each archive whose rows it loaded, so that a no-op rerun builds
+        no rows and runs no BigQuery job for it."""
+        from dicom_archive.publish import mark_rows_loaded
+
+        marked = 0
+        for chunk in staging.read_archive_summaries().values():
+            for summary in chunk:
+                if summary.get("rows_loaded") or "name" not in summary:
+                    continue
+                marked += mark_rows_loaded(store, summary["name"], summary.get("generation"))
+        return marked
+
     def _load_to_bigquery(self, hook: Any, settings: Any, collection: str, ndjson: bytes) -> dict[str, Any]:
-        from dicom_archive.bigquery_load import load_rows_exactly_once
+        from dicom_archive.bigquery_load import ensure_withdrawals_table, load_rows_exactly_once
 
         table_id = f"{settings.project}.{collection}.{TABLE}"
         with hook.explain_google_errors(f"the BigQuery table {table_id}"):
             client = hook.bigquery_client(settings.project, settings.bigquery_location)
+            ensure_withdrawals_table(client, collection, settings.bigquery_location)  # for the summary SQL
             loaded = load_rows_exactly_once(
                 client,
                 dataset_id=collection,
@@ -117,6 +144,8 @@ class DicomMetadataToBigQueryOperator(BaseOperator):
             "table": loaded.table_id,
             "rows_in_batch": loaded.rows_in_batch,
             "rows_inserted": loaded.rows_inserted,
+            "rows_updated": loaded.rows_updated,
+            "rows_deleted": loaded.rows_deleted,
             "jobs": [job for job in (loaded.load_job_id, loaded.merge_job_id) if job],
             "columns_added": loaded.columns_added,
         }

@@ -1,0 +1,44 @@
+"""Errors a retry cannot fix fail the task at once, without retries.
+
+A conflict (another archive under the same name, replacing not allowed), an image that no
+longer passes the de-identification re-check or changed since it was planned, a schema
+conflict, a bad row, a bad setting or a bad withdrawal request gives the same result on every
+try: retrying them only delays the failure (3 retries with backoff took about 5 minutes).
+Transient errors (Google unavailable, a checksum mismatch after an upload) still retry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+
+def permanent_errors() -> tuple[type[BaseException], ...]:
+    """The exception classes that fail a task at once (imported lazily: DAG parsing stays fast)."""
+    from dicom_archive.archive import ArchiveIntegrityError
+    from dicom_archive.bigquery_load import RowError, SchemaConflictError
+    from dicom_archive.naming import InvalidIdentifierError
+    from dicom_archive.publish import ArchiveConflictError
+    from dicom_archive.settings import SettingsError
+    from dicom_archive.withdraw import WithdrawalRequestError
+
+    return (
+        ArchiveConflictError,
+        ArchiveIntegrityError,
+        SchemaConflictError,
+        RowError,
+        SettingsError,
+        InvalidIdentifierError,
+        WithdrawalRequestError,
+    )
+
+
+@contextlib.contextmanager
+def fail_at_once_on_permanent_errors() -> Iterator[None]:
+    """Re-raise a permanent error as AirflowFailException (no retries), keeping its message."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    try:
+        yield
+    except permanent_errors() as err:
+        raise AirflowFailException(f"{type(err).__name__}: {err} (not retried: a retry cannot fix this)") from err

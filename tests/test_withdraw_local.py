@@ -1,0 +1,107 @@
+"""Withdrawal requests and the local output folder (SEND_TO_GOOGLE=false): parsing, names, and
+processing against a LocalObjectStore, where the rows are NDJSON files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dicom_archive.naming import archive_object_name
+from dicom_archive.plan import BatchPlan, ImageRecord, StudyGroup, apply_withdrawals
+from dicom_archive.stores import LocalObjectStore
+from dicom_archive.withdraw import (
+    WithdrawalRequestError,
+    WithdrawnIndex,
+    delete_local_rows,
+    make_request,
+    marker_name,
+    parse_request_file,
+    process_withdrawal,
+)
+
+C = "IRB1"
+
+
+def request(**doc):
+    return make_request({"collection": C, "entity_id": "E1", "request_id": "r1", **doc}, where="test", source="manual")
+
+
+@pytest.mark.parametrize(
+    ("doc", "words"),
+    [
+        ({"entity_id": "../x"}, "entity_id"),
+        ({"entity_id": None}, "entity_id"),
+        ({"collection": "IRB-1"}, "collection"),
+        ({"item_id": "a/b"}, "item_id"),
+        ({"request_id": ".."}, "request_id"),
+        ({"reason": "the patient called on Monday"}, "never free text"),
+        ({"requested_at": "yesterday"}, "RFC 3339"),
+    ],
+)
+def test_a_bad_request_is_refused_with_the_rule(doc, words):
+    with pytest.raises(WithdrawalRequestError, match=words):
+        request(**doc)
+
+
+def test_request_file_takes_its_id_from_its_name():
+    got = parse_request_file(b'{"collection": "IRB1", "entity_id": "E1"}', file_name="wd-7.json", where="f")
+    assert (got.request_id, got.scope, got.source, got.reason) == ("wd-7", "entity", "landing_zone", "other")
+    with pytest.raises(WithdrawalRequestError, match="differs from the file name"):
+        parse_request_file(
+            b'{"collection": "IRB1", "entity_id": "E1", "request_id": "x"}', file_name="y.json", where="f"
+        )
+    with pytest.raises(WithdrawalRequestError, match="not valid JSON"):
+        parse_request_file(b"{", file_name="y.json", where="f")
+
+
+def test_entity_and_study_markers_never_collide():
+    assert marker_name(C, "E1", None) == "Collection/IRB1/Withdrawn/E1.json"
+    assert marker_name(C, "E1", "I1") == "Collection/IRB1/Withdrawn/E1/I1.json"
+    assert marker_name(C, "E1.json", None) != marker_name(C, "E1", None)
+
+
+def test_local_withdrawal_deletes_archives_and_ndjson_rows_and_is_idempotent(tmp_path):
+    store = LocalObjectStore(tmp_path)
+    names = [archive_object_name(C, "E1", "20230101", item) for item in ("I1", "I2")]
+    keep = archive_object_name(C, "E10", "20230101", "I1")  # a prefix of E1's name, another entity
+    for name in [*names, keep]:
+        store.write_bytes(name, b"tar.gz", "application/gzip")
+    rows = [{"entity_id": e, "item_id": i, "instance_sha256": f"{e}{i}{n}"} for e, i, n in
+            [("E1", "I1", 1), ("E1", "I1", 2), ("E1", "I2", 1), ("E10", "I1", 1)]]  # fmt: skip
+    store.write_bytes(f"BigQuery/{C}/dicom/b1.ndjson", b"".join(json.dumps(r).encode() + b"\n" for r in rows), "x")
+
+    record = process_withdrawal(request(item_id="I1"), store, delete_rows=delete_local_rows(store))
+    assert (record.status, record.objects_deleted, record.rows_deleted) == ("complete", 1, 2)
+    assert store.get(names[0]) is None
+    assert store.get(names[1]) is not None
+    record = process_withdrawal(request(request_id="r2"), store, delete_rows=delete_local_rows(store))
+    assert (record.objects_deleted, record.rows_deleted, record.scope) == (1, 1, "entity")
+    assert store.get(keep) is not None
+    left = [json.loads(line) for line in store.read_bytes(f"BigQuery/{C}/dicom/b1.ndjson").splitlines()]
+    assert [r["entity_id"] for r in left] == ["E10"]
+
+    again = process_withdrawal(request(request_id="r2"), store, delete_rows=lambda r: pytest.fail("ran twice"))
+    assert again == record, "a completed request is a no-op"
+    on_disk = json.loads(store.read_bytes(f"Collection/{C}/Withdrawals/r2.json"))
+    assert on_disk["status"] == "complete"
+    assert set(on_disk) >= {"request_id", "entity_id", "scope", "reason", "started_at", "completed_at"}
+
+
+def test_withdrawn_studies_become_quarantine_reason_withdrawn(tmp_path):
+    store = LocalObjectStore(tmp_path)
+    process_withdrawal(request(item_id="I1"), store, delete_rows=lambda r: 0)
+    image = ImageRecord("a.dcm", 10, 5, 1, 1, "", "")
+    groups = [
+        StudyGroup(C, "b", "E1", "20230101", "I1", images=[image]),
+        StudyGroup(C, "b", "E1", "20230101", "I2", images=[image]),
+    ]
+    plan = apply_withdrawals(BatchPlan("b", C, "DONE", groups=groups), WithdrawnIndex.load(store, C).withdrawn_by)
+    assert [g.item_id for g in plan.groups] == ["I2"]
+    assert [(q.reason, q.detail, q.study) for q in plan.quarantined] == [
+        ("withdrawn", "withdrawn by request r1", "E1_20230101_I1")
+    ]
+    all_gone = apply_withdrawals(
+        BatchPlan("b", C, "DONE", groups=groups[:1]), WithdrawnIndex.load(store, C).withdrawn_by
+    )
+    assert all_gone.status == "EMPTY"
