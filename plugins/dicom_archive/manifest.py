@@ -12,6 +12,8 @@ from dicom_archive.naming import BATCH_ID_RE, COLLECTION_RE
 MANIFEST_NAME = "batch.json"
 LOOKUP_NAME = "lookup.json"
 REPORT_NAME = "batch.report.json"
+# A SEND_TO_GOOGLE=false run's report: beside the real one, never in its place.
+LOCAL_REPORT_NAME = "batch.report.local.json"
 PHI_FOLDER = "PHI"
 
 STATUS_DONE = "DONEPROCESSING"
@@ -121,6 +123,6 @@ def is_under_phi_folder(relpath: str) -> bool:
 
 def is_control_file(relpath: str) -> bool:
     """Files of the contract (and our own report) that are not images."""
-    return relpath in (MANIFEST_NAME, LOOKUP_NAME, REPORT_NAME) or (
+    return relpath in (MANIFEST_NAME, LOOKUP_NAME, REPORT_NAME, LOCAL_REPORT_NAME) or (
         "/" not in relpath and relpath.startswith(f".{MANIFEST_NAME}")
     )
