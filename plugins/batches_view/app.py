@@ -11,8 +11,8 @@ cookie or an API bearer token) and read access to dicom_storage's runs.
     /api/batches      the rows as JSON (same filters)
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the route signatures' annotations,
+# and Request is imported inside build_app, where a string annotation could not be resolved.
 import html
 from types import SimpleNamespace
 from typing import Any
