@@ -4,7 +4,7 @@ SHELL := /bin/bash
 ENV := source scripts/airflow-env.sh &&
 PY := .venv/bin/python
 
-.PHONY: setup test lint emulators emulators-stop emulators-status demo airflow bench phi-audit clean
+.PHONY: setup test lint emulators emulators-stop emulators-status demo airflow airflow-stop bench phi-audit clean
 
 setup:
 	@bash scripts/setup.sh
@@ -21,10 +21,13 @@ emulators: setup
 	@$(ENV) $(PY) -m tools.emulators start
 
 emulators-stop:
-	@$(PY) -m tools.emulators stop
+	@if [ -x $(PY) ]; then $(PY) -m tools.emulators stop; fi
 
 emulators-status:
-	@$(PY) -m tools.emulators status
+	@if [ -x $(PY) ]; then $(PY) -m tools.emulators status; else printf 'gcs: not running\nbigquery: not running\n'; fi
+
+airflow-stop:
+	@if [ -x $(PY) ]; then $(ENV) $(PY) -m tools.emulators airflow-stop; fi
 
 demo: setup emulators
 	@$(ENV) $(PY) -m tools.demo
@@ -40,5 +43,5 @@ phi-audit: setup
 bench: setup
 	@$(ENV) $(PY) -m bench.run
 
-clean: emulators-stop
+clean: airflow-stop emulators-stop
 	rm -rf .run .airflow .demo .bench

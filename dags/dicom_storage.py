@@ -24,8 +24,17 @@ from operators.assets import ARCHIVES_ALIAS, TABLES_ALIAS
 from operators.bigquery import DicomMetadataToBigQueryOperator
 from sensors.batches import CompletedBatchSensor
 
-STORAGE_POOL = "dicom_storage_gcs"
-BIGQUERY_POOL = "dicom_storage_bigquery"
+# Pools are a parse-time setting; default_pool exists everywhere, so a fresh Airflow (Composer
+# included) needs no manual step. Naming a pool that does not exist is shown on the run's note.
+STORAGE_POOL = os.environ.get("DICOM_GCS_POOL") or "default_pool"
+BIGQUERY_POOL = os.environ.get("DICOM_BIGQUERY_POOL") or "default_pool"
+
+# Labels of the mapped tasks in the grid (plugins/batches_view/outcomes.py has their Python twins).
+CHUNK_LABEL = (
+    "{{ task.study_groups['batch_id'] }} studies {{ task.study_groups['start'] + 1 }}-{{ task.study_groups['stop'] }}"
+)
+BATCH_LABEL = "{{ task.batch['batch_id'] }}"
+REPORT_LABEL = "{{ batch_outcome if batch_outcome is defined else task.op_kwargs['batch']['batch_id'] }}"
 
 default_args = {
     "owner": "radiology-research",
@@ -161,12 +170,14 @@ with DAG(
     archive_studies = DicomStudyArchiveOperator.partial(
         task_id="archive_studies",
         pool=STORAGE_POOL,
+        map_index_template=CHUNK_LABEL,
         outlets=[ARCHIVES_ALIAS],  # mapped: partial() fixes outlets before the operator's default applies
     ).expand(study_groups=study_chunks(batches))
 
     load_metadata = DicomMetadataToBigQueryOperator.partial(
         task_id="load_metadata",
         pool=BIGQUERY_POOL,
+        map_index_template=BATCH_LABEL,
         trigger_rule=TriggerRule.ALL_DONE,  # one batch's failed archive must not hold back the others
         outlets=[TABLES_ALIAS],
     ).expand(batch=batches)
@@ -179,8 +190,13 @@ with DAG(
 
         settings = load_settings()
         collections = sorted({b["collection"] for b in batches or [] if b["collection"] and b["status"] == "DONE"})
-        if not settings.send_to_google or not collections:
-            print("nothing loaded to BigQuery in this run")
+        if not settings.send_to_google:
+            from batches_view.task_outcome import log_local_rows
+
+            log_local_rows(batches or [], DicomStorageHook().archive_store(settings))
+            return {}
+        if not collections:
+            print("nothing loaded to BigQuery in this run: no batch ended DONE")
             return {}
         hook = DicomStorageHook()
         client = hook.bigquery_client(settings.project, settings.bigquery_location)
@@ -192,7 +208,7 @@ with DAG(
             summaries[collection] = rows
         return summaries
 
-    @task(trigger_rule=TriggerRule.ALL_DONE)
+    @task(trigger_rule=TriggerRule.ALL_DONE, map_index_template=REPORT_LABEL)
     def batch_report(batch: dict[str, Any], run_id: str | None = None) -> dict[str, Any]:
         """Write the batch report, only once upload and load both succeeded for this batch.
 
@@ -265,14 +281,16 @@ with DAG(
             bigquery={k: (loaded or {}).get(k) for k in ("rows_updated", "rows_deleted") if k in (loaded or {})},
         )
         with hook.explain_google_errors(f"the batch report of {plan.batch_id}"):
-            locations = publish_report(report, zone, store)
+            locations = publish_report(report, zone, store, local=not settings.send_to_google)
             staging.clear()
             claims.release(store, plan.batch_id, owner)
         note = f" ({report['note']})" if report.get("note") else ""
         print(f"batch {plan.batch_id}: {report['status']}{note}; report written to {', '.join(locations)}")
         if plan.collection is None:  # the manifest itself is broken: the batch fails, visibly
             raise AirflowFailException(plan.error or f"batch {plan.batch_id} failed")
-        return report
+        from batches_view.task_outcome import finish
+
+        return finish(report)  # labels this instance; an EMPTY or ERROR batch ends skipped
 
     def _rows_of_batch(hook: Any, settings: Any, plan: Any) -> int | None:
         """Rows of this batch in its table, whichever attempt inserted them."""

@@ -24,6 +24,11 @@ export GOOGLE_STORAGE_COLLECTION=${GOOGLE_STORAGE_COLLECTION:-IRB41449}
 export DICOM_LANDING_ROOT=${DICOM_LANDING_ROOT:-$_root/.demo/landing}
 export DICOM_LOCAL_OUTPUT=${DICOM_LOCAL_OUTPUT:-$_root/.demo/output}
 export SEND_TO_GOOGLE=${SEND_TO_GOOGLE:-true}
+# The pools scripts/setup.sh creates (unset, the DAG uses default_pool), and extra links that open
+# the "DICOM batches" view: the Cloud console cannot show the emulators.
+export DICOM_GCS_POOL=${DICOM_GCS_POOL:-dicom_storage_gcs}
+export DICOM_BIGQUERY_POOL=${DICOM_BIGQUERY_POOL:-dicom_storage_bigquery}
+export DICOM_LINKS_TO=${DICOM_LINKS_TO:-batches-view}
 
 # An anonymous google_cloud_default connection: the provider hooks then build anonymous
 # clients, which the emulator hosts above redirect to loopback.

@@ -99,4 +99,21 @@ if [ ! -f "$AIRFLOW_HOME/airflow.db" ] || ! stamp_ok airflow "$req_hash"; then
   .venv/bin/airflow pools set dicom_storage_bigquery 2 "Concurrent BigQuery loads" >/dev/null
   echo "$req_hash" > "$STAMPS/airflow"
 fi
+# --- headless Chromium for the browser test (tests/test_browser_ui.py) ------------------------
+# Debian's chromium and chromium-driver (a browser download by Playwright cannot work offline).
+# Quick when they are there; installing needs root (apt-get) and takes a minute or two once.
+install_chromium() {
+  if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
+    return
+  fi
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+    log "chromium/chromedriver missing and apt-get is not usable here: the browser test will fail"
+    return
+  fi
+  log "installing chromium and chromium-driver (Debian packages) for the browser test"
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+}
+install_chromium
+
 log "ready (.venv, .emulators/gcs, .emulators/bq [$(cat .emulators/bq-kind)], $AIRFLOW_HOME)"

@@ -35,7 +35,14 @@ os.environ.update(
     }
 )
 # Settings from the developer's shell must not leak into tests.
-for _name in ("STORAGE_EMULATOR_HOST", "BIGQUERY_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS"):
+for _name in (
+    "STORAGE_EMULATOR_HOST",
+    "BIGQUERY_EMULATOR_HOST",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "DICOM_GCS_POOL",
+    "DICOM_BIGQUERY_POOL",
+    "DICOM_LINKS_TO",
+):
     os.environ.pop(_name, None)
 
 from tools import emulators  # noqa: E402  (after the environment is set)

@@ -66,8 +66,9 @@ def test_dagbag_has_no_import_errors_and_the_expected_dag(airflow_db):
     assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"
     assert dag.catchup is False
     assert dag.get_task("wait_for_batches").mode == "reschedule"
-    assert dag.get_task("archive_studies").pool == "dicom_storage_gcs"
-    assert dag.get_task("load_metadata").pool == "dicom_storage_bigquery"
+    # Pools are a setting; unset, default_pool, which every Airflow has (no manual step).
+    assert dag.get_task("archive_studies").pool == "default_pool"
+    assert dag.get_task("load_metadata").pool == "default_pool"
 
 
 @pytest.fixture(scope="module")
@@ -182,12 +183,17 @@ def test_end_to_end_run_writes_exact_objects_rows_and_reports(pipeline_env, good
 
     total = sum(expected_image_count(b) for b in good_batches)
     assert table_counts(bigquery_client) == (total, total)
+    archives = (f"https://console.cloud.google.com/storage/browser/{pipeline_env['bucket']}"
+                f"/Collection/{COLLECTION}?project={PROJECT}")
+    reports = {(task, f"https://console.cloud.google.com/storage/browser/_details/{pipeline_env['bucket']}"
+                      f"/Collection/{COLLECTION}/Batches/{b.batch_id}.json?project={PROJECT}")
+               for b in good_batches for task in ("archive_studies", "load_metadata")}
     assert extra_links() == {
-        ("archive_studies", f"https://console.cloud.google.com/storage/browser/{pipeline_env['bucket']}"
-         f"/Collection/{COLLECTION}?project={PROJECT}"),
+        ("archive_studies", archives),
+        ("load_metadata", archives),
         ("load_metadata", f"https://console.cloud.google.com/bigquery?project={PROJECT}&p={PROJECT}"
          f"&d={COLLECTION}&t=dicom&page=table"),
-    }  # fmt: skip
+    } | reports  # fmt: skip
 
     assert asset_event_uris() >= {
         f"gs://{pipeline_env['bucket']}/Collection/{COLLECTION}",
@@ -308,7 +314,9 @@ def test_local_mode_sends_nothing_and_reads_settings_from_variables(
     rows = (output / "BigQuery" / COLLECTION / "dicom" / f"{batch.batch_id}.ndjson").read_text().splitlines()
     assert len(rows) == expected_image_count(batch)
     assert {json.loads(r)["storage_uri"].split("/output/", 1)[1] for r in rows} == expected_objects(batch)
-    assert read_report(root, batch.batch_id)["status"] == "DONE"
+    # A local run's report has its own name: it never stands in for a report of Cloud Storage objects.
+    assert json.loads((root / batch.batch_id / "batch.report.local.json").read_text())["status"] == "DONE"
+    assert not (root / batch.batch_id / "batch.report.json").exists()
     assert not list(output.glob("_staging/*/*/*")), "staging is cleared after the report"
 
 

@@ -4,7 +4,7 @@ One implementation serves both `make emulators` (pid files and logs under `.run/
 test fixtures (free ports, always stopped). The emulators live in their own venvs under
 `.emulators/`, built by `scripts/setup.sh`.
 
-    python -m tools.emulators start|stop|status [--run-dir .run]
+    python -m tools.emulators start|stop|status|airflow-stop [--run-dir .run]
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ def cli_start(run_dir: Path) -> int:
     bucket = os.environ.get("GOOGLE_CLOUD_STORAGE")
     if bucket:
         ensure_bucket(f"http://127.0.0.1:{gcs_port}", bucket, project)
-    return cli_status(run_dir)
+    return 1 if _print_status(run_dir) else 0
 
 
 def ensure_bucket(gcs_url: str, bucket: str, project: str) -> None:
@@ -231,6 +231,12 @@ def cli_stop(run_dir: Path) -> int:
 
 
 def cli_status(run_dir: Path) -> int:
+    """Print each emulator's state. "not running" is an answer, not an error: exit 0."""
+    down = _print_status(run_dir)
+    return 0 if down in (0, 2) else 1  # one of the two down means something went wrong
+
+
+def _print_status(run_dir: Path) -> int:
     down = 0
     for name in ("gcs", "bigquery"):
         pid_file = _pid_file(run_dir, name)
@@ -241,16 +247,68 @@ def cli_status(run_dir: Path) -> int:
         else:
             port = pid_file.read_text().split()[1]
             print(f"{name}: running (pid {pid}) on http://127.0.0.1:{port}")
-    return 1 if down else 0
+    return down
+
+
+def _descendants(pid: int) -> list[int]:
+    """Child processes of pid, recursively, from /proc (what `airflow standalone` started)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def stop_airflow(pid_file: Path, timeout: float = 30.0) -> bool:
+    """Stop the `airflow standalone` of `make airflow` (its pid file names it): SIGINT, which it
+    handles by stopping its components, then SIGTERM/SIGKILL whatever is left. True if one ran."""
+    if not pid_file.exists():
+        return False
+    pid = int(pid_file.read_text().split()[0])
+    pid_file.unlink()
+    if not is_alive(pid):
+        return False
+    family = _descendants(pid)
+    os.kill(pid, signal.SIGINT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and is_alive(pid):
+        time.sleep(0.2)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        left = [p for p in [pid, *family] if is_alive(p)]
+        for proc in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc, sig)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(is_alive(p) for p in left):
+            time.sleep(0.2)
+    return True
+
+
+def cli_airflow_stop(run_dir: Path) -> int:
+    home = Path(os.environ.get("AIRFLOW_HOME") or REPO_ROOT / ".airflow")
+    if stop_airflow(home / "standalone.pid"):
+        print(f"airflow standalone ({home}): stopped")
+    else:
+        print(f"airflow standalone ({home}): not running")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["start", "stop", "status"])
+    parser.add_argument("action", choices=["start", "stop", "status", "airflow-stop"])
     parser.add_argument("--run-dir", type=Path, default=REPO_ROOT / ".run")
     args = parser.parse_args(argv)
     args.run_dir.mkdir(parents=True, exist_ok=True)
-    return {"start": cli_start, "stop": cli_stop, "status": cli_status}[args.action](args.run_dir)
+    actions = {"start": cli_start, "stop": cli_stop, "status": cli_status, "airflow-stop": cli_airflow_stop}
+    return actions[args.action](args.run_dir)
 
 
 if __name__ == "__main__":

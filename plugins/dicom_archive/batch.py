@@ -20,7 +20,7 @@ from typing import Any
 
 from dicom_archive.deid import DeidPolicy
 from dicom_archive.landing import LandingZone
-from dicom_archive.manifest import REPORT_NAME
+from dicom_archive.manifest import LOCAL_REPORT_NAME, REPORT_NAME
 from dicom_archive.naming import batch_report_object_name, require_batch_id
 from dicom_archive.plan import STATUS_NOT_READY, WITHDRAWN, BatchPlan, StudyGroup
 from dicom_archive.publish import ALREADY_PRESENT, REPLACED, PublishedArchive, publish_study_archive
@@ -353,17 +353,21 @@ def changed_anything(report: dict[str, Any]) -> bool:
     )
 
 
-def publish_report(report: dict[str, Any], zone: LandingZone, store: ObjectStore | None) -> list[str]:
+def publish_report(
+    report: dict[str, Any], zone: LandingZone, store: ObjectStore | None, *, local: bool = False
+) -> list[str]:
     """Write the report next to the batch and, when the collection is known, to the bucket.
 
     The bucket copy records the run that archived the batch: a rerun that changed nothing
     leaves it as it is, so a no-op rerun leaves the bucket untouched. A batch that is not ready
-    gets no report at all."""
+    gets no report at all. A local run (SEND_TO_GOOGLE=false; `store` is the local output
+    folder) writes `batch.report.local.json` beside the batch: it never replaces the report of
+    a run that sent the batch to Google, and it does not mark the batch as handled."""
     if report["status"] == STATUS_NOT_READY:
         return []  # a report would make the batch look handled: it is processed once it is ready
     require_batch_id(report["batch_id"])  # never a path: a refused id gets no report anywhere
     body = json.dumps(report, indent=2, sort_keys=True).encode()
-    locations = [zone.write_bytes(report["batch_id"], REPORT_NAME, body)]
+    locations = [zone.write_bytes(report["batch_id"], LOCAL_REPORT_NAME if local else REPORT_NAME, body)]
     if store is not None and report.get("collection"):
         name = batch_report_object_name(report["collection"], report["batch_id"])
         if changed_anything(report) or store.get(name) is None:

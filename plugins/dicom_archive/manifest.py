@@ -20,6 +20,8 @@ MANIFEST_NAME = "batch.json"
 LOOKUP_NAME = "lookup.json"
 REPORT_NAME = "batch.report.json"
 FLAG_FIELD = "flagged"
+# A SEND_TO_GOOGLE=false run's report: beside the real one, never in its place.
+LOCAL_REPORT_NAME = "batch.report.local.json"
 
 STATUS_DONE = "DONEPROCESSING"
 STATUS_ERROR = "ERROR"
@@ -126,7 +128,10 @@ def is_flagged(lookup_entry: dict[str, Any] | None) -> bool:
 
 # Our own temporary name while the report is replaced (see LocalLandingZone.write_bytes).
 REPORT_TEMP_NAME = f".{REPORT_NAME}.tmp"
-OWN_FILES = frozenset({MANIFEST_NAME, LOOKUP_NAME, REPORT_NAME, REPORT_TEMP_NAME})
+LOCAL_REPORT_TEMP_NAME = f".{LOCAL_REPORT_NAME}.tmp"
+OWN_FILES = frozenset(
+    {MANIFEST_NAME, LOOKUP_NAME, REPORT_NAME, REPORT_TEMP_NAME, LOCAL_REPORT_NAME, LOCAL_REPORT_TEMP_NAME}
+)
 
 
 def is_control_file(relpath: str) -> bool:

@@ -10,7 +10,7 @@ from airflow.sdk import BaseOperator, Context
 
 from operators.assets import ARCHIVES_ALIAS, archive_prefix_asset
 from operators.failures import fail_at_once_on_permanent_errors
-from operators.links import CollectionArchivesLink
+from operators.links import BatchReportLink, CollectionArchivesLink, record_links
 
 if TYPE_CHECKING:
     from dicom_archive.batch import Staging
@@ -34,7 +34,7 @@ class DicomStudyArchiveOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = ("study_groups", "landing_root", "deid")
-    operator_extra_links = (CollectionArchivesLink(),)
+    operator_extra_links = (CollectionArchivesLink(), BatchReportLink())
     ui_color = "#e8f4fd"
 
     def __init__(
@@ -104,11 +104,9 @@ class DicomStudyArchiveOperator(BaseOperator):
                     raise AirflowFailException(f"ArchiveIntegrityError: {err}") from err
                 staging.write_chunk(chunk, chunk_summaries, rows)
             summaries.extend(chunk_summaries)
+            collection = groups[0].collection
+            record_links(self, settings, collection=collection, batch_id=staging.batch_id)
             if settings.send_to_google:
-                collection = groups[0].collection
-                self.console_links[CollectionArchivesLink.name] = CollectionArchivesLink.url(
-                    bucket=settings.bucket, collection=collection, project=settings.project
-                )
                 context["outlet_events"][ARCHIVES_ALIAS].add(
                     archive_prefix_asset(settings.bucket, collection),
                     extra={

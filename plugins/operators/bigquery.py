@@ -10,7 +10,7 @@ from airflow.sdk import BaseOperator, Context
 
 from operators.assets import TABLES_ALIAS, table_asset
 from operators.failures import fail_at_once_on_permanent_errors
-from operators.links import CollectionTableLink
+from operators.links import BatchReportLink, CollectionArchivesLink, CollectionTableLink, record_links
 
 TABLE = "dicom"
 
@@ -31,7 +31,7 @@ class DicomMetadataToBigQueryOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = ("batch",)
-    operator_extra_links = (CollectionTableLink(),)
+    operator_extra_links = (CollectionTableLink(), CollectionArchivesLink(), BatchReportLink())
     ui_color = "#e6f2e6"
 
     def __init__(
@@ -96,6 +96,7 @@ class DicomMetadataToBigQueryOperator(BaseOperator):
             stored = store.write_bytes(name, ndjson, "application/x-ndjson")
             rows = ndjson.count(b"\n")
             result = {"table": stored.uri, "rows_in_batch": rows, "rows_inserted": rows}
+        record_links(self, settings, collection=collection, batch_id=self.batch["batch_id"], table=TABLE)
         result["seconds"] = round(time.monotonic() - started, 3)
         staging.write_result("bigquery", result)
         self.log.info(
@@ -137,9 +138,6 @@ class DicomMetadataToBigQueryOperator(BaseOperator):
                 table=TABLE,
                 location=settings.bigquery_location,
             )
-        self.console_links[CollectionTableLink.name] = CollectionTableLink.url(
-            project=settings.project, dataset=collection, table=TABLE
-        )
         return {
             "table": loaded.table_id,
             "rows_in_batch": loaded.rows_in_batch,

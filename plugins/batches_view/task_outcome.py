@@ -1,0 +1,40 @@
+"""The end of the batch_report task: label the mapped instance with the batch's outcome.
+
+- The label (`map_index_template` of batch_report renders the context key filled here) reads
+  `20240106-0001: EMPTY, 3 of 3 quarantined`, in the grid and in the task list.
+- A batch that stored nothing (EMPTY: every image quarantined; ERROR: the anonymizer gave up)
+  ends **skipped**, so it stands out from the green DONE batches. Its report is written first
+  and stays the task's XCom (`return_value`), as for every other batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from batches_view.outcomes import EMPTY, ERROR, LABEL_KEY, batch_label
+
+
+def finish(report: dict[str, Any]) -> dict[str, Any]:
+    from airflow.sdk import get_current_context
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    context = get_current_context()
+    label = batch_label(report)
+    context[LABEL_KEY] = label  # type: ignore[literal-required]
+    if report["status"] in (EMPTY, ERROR):
+        context["ti"].xcom_push(key="return_value", value=report)
+        raise AirflowSkipException(f"{label}: nothing of this batch was stored; the report says why")
+    return report
+
+
+def log_local_rows(batches: list[dict[str, Any]], store: Any) -> None:
+    """SEND_TO_GOOGLE=false: say where each batch's rows went, with the counts its report will show."""
+    from dicom_archive.batch import Staging
+
+    print("SEND_TO_GOOGLE=false: nothing was sent to BigQuery; the rows were written to local files")
+    for batch in batches:
+        loaded = Staging(store, batch["batch_id"], batch["run_key"]).read_result("bigquery")
+        if loaded is None:
+            print(f"batch {batch['batch_id']}: {batch['status']}, no rows written")
+        else:
+            print(f"batch {batch['batch_id']}: {loaded.get('rows_inserted')} rows written to {loaded.get('table')}")
