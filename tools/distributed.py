@@ -67,6 +67,20 @@ POOLS = {
     "dicom_storage_bigquery": (2, "Concurrent BigQuery loads"),
 }
 DEBIAN_PACKAGES = ("postgresql", "redis-server")
+# How the executor recovers from a dead worker; docker-compose.yaml has the same values (its test
+# checks). As the Celery provider documents: a task is acknowledged only when it ends
+# (task_acks_late), so the broker redelivers the task of a worker that died, after the visibility
+# timeout, which must exceed the longest task (here the provider's default, made explicit); one
+# message reserved per free slot. A running task whose worker stops heartbeating is failed by the
+# scheduler after the heartbeat timeout, then retried: that, not the redelivery, resumes the work
+# (the redelivered message names a try that is over, and the execution API refuses it).
+EXECUTOR_SETTINGS = {
+    "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+    "AIRFLOW__CELERY__TASK_ACKS_LATE": "True",
+    "AIRFLOW__CELERY__WORKER_PREFETCH_MULTIPLIER": "1",
+    "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "86400",
+    "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "300",
+}
 
 
 # --- Debian packages ---------------------------------------------------------------------------
@@ -434,7 +448,7 @@ class DistributedStack:
             "AIRFLOW__CORE__DAGS_FOLDER": str(node.folder("dags")),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(node.folder("plugins")),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+            **EXECUTOR_SETTINGS,
             "AIRFLOW__CORE__FERNET_KEY": s.secrets["fernet"],
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.api_url}/execution/",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN}:admin",
@@ -447,17 +461,7 @@ class DistributedStack:
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.database_url,
             "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:{s.ports['redis']}/0",
             "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{self.database_url}",
-            # As the Celery provider documents: a task is acknowledged only when it ends, so the
-            # broker redelivers the task of a worker that died; one task reserved per free slot.
-            "AIRFLOW__CELERY__TASK_ACKS_LATE": "True",
-            "AIRFLOW__CELERY__WORKER_PREFETCH_MULTIPLIER": "1",
-            "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
-            # ... and redelivered after this long unacknowledged: it must exceed the longest task.
-            "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": s.settings.get(
-                "visibility_timeout", "21600"
-            ),
-            # A task whose worker stopped heartbeating is failed (then retried) after this long.
-            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": s.settings.get("heartbeat_timeout", "300"),
+            "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",  # a small machine
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
@@ -474,6 +478,10 @@ class DistributedStack:
                 {"conn_type": "google_cloud_platform", "extra": {"is_anonymous": True, "project": s.project}}
             ),
         }
+        if "visibility_timeout" in s.settings:  # the test shortens both, to see them at work
+            env["AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT"] = s.settings["visibility_timeout"]
+        if "heartbeat_timeout" in s.settings:
+            env["AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT"] = s.settings["heartbeat_timeout"]
         env.update({k: v for k, v in s.settings.items() if k.isupper()})
         env.update(extra or {})
         return env
@@ -498,6 +506,22 @@ class DistributedStack:
         self.save()
         return node
 
+    def hidden_from(self, node: Node) -> list[Path]:
+        """What a node must not see: the repository's code folders and every other node's folder."""
+        others = [Path(n["root"]) for name, n in self.state.nodes.items() if name != node.name]
+        return [REPO_ROOT / folder for folder in CODE_FOLDERS] + others
+
+    def _isolated(self, node: Node, argv: list[str]) -> list[str]:
+        """argv in a private mount namespace where hidden_from(node) are empty read-only folders,
+        so that the node's processes can only use their own copies. Needs root (or the right to
+        unshare); elsewhere the node still runs from its own copies, only without that proof."""
+        unshare = shutil.which("unshare") or "/usr/bin/unshare"
+        if os.geteuid() != 0 or not Path(unshare).exists():
+            return argv
+        hide = " ".join(f"'{path}'" for path in self.hidden_from(node) if path.is_dir())
+        script = f'for d in {hide}; do mount -t tmpfs -o ro,size=4k,mode=555 none "$d" || exit 1; done; exec "$@"'
+        return [unshare, "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script, "node", *argv]
+
     def _node_env(self, node: Node, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = self.airflow_env(node, extra)
         env["PYTHONPATH"] = str(Path(node.root) / "identity")
@@ -516,7 +540,9 @@ class DistributedStack:
             check=False,
         )
         if result.returncode != 0:
-            raise RuntimeError(f"airflow {' '.join(args)} failed on {node_name}:\n{(result.stdout + result.stderr)[-4000:]}")
+            raise RuntimeError(
+                f"airflow {' '.join(args)} failed on {node_name}:\n{(result.stdout + result.stderr)[-4000:]}"
+            )
         return result
 
     def start_airflow(
@@ -551,12 +577,14 @@ class DistributedStack:
         pools_file.write_text(json.dumps(pools))
         self.airflow("control", "pools", "import", str(pools_file))
 
+        for n in range(1, workers + 1):  # the nodes first, so each hides all the others
+            self._make_node(f"worker-{n}")
         env = self._node_env(control)
-        self._spawn("api-server", [str(VENV_BIN / "airflow"), "api-server"], env, cwd=control.home)
-        self._spawn("scheduler", [str(VENV_BIN / "airflow"), "scheduler"], env, cwd=control.home)
-        self._spawn("dag-processor", [str(VENV_BIN / "airflow"), "dag-processor"], env, cwd=control.home)
-        for n in range(1, workers + 1):
-            self.start_worker(f"worker-{n}", fresh=True)
+        for component in ("api-server", "scheduler", "dag-processor"):
+            argv = self._isolated(control, [str(VENV_BIN / "airflow"), component])
+            self._spawn(component, argv, env, cwd=control.home)
+        for name in self.worker_names():
+            self.start_worker(name)
         self.wait_healthy()
         for name in self.worker_names():
             self.wait_worker_ready(name)
@@ -571,7 +599,7 @@ class DistributedStack:
         log_path = self.log_path(name)
         if log_path.exists():
             log_path.rename(log_path.with_suffix(f".{int(time.time())}.log"))
-        return self._spawn(name, argv, env, cwd=node.home)
+        return self._spawn(name, self._isolated(node, argv), env, cwd=node.home)
 
     def wait_worker_ready(self, name: str, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
