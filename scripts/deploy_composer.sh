@@ -217,8 +217,9 @@ target=(--location="$location" --project="$project")
 environment=(--environment="$env_name" "${target[@]}")
 
 # --- 1. the environment as it is ------------------------------------------------------------
-# flattened: one "key: value" line per field, e.g.
-#   config.softwareConfig.pypiPackages.pandas: >=2.0
+# flattened: one "key: value" line per field, values aligned with spaces, e.g.
+#   config.softwareConfig.pypiPackages.pandas:        >=2.0
+#   config.softwareConfig.pypiPackages.scikit-learn:  ==1.5.2
 describe=("$GCLOUD" composer environments describe "$env_name" "${target[@]}"
   --format='flattened(config.dagGcsPrefix,config.softwareConfig.pypiPackages)')
 existing_known=true
@@ -242,7 +243,8 @@ while IFS= read -r line; do
   line=${line#"$prefix"}
   name=${line%%:*}
   value=${line#*:}
-  value=${value# }
+  value=${value#"${value%%[![:space:]]*}"}  # without the alignment before it
+  value=${value%"${value##*[![:space:]]}"}  # nor blanks after it
   [[ $value == "''" ]] && value=""
   existing[${name,,}]=$value
 done <<<"$described"

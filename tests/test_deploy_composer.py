@@ -65,11 +65,18 @@ with open(os.environ["FAKE_GCLOUD_LOG"], "a") as log:
     log.write(json.dumps(call) + "\\n")
 state_path.write_text(json.dumps(state))
 if args[:3] == ["composer", "environments", "describe"]:
-    print("config.dagGcsPrefix: gs://us-central1-dicom-env-bucket/dags")
-    for name, value in state["pypi"].items():
-        print(f"config.softwareConfig.pypiPackages.{{name}}: {{value or chr(39) * 2}}")
+    # As gcloud's flattened format prints them (checked with SDK 528.0.0's printer): a document
+    # separator, keys padded so that the values line up, an empty value as blanks.
+    lines = [("dag_gcs_prefix", "gs://us-central1-dicom-env-bucket/dags")] + [
+        ("config.softwareConfig.pypiPackages." + name, value) for name, value in sorted(state["pypi"].items())
+    ]
+    width = max(len(key) for key, _ in lines) + 2
+    print("---")
+    for key, value in lines:
+        print((key + ":").ljust(width) + value)
 """
 OTHER_TEAMS = {
+    "zope.interface": "==6.4",
     "pandas": ">=2.0",
     "scikit-learn": "==1.5.2",
     "apache-airflow-providers-slack": "",
@@ -327,6 +334,7 @@ def test_packages_of_other_teams_survive_a_deploy(run, source_root, gcloud_log, 
         "#   leave great_expectations[sql]==1.2 (not ours)",
         "#   leave pandas>=2.0 (not ours)",
         "#   leave scikit-learn==1.5.2 (not ours)",
+        "#   leave zope.interface==6.4 (not ours)",
     ]
 
     real = run(*_required_args(), "--source-root", str(source_root))
