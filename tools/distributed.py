@@ -141,6 +141,27 @@ def _marked_pids(stack_id: str) -> list[int]:
     return pids
 
 
+def mount_namespace(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return None
+
+
+def _pids_in_namespaces(namespaces: set[str]) -> list[int]:
+    """Every live process in one of these mount namespaces (those of the stack's isolated nodes).
+    Airflow's components rewrite their process title, which also wipes /proc/<pid>/environ, so
+    the marker variable alone cannot find them; their namespace can."""
+    if not namespaces:
+        return []
+    return [
+        int(entry)
+        for entry in os.listdir("/proc")
+        if entry.isdigit() and int(entry) != os.getpid() and mount_namespace(int(entry)) in namespaces
+        if emulators.is_alive(int(entry))
+    ]
+
+
 def process_tree(pid: int) -> list[int]:
     """pid and all its descendants (a snapshot of /proc)."""
     children: dict[int, list[int]] = {}
@@ -216,6 +237,7 @@ class StackState:
     pg_data: str = ""
     pg_user: str = ""
     storage_url: str = ""
+    namespaces: list[str] = field(default_factory=list)  # mount namespaces of the isolated nodes
     secrets: dict[str, str] = field(default_factory=dict)
     password: str = ""
     project: str = "local-project"
@@ -308,6 +330,13 @@ class DistributedStack:
                 start_new_session=True,
             )
         self.state.pids[name] = proc.pid
+        if argv[0].endswith("unshare"):
+            deadline = time.monotonic() + 10  # until unshare has made the namespace and exec'd
+            while time.monotonic() < deadline and mount_namespace(proc.pid) == mount_namespace(os.getpid()):
+                time.sleep(0.05)
+            namespace = mount_namespace(proc.pid)
+            if namespace and namespace != mount_namespace(os.getpid()):
+                self.state.namespaces.append(namespace)
         self.save()
         return proc.pid
 
@@ -388,12 +417,21 @@ class DistributedStack:
         raise TimeoutError(f"redis did not answer on port {port}; see {self.log_path('redis')}")
 
     def _start_emulators(self) -> None:
-        gcs = emulators.start_gcs(emulators.free_port(), self.log_path("gcs"))
-        self.state.pids["gcs"], self.state.ports["gcs"] = gcs.pid, gcs.port
-        self.save()
-        bigquery = emulators.start_bigquery(
-            emulators.free_port(), self.log_path("bigquery"), self.run_dir / "bigquery-data", self.state.project
-        )
+        # tools.emulators passes this process's environment on: the marker goes with it, for a while.
+        previous = os.environ.get(MARKER)
+        os.environ[MARKER] = self.state.stack_id
+        try:
+            gcs = emulators.start_gcs(emulators.free_port(), self.log_path("gcs"))
+            self.state.pids["gcs"], self.state.ports["gcs"] = gcs.pid, gcs.port
+            self.save()
+            bigquery = emulators.start_bigquery(
+                emulators.free_port(), self.log_path("bigquery"), self.run_dir / "bigquery-data", self.state.project
+            )
+        finally:
+            if previous is None:
+                os.environ.pop(MARKER, None)
+            else:
+                os.environ[MARKER] = previous
         self.state.pids["bigquery"], self.state.ports["bigquery"] = bigquery.pid, bigquery.port
         self.save()
         emulators.wait_ready(gcs, project=self.state.project)
@@ -719,10 +757,12 @@ class DistributedStack:
                 check=False,
             )
         # What left its process group, or was orphaned by a killed worker.
-        for pid in _marked_pids(s.stack_id):
+        namespaces = set(s.namespaces)
+        for pid in _marked_pids(s.stack_id) + _pids_in_namespaces(namespaces):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        left = _wait_gone(_marked_pids(s.stack_id) + [p for p in s.pids.values() if emulators.is_alive(p)], 15)
+        alive = [p for p in s.pids.values() if emulators.is_alive(p)]
+        left = _wait_gone(_marked_pids(s.stack_id) + _pids_in_namespaces(namespaces) + alive, 15)
         if s.pg_data and not left:
             shutil.rmtree(s.pg_data, ignore_errors=True)
         self.state_file.unlink(missing_ok=True)
