@@ -4,7 +4,7 @@ SHELL := /bin/bash
 ENV := source scripts/airflow-env.sh &&
 PY := .venv/bin/python
 
-.PHONY: setup test lint emulators emulators-stop emulators-status demo airflow airflow-stop bench phi-audit clean
+.PHONY: setup test lint emulators emulators-stop emulators-status demo airflow airflow-stop distributed distributed-stop bench phi-audit clean
 
 setup:
 	@bash scripts/setup.sh
@@ -35,6 +35,15 @@ demo: setup emulators
 airflow: setup emulators
 	@$(ENV) bash scripts/airflow-standalone.sh
 
+# A distributed Airflow without containers (tools/distributed.py): PostgreSQL, Redis, the emulators,
+# scheduler, dag-processor, api-server and two Celery workers with no shared disk; runs the demo's
+# batches, then prints the UI address. PostgreSQL and Redis come from Debian packages (apt-get).
+distributed: setup
+	@$(PY) -m tools.distributed start
+
+distributed-stop:
+	@if [ -x $(PY) ]; then $(PY) -m tools.distributed stop; fi
+
 # The PHI leak audit of the demo's outputs (see tools/phi_audit.py to point it at your own).
 phi-audit: setup
 	@$(ENV) $(PY) -m tools.phi_audit --raw .demo/raw_identifiers.json --outputs "gs://$$GOOGLE_CLOUD_STORAGE" \
@@ -43,5 +52,5 @@ phi-audit: setup
 bench: setup
 	@$(ENV) $(PY) -m bench.run
 
-clean: airflow-stop emulators-stop
+clean: airflow-stop distributed-stop emulators-stop
 	rm -rf .run .airflow .demo .bench

@@ -9,19 +9,23 @@ Usage: scripts/deploy_composer.sh [--dry-run] --environment ENV --location LOCAT
                                   --bucket BUCKET --landing-root ROOT [options]
 
 Deploys this repository to a Cloud Composer 3 environment, in this order:
-  1. checks that the environment exists (gcloud composer environments describe)
-  2. installs the runtime packages Composer's image lacks (pydicom, isal, google-crc32c), with
-     their specifiers from requirements.in (--update-pypi-packages-from-file). This REPLACES the
-     environment's list of custom PyPI packages. Airflow and the Google provider are never
-     installed: Composer pins them.
-  3. sets the pipeline's environment variables (--update-env-variables): SEND_TO_GOOGLE=true,
-     GOOGLE_CLOUD_STORAGE, GOOGLE_PROJECT_NAME, GOOGLE_STORAGE_COLLECTION (if given),
-     DICOM_LANDING_ROOT, and any --set-env
+  1. reads the environment (gcloud composer environments describe): it must exist, and its
+     custom PyPI packages are listed
+  2. adds or updates only the runtime packages Composer's image lacks (pydicom, isal,
+     google-crc32c), with their specifiers from requirements.in: one environment update with
+     --update-pypi-package per package that is missing or has another specifier. Every other
+     package of the environment (other teams' DAGs need them) is left as it is; nothing is ever
+     removed. Airflow and the Google provider are never installed: Composer pins them.
+  3. sets the pipeline's environment variables (--update-env-variables, which also merges):
+     SEND_TO_GOOGLE=true, GOOGLE_CLOUD_STORAGE, GOOGLE_PROJECT_NAME, GOOGLE_STORAGE_COLLECTION
+     (if given), DICOM_LANDING_ROOT, and any --set-env
   4. imports include/ to the environment bucket's data/include (storage data import)
   5. imports each entry of plugins/ to the bucket's plugins/ (storage plugins import)
   6. imports each entry of dags/ to the bucket's dags/ (storage dags import)
 The code goes last, so it lands where its packages and settings already are. Steps 2 and 3 are
-environment updates: each takes minutes and restarts Airflow workers and schedulers.
+environment updates: each takes minutes and restarts Airflow workers and schedulers. Before any
+change, the script prints (on stderr, lines starting with #) the packages it will set and the
+existing ones it leaves alone.
 
 Required (flag, or the environment variable in brackets):
   --environment ENV        Composer environment name               [COMPOSER_ENVIRONMENT]
@@ -37,7 +41,9 @@ Options:
                            --set-env DICOM_REPLACE_CHANGED_ARCHIVES=true
   --skip-pypi-update       skip step 2 (packages unchanged since the last deploy)
   --skip-env-update        skip step 3 (variables unchanged since the last deploy)
-  --dry-run                print the gcloud commands instead of running them (gcloud not needed)
+  --dry-run                print the gcloud commands that change something instead of running
+                           them; only the read-only describe of step 1 runs, when gcloud is
+                           there, to show the packages (without gcloud it is printed too)
   --source-root DIR        deploy dags/, plugins/, include/ and requirements.in from DIR
                            (default: this repository)
   -h, --help               show this help
@@ -173,14 +179,13 @@ for folder in dags plugins include; do
   [[ -n $(find "$stage/$folder" -type f -print -quit) ]] || die "$source_root/$folder has no files to deploy"
 done
 
-pypi_file=$stage/composer-requirements.txt
-: >"$pypi_file"
+ours=()  # NAME<specifier>, e.g. pydicom==3.0.2
 for package in "${RUNTIME_PACKAGES[@]}"; do
   # The line of requirements.in that names the package, without its comment.
   mapfile -t lines < <(sed -e 's/[[:space:]]*#.*$//' "$source_root/requirements.in" |
     grep -iE "^${package}[[:space:]]*([=<>!~].*)?$" || true)
   ((${#lines[@]} == 1)) || die "requirements.in must name $package exactly once (found ${#lines[@]})"
-  printf '%s\n' "${lines[0]// /}" >>"$pypi_file"
+  ours+=("${lines[0]// /}")
 done
 
 # --- the commands ---------------------------------------------------------------------------
@@ -192,15 +197,18 @@ quote() {
     printf "'%s'" "${1//\'/\'\"\'\"\'}"
   fi
 }
-run() {
+run_line() {
   local line="" arg
   for arg in "$@"; do
     line+="${line:+ }$(quote "$arg")"
   done
+  printf '%s' "$line"
+}
+run() {
   if $dry_run; then
-    printf '%s\n' "$line"
+    printf '%s\n' "$(run_line "$@")"
   else
-    printf '+ %s\n' "$line" >&2
+    printf '+ %s\n' "$(run_line "$@")" >&2
     "$@"
   fi
 }
@@ -208,15 +216,87 @@ run() {
 target=(--location="$location" --project="$project")
 environment=(--environment="$env_name" "${target[@]}")
 
-if $dry_run; then
-  printf '# composer-requirements.txt (%s):\n' "$pypi_file" >&2
-  sed 's/^/#   /' "$pypi_file" >&2
+# --- 1. the environment as it is ------------------------------------------------------------
+# flattened: one "key: value" line per field, values aligned with spaces, e.g.
+#   config.softwareConfig.pypiPackages.pandas:        >=2.0
+#   config.softwareConfig.pypiPackages.scikit-learn:  ==1.5.2
+describe=("$GCLOUD" composer environments describe "$env_name" "${target[@]}"
+  --format='flattened(config.dagGcsPrefix,config.softwareConfig.pypiPackages)')
+existing_known=true
+if ! $dry_run; then
+  printf '+ %s\n' "$(run_line "${describe[@]}")" >&2
+  described=$("${describe[@]}")
+else
+  run "${describe[@]}"
+  # Read-only: the dry run reads the environment when it can, to say what it would change.
+  if command -v "$GCLOUD" >/dev/null && described=$("${describe[@]}" 2>/dev/null); then
+    :
+  else
+    existing_known=false
+    described=""
+  fi
 fi
+declare -A existing=()  # lower-case name -> extras and specifier, as Composer stores them
+prefix=config.softwareConfig.pypiPackages.
+while IFS= read -r line; do
+  [[ $line == "$prefix"* ]] || continue
+  line=${line#"$prefix"}
+  name=${line%%:*}
+  value=${line#*:}
+  value=${value#"${value%%[![:space:]]*}"}  # without the alignment before it
+  value=${value%"${value##*[![:space:]]}"}  # nor blanks after it
+  [[ $value == "''" ]] && value=""
+  existing[${name,,}]=$value
+done <<<"$described"
 
-run "$GCLOUD" composer environments describe "$env_name" "${target[@]}" \
-  --format='value(config.dagGcsPrefix)'
-$skip_pypi || run "$GCLOUD" composer environments update "$env_name" "${target[@]}" \
-  --update-pypi-packages-from-file="$pypi_file"
+# --- 2. PyPI packages: merge ours into theirs ---------------------------------------------------
+normalized() { local n=${1,,}; printf '%s' "${n//_/-}"; }
+updates=()
+declare -A ours_by_name=()
+if $existing_known; then
+  printf '# PyPI packages of %s: ours are set one by one, none is removed\n' "$env_name" >&2
+else
+  printf '# PyPI packages of %s: not read (no gcloud or no access); ours are set one by one,\n' "$env_name" >&2
+  printf '#   so whatever else is installed stays as it is\n' >&2
+fi
+for requirement in "${ours[@]}"; do
+  name=$(normalized "$(sed -E 's/^([A-Za-z0-9._-]+).*/\1/' <<<"$requirement")")
+  specifier=${requirement:${#name}}
+  ours_by_name[$name]=1
+  current=""
+  found=false
+  for key in "${!existing[@]}"; do
+    if [[ $(normalized "$key") == "$name" ]]; then
+      current=${existing[$key]}
+      found=true
+    fi
+  done
+  if $found && [[ ${current// /} == "$specifier" ]]; then
+    printf '#   keep  %s (already set)\n' "$requirement" >&2
+  else
+    if $found; then
+      printf '#   set   %s (now %s%s)\n' "$requirement" "$name" "${current:-, any version}" >&2
+    elif $existing_known; then
+      printf '#   set   %s (new)\n' "$requirement" >&2
+    else
+      printf '#   set   %s\n' "$requirement" >&2
+    fi
+    updates+=("--update-pypi-package=$requirement")
+  fi
+done
+mapfile -t others < <(printf '%s\n' "${!existing[@]}" | sort)
+for key in "${others[@]}"; do
+  [[ -n $key && -z ${ours_by_name[$(normalized "$key")]:-} ]] || continue
+  printf '#   leave %s%s (not ours)\n' "$key" "${existing[$key]}" >&2
+done
+
+if $skip_pypi; then
+  printf '# --skip-pypi-update: no PyPI package is changed\n' >&2
+elif ((${#updates[@]})); then
+  run "$GCLOUD" composer environments update "$env_name" "${target[@]}" "${updates[@]}"
+else
+  printf '# every package of ours is already set: no PyPI update\n' >&2
+fi
 if ! $skip_env; then
   printf -v env_list '%s,' "${env_pairs[@]}"
   run "$GCLOUD" composer environments update "$env_name" "${target[@]}" \

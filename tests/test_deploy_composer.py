@@ -34,6 +34,10 @@ FAKE_GCLOUD = """#!{python}
 import json, os, sys
 from pathlib import Path
 
+# A Composer environment in a JSON file: its custom PyPI packages, changed by the update flags
+# the way Composer changes them (--update-pypi-packages-from-file replaces the whole list).
+state_path = Path(os.environ["FAKE_GCLOUD_STATE"])
+state = json.loads(state_path.read_text()) if state_path.exists() else {{"pypi": {{}}}}
 args = sys.argv[1:]
 call = {{"argv": args, "files": {{}}, "pypi": None}}
 for arg in args:
@@ -44,11 +48,41 @@ for arg in args:
         ) if source.is_dir() else [source.name]
     if arg.startswith("--update-pypi-packages-from-file="):
         call["pypi"] = Path(arg.split("=", 1)[1]).read_text()
+        state["pypi"] = {{}}
+        for line in call["pypi"].split():
+            name = line.split("=")[0].split("<")[0].split(">")[0]
+            state["pypi"][name] = line[len(name):]
+    if arg.startswith("--update-pypi-package="):
+        spec = arg.split("=", 1)[1]
+        name = spec.split("=")[0].split("<")[0].split(">")[0].split("[")[0]
+        state["pypi"][name] = spec[len(name):]
+    if arg == "--clear-pypi-packages":
+        state["pypi"] = {{}}
+    if arg.startswith("--remove-pypi-packages="):
+        for name in arg.split("=", 1)[1].split(","):
+            state["pypi"].pop(name, None)
 with open(os.environ["FAKE_GCLOUD_LOG"], "a") as log:
     log.write(json.dumps(call) + "\\n")
+state_path.write_text(json.dumps(state))
 if args[:3] == ["composer", "environments", "describe"]:
-    print("gs://us-central1-dicom-env-bucket/dags")
+    # As gcloud's flattened format prints them (checked with SDK 528.0.0's printer): a document
+    # separator, keys padded so that the values line up, an empty value as blanks.
+    lines = [("dag_gcs_prefix", "gs://us-central1-dicom-env-bucket/dags")] + [
+        ("config.softwareConfig.pypiPackages." + name, value) for name, value in sorted(state["pypi"].items())
+    ]
+    width = max(len(key) for key, _ in lines) + 2
+    print("---")
+    for key, value in lines:
+        print((key + ":").ljust(width) + value)
 """
+OTHER_TEAMS = {
+    "zope.interface": "==6.4",
+    "pandas": ">=2.0",
+    "scikit-learn": "==1.5.2",
+    "apache-airflow-providers-slack": "",
+    "great_expectations": "[sql]==1.2",
+}
+DESCRIBE_FORMAT = "--format=flattened(config.dagGcsPrefix,config.softwareConfig.pypiPackages)"
 
 
 def _runtime_requirements(requirements_in: Path) -> list[str]:
@@ -101,7 +135,21 @@ def gcloud_log(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def run(tmp_path: Path, fake_gcloud: Path, gcloud_log: Path):
+def environment_state(tmp_path: Path) -> Path:
+    """The fake environment's state; absent: no custom PyPI package."""
+    return tmp_path / "environment.json"
+
+
+def _set_packages(state: Path, packages: dict[str, str]) -> None:
+    state.write_text(json.dumps({"pypi": packages}))
+
+
+def _packages(state: Path) -> dict[str, str]:
+    return json.loads(state.read_text())["pypi"]
+
+
+@pytest.fixture
+def run(tmp_path: Path, fake_gcloud: Path, gcloud_log: Path, environment_state: Path):
     """Run the script in a clean environment (no COMPOSER_* or settings from the caller's shell)."""
     (tmp_path / "tmp").mkdir()
 
@@ -112,6 +160,7 @@ def run(tmp_path: Path, fake_gcloud: Path, gcloud_log: Path):
             "TMPDIR": str(tmp_path / "tmp"),
             "GCLOUD": str(fake_gcloud),
             "FAKE_GCLOUD_LOG": str(gcloud_log),
+            "FAKE_GCLOUD_STATE": str(environment_state),
         }
         return subprocess.run(
             ["bash", str(SCRIPT), *args],
@@ -142,14 +191,14 @@ def _required_args() -> list[str]:
 
 
 def _expected_commands(gcloud: str, env_variables: str) -> list[list[str]]:
+    """What a deploy to an environment without any custom package runs."""
     target = ["--location=us-central1", "--project=my-project"]
     environment = ["--environment=dicom-env", *target]
     storage = [gcloud, "composer", "environments", "storage"]
+    ours = [f"--update-pypi-package={r}" for r in _runtime_requirements(REPO_ROOT / "requirements.in")]
     return [
-        [gcloud, "composer", "environments", "describe", "dicom-env", *target,
-         "--format=value(config.dagGcsPrefix)"],
-        [gcloud, "composer", "environments", "update", "dicom-env", *target,
-         "--update-pypi-packages-from-file=/tmp/<stage>/composer-requirements.txt"],
+        [gcloud, "composer", "environments", "describe", "dicom-env", *target, DESCRIBE_FORMAT],
+        [gcloud, "composer", "environments", "update", "dicom-env", *target, *ours],
         [gcloud, "composer", "environments", "update", "dicom-env", *target,
          f"--update-env-variables={env_variables}"],
         [*storage, "data", "import", *environment, "--source=/tmp/<stage>/include"],
@@ -164,7 +213,7 @@ def _with_stage_dir(commands: list[list[str]], tmpdir: Path) -> list[list[str]]:
     return [[arg.replace("/tmp/<stage>", f"{tmpdir}/<stage>") for arg in argv] for argv in commands]
 
 
-def test_dry_run_prints_the_gcloud_commands_and_calls_nothing(run, source_root, fake_gcloud, gcloud_log, tmp_path):
+def test_dry_run_prints_the_gcloud_commands_and_only_reads(run, source_root, fake_gcloud, gcloud_log, tmp_path):
     result = run("--dry-run", *_required_args(), "--collection", "IRB41449", "--source-root", str(source_root))
 
     assert result.returncode == 0, result.stderr
@@ -174,7 +223,8 @@ def test_dry_run_prints_the_gcloud_commands_and_calls_nothing(run, source_root, 
     )
     expected = _with_stage_dir(_expected_commands(str(fake_gcloud), env_variables), tmp_path / "tmp")
     assert _dry_run_commands(result.stdout) == expected
-    assert _calls(gcloud_log) == []  # printed, not run
+    # Printed, not run: the only call is the read-only describe, to list the packages.
+    assert [_normalized(["gcloud", *c["argv"]])[1:] for c in _calls(gcloud_log)] == [expected[0][1:]]
     assert not list((tmp_path / "tmp").iterdir()), "the staging copy must be removed on exit"
 
 
@@ -194,6 +244,8 @@ def test_dry_run_does_not_need_gcloud(run, source_root, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0].startswith("gcloud composer environments describe dicom-env ")
     assert len(result.stdout.splitlines()) == 8
+    assert "not read (no gcloud or no access)" in result.stderr
+    assert "whatever else is installed stays as it is" in result.stderr
 
 
 def test_real_run_executes_exactly_the_dry_run_commands(run, source_root, gcloud_log):
@@ -203,7 +255,7 @@ def test_real_run_executes_exactly_the_dry_run_commands(run, source_root, gcloud
 
     assert dry.returncode == 0, dry.stderr
     assert real.returncode == 0, real.stderr
-    calls = _calls(gcloud_log)
+    calls = _calls(gcloud_log)[1:]  # the first is the dry run's read-only describe
     assert [_normalized(["gcloud", *call["argv"]])[1:] for call in calls] == [
         argv[1:] for argv in _dry_run_commands(dry.stdout)
     ]
@@ -218,10 +270,12 @@ def test_real_run_executes_exactly_the_dry_run_commands(run, source_root, gcloud
         ".airflowignore": [".airflowignore"],
         "dicom_storage.py": ["dicom_storage.py"],
     }
-    assert calls[1]["pypi"].splitlines() == _runtime_requirements(REPO_ROOT / "requirements.in")
+    assert calls[1]["argv"][-3:] == [
+        f"--update-pypi-package={r}" for r in _runtime_requirements(REPO_ROOT / "requirements.in")
+    ]
 
 
-def test_pypi_file_holds_only_the_runtime_packages(run, source_root, gcloud_log):
+def test_only_the_runtime_packages_are_set(run, source_root, gcloud_log, environment_state):
     (source_root / "requirements.in").write_text(
         "# top-level pins\n"
         "apache-airflow==3.3.2\n"
@@ -235,16 +289,88 @@ def test_pypi_file_holds_only_the_runtime_packages(run, source_root, gcloud_log)
     result = run(*_required_args(), "--source-root", str(source_root))
 
     assert result.returncode == 0, result.stderr
-    (update,) = [call for call in _calls(gcloud_log) if call["pypi"] is not None]
-    assert update["pypi"] == "pydicom==3.0.2\nisal==1.9.1\ngoogle-crc32c>=1.6\n"
+    (update,) = [call for call in _calls(gcloud_log) if "--update-pypi-package" in " ".join(call["argv"])]
+    assert [a for a in update["argv"] if a.startswith("--update-pypi")] == [
+        "--update-pypi-package=pydicom==3.0.2",
+        "--update-pypi-package=isal==1.9.1",
+        "--update-pypi-package=google-crc32c>=1.6",
+    ]
+    assert _packages(environment_state) == {"pydicom": "==3.0.2", "isal": "==1.9.1", "google-crc32c": ">=1.6"}
 
 
 def test_runtime_packages_of_this_repository(run, source_root):
     result = run("--dry-run", *_required_args(), "--source-root", str(source_root))
     assert result.returncode == 0, result.stderr
-    listed = [line.removeprefix("#   ") for line in result.stderr.splitlines() if line.startswith("#   ")]
+    listed = [line.split()[2] for line in result.stderr.splitlines() if line.startswith("#   set ")]
     assert listed == _runtime_requirements(REPO_ROOT / "requirements.in")
     assert not any("airflow" in line for line in listed)
+
+
+def _no_removal(calls: list[dict]) -> None:
+    for call in calls:
+        for arg in call["argv"]:
+            assert not arg.startswith(("--update-pypi-packages-from-file", "--remove-pypi-packages")), arg
+            assert arg != "--clear-pypi-packages"
+
+
+def test_packages_of_other_teams_survive_a_deploy(run, source_root, gcloud_log, environment_state):
+    """A shared environment: other teams' packages, one of ours outdated, one already right."""
+    ours = dict(
+        (r.split("=", 1)[0].split(">", 1)[0], r[len(r.split("=", 1)[0].split(">", 1)[0]) :])
+        for r in _runtime_requirements(REPO_ROOT / "requirements.in")
+    )
+    _set_packages(environment_state, {**OTHER_TEAMS, "pydicom": "==2.4.4", "isal": ours["isal"]})
+
+    dry = run("--dry-run", *_required_args(), "--source-root", str(source_root))
+    assert dry.returncode == 0, dry.stderr
+    assert _packages(environment_state) == {**OTHER_TEAMS, "pydicom": "==2.4.4", "isal": ours["isal"]}
+    # Before anything changes: what it sets, what it keeps, and the packages it leaves alone.
+    plan = [line for line in dry.stderr.splitlines() if line.startswith("#   ")]
+    assert plan == [
+        f"#   set   pydicom{ours['pydicom']} (now pydicom==2.4.4)",
+        f"#   keep  isal{ours['isal']} (already set)",
+        f"#   set   google-crc32c{ours['google-crc32c']} (new)",
+        "#   leave apache-airflow-providers-slack (not ours)",
+        "#   leave great_expectations[sql]==1.2 (not ours)",
+        "#   leave pandas>=2.0 (not ours)",
+        "#   leave scikit-learn==1.5.2 (not ours)",
+        "#   leave zope.interface==6.4 (not ours)",
+    ]
+
+    real = run(*_required_args(), "--source-root", str(source_root))
+    assert real.returncode == 0, real.stderr
+    calls = _calls(gcloud_log)
+    _no_removal(calls)
+    updates = [a for call in calls for a in call["argv"] if a.startswith("--update-pypi-package=")]
+    assert updates == [
+        f"--update-pypi-package=pydicom{ours['pydicom']}",
+        f"--update-pypi-package=google-crc32c{ours['google-crc32c']}",
+    ]
+    # Every other team's package is still there, unchanged; ours are set.
+    assert _packages(environment_state) == {**OTHER_TEAMS, **ours}
+
+    # Deploying again changes no package: no environment update for PyPI at all.
+    gcloud_log.unlink()
+    again = run(*_required_args(), "--source-root", str(source_root))
+    assert again.returncode == 0, again.stderr
+    assert not [c for c in _calls(gcloud_log) if any(a.startswith("--update-pypi") for a in c["argv"])]
+    assert "every package of ours is already set: no PyPI update" in again.stderr
+    assert _packages(environment_state) == {**OTHER_TEAMS, **ours}
+
+
+def test_the_old_file_update_would_have_removed_them(fake_gcloud, environment_state, gcloud_log, tmp_path):
+    """Why the script no longer uses --update-pypi-packages-from-file: the fake environment
+    replaces the whole list with the file, as Composer does."""
+    _set_packages(environment_state, dict(OTHER_TEAMS))
+    requirements = tmp_path / "ours.txt"
+    requirements.write_text("pydicom==3.0.2\n")
+    env = {**os.environ, "FAKE_GCLOUD_STATE": str(environment_state), "FAKE_GCLOUD_LOG": str(gcloud_log)}
+    subprocess.run(
+        [str(fake_gcloud), "composer", "environments", "update", "dicom-env",
+         f"--update-pypi-packages-from-file={requirements}"],
+        env=env, check=True,
+    )  # fmt: skip
+    assert _packages(environment_state) == {"pydicom": "==3.0.2"}
 
 
 def test_layout_of_this_repository_is_deployed_entry_by_entry(run, tmp_path):

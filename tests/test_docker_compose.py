@@ -42,7 +42,7 @@ SETTINGS = {
     "GOOGLE_PROJECT_NAME": "local-project",
     "GOOGLE_CLOUD_STORAGE": "radiology",
     "GOOGLE_STORAGE_COLLECTION": "IRB41449",
-    "DICOM_LANDING_ROOT": "/opt/airflow/landing",
+    "DICOM_LANDING_ROOT": "gs://radiology-landing/incoming",
     "STORAGE_EMULATOR_HOST": "http://fake-gcs:4443",
     "BIGQUERY_EMULATOR_HOST": "http://bigquery:9050",
 }
@@ -215,10 +215,34 @@ def test_mounts(config):
             mount = volumes[f"/opt/airflow/{folder}"]
             assert mount["source"] == str(REPO_ROOT / folder), (name, folder)
             assert mount.get("read_only") is True, (name, folder)
-        for folder in ("landing", "logs", "config"):
+        for folder in ("logs", "config"):
             mount = volumes[f"/opt/airflow/{folder}"]
             assert mount["source"] == str(REPO_ROOT / folder), (name, folder)
             assert not mount.get("read_only"), (name, folder)
+        # The landing zone is in Cloud Storage (gs://), as on Composer: no shared landing folder.
+        assert not any("landing" in target or "landing" in str(v.get("source")) for target, v in volumes.items())
+
+
+def test_executor_settings_are_those_proven_by_the_distributed_stack(config):
+    """tools/distributed.py runs the DAG with these on PostgreSQL, Redis and two Celery workers,
+    one of them killed mid-upload (tests/test_distributed.py)."""
+    from tools.distributed import EXECUTOR_SETTINGS
+
+    assert EXECUTOR_SETTINGS["AIRFLOW__CELERY__TASK_ACKS_LATE"] == "True"
+    for name in AIRFLOW_SERVICES:
+        env = config["services"][name]["environment"]
+        assert {key: env.get(key) for key in EXECUTOR_SETTINGS} == EXECUTOR_SETTINGS, name
+
+
+def test_the_image_gets_the_pinned_celery_provider_and_postgres_drivers():
+    """The Dockerfile installs requirements.txt: the same pins as the venv the stack runs from."""
+    pinned = dict(
+        line.split("==", 1) for line in (REPO_ROOT / "requirements.txt").read_text().splitlines() if "==" in line
+    )
+    top_level = (REPO_ROOT / "requirements.in").read_text()
+    for package in ("apache-airflow-providers-celery", "celery", "psycopg2-binary", "asyncpg"):
+        assert package in pinned, package
+        assert f"{package}=={pinned[package]}" in top_level, package
 
 
 def test_emulators(config):
@@ -264,6 +288,16 @@ def test_shell_snippets_parse_in_bash(config):
     init = snippets["airflow-init"]
     assert "set -euo pipefail" in init
     assert '"${bucket_url}?project=${GOOGLE_PROJECT_NAME}"' in init  # interpolated in the container
+    # Both buckets: the archive bucket and the landing zone's.
+    assert 'for bucket in "${GOOGLE_CLOUD_STORAGE}" "${landing_bucket%%/*}"; do' in init
+    result = subprocess.run(
+        ["bash", "-c", 'landing_bucket="${DICOM_LANDING_ROOT#gs://}"; echo "${landing_bucket%%/*}"'],
+        env={"DICOM_LANDING_ROOT": SETTINGS["DICOM_LANDING_ROOT"]},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.strip() == "radiology-landing"
 
 
 def test_airflow_init_creates_the_pools_of_the_local_run(config):
