@@ -5,6 +5,7 @@ The original pipeline's names stay; the DICOM_* names are this project's additio
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -222,6 +223,8 @@ class Settings:
             ),
             claim_hours=_int("DICOM_CLAIM_HOURS", get("DICOM_CLAIM_HOURS"), 12, 1, 24 * 30, problems),
         )
+        if settings.deid_profile == "basic" and importlib.util.find_spec("dicomanonymizer") is None:
+            problems.append("DICOM_DEID_PROFILE=basic needs the dicom-anonymizer package (its PS3.15 Annex E table)")
         if problems:
             raise SettingsError("Settings are incomplete: " + "; ".join(problems))
         return settings
