@@ -217,6 +217,8 @@ def _measure_both(
             "The emulator ignores maxResults and answers a listing in one page; real Cloud Storage pages by 1,000 "
             f"names, so the same poke there costs {pages} list pages + {NEW_BATCHES} manifest downloads.",
             "Only the ledger's listing is narrowed by a matchGlob; the images of each batch never appear in it.",
+            "Requests by route are in `.bench/results.json` (data.ours.routes): beside the listing and the manifest "
+            "downloads, the client library issues one bucket metadata GET.",
         ],
         data={"ours": ours, "baseline": base, "reported": reported, "setup_s": setup_s},
     )
