@@ -32,7 +32,8 @@ if [ ! -f "$AIRFLOW_HOME/airflow.db" ]; then  # a fresh AIRFLOW_HOME: the databa
   airflow pools set "$DICOM_GCS_POOL" 4 "Concurrent archive uploads" >/dev/null
   airflow pools set "$DICOM_BIGQUERY_POOL" 2 "Concurrent BigQuery loads" >/dev/null
 fi
-python -m tools.demo --prepare-only
+# The demo landing zone, unless the configured one already holds batches.
+[ -n "$(ls -A "$DICOM_LANDING_ROOT" 2>/dev/null)" ] || python -m tools.demo --prepare-only
 export AIRFLOW_REAL_BIN
 AIRFLOW_REAL_BIN=$(command -v airflow)
 export PATH=$PWD/scripts/standalone-bin:$PATH

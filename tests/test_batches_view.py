@@ -293,3 +293,27 @@ def test_the_plugin_adds_nothing_to_dag_parsing():
     assert dag_imports_view == "False", "the DAG file never imports the plugin"
     assert loaded == "True", "the plugin loads"
     assert built == "False", "loading the plugin (as the DAG processor does) does not build the web app"
+
+
+def test_a_run_naming_a_missing_pool_says_so_in_its_note(monitored_run):
+    """Airflow leaves a task whose pool does not exist "scheduled" forever, silently: the listener
+    names the pool in the run's note as soon as the run starts. (Runs last: it rewrites the note.)"""
+    from airflow.models.dagrun import DagRun
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    from batches_view import listener
+
+    run_id = monitored_run["run_id"]
+    with create_session() as session:
+        session.query(TaskInstance).filter(
+            TaskInstance.run_id == run_id, TaskInstance.task_id == "archive_studies"
+        ).update({"pool": "dicom_storage_gcs_missing"})
+    with create_session() as session:
+        dag_run = session.query(DagRun).filter(DagRun.run_id == run_id).one()
+        assert listener.missing_pools(dag_run, session) == ["dicom_storage_gcs_missing"]
+        session.expunge(dag_run)  # as dag.test() hands it over: the listener opens its own session
+    listener.on_dag_run_running(dag_run=dag_run, msg="running")
+    with create_session() as session:
+        note = session.query(DagRun).filter(DagRun.run_id == run_id).one().note
+    assert note.startswith("⚠ **Pool 'dicom_storage_gcs_missing' does not exist**")

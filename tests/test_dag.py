@@ -183,11 +183,19 @@ def test_end_to_end_run_writes_exact_objects_rows_and_reports(pipeline_env, good
 
     total = sum(expected_image_count(b) for b in good_batches)
     assert table_counts(bigquery_client) == (total, total)
-    archives = (f"https://console.cloud.google.com/storage/browser/{pipeline_env['bucket']}"
-                f"/Collection/{COLLECTION}?project={PROJECT}")
-    reports = {(task, f"https://console.cloud.google.com/storage/browser/_details/{pipeline_env['bucket']}"
-                      f"/Collection/{COLLECTION}/Batches/{b.batch_id}.json?project={PROJECT}")
-               for b in good_batches for task in ("archive_studies", "load_metadata")}
+    archives = (
+        f"https://console.cloud.google.com/storage/browser/{pipeline_env['bucket']}"
+        f"/Collection/{COLLECTION}?project={PROJECT}"
+    )
+    reports = {
+        (
+            task,
+            f"https://console.cloud.google.com/storage/browser/_details/{pipeline_env['bucket']}"
+            f"/Collection/{COLLECTION}/Batches/{b.batch_id}.json?project={PROJECT}",
+        )
+        for b in good_batches
+        for task in ("archive_studies", "load_metadata")
+    }
     assert extra_links() == {
         ("archive_studies", archives),
         ("load_metadata", archives),

@@ -34,6 +34,7 @@ table{border-collapse:collapse;width:100%}
 th,td{border-bottom:1px solid #e2e8f0;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f7fafc;font-size:12px;text-transform:uppercase;color:#4a5568}
 td.n{text-align:right;font-variant-numeric:tabular-nums}
+td:first-child{white-space:nowrap}
 .state{display:inline-block;padding:1px 8px;border-radius:10px;font-weight:600;font-size:12px}
 .s-DONE{background:#c6f6d5;color:#22543d}.s-EMPTY{background:#fed7e2;color:#702459}
 .s-ERROR,.s-failed{background:#fed7d7;color:#742a2a}.s-running{background:#bee3f8;color:#2a4365}
@@ -164,8 +165,8 @@ def render_page(
     notes = "".join(f'<div class="warn">{_e(w)}</div>' for w in warnings)
     return (
         f"<!doctype html><html><head><meta charset=utf-8><title>{_e(title)}</title><style>{STYLE}</style></head>"
-        f'<body><h1>{_e(title)}</h1>{notes}{filters}<p class="muted" id="summary">{len(rows)} batches: {_e(summary)}'
-        f"</p>{render_rows(rows, settings)}</body></html>"
+        f'<body><main id="view"><h1>{_e(title)}</h1>{notes}{filters}<p class="muted" id="summary">{len(rows)} batches: '
+        f"{_e(summary)}</p>{render_rows(rows, settings)}</main></body></html>"
     )
 
 
