@@ -78,7 +78,7 @@ with DAG(
         from dicom_archive.batch import Staging, chunk_id, chunk_refs, run_key, studies_per_chunk
         from dicom_archive.landing import batch_folder_problem
         from dicom_archive.manifest import REPORT_NAME
-        from dicom_archive.naming import batch_id_problem
+        from dicom_archive.naming import batch_id_problem, batch_report_object_name
         from dicom_archive.plan import STATUS_ERROR, BatchPlan, plan_batch, read_manifest
         from dicom_archive.withdraw import hold_back_withdrawn
         from hooks.dicom_storage import DicomStorageHook, load_settings
@@ -123,7 +123,12 @@ with DAG(
                     hold_back_withdrawn(plan, store)  # withdrawn studies: quarantine reason `withdrawn`
                     staging.write_plan(plan)
                     earlier = staging.earlier_attempts()
-                reported = zone.read_bytes(batch_id, REPORT_NAME) is not None
+                # A batch reported before (beside it, or in the bucket when that copy was removed
+                # by hand) is a rerun, not the recovery of an interrupted attempt.
+                reported = zone.read_bytes(batch_id, REPORT_NAME) is not None or (
+                    plan.collection is not None
+                    and store.get(batch_report_object_name(plan.collection, batch_id)) is not None
+                )
                 planned.append((plan, staging, earlier, reported))
         except BaseException:
             # The task failed as a whole: give this run's claims up, so that no batch stays blocked
