@@ -5,6 +5,7 @@ The original pipeline's names stay; the DICOM_* names are this project's additio
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -207,6 +208,8 @@ class Settings:
                 "DICOM_GOOGLE_RETRY_SECONDS", get("DICOM_GOOGLE_RETRY_SECONDS"), 120, 1, 3600, problems
             ),
         )
+        if settings.deid_profile == "basic" and importlib.util.find_spec("dicomanonymizer") is None:
+            problems.append("DICOM_DEID_PROFILE=basic needs the dicom-anonymizer package (its PS3.15 Annex E table)")
         if problems:
             raise SettingsError("Settings are incomplete: " + "; ".join(problems))
         return settings
