@@ -99,11 +99,8 @@ def redis_server() -> str | None:
 
 def ensure_system_packages(log: Any = print) -> None:
     """Install PostgreSQL and Redis from Debian packages when their programs are missing."""
-    missing = [
-        package
-        for package, present in (("postgresql", postgres_bin_dir()), ("redis-server", redis_server()))
-        if not present
-    ]
+    present = {"postgresql": postgres_bin_dir(), "redis-server": redis_server()}
+    missing = [package for package in DEBIAN_PACKAGES if not present[package]]
     if not missing:
         return
     command = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
