@@ -272,7 +272,10 @@ with DAG(
         if not batch.get("reported_before", True):
             recovery = Recovery(plan.batch_id, earlier_attempts=list(batch.get("earlier_attempts", [])))
             present = (loaded or {}).get("rows_in_batch", 0) - ((loaded or {}).get("rows_inserted") or 0)
-            if settings.send_to_google and present > 0:
+            # Counted only after an interrupted attempt: rows already present are otherwise images
+            # this collection held before (a correction, a re-sent study), and cost no extra job.
+            interrupted = recovery.happened([a for a in archives if recovery.wrote_archive(a)])
+            if settings.send_to_google and interrupted and present > 0:
                 recovery = Recovery(plan.batch_id, recovery.earlier_attempts, _rows_of_batch(hook, settings, plan))
         report = build_report(
             plan,

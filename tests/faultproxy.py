@@ -465,6 +465,7 @@ class GcsPreconditions:
     def __init__(self, proxy: FaultProxy) -> None:
         self.proxy = proxy
         self.sessions: dict[str, tuple[str, str, int]] = {}  # upload_id -> bucket, name, generation
+        self._lock = threading.Lock()
 
     def rule(self, times: int | None = None) -> Rule:
         return Rule(path=r"^/upload/storage/v1/b/[^/]+/o$", query="ifGenerationMatch=", times=times,
@@ -496,12 +497,22 @@ class GcsPreconditions:
         target = self._target(request)
         if target is None or not self._is_final(request):
             return None
-        bucket, name, wanted = target
-        quoted = urllib.parse.quote(name, safe="")
-        current = self.proxy.upstream_request("GET", f"/storage/v1/b/{bucket}/o/{quoted}")
-        generation = int(current.json()["generation"]) if current.status == 200 else 0
-        if generation == wanted:
-            return None
+        # Check and write as one step, like Cloud Storage: two create-only writes racing through
+        # the proxy must not both see "no object" and both succeed.
+        with self._lock:
+            bucket, name, wanted = target
+            quoted = urllib.parse.quote(name, safe="")
+            current = self.proxy.upstream_request("GET", f"/storage/v1/b/{bucket}/o/{quoted}")
+            generation = int(current.json()["generation"]) if current.status == 200 else 0
+            if generation == wanted:
+                headers = {k: v for k, v in request.headers.items() if k not in HOP_BY_HOP and k != "accept-encoding"}
+                try:
+                    upstream = self.proxy.upstream_request(request.method, request.target, request.body, headers)
+                except OSError as err:  # the upstream is down or hung up: answer like a gateway
+                    upstream = ProxyResponse.of_json(502, {"error": {"code": 502, "message": str(err)}})
+                answer = self.proxy._rewrite(upstream)
+                self._remember(request, answer)
+                return answer
         return ProxyResponse.of_json(
             412,
             {
