@@ -271,11 +271,12 @@ with DAG(
         recovery = None
         if not batch.get("reported_before", True):
             recovery = Recovery(plan.batch_id, earlier_attempts=list(batch.get("earlier_attempts", [])))
-            present = (loaded or {}).get("rows_in_batch", 0) - ((loaded or {}).get("rows_inserted") or 0)
-            # Counted only after an interrupted attempt: rows already present are otherwise images
-            # this collection held before (a correction, a re-sent study), and cost no extra job.
+            # Counted only after an interrupted attempt (one more query then): rows already present
+            # are otherwise images this collection held before (a correction, a re-sent study).
+            # The count is needed even when this attempt loaded nothing: archives whose rows the
+            # interrupted attempt loaded are skipped by the load (rows_loaded_generation).
             interrupted = recovery.happened([a for a in archives if recovery.wrote_archive(a)])
-            if settings.send_to_google and interrupted and present > 0:
+            if settings.send_to_google and interrupted and loaded is not None:
                 recovery = Recovery(plan.batch_id, recovery.earlier_attempts, _rows_of_batch(hook, settings, plan))
         report = build_report(
             plan,
