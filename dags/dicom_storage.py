@@ -36,6 +36,9 @@ CHUNK_LABEL = (
 BATCH_LABEL = "{{ task.batch['batch_id'] }}"
 REPORT_LABEL = "{{ batch_outcome if batch_outcome is defined else task.op_kwargs['batch']['batch_id'] }}"
 
+# `none`: manual runs only (no scheduled runs, and so no backfills).
+SCHEDULE = os.environ.get("DICOM_SCHEDULE", "0 * * * *").strip()
+
 default_args = {
     "owner": "radiology-research",
     "retries": int(os.environ.get("DICOM_TASK_RETRIES", "3")),
@@ -47,7 +50,7 @@ default_args = {
 with DAG(
     dag_id="dicom_storage",
     description="Archive de-identified DICOM batches to Cloud Storage and their metadata to BigQuery",
-    schedule=CronDataIntervalTimetable(os.environ.get("DICOM_SCHEDULE", "0 * * * *"), timezone="UTC"),
+    schedule=None if SCHEDULE.lower() == "none" else CronDataIntervalTimetable(SCHEDULE, timezone="UTC"),
     start_date=datetime(2024, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=int(os.environ.get("DICOM_MAX_ACTIVE_RUNS", "2")),
