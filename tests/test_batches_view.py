@@ -163,28 +163,40 @@ def test_the_run_note_summarises_the_run(monitored_run):
 
 
 def test_batches_view_rows_from_reports_staging_and_runs(monitored_env, monitored_run):
+    from datetime import timedelta
+
     from batches_view.app import _runs_by_batch
+    from dicom_archive import claims
     from hooks.dicom_storage import DicomStorageHook, load_settings
 
     root = monitored_env["root"]
     waiting = BatchSpec("20240203-0001", images=[], collection=COLLECTION, write_manifest=False)
     not_ready = BatchSpec("20240203-0002", images=[], collection=COLLECTION, status="RUNNING")
     pending = BatchSpec("20240203-0003", images=[], collection=COLLECTION)
-    for batch in (waiting, not_ready, pending):
+    claimed = BatchSpec("20240203-0004", images=[], collection=COLLECTION)
+    for batch in (waiting, not_ready, pending, claimed):
         write_batch(root, batch)
 
     settings = load_settings()
     hook = DicomStorageHook()
-    rows = batch_rows(hook.landing_zone(settings), hook.archive_store(settings), _runs_by_batch(), COLLECTION)
+    store = hook.archive_store(settings)
+    assert claims.acquire(store, claimed.batch_id, "scheduled__elsewhere", timedelta(hours=1)).owned
+    try:
+        rows = batch_rows(hook.landing_zone(settings), store, _runs_by_batch(), COLLECTION)
+    finally:
+        claims.release(store, claimed.batch_id, "scheduled__elsewhere")
     by_id = {row.batch_id: row for row in rows}
     good, empty = monitored_run["good"].batch_id, monitored_run["empty"].batch_id
-    assert {b: by_id[b].state for b in (good, empty, waiting.batch_id, not_ready.batch_id, pending.batch_id)} == {
+    ids = (good, empty, waiting.batch_id, not_ready.batch_id, pending.batch_id, claimed.batch_id)
+    assert {b: by_id[b].state for b in ids} == {
         good: "DONE",
         empty: "EMPTY",
         waiting.batch_id: "waiting",
         not_ready.batch_id: "NOT_READY",
         pending.batch_id: "pending",
+        claimed.batch_id: "claimed",
     }
+    assert [b for b in ids if by_id[b].claimed] == [claimed.batch_id]
     report = json.loads((root / good / "batch.report.json").read_text())
     assert by_id[good].images_seen == report["images"]["seen"]
     assert by_id[good].rows_inserted == report["bigquery"]["rows_inserted"]

@@ -37,7 +37,7 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}
 td:first-child{white-space:nowrap}
 .state{display:inline-block;padding:1px 8px;border-radius:10px;font-weight:600;font-size:12px}
 .s-DONE{background:#c6f6d5;color:#22543d}.s-EMPTY{background:#fed7e2;color:#702459}
-.s-ERROR,.s-failed{background:#fed7d7;color:#742a2a}.s-running{background:#bee3f8;color:#2a4365}
+.s-ERROR,.s-failed{background:#fed7d7;color:#742a2a}.s-running,.s-claimed{background:#bee3f8;color:#2a4365}
 .s-pending,.s-waiting,.s-NOT_READY{background:#edf2f7;color:#4a5568}
 tr.attention td:first-child{border-left:4px solid #d69e2e}
 .warn{background:#fffaf0;border:1px solid #d69e2e;padding:8px;margin-bottom:12px}
@@ -114,6 +114,10 @@ def render_rows(rows: list[BatchRow], settings: Any) -> str:
         state = f'<span class="state s-{_e(row.state)}" data-state="{_e(row.state)}">{_e(row.state)}</span>'
         if row.local_report:
             state += ' <span class="muted">local run</span>'
+        if row.claimed and row.state != "claimed":
+            state += ' <span class="muted">claimed by a run</span>'
+        if row.withdrawn_images:
+            state += f'<div class="muted">{_num(row.withdrawn_images)} images withdrawn</div>'
         if row.error:
             state += f'<div class="muted">{_e(row.error)}</div>'
         body.append(

@@ -17,8 +17,9 @@ WAITING = "waiting"  # a folder without batch.json: the anonymizer is not done
 NOT_READY = "NOT_READY"  # batch.json says the anonymizer is not done
 PENDING = "pending"  # complete, no report, nobody working on it
 RUNNING = "running"  # a run has staged its plan and not yet reported
+CLAIMED = "claimed"  # a run holds the batch's claim (`_claims/<batch_id>.json`) and has staged nothing yet
 FAILED = "failed"  # the last run that took it failed before its report
-STATES = (WAITING, NOT_READY, PENDING, RUNNING, FAILED, "DONE", "EMPTY", "ERROR")
+STATES = (WAITING, NOT_READY, PENDING, CLAIMED, RUNNING, FAILED, "DONE", "EMPTY", "ERROR")
 
 
 @dataclass
@@ -48,6 +49,8 @@ class BatchRow:
     archives_present: int | None = None
     archive_bytes: int | None = None
     rows_inserted: int | None = None
+    withdrawn_images: int | None = None  # held back because their study was withdrawn
+    claimed: bool = False  # a run holds the batch's claim now
     table: str | None = None
     timings: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
@@ -100,6 +103,7 @@ def row_from_report(batch_id: str, report: dict[str, Any], source: str, local: b
         archives_present=archives.get("already_present"),
         archive_bytes=archives.get("bytes"),
         rows_inserted=bigquery.get("rows_inserted"),
+        withdrawn_images=(report.get("withdrawn") or {}).get("images"),
         table=bigquery.get("table"),
         timings=dict(report.get("timings") or {}),
         error=_error_summary(report.get("error")),
@@ -132,6 +136,7 @@ def batch_rows(
     from dicom_archive.manifest import MANIFEST_NAME, STATUS_DONE, STATUS_ERROR
 
     staged = _staged_batches(store)
+    claimed = _claimed_batches(store)
     rows = []
     for batch_id in zone.batch_ids():
         manifest = _json(zone.read_bytes(batch_id, MANIFEST_NAME))
@@ -154,8 +159,11 @@ def batch_rows(
                 row.state = FAILED
             elif batch_id in staged or (last is not None and last.state in ("running", "queued")):
                 row.state = RUNNING
+            elif batch_id in claimed:
+                row.state = CLAIMED
         if report is not None and last is not None and last.state in ("running", "queued"):
             row.state = RUNNING  # being processed again
+        row.claimed = batch_id in claimed
         row.runs = runs
         rows.append(row)
     rows.sort(key=lambda r: (r.completed_at or "", r.batch_id), reverse=True)
@@ -170,6 +178,19 @@ def _staged_batches(store: Any) -> set[str]:
     except Exception:
         return set()
     return {name.split("/")[1] for name in names if name.count("/") >= 2}
+
+
+def _claimed_batches(store: Any) -> set[str]:
+    """Batches a run holds a claim on (one listing; an expired claim still shows until taken over)."""
+    from dicom_archive.claims import CLAIM_ROOT
+
+    if store is None:
+        return set()
+    try:
+        names = store.list_names(f"{CLAIM_ROOT}/")
+    except Exception:
+        return set()
+    return {name.rsplit("/", 1)[-1].removesuffix(".json") for name in names if name.endswith(".json")}
 
 
 def filter_rows(
