@@ -462,8 +462,9 @@ class GcsPreconditions:
     that moment. `ifGenerationMatch=0` means "only if there is no live object".
     """
 
-    def __init__(self, proxy: FaultProxy) -> None:
+    def __init__(self, proxy: FaultProxy, *, atomic: bool = False) -> None:
         self.proxy = proxy
+        self.atomic = atomic
         self.sessions: dict[str, tuple[str, str, int]] = {}  # upload_id -> bucket, name, generation
         self._lock = threading.Lock()
 
@@ -497,13 +498,16 @@ class GcsPreconditions:
         target = self._target(request)
         if target is None or not self._is_final(request):
             return None
-        # Check and write as one step, like Cloud Storage: two create-only writes racing through
-        # the proxy must not both see "no object" and both succeed.
-        with self._lock:
+        # atomic: check and write as one step, like Cloud Storage, so that two create-only writes
+        # racing through the proxy cannot both see "no object" and both succeed. The write is then
+        # made here, so rules after this one do not see the request: for race tests only.
+        with self._lock if self.atomic else contextlib.nullcontext():
             bucket, name, wanted = target
             quoted = urllib.parse.quote(name, safe="")
             current = self.proxy.upstream_request("GET", f"/storage/v1/b/{bucket}/o/{quoted}")
             generation = int(current.json()["generation"]) if current.status == 200 else 0
+            if generation == wanted and not self.atomic:
+                return None
             if generation == wanted:
                 headers = {k: v for k, v in request.headers.items() if k not in HOP_BY_HOP and k != "accept-encoding"}
                 try:
@@ -550,6 +554,6 @@ def _object_name_from_body(request: ProxyRequest) -> str | None:
     return None
 
 
-def gcs_preconditions(proxy: FaultProxy) -> Rule:
+def gcs_preconditions(proxy: FaultProxy, *, atomic: bool = False) -> Rule:
     """The rule that makes the proxy enforce upload preconditions (see GcsPreconditions)."""
-    return GcsPreconditions(proxy).rule()
+    return GcsPreconditions(proxy, atomic=atomic).rule()

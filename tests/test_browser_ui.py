@@ -10,6 +10,7 @@ test's temporary folder; a failure message lists them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.e2e
 
 DAG_ID = "dicom_storage"
 PASSWORD = "browser-password"
+COLLECTION = "IRB_browser"
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
@@ -94,10 +96,12 @@ def ui(tmp_path_factory, gcs_emulator, bigquery_emulator, airflow_db) -> Iterato
     landing = tmp_path_factory.mktemp("ui-landing")
     bucket = "ui-archive"
     GCSHook().create_bucket(bucket_name=bucket, project_id=PROJECT)
-    good = demo_batches(days=1, start=date(2024, 3, 1))[0]
+    # A collection of its own: the BigQuery emulator is shared by the whole test session, and
+    # other modules count the rows of the demo's collection.
+    good = dataclasses.replace(demo_batches(days=1, start=date(2024, 3, 1))[0], collection=COLLECTION)
     named = ImageSpec("GLee0009", "GLff0009", "20230106", "CT", source="ct", header_overrides={"PatientName": "X^Y"})
     empty = BatchSpec(
-        "20240302-0001", images=[named], collection="IRB41449", completed_at=datetime(2024, 3, 2, tzinfo=UTC)
+        "20240302-0001", images=[named], collection=COLLECTION, completed_at=datetime(2024, 3, 2, tzinfo=UTC)
     )
     for batch in (good, empty):
         write_batch(landing, batch)
@@ -323,7 +327,7 @@ def test_run_outcomes_through_the_rest_api(ui, finished_run):
     )["extra_links"]
     assert links["Batch report"] == f"/dicom-batches/report/{good}"
     assert links["Archives in Cloud Storage"] == f"/dicom-batches/objects/{good}"
-    assert links["Metadata table in BigQuery"] == "/dicom-batches/?collection=IRB41449"
+    assert links["Metadata table in BigQuery"] == f"/dicom-batches/?collection={COLLECTION}"
 
 
 def test_the_grid_shows_labels_and_the_empty_batch_apart(page, ui, finished_run):

@@ -361,7 +361,7 @@ def test_a_worker_killed_mid_upload_then_retry_and_redelivery_leave_the_batch_co
     report = landing_report(stack, KILL_BATCH)
     assert report["status"] == "DONE"
     assert report["images"] == {"seen": KILL_IMAGES, "archived": KILL_IMAGES, "quarantined": 0,
-                                "quarantined_by_reason": {}}  # fmt: skip
+                                "quarantined_by_reason": {}, "stripped": 0, "private_elements_removed": 0}  # fmt: skip
     assert report["archives"]["total"] == report["archives"]["written"] == 1
     assert report["archives"]["bytes"] > 16 * 2**20, "the upload had more than one chunk"
     assert report["bigquery"]["rows_inserted"] == KILL_IMAGES

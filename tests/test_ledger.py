@@ -46,7 +46,7 @@ def env(tmp_path, gcs_emulator, bigquery_emulator, airflow_db, monkeypatch) -> I
     }.items():
         monkeypatch.setenv(name, value)
     with proxied(gcs_emulator.url, "STORAGE_EMULATOR_HOST") as gcs:
-        gcs.add(gcs_preconditions(gcs))
+        gcs.add(gcs_preconditions(gcs, atomic=True))  # claims race: check and write as one step
         yield {"bucket": bucket, "collection": collection, "root": root, "gcs": gcs, "tmp": tmp_path}
 
 
