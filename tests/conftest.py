@@ -11,12 +11,14 @@ import os
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "test-project"
+STORAGE_DAG_ID = "dicom_storage"
 
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="airflow-home-"))
 os.environ.update(
@@ -112,3 +114,58 @@ def bigquery_client(bigquery_emulator: emulators.EmulatorProcess):
 @pytest.fixture
 def dataset_id() -> str:
     return f"IRB_{uuid.uuid4().hex[:10]}"
+
+
+@contextmanager
+def pipeline_settings(
+    root: Path | str,
+    *,
+    bucket: str | None = None,
+    collection: str | None = None,
+    proxies: bool = False,
+    create_bucket: bool = True,
+    **extra: str,
+) -> Iterator[dict]:
+    """The settings of a run that sends to the emulators, as environment variables until the end.
+
+    A new bucket is created (a fresh random name unless `bucket` is given; `create_bucket=False`
+    when the caller made it). Each caller passes a
+    collection of its own (random by default): the emulators are shared by the whole session, and a
+    module counting the rows of a collection must not see another module's. With `proxies`, both
+    emulators are reached through fault proxies (env["gcs"], env["bq"]). `extra` adds settings.
+    Needs the gcs_emulator and bigquery_emulator fixtures."""
+    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+    from tests.faultproxy import proxied
+
+    suffix = uuid.uuid4().hex[:8]
+    bucket = bucket or f"pipeline-{suffix}"
+    collection = collection or f"IRB_{suffix}"
+    if create_bucket:
+        GCSHook().create_bucket(bucket_name=bucket, project_id=PROJECT)
+    if isinstance(root, Path):  # else a gs:// landing root
+        root.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "SEND_TO_GOOGLE": "true",
+        "GOOGLE_CLOUD_STORAGE": bucket,
+        "GOOGLE_PROJECT_NAME": PROJECT,
+        "GOOGLE_STORAGE_COLLECTION": collection,
+        "DICOM_LANDING_ROOT": str(root),
+        **extra,
+    }
+    with pytest.MonkeyPatch.context() as mp, ExitStack() as stack:
+        for name, value in settings.items():
+            mp.setenv(name, value)
+        env: dict = {"bucket": bucket, "collection": collection, "root": root}
+        if proxies:
+            env["gcs"] = stack.enter_context(proxied(os.environ["STORAGE_EMULATOR_HOST"], "STORAGE_EMULATOR_HOST"))
+            env["bq"] = stack.enter_context(proxied(os.environ["BIGQUERY_EMULATOR_HOST"], "BIGQUERY_EMULATOR_HOST"))
+        yield env
+
+
+def run_dag(batch_ids: list[str] | None = None, *, dag_id: str = STORAGE_DAG_ID, conf: dict | None = None):
+    """One `dag.test()` run of a DAG from dags/, with `batch_ids` as its conf; returns the DagRun."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(dag_folder=str(REPO_ROOT / "dags")).get_dag(dag_id)
+    return dag.test(run_conf=conf if conf is not None else {"batch_ids": batch_ids or []})

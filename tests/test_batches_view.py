@@ -15,11 +15,11 @@ import pytest
 
 from batches_view.model import batch_rows, filter_rows, runs_from_plans
 from batches_view.outcomes import batch_label, chunk_label, needs_attention, run_note
-from tests.conftest import PROJECT, REPO_ROOT
+from tests.conftest import PROJECT, REPO_ROOT, pipeline_settings, run_dag
 from tools.landing_zone import BatchSpec, ImageSpec, demo_batches, write_batch
 
 DAG_ID = "dicom_storage"
-COLLECTION = "IRB41449"
+COLLECTION = "IRB_monitoring"  # its own: the session's emulators are shared
 
 
 def _report(batch_id: str, status: str, seen: int, archived: int, held: dict[str, int], rows: int = 0) -> dict:
@@ -58,27 +58,14 @@ def test_labels_and_note_tell_outcomes_apart():
 
 @pytest.fixture(scope="module")
 def monitored_env(tmp_path_factory, gcs_emulator, bigquery_emulator, airflow_db) -> Iterator[dict]:
-    from airflow.providers.google.cloud.hooks.gcs import GCSHook
-
     root = tmp_path_factory.mktemp("landing")
-    bucket = "monitoring-archive"
-    GCSHook().create_bucket(bucket_name=bucket, project_id=PROJECT)
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in {
-            "SEND_TO_GOOGLE": "true",
-            "GOOGLE_CLOUD_STORAGE": bucket,
-            "GOOGLE_PROJECT_NAME": PROJECT,
-            "GOOGLE_STORAGE_COLLECTION": COLLECTION,
-            "DICOM_LANDING_ROOT": str(root),
-            "DICOM_STUDIES_PER_TASK": "2",
-            "DICOM_LINKS_TO": "console",
-        }.items():
-            mp.setenv(name, value)
-        yield {"root": root, "bucket": bucket}
+    extra = {"DICOM_STUDIES_PER_TASK": "2", "DICOM_LINKS_TO": "console"}
+    with pipeline_settings(root, bucket="monitoring-archive", collection=COLLECTION, **extra) as env:
+        yield env
 
 
 def good_and_empty(root) -> tuple[BatchSpec, BatchSpec]:
-    good = demo_batches(days=1, start=datetime(2024, 2, 1).date())[0]
+    good = demo_batches(days=1, start=datetime(2024, 2, 1).date(), collection=COLLECTION)[0]
     named = ImageSpec("GLee0001", "GLff0001", "20230106", "CT", source="ct", header_overrides={"PatientName": "X^Y"})
     empty = BatchSpec(
         "20240202-0001", images=[named], collection=COLLECTION, completed_at=datetime(2024, 2, 2, tzinfo=UTC)
@@ -86,13 +73,6 @@ def good_and_empty(root) -> tuple[BatchSpec, BatchSpec]:
     write_batch(root, good)
     write_batch(root, empty)
     return good, empty
-
-
-def run_dag(batch_ids: list[str]):
-    from airflow.dag_processing.dagbag import DagBag
-
-    dag = DagBag(dag_folder=str(REPO_ROOT / "dags")).get_dag(DAG_ID)
-    return dag.test(run_conf={"batch_ids": batch_ids})
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,14 @@ import os
 import shutil
 import subprocess
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
 
+from tests import airflow_api as api
 from tests.conftest import PROJECT, REPO_ROOT
 from tools import emulators
 from tools.landing_zone import BatchSpec, ImageSpec, demo_batches, write_batch
@@ -35,39 +34,6 @@ DAG_ID = "dicom_storage"
 PASSWORD = "browser-password"
 COLLECTION = "IRB_browser"
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-
-
-def _request(base: str, method: str, path: str, token: str | None = None, body: dict | None = None) -> dict:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"{base}{path}", data=data, method=method)
-    req.add_header("Content-Type", "application/json")
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read() or b"{}")
-
-
-def _status(base: str, path: str, token: str | None = None) -> int:
-    try:
-        _request(base, "GET", path, token)
-        return 200
-    except urllib.error.HTTPError as err:
-        return err.code
-
-
-def _wait(what: str, check, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"airflow standalone exited while waiting for {what}; see {log}")
-        try:
-            value = check()
-            if value:
-                return value
-        except (OSError, KeyError, ValueError):
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{what} did not happen within {timeout:.0f}s" + (f"; see {log}" if log else ""))
 
 
 def _copy_metadata_db(source: Path, home: Path) -> None:
@@ -123,6 +89,9 @@ def ui(tmp_path_factory, gcs_emulator, bigquery_emulator, airflow_db) -> Iterato
         "DICOM_LOCAL_OUTPUT": str(home / "output"),
         "DICOM_STUDIES_PER_TASK": "2",
         "DICOM_TASK_RETRIES": "1",  # SQLite under three busy components: a rare lock is retried
+        # Manual runs only: an unpaused hourly DAG would also start a scheduled run at once, racing
+        # the test's run for the same two batches.
+        "DICOM_SCHEDULE": "none",
     }
     log_path = home / "standalone.log"
     log = open(log_path, "wb")  # noqa: SIM115  (closed in the finally below)
@@ -135,13 +104,8 @@ def ui(tmp_path_factory, gcs_emulator, bigquery_emulator, airflow_db) -> Iterato
     )
     base = f"http://127.0.0.1:{port}"
     try:
-
-        def healthy() -> bool:
-            health = _request(base, "GET", "/api/v2/monitor/health")
-            return all(health[part]["status"] == "healthy" for part in ("metadatabase", "scheduler"))
-
-        _wait("a healthy airflow standalone", healthy, 300, proc, log_path)
-        token = _request(base, "POST", "/auth/token", body={"username": "admin", "password": PASSWORD})
+        api.wait("a healthy airflow standalone", lambda: api.healthy(base), 300, proc, log_path)
+        token = api.request(base, "POST", "/auth/token", body={"username": "admin", "password": PASSWORD})
         yield {
             "base": base,
             "token": token["access_token"],
@@ -161,8 +125,8 @@ def ui(tmp_path_factory, gcs_emulator, bigquery_emulator, airflow_db) -> Iterato
 @pytest.fixture(scope="module")
 def finished_run(ui) -> dict:
     base, token = ui["base"], ui["token"]
-    _wait("dicom_storage parsed", lambda: _request(base, "GET", f"/api/v2/dags/{DAG_ID}", token), 120, ui["proc"])
-    run = _request(
+    api.wait("dicom_storage parsed", lambda: api.request(base, "GET", f"/api/v2/dags/{DAG_ID}", token), 120, ui["proc"])
+    run = api.request(
         base,
         "POST",
         f"/api/v2/dags/{DAG_ID}/dagRuns",
@@ -171,10 +135,21 @@ def finished_run(ui) -> dict:
     )
 
     def done() -> dict | None:
-        found = _request(base, "GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}", token)
+        found = api.request(base, "GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}", token)
         return found if found["state"] in ("success", "failed") else None
 
-    return _wait("the run to finish (the DAG starts unpaused)", done, 300, ui["proc"], ui["log"])
+    return api.wait("the run to finish (the DAG starts unpaused)", done, 300, ui["proc"], ui["log"])
+
+
+def _failed_task_logs(ui: dict, run_id: str) -> str:
+    """The end of the log of every failed try of the run, to say why in the assertion."""
+    run_folder = Path(ui["home"]) / "logs" / f"dag_id={DAG_ID}" / f"run_id={run_id}"
+    tails = []
+    for log in sorted(run_folder.rglob("attempt=*.log")):
+        text = log.read_text(errors="replace")
+        if '"level":"error"' in text or "ERROR" in text or "Traceback" in text:
+            tails.append(f"--- {log.relative_to(run_folder)}\n" + "\n".join(text.splitlines()[-40:]))
+    return "\n".join(tails) or f"no failed try logged under {run_folder}"
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +233,7 @@ def page(browser, ui, tmp_path_factory) -> Page:
     browser.find_element("css selector", "input[name=password]").send_keys(PASSWORD)
     page.shot("login")
     browser.find_element("css selector", "button[type=submit]").click()
-    _wait("the signed-in home page", lambda: "Sign in" not in page.text() and "Dags" in page.text(), 60)
+    api.wait("the signed-in home page", lambda: "Sign in" not in page.text() and "Dags" in page.text(), 60)
     page.shot("home")
     return page
 
@@ -266,9 +241,9 @@ def page(browser, ui, tmp_path_factory) -> Page:
 def test_the_batches_view_refuses_an_unauthenticated_request(ui):
     base = ui["base"]
     for path in ("/dicom-batches/", "/dicom-batches/api/batches", f"/dicom-batches/report/{ui['good'].batch_id}"):
-        assert _status(base, path) in (401, 403), path
-    assert _status(base, "/dicom-batches/api/batches", ui["token"]) == 200
-    assert _status(base, "/dicom-batches/api/batches", "not-a-token") in (401, 403)
+        assert api.status(base, path) in (401, 403), path
+    assert api.status(base, "/dicom-batches/api/batches", ui["token"]) == 200
+    assert api.status(base, "/dicom-batches/api/batches", "not-a-token") in (401, 403)
 
 
 def test_only_the_api_server_listens_and_only_on_loopback(ui):
@@ -307,8 +282,8 @@ def _good_label(ui) -> str:
 def test_run_outcomes_through_the_rest_api(ui, finished_run):
     base, token, run_id = ui["base"], ui["token"], finished_run["dag_run_id"]
     good, empty = ui["good"].batch_id, ui["empty"].batch_id
-    assert finished_run["state"] == "success"
-    tis = _request(base, "GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances?limit=100", token)
+    assert finished_run["state"] == "success", _failed_task_logs(ui, run_id)
+    tis = api.request(base, "GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances?limit=100", token)
     by_task: dict[str, dict[str, str]] = {}
     for ti in tis["task_instances"]:
         by_task.setdefault(ti["task_id"], {})[ti["rendered_map_index"] or str(ti["map_index"])] = ti["state"]
@@ -322,7 +297,7 @@ def test_run_outcomes_through_the_rest_api(ui, finished_run):
     assert reports[good][0].startswith(_good_label(ui))
     assert (finished_run["note"] or "").startswith("⚠ **2 batches**: 1 DONE, 1 EMPTY;"), "the run's note"
 
-    links = _request(
+    links = api.request(
         base, "GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/load_metadata/links?map_index=0", token
     )["extra_links"]
     assert links["Batch report"] == f"/dicom-batches/report/{good}"
@@ -355,7 +330,7 @@ def test_the_batches_view_lists_both_batches(page, ui, finished_run):
     good, empty = ui["good"].batch_id, ui["empty"].batch_id
     page.open("/plugin/dicom-batches")
     try:
-        frames = _wait("the view inside the Airflow UI", lambda: page.driver.find_elements("tag name", "iframe"), 45)
+        frames = api.wait("the view inside the Airflow UI", lambda: page.driver.find_elements("tag name", "iframe"), 45)
     except TimeoutError:
         page.check(False, "the view is shown inside the Airflow UI (an iframe under the navigation)")
     page.driver.switch_to.frame(frames[0])

@@ -13,14 +13,13 @@ import hashlib
 import io
 import json
 import tarfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROJECT, REPO_ROOT
-from tests.faultproxy import FaultProxy, ProxyRequest, ProxyResponse, Rule, gcs_preconditions, proxied
+from tests.conftest import PROJECT, pipeline_settings, run_dag
+from tests.faultproxy import FaultProxy, ProxyRequest, ProxyResponse, Rule, gcs_preconditions
 from tools.landing_zone import BatchSpec, ImageSpec, write_batch
 
 E1, E2 = "CIent01", "CIent02"
@@ -41,29 +40,10 @@ def study(entity: str, item: str, n: int, **overrides: object) -> list[ImageSpec
 
 
 @pytest.fixture
-def env(tmp_path, gcs_emulator, bigquery_emulator, airflow_db, monkeypatch) -> Iterator[dict]:
-    from airflow.providers.google.cloud.hooks.gcs import GCSHook
-
-    suffix = uuid.uuid4().hex[:8]
-    bucket, collection = f"content-{suffix}", f"IRB_content_{suffix}"
-    GCSHook().create_bucket(bucket_name=bucket, project_id=PROJECT)
-    root = tmp_path / "landing"
-    root.mkdir()
-    for name, value in {
-        "SEND_TO_GOOGLE": "true",
-        "GOOGLE_CLOUD_STORAGE": bucket,
-        "GOOGLE_PROJECT_NAME": PROJECT,
-        "GOOGLE_STORAGE_COLLECTION": collection,
-        "DICOM_LANDING_ROOT": str(root),
-        "DICOM_GOOGLE_RETRY_SECONDS": "5",
-    }.items():
-        monkeypatch.setenv(name, value)
-    with (
-        proxied(gcs_emulator.url, "STORAGE_EMULATOR_HOST") as gcs,
-        proxied(bigquery_emulator.url, "BIGQUERY_EMULATOR_HOST") as bq,
-    ):
-        gcs.add(gcs_preconditions(gcs))
-        yield {"bucket": bucket, "root": root, "gcs": gcs, "bq": bq, "collection": collection}
+def env(tmp_path, gcs_emulator, bigquery_emulator, airflow_db) -> Iterator[dict]:
+    with pipeline_settings(tmp_path / "landing", proxies=True, DICOM_GOOGLE_RETRY_SECONDS="5") as env:
+        env["gcs"].add(gcs_preconditions(env["gcs"]))
+        yield env
 
 
 def land(env: dict, batch_id: str, images: list[ImageSpec]) -> BatchSpec:
@@ -73,10 +53,7 @@ def land(env: dict, batch_id: str, images: list[ImageSpec]) -> BatchSpec:
 
 
 def run(dag_id: str, conf: dict) -> str:
-    from airflow.dag_processing.dagbag import DagBag
-
-    dag = DagBag(dag_folder=str(REPO_ROOT / "dags")).get_dag(dag_id)
-    return str(dag.test(run_conf=conf).state)
+    return str(run_dag(dag_id=dag_id, conf=conf).state)
 
 
 def run_batches(*batch_ids: str) -> str:

@@ -14,7 +14,8 @@ import pytest
 from google.cloud import bigquery
 
 from hooks.dicom_storage import DicomStorageHook
-from tests.conftest import PROJECT, REPO_ROOT
+from tests.conftest import PROJECT, REPO_ROOT, pipeline_settings
+from tests.conftest import run_dag as run_storage_dag
 from tools.landing_zone import BatchSpec, ImageSpec, demo_batches, write_batch
 
 DAG_ID = "dicom_storage"
@@ -73,31 +74,17 @@ def test_dagbag_has_no_import_errors_and_the_expected_dag(airflow_db):
 
 @pytest.fixture(scope="module")
 def pipeline_env(tmp_path_factory, gcs_emulator, bigquery_emulator, airflow_db) -> Iterator[dict]:
-    """Settings of a local run that sends to the emulators, with a fresh bucket and landing zone."""
-    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+    """Settings of a local run that sends to the emulators, with a fresh bucket and landing zone.
 
+    The demo's batches name the demo's collection in their manifests; no other module loads it."""
     root = tmp_path_factory.mktemp("landing")
-    bucket = "dag-test-archive"
-    GCSHook().create_bucket(bucket_name=bucket, project_id=PROJECT)
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in {
-            "SEND_TO_GOOGLE": "true",
-            "GOOGLE_CLOUD_STORAGE": bucket,
-            "GOOGLE_PROJECT_NAME": PROJECT,
-            "GOOGLE_STORAGE_COLLECTION": COLLECTION,
-            "DICOM_LANDING_ROOT": str(root),
-            "DICOM_STUDIES_PER_TASK": "2",  # several mapped archive tasks per batch
-        }.items():
-            mp.setenv(name, value)
-        yield {"root": root, "bucket": bucket}
+    # several mapped archive tasks per batch
+    with pipeline_settings(root, collection=COLLECTION, DICOM_STUDIES_PER_TASK="2") as env:
+        yield env
 
 
 def run_dag(batch_ids: list[str]) -> str:
-    from airflow.dag_processing.dagbag import DagBag
-
-    dag = DagBag(dag_folder=str(REPO_ROOT / "dags")).get_dag(DAG_ID)
-    dag_run = dag.test(run_conf={"batch_ids": batch_ids})
-    return str(dag_run.state)
+    return str(run_storage_dag(batch_ids).state)
 
 
 def bucket_objects(bucket: str) -> dict[str, int]:
@@ -329,13 +316,10 @@ def test_local_mode_sends_nothing_and_reads_settings_from_variables(
 
 
 def test_run_with_nothing_to_do_is_skipped_not_failed(pipeline_env, good_batches, tmp_path, monkeypatch):
-    from airflow.dag_processing.dagbag import DagBag
-
     empty_root = tmp_path / "empty-landing"
     empty_root.mkdir()
     monkeypatch.setenv("DICOM_LANDING_ROOT", str(empty_root))
-    dag = DagBag(dag_folder=str(REPO_ROOT / "dags")).get_dag(DAG_ID)
-    dag_run = dag.test()  # a manual run without batch_ids: every complete batch without a report
+    dag_run = run_storage_dag(conf={})  # a manual run without batch_ids: every complete batch without a report
 
     states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
     assert str(dag_run.state) == "success", states

@@ -22,7 +22,8 @@ from pydicom.sequence import Sequence
 
 from dicom_archive.landing import LocalLandingZone
 from dicom_archive.plan import plan_batch
-from tests.conftest import PROJECT, REPO_ROOT
+from tests.conftest import PROJECT
+from tests.conftest import run_dag as run_storage_dag
 from tests.test_deid_gate import NAME, _insert_after, _pn, base, element, encode, item, with_private
 from tools.landing_zone import BatchSpec, write_batch
 
@@ -100,10 +101,7 @@ def gate_env(tmp_path_factory, gcs_emulator, bigquery_emulator, airflow_db) -> I
 
 
 def run_dag(batch_ids: list[str]) -> str:
-    from airflow.dag_processing.dagbag import DagBag
-
-    dag = DagBag(dag_folder=str(REPO_ROOT / "dags")).get_dag(DAG_ID)
-    return str(dag.test(run_conf={"batch_ids": batch_ids}).state)
+    return str(run_storage_dag(batch_ids).state)
 
 
 def bucket_blobs(bucket: str) -> dict[str, bytes]:

@@ -11,12 +11,12 @@ import json
 import os
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from datetime import date
 
 import pytest
 
+from tests import airflow_api as api
 from tests.conftest import PROJECT, REPO_ROOT
 from tools import emulators
 from tools.landing_zone import demo_batches, write_batch
@@ -28,31 +28,6 @@ PASSWORD = "e2e-password"
 BACKFILL_DAYS = ("20240105-0001", "20240106-0001", "20240107-0001")
 OUTSIDE_DAYS = ("20240104-0001", "20240108-0001")
 EARLIER_REPORT = json.dumps({"status": "DONE", "run_key": "an-earlier-run"})
-
-
-def _request(base: str, method: str, path: str, token: str | None = None, body: dict | None = None) -> dict:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"{base}{path}", data=data, method=method)
-    req.add_header("Content-Type", "application/json")
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read() or b"{}")
-
-
-def _wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("airflow standalone exited before it was healthy")
-        try:
-            health = _request(base, "GET", "/api/v2/monitor/health")
-            if all(part.get("status") == "healthy" for part in (health["metadatabase"], health["scheduler"])):
-                return
-        except (OSError, KeyError):
-            pass
-        time.sleep(1)
-    raise TimeoutError("airflow standalone did not become healthy")
 
 
 @pytest.fixture(scope="module")
@@ -108,25 +83,14 @@ def standalone(tmp_path_factory, gcs_emulator, bigquery_emulator) -> Iterator[di
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(base, proc)
-        token = _request(base, "POST", "/auth/token", body={"username": "admin", "password": PASSWORD})["access_token"]
+        api.wait("a healthy airflow standalone", lambda: api.healthy(base), 120, proc)
+        token = api.request(base, "POST", "/auth/token", body={"username": "admin", "password": PASSWORD})[
+            "access_token"
+        ]
         yield {"env": env, "base": base, "token": token, "landing": landing, "bucket": bucket, "airflow": airflow}
     finally:
         emulators.stop(proc.pid, timeout=30)
         log.close()
-
-
-def _wait_for_dag(base: str, token: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            _request(base, "GET", f"/api/v2/dags/{DAG_ID}", token)
-            return
-        except urllib.error.HTTPError as err:
-            if err.code != 404:
-                raise
-        time.sleep(2)
-    raise TimeoutError(f"{DAG_ID} was not parsed in time")
 
 
 def create_backfill(standalone: dict, from_date: str, to_date: str, attempts: int = 5) -> None:
@@ -140,7 +104,7 @@ def create_backfill(standalone: dict, from_date: str, to_date: str, attempts: in
         result = subprocess.run(command, env=standalone["env"], capture_output=True, text=True)
         if result.returncode == 0:
             return
-        backfills = _request(standalone["base"], "GET", f"/api/v2/backfills?dag_id={DAG_ID}", standalone["token"])
+        backfills = api.request(standalone["base"], "GET", f"/api/v2/backfills?dag_id={DAG_ID}", standalone["token"])
         assert "database is locked" in result.stderr + result.stdout, result.stderr[-3000:]
         assert backfills["total_entries"] == 0, "a failed create must leave nothing behind"
         time.sleep(2)
@@ -149,15 +113,15 @@ def create_backfill(standalone: dict, from_date: str, to_date: str, attempts: in
 
 def test_backfill_of_three_days_processes_exactly_their_batches(standalone):
     base, token, landing = standalone["base"], standalone["token"], standalone["landing"]
-    _wait_for_dag(base, token)
+    api.wait(f"{DAG_ID} parsed", lambda: api.request(base, "GET", f"/api/v2/dags/{DAG_ID}", token), 90)
     # Created while the DAG is paused (a paused DAG's backfill waits), then unpaused.
     create_backfill(standalone, "2024-01-05", "2024-01-07")
-    _request(base, "PATCH", f"/api/v2/dags/{DAG_ID}", token, {"is_paused": False})
+    api.request(base, "PATCH", f"/api/v2/dags/{DAG_ID}", token, {"is_paused": False})
 
     deadline = time.monotonic() + 300
     runs: list[dict] = []
     while time.monotonic() < deadline:
-        runs = _request(base, "GET", f"/api/v2/dags/{DAG_ID}/dagRuns?run_type=backfill", token)["dag_runs"]
+        runs = api.request(base, "GET", f"/api/v2/dags/{DAG_ID}/dagRuns?run_type=backfill", token)["dag_runs"]
         if len(runs) == 3 and all(r["state"] in ("success", "failed") for r in runs):
             break
         time.sleep(3)
@@ -181,7 +145,7 @@ def test_backfill_of_three_days_processes_exactly_their_batches(standalone):
 
     # Each run's sensor handed over exactly the batch of its own day.
     for run in runs:
-        xcom = _request(
+        xcom = api.request(
             base,
             "GET",
             f"/api/v2/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}/taskInstances/wait_for_batches/xcomEntries/return_value",

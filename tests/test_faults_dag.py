@@ -15,8 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import PROJECT, REPO_ROOT
-from tests.faultproxy import FaultProxy, Rule, proxied
+from tests.conftest import PROJECT, REPO_ROOT, pipeline_settings
+from tests.conftest import run_dag as run_storage_dag
+from tests.faultproxy import FaultProxy, Rule
 from tests.test_dag import expected_image_count, expected_objects, read_report
 from tests.test_ledger import expire_claim
 from tools.landing_zone import BatchSpec, demo_batches, write_batch
@@ -35,29 +36,10 @@ ACCESS_DENIED = {
 
 
 @pytest.fixture
-def env(tmp_path, gcs_emulator, bigquery_emulator, airflow_db, monkeypatch) -> Iterator[dict]:
+def env(tmp_path, gcs_emulator, bigquery_emulator, airflow_db) -> Iterator[dict]:
     """A fresh bucket, dataset and landing zone, with both emulators behind fault proxies."""
-    import uuid
-
-    from airflow.providers.google.cloud.hooks.gcs import GCSHook
-
-    suffix = uuid.uuid4().hex[:8]
-    bucket, collection = f"faults-{suffix}", f"IRB_faults_{suffix}"  # a row key is per collection
-    GCSHook().create_bucket(bucket_name=bucket, project_id=PROJECT)
-    root = tmp_path / "landing"
-    for name, value in {
-        "SEND_TO_GOOGLE": "true",
-        "GOOGLE_CLOUD_STORAGE": bucket,
-        "GOOGLE_PROJECT_NAME": PROJECT,
-        "GOOGLE_STORAGE_COLLECTION": collection,
-        "DICOM_LANDING_ROOT": str(root),
-    }.items():
-        monkeypatch.setenv(name, value)
-    with (
-        proxied(gcs_emulator.url, "STORAGE_EMULATOR_HOST") as gcs,
-        proxied(bigquery_emulator.url, "BIGQUERY_EMULATOR_HOST") as bq,
-    ):
-        yield {"bucket": bucket, "root": root, "gcs": gcs, "bq": bq, "collection": collection}
+    with pipeline_settings(tmp_path / "landing", proxies=True) as env:  # a row key is per collection
+        yield env
 
 
 def one_batch(env: dict, batch_id: str) -> BatchSpec:
@@ -68,10 +50,7 @@ def one_batch(env: dict, batch_id: str) -> BatchSpec:
 
 
 def run_dag(batch_ids: list[str]) -> str:
-    from airflow.dag_processing.dagbag import DagBag
-
-    dag = DagBag(dag_folder=str(REPO_ROOT / "dags")).get_dag(DAG_ID)
-    return str(dag.test(run_conf={"batch_ids": batch_ids}).state)
+    return str(run_storage_dag(batch_ids).state)
 
 
 def generations(bucket: str) -> dict[str, int]:

@@ -11,15 +11,14 @@ create-only writes answer 412 to a second writer here too.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from unittest import mock
 
 import pytest
 
-from tests.conftest import PROJECT, REPO_ROOT
-from tests.faultproxy import Rule, gcs_preconditions, proxied
+from tests.conftest import PROJECT, REPO_ROOT, pipeline_settings
+from tests.faultproxy import Rule, gcs_preconditions
 from tools.landing_zone import BatchSpec, ImageSpec, write_batch
 
 DAG_ID = "dicom_storage"
@@ -28,26 +27,11 @@ T0 = datetime(2024, 3, 1, 10, tzinfo=UTC)  # the start of an hourly interval
 
 
 @pytest.fixture
-def env(tmp_path, gcs_emulator, bigquery_emulator, airflow_db, monkeypatch) -> Iterator[dict]:
-    from airflow.providers.google.cloud.hooks.gcs import GCSHook
-
-    suffix = uuid.uuid4().hex[:8]
-    bucket, collection = f"ledger-{suffix}", f"IRB_ledger_{suffix}"
-    GCSHook().create_bucket(bucket_name=bucket, project_id=PROJECT)
-    root = tmp_path / "landing"
-    root.mkdir()
-    for name, value in {
-        "SEND_TO_GOOGLE": "true",
-        "GOOGLE_CLOUD_STORAGE": bucket,
-        "GOOGLE_PROJECT_NAME": PROJECT,
-        "GOOGLE_STORAGE_COLLECTION": collection,
-        "DICOM_LANDING_ROOT": str(root),
-        "DICOM_RETRY_DELAY_SECONDS": "1",
-    }.items():
-        monkeypatch.setenv(name, value)
-    with proxied(gcs_emulator.url, "STORAGE_EMULATOR_HOST") as gcs:
+def env(tmp_path, gcs_emulator, bigquery_emulator, airflow_db) -> Iterator[dict]:
+    with pipeline_settings(tmp_path / "landing", proxies=True, DICOM_RETRY_DELAY_SECONDS="1") as env:
+        gcs = env["gcs"]
         gcs.add(gcs_preconditions(gcs, atomic=True))  # claims race: check and write as one step
-        yield {"bucket": bucket, "collection": collection, "root": root, "gcs": gcs, "tmp": tmp_path}
+        yield {**env, "tmp": tmp_path}
 
 
 _serial = iter(range(1, 1_000_000))

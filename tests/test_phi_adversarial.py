@@ -40,7 +40,7 @@ from dicom_archive.landing import GCSLandingZone, is_under_phi_folder, normalise
 from dicom_archive.manifest import field_keyword, lookup_violations, match_lookup
 from dicom_archive.plan import plan_batch
 from dicom_archive.rows import DEFAULT_HEADER_ALLOW_LIST
-from tests.conftest import PROJECT, REPO_ROOT
+from tests.conftest import PROJECT, pipeline_settings, run_dag
 from tests.test_bad_input import (
     BAD,
     BATCH,
@@ -896,20 +896,10 @@ def dag_env(gcs_emulator, bigquery_emulator, airflow_db):
     return {"bucket": DAG_BUCKET}
 
 
-def _run_dag(landing_root: str, batch_id: str) -> tuple[str, object]:
-    from airflow.dag_processing.dagbag import DagBag
-
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in {
-            "SEND_TO_GOOGLE": "true",
-            "GOOGLE_CLOUD_STORAGE": DAG_BUCKET,
-            "GOOGLE_PROJECT_NAME": PROJECT,
-            "GOOGLE_STORAGE_COLLECTION": DAG_COLLECTION,
-            "DICOM_LANDING_ROOT": landing_root,
-        }.items():
-            mp.setenv(name, value)
-        dag = DagBag(dag_folder=str(REPO_ROOT / "dags")).get_dag("dicom_storage")
-        return str(dag.test(run_conf={"batch_ids": [batch_id]}).state), dag
+def _run_dag(landing_root: str, batch_id: str) -> str:
+    settings = {"bucket": DAG_BUCKET, "collection": DAG_COLLECTION, "create_bucket": False}
+    with pipeline_settings(landing_root, **settings):
+        return str(run_dag([batch_id]).state)
 
 
 def _dag_audit(planted: list[str], reports: str) -> list:
@@ -945,7 +935,7 @@ def test_a_hostile_local_batch_through_the_dag(dag_env, tmp_path):
     (folder / "lookup.json").write_text(json.dumps(lookup))
     (folder / "batch.json").write_text(json.dumps(BatchSpec(batch_id, collection=DAG_COLLECTION).manifest()))
 
-    state, _ = _run_dag(str(root), batch_id)
+    state = _run_dag(str(root), batch_id)
     assert state == "success"
     report = json.loads((folder / "batch.report.json").read_text())
     assert _failures(report) == {
@@ -976,7 +966,7 @@ def test_a_hostile_gs_batch_through_the_dag(dag_env):
         json.dumps(BatchSpec(batch_id, collection=DAG_COLLECTION).manifest())
     )
 
-    state, _ = _run_dag(f"gs://{DAG_LANDING_BUCKET}/zone", batch_id)
+    state = _run_dag(f"gs://{DAG_LANDING_BUCKET}/zone", batch_id)
     assert state == "success"
     report = json.loads(bucket.blob(prefix + "batch.report.json").download_as_bytes())
     assert _failures(report) == {**expected, **{name: {Reason.PHI_FOLDER} for name in hidden}}

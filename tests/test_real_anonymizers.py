@@ -42,7 +42,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from dicom_archive.deid import DEFAULT_PERSON_ATTRIBUTES
-from tests.conftest import PROJECT, REPO_ROOT
+from tests.conftest import PROJECT, pipeline_settings, run_dag
 from tools import phi_audit
 from tools.landing_zone import BatchSpec, write_batch
 
@@ -215,23 +215,8 @@ def anonymized(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, anonymized, gcs_emulator, bigquery_emulator, airflow_db) -> Iterator[dict]:
-    from airflow.providers.google.cloud.hooks.gcs import GCSHook
-
-    GCSHook().create_bucket(bucket_name=BUCKET, project_id=PROJECT)
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in {
-            "SEND_TO_GOOGLE": "true",
-            "GOOGLE_CLOUD_STORAGE": BUCKET,
-            "GOOGLE_PROJECT_NAME": PROJECT,
-            "GOOGLE_STORAGE_COLLECTION": COLLECTION,
-            "DICOM_LANDING_ROOT": str(anonymized["root"]),
-        }.items():
-            mp.setenv(name, value)
-        from airflow.dag_processing.dagbag import DagBag
-
-        dag = DagBag(dag_folder=str(REPO_ROOT / "dags")).get_dag(DAG_ID)
-        batch_ids = [b["batch_id"] for b in anonymized["batches"].values()]
-        dag_run = dag.test(run_conf={"batch_ids": batch_ids})
+    with pipeline_settings(anonymized["root"], bucket=BUCKET, collection=COLLECTION):
+        dag_run = run_dag([b["batch_id"] for b in anonymized["batches"].values()])
         yield {"state": str(dag_run.state), **anonymized}
 
 

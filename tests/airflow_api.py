@@ -1,0 +1,53 @@
+"""The Airflow REST API of an `airflow standalone` started by a test, over plain urllib."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def request(base: str, method: str, path: str, token: str | None = None, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"{base}{path}", data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read() or b"{}")
+
+
+def status(base: str, path: str, token: str | None = None) -> int:
+    try:
+        request(base, "GET", path, token)
+        return 200
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def wait(
+    what: str, check: Callable[[], Any], timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None
+) -> Any:
+    """Poll `check` every second until it returns something true; the server must stay up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"airflow standalone exited while waiting for {what}; see {log}")
+        try:
+            value = check()
+            if value:
+                return value
+        except (OSError, KeyError, ValueError):
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{what} did not happen within {timeout:.0f}s" + (f"; see {log}" if log else ""))
+
+
+def healthy(base: str) -> bool:
+    health = request(base, "GET", "/api/v2/monitor/health")
+    return all(health[part]["status"] == "healthy" for part in ("metadatabase", "scheduler"))
