@@ -34,8 +34,9 @@ from dicom_archive.batch import ArchiveSettings, archive_groups, build_report, p
 from dicom_archive.bigquery_load import DEDUPE_ORDER, ROW_KEY
 from dicom_archive.deid import DEFAULT_PERSON_ATTRIBUTES, DeidPolicy, Reason
 from dicom_archive.landing import LocalLandingZone
+from dicom_archive.ndjson import to_ndjson
 from dicom_archive.plan import BatchPlan, find_completed_batches, find_unreported_batches, plan_batch
-from dicom_archive.rows import RunContext, rows_to_ndjson
+from dicom_archive.rows import RunContext
 from dicom_archive.stores import LocalObjectStore
 from tools import phi_audit
 from tools.landing_zone import BatchSpec, ImageSpec, image_bytes, make_image, raw_identifiers, write_batch
@@ -186,7 +187,7 @@ class Landing:
             context=RunContext("bad-input-test", "manual__bad_input"),
             settings=ArchiveSettings(policy=policy),
         )
-        ndjson = rows_to_ndjson(rows)
+        ndjson = to_ndjson(rows)
         if rows:
             store.write_bytes(f"BigQuery/{plan.collection}/dicom/{batch_id}.ndjson", ndjson, "application/x-ndjson")
         report = build_report(plan, archives=summaries, table=None, rows_loaded=len(rows), rows_inserted=len(rows))

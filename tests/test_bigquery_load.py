@@ -1,4 +1,4 @@
-"""Schema creation and evolution, and exactly-once loads, against the real BigQuery emulator."""
+"""Tables and their schema, row checks, and exactly-once loads, against the real BigQuery emulator."""
 
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ from google.api_core import exceptions as gexc
 from google.cloud import bigquery
 
 from dicom_archive import bigquery_load as bl
+from dicom_archive import bigquery_tables as tables
+from dicom_archive.bigquery_jobs import BigQueryJobError
+from dicom_archive.bigquery_rows import RowError
+from dicom_archive.bigquery_withdrawals import withdraw_rows_sql
+from dicom_archive.ndjson import to_ndjson
 
 COLLECTION = "IRB41449"
 
@@ -71,7 +76,7 @@ def columns(client: bigquery.Client, dataset_id: str, table: str = "dicom") -> d
 
 
 def test_schema_file_has_the_spec_columns():
-    schema = {f.name: (f.field_type, f.mode) for f in bl.load_schema()}
+    schema = {f.name: (f.field_type, f.mode) for f in tables.load_schema()}
     required = {name for name, (_, mode) in schema.items() if mode == "REQUIRED"}
     assert required == {
         "collection", "batch_id", "entity_id", "item_id", "instance_sha256",
@@ -90,31 +95,31 @@ def test_schema_file_has_the_spec_columns():
     assert schema["source_sha256"] == ("STRING", "NULLABLE")
     assert schema["private_elements_removed"] == ("INTEGER", "NULLABLE")
     assert len(schema) == 46
-    assert all(f.description for f in bl.load_schema())
+    assert all(f.description for f in tables.load_schema())
 
 
 def test_ensure_table_creates_partitioned_clustered_table(bigquery_client, dataset_id):
-    dataset = bl.ensure_dataset(bigquery_client, dataset_id)
+    dataset = tables.ensure_dataset(bigquery_client, dataset_id)
     assert dataset.dataset_id == dataset_id
-    assert bl.ensure_table(bigquery_client, dataset_id) == []
+    assert tables.ensure_table(bigquery_client, dataset_id) == []
 
     table = bigquery_client.get_table(table_id(bigquery_client, dataset_id))
     assert table.time_partitioning.type_ == "DAY"
     assert table.time_partitioning.field == "uploaded_at"
     assert table.clustering_fields == ["entity_id", "item_id"]
-    assert [f.name for f in table.schema] == [f.name for f in bl.load_schema()]
+    assert [f.name for f in table.schema] == [f.name for f in tables.load_schema()]
     # A second call finds nothing to do.
-    assert bl.ensure_table(bigquery_client, dataset_id) == []
+    assert tables.ensure_table(bigquery_client, dataset_id) == []
 
 
 def test_ensure_table_adds_missing_columns_and_drops_nothing(bigquery_client, dataset_id):
-    full = bl.load_schema()
+    full = tables.load_schema()
     old = [f for f in full if f.name in {"collection", "entity_id", "item_id", "instance_sha256", "uploaded_at"}]
     legacy = bigquery.SchemaField("legacy_note", "STRING")
-    bl.ensure_dataset(bigquery_client, dataset_id)
-    bl.ensure_table(bigquery_client, dataset_id, schema=[*old, legacy])
+    tables.ensure_dataset(bigquery_client, dataset_id)
+    tables.ensure_table(bigquery_client, dataset_id, schema=[*old, legacy])
 
-    added = bl.ensure_table(bigquery_client, dataset_id, schema=full)
+    added = tables.ensure_table(bigquery_client, dataset_id, schema=full)
 
     assert added == [f.name for f in full if f not in old]
     cols = columns(bigquery_client, dataset_id)
@@ -125,73 +130,72 @@ def test_ensure_table_adds_missing_columns_and_drops_nothing(bigquery_client, da
     assert cols["ImageType"] == ("STRING", "REPEATED")
     assert len(cols) == len(full) + 1
     # And the REQUIRED-wanted-but-NULLABLE column is not a conflict on the next run.
-    assert bl.ensure_table(bigquery_client, dataset_id, schema=full) == []
+    assert tables.ensure_table(bigquery_client, dataset_id, schema=full) == []
 
 
 def test_type_conflict_raises_and_changes_nothing(bigquery_client, dataset_id):
-    full = bl.load_schema()
+    full = tables.load_schema()
     retyped = [bigquery.SchemaField("StudyDate", "STRING") if f.name == "StudyDate" else f for f in full]
-    bl.ensure_dataset(bigquery_client, dataset_id)
-    bl.ensure_table(bigquery_client, dataset_id, schema=retyped[:-3])  # also lacks the last 3 columns
+    tables.ensure_dataset(bigquery_client, dataset_id)
+    tables.ensure_table(bigquery_client, dataset_id, schema=retyped[:-3])  # also lacks the last 3 columns
     before = columns(bigquery_client, dataset_id)
 
-    with pytest.raises(bl.SchemaConflictError, match=r"StudyDate: type STRING in the table, DATE wanted"):
-        bl.ensure_table(bigquery_client, dataset_id, schema=full)
-    with pytest.raises(bl.SchemaConflictError, match="StudyDate"):
+    with pytest.raises(tables.SchemaConflictError, match=r"StudyDate: type STRING in the table, DATE wanted"):
+        tables.ensure_table(bigquery_client, dataset_id, schema=full)
+    with pytest.raises(tables.SchemaConflictError, match="StudyDate"):
         bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, rows=[image_row(1)], run_key="r1")
 
     assert columns(bigquery_client, dataset_id) == before
     assert count_rows(bigquery_client, dataset_id) == (0, 0)
 
 
-def test_mode_conflicts():
-    want = bigquery.SchemaField("x", "STRING", mode="NULLABLE")
-    assert bl._conflict(bigquery.SchemaField("x", "STRING", mode="REQUIRED"), want)
-    assert bl._conflict(bigquery.SchemaField("x", "STRING", mode="REPEATED"), want)
-    assert bl._conflict(bigquery.SchemaField("x", "INT64"), bigquery.SchemaField("x", "INTEGER")) is None
-    assert bl._conflict(want, bigquery.SchemaField("x", "STRING", mode="REQUIRED")) is None
+@pytest.mark.parametrize(
+    ("in_table", "wanted", "conflict"),
+    [
+        (("STRING", "REQUIRED"), ("STRING", "NULLABLE"), "mode REQUIRED in the table, NULLABLE wanted"),
+        (("STRING", "REPEATED"), ("STRING", "NULLABLE"), "mode REPEATED in the table, NULLABLE wanted"),
+        (("STRING", "NULLABLE"), ("STRING", "REPEATED"), "mode NULLABLE in the table, REPEATED wanted"),
+        (("INTEGER", "NULLABLE"), ("FLOAT", "NULLABLE"), "type INTEGER in the table, FLOAT wanted"),
+        (("INT64", "NULLABLE"), ("INTEGER", "NULLABLE"), None),  # two names of one type
+        (("STRING", "NULLABLE"), ("STRING", "REQUIRED"), None),  # a mode BigQuery cannot tighten
+    ],
+)
+def test_mode_and_type_conflicts(bigquery_client, dataset_id, in_table, wanted, conflict):
+    tables.ensure_dataset(bigquery_client, dataset_id)
+    tables.ensure_table(bigquery_client, dataset_id, schema=[bigquery.SchemaField("x", *in_table)])
+    want = [bigquery.SchemaField("x", *wanted), bigquery.SchemaField("y", "STRING")]
+    if conflict is None:
+        assert tables.ensure_table(bigquery_client, dataset_id, schema=want) == ["y"]
+    else:
+        with pytest.raises(tables.SchemaConflictError, match=f"x: {conflict}"):
+            tables.ensure_table(bigquery_client, dataset_id, schema=want)
+        assert list(columns(bigquery_client, dataset_id)) == ["x"]  # y was not added either
 
 
-def test_evolve_for_rows_infers_types_of_new_keys():
-    schema = [bigquery.SchemaField("Modality", "STRING")]
-    rows = [
-        {"modality": "CT", "n": 1, "ratio": 1, "flag": True, "note": None, "blob": {"a": 1}},
-        {"n": 2, "ratio": 0.5, "mixed": "x", "note": None},
-        {"mixed": 3},
+def test_a_key_that_is_no_column_is_a_bad_row(bigquery_client, dataset_id):
+    """Rows always have the schema's columns: an unknown key is an error, never a new column."""
+    rows = [image_row(1), image_row(2, scanner_room="R1"), image_row(3, modality="CT")]
+    with pytest.raises(RowError) as err:
+        bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, rows=rows, run_key="r1")
+    assert err.value.errors == [
+        (2, "scanner_room", "column not in the table schema"),
+        (3, "modality", "column not in the table schema"),  # names are matched exactly
     ]
-    evolved = bl.evolve_for_rows(schema, rows)
-    assert [(f.name, f.field_type, f.mode) for f in evolved] == [
-        ("Modality", "STRING", "NULLABLE"),  # 'modality' is the same column: BigQuery names ignore case
-        ("n", "INTEGER", "NULLABLE"),
-        ("ratio", "FLOAT", "NULLABLE"),
-        ("flag", "BOOLEAN", "NULLABLE"),
-        ("note", "STRING", "NULLABLE"),
-        ("blob", "STRING", "NULLABLE"),
-        ("mixed", "STRING", "NULLABLE"),
-    ]
-    with pytest.raises(bl.RowError) as err:
-        bl.evolve_for_rows(schema, [{"ok": 1}, {"bad-name": 1}])
-    assert (err.value.row, err.value.column) == (2, "bad-name")
+    with pytest.raises(gexc.NotFound):
+        bigquery_client.get_dataset(dataset_id)
 
 
-def test_new_column_in_rows_is_added_and_kept(bigquery_client, dataset_id):
-    first = bl.load_rows_exactly_once(
-        bigquery_client, dataset_id=dataset_id, rows=[image_row(1, scanner_room="R1")], run_key="r1"
-    )
-    assert first.columns_added == []  # the table was created with the column already in it
-    assert columns(bigquery_client, dataset_id)["scanner_room"] == ("STRING", "NULLABLE")
-
-    second = bl.load_rows_exactly_once(
-        bigquery_client, dataset_id=dataset_id, rows=[image_row(2, slice_mm=1.25)], run_key="r2"
-    )
-    assert second.columns_added == ["slice_mm"]
-    cols = columns(bigquery_client, dataset_id)
-    assert cols["slice_mm"] == ("FLOAT", "NULLABLE")
-    assert "scanner_room" in cols
-
-    sql = f"SELECT InstanceNumber, scanner_room, slice_mm FROM `{first.table_id}` ORDER BY InstanceNumber"
-    got = [tuple(r.values()) for r in bigquery_client.query(sql).result()]
-    assert got == [(1, "R1", None), (2, None, 1.25)]
+def test_columns_the_schema_file_gained_are_added_on_load(bigquery_client, dataset_id):
+    full = tables.load_schema()
+    tables.ensure_dataset(bigquery_client, dataset_id)
+    tables.ensure_table(bigquery_client, dataset_id, schema=full[:-2])
+    first = bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, rows=[image_row(1)], run_key="r1")
+    assert first.columns_added == [f.name for f in full[-2:]]
+    row = image_row(2, **{full[-1].name: 3})
+    second = bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, rows=[row], run_key="r2")
+    assert second.columns_added == []
+    sql = f"SELECT InstanceNumber, {full[-1].name} AS added FROM `{first.table_id}` ORDER BY InstanceNumber"
+    assert [tuple(r.values()) for r in bigquery_client.query(sql).result()] == [(1, None), (2, 3)]
 
 
 # ----------------------------------------------------------------------------------- exactly once
@@ -208,7 +212,7 @@ def test_load_rerun_and_backfill_leave_one_row_per_image(bigquery_client, datase
     assert first_jobs == {first.load_job_id, first.merge_job_id}
     assert len(first_jobs) <= 3
     assert count_rows(client, dataset_id) == (4, 4)
-    # The staging table is gone; its expiry was only the fallback.
+    # The scratch table is gone; its expiry was only the fallback.
     assert [t.table_id for t in client.list_tables(dataset_id)] == ["dicom"]
 
     # Rerun of the same run, rows given as NDJSON this time: the same jobs, nothing new runs.
@@ -237,11 +241,11 @@ def test_retry_after_failure_between_load_and_merge(bigquery_client, dataset_id)
     before = job_ids(client)
 
     # First try: the load runs, then the worker dies before the MERGE.
-    batch = bl.prepare_batch(client, dataset_id=dataset_id, rows=rows, run_key="scheduled__1")
-    load_job = bl.stage_batch(client, batch)
+    load = bl.prepare_load(client, dataset_id=dataset_id, rows=rows, run_key="scheduled__1")
+    load_job = bl.load_scratch_table(client, load)
     assert job_ids(client) - before == {load_job.job_id}
-    assert client.get_table(batch.staging_table_id).num_rows == 3
-    assert client.get_table(batch.staging_table_id).expires is not None
+    assert client.get_table(load.scratch_table_id).num_rows == 3
+    assert client.get_table(load.scratch_table_id).expires is not None
     assert count_rows(client, dataset_id) == (0, 0)
 
     # The retry re-attaches to that load job and runs only the MERGE: two jobs for the batch in all.
@@ -252,15 +256,15 @@ def test_retry_after_failure_between_load_and_merge(bigquery_client, dataset_id)
     assert job_ids(client) - mid == {result.merge_job_id}
     assert count_rows(client, dataset_id) == (3, 3)
     with pytest.raises(gexc.NotFound):
-        client.get_table(batch.staging_table_id)
+        client.get_table(load.scratch_table_id)
 
 
 def test_retry_after_merge_ran_reattaches_to_it(bigquery_client, dataset_id):
     client = bigquery_client
     rows = [image_row(n) for n in range(1, 3)]
-    batch = bl.prepare_batch(client, dataset_id=dataset_id, rows=rows, run_key="r")
-    bl.stage_batch(client, batch)
-    merge = bl.merge_batch(client, batch)  # the worker dies after this, before cleaning up
+    load = bl.prepare_load(client, dataset_id=dataset_id, rows=rows, run_key="r")
+    bl.load_scratch_table(client, load)
+    merge = bl.run_merge(client, load)  # the worker dies after this, before cleaning up
     assert merge.num_dml_affected_rows == 2
 
     before = job_ids(client)
@@ -311,21 +315,24 @@ def test_values_round_trip_with_their_types(bigquery_client, dataset_id):
 @pytest.mark.parametrize(
     ("override", "column", "words"),
     [
-        ({"StudyDate": "2007/09/04"}, "StudyDate", "DATE expects 'YYYY-MM-DD'"),
-        ({"StudyDate": "2007-02-30"}, "StudyDate", "DATE expects"),
-        ({"uploaded_at": "yesterday"}, "uploaded_at", "TIMESTAMP expects an RFC 3339"),
-        ({"uploaded_at": None}, "uploaded_at", "REQUIRED value missing"),
-        ({"width": "12a"}, "width", "INTEGER expects an integer"),
-        ({"width": True}, "width", "INTEGER expects an integer, got bool"),
-        ({"ImageType": "ORIGINAL"}, "ImageType", "REPEATED STRING expects a list"),
-        ({"ImageType": ["A", None]}, "ImageType", "cannot contain null"),
-        ({"DicomHeader": "{}"}, "DicomHeader", "JSON expects an object"),
-        ({"Modality": ["CT"]}, "Modality", "STRING expects a string"),
+        ({"StudyDate": "2007/09/04"}, "StudyDate", "NULLABLE DATE: Input should be a valid date"),
+        ({"StudyDate": "2007-02-30"}, "StudyDate", "NULLABLE DATE: Input should be a valid date"),
+        ({"uploaded_at": "yesterday"}, "uploaded_at", "REQUIRED TIMESTAMP: Input should be a valid datetime"),
+        ({"uploaded_at": None}, "uploaded_at", "REQUIRED TIMESTAMP: value missing"),
+        ({"storage_uri": None}, "storage_uri", "REQUIRED STRING: value missing"),
+        ({"width": "12a"}, "width", "NULLABLE INTEGER: Input should be a valid integer"),
+        ({"width": 1.5}, "width", "fractional part"),
+        ({"width": 2**63}, "width", "less than or equal to 9223372036854775807"),
+        ({"width": True}, "width", "a boolean is not a number"),
+        ({"ImageType": "ORIGINAL"}, "ImageType", "REPEATED STRING: Input should be a valid list (got str)"),
+        ({"ImageType": ["A", None]}, "ImageType", "REPEATED STRING item 1: Input should be a valid string"),
+        ({"DicomHeader": "{}"}, "DicomHeader", "not an object or array"),
+        ({"Modality": ["CT"]}, "Modality", "NULLABLE STRING: Input should be a valid string (got list)"),
     ],
 )
 def test_bad_value_names_row_and_column_and_changes_nothing(bigquery_client, dataset_id, override, column, words):
     rows = [image_row(1), image_row(2), image_row(3, **override)]
-    with pytest.raises(bl.RowError) as err:
+    with pytest.raises(RowError) as err:
         bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, rows=rows, run_key="bad")
     assert (err.value.row, err.value.column) == (3, column)
     assert f"row 3, column {column!r}" in str(err.value)
@@ -337,39 +344,48 @@ def test_bad_value_names_row_and_column_and_changes_nothing(bigquery_client, dat
 def test_ndjson_errors_count_lines_and_report_all(bigquery_client, dataset_id):
     missing = image_row(2)
     del missing["storage_uri"]
-    lines = [json.dumps(image_row(1)), "", json.dumps(missing), "{not json", json.dumps(image_row(4, height=1.5))]
-    with pytest.raises(bl.RowError) as err:
+    lines = [
+        json.dumps(image_row(1)),
+        "",
+        json.dumps(missing),
+        "{not json",
+        json.dumps(image_row(4, height=1.5)),
+        "[1]",
+    ]
+    with pytest.raises(RowError) as err:
         bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, rows="\n".join(lines).encode(), run_key="bad")
-    assert (err.value.row, err.value.column) == (4, None)  # JSON errors first, by NDJSON line
-    assert "not valid JSON" in str(err.value)
-
-    del lines[3]
-    with pytest.raises(bl.RowError) as err:
-        bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, rows="\n".join(lines).encode(), run_key="bad")
-    # Still NDJSON line numbers: the blank line 2 counts.
-    assert [(row, column) for row, column, _ in err.value.errors] == [(3, "storage_uri"), (4, "height")]
+    # NDJSON line numbers (the blank line 2 counts), every bad line reported, in order.
+    assert [(row, column) for row, column, _ in err.value.errors] == [
+        (3, "storage_uri"), (4, None), (5, "height"), (6, None),
+    ]  # fmt: skip
+    assert (err.value.row, err.value.column) == (3, "storage_uri")
+    assert "REQUIRED STRING: value missing" in err.value.errors[0][2]
+    assert "Invalid JSON" in err.value.errors[1][2]
+    assert "row 6: Input should be an object" in str(err.value)
+    with pytest.raises(gexc.NotFound):
+        bigquery_client.get_dataset(dataset_id)
 
 
 def test_load_job_errors_are_surfaced_verbatim(bigquery_client, dataset_id):
     client = bigquery_client
-    batch = bl.prepare_batch(client, dataset_id=dataset_id, rows=[image_row(1)], run_key="r")
-    # Bytes that skipped validation, under the batch's own job id (attempt 0).
-    broken = dataclasses.replace(batch, ndjson=b'{"collection": "c", "uploaded_at": "not a time"}\n')
-    with pytest.raises(bl.BigQueryJobError) as err:
-        bl.stage_batch(client, broken)
-    assert batch.job_id("load", 0) in str(err.value)
-    failed = client.get_job(batch.job_id("load", 0))
+    load = bl.prepare_load(client, dataset_id=dataset_id, rows=[image_row(1)], run_key="r")
+    # Bytes that skipped validation, under the load's own job id (attempt 0).
+    broken = dataclasses.replace(load, ndjson=b'{"collection": "c", "uploaded_at": "not a time"}\n')
+    with pytest.raises(BigQueryJobError) as err:
+        bl.load_scratch_table(client, broken)
+    assert load.job_id("load", 0) in str(err.value)
+    failed = client.get_job(load.job_id("load", 0))
     assert failed.error_result["message"] in str(err.value)
 
     # The retry skips the failed attempt's id and loads under the next one.
-    job = bl.stage_batch(client, batch)
-    assert job.job_id == batch.job_id("load", 1)
-    assert client.get_table(batch.staging_table_id).num_rows == 1
+    job = bl.load_scratch_table(client, load)
+    assert job.job_id == load.job_id("load", 1)
+    assert client.get_table(load.scratch_table_id).num_rows == 1
 
 
 def test_identifiers_are_validated(bigquery_client):
     with pytest.raises(ValueError, match="dataset"):
-        bl.ensure_dataset(bigquery_client, "IRB`; DROP")
+        tables.ensure_dataset(bigquery_client, "IRB`; DROP")
     with pytest.raises(ValueError, match="table"):
         bl.load_rows_exactly_once(bigquery_client, dataset_id="IRB1", rows=[image_row(1)], run_key="r", table="dicom-x")
     with pytest.raises(ValueError, match="run_key"):
@@ -396,17 +412,17 @@ def test_merge_is_bounded_by_the_batch_entities_on_the_clustered_column(bigquery
     others = [image_row(n, entity_id="OTHER", storage_uri=archive) for n in (101, 102)]  # same uri, other entity
     bl.load_rows_exactly_once(client, dataset_id=dataset_id, rows=others, run_key="others")
     rows = [image_row(n, entity_id="GL1") for n in (1, 4)]
-    batch = bl.prepare_batch(client, dataset_id=dataset_id, rows=rows, run_key="bounded")
+    load = bl.prepare_load(client, dataset_id=dataset_id, rows=rows, run_key="bounded")
 
-    sql = bl.merge_sql(batch)
+    sql = bl.merge_sql(load)
     assert "ON T.`collection` = S.`collection` AND T.`instance_sha256` = S.`instance_sha256` AND " in sql
     assert sql.count("T.`entity_id` IN UNNEST(@entity_ids)") == 2  # the join, and the delete of stale rows
     assert "WHEN NOT MATCHED BY SOURCE AND T.`entity_id` IN UNNEST(@entity_ids)" in sql
-    assert "PARTITION BY" in sql  # dedup over the staging table only
-    params = {p.name: p.values for p in bl.merge_parameters(batch)}
+    assert "PARTITION BY" in sql  # dedup over the scratch table only
+    params = {p.name: p.values for p in bl.merge_parameters(load)}
     assert params == {"entity_ids": ["GL1"], "archive_uris": [archive]}
     for whole in (True, False):
-        assert "WHERE `entity_id` IN UNNEST(@entity_ids)" in bl.withdraw_rows_sql("p.d.dicom", whole_entity=whole)
+        assert "WHERE `entity_id` IN UNNEST(@entity_ids)" in withdraw_rows_sql("p.d.dicom", whole_entity=whole)
 
     result = bl.load_rows_exactly_once(client, dataset_id=dataset_id, rows=rows, run_key="bounded")
     assert (result.rows_inserted, result.rows_deleted) == (2, 0)
@@ -432,3 +448,13 @@ def test_replaced_archive_rows_are_updated_and_stale_ones_deleted(bigquery_clien
     # The same batch again changes nothing.
     again = bl.load_rows_exactly_once(client, dataset_id=dataset_id, rows=new, run_key="third")
     assert (again.rows_inserted, again.rows_updated, again.rows_deleted) == (0, 0, 0)
+
+
+def test_ndjson_writer_is_canonical_and_ascii():
+    """The one NDJSON writer (staged rows, local output, loads): the same rows give the same bytes
+    whatever their key order, so job ids hash alike; non-ASCII text is escaped, so any str encodes."""
+    a = to_ndjson([{"b": 1, "a": "Müller \udc80"}, {"x": None}])
+    assert a == to_ndjson([{"a": "Müller \udc80", "b": 1}, {"x": None}])
+    assert a.isascii()
+    assert a.splitlines() == [b'{"a":"M\\u00fcller \\udc80","b":1}', b'{"x":null}']
+    assert json.loads(a.splitlines()[0])["a"] == "Müller \udc80"

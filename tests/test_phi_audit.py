@@ -19,9 +19,10 @@ from pydicom.dataset import Dataset
 
 from dicom_archive.batch import ArchiveSettings, Staging, archive_groups, build_report, publish_report, run_key
 from dicom_archive.landing import LocalLandingZone
+from dicom_archive.ndjson import to_ndjson
 from dicom_archive.plan import plan_batch
 from dicom_archive.publish import publish_study_archive
-from dicom_archive.rows import RunContext, rows_to_ndjson
+from dicom_archive.rows import RunContext
 from dicom_archive.stores import GCSObjectStore, LocalObjectStore
 from tools import landing_zone as lz
 from tools import phi_audit
@@ -95,7 +96,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
             plan.groups, zone, store, deid=plan.deid, context=RunContext("phi-audit-test"), settings=ArchiveSettings()
         )
         staging.write_chunk("0000000", summaries, rows)
-        store.write_bytes(f"BigQuery/{plan.collection}/dicom/{spec.batch_id}.ndjson", rows_to_ndjson(rows), "x")
+        store.write_bytes(f"BigQuery/{plan.collection}/dicom/{spec.batch_id}.ndjson", to_ndjson(rows), "x")
         report = build_report(plan, archives=summaries, table=None, rows_loaded=len(rows), rows_inserted=len(rows))
         publish_report(report, zone, store)
     return Pipeline(root, out, batches)
@@ -249,7 +250,7 @@ def test_finds_an_identifier_in_a_row(pipeline, outputs):
     rows_file = next(outputs.glob("BigQuery/*/dicom/*.ndjson"))
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     rows[2]["DicomHeader"]["RequestAttributesSequence.RequestedProcedureDescription"] = "CT for AGNIESZKA KOWALCZYK"
-    rows_file.write_bytes(rows_to_ndjson(rows))
+    rows_file.write_bytes(to_ndjson(rows))
     findings = audit(raw_values(pipeline.batches), [outputs])
     relative = rows_file.relative_to(outputs).as_posix()
     assert [(f.where, f.field) for f in findings] == [
@@ -451,7 +452,7 @@ def test_audits_rows_in_the_bigquery_emulator(bigquery_emulator, tmp_path):
     rows = [{"entity_id": "GL664ba0", "StudyDescription": "CT CHEST"}, {"entity_id": "GL1", "StudyDescription": "x"}]
     rows.append({"entity_id": "GL2", "StudyDescription": "CT for KOWALCZYK AGNIESZKA"})
     config = bigquery.LoadJobConfig(source_format=bigquery.SourceFormat.NEWLINE_DELIMITED_JSON, schema=schema)
-    client.load_table_from_file(io.BytesIO(rows_to_ndjson(rows)), table, job_config=config).result()
+    client.load_table_from_file(io.BytesIO(to_ndjson(rows)), table, job_config=config).result()
 
     findings = audit([NAME], bigquery_tables=[table])
     assert [(f.location, f.where, f.field.split(" ", 2)[2]) for f in findings] == [(table, "row", "$.StudyDescription")]

@@ -12,6 +12,7 @@ import pytest
 
 from dicom_archive import bigquery_load as bl
 from dicom_archive import sql_templates as st
+from dicom_archive.bigquery_withdrawals import log_withdrawal
 
 PROJECT = "test-project"
 UTC = dt.UTC
@@ -277,9 +278,9 @@ def test_withdrawals_summary_and_row_counts_without_withdrawn_entities(bigquery_
         {"request_id": "r3", "entity_id": "E9", "item_id": None, "reason": "consent_withdrawn",
          "objects_deleted": 0, "rows_deleted": 0, "completed_at": "2024-08-03T00:00:00+00:00"},
     ):  # fmt: skip
-        bl.log_withdrawal(bigquery_client, dataset_id=loaded, record={"collection": "IRB1", **record})
+        log_withdrawal(bigquery_client, dataset_id=loaded, record={"collection": "IRB1", **record})
     # Logged twice (a retry): still one row per request.
-    bl.log_withdrawal(
+    log_withdrawal(
         bigquery_client,
         dataset_id=loaded,
         record={"collection": "IRB1", "request_id": "r1", "entity_id": "E3", "reason": "consent_withdrawn",

@@ -22,9 +22,10 @@ from dicom_archive.deid import DeidPolicy
 from dicom_archive.landing import LandingZone
 from dicom_archive.manifest import LOCAL_REPORT_NAME, REPORT_NAME
 from dicom_archive.naming import batch_report_object_name, require_batch_id
+from dicom_archive.ndjson import to_ndjson
 from dicom_archive.plan import STATUS_NOT_READY, WITHDRAWN, BatchPlan, StudyGroup
 from dicom_archive.publish import ALREADY_PRESENT, REPLACED, PublishedArchive, publish_study_archive
-from dicom_archive.rows import DEFAULT_HEADER_ALLOW_LIST, RunContext, build_row, image_fields, rows_to_ndjson
+from dicom_archive.rows import DEFAULT_HEADER_ALLOW_LIST, RunContext, build_row, image_fields
 from dicom_archive.stores import ObjectStore
 
 STAGING_ROOT = "_staging"
@@ -77,7 +78,7 @@ class Staging:
 
     def write_chunk(self, chunk_id: str, summaries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
         # Rows first: the summary file is the marker that the chunk is complete.
-        self.store.write_bytes(self.chunk_name("rows", chunk_id, "ndjson"), rows_to_ndjson(rows), NDJSON_TYPE)
+        self.store.write_bytes(self.chunk_name("rows", chunk_id, "ndjson"), to_ndjson(rows), NDJSON_TYPE)
         body = json.dumps(summaries, sort_keys=True).encode()
         self.store.write_bytes(self.chunk_name("archives", chunk_id, "json"), body, JSON_TYPE)
 

@@ -5,7 +5,6 @@ Only allow-listed header fields go into `DicomHeader`; the raw header never leav
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -176,7 +175,3 @@ def build_row(
 
 def _str_or_none(value: object) -> str | None:
     return None if value is None else str(value)
-
-
-def rows_to_ndjson(rows: Iterable[dict[str, Any]]) -> bytes:
-    return b"".join(json.dumps(row, sort_keys=True, separators=(",", ":")).encode() + b"\n" for row in rows)

@@ -15,7 +15,7 @@ from typing import Any
 import jinja2
 from google.cloud import bigquery
 
-from dicom_archive.bigquery_load import DEFAULT_TABLE, check_name, check_project
+from dicom_archive.bigquery_tables import DEFAULT_TABLE, check_name, check_project
 from dicom_archive.resources import include_dir
 
 SQL_DIR = include_dir() / "sql"

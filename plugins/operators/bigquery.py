@@ -18,7 +18,7 @@ TABLE = "dicom"
 class DicomMetadataToBigQueryOperator(BaseOperator):
     """Load a batch's staged rows into `<project>.<collection>.dicom`, exactly once.
 
-    The rows go to a per-run staging table under a deterministic job id, then one MERGE on
+    The rows go to a per-run scratch table under a deterministic job id, then one MERGE on
     (collection, instance_sha256) adds the new ones: a rerun, a retry or a backfill of the same
     batch never duplicates a row. With SEND_TO_GOOGLE=false the rows are written to the local
     output folder instead (`BigQuery/<collection>/dicom/<batch_id>.ndjson`).
@@ -124,7 +124,8 @@ class DicomMetadataToBigQueryOperator(BaseOperator):
         return marked
 
     def _load_to_bigquery(self, hook: Any, settings: Any, collection: str, ndjson: bytes) -> dict[str, Any]:
-        from dicom_archive.bigquery_load import ensure_withdrawals_table, load_rows_exactly_once
+        from dicom_archive.bigquery_load import load_rows_exactly_once
+        from dicom_archive.bigquery_withdrawals import ensure_withdrawals_table
 
         table_id = f"{settings.project}.{collection}.{TABLE}"
         with hook.explain_google_errors(f"the BigQuery table {table_id}"):

@@ -16,7 +16,8 @@ from collections.abc import Iterator
 def permanent_errors() -> tuple[type[BaseException], ...]:
     """The exception classes that fail a task at once (imported lazily: DAG parsing stays fast)."""
     from dicom_archive.archive import ArchiveIntegrityError
-    from dicom_archive.bigquery_load import RowError, SchemaConflictError
+    from dicom_archive.bigquery_rows import RowError
+    from dicom_archive.bigquery_tables import SchemaConflictError
     from dicom_archive.naming import InvalidIdentifierError
     from dicom_archive.publish import ArchiveConflictError
     from dicom_archive.settings import SettingsError

@@ -52,7 +52,7 @@ class DicomWithdrawOperator(BaseOperator):
         import functools
         from dataclasses import asdict
 
-        from dicom_archive.bigquery_load import log_withdrawal
+        from dicom_archive.bigquery_withdrawals import log_withdrawal
         from dicom_archive.withdraw import delete_local_rows, make_request, process_withdrawal
         from hooks.dicom_storage import DicomStorageHook, load_settings
 
@@ -99,7 +99,7 @@ class DicomWithdrawOperator(BaseOperator):
 
     @staticmethod
     def _delete_rows(client: Any, location: str | None, request: Any) -> int:
-        from dicom_archive.bigquery_load import delete_withdrawn_rows
+        from dicom_archive.bigquery_withdrawals import delete_withdrawn_rows
 
         return delete_withdrawn_rows(
             client,

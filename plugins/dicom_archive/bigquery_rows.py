@@ -1,0 +1,107 @@
+"""Rows checked against the table schema before anything reaches BigQuery.
+
+pydantic checks them, with a model built from the schema: every value must fit its column's
+type and mode, and a key that is no column is an error. A bad row fails the load with its row
+number and column, and BigQuery is left untouched. Good values come out ready for an NDJSON load:
+timestamps in UTC, numbers given as text parsed, tuples as lists, a null REPEATED value as [].
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any
+
+from google.cloud import bigquery
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, create_model
+
+from dicom_archive.bigquery_tables import type_and_mode
+
+
+class RowError(ValueError):
+    """Rows that do not fit the schema; `errors` holds (row, column, problem) with the 1-based row
+    (an NDJSON line number where the rows came as NDJSON); `row`, `column`, `problem`: the first."""
+
+    def __init__(self, errors: Sequence[tuple[int, str | None, str]]) -> None:
+        self.errors = list(errors)
+        self.row, self.column, self.problem = self.errors[0]
+        shown = "; ".join(f"row {r}" + (f", column {c!r}" if c else "") + f": {p}" for r, c, p in self.errors[:10])
+        more = f" (and {len(self.errors) - 10} more)" if len(self.errors) > 10 else ""
+        super().__init__(f"{len(self.errors)} bad row value(s): {shown}{more}")
+
+
+def _reject(test: Any, problem: str) -> Any:
+    def check(value: Any) -> Any:
+        if test(value):
+            raise ValueError(problem)
+        return value
+
+    return check
+
+
+_NUMBER = BeforeValidator(_reject(lambda v: isinstance(v, bool), "a boolean is not a number"))  # pydantic: True == 1
+# BigQuery reads a timestamp without offset as UTC; so do we, and give each instant one spelling.
+_UTC = AfterValidator(lambda t: t.replace(tzinfo=dt.UTC) if t.tzinfo is None else t.astimezone(dt.UTC))
+# Types this project does not use (NUMERIC, RECORD, ...) are left for BigQuery to check.
+_VALUE_TYPES: dict[str, Any] = {
+    "STRING": str,
+    "INTEGER": Annotated[int, _NUMBER, Field(ge=-(2**63), le=2**63 - 1)],
+    "FLOAT": Annotated[float, _NUMBER, Field(allow_inf_nan=False)],
+    "BOOLEAN": bool,
+    "DATE": dt.date,
+    "TIMESTAMP": Annotated[dt.datetime, _UTC],
+    "JSON": Annotated[Any, AfterValidator(_reject(lambda v: not isinstance(v, dict | list), "not an object or array"))],
+}
+_EMPTY_IF_NULL = BeforeValidator(lambda v: [] if v is None else v)
+
+
+@functools.lru_cache(maxsize=8)
+def _row_adapter(schema: tuple[bigquery.SchemaField, ...]) -> TypeAdapter[Any]:
+    fields: dict[str, Any] = {}
+    for index, f in enumerate(schema):  # the column name as alias: no clash with pydantic's own names
+        kind, mode = type_and_mode(f)
+        value = _VALUE_TYPES.get(kind, Any)
+        if mode == "REPEATED":
+            fields[f"c{index}"] = (Annotated[list[value], _EMPTY_IF_NULL], Field([], alias=f.name))
+        elif mode == "REQUIRED":
+            fields[f"c{index}"] = (value, Field(alias=f.name))
+        else:
+            fields[f"c{index}"] = (value | None, Field(None, alias=f.name))
+    config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+    return TypeAdapter(create_model("Row", __config__=config, **fields))
+
+
+def check_rows(rows: Sequence[Mapping[str, Any]] | bytes, schema: Sequence[bigquery.SchemaField]) -> list[dict]:
+    """The rows (dicts, or NDJSON bytes: blank lines skipped but counted) checked against `schema`
+    and normalized; raises RowError naming every bad row and column."""
+    if isinstance(rows, bytes | bytearray):
+        numbered = [(n, line) for n, line in enumerate(bytes(rows).splitlines(), start=1) if line.strip()]
+    else:
+        numbered = list(enumerate(rows, start=1))
+    adapter, by_name = _row_adapter(tuple(schema)), {f.name: f for f in schema}
+    checked, errors = [], []
+    for number, row in numbered:
+        try:
+            valid = adapter.validate_json(row) if isinstance(row, bytes) else adapter.validate_python(row)
+            checked.append(adapter.dump_python(valid, mode="json", by_alias=True, exclude_unset=True))
+        except ValidationError as exc:
+            errors += [_problem(number, err, by_name) for err in exc.errors()]
+    if errors:
+        raise RowError(errors)
+    return checked
+
+
+def _problem(number: int, err: Any, by_name: Mapping[str, bigquery.SchemaField]) -> tuple[int, str | None, str]:
+    loc = err["loc"]
+    if not loc:  # the line is no JSON object
+        return number, None, err["msg"]
+    column = str(loc[0])
+    if column not in by_name:
+        return number, column, "column not in the table schema"
+    kind, mode = type_and_mode(by_name[column])
+    what = f"{mode} {kind}" + (f" item {loc[1]}" if len(loc) > 1 else "")
+    if err["type"] == "missing" or (len(loc) == 1 and err["input"] is None):
+        return number, column, f"{what}: value missing"
+    # The value's type, never the value: the message ends up in logs.
+    return number, column, f"{what}: {err['msg']} (got {type(err['input']).__name__})"

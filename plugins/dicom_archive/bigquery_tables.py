@@ -1,0 +1,109 @@
+"""BigQuery identifiers, the schema files in include/schemas/, and the datasets and tables.
+
+`ensure_table` creates a table from its schema file, or adds the columns the file has gained;
+it never drops or retypes a column: another type or mode is a SchemaConflictError.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+
+from google.api_core import exceptions as gexc
+from google.cloud import bigquery
+
+from dicom_archive.resources import include_dir
+
+DEFAULT_TABLE = "dicom"
+CLUSTER_FIELDS = ("entity_id", "item_id")
+# BigQuery reports legacy and standard names for the same type.
+_TYPE_ALIASES = {"INT64": "INTEGER", "FLOAT64": "FLOAT", "BOOL": "BOOLEAN", "STRUCT": "RECORD"}
+
+
+class SchemaConflictError(RuntimeError):
+    """An existing column has another type or mode than wanted; nothing is changed."""
+
+
+def check_project(project: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,1024}", project or ""):
+        raise ValueError(f"invalid BigQuery project id {project!r}")
+    return project
+
+
+def check_name(name: str, what: str = "dataset or table") -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_]{1,1024}", name or ""):
+        raise ValueError(f"invalid BigQuery {what} name {name!r} (allowed: A-Z a-z 0-9 _)")
+    return name
+
+
+def table_ref(project: str, dataset_id: str, table: str) -> str:
+    """`project.dataset.table` after validating each part (safe to backquote in SQL)."""
+    return f"{check_project(project)}.{check_name(dataset_id, 'dataset')}.{check_name(table, 'table')}"
+
+
+def load_schema(table: str = DEFAULT_TABLE) -> list[bigquery.SchemaField]:
+    """A table's schema from its BigQuery JSON schema file, include/schemas/<table>.json."""
+    with open(include_dir() / "schemas" / f"{table}.json", encoding="utf-8") as fh:
+        return [bigquery.SchemaField.from_api_repr(item) for item in json.load(fh)]
+
+
+def type_and_mode(f: bigquery.SchemaField) -> tuple[str, str]:
+    return _TYPE_ALIASES.get(f.field_type.upper(), f.field_type.upper()), (f.mode or "NULLABLE").upper()
+
+
+def get_table(client: bigquery.Client, table_id: str) -> bigquery.Table | None:
+    try:
+        return client.get_table(table_id)
+    except gexc.NotFound:
+        return None
+
+
+def ensure_dataset(client: bigquery.Client, dataset_id: str, location: str = "US") -> bigquery.Dataset:
+    """The dataset, created in `location` if missing (an existing one keeps its location)."""
+    ref = bigquery.DatasetReference(check_project(client.project), check_name(dataset_id, "dataset"))
+    try:  # look first: a service account may read and write a dataset it has no right to create
+        return client.get_dataset(ref)
+    except gexc.NotFound:
+        dataset = bigquery.Dataset(ref)
+        dataset.location = location
+        return client.create_dataset(dataset, exists_ok=True)
+
+
+def ensure_table(
+    client: bigquery.Client,
+    dataset_id: str,
+    table: str = DEFAULT_TABLE,
+    schema: Sequence[bigquery.SchemaField] | None = None,
+) -> list[str]:
+    """Create the table (day partitions on uploaded_at, clustered on entity_id, item_id) or add
+    the columns it lacks; returns the names of the columns added to an existing table."""
+    wanted = list(schema) if schema is not None else load_schema(table)
+    table_id = table_ref(client.project, dataset_id, table)
+    existing = get_table(client, table_id)
+    if existing is None:
+        new = bigquery.Table(table_id, schema=wanted)
+        new.time_partitioning = bigquery.TimePartitioning(type_="DAY", field="uploaded_at")
+        new.clustering_fields = list(CLUSTER_FIELDS)
+        existing = client.create_table(new, exists_ok=True)  # or the one created concurrently
+    have = {f.name.lower(): f for f in existing.schema}
+    conflicts, missing = [], []
+    for want in wanted:
+        (new_type, new_mode), old = type_and_mode(want), have.get(want.name.lower())
+        if old is None:  # a column added to an existing table can only be NULLABLE (or REPEATED)
+            mode = "REPEATED" if new_mode == "REPEATED" else "NULLABLE"
+            missing.append(bigquery.SchemaField(want.name, want.field_type, mode, description=want.description))
+            continue
+        # NULLABLE in the table but REQUIRED wanted is fine: BigQuery cannot tighten a mode,
+        # and the row checks still enforce REQUIRED.
+        old_type, old_mode = type_and_mode(old)
+        if old_type != new_type:
+            conflicts.append(f"{want.name}: type {old_type} in the table, {new_type} wanted")
+        elif (old_mode == "REPEATED") != (new_mode == "REPEATED") or (old_mode, new_mode) == ("REQUIRED", "NULLABLE"):
+            conflicts.append(f"{want.name}: mode {old_mode} in the table, {new_mode} wanted")
+    if conflicts:
+        raise SchemaConflictError("schema conflict, table left unchanged: " + "; ".join(conflicts))
+    if missing:  # guarded by the table's etag: a concurrent change fails this try, and the retry sees it
+        existing.schema = [*existing.schema, *missing]
+        client.update_table(existing, ["schema"])
+    return [f.name for f in missing]

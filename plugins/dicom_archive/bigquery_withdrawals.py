@@ -1,0 +1,91 @@
+"""A withdrawal in BigQuery: delete an entity's (or a study's) rows, and log the request once in
+the collection's `withdrawals` table (include/schemas/withdrawals.json).
+
+Both run under deterministic job ids (bigquery_jobs), so a retry re-attaches to the job an earlier
+try ran. The DELETE names the entity as a constant on the clustered column, so BigQuery reads
+only that entity's blocks.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from google.cloud import bigquery
+
+from dicom_archive.bigquery_jobs import run_query, slug
+from dicom_archive.bigquery_tables import DEFAULT_TABLE, ensure_dataset, get_table, load_schema, table_ref
+
+WITHDRAWALS_TABLE = "withdrawals"
+
+
+def ensure_withdrawals_table(client: bigquery.Client, dataset_id: str, location: str | None = None) -> str:
+    """The collection's `withdrawals` table, created if missing."""
+    ensure_dataset(client, dataset_id, location or "US")
+    table_id = table_ref(client.project, dataset_id, WITHDRAWALS_TABLE)
+    if get_table(client, table_id) is None:
+        client.create_table(bigquery.Table(table_id, schema=load_schema(WITHDRAWALS_TABLE)), exists_ok=True)
+    return table_id
+
+
+def withdraw_rows_sql(table_id: str, *, whole_entity: bool) -> str:
+    study = "" if whole_entity else "\n  AND `item_id` = @item_id"
+    return (
+        f"DELETE FROM `{table_id}`\nWHERE `entity_id` IN UNNEST(@entity_ids)\n  AND `collection` = @collection{study}\n"
+    )
+
+
+def _job_ids(request_id: str, step: str, *key: str) -> Callable[[int], str]:
+    digest = hashlib.sha256("\0".join(key).encode()).hexdigest()[:16]
+    return lambda attempt: f"withdraw_{step}_{slug(request_id)}_{digest}_{attempt}"
+
+
+def delete_withdrawn_rows(
+    client: bigquery.Client,
+    *,
+    dataset_id: str,
+    collection: str,
+    request_id: str,
+    entity_id: str,
+    item_id: str | None,
+    table: str = DEFAULT_TABLE,
+    location: str | None = None,
+) -> int:
+    """Delete the entity's (or study's) rows; 0 when the table does not exist."""
+    table_id = table_ref(client.project, dataset_id, table)
+    if get_table(client, table_id) is None:
+        return 0
+    params: list[Any] = [
+        bigquery.ArrayQueryParameter("entity_ids", "STRING", [entity_id]),
+        bigquery.ScalarQueryParameter("collection", "STRING", collection),
+    ]
+    if item_id is not None:
+        params.append(bigquery.ScalarQueryParameter("item_id", "STRING", item_id))
+    sql = withdraw_rows_sql(table_id, whole_entity=item_id is None)
+    job_ids = _job_ids(request_id, "delete", table_id, request_id, entity_id, item_id or "")
+    return int(run_query(client, "withdrawal delete", sql, params, job_ids, location).num_dml_affected_rows or 0)
+
+
+def log_withdrawal(
+    client: bigquery.Client, *, dataset_id: str, record: Mapping[str, Any], location: str | None = None
+) -> None:
+    """The request's row in the `withdrawals` table, inserted once (a rerun or a retry finds it there)."""
+    table_id = ensure_withdrawals_table(client, dataset_id, location)
+    columns, params = [], []
+    for f in load_schema(WITHDRAWALS_TABLE):
+        value = record.get(f.name)
+        if f.field_type == "TIMESTAMP" and value is not None:
+            value = dt.datetime.fromisoformat(str(value))
+        columns.append(f.name)
+        params.append(
+            bigquery.ScalarQueryParameter(f.name, "INT64" if f.field_type == "INTEGER" else f.field_type, value)
+        )
+    sql = (
+        f"MERGE `{table_id}` AS T\nUSING (SELECT {', '.join(f'@{c} AS `{c}`' for c in columns)}) AS S\n"
+        f"ON T.`request_id` = S.`request_id`\nWHEN NOT MATCHED THEN\n"
+        f"  INSERT ({', '.join(f'`{c}`' for c in columns)}) VALUES ({', '.join(f'S.`{c}`' for c in columns)})\n"
+    )
+    request_id = str(record["request_id"])
+    run_query(client, "withdrawal log", sql, params, _job_ids(request_id, "log", table_id, request_id), location)
