@@ -83,7 +83,7 @@ def standalone(tmp_path_factory, gcs_emulator, bigquery_emulator) -> Iterator[di
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        api.wait("a healthy airflow standalone", lambda: api.healthy(base), 120, proc)
+        api.wait("a healthy airflow standalone", lambda: api.healthy(base), 300, proc)  # migrates its own db
         token = api.request(base, "POST", "/auth/token", body={"username": "admin", "password": PASSWORD})[
             "access_token"
         ]
