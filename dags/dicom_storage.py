@@ -7,8 +7,12 @@ The published batch reports are the ledger: a run processes every complete batch
 completed before the end of its data interval (oldest first, up to DICOM_MAX_BATCHES_PER_RUN), a
 backfill reprocesses the batches of its interval, and a run with nothing pending ends skipped at
 once. Each batch is claimed by one run at a time; every step is idempotent. A manual run with
-{"batch_ids": [...]} processes exactly those batches. This file only wires tasks together:
-everything heavy is imported inside the tasks, so parsing stays fast.
+{"batch_ids": [...]} processes exactly those batches.
+
+plan_batches hands on one *plan reference* per batch (dicom_archive.run_steps) and stages one
+chunk plan per archive task, so each archive task reads its own studies only. This file only
+wires tasks together (the logic is in dicom_archive.run_steps and the operators): everything
+heavy is imported inside the tasks, so parsing stays fast.
 """
 
 from __future__ import annotations
