@@ -90,3 +90,23 @@ def test_a_retried_plan_step_restages_and_the_clear_removes_every_chunk_plan(pla
     ]
     staging.clear()
     assert store.list_names(staging.batch_prefix) == []
+
+
+def test_local_rows_log_passes_over_a_refused_plan_reference(tmp_path, caplog):
+    """SEND_TO_GOOGLE=false: collection_summary's log of where the rows went names each batch;
+    a refused id (a path) is never turned into a staging name."""
+    import logging
+
+    from batches_view.task_outcome import log_local_rows
+
+    store = LocalObjectStore(tmp_path / "output")
+    Staging(store, BATCH_ID, run_key("manual__local")).write_result("bigquery", {"rows_inserted": 3, "table": "x"})
+    plan_refs = [
+        {"batch_id": "../outside", "run_key": run_key("manual__local"), "status": "REFUSED"},
+        {"batch_id": BATCH_ID, "run_key": run_key("manual__local"), "status": "DONE"},
+    ]
+    with caplog.at_level(logging.INFO):
+        log_local_rows(plan_refs, store)
+    assert "refused batch id '../outside': nothing read or written" in caplog.text
+    assert f"batch {BATCH_ID}: 3 rows written to x" in caplog.text
+    assert not (tmp_path / "output" / "_staging" / "..").resolve().joinpath("outside").exists()

@@ -36,6 +36,9 @@ def log_local_rows(plan_refs: list[dict[str, Any]], store: Any) -> None:
 
     log.info("SEND_TO_GOOGLE=false: nothing was sent to BigQuery; the rows were written to local files")
     for plan_ref in plan_refs:
+        if plan_ref["status"] == "REFUSED":  # no staging name is ever built from a refused id
+            log.info("refused batch id %r: nothing read or written", plan_ref["batch_id"])
+            continue
         loaded = Staging(store, plan_ref["batch_id"], plan_ref["run_key"]).read_result("bigquery")
         if loaded is None:
             log.info("batch %s: %s, no rows written", plan_ref["batch_id"], plan_ref["status"])
