@@ -25,6 +25,7 @@ class Sizes:
     bigquery_baseline_rows: tuple[int, ...]  # streaming inserts cost ~45 ms a row on the emulator
     parse_runs: int
     plan_studies: int  # one-image studies in the scheduler-side benchmark
+    plan_read_studies: tuple[int, ...]  # batch sizes for the plan bytes read per archive task
     scaling_procs: tuple[int, ...] = (1, 2, 4)
     scaling_repeats: int = 3
     levels: tuple[int, ...] = field(default=(1, 2, 3))
@@ -43,6 +44,7 @@ FULL = Sizes(
     bigquery_baseline_rows=(100, 1_000),
     parse_runs=7,
     plan_studies=5_000,
+    plan_read_studies=(50, 500, 5_000),
 )
 
 QUICK = Sizes(
@@ -55,6 +57,7 @@ QUICK = Sizes(
     bigquery_baseline_rows=(100,),
     parse_runs=3,
     plan_studies=500,
+    plan_read_studies=(50, 500),
     scaling_repeats=1,
     levels=(1,),
 )

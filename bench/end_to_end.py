@@ -12,7 +12,7 @@ from bench.context import Context
 from bench.datasets import Zone, ensure_zone
 from bench.results import Result, Target, fmt, ratio
 from bench.sendit import ensure_table, sendit_batch
-from dicom_archive.batch import ArchiveSettings, Staging, archive_groups, chunk_id, chunk_refs, run_key
+from dicom_archive.batch import ArchiveSettings, Staging, archive_groups, chunk_id, run_key
 from dicom_archive.bigquery_load import load_rows_exactly_once
 from dicom_archive.landing import LocalLandingZone
 from dicom_archive.plan import plan_batch
@@ -32,23 +32,21 @@ def studies_per_task() -> int:
 
 def ours_batch(zone: Zone, store: GCSObjectStore, client: Any) -> dict[str, float]:
     """The DAG's domain calls without Airflow: plan and stage it, archive each mapped chunk (each
-    task reads the staged plan and stages its rows), then one exactly-once load of the rows."""
+    task reads its own chunk plan and stages its rows), then one exactly-once load of the rows."""
     landing = LocalLandingZone(zone.root)
     phases: dict[str, float] = {}
     started = time.monotonic()
     plan = plan_batch(landing, zone.batch_id)
     staging = Staging(store, zone.batch_id, run_key(RUN_ID))
-    staging.write_plan(plan)
-    refs = chunk_refs(plan, staging, studies_per_task())
+    refs = staging.stage_plan(plan, studies_per_task())
     phases["plan + stage"] = time.monotonic() - started
 
     started = time.monotonic()
     context = RunContext(upload_agent="bench", dag_run_id=RUN_ID)
     for ref in refs:
-        task_plan = staging.read_plan()
-        groups = task_plan.groups[ref["start"] : ref["stop"]]
+        chunk = staging.read_chunk_plan(ref)
         summaries, rows = archive_groups(
-            groups, landing, store, deid=task_plan.deid, context=context, settings=ArchiveSettings()
+            chunk.groups, landing, store, deid=chunk.deid, context=context, settings=ArchiveSettings()
         )
         staging.write_chunk(chunk_id(ref["start"]), summaries, rows)
     phases["archive + upload"] = time.monotonic() - started

@@ -2,7 +2,7 @@
 
 The landing zone holds N reported batches (batch.json, batch.report.json and one image each)
 and 10 new ones (batch.json and one image). Today's code (the baseline, kept here as it was:
-`find_completed_batches` before the ledger) lists the batch folders, then fetches every
+`plan.find_completed_batches` before the ledger, removed since) lists the batch folders, then fetches every
 batch.json ever written, with a metadata GET and a download each. The ledger
 (`dicom_archive.ledger.select_batches`) lists batch.json and batch.report.json names once, by
 a glob, and reads only the manifests of the batches without a report.
@@ -123,7 +123,7 @@ def seeded_emulator(reported: int) -> Iterator[tuple[Any, str, list[str]]]:
 
 
 def baseline_poke(bucket: Any, start: datetime, end: datetime) -> list[str]:
-    """Today's scheduled poke, as it was before the ledger (plan.find_completed_batches over
+    """The scheduled poke as it was before the ledger (plan.find_completed_batches, removed since, over
     GCSLandingZone.batch_ids/read_bytes): one listing of the folders, then for every batch a
     metadata GET and a download of its batch.json."""
     iterator = bucket.list_blobs(prefix=f"{PREFIX}/", delimiter="/")

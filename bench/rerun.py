@@ -15,7 +15,7 @@ from bench.common import MB
 from bench.context import Context
 from bench.datasets import Zone, ensure_zone
 from bench.results import Result, Target, fmt, ratio
-from dicom_archive.batch import ArchiveSettings, Staging, archive_groups, chunk_id, chunk_refs, run_key
+from dicom_archive.batch import ArchiveSettings, Staging, archive_groups, chunk_id, run_key
 from dicom_archive.bigquery_load import load_rows_exactly_once
 from dicom_archive.landing import LocalLandingZone
 from dicom_archive.plan import plan_batch
@@ -33,20 +33,19 @@ def one_run(zone: Zone, store: GCSObjectStore, client: Any, run_id: str, level: 
     started = time.monotonic()
     plan = plan_batch(landing, zone.batch_id)
     staging = Staging(store, zone.batch_id, run_key(run_id))
-    staging.write_plan(plan)
-    refs = chunk_refs(plan, staging, 25)
+    refs = staging.stage_plan(plan, 25)
     phases["plan + stage"] = time.monotonic() - started
 
     started = time.monotonic()
     outcomes: dict[str, int] = {}
     archived: list[dict[str, Any]] = []
     for ref in refs:
-        groups = staging.read_plan().groups[ref["start"] : ref["stop"]]
+        chunk = staging.read_chunk_plan(ref)
         summaries, rows = archive_groups(
-            groups,
+            chunk.groups,
             landing,
             store,
-            deid=plan.deid,
+            deid=chunk.deid,
             context=RunContext(upload_agent="bench", dag_run_id=run_id),
             settings=ArchiveSettings(compresslevel=level),
         )

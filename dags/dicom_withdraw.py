@@ -14,6 +14,7 @@ backfill of the dicom_storage DAG uploads it again. This file only wires tasks t
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,6 +23,8 @@ from airflow.sdk import DAG, Param, task
 
 from operators.assets import ARCHIVES_ALIAS, TABLES_ALIAS
 from operators.withdraw import DicomWithdrawOperator
+
+log = logging.getLogger(__name__)
 
 with DAG(
     dag_id="dicom_withdraw",
@@ -72,10 +75,10 @@ with DAG(
         hook = DicomStorageHook()
         requests, problems = pending_requests(hook.landing_zone(settings), hook.archive_store(settings))
         for problem in problems:
-            print(f"not a valid withdrawal request, left alone: {problem}")
+            log.warning("not a valid withdrawal request, left alone: %s", problem)
         if not requests:
             raise AirflowSkipException("no pending withdrawal request")
-        print(f"{len(requests)} pending withdrawal requests: {', '.join(r.request_id for r in requests)}")
+        log.info("%d pending withdrawal requests: %s", len(requests), ", ".join(r.request_id for r in requests))
         return [r.to_dict() for r in requests]
 
     DicomWithdrawOperator.partial(task_id="withdraw", outlets=[ARCHIVES_ALIAS, TABLES_ALIAS]).expand(

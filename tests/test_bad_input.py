@@ -34,8 +34,9 @@ from dicom_archive.batch import ArchiveSettings, archive_groups, build_report, p
 from dicom_archive.bigquery_load import DEDUPE_ORDER, ROW_KEY
 from dicom_archive.deid import DEFAULT_PERSON_ATTRIBUTES, DeidPolicy, Reason
 from dicom_archive.landing import LocalLandingZone
+from dicom_archive.ledger import select_batches
 from dicom_archive.ndjson import to_ndjson
-from dicom_archive.plan import BatchPlan, find_completed_batches, find_unreported_batches, plan_batch
+from dicom_archive.plan import BatchPlan, plan_batch
 from dicom_archive.rows import RunContext
 from dicom_archive.stores import LocalObjectStore
 from tools import phi_audit
@@ -51,6 +52,12 @@ ENTITY, ITEM, DATE = "GL664ba0", "GL71cfb7", "20230811"
 OTHER = ("GL0a1b2c", "GLdd0e1f", "20230901")
 BAD = "incoming/bad.dcm"  # where a bad image goes, unless the test needs another place
 ALWAYS = datetime(2000, 1, 1, tzinfo=UTC), datetime.now(UTC) + timedelta(days=1)
+
+
+def completed_in(zone: LocalLandingZone, start: datetime, end: datetime) -> list[str]:
+    """The batches a backfill of [start, end) takes (the ledger), reported or not."""
+    return select_batches(zone, start=start, end=end).batch_ids
+
 
 # Realistic identifying values, one per person attribute of the contract (check 6).
 PLANTED = {
@@ -400,8 +407,8 @@ def test_a_folder_without_batch_json_is_not_ready(landing):
     (folder / ".batch.json.tmp").write_bytes(manifest())
     landing.write(BatchSpec(NEIGHBOUR, images=good_images(), collection=COLLECTION))
     zone = LocalLandingZone(landing.root)
-    assert find_completed_batches(zone, *ALWAYS) == [NEIGHBOUR]
-    assert find_unreported_batches(zone) == [NEIGHBOUR]
+    assert completed_in(zone, *ALWAYS) == [NEIGHBOUR]
+    assert select_batches(zone, end=None).batch_ids == [NEIGHBOUR]
     before = snapshot(landing.root)
 
     outcome = landing.process(BATCH)  # a manual run that names it anyway
@@ -426,7 +433,7 @@ def test_a_folder_without_batch_json_is_not_ready(landing):
 def test_a_batch_json_that_is_not_a_json_object_fails_the_batch(landing, raw, rule):
     run_broken_batch(landing, BatchSpec(BATCH, raw_manifest=raw), source="batch.json", rule=rule)
     # Unreadable, it belongs to the interval of its modification time: reported once, not forever.
-    assert BATCH in find_completed_batches(LocalLandingZone(landing.root), *ALWAYS)
+    assert BATCH in completed_in(LocalLandingZone(landing.root), *ALWAYS)
 
 
 @pytest.mark.parametrize(
@@ -472,7 +479,7 @@ def test_a_lookup_json_that_breaks_the_contract_fails_the_batch(landing, raw, ru
     spec = BatchSpec(BATCH, collection=COLLECTION, extra_files={"lookup.json": raw})
     run_broken_batch(landing, spec, source="lookup.json", rule=rule)
     # The manifest itself is fine: the batch is found by its completed_at, then fails visibly.
-    assert BATCH in find_completed_batches(
+    assert BATCH in completed_in(
         LocalLandingZone(landing.root), datetime(2024, 1, 5, tzinfo=UTC), datetime(2024, 1, 6, tzinfo=UTC)
     )
 
@@ -489,7 +496,7 @@ def test_a_batch_json_without_collection_uses_the_default_collection(landing):
 def test_a_batch_with_an_unknown_status_is_not_ready(landing, status):
     folder = landing.write(BatchSpec(BATCH, images=good_images(), collection=COLLECTION, status=status))
     zone = LocalLandingZone(landing.root)
-    assert find_completed_batches(zone, *ALWAYS) == []
+    assert completed_in(zone, *ALWAYS) == []
     # A manual run that names it does not archive it either.
     outcome = landing.process(BATCH)
     assert outcome.plan.status == "NOT_READY"
@@ -505,7 +512,7 @@ def test_a_batch_with_an_unknown_status_is_not_ready(landing, status):
 
 def test_a_batch_the_anonymizer_gave_up_on_is_reported_and_nothing_uploaded(landing):
     folder = landing.write(BatchSpec(BATCH, images=good_images(), collection=COLLECTION, status="ERROR"))
-    assert find_completed_batches(LocalLandingZone(landing.root), *ALWAYS) == [BATCH]  # ready: it gets a report
+    assert completed_in(LocalLandingZone(landing.root), *ALWAYS) == [BATCH]  # ready: it gets a report
     before = snapshot(landing.root)
 
     outcome = landing.process(BATCH)
@@ -707,8 +714,8 @@ def test_a_linked_batch_folder_is_never_discovered(landing):
     _symlink(landing.root / "linked-batch", target)
     zone = LocalLandingZone(landing.root)
     assert zone.batch_ids() == [NEIGHBOUR]
-    assert find_completed_batches(zone, *ALWAYS) == [NEIGHBOUR]
-    assert find_unreported_batches(zone) == [NEIGHBOUR]
+    assert completed_in(zone, *ALWAYS) == [NEIGHBOUR]
+    assert select_batches(zone, end=None).batch_ids == [NEIGHBOUR]
 
 
 def _symlink(link: Path, target: Path) -> None:

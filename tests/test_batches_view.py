@@ -222,7 +222,7 @@ def test_extra_links_console_or_batches_view(monitored_env, monitored_run, monke
     )
 
 
-def test_local_run_keeps_its_report_beside_the_cloud_one(monitored_env, monitored_run, tmp_path, monkeypatch, capsys):
+def test_local_run_keeps_its_report_beside_the_cloud_one(monitored_env, monitored_run, tmp_path, monkeypatch, caplog):
     root = monitored_env["root"]
     good = monitored_run["good"].batch_id
     cloud_report = (root / good / "batch.report.json").read_bytes()
@@ -237,7 +237,7 @@ def test_local_run_keeps_its_report_beside_the_cloud_one(monitored_env, monitore
     assert local["status"] == "DONE"
     assert local["bigquery"]["table"].startswith("file://") or local["bigquery"]["table"].startswith("/")
     # The log of collection_summary says what the report says.
-    out = capsys.readouterr().out
+    out = caplog.text  # the task's log
     assert "nothing loaded to BigQuery in this run" not in out
     assert f"batch {good}: {local['bigquery']['rows_inserted']} rows written to {local['bigquery']['table']}" in out
 

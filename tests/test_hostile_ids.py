@@ -50,7 +50,7 @@ def snapshot(folder: Path) -> dict[str, str]:
     return found
 
 
-def test_every_hostile_id_in_the_conf_is_refused_and_the_good_batch_is_done(env, capfd):
+def test_every_hostile_id_in_the_conf_is_refused_and_the_good_batch_is_done(env, capfd, caplog):
     root: Path = env["root"]
     outside = root.parent
     # Whatever a path-like id could reach: a DONE batch's report beside the landing root, an
@@ -82,7 +82,7 @@ def test_every_hostile_id_in_the_conf_is_refused_and_the_good_batch_is_done(env,
     assert len([n for n in names if "/Batches/" in n]) == 1, "no report for a refused id, anywhere"
     assert rows(env) == (1, 1)
     log = capfd.readouterr()
-    text = log.out + log.err
+    text = log.out + log.err + caplog.text  # printed by Airflow, or logged by the tasks
     assert "an empty batch id is not allowed" in text
     assert "refused batch id: batch id '../victim' does not match" in text
     assert "(200 characters)" in text

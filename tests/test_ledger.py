@@ -232,7 +232,7 @@ def test_an_empty_scheduled_run_ends_skipped_within_one_poke(env):
 # --- one owner per batch ---------------------------------------------------------------------
 
 
-def test_a_live_claim_leaves_the_batch_alone_and_an_expired_one_is_taken_over(env, capfd):
+def test_a_live_claim_leaves_the_batch_alone_and_an_expired_one_is_taken_over(env, caplog):
     from dicom_archive import claims
     from dicom_archive.stores import GCSObjectStore
     from hooks.dicom_storage import DicomStorageHook
@@ -243,14 +243,15 @@ def test_a_live_claim_leaves_the_batch_alone_and_an_expired_one_is_taken_over(en
 
     run = run_manual(["contested"])
     assert str(run.state) == "success"
-    assert "left alone: it is claimed by run 'other-run'" in capfd.readouterr().out
+    assert "left alone: it is claimed by run 'other-run'" in caplog.text  # the plan task's log
+    caplog.clear()
     assert report(env, "contested") is None
     assert claims.holder_of(store, "contested").run_id == "other-run"
 
     expire_claim(env, "contested")
     run = run_manual(["contested"])
     assert str(run.state) == "success"
-    assert "took over the expired claim of run 'other-run'" in capfd.readouterr().out
+    assert "took over the expired claim of run 'other-run'" in caplog.text
     assert report(env, "contested")["status"] == "DONE"
     assert claims.holder_of(store, "contested") is None, "released after the report"
 
@@ -345,9 +346,10 @@ def test_overlapping_runs_on_the_same_batches_one_owner_no_duplicates(env, tmp_p
 # --- an idempotent report, and the truth after a recovery ------------------------------------
 
 
-@pytest.mark.parametrize("step", range(5))
+@pytest.mark.parametrize("step", range(6))
 def test_batch_report_is_retried_after_each_step_of_a_partial_clear(env, step):
-    """Staging of one study: rows, archive summary, load result, plan (last), then the claim.
+    """Staging of one study: archive summary, chunk plan, rows, load result, plan (last), then
+    the claim.
     The delete of step `step` is refused once; Airflow retries batch_report, which finds the
     report it published and finishes the clear."""
     from airflow.models import Variable  # noqa: F401  (Airflow configured)
@@ -387,3 +389,32 @@ def test_a_report_after_a_crash_recovery_counts_what_the_interrupted_attempt_wro
     assert done["recovery"]["archives_written_by_interrupted_attempt"] == 1
     assert done["recovery"]["rows_inserted_by_interrupted_attempt"] == 1
     assert not [n for n in objects(env) if n.startswith(("_staging/", "_claims/"))], "the crashed staging too"
+
+
+# --- per-task plans ----------------------------------------------------------------------------
+
+
+def test_each_archive_task_downloads_its_own_chunk_plan_only(env, monkeypatch):
+    """Three studies, one per archive task: each task downloads its own chunk plan, once; the
+    batch's whole plan is downloaded once, by the report step (and by no archive task)."""
+    import urllib.parse
+
+    images = [ImageSpec(f"GLc{n:05d}", f"GAc{n:05d}", "20230105", "CT", source="ct") for n in range(3)]
+    spec = BatchSpec("chunked", images=images, collection=env["collection"], completed_at=T0)
+    write_batch(env["root"], spec)
+    monkeypatch.setenv("DICOM_STUDIES_PER_TASK", "1")
+
+    run = run_manual(["chunked"])
+
+    assert str(run.state) == "success", states(run)
+    assert states(run)["archive_studies"] == ["success"] * 3
+    assert report(env, "chunked")["archives"]["total"] == 3
+    downloads = [
+        urllib.parse.unquote(r.path)
+        for r in env["gcs"].requests("GET", "/o/_staging", "alt=media")
+        if "/o/_staging/chunked/" in urllib.parse.unquote(r.path)
+    ]
+    staged = [d.split("/o/", 1)[1].split("/", 3)[3] for d in downloads]  # the name under the run's folder
+    assert sorted(n for n in staged if n.startswith("plans/")) == [f"plans/{i:07d}.json" for i in range(3)]
+    assert staged.count("plan.json") == 1, staged
+    assert not [n for n in objects(env) if n.startswith("_staging/")], "chunk plans are cleared with the rest"

@@ -168,7 +168,7 @@ def test_format_table():
 def test_collection_summary(bigquery_client, loaded):
     before = dt.datetime.now(UTC) - dt.timedelta(minutes=10)
     rows = run(bigquery_client, "collection_summary", loaded)
-    # The staging tables are gone: only the two real tables are listed.
+    # The scratch tables are gone: only the two real tables are listed.
     assert [(r["table_name"], r["row_count"]) for r in rows] == [("dicom", 10), ("dicom_extra", 2)]
     assert all(r["size_bytes"] > 0 for r in rows)
     assert all(before <= r["last_modified"] <= dt.datetime.now(UTC) + dt.timedelta(minutes=1) for r in rows)

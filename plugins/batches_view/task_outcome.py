@@ -9,9 +9,12 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from batches_view.outcomes import EMPTY, ERROR, LABEL_KEY, batch_label
+
+log = logging.getLogger(__name__)
 
 
 def finish(report: dict[str, Any]) -> dict[str, Any]:
@@ -27,14 +30,22 @@ def finish(report: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
-def log_local_rows(batches: list[dict[str, Any]], store: Any) -> None:
+def log_local_rows(plan_refs: list[dict[str, Any]], store: Any) -> None:
     """SEND_TO_GOOGLE=false: say where each batch's rows went, with the counts its report will show."""
     from dicom_archive.batch import Staging
 
-    print("SEND_TO_GOOGLE=false: nothing was sent to BigQuery; the rows were written to local files")
-    for batch in batches:
-        loaded = Staging(store, batch["batch_id"], batch["run_key"]).read_result("bigquery")
+    log.info("SEND_TO_GOOGLE=false: nothing was sent to BigQuery; the rows were written to local files")
+    for plan_ref in plan_refs:
+        if plan_ref["status"] == "REFUSED":  # no staging name is ever built from a refused id
+            log.info("refused batch id %r: nothing read or written", plan_ref["batch_id"])
+            continue
+        loaded = Staging(store, plan_ref["batch_id"], plan_ref["run_key"]).read_result("bigquery")
         if loaded is None:
-            print(f"batch {batch['batch_id']}: {batch['status']}, no rows written")
+            log.info("batch %s: %s, no rows written", plan_ref["batch_id"], plan_ref["status"])
         else:
-            print(f"batch {batch['batch_id']}: {loaded.get('rows_inserted')} rows written to {loaded.get('table')}")
+            log.info(
+                "batch %s: %s rows written to %s",
+                plan_ref["batch_id"],
+                loaded.get("rows_inserted"),
+                loaded.get("table"),
+            )

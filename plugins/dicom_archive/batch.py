@@ -1,8 +1,14 @@
 """A batch's journey between tasks: staging layout, archiving a chunk of studies, the report.
 
-Tasks hand each other only small references; the plan, the per-image rows and the archive
+Tasks hand each other only small references; the plans, the per-image rows and the archive
 summaries travel through a staging area in the archive store (the bucket, or the local output
 folder), one folder per batch and run: `_staging/<batch_id>/<run_key>/`.
+
+- `plan.json`: the whole plan of the batch, read once by the report step;
+- `plans/<chunk_id>.json`: one chunk plan per archive task (its studies and the batch's
+  de-identification provenance), so that each task reads its own studies only;
+- `rows/<chunk_id>.ndjson`, `archives/<chunk_id>.json`: what each archive task wrote;
+- `bigquery.json`: the load step's result.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -69,6 +75,30 @@ class Staging:
     def write_plan(self, plan: BatchPlan) -> str:
         self.store.write_bytes(self.plan_name, plan.to_json().encode(), JSON_TYPE)
         return self.plan_name
+
+    def stage_plan(self, plan: BatchPlan, studies_per_chunk: int) -> list[dict[str, Any]]:
+        """Stage the batch's plan for the tasks: one chunk plan per archive task, then the whole
+        plan (for the report step); return the chunk references that task mapping hands out.
+        Written again as a whole by a retried plan step (same run key, same names)."""
+        refs = chunk_refs(plan, self, studies_per_chunk)
+        for ref in refs:
+            chunk = ChunkPlan(plan.batch_id, chunk_id(ref["start"]), plan.deid, plan.groups[ref["start"] : ref["stop"]])
+            self.store.write_bytes(
+                self.chunk_name("plans", chunk.chunk_id, "json"), chunk.to_json().encode(), JSON_TYPE
+            )
+        self.write_plan(plan)
+        return refs
+
+    def read_chunk_plan(self, ref: dict[str, Any]) -> ChunkPlan:
+        """The studies of one chunk reference, from its own chunk plan. A reference handed out
+        before chunk plans were staged (a run planned by the previous version) is read from the
+        batch's whole plan."""
+        chunk = chunk_id(ref["start"])
+        raw = self.store.read_bytes(self.chunk_name("plans", chunk, "json"))
+        if raw is not None:
+            return ChunkPlan.from_json(raw.decode())
+        plan = self.read_plan()
+        return ChunkPlan(plan.batch_id, chunk, plan.deid, plan.groups[ref["start"] : ref["stop"]])
 
     def read_plan(self) -> BatchPlan:
         raw = self.store.read_bytes(self.plan_name)
@@ -125,8 +155,28 @@ class Staging:
         return None if raw is None else json.loads(raw)
 
 
+@dataclass
+class ChunkPlan:
+    """What one archive task needs: its studies, and the batch's de-identification provenance
+    for the rows."""
+
+    batch_id: str
+    chunk_id: str
+    deid: dict[str, Any]
+    groups: list[StudyGroup]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ChunkPlan:
+        doc = json.loads(text)
+        return cls(doc["batch_id"], doc["chunk_id"], doc["deid"], [StudyGroup.from_dict(g) for g in doc["groups"]])
+
+
 def chunk_refs(plan: BatchPlan, staging: Staging, studies_per_chunk: int) -> list[dict[str, Any]]:
-    """Small references for task mapping: a slice of the staged plan's study groups."""
+    """Small references for task mapping, one per chunk plan: the slice [start, stop) of the
+    plan's study groups (also the label of the mapped task)."""
     size = max(1, studies_per_chunk)
     return [
         {

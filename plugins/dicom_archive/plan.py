@@ -13,7 +13,6 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from typing import Any
 
 from dicom_archive.deid import DeidPolicy, Reason, StudyIdentity
@@ -22,7 +21,6 @@ from dicom_archive.landing import LandingFile, LandingZone, aliases
 from dicom_archive.manifest import (
     LOOKUP_NAME,
     MANIFEST_NAME,
-    REPORT_NAME,
     BatchManifest,
     LookupMatch,
     ManifestError,
@@ -435,35 +433,3 @@ def apply_withdrawals(plan: BatchPlan, withdrawn_by: Callable[[str, str], str | 
     if plan.status == STATUS_DONE and not plan.groups:
         plan.status = STATUS_EMPTY
     return plan
-
-
-def find_completed_batches(
-    zone: LandingZone,
-    start: datetime,
-    end: datetime,
-    default_collection: str | None = None,
-) -> list[str]:
-    """Batches whose batch.json says they are complete (DONEPROCESSING or ERROR) and whose
-    completed_at lies in [start, end). A manifest that cannot be read is owned by the interval
-    of its file's modification time, so that it is reported once, not by every run."""
-    found = []
-    for batch_id in zone.batch_ids():
-        try:
-            manifest = read_manifest(zone, batch_id, default_collection)
-        except ManifestError:
-            modified = zone.modified(batch_id, MANIFEST_NAME)
-            if modified is not None and start <= modified < end:
-                found.append(batch_id)
-            continue
-        if manifest is not None and manifest.is_ready and start <= manifest.completed_at < end:
-            found.append(batch_id)
-    return found
-
-
-def find_unreported_batches(zone: LandingZone) -> list[str]:
-    """Batches with a batch.json and no report of ours yet: what a manual run picks up."""
-    return [
-        batch_id
-        for batch_id in zone.batch_ids()
-        if zone.modified(batch_id, MANIFEST_NAME) is not None and zone.modified(batch_id, REPORT_NAME) is None
-    ]

@@ -146,8 +146,9 @@ class DicomStudyArchiveOperator(BaseOperator):
     def _resolve(
         self, refs: list[dict[str, Any]], store: ObjectStore, run_id: str
     ) -> list[tuple[Staging, str, list[StudyGroup], dict[str, Any]]]:
-        """Chunk references are read from the staged plan; inline groups are taken as they are."""
-        from dicom_archive.batch import Staging, chunk_id, run_key
+        """Chunk references are read from their own staged chunk plan (never the whole batch's
+        plan); inline groups are taken as they are."""
+        from dicom_archive.batch import Staging, run_key
         from dicom_archive.plan import StudyGroup
 
         resolved = []
@@ -155,9 +156,8 @@ class DicomStudyArchiveOperator(BaseOperator):
         for ref in refs:
             if "start" in ref:
                 staging = Staging(store, ref["batch_id"], ref["run_key"])
-                plan = staging.read_plan()
-                groups = plan.groups[ref["start"] : ref["stop"]]
-                resolved.append((staging, chunk_id(ref["start"]), groups, plan.deid))
+                chunk = staging.read_chunk_plan(ref)
+                resolved.append((staging, chunk.chunk_id, chunk.groups, chunk.deid))
             else:
                 inline.append(StudyGroup.from_dict(ref))
         for batch_id in sorted({g.batch_id for g in inline}):
