@@ -32,7 +32,7 @@ import pytest
 
 from dicom_archive.batch import ArchiveSettings, archive_groups, build_report, publish_report
 from dicom_archive.bigquery_load import DEDUPE_ORDER, ROW_KEY
-from dicom_archive.deid import DEFAULT_PERSON_ATTRIBUTES, DeidPolicy, Reason
+from dicom_archive.deid_gate import DEFAULT_PERSON_ATTRIBUTES, DeidPolicy, Reason
 from dicom_archive.landing import LocalLandingZone
 from dicom_archive.plan import BatchPlan, find_completed_batches, find_unreported_batches, plan_batch
 from dicom_archive.rows import RunContext, rows_to_ndjson

@@ -32,7 +32,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from dicom_archive.deid import (
+from dicom_archive.deid_gate import (
     BURNED_IN_ANNOTATION_OK,
     CODED_ID_ATTRIBUTES,
     IDENTITY_REMOVED_VALUE,
@@ -593,7 +593,7 @@ class _Walker:
             self.skip(length, "pixel data")
 
 
-def _inside(ranges: list[tuple[int, int]], start: int, stop: int) -> bool:
+def _within_ranges(ranges: list[tuple[int, int]], start: int, stop: int) -> bool:
     """Whether [start, stop) lies within one of the sorted, disjoint `ranges`."""
     index = bisect.bisect_right(ranges, (start, float("inf"))) - 1
     return index >= 0 and ranges[index][0] <= start and stop <= ranges[index][1]
@@ -664,7 +664,7 @@ def judge_header(walk: HeaderWalk, policy: DeidPolicy) -> Verdict:
         verdict.fail(Reason.PRIVATE_ATTRIBUTE, f"private elements not on DICOM_PRIVATE_ALLOW: {listed}{more}")
 
     if policy.profile == "basic":
-        from dicom_archive.profile import check_basic_profile
+        from dicom_archive.basic_profile import check_basic_profile
 
         check_basic_profile(walk, policy, verdict)
     return verdict
@@ -702,8 +702,8 @@ class StrippedReader(io.RawIOBase):
         edges = sorted(p for p in points if 0 <= p <= walk.size)
         pieces = []
         for start, stop in itertools.pairwise(edges):
-            dropped = _inside(walk.removals, start, stop)
-            skipped = _inside(walk.skipped, start, stop)
+            dropped = _within_ranges(walk.removals, start, stop)
+            skipped = _within_ranges(walk.skipped, start, stop)
             pieces.append((start, stop, dropped, not skipped, walk.patches.get(start) if stop - start == 4 else None))
         return pieces
 
