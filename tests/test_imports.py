@@ -83,3 +83,35 @@ def test_no_plugin_module_shares_its_name_with_another_module():
     # -I: neither the working folder nor PYTHONPATH on the path, so plugins/ is not searched.
     result = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True, cwd="/")
     assert json.loads(result.stdout) == {}
+
+
+PLUGIN_LOAD_PROBE = """
+import json, sys
+from airflow import plugins_manager
+plugins_manager.ensure_plugins_loaded()
+loaded = sorted(name for name, module in sys.modules.items()
+                if str(getattr(module, "__file__", "") or "").startswith(sys.argv[1]) and "." not in name)
+import deid.dicom, cProfile, profile
+print(json.dumps({"loaded": loaded, "deid": deid.__file__, "profile": profile.__file__,
+                  "cProfile_runs": hasattr(profile, "Profile")}))
+"""
+
+
+def test_after_airflow_loads_the_plugins_the_libraries_are_still_theirs():
+    """What the plugin manager does in every Airflow component: the PyPI `deid` package (the real
+    anonymizer tests run it) and the standard library's `profile` (cProfile) are unharmed."""
+    import os
+
+    result = subprocess.run(
+        [sys.executable, "-c", PLUGIN_LOAD_PROBE, str(PLUGINS)],
+        env={**os.environ, "AIRFLOW__CORE__PLUGINS_FOLDER": str(PLUGINS)},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    found = json.loads(result.stdout.splitlines()[-1])
+    assert "settings" in found["loaded"]  # the plugins were loaded under their bare names
+    assert "/site-packages/deid/" in found["deid"]
+    assert not found["profile"].startswith(str(PLUGINS))
+    assert found["cProfile_runs"]
