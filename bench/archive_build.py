@@ -28,7 +28,7 @@ from bench.context import Context
 from bench.datasets import Zone, ensure_zone
 from bench.results import Result, Target, fmt, ratio
 from dicom_archive.archive import write_study_archive
-from dicom_archive.deid import DeidPolicy, PrivateAllow
+from dicom_archive.deid_gate import DeidPolicy, PrivateAllow
 from dicom_archive.header_walk import judge_header, walk_header
 from dicom_archive.landing import LocalLandingZone
 from dicom_archive.plan import BatchPlan, plan_batch

@@ -11,12 +11,13 @@ from bench.context import Context
 from bench.datasets import ensure_zone
 from bench.nullstore import NullObjectStore
 from bench.results import Result, Target, fmt, ratio
-from dicom_archive.batch import ArchiveSettings, archive_groups
+from dicom_archive.batch import archive_groups
 from dicom_archive.bigquery_load import load_rows_exactly_once
 from dicom_archive.bigquery_tables import ensure_dataset, ensure_table
 from dicom_archive.landing import LocalLandingZone
 from dicom_archive.plan import plan_batch
 from dicom_archive.rows import RunContext
+from dicom_archive.settings import ArchiveSettings
 
 JOBS_GOAL = 3
 

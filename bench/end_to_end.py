@@ -12,12 +12,12 @@ from bench.context import Context
 from bench.datasets import Zone, ensure_zone
 from bench.results import Result, Target, fmt, ratio
 from bench.sendit import ensure_table, sendit_batch
-from dicom_archive.batch import ArchiveSettings, Staging, archive_groups, chunk_id, run_key
+from dicom_archive.batch import Staging, archive_groups, chunk_id, run_key
 from dicom_archive.bigquery_load import load_rows_exactly_once
 from dicom_archive.landing import LocalLandingZone
 from dicom_archive.plan import plan_batch
 from dicom_archive.rows import RunContext
-from dicom_archive.settings import Settings
+from dicom_archive.settings import ArchiveSettings, Settings
 from dicom_archive.stores import GCSObjectStore
 from tools.landing_zone import DEFAULT_COLLECTION
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import pydicom
 
-from dicom_archive.rows import DEFAULT_HEADER_ALLOW_LIST, header_fields
+from dicom_archive.rows import header_fields
+from dicom_archive.settings import DEFAULT_HEADER_ALLOW_LIST
 
 HEADER_COLUMNS = (
     "StudyDate", "Modality", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",

@@ -76,8 +76,9 @@ def _archive(groups: list[Any], zone: Any, sink: str, level: int) -> int:
     if sink == "none":
         return sum(write_study_archive(group, zone, None, compresslevel=level)[0].size for group in groups)
     from bench.nullstore import NullObjectStore
-    from dicom_archive.batch import ArchiveSettings, archive_groups
+    from dicom_archive.batch import archive_groups
     from dicom_archive.rows import RunContext
+    from dicom_archive.settings import ArchiveSettings
 
     summaries, rows = archive_groups(
         groups,

@@ -11,11 +11,13 @@ Usage: scripts/deploy_composer.sh [--dry-run] --environment ENV --location LOCAT
 Deploys this repository to a Cloud Composer 3 environment, in this order:
   1. reads the environment (gcloud composer environments describe): it must exist, and its
      custom PyPI packages are listed
-  2. adds or updates only the runtime packages Composer's image lacks (pydicom, isal,
-     google-crc32c), with their specifiers from requirements.in: one environment update with
-     --update-pypi-package per package that is missing or has another specifier. Every other
-     package of the environment (other teams' DAGs need them) is left as it is; nothing is ever
-     removed. Airflow and the Google provider are never installed: Composer pins them.
+  2. adds or updates only the packages of requirements.in (what a deployment installs) that
+     Composer's image lacks, with their specifiers there: one environment update with
+     --update-pypi-package per package that is missing or has another specifier. The packages
+     the image provides (COMPOSER_PROVIDES: Airflow, the Google and Celery providers, the Google
+     clients, Celery and the PostgreSQL drivers) are never installed: Composer pins them. Every
+     other package of the environment (other teams' DAGs need them) is left as it is; nothing
+     is ever removed.
   3. sets the pipeline's environment variables (--update-env-variables, which also merges):
      SEND_TO_GOOGLE=true, GOOGLE_CLOUD_STORAGE, GOOGLE_PROJECT_NAME, GOOGLE_STORAGE_COLLECTION
      (if given), DICOM_LANDING_ROOT, and any --set-env
@@ -66,7 +68,10 @@ usage_error() {
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 GCLOUD=${GCLOUD:-gcloud}
-RUNTIME_PACKAGES=(pydicom isal google-crc32c)
+# Packages of requirements.in that every Composer 3 image (Airflow 3) already has, pinned by
+# Composer; every other package of requirements.in is installed by step 2.
+COMPOSER_PROVIDES=(apache-airflow apache-airflow-providers-google apache-airflow-providers-celery
+  google-cloud-bigquery google-cloud-storage google-crc32c celery psycopg2-binary asyncpg pydantic)
 MANAGED_VARIABLES=(SEND_TO_GOOGLE GOOGLE_CLOUD_STORAGE GOOGLE_PROJECT_NAME GOOGLE_STORAGE_COLLECTION
   DICOM_LANDING_ROOT)
 
@@ -179,14 +184,26 @@ for folder in dags plugins include; do
   [[ -n $(find "$stage/$folder" -type f -print -quit) ]] || die "$source_root/$folder has no files to deploy"
 done
 
-ours=()  # NAME<specifier>, e.g. pydicom==3.0.2
-for package in "${RUNTIME_PACKAGES[@]}"; do
-  # The line of requirements.in that names the package, without its comment.
-  mapfile -t lines < <(sed -e 's/[[:space:]]*#.*$//' "$source_root/requirements.in" |
-    grep -iE "^${package}[[:space:]]*([=<>!~].*)?$" || true)
-  ((${#lines[@]} == 1)) || die "requirements.in must name $package exactly once (found ${#lines[@]})"
-  ours+=("${lines[0]// /}")
+normalized() { sed -E 's/[-_.]+/-/g' <<<"${1,,}"; }  # PEP 503: pydicom, Some_New.Package -> some-new-package
+ours=()      # NAME<specifier> of what Composer lacks, e.g. pydicom==3.0.2
+provided=()  # the same, of what Composer's image has
+declare -A named=()
+# Each requirement line of requirements.in, without its comment and blanks.
+mapfile -t requirements < <(sed -e 's/[[:space:]]*#.*$//' -e 's/[[:space:]]//g' "$source_root/requirements.in" |
+  grep -v '^$' || true)
+for requirement in "${requirements[@]}"; do
+  [[ $requirement =~ ^([A-Za-z0-9][A-Za-z0-9._-]*)([=<>!~].*)?$ ]] ||
+    die "requirements.in: cannot deploy '$requirement' (one package with a version specifier a line)"
+  name=$(normalized "${BASH_REMATCH[1]}")
+  [[ -z ${named[$name]:-} ]] || die "requirements.in names $name more than once"
+  named[$name]=1
+  if [[ " ${COMPOSER_PROVIDES[*]} " == *" $name "* ]]; then
+    provided+=("$name${BASH_REMATCH[2]}")
+  else
+    ours+=("$name${BASH_REMATCH[2]}")
+  fi
 done
+((${#ours[@]})) || die "requirements.in names no package that Composer's image lacks"
 
 # --- the commands ---------------------------------------------------------------------------
 # One shell word per argument, quoted only when needed (as Python's shlex.quote does).
@@ -250,7 +267,6 @@ while IFS= read -r line; do
 done <<<"$described"
 
 # --- 2. PyPI packages: merge ours into theirs ---------------------------------------------------
-normalized() { local n=${1,,}; printf '%s' "${n//_/-}"; }
 updates=()
 declare -A ours_by_name=()
 if $existing_known; then
@@ -283,6 +299,9 @@ for requirement in "${ours[@]}"; do
     fi
     updates+=("--update-pypi-package=$requirement")
   fi
+done
+for requirement in "${provided[@]}"; do
+  printf '#   skip  %s (the Composer image provides it)\n' "$requirement" >&2
 done
 mapfile -t others < <(printf '%s\n' "${!existing[@]}" | sort)
 for key in "${others[@]}"; do

@@ -29,12 +29,15 @@ if [ -z "$UV" ]; then
 fi
 
 # --- project venv ------------------------------------------------------------------------
+# requirements.txt: what a deployment installs; requirements-dev.txt: the test and lint tools,
+# locked against it (the same version of every package both need).
 req_hash=$(sha256sum requirements.txt | cut -c1-16)
-if [ ! -x .venv/bin/python ] || ! stamp_ok venv "$req_hash"; then
-  log "installing requirements.txt into .venv"
+venv_hash=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16)
+if [ ! -x .venv/bin/python ] || ! stamp_ok venv "$venv_hash"; then
+  log "installing requirements.txt and requirements-dev.txt into .venv"
   [ -x .venv/bin/python ] || "$PY311" -m venv .venv
-  "$UV" pip install --quiet --python .venv/bin/python -r requirements.txt
-  echo "$req_hash" > "$STAMPS/venv"
+  "$UV" pip install --quiet --python .venv/bin/python -r requirements.txt -r requirements-dev.txt
+  echo "$venv_hash" > "$STAMPS/venv"
 fi
 
 # --- Cloud Storage emulator (own venv: its pins must not touch the project's) --------------

@@ -175,6 +175,7 @@ def test_archives_to_cloud_storage_and_stages_rows_outside_xcom(dag, landing, se
         assert row["batch_id"] == BATCH_ID
         assert row["collection"] == COLLECTION
         assert row["storage_uri"] == f"gs://{bucket_name}/{group.object_name}"
+        assert row["storage_bucket"] == bucket_name
         assert row["storage_md5Hash"] == by_uri[row["storage_uri"]]["md5"]
         assert row["archive_member"].startswith(f"{group.stem}/")
         assert row["deid_software"] == DEID["software"]

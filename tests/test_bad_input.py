@@ -30,14 +30,15 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_archive.batch import ArchiveSettings, archive_groups, build_report, publish_report
+from dicom_archive.batch import archive_groups, build_report, publish_report
 from dicom_archive.bigquery_load import DEDUPE_ORDER, ROW_KEY
-from dicom_archive.deid import DEFAULT_PERSON_ATTRIBUTES, DeidPolicy, Reason
+from dicom_archive.deid_gate import DEFAULT_PERSON_ATTRIBUTES, DeidPolicy, Reason
 from dicom_archive.landing import LocalLandingZone
 from dicom_archive.ledger import select_batches
 from dicom_archive.ndjson import to_ndjson
 from dicom_archive.plan import BatchPlan, plan_batch
 from dicom_archive.rows import RunContext
+from dicom_archive.settings import ArchiveSettings
 from dicom_archive.stores import LocalObjectStore
 from tools import phi_audit
 from tools.landing_zone import BatchSpec, ImageSpec, image_bytes, make_image, raw_identifiers, write_batch

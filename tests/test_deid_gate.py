@@ -29,7 +29,7 @@ from pydicom.uid import (
 )
 
 from dicom_archive.archive import ArchiveIntegrityError, write_study_archive
-from dicom_archive.deid import (
+from dicom_archive.deid_gate import (
     DeidPolicy,
     PrivateAllow,
     Reason,
@@ -668,7 +668,7 @@ BASIC = DeidPolicy(profile="basic")
 
 
 def test_the_basic_profile_table_comes_from_the_pinned_package_edition():
-    from dicom_archive.profile import ANNEX_E_EDITION, removed_or_emptied
+    from dicom_archive.basic_profile import ANNEX_E_EDITION, removed_or_emptied
 
     assert ANNEX_E_EDITION == "2026c"
     assert removed_or_emptied(0x00081030)  # StudyDescription: X

@@ -117,7 +117,7 @@ def members(archive: bytes) -> dict[str, bytes]:
 
 
 def test_hostile_batch_through_the_dag(gate_env, bigquery_client):
-    from dicom_archive.deid import DEFAULT_PERSON_ATTRIBUTES
+    from dicom_archive.deid_gate import DEFAULT_PERSON_ATTRIBUTES
 
     root, bucket = gate_env["root"], gate_env["bucket"]
     assert run_dag([BATCH]) == "success"

@@ -6,6 +6,8 @@ must see no call), and the real mode runs the recording fake through GCLOUD.
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import json
 import os
 import re
@@ -16,10 +18,10 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "scripts" / "deploy_composer.sh"
-RUNTIME_PACKAGES = ("pydicom", "isal", "google-crc32c")
 STAGE_RE = re.compile(r"/deploy-composer\.[A-Za-z0-9]{6}")
 
 REQUIRED = {
@@ -85,16 +87,25 @@ OTHER_TEAMS = {
 DESCRIBE_FORMAT = "--format=flattened(config.dagGcsPrefix,config.softwareConfig.pypiPackages)"
 
 
-def _runtime_requirements(requirements_in: Path) -> list[str]:
-    """The three runtime packages as requirements.in specifies them (independent of the script)."""
+def _requirements(requirements_in: Path) -> dict[str, Requirement]:
+    """requirements.in as read independently of the script: canonical name -> requirement."""
     found = {}
     for line in requirements_in.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             req = Requirement(line)
-            if req.name.lower() in RUNTIME_PACKAGES:
-                found[req.name.lower()] = str(req)
-    return [found[name] for name in RUNTIME_PACKAGES]
+            found[canonicalize_name(req.name)] = req
+    return found
+
+
+def _plan(stderr: str) -> dict[str, list[str]]:
+    """The script's plan of PyPI packages (`#   set   pydicom==3.0.2 ...`), by verb."""
+    plan: dict[str, list[str]] = {"set": [], "keep": [], "skip": [], "leave": []}
+    for line in stderr.splitlines():
+        if line.startswith("#   "):
+            verb, requirement = line.split()[1:3]
+            plan[verb].append(requirement)
+    return plan
 
 
 @pytest.fixture
@@ -190,12 +201,12 @@ def _required_args() -> list[str]:
     return [part for option, value in REQUIRED.items() for part in (option, value)]
 
 
-def _expected_commands(gcloud: str, env_variables: str) -> list[list[str]]:
+def _expected_commands(gcloud: str, env_variables: str, packages: list[str]) -> list[list[str]]:
     """What a deploy to an environment without any custom package runs."""
     target = ["--location=us-central1", "--project=my-project"]
     environment = ["--environment=dicom-env", *target]
     storage = [gcloud, "composer", "environments", "storage"]
-    ours = [f"--update-pypi-package={r}" for r in _runtime_requirements(REPO_ROOT / "requirements.in")]
+    ours = [f"--update-pypi-package={r}" for r in packages]
     return [
         [gcloud, "composer", "environments", "describe", "dicom-env", *target, DESCRIBE_FORMAT],
         [gcloud, "composer", "environments", "update", "dicom-env", *target, *ours],
@@ -221,7 +232,9 @@ def test_dry_run_prints_the_gcloud_commands_and_only_reads(run, source_root, fak
         "SEND_TO_GOOGLE=true,GOOGLE_CLOUD_STORAGE=radiology-archive,GOOGLE_PROJECT_NAME=my-project,"
         "GOOGLE_STORAGE_COLLECTION=IRB41449,DICOM_LANDING_ROOT=gs://radiology-landing/incoming"
     )
-    expected = _with_stage_dir(_expected_commands(str(fake_gcloud), env_variables), tmp_path / "tmp")
+    packages = _plan(result.stderr)["set"]
+    assert packages  # what the imports need: test_every_package_the_deployed_code_imports_...
+    expected = _with_stage_dir(_expected_commands(str(fake_gcloud), env_variables, packages), tmp_path / "tmp")
     assert _dry_run_commands(result.stdout) == expected
     # Printed, not run: the only call is the read-only describe, to list the packages.
     assert [_normalized(["gcloud", *c["argv"]])[1:] for c in _calls(gcloud_log)] == [expected[0][1:]]
@@ -270,21 +283,19 @@ def test_real_run_executes_exactly_the_dry_run_commands(run, source_root, gcloud
         ".airflowignore": [".airflowignore"],
         "dicom_storage.py": ["dicom_storage.py"],
     }
-    assert calls[1]["argv"][-3:] == [
-        f"--update-pypi-package={r}" for r in _runtime_requirements(REPO_ROOT / "requirements.in")
-    ]
+    packages = _plan(dry.stderr)["set"]
+    assert calls[1]["argv"][-len(packages) :] == [f"--update-pypi-package={r}" for r in packages]
 
 
-def test_only_the_runtime_packages_are_set(run, source_root, gcloud_log, environment_state):
+def test_only_what_the_composer_image_lacks_is_set(run, source_root, gcloud_log, environment_state):
     (source_root / "requirements.in").write_text(
         "# top-level pins\n"
         "apache-airflow==3.3.2\n"
         "apache-airflow-providers-google==22.8.0\n"
         "pydicom == 3.0.2   # DICOM\n"
-        "numpy>=2\n"
-        "google-crc32c>=1.6\n"
+        "google-cloud-storage>=3.0\n"
+        "Some_New.Package>=1.2\n"
         "isal==1.9.1\n"
-        "pytest==9.2.0\n"
     )
     result = run(*_required_args(), "--source-root", str(source_root))
 
@@ -292,18 +303,95 @@ def test_only_the_runtime_packages_are_set(run, source_root, gcloud_log, environ
     (update,) = [call for call in _calls(gcloud_log) if "--update-pypi-package" in " ".join(call["argv"])]
     assert [a for a in update["argv"] if a.startswith("--update-pypi")] == [
         "--update-pypi-package=pydicom==3.0.2",
+        "--update-pypi-package=some-new-package>=1.2",
         "--update-pypi-package=isal==1.9.1",
-        "--update-pypi-package=google-crc32c>=1.6",
     ]
-    assert _packages(environment_state) == {"pydicom": "==3.0.2", "isal": "==1.9.1", "google-crc32c": ">=1.6"}
+    assert _packages(environment_state) == {"pydicom": "==3.0.2", "some-new-package": ">=1.2", "isal": "==1.9.1"}
+    assert _plan(result.stderr)["skip"] == [
+        "apache-airflow==3.3.2",
+        "apache-airflow-providers-google==22.8.0",
+        "google-cloud-storage>=3.0",
+    ]
 
 
-def test_runtime_packages_of_this_repository(run, source_root):
+@pytest.mark.parametrize(
+    ("requirements", "message"),
+    [
+        ("pydicom==3.0.2\nPyDicom>=3\n", "names pydicom more than once"),
+        ("-r other.txt\n", "cannot deploy '-rother.txt'"),
+        ("apache-airflow==3.3.2\n", "names no package that Composer's image lacks"),
+    ],
+)
+def test_refuses_requirements_it_cannot_deploy(requirements, message, run, source_root, gcloud_log):
+    (source_root / "requirements.in").write_text(requirements)
+    result = run("--dry-run", *_required_args(), "--source-root", str(source_root))
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert _calls(gcloud_log) == []
+
+
+def _imported_distributions(folders: list[Path]) -> dict[str, set[str]]:
+    """Top-level module -> the installed distributions that provide it, for every module that
+    the files import (inside functions too) and that is neither the standard library nor ours."""
+    ours = {p.name for p in (REPO_ROOT / "plugins").iterdir()} | {p.stem for p in (REPO_ROOT / "plugins").rglob("*.py")}
+    modules: set[str] = set()
+    for folder in folders:
+        for path in folder.rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    modules.update(alias.name.split(".")[0] for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    modules.add(node.module.split(".")[0])
+    providers = importlib.metadata.packages_distributions()
+    return {
+        module: {canonicalize_name(d) for d in providers.get(module, [])}
+        for module in modules - set(sys.stdlib_module_names) - ours - {"__future__"}
+    }
+
+
+def _with_dependencies(names: set[str]) -> set[str]:
+    """The distributions and everything they need (installed metadata; extras not taken)."""
+    seen: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for line in requires:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(canonicalize_name(req.name))
+    return seen
+
+
+def test_every_package_the_deployed_code_imports_is_set_or_in_the_composer_image(run, source_root):
+    """What the DAGs and plugins import (DICOM_DEID_PROFILE=basic's dicom-anonymizer included)
+    is installed by the deploy or comes with a package of the Composer image; nothing the image
+    has is installed again, and every package of requirements.in is one or the other, with the
+    specifier requirements.in gives it."""
     result = run("--dry-run", *_required_args(), "--source-root", str(source_root))
     assert result.returncode == 0, result.stderr
-    listed = [line.split()[2] for line in result.stderr.splitlines() if line.startswith("#   set ")]
-    assert listed == _runtime_requirements(REPO_ROOT / "requirements.in")
-    assert not any("airflow" in line for line in listed)
+    plan = _plan(result.stderr)
+    installed = {canonicalize_name(Requirement(r).name): r for r in plan["set"]}
+    image = {canonicalize_name(Requirement(r).name) for r in plan["skip"]}
+    in_image = _with_dependencies(image)
+
+    imports = _imported_distributions([REPO_ROOT / "plugins", REPO_ROOT / "dags"])
+    assert "dicomanonymizer" in imports  # the scan sees imports inside functions
+    assert "pydicom" in imports
+    missing = {m: d for m, d in imports.items() if not d & (set(installed) | in_image)}
+    assert missing == {}
+    assert not set(installed) & in_image, "a package the Composer image has must not be installed again"
+
+    requirements = _requirements(REPO_ROOT / "requirements.in")
+    assert set(installed) | image == set(requirements)
+    for name, requirement in installed.items():
+        assert Requirement(requirement) == Requirement(str(requirements[name])), name
 
 
 def _no_removal(calls: list[dict]) -> None:
@@ -315,21 +403,24 @@ def _no_removal(calls: list[dict]) -> None:
 
 def test_packages_of_other_teams_survive_a_deploy(run, source_root, gcloud_log, environment_state):
     """A shared environment: other teams' packages, one of ours outdated, one already right."""
-    ours = dict(
-        (r.split("=", 1)[0].split(">", 1)[0], r[len(r.split("=", 1)[0].split(">", 1)[0]) :])
-        for r in _runtime_requirements(REPO_ROOT / "requirements.in")
-    )
-    _set_packages(environment_state, {**OTHER_TEAMS, "pydicom": "==2.4.4", "isal": ours["isal"]})
+    first = run("--dry-run", *_required_args(), "--source-root", str(source_root))
+    assert first.returncode == 0, first.stderr
+    requirements = _plan(first.stderr)["set"]
+    assert len(requirements) >= 2
+    names = [canonicalize_name(Requirement(r).name) for r in requirements]
+    ours = {name: r[len(name) :] for name, r in zip(names, requirements, strict=True)}
+    outdated, current = names[0], names[1]
+    _set_packages(environment_state, {**OTHER_TEAMS, outdated: "==0.0.1", current: ours[current]})
 
     dry = run("--dry-run", *_required_args(), "--source-root", str(source_root))
     assert dry.returncode == 0, dry.stderr
-    assert _packages(environment_state) == {**OTHER_TEAMS, "pydicom": "==2.4.4", "isal": ours["isal"]}
+    assert _packages(environment_state) == {**OTHER_TEAMS, outdated: "==0.0.1", current: ours[current]}
     # Before anything changes: what it sets, what it keeps, and the packages it leaves alone.
-    plan = [line for line in dry.stderr.splitlines() if line.startswith("#   ")]
+    plan = [line for line in dry.stderr.splitlines() if line.startswith("#   ") and " skip " not in line]
     assert plan == [
-        f"#   set   pydicom{ours['pydicom']} (now pydicom==2.4.4)",
-        f"#   keep  isal{ours['isal']} (already set)",
-        f"#   set   google-crc32c{ours['google-crc32c']} (new)",
+        f"#   set   {outdated}{ours[outdated]} (now {outdated}==0.0.1)",
+        f"#   keep  {current}{ours[current]} (already set)",
+        *(f"#   set   {name}{ours[name]} (new)" for name in names[2:]),
         "#   leave apache-airflow-providers-slack (not ours)",
         "#   leave great_expectations[sql]==1.2 (not ours)",
         "#   leave pandas>=2.0 (not ours)",
@@ -337,15 +428,13 @@ def test_packages_of_other_teams_survive_a_deploy(run, source_root, gcloud_log, 
         "#   leave zope.interface==6.4 (not ours)",
     ]
 
+    gcloud_log.unlink()
     real = run(*_required_args(), "--source-root", str(source_root))
     assert real.returncode == 0, real.stderr
     calls = _calls(gcloud_log)
     _no_removal(calls)
     updates = [a for call in calls for a in call["argv"] if a.startswith("--update-pypi-package=")]
-    assert updates == [
-        f"--update-pypi-package=pydicom{ours['pydicom']}",
-        f"--update-pypi-package=google-crc32c{ours['google-crc32c']}",
-    ]
+    assert updates == [f"--update-pypi-package={name}{ours[name]}" for name in names if name != current]
     # Every other team's package is still there, unchanged; ours are set.
     assert _packages(environment_state) == {**OTHER_TEAMS, **ours}
 

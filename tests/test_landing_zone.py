@@ -196,15 +196,17 @@ def _small_batch(**kwargs) -> BatchSpec:
 
 
 def test_batch_json_is_written_last_through_a_rename(tmp_path, monkeypatch):
+    from dicom_archive import local_files
+
     seen: list[tuple[str, set[str]]] = []
-    real_replace = lz.os.replace
+    real_replace = local_files.os.replace
 
     def spy(src, dst):
         folder = Path(dst).parent
         seen.append((Path(dst).name, set(_files(folder))))
         real_replace(src, dst)
 
-    monkeypatch.setattr(lz.os, "replace", spy)
+    monkeypatch.setattr(local_files.os, "replace", spy)
     spec = _small_batch(lookup={"GL664ba0/GL71cfb7/1/1.dcm": {"CTDIvol": 1.0}}, extra_files={"junk/empty.dcm": b""})
     folder = lz.write_batch(tmp_path, spec)
 

@@ -35,11 +35,11 @@ import pydicom
 import pytest
 from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 
-from dicom_archive.deid import Reason
+from dicom_archive.deid_gate import Reason
 from dicom_archive.landing import GCSLandingZone, is_under_phi_folder, normalise_relpath
 from dicom_archive.manifest import field_keyword, lookup_violations, match_lookup
 from dicom_archive.plan import plan_batch
-from dicom_archive.rows import DEFAULT_HEADER_ALLOW_LIST
+from dicom_archive.settings import DEFAULT_HEADER_ALLOW_LIST
 from tests.conftest import PROJECT, pipeline_settings, run_dag
 from tests.test_bad_input import (
     BAD,
@@ -813,7 +813,7 @@ def test_private_elements_are_stripped_from_the_archived_copy(landing, vr):
 
 @pytest.mark.parametrize("where", ["top", "nested"])
 def test_private_elements_quarantine_the_image_when_so_configured(landing, where):
-    from dicom_archive.deid import DeidPolicy
+    from dicom_archive.deid_gate import DeidPolicy
 
     image = ImageSpec(ENTITY, ITEM, DATE, "CT", 1, 3, relpath="incoming/private.dcm")
     if where == "top":
@@ -981,7 +981,7 @@ def test_a_private_creator_slot_holding_a_sequence_is_private_data(landing, mode
     but can carry anything (deid-data's ctbrain2 has such elements in group 0007)."""
     from pydicom.dataset import Dataset
 
-    from dicom_archive.deid import DeidPolicy
+    from dicom_archive.deid_gate import DeidPolicy
 
     ds = pydicom.dcmread(io.BytesIO(image_bytes(ImageSpec(ENTITY, ITEM, DATE, "CT", 1, 3))))
     item = Dataset()

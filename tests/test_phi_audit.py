@@ -17,12 +17,13 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
-from dicom_archive.batch import ArchiveSettings, Staging, archive_groups, build_report, publish_report, run_key
+from dicom_archive.batch import Staging, archive_groups, build_report, publish_report, run_key
 from dicom_archive.landing import LocalLandingZone
 from dicom_archive.ndjson import to_ndjson
 from dicom_archive.plan import plan_batch
 from dicom_archive.publish import publish_study_archive
 from dicom_archive.rows import RunContext
+from dicom_archive.settings import ArchiveSettings
 from dicom_archive.stores import GCSObjectStore, LocalObjectStore
 from tools import landing_zone as lz
 from tools import phi_audit

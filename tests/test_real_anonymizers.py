@@ -28,11 +28,9 @@ quarantined is asserted image by image, with the reasons.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import io
 import json
 import shutil
-import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,7 +39,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from dicom_archive.deid import DEFAULT_PERSON_ATTRIBUTES
+from dicom_archive.deid_gate import DEFAULT_PERSON_ATTRIBUTES
 from tests.conftest import PROJECT, pipeline_settings, run_dag
 from tools import phi_audit
 from tools.landing_zone import BatchSpec, write_batch
@@ -105,20 +103,9 @@ def coded(*parts: object) -> str:
     return "GL" + hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:6]
 
 
-def _deid_dicom():
-    """pydicom/deid's `deid.dicom`. Airflow's plugin manager registers every module of the plugins
-    folder under its bare name, so once plugins are loaded `deid` is plugins/dicom_archive/deid.py
-    (a module, not the package): make way for the package then."""
-    shadow = sys.modules.get("deid")
-    if shadow is not None and not hasattr(shadow, "__path__"):
-        del sys.modules["deid"]
-    return importlib.import_module("deid.dicom")
-
-
 def run_deid(files: dict[str, Path], out: Path) -> dict[str, str]:
     """deid's default recipe with the variables a site passes; returns name -> coded PatientID."""
-    deid_dicom = _deid_dicom()
-    get_identifiers, replace_identifiers = deid_dicom.get_identifiers, deid_dicom.replace_identifiers
+    from deid.dicom import get_identifiers, replace_identifiers
 
     names = list(files)
     paths = [str(files[name]) for name in names]

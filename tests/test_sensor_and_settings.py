@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from dicom_archive.deid import DEFAULT_PERSON_ATTRIBUTES
+from dicom_archive.deid_gate import DEFAULT_PERSON_ATTRIBUTES
 from dicom_archive.settings import Settings, SettingsError
 from tools.landing_zone import BatchSpec, ImageSpec, write_batch
 

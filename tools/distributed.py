@@ -314,28 +314,17 @@ class DistributedStack:
         self.save()
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str], cwd: Path | None = None) -> int:
-        log_path = self.log_path(name)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                argv,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**env, MARKER: self.state.stack_id},
-                cwd=cwd,
-                start_new_session=True,
-            )
-        self.state.pids[name] = proc.pid
+        pid = emulators.start_background(argv, self.log_path(name), {**env, MARKER: self.state.stack_id}, cwd=cwd)
+        self.state.pids[name] = pid
         if argv[0].endswith("unshare"):
             deadline = time.monotonic() + 10  # until unshare has made the namespace and exec'd
-            while time.monotonic() < deadline and mount_namespace(proc.pid) == mount_namespace(os.getpid()):
+            while time.monotonic() < deadline and mount_namespace(pid) == mount_namespace(os.getpid()):
                 time.sleep(0.05)
-            namespace = mount_namespace(proc.pid)
+            namespace = mount_namespace(pid)
             if namespace and namespace != mount_namespace(os.getpid()):
                 self.state.namespaces.append(namespace)
         self.save()
-        return proc.pid
+        return pid
 
     def _base_env(self) -> dict[str, str]:
         return {

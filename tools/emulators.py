@@ -45,7 +45,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _spawn(name: str, argv: list[str], port: int, log_path: Path, env: dict[str, str]) -> EmulatorProcess:
+def start_background(argv: list[str], log_path: Path, env: dict[str, str], cwd: Path | None = None) -> int:
+    """Start a server process in the background, its output appended to `log_path`; returns its pid.
+    It runs in a process group of its own, so that stopping the group takes its children too."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
@@ -54,9 +56,14 @@ def _spawn(name: str, argv: list[str], port: int, log_path: Path, env: dict[str,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
-            start_new_session=True,  # its own process group, so stop() takes its children too
+            cwd=cwd,
+            start_new_session=True,
         )
-    return EmulatorProcess(name=name, port=port, pid=proc.pid, log_path=log_path)
+    return proc.pid
+
+
+def _spawn(name: str, argv: list[str], port: int, log_path: Path, env: dict[str, str]) -> EmulatorProcess:
+    return EmulatorProcess(name=name, port=port, pid=start_background(argv, log_path, env), log_path=log_path)
 
 
 def start_gcs(port: int, log_path: Path, data_dir: Path | None = None) -> EmulatorProcess:

@@ -53,7 +53,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import shutil
 import sys
 from collections.abc import Iterable, Sequence
@@ -68,7 +67,8 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
-from dicom_archive.deid import DEFAULT_PERSON_ATTRIBUTES
+from dicom_archive.deid_gate import DEFAULT_PERSON_ATTRIBUTES
+from dicom_archive.local_files import write_atomically
 from dicom_archive.naming import BATCH_ID_RE, COLLECTION_RE
 
 MANIFEST = "batch.json"
@@ -482,25 +482,18 @@ def write_image(spec: ImageSpec, path: Path) -> Path:
 # Batches
 
 
-def _inside(folder: Path, relpath: str) -> Path:
+def _path_inside(folder: Path, relpath: str) -> Path:
     parts = PurePosixPath(relpath).parts
     if not parts or relpath.startswith("/") or ".." in parts or "\\" in relpath:
         raise ValueError(f"path {relpath!r} must be relative, POSIX and stay inside the batch")
     return folder.joinpath(*parts)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    # The anonymizer's protocol: the manifest appears complete or not at all.
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_bytes(data)
-    os.replace(temp, path)
-
-
 def write_batch(root: Path, spec: BatchSpec) -> Path:
     """Write the batch folder under root; batch.json comes last, through a temp name and a rename."""
     folder = root / spec.batch_id
-    image_targets = [_inside(folder, image.path) for image in spec.images]
-    extra_targets = [_inside(folder, relpath) for relpath in spec.extra_files]
+    image_targets = [_path_inside(folder, image.path) for image in spec.images]
+    extra_targets = [_path_inside(folder, relpath) for relpath in spec.extra_files]
     # extra_files may hold a broken lookup.json, but not as well as a generated one.
     reserved = [folder / LOOKUP] * (spec.lookup is not None) + [folder / MANIFEST] * spec.write_manifest
     every = image_targets + extra_targets + reserved
@@ -518,7 +511,7 @@ def write_batch(root: Path, spec: BatchSpec) -> Path:
         manifest = spec.raw_manifest
         if manifest is None:
             manifest = (json.dumps(spec.manifest(), indent=2) + "\n").encode()
-        _atomic_write(folder / MANIFEST, manifest)
+        write_atomically(folder / MANIFEST, manifest)
     return folder
 
 
@@ -831,7 +824,7 @@ def wrap_folder(
         completed_at=completed_at or datetime.now(UTC).replace(microsecond=0),
         deid=deid,
     )
-    _atomic_write(folder / MANIFEST, (json.dumps(spec.manifest(), indent=2) + "\n").encode())
+    write_atomically(folder / MANIFEST, (json.dumps(spec.manifest(), indent=2) + "\n").encode())
     return folder
 
 

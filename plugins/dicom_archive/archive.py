@@ -10,7 +10,6 @@ Memory stays bounded by the copy buffers and the header, whatever the study size
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
 import io
@@ -19,14 +18,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-import google_crc32c
 from isal import igzip
 from pydicom.dataset import Dataset
 
-from dicom_archive.deid import DeidPolicy, StudyIdentity
+from dicom_archive.deid_gate import DeidPolicy, StudyIdentity
 from dicom_archive.header_walk import SizeChangedError, StrippedReader, WalkError, judge_header, walk_header
 from dicom_archive.landing import LandingZone
 from dicom_archive.plan import ImageRecord, StudyGroup
+from dicom_archive.stores import Checksums
 
 COPY_CHUNK = 1024 * 1024
 DEFAULT_COMPRESSLEVEL = 1  # python-isal levels are 0 to 3
@@ -44,13 +43,13 @@ class ArchivedMember:
     member_name: str
     size: int
     sha256: str  # of the archived copy (private elements stripped): with the collection, the row key
-    fields: dict[str, Any]  # what `describe` took from the header; the header itself is not kept
+    fields: dict[str, Any]  # what `row_fields` took from the header; the header itself is not kept
     source_sha256: str = ""  # of the file in the landing zone
     private_elements_removed: int = 0
 
 
-# What to keep of an archived image's parsed header (rows.image_fields in the pipeline).
-Describe = Callable[[Dataset, ImageRecord], dict[str, Any]]
+# The row columns an archived image's parsed header gives (rows.image_fields in the pipeline).
+RowFields = Callable[[Dataset, ImageRecord], dict[str, Any]]
 
 
 @dataclass
@@ -65,17 +64,13 @@ class HashingSink(io.RawIOBase):
 
     def __init__(self, target: BinaryIO | None) -> None:
         self.target = target
-        self.size = 0
-        self._md5 = hashlib.md5(usedforsecurity=False)
-        self._crc32c = google_crc32c.Checksum()
+        self.checksums = Checksums()
 
     def writable(self) -> bool:
         return True
 
     def write(self, data: bytes) -> int:  # type: ignore[override]
-        self._md5.update(data)
-        self._crc32c.update(data)
-        self.size += len(data)
+        self.checksums.update(data)
         if self.target is not None:
             try:
                 self.target.write(data)
@@ -87,11 +82,7 @@ class HashingSink(io.RawIOBase):
         return len(data)
 
     def digest(self) -> ArchiveDigest:
-        return ArchiveDigest(
-            size=self.size,
-            md5=base64.b64encode(self._md5.digest()).decode(),
-            crc32c=base64.b64encode(self._crc32c.digest()).decode(),
-        )
+        return ArchiveDigest(size=self.checksums.size, md5=self.checksums.md5, crc32c=self.checksums.crc32c)
 
 
 def member_name(stem: str, ordinal: int, image: ImageRecord) -> str:
@@ -128,13 +119,13 @@ def write_study_archive(
     *,
     policy: DeidPolicy | None = None,
     compresslevel: int = DEFAULT_COMPRESSLEVEL,
-    describe: Describe | None = None,
+    row_fields: RowFields | None = None,
 ) -> tuple[ArchiveDigest, list[ArchivedMember]]:
-    """Write the group's tar.gz to `sink` (None: only compute the digest) and describe it.
+    """Write the group's tar.gz to `sink` (None: only compute the digest); return its digest and members.
 
     The bytes depend only on the images and their order (sorted by series, instance, UIDs,
     then path), never on time, user or machine. Memory stays flat in the study size: each
-    image's header is parsed, checked, passed to `describe`, and dropped.
+    image's header is parsed, checked, passed to `row_fields`, and dropped.
     """
     policy = study_policy(group, policy)
     hashing = HashingSink(sink)
@@ -147,7 +138,7 @@ def write_study_archive(
         tar.copybufsize = COPY_CHUNK
         tar.addfile(_tar_info(stem, 0, is_dir=True))
         for ordinal, image in enumerate(group.sorted_images(), start=1):
-            members.append(_add_image(tar, zone, group, stem, ordinal, image, policy, describe))
+            members.append(_add_image(tar, zone, group, stem, ordinal, image, policy, row_fields))
     return hashing.digest(), members
 
 
@@ -159,7 +150,7 @@ def _add_image(
     ordinal: int,
     image: ImageRecord,
     policy: DeidPolicy,
-    describe: Describe | None,
+    row_fields: RowFields | None,
 ) -> ArchivedMember:
     name = member_name(stem, ordinal, image)
     where = zone.describe(group.batch_id, image.relpath)
@@ -196,7 +187,7 @@ def _add_image(
             raise ArchiveIntegrityError(f"{where} grew since it was checked")
         if problem is not None:
             raise ArchiveIntegrityError(f"{where} changed while it was archived")
-    fields = describe(walk.dataset(), image) if describe is not None else {}
+    fields = row_fields(walk.dataset(), image) if row_fields is not None else {}
     return ArchivedMember(
         image.relpath,
         name,
@@ -248,14 +239,14 @@ def hash_study_members(
     zone: LandingZone,
     *,
     policy: DeidPolicy | None = None,
-    describe: Describe | None = None,
+    row_fields: RowFields | None = None,
 ) -> list[ArchivedMember]:
     """The members `write_study_archive` would write, from one read of each image, without
     building the archive: the same per-image code path (checks included), into no tar."""
     policy = study_policy(group, policy)
     tar: Any = _DigestOnlyTar()
     return [
-        _add_image(tar, zone, group, group.stem, ordinal, image, policy, describe)
+        _add_image(tar, zone, group, group.stem, ordinal, image, policy, row_fields)
         for ordinal, image in enumerate(group.sorted_images(), start=1)
     ]
 

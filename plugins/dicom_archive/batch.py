@@ -24,14 +24,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from dicom_archive.deid import DeidPolicy
 from dicom_archive.landing import LandingZone
 from dicom_archive.manifest import LOCAL_REPORT_NAME, REPORT_NAME
 from dicom_archive.naming import batch_report_object_name, require_batch_id
 from dicom_archive.ndjson import to_ndjson
 from dicom_archive.plan import STATUS_NOT_READY, WITHDRAWN, BatchPlan, StudyGroup
 from dicom_archive.publish import ALREADY_PRESENT, REPLACED, PublishedArchive, publish_study_archive
-from dicom_archive.rows import DEFAULT_HEADER_ALLOW_LIST, RunContext, build_row, image_fields
+from dicom_archive.rows import RunContext, build_row, image_fields
+from dicom_archive.settings import ArchiveSettings
 from dicom_archive.stores import ObjectStore
 
 STAGING_ROOT = "_staging"
@@ -202,14 +202,6 @@ def chunk_id(start: int) -> str:
     return f"{start:07d}"
 
 
-@dataclass
-class ArchiveSettings:
-    policy: DeidPolicy = field(default_factory=DeidPolicy)
-    compresslevel: int = 1
-    replace_changed: bool = False
-    header_allow_list: tuple[str, ...] = DEFAULT_HEADER_ALLOW_LIST
-
-
 ProgressCallback = Callable[[int, int, int, float], None]  # done, total, bytes, seconds
 
 
@@ -226,7 +218,7 @@ def archive_groups(
     """Publish each group's archive; return the per-archive summaries and the per-image rows."""
     summaries: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
-    describe = functools.partial(image_fields, allow_list=settings.header_allow_list)
+    row_fields = functools.partial(image_fields, allow_list=settings.header_allow_list)
     started = time.monotonic()
     done_bytes = 0
     for done, group in enumerate(groups, start=1):
@@ -238,7 +230,7 @@ def archive_groups(
             policy=settings.policy,
             compresslevel=settings.compresslevel,
             replace_changed=settings.replace_changed,
-            describe=describe,
+            row_fields=row_fields,
         )
         if not published.rows_loaded:  # else its rows are in the table already (see publish.py)
             rows.extend(

@@ -32,7 +32,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from dicom_archive.deid import (
+from dicom_archive.deid_gate import (
     BURNED_IN_ANNOTATION_OK,
     CODED_ID_ATTRIBUTES,
     IDENTITY_REMOVED_VALUE,
@@ -171,6 +171,23 @@ class _Container:
     removed: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class _Frame:
+    """Where the walk is: a dataset (or a sequence) with its tag path, depth and encoding, and
+    what becomes of it in the archived copy."""
+
+    depth: int  # 0: the top level; an item of a sequence is one deeper than the sequence
+    path: str  # "" at the top level, `Seq[0].Inner` below
+    implicit: bool
+    little: bool
+    discard: bool  # inside a dropped element: walked for its length only, nothing recorded
+    rewrite: bool  # strip mode, and not inside an allow-listed element: private elements are dropped
+
+    def item(self, index: int) -> _Frame:
+        """The frame of item `index` of this sequence."""
+        return _Frame(self.depth + 1, f"{self.path}[{index}]", self.implicit, self.little, self.discard, self.rewrite)
+
+
 @dataclass
 class _Scope:
     """One dataset (the top level, or an item): its order and its private blocks."""
@@ -274,7 +291,8 @@ class _Walker:
             )
         implicit, little = syntax == IMPLICIT_LITTLE, syntax != EXPLICIT_BIG
         self.walk.implicit, self.walk.little = implicit, little
-        self._dataset(_Scope(), None, 0, "", implicit, little, first=first, discard=False, rewrite=self.strip)
+        top = _Frame(0, "", implicit, little, discard=False, rewrite=self.strip)
+        self._dataset(_Scope(), None, top, first=first)
         if not self.at_end():
             raise SizeChangedError(Reason.UNREADABLE, "the file grew: it is longer than its listed size")
         self.walk.read_sha256 = self.sha.hexdigest()
@@ -321,28 +339,17 @@ class _Walker:
         (length,) = struct.unpack(f"{order}H", self.read(2))
         return vr, length, self.pos - 2
 
-    def _dataset(
-        self,
-        scope: _Scope,
-        end: int | None,
-        depth: int,
-        path: str,
-        implicit: bool,
-        little: bool,
-        *,
-        first: bytes | None = None,
-        discard: bool,
-        rewrite: bool,
-    ) -> bool:
+    def _dataset(self, scope: _Scope, end: int | None, frame: _Frame, *, first: bytes | None = None) -> bool:
         """Walk one dataset: the top level (end None, depth 0: to the end of the file), an item
         of defined length (up to `end`), or of undefined length (up to its delimiter).
         Returns whether anything inside it is dropped from the archived copy."""
-        order = "<" if little else ">"
+        order = "<" if frame.little else ">"
+        implicit, path = frame.implicit, frame.path
         unpack_tag = struct.Struct(f"{order}HH").unpack_from
         unpack_length = struct.Struct(f"{order}4xL").unpack_from
         unpack_short = struct.Struct(f"{order}6xH").unpack_from
         unpack_long = struct.Struct(f"{order}L").unpack
-        top = depth == 0
+        top = frame.depth == 0
         while True:
             if end is not None and self.pos >= end:
                 if self.pos > end:
@@ -377,8 +384,8 @@ class _Walker:
                 else:
                     (length,) = unpack_short(head)
                     length_offset = self.pos - 2
-            self._element(scope, tag, vr, length, start, length_offset, depth, path, implicit, little, discard, rewrite)
-        if not discard and rewrite:
+            self._element(scope, frame, tag, vr, length, start, length_offset)
+        if not frame.discard and frame.rewrite:
             self._close_scope(scope, top)
         return scope.changed
 
@@ -399,20 +406,10 @@ class _Walker:
         scope.changed = True
 
     def _element(
-        self,
-        scope: _Scope,
-        tag: int,
-        vr: str | None,
-        length: int,
-        start: int,
-        length_offset: int,
-        depth: int,
-        path: str,
-        implicit: bool,
-        little: bool,
-        discard: bool,
-        rewrite: bool,
+        self, scope: _Scope, frame: _Frame, tag: int, vr: str | None, length: int, start: int, length_offset: int
     ) -> None:
+        path, discard, rewrite = frame.path, frame.discard, frame.rewrite
+        implicit, little = frame.implicit, frame.little
         group, element = tag >> 16, tag & 0xFFFF
         private = group % 2 == 1
         creator: str | None = None
@@ -468,9 +465,8 @@ class _Walker:
             if inner_discard and length != UNDEFINED:
                 self.skip(length, f"value of {element_path}")
             else:
-                self._sequence(
-                    length, length_offset, depth, element_path, implicit, little, inner_discard, inner_rewrite
-                )
+                inner = _Frame(frame.depth, element_path, implicit, little, inner_discard, inner_rewrite)
+                self._sequence(inner, length, length_offset)
             if not discard and self.profile and not private:
                 self.walk.public_values.append((element_path, tag, length not in (0,)))
         elif length == UNDEFINED:
@@ -482,10 +478,9 @@ class _Walker:
         else:
             value = self.load(length)
             if not discard:
-                self._value(scope, tag, semantic, vr, value, length, start, depth, element_path, keyword,
-                            implicit, little, private, element)  # fmt: skip
+                self._value(scope, frame, tag, semantic, vr, value, length, start, element_path, keyword)
 
-        if depth == 0 and tag in PIXEL_DATA_TAGS and self.walk.pixel_offset is None:
+        if frame.depth == 0 and tag in PIXEL_DATA_TAGS and self.walk.pixel_offset is None:
             self.walk.pixel_offset = start
         if discard:
             return
@@ -498,27 +493,28 @@ class _Walker:
     def _value(
         self,
         scope: _Scope,
+        frame: _Frame,
         tag: int,
         semantic: str,
         vr: str | None,
         value: bytes,
         length: int,
         start: int,
-        depth: int,
         path: str,
         keyword: str,
-        implicit: bool,
-        little: bool,
-        private: bool,
-        element: int,
     ) -> None:
+        """A loaded value of an element of the dataset `frame` (`path`: the element's own)."""
+        group, element = tag >> 16, tag & 0xFFFF
+        private, depth = group % 2 == 1, frame.depth
         if private and 0x0010 <= element <= 0x00FF:
             creator = value.decode("latin-1").strip(" \0")
             scope.creators[(tag >> 16) << 8 | element] = (creator, start, self.pos)
             return
         if depth == 0 and not private:
             if tag not in self.walk.top:
-                self.walk.top[tag] = RawDataElement(tag, vr, length, value, start, implicit, little, True, False)
+                self.walk.top[tag] = RawDataElement(
+                    tag, vr, length, value, start, frame.implicit, frame.little, True, False
+                )
             if keyword in FLAG_KEYWORDS:
                 self.walk.copies.setdefault(keyword, []).append(value.decode("latin-1"))
         if self.profile and not private:
@@ -531,17 +527,9 @@ class _Walker:
         elif depth > 0 and keyword in CODED_ID_ATTRIBUTES:
             self.walk.nested_ids.append((path, _decode(value)))
 
-    def _sequence(
-        self,
-        length: int,
-        length_offset: int,
-        depth: int,
-        path: str,
-        implicit: bool,
-        little: bool,
-        discard: bool,
-        rewrite: bool,
-    ) -> None:
+    def _sequence(self, frame: _Frame, length: int, length_offset: int) -> None:
+        """The items of the sequence `frame` (its path is the sequence's)."""
+        depth, path, little = frame.depth, frame.path, frame.little
         if depth + 1 > self.policy.max_depth:
             raise WalkError(Reason.UNREADABLE, f"sequences nested deeper than {self.policy.max_depth} at {path}")
         order = "<" if little else ">"
@@ -559,15 +547,11 @@ class _Walker:
                 break
             if tag != ITEM:
                 raise WalkError(Reason.NOT_DICOM, f"does not parse as DICOM (no item in {path})")
-            item_path = f"{path}[{index}]"
             if item_length == UNDEFINED:
-                self._dataset(_Scope(), None, depth + 1, item_path, implicit, little, discard=discard, rewrite=rewrite)
+                self._dataset(_Scope(), None, frame.item(index))
             else:
                 self._push(self.pos - 4, item_length, little)
-                self._dataset(
-                    _Scope(), self.pos + item_length, depth + 1, item_path, implicit, little,
-                    discard=discard, rewrite=rewrite,
-                )  # fmt: skip
+                self._dataset(_Scope(), self.pos + item_length, frame.item(index))
                 self.containers.pop()
             index += 1
         if end is not None:
@@ -593,7 +577,7 @@ class _Walker:
             self.skip(length, "pixel data")
 
 
-def _inside(ranges: list[tuple[int, int]], start: int, stop: int) -> bool:
+def _within_ranges(ranges: list[tuple[int, int]], start: int, stop: int) -> bool:
     """Whether [start, stop) lies within one of the sorted, disjoint `ranges`."""
     index = bisect.bisect_right(ranges, (start, float("inf"))) - 1
     return index >= 0 and ranges[index][0] <= start and stop <= ranges[index][1]
@@ -664,7 +648,7 @@ def judge_header(walk: HeaderWalk, policy: DeidPolicy) -> Verdict:
         verdict.fail(Reason.PRIVATE_ATTRIBUTE, f"private elements not on DICOM_PRIVATE_ALLOW: {listed}{more}")
 
     if policy.profile == "basic":
-        from dicom_archive.profile import check_basic_profile
+        from dicom_archive.basic_profile import check_basic_profile
 
         check_basic_profile(walk, policy, verdict)
     return verdict
@@ -702,8 +686,8 @@ class StrippedReader(io.RawIOBase):
         edges = sorted(p for p in points if 0 <= p <= walk.size)
         pieces = []
         for start, stop in itertools.pairwise(edges):
-            dropped = _inside(walk.removals, start, stop)
-            skipped = _inside(walk.skipped, start, stop)
+            dropped = _within_ranges(walk.removals, start, stop)
+            skipped = _within_ranges(walk.skipped, start, stop)
             pieces.append((start, stop, dropped, not skipped, walk.patches.get(start) if stop - start == 4 else None))
         return pieces
 

@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from dicom_archive.local_files import write_atomically
+
 # A DICOM header is a few KiB: reading more for it would read most of a typical image twice
 # (once to plan, once to archive). For a gs:// landing zone it is the download per header.
 HEADER_READ_CHUNK = 16 * 1024
@@ -148,9 +150,8 @@ class LocalLandingZone:
 
     def write_bytes(self, batch_id: str, relpath: str, data: bytes) -> str:
         path = self._path(batch_id, relpath)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        # A fixed temporary name, which the plan knows as ours (manifest.REPORT_TEMP_NAME).
+        write_atomically(path, data, temp_suffix=".tmp")
         return str(path)
 
     def modified(self, batch_id: str, relpath: str) -> datetime | None:

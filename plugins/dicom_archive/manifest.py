@@ -12,7 +12,7 @@ from typing import Any
 
 from pydicom.datadict import keyword_dict, keyword_for_tag
 
-from dicom_archive.deid import DEFAULT_PERSON_ATTRIBUTES, judge_field
+from dicom_archive.deid_gate import DEFAULT_PERSON_ATTRIBUTES, judge_field
 from dicom_archive.landing import PHI_FOLDER, is_under_phi_folder, normalise_relpath  # noqa: F401  (re-exported)
 from dicom_archive.naming import BATCH_ID_RE, batch_id_problem, collection_problem
 

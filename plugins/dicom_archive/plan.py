@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dicom_archive.deid import DeidPolicy, Reason, StudyIdentity
+from dicom_archive.deid_gate import DeidPolicy, Reason, StudyIdentity
 from dicom_archive.header_walk import WalkError, judge_header, walk_header
 from dicom_archive.landing import LandingFile, LandingZone, aliases
 from dicom_archive.manifest import (

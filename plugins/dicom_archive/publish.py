@@ -29,14 +29,14 @@ from dicom_archive.archive import (
     CONTENT_DIGEST_FORMAT,
     ArchiveDigest,
     ArchivedMember,
-    Describe,
+    RowFields,
     content_digest,
     hash_study_members,
     members_digest,
     read_archive_members,
     write_study_archive,
 )
-from dicom_archive.deid import DeidPolicy
+from dicom_archive.deid_gate import DeidPolicy
 from dicom_archive.landing import LandingZone
 from dicom_archive.plan import StudyGroup
 from dicom_archive.stores import (
@@ -186,7 +186,7 @@ def publish_study_archive(
     policy: DeidPolicy | None = None,
     compresslevel: int = 1,
     replace_changed: bool = False,
-    describe: Describe | None = None,
+    row_fields: RowFields | None = None,
 ) -> PublishedArchive:
     name = group.object_name
     existing = store.get(name)
@@ -196,7 +196,7 @@ def publish_study_archive(
         # A rerun: hash each image once, compress nothing, upload nothing. When the rows of this
         # generation are known to be loaded, not even the rows' header fields are taken.
         needs_rows = not (rows_loaded(existing) and stored_digest(existing) is not None)
-        members = hash_study_members(group, zone, policy=policy, describe=describe if needs_rows else None)
+        members = hash_study_members(group, zone, policy=policy, row_fields=row_fields if needs_rows else None)
         digest = members_digest(members)
         judged = _judge(store, existing, digest)
         if judged.same:
@@ -213,7 +213,7 @@ def publish_study_archive(
             if_generation_match=precondition,
         ) as stream:
             archived, members = write_study_archive(
-                group, zone, stream, policy=policy, compresslevel=compresslevel, describe=describe
+                group, zone, stream, policy=policy, compresslevel=compresslevel, row_fields=row_fields
             )
     except ObjectExistsError:
         # Another writer won the race between our look and our write (the precondition may
@@ -221,7 +221,7 @@ def publish_study_archive(
         raced = store.get(name)
         if raced is None:
             raise
-        members = hash_study_members(group, zone, policy=policy, describe=describe)
+        members = hash_study_members(group, zone, policy=policy, row_fields=row_fields)
         digest = members_digest(members)
         raced_judged = _judge(store, raced, digest)
         if raced_judged.same:

@@ -17,23 +17,8 @@ from pydicom.valuerep import IS, DSdecimal, DSfloat, PersonName
 from dicom_archive import PIPELINE_VERSION
 from dicom_archive.archive import ArchivedMember
 from dicom_archive.plan import ImageRecord, StudyGroup
+from dicom_archive.settings import DEFAULT_HEADER_ALLOW_LIST
 from dicom_archive.stores import ARCHIVE_CONTENT_TYPE, StoredObject
-
-# De-identified, non-identifying technical and descriptive fields. Configuration: a site can
-# pass its own list (DICOM_HEADER_ALLOW_LIST).
-DEFAULT_HEADER_ALLOW_LIST: tuple[str, ...] = (
-    "Modality", "StudyDescription", "SeriesDescription", "BodyPartExamined", "PatientSex", "PatientAge",
-    "Manufacturer", "ManufacturerModelName", "ImageType", "SOPClassUID", "Rows", "Columns",
-    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "PhotometricInterpretation",
-    "SamplesPerPixel", "NumberOfFrames", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices",
-    "ImageOrientationPatient", "ImagePositionPatient", "SliceLocation", "PatientPosition",
-    "SeriesNumber", "InstanceNumber", "AcquisitionNumber", "KVP", "ExposureTime", "XRayTubeCurrent",
-    "Exposure", "ConvolutionKernel", "ScanOptions", "CTDIvol", "ContrastBolusAgent", "ProtocolName",
-    "MagneticFieldStrength", "EchoTime", "RepetitionTime", "InversionTime", "FlipAngle",
-    "SequenceName", "ScanningSequence", "MRAcquisitionType", "WindowCenter", "WindowWidth",
-    "RescaleIntercept", "RescaleSlope", "LossyImageCompression", "BurnedInAnnotation",
-    "PatientIdentityRemoved", "DeidentificationMethod",
-)  # fmt: skip
 
 # Row columns that come straight from the header, and only from it (never from lookup.json).
 HEADER_COLUMNS: tuple[str, ...] = (
@@ -74,11 +59,11 @@ def header_fields(ds: Dataset, allow_list: Iterable[str]) -> dict[str, Any]:
     return fields
 
 
-def _text(ds: Dataset, keyword: str) -> str | None:
+def _header_value(ds: Dataset, keyword: str) -> Any:
     return dicom_value_to_json(ds.get(keyword)) if keyword in ds else None
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
+def _header_int(ds: Dataset, keyword: str) -> int | None:
     try:
         return int(ds.get(keyword))  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -113,14 +98,14 @@ def image_fields(
         image_type = [image_type]
     fields: dict[str, Any] = {}
     for column in HEADER_COLUMNS:
-        fields[column] = _text(ds, column)
+        fields[column] = _header_value(ds, column)
     fields.update(
         {
             "ImageType": image_type or [],
-            "width": _int(ds, "Columns"),
-            "height": _int(ds, "Rows"),
-            "SeriesNumber": _int(ds, "SeriesNumber"),
-            "InstanceNumber": _int(ds, "InstanceNumber"),
+            "width": _header_int(ds, "Columns"),
+            "height": _header_int(ds, "Rows"),
+            "SeriesNumber": _header_int(ds, "SeriesNumber"),
+            "InstanceNumber": _header_int(ds, "InstanceNumber"),
             # Header values win over lookup.json values on conflict.
             "DicomHeader": {**lookup, **header_fields(ds, allow_list)},
         }

@@ -1,6 +1,7 @@
 """Settings of the outputs spec, read from the environment or any other lookup (Airflow Variables).
 
-The original pipeline's names stay; the DICOM_* names are this project's additions.
+The original pipeline's names stay; the DICOM_* names are this project's additions. Importing this
+module stays light (no pydicom, isal or Google client): hooks, sensors and DAG files import it.
 """
 
 from __future__ import annotations
@@ -8,10 +9,9 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from dicom_archive.batch import ArchiveSettings
-from dicom_archive.deid import (
+from dicom_archive.deid_gate import (
     DEFAULT_PERSON_ATTRIBUTES,
     DEID_PROFILES,
     PRIVATE_TAGS_MODES,
@@ -20,7 +20,22 @@ from dicom_archive.deid import (
     is_dicom_keyword,
 )
 from dicom_archive.naming import bucket_name_problem, collection_problem
-from dicom_archive.rows import DEFAULT_HEADER_ALLOW_LIST
+
+# The header fields a row keeps (DicomHeader): de-identified, non-identifying technical and
+# descriptive fields. A site can pass its own list (DICOM_HEADER_ALLOW_LIST).
+DEFAULT_HEADER_ALLOW_LIST: tuple[str, ...] = (
+    "Modality", "StudyDescription", "SeriesDescription", "BodyPartExamined", "PatientSex", "PatientAge",
+    "Manufacturer", "ManufacturerModelName", "ImageType", "SOPClassUID", "Rows", "Columns",
+    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "PhotometricInterpretation",
+    "SamplesPerPixel", "NumberOfFrames", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices",
+    "ImageOrientationPatient", "ImagePositionPatient", "SliceLocation", "PatientPosition",
+    "SeriesNumber", "InstanceNumber", "AcquisitionNumber", "KVP", "ExposureTime", "XRayTubeCurrent",
+    "Exposure", "ConvolutionKernel", "ScanOptions", "CTDIvol", "ContrastBolusAgent", "ProtocolName",
+    "MagneticFieldStrength", "EchoTime", "RepetitionTime", "InversionTime", "FlipAngle",
+    "SequenceName", "ScanningSequence", "MRAcquisitionType", "WindowCenter", "WindowWidth",
+    "RescaleIntercept", "RescaleSlope", "LossyImageCompression", "BurnedInAnnotation",
+    "PatientIdentityRemoved", "DeidentificationMethod",
+)  # fmt: skip
 
 Lookup = Callable[[str], str | None]
 
@@ -106,6 +121,16 @@ def person_attributes(added: tuple[str, ...], removed: tuple[str, ...], problems
     merged = [n for n in DEFAULT_PERSON_ATTRIBUTES if n not in removed]
     merged += [n for n in added if n not in merged and n not in removed]
     return tuple(merged)
+
+
+@dataclass
+class ArchiveSettings:
+    """What archiving a study needs of the settings (Settings.archive)."""
+
+    policy: DeidPolicy = field(default_factory=DeidPolicy)
+    compresslevel: int = 1
+    replace_changed: bool = False
+    header_allow_list: tuple[str, ...] = DEFAULT_HEADER_ALLOW_LIST
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,41 @@ from typing import Any, BinaryIO, Protocol
 
 import google_crc32c
 
+from dicom_archive.local_files import PARTIAL_SUFFIX, atomic_file, write_atomically
+
 UPLOAD_CHUNK = 16 * 1024 * 1024  # resumable upload chunk, a multiple of 256 KiB
 ARCHIVE_CONTENT_TYPE = "application/gzip"
+
+
+class Checksums:
+    """The md5 and crc32c of a byte stream, fed as it passes, in Cloud Storage's spelling (base64;
+    crc32c of the big-endian value), so that what we hashed compares with what the store reports."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._md5 = hashlib.md5(usedforsecurity=False)
+        self._crc32c = google_crc32c.Checksum()
+
+    def update(self, data: bytes) -> None:
+        self._md5.update(data)
+        self._crc32c.update(data)
+        self.size += len(data)
+
+    @property
+    def md5(self) -> str:
+        return base64.b64encode(self._md5.digest()).decode()
+
+    @property
+    def crc32c(self) -> str:
+        return base64.b64encode(self._crc32c.digest()).decode()
+
+    @classmethod
+    def of_file(cls, path: Path, chunk_size: int = 1024 * 1024) -> Checksums:
+        checksums = cls()
+        with open(path, "rb") as stream:
+            while chunk := stream.read(chunk_size):
+                checksums.update(chunk)
+        return checksums
 
 
 class ObjectExistsError(RuntimeError):
@@ -33,8 +66,8 @@ class ObjectChangedError(RuntimeError):
 
 @dataclass
 class StoredObject:
-    uri: str
-    bucket: str
+    uri: str  # gs://bucket/name, or file:///... in a local store
+    bucket: str | None  # the Cloud Storage bucket; None in a local store (its folder is in `uri`)
     name: str
     size: int
     md5: str
@@ -254,16 +287,6 @@ class GCSObjectStore:
         return True
 
 
-def _file_digest(path: Path) -> tuple[str, str]:
-    md5 = hashlib.md5(usedforsecurity=False)
-    crc = google_crc32c.Checksum()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(1024 * 1024):
-            md5.update(chunk)
-            crc.update(chunk)
-    return base64.b64encode(md5.digest()).decode(), base64.b64encode(crc.digest()).decode()
-
-
 METADATA_DIR = ".metadata"  # local store: custom metadata of `name` in `.metadata/<name>.json`
 
 
@@ -283,15 +306,15 @@ class LocalObjectStore:
         return path
 
     def _stored(self, path: Path, name: str) -> StoredObject:
-        md5, crc = _file_digest(path)
+        checksums = Checksums.of_file(path)
         stat = path.stat()
         return StoredObject(
             uri=self.uri(name),
-            bucket=str(self.root),
+            bucket=None,
             name=name,
             size=stat.st_size,
-            md5=md5,
-            crc32c=crc,
+            md5=checksums.md5,
+            crc32c=checksums.crc32c,
             generation=stat.st_mtime_ns,
             created=datetime.fromtimestamp(stat.st_mtime, UTC).isoformat(),
             metadata=self._read_metadata(name),
@@ -309,9 +332,7 @@ class LocalObjectStore:
     def _write_metadata(self, name: str, metadata: dict[str, str]) -> None:
         path = self._metadata_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        tmp.write_text(json.dumps(metadata, sort_keys=True))
-        tmp.replace(path)
+        write_atomically(path, json.dumps(metadata, sort_keys=True).encode())
 
     def update_metadata(
         self, name: str, metadata: dict[str, str], *, if_metageneration_match: int | None
@@ -344,23 +365,16 @@ class LocalObjectStore:
     ) -> Iterator[BinaryIO]:
         path = self._path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
         try:
-            with open(tmp, "wb") as stream:
+            with atomic_file(path, create_only=if_generation_match == 0) as stream:
                 yield stream
-            if if_generation_match == 0:
-                try:
-                    os.link(tmp, path)  # create-only: fails if the name exists
-                except FileExistsError as err:
-                    raise ObjectExistsError(f"{path} already exists") from err
-            else:
-                current = self.get(name)
-                if current is not None and current.generation != if_generation_match:
-                    raise ObjectExistsError(f"{path} changed while it was being replaced")
-                os.replace(tmp, path)
-            self._write_metadata(name, metadata)
-        finally:
-            tmp.unlink(missing_ok=True)
+                if if_generation_match != 0:
+                    current = self.get(name)
+                    if current is not None and current.generation != if_generation_match:
+                        raise ObjectExistsError(f"{path} changed while it was being replaced")
+        except FileExistsError as err:  # create-only, and the name exists
+            raise ObjectExistsError(f"{path} already exists") from err
+        self._write_metadata(name, metadata)
 
     def delete(self, name: str, generation: int | None) -> None:
         path = self._path(name)
@@ -380,9 +394,7 @@ class LocalObjectStore:
     def write_bytes(self, name: str, data: bytes, content_type: str) -> StoredObject:
         path = self._path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        write_atomically(path, data)
         return self._stored(path, name)
 
     def read_bytes(self, name: str) -> bytes | None:
@@ -414,5 +426,7 @@ class LocalObjectStore:
         return sorted(
             n
             for n in names
-            if n.startswith(prefix) and not Path(n).name.endswith(".partial") and not n.startswith(f"{METADATA_DIR}/")
+            if n.startswith(prefix)
+            and not Path(n).name.endswith(PARTIAL_SUFFIX)
+            and not n.startswith(f"{METADATA_DIR}/")
         )

@@ -23,7 +23,7 @@ import functools
 import re
 from collections.abc import Callable
 
-from dicom_archive.deid import DeidPolicy, Reason, Verdict
+from dicom_archive.deid_gate import DeidPolicy, Reason, Verdict
 
 ANNEX_E_EDITION = "2026c"  # dicom-anonymizer 2.1.0: dicom_anonymization_databases.dicomfields_2026c
 FORBIDDEN_CATEGORIES = ("X_TAGS", "Z_TAGS", "X_Z_TAGS")

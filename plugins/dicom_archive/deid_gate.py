@@ -19,8 +19,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-
 from dicom_archive.naming import STUDY_DATE_RE, is_valid_coded_id
 
 
@@ -184,6 +182,8 @@ def last_keyword(name: str) -> str:
 @functools.lru_cache(maxsize=4096)
 def keyword_vr(keyword: str) -> str | None:
     """The dictionary VR of a DICOM keyword, None when pydicom does not know the keyword."""
+    from pydicom.datadict import dictionary_VR, tag_for_keyword  # here: importing the settings stays light
+
     tag = tag_for_keyword(keyword)
     if tag is None:
         return None
@@ -194,6 +194,8 @@ def keyword_vr(keyword: str) -> str | None:
 
 
 def is_dicom_keyword(keyword: str) -> bool:
+    from pydicom.datadict import tag_for_keyword  # here: importing the settings stays light
+
     return tag_for_keyword(keyword) is not None
 
 
