@@ -22,6 +22,7 @@ from dicom_archive.landing import LocalLandingZone
 from dicom_archive.plan import BatchPlan, plan_batch
 from tests.conftest import PROJECT
 from tests.faultproxy import FaultProxy, proxied
+from tests.test_dag import rendered_fields
 from tools.landing_zone import BatchSpec, ImageSpec, write_batch
 
 DAG_ID = "test_dicom_study_archive_operator"
@@ -284,17 +285,6 @@ def test_local_mode_writes_the_same_bytes_and_sends_nothing(dag, landing, settin
     )
 
 
-def rendered_fields(dag_id: str, run_id: str) -> dict:
-    """What the UI's "Rendered Templates" shows for the task."""
-    from airflow.models.renderedtifields import RenderedTaskInstanceFields as Rendered
-    from airflow.utils.session import create_session
-
-    with create_session() as session:
-        row = session.get(Rendered, {"dag_id": dag_id, "task_id": "archive", "run_id": run_id, "map_index": -1})
-        assert row is not None, "the task recorded no rendered fields"
-        return row.rendered_fields
-
-
 def test_templated_bucket_is_where_the_task_writes_and_what_rendered_templates_show(
     templated_dag, landing, settings_env, gcs_emulator, tmp_path
 ):
@@ -317,7 +307,7 @@ def test_templated_bucket_is_where_the_task_writes_and_what_rendered_templates_s
     archives = sorted(b.name for b in client.list_blobs(run_bucket) if b.name.endswith(".tar.gz"))
     assert archives == sorted(g.object_name for g in plan.groups)
     assert list(client.list_blobs(settings_bucket)) == [], "the setting's bucket is not written"
-    rendered = rendered_fields(TEMPLATED_DAG_ID, run.run_id)
+    (rendered,) = rendered_fields(TEMPLATED_DAG_ID, "archive", run.run_id)
     assert rendered["bucket"] == run_bucket
     assert rendered["impersonation_chain"] == [delegate, IMPERSONATED]
     # Left at their defaults, the destination fields show the settings the task used.
