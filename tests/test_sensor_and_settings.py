@@ -248,7 +248,7 @@ with DAG(
     schedule=None,
     start_date=datetime(2024, 1, 1, tzinfo=UTC),
     catchup=False,
-    default_args={{"soft_fail": True, "retries": 2}},
+    default_args={{"soft_fail": True, "retries": 2, "poke_interval": 7}},
 ):
     CompletedBatchSensor(task_id="soft_by_default_args")
     CompletedBatchSensor(task_id="soft", soft_fail=True, mode="poke", poke_interval=5, timeout=30)
@@ -279,7 +279,8 @@ def test_sensor_arguments_are_forwarded(soft_fail_dag):
     soft, hard = soft_fail_dag.get_task("soft"), soft_fail_dag.get_task("hard")
     assert (soft.soft_fail, soft.mode, soft.poke_interval, soft.timeout) == (True, "poke", 5, 30)
     assert (hard.soft_fail, hard.mode) == (False, "reschedule")
-    assert soft_fail_dag.get_task("soft_by_default_args").soft_fail is True
+    by_default_args = soft_fail_dag.get_task("soft_by_default_args")
+    assert (by_default_args.soft_fail, by_default_args.poke_interval) == (True, 7)
 
 
 def test_soft_fail_skips_when_the_landing_zone_cannot_be_read(soft_fail_dag, tmp_path, monkeypatch):

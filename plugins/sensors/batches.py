@@ -59,12 +59,14 @@ class CompletedBatchSensor(GoogleDestinationMixin, BaseSensorOperator):
         batch_ids: list[str] | str | None = None,
         gcp_conn_id: str = "google_cloud_default",
         impersonation_chain: ImpersonationChain = None,
+        mode: str = "reschedule",
+        poke_interval: float = 60,
+        timeout: float = 3600,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("mode", "reschedule")
-        kwargs.setdefault("poke_interval", 60)
-        kwargs.setdefault("timeout", 3600)
-        super().__init__(**kwargs)
+        # soft_fail and the other sensor arguments go on in kwargs; these three are named here so
+        # that the DAG's default_args can still set them.
+        super().__init__(mode=mode, poke_interval=poke_interval, timeout=timeout, **kwargs)
         self.landing_root = landing_root
         self.batch_ids = batch_ids
         self.gcp_conn_id = gcp_conn_id
