@@ -9,6 +9,7 @@ import base64
 import hashlib
 import io
 import json
+import re
 import tarfile
 import textwrap
 from pathlib import Path
@@ -21,6 +22,7 @@ from dicom_archive.landing import LocalLandingZone
 from dicom_archive.plan import BatchPlan, plan_batch
 from tests.conftest import PROJECT
 from tests.faultproxy import FaultProxy, proxied
+from tests.test_dag import rendered_fields
 from tools.landing_zone import BatchSpec, ImageSpec, write_batch
 
 DAG_ID = "test_dicom_study_archive_operator"
@@ -50,6 +52,42 @@ DAG_FILE = textwrap.dedent(
 )
 
 
+# The same task with its destination and identity templated, as a DAG author would write it.
+TEMPLATED_DAG_ID = "test_dicom_study_archive_operator_templated"
+IMPERSONATED = "archiver@test-project.iam.gserviceaccount.com"
+TEMPLATED_DAG_FILE = textwrap.dedent(
+    '''
+    """A DAG written by tests/test_archive_operator.py: the destination comes from the run's params."""
+    import json
+    from datetime import UTC, datetime, timedelta
+    from pathlib import Path
+
+    from airflow.sdk import DAG
+
+    from operators.archive import DicomStudyArchiveOperator
+
+    GROUPS = json.loads((Path(__file__).parent / "groups.json").read_text())
+
+    with DAG(
+        dag_id="{dag_id}",
+        schedule=None,
+        start_date=datetime(2024, 1, 1, tzinfo=UTC),
+        catchup=False,
+        params={{"bucket": "unset", "delegate": "unset"}},
+    ):
+        DicomStudyArchiveOperator(
+            task_id="archive",
+            study_groups=GROUPS,
+            deid={deid!r},
+            bucket="{{{{ params.bucket }}}}",
+            impersonation_chain=["{{{{ params.delegate }}}}", "{impersonated}"],
+            retries=1,  # a bad destination must still fail at once
+            retry_delay=timedelta(seconds=1),
+        )
+    '''
+)
+
+
 @pytest.fixture(scope="module")
 def landing(tmp_path_factory) -> tuple[Path, BatchPlan]:
     """A batch of two studies; one of them has an image held back for an operator's name."""
@@ -65,8 +103,8 @@ def landing(tmp_path_factory) -> tuple[Path, BatchPlan]:
 
 
 @pytest.fixture(scope="module")
-def dag(airflow_db, landing, tmp_path_factory):
-    """The test DAG, parsed from its own folder and saved the way the dag processor would."""
+def dag_bag(airflow_db, landing, tmp_path_factory):
+    """The test DAGs, parsed from their own folder and saved the way the dag processor would."""
     from airflow.dag_processing.bundles.manager import DagBundlesManager
     from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
 
@@ -74,11 +112,24 @@ def dag(airflow_db, landing, tmp_path_factory):
     folder = tmp_path_factory.mktemp("dags")
     (folder / "groups.json").write_text(json.dumps([g.to_dict() for g in plan.groups]))
     (folder / "archive_test_dag.py").write_text(DAG_FILE.format(dag_id=DAG_ID, deid=DEID))
+    (folder / "archive_templated_dag.py").write_text(
+        TEMPLATED_DAG_FILE.format(dag_id=TEMPLATED_DAG_ID, deid=DEID, impersonated=IMPERSONATED)
+    )
     bag = DagBag(dag_folder=str(folder), bundle_path=folder)
     assert bag.import_errors == {}
     DagBundlesManager().sync_bundles_to_db()  # the bundle row the DAG refers to
     sync_bag_to_db(bag, "dags-folder", None)
-    return bag.dags[DAG_ID]
+    return bag
+
+
+@pytest.fixture(scope="module")
+def dag(dag_bag):
+    return dag_bag.dags[DAG_ID]
+
+
+@pytest.fixture(scope="module")
+def templated_dag(dag_bag):
+    return dag_bag.dags[TEMPLATED_DAG_ID]
 
 
 @pytest.fixture
@@ -233,3 +284,58 @@ def test_local_mode_writes_the_same_bytes_and_sends_nothing(dag, landing, settin
     assert not any(p.suffix == ".partial" or p.name.endswith(".partial") for p in output.rglob("*")), (
         "no half-written file is left behind"
     )
+
+
+def test_templated_bucket_is_where_the_task_writes_and_what_rendered_templates_show(
+    templated_dag, landing, settings_env, gcs_emulator, tmp_path
+):
+    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+    from airflow.utils.state import DagRunState
+
+    root, plan = landing
+    storage = GCSHook(gcp_conn_id="google_cloud_default")
+    settings_bucket, run_bucket = (f"settings-{tmp_path.name[-8:].lower()}", f"run-{tmp_path.name[-8:].lower()}")
+    for name in (settings_bucket, run_bucket):
+        storage.create_bucket(bucket_name=name, project_id=PROJECT)
+    settings_env.setenv("SEND_TO_GOOGLE", "true")
+    settings_env.setenv("GOOGLE_CLOUD_STORAGE", settings_bucket)
+    delegate = "delegate@test-project.iam.gserviceaccount.com"
+
+    run = templated_dag.test(run_conf={"bucket": run_bucket, "delegate": delegate})
+
+    assert run.state == DagRunState.SUCCESS
+    client = storage.get_conn()
+    archives = sorted(b.name for b in client.list_blobs(run_bucket) if b.name.endswith(".tar.gz"))
+    assert archives == sorted(g.object_name for g in plan.groups)
+    assert list(client.list_blobs(settings_bucket)) == [], "the setting's bucket is not written"
+    (rendered,) = rendered_fields(TEMPLATED_DAG_ID, "archive", run.run_id)
+    assert rendered["bucket"] == run_bucket
+    assert rendered["impersonation_chain"] == [delegate, IMPERSONATED]
+    # Left at their defaults, the destination fields show the settings the task used.
+    assert rendered["project"] == PROJECT
+    assert rendered["landing_root"] == str(root)
+
+
+@pytest.mark.parametrize(
+    ("bucket", "problem"),
+    [
+        ("Not_A_Bucket", "bucket name 'Not_A_Bucket' has uppercase"),
+        ("", "GOOGLE_CLOUD_STORAGE \\(the bucket\\) is required"),
+    ],
+)
+def test_bad_templated_bucket_fails_the_task_at_once_with_the_rule_named(
+    templated_dag, settings_env, gcs_emulator, bucket_name, capfd, bucket, problem
+):
+    from airflow.utils.state import DagRunState, TaskInstanceState
+
+    settings_env.setenv("SEND_TO_GOOGLE", "true")
+    settings_env.setenv("GOOGLE_CLOUD_STORAGE", bucket_name)  # a good setting: the argument wins, and is checked
+
+    run = templated_dag.test(run_conf={"bucket": bucket, "delegate": "d@test-project.iam.gserviceaccount.com"})
+
+    assert run.state == DagRunState.FAILED
+    ti = run.get_task_instance("archive")
+    assert (ti.state, ti.try_number) == (TaskInstanceState.FAILED, 1), "no retry: a retry cannot fix it"
+    log = capfd.readouterr()
+    assert re.search(problem, log.out + log.err)
+    assert re.search(r"task arguments: bucket=", log.out + log.err)

@@ -115,6 +115,22 @@ def extra_links() -> set[tuple[str, str]]:
         return {(task_id, value) for task_id, value in rows}
 
 
+def rendered_fields(dag_id: str, task_id: str, run_id: str | None = None) -> list[dict]:
+    """What the UI's "Rendered Templates" shows for each instance of a task (default: in the
+    DAG's latest run)."""
+    from airflow.models.dagrun import DagRun
+    from airflow.models.renderedtifields import RenderedTaskInstanceFields as Rendered
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        if run_id is None:
+            run_id = session.query(DagRun.run_id).filter(DagRun.dag_id == dag_id).order_by(DagRun.id.desc()).first()[0]
+        rows = session.query(Rendered).filter(
+            Rendered.dag_id == dag_id, Rendered.task_id == task_id, Rendered.run_id == run_id
+        )
+        return [row.rendered_fields for row in rows.order_by(Rendered.map_index)]
+
+
 def asset_event_uris() -> set[str]:
     """The assets that received an event, through the asset aliases of the two operators."""
     from airflow.models.asset import AssetEvent, AssetModel
@@ -194,6 +210,19 @@ def test_end_to_end_run_writes_exact_objects_rows_and_reports(pipeline_env, good
         f"gs://{pipeline_env['bucket']}/Collection/{COLLECTION}",
         f"bigquery://{PROJECT}/{COLLECTION}/dicom",
     }, "downstream DAGs can be scheduled on the bucket prefix and the table"
+
+    # Each task shows where it read and wrote: the settings, filled in when the task ran.
+    destination = {"bucket": pipeline_env["bucket"], "project": PROJECT, "impersonation_chain": None}
+    archive_tasks = rendered_fields(DAG_ID, "archive_studies")
+    assert archive_tasks
+    for fields in archive_tasks:
+        shown = {k: fields.get(k) for k in (*destination, "landing_root")}
+        assert shown == {**destination, "landing_root": str(pipeline_env["root"])}
+    load_tasks = rendered_fields(DAG_ID, "load_metadata")
+    assert len(load_tasks) == len(good_batches)
+    for fields in load_tasks:
+        assert {k: fields.get(k) for k in (*destination, "location")} == {**destination, "location": "US"}
+    assert rendered_fields(DAG_ID, "wait_for_batches")[0]["landing_root"] == str(pipeline_env["root"])
 
     findings = phi_audit(pipeline_env, good_batches)
     assert findings == [], [str(f) for f in findings]

@@ -188,3 +188,66 @@ def test_cloud_storage_down_when_the_run_starts_fails_clearly_and_leaves_the_bat
     assert set(generations(env["bucket"])) == expected_objects(batch)
     n = expected_image_count(batch)
     assert row_counts(batch) == (n, n)
+
+
+# A query that keeps the emulator busy until it is cancelled (about 10^10 rows).
+LONG_QUERY = (
+    "SELECT COUNT(*) AS n FROM UNNEST(GENERATE_ARRAY(1, 100000)) AS a, UNNEST(GENERATE_ARRAY(1, 100000)) AS b "
+    "WHERE MOD(a * b, 7) = 3"
+)
+
+
+def test_killed_load_task_cancels_its_running_bigquery_job_then_a_rerun_completes(env):
+    """The task is killed the way Airflow kills one (the supervisor's SIGTERM, e.g. after "mark
+    failed" in the UI) while it waits for its MERGE. The proxy stands in for a long MERGE: it
+    puts a query that runs until cancelled under the MERGE's job id, so the job really runs in
+    the emulator, and sends the SIGTERM when the task first asks about that job."""
+    batch = one_batch(env, "faults-kill-merge")
+    bq: FaultProxy = env["bq"]
+    merge_ids: list[str] = []
+    handler_seen: list[str] = []
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def long_merge(request) -> None:
+        doc = json.loads(request.body or b"{}")
+        query = doc.get("configuration", {}).get("query", {})
+        if not query.get("query", "").lstrip().upper().startswith("MERGE"):
+            return
+        merge_ids.append(doc["jobReference"]["jobId"])
+        query["query"] = LONG_QUERY
+        query.pop("queryParameters", None)
+        request.body = json.dumps(doc).encode()
+
+    def kill_task(request) -> None:
+        if not merge_ids or merge_ids[0] not in request.path or handler_seen:
+            return
+        handler = signal.getsignal(signal.SIGTERM)
+        handler_seen.append(getattr(handler, "__qualname__", repr(handler)))
+        if "_on_term" in handler_seen[0]:  # the task runner's handler: never SIGTERM pytest itself
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    bq.add(Rule(method="POST", path=r"/projects/[^/]+/jobs$", before=long_merge, times=None))
+    kill = bq.add(Rule(method="GET", path=r"/projects/[^/]+/(jobs|queries)/", before=kill_task, times=None))
+    try:
+        assert run_dag([batch.batch_id]) == "failed"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for job_id in merge_ids:  # whatever happened, nothing keeps running in the emulator
+            bq.upstream_request("POST", f"/bigquery/v2/projects/{PROJECT}/jobs/{job_id}/cancel")
+
+    assert kill.seen >= 1
+    assert len(merge_ids) == 1, "the MERGE was started once"
+    assert "_on_term" in handler_seen[0], f"the kill came from the task runner's handler, not {handler_seen}"
+    cancels = bq.requests("POST", rf"/jobs/{merge_ids[0]}/cancel$")
+    assert [c.status for c in cancels] == [200], "on_kill asked BigQuery to cancel the running MERGE"
+    job = bq.upstream_request("GET", f"/bigquery/v2/projects/{PROJECT}/jobs/{merge_ids[0]}").json()
+    assert job["status"]["state"] == "DONE"
+    assert job["status"]["errorResult"]["reason"] == "stopped", job["status"]
+    assert row_counts(batch) == (0, 0), "nothing was merged"
+    assert not (env["root"] / batch.batch_id / "batch.report.json").exists(), "no report: re-processable"
+
+    bq.clear()
+    assert run_dag([batch.batch_id]) == "success"
+    n = expected_image_count(batch)
+    assert row_counts(batch) == (n, n)
+    assert read_report(env["root"], batch.batch_id)["bigquery"]["rows_inserted"] == n

@@ -232,3 +232,77 @@ def test_manual_run_without_ids_and_nothing_pending_is_skipped_at_once(landing):
     result = poke(make_sensor(), run_type="manual")
     assert isinstance(result, AirflowSkipException)
     assert "nothing pending" in str(result)
+
+
+# soft_fail, passed the usual ways, in real runs (a DAG parsed from a folder, run with dag.test()).
+SOFT_FAIL_DAG_ID = "test_completed_batch_sensor_soft_fail"
+SOFT_FAIL_DAG = """
+from datetime import UTC, datetime
+
+from airflow.sdk import DAG
+
+from sensors.batches import CompletedBatchSensor
+
+with DAG(
+    dag_id="{dag_id}",
+    schedule=None,
+    start_date=datetime(2024, 1, 1, tzinfo=UTC),
+    catchup=False,
+    default_args={{"soft_fail": True, "retries": 2, "poke_interval": 7}},
+):
+    CompletedBatchSensor(task_id="soft_by_default_args")
+    CompletedBatchSensor(task_id="soft", soft_fail=True, mode="poke", poke_interval=5, timeout=30)
+    CompletedBatchSensor(task_id="hard", soft_fail=False)
+"""
+
+
+@pytest.fixture(scope="module")
+def soft_fail_dag(airflow_db, tmp_path_factory):
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
+    from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
+
+    folder = tmp_path_factory.mktemp("soft_fail_dags")
+    (folder / "soft_fail_dag.py").write_text(SOFT_FAIL_DAG.format(dag_id=SOFT_FAIL_DAG_ID))
+    bag = DagBag(dag_folder=str(folder), bundle_path=folder)
+    assert bag.import_errors == {}, "passing soft_fail and the other sensor arguments is accepted"
+    DagBundlesManager().sync_bundles_to_db()
+    sync_bag_to_db(bag, "dags-folder", None)
+    return bag.dags[SOFT_FAIL_DAG_ID]
+
+
+def sensor_states(dag) -> dict[str, tuple[str, int]]:
+    run = dag.test()
+    return {ti.task_id: (str(ti.state), ti.try_number) for ti in run.get_task_instances()}
+
+
+def test_sensor_arguments_are_forwarded(soft_fail_dag):
+    soft, hard = soft_fail_dag.get_task("soft"), soft_fail_dag.get_task("hard")
+    assert (soft.soft_fail, soft.mode, soft.poke_interval, soft.timeout) == (True, "poke", 5, 30)
+    assert (hard.soft_fail, hard.mode) == (False, "reschedule")
+    by_default_args = soft_fail_dag.get_task("soft_by_default_args")
+    assert (by_default_args.soft_fail, by_default_args.poke_interval) == (True, 7)
+
+
+def test_soft_fail_skips_when_the_landing_zone_cannot_be_read(soft_fail_dag, tmp_path, monkeypatch):
+    monkeypatch.setenv("DICOM_LANDING_ROOT", str(tmp_path / "not-mounted"))
+    monkeypatch.setenv("SEND_TO_GOOGLE", "false")
+    monkeypatch.setenv("DICOM_LOCAL_OUTPUT", str(tmp_path / "out"))
+
+    assert sensor_states(soft_fail_dag) == {
+        "soft_by_default_args": ("skipped", 1),
+        "soft": ("skipped", 1),
+        "hard": ("failed", 1),  # without soft_fail a landing zone that cannot be read fails the run
+    }
+
+
+def test_soft_fail_never_skips_a_bad_setting(soft_fail_dag, tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("DICOM_LANDING_ROOT", str(tmp_path))
+    monkeypatch.setenv("SEND_TO_GOOGLE", "false")
+    monkeypatch.setenv("DICOM_LOCAL_OUTPUT", str(tmp_path / "out"))
+    monkeypatch.setenv("DICOM_GZIP_LEVEL", "9")
+
+    # Failed at once, with no retry, whatever soft_fail says: a run that skips on a bad setting
+    # would hide it for good.
+    assert sensor_states(soft_fail_dag) == {name: ("failed", 1) for name in ("soft_by_default_args", "soft", "hard")}
+    log = capfd.readouterr()
+    assert "DICOM_GZIP_LEVEL must be between 0 and 3" in log.out + log.err

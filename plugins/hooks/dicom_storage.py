@@ -9,8 +9,9 @@ alone, which the Google clients honour; nothing here knows about them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -28,11 +29,33 @@ class GooglePermissionError(RuntimeError):
     """Google refused an operation; the message says which identity and which resource."""
 
 
-def load_settings() -> Settings:
-    """Settings from the environment first, then from Airflow Variables of the same name."""
+# The settings a task's destination arguments stand for: Settings field -> setting name.
+DESTINATION_SETTINGS = {
+    "bucket": "GOOGLE_CLOUD_STORAGE",
+    "project": "GOOGLE_PROJECT_NAME",
+    "landing_root": "DICOM_LANDING_ROOT",
+    "bigquery_location": "DICOM_BIGQUERY_LOCATION",
+    "default_collection": "GOOGLE_STORAGE_COLLECTION",
+}
+
+ImpersonationChain = str | Sequence[str] | None
+
+
+def load_settings(overrides: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the environment first, then from Airflow Variables of the same name.
+
+    `overrides` (Settings field -> value, see DESTINATION_SETTINGS) are a task's own arguments:
+    they take the place of the setting and are checked like it, so a bad bucket given to one
+    task fails it as a bad GOOGLE_CLOUD_STORAGE would."""
     from airflow.sdk import Variable
 
+    from dicom_archive.settings import SettingsError
+
+    given = {DESTINATION_SETTINGS[field]: str(value) for field, value in (overrides or {}).items()}
+
     def lookup(name: str) -> str | None:
+        if name in given:
+            return given[name]
         value = os.environ.get(name)
         if value is not None:
             return value
@@ -41,7 +64,13 @@ def load_settings() -> Settings:
         except Exception:  # no Variable backend reachable (e.g. parsing outside a task)
             return None
 
-    return Settings.load(lookup)
+    try:
+        return Settings.load(lookup)
+    except SettingsError as err:
+        if not overrides:
+            raise
+        shown = ", ".join(f"{field}={value!r}" for field, value in overrides.items())
+        raise SettingsError(f"{err} (task arguments: {shown})") from err
 
 
 class DicomStorageHook(BaseHook):
@@ -53,7 +82,7 @@ class DicomStorageHook(BaseHook):
         self,
         *,
         gcp_conn_id: str = default_conn_name,
-        impersonation_chain: str | None = None,
+        impersonation_chain: ImpersonationChain = None,
     ) -> None:
         super().__init__()
         self.gcp_conn_id = gcp_conn_id
@@ -68,21 +97,46 @@ class DicomStorageHook(BaseHook):
     def storage_client(self) -> storage.Client:
         return self._gcs_hook.get_conn()
 
-    def bigquery_client(self, project: str, location: str | None = None) -> bigquery.Client:
+    def _bigquery_hook(self, location: str | None) -> Any:
         from airflow.providers.google.cloud.hooks.bigquery import BigQueryHook
 
-        hook = BigQueryHook(
+        return BigQueryHook(
             gcp_conn_id=self.gcp_conn_id,
             impersonation_chain=self.impersonation_chain,
             location=location,
             use_legacy_sql=False,
         )
-        # get_client() does not fall back to the connection's project: pass it.
-        return hook.get_client(project_id=project, location=location)
 
-    def landing_zone(self, settings: Settings, root: str | None = None) -> LandingZone:
-        """The landing zone at `root` (default: the DICOM_LANDING_ROOT setting)."""
-        root = root or settings.landing_root
+    def bigquery_client(
+        self, project: str, location: str | None = None, *, on_job: Callable[[str], None] | None = None
+    ) -> bigquery.Client:
+        """The BigQuery client of the connection. `on_job(job_id)` hears of each job the client
+        starts (before it is submitted, when its id is chosen by the caller, and once it is
+        created), so that a task that is killed can cancel the job it was waiting for."""
+        hook = self._bigquery_hook(location)
+        if on_job is None:
+            # get_client() does not fall back to the connection's project: pass it.
+            return hook.get_client(project_id=project, location=location)
+        from airflow.providers.google.common.consts import CLIENT_INFO
+
+        # What get_client() builds, as a client that reports its jobs.
+        return _job_reporting_client_class()(
+            on_job,
+            client_info=CLIENT_INFO,
+            project=project,
+            location=location,
+            credentials=hook.get_credentials(),
+            client_options=hook.get_client_options(),
+        )
+
+    def cancel_bigquery_job(self, job_id: str, *, project: str, location: str | None = None) -> None:
+        """Cancel a job and wait for it to end (the provider hook's cancel: a job that already
+        ended is left alone)."""
+        self._bigquery_hook(location).cancel_job(job_id=job_id, project_id=project, location=location)
+
+    def landing_zone(self, settings: Settings) -> LandingZone:
+        """The landing zone at the settings' landing root."""
+        root = settings.landing_root
         if root.startswith("gs://"):
             bucket, prefix = split_gs_uri(root)
             return GCSLandingZone(self.storage_client().bucket(bucket), prefix, retry=_storage_retry(settings))
@@ -110,7 +164,7 @@ class DicomStorageHook(BaseHook):
         else:
             identity = "Application Default Credentials (the environment's service account)"
         if self.impersonation_chain:
-            identity += f", impersonating {self.impersonation_chain}"
+            identity += f", impersonating {describe_chain(self.impersonation_chain)}"
         return f"connection {self.gcp_conn_id!r} with {identity}"
 
     @contextlib.contextmanager
@@ -138,6 +192,50 @@ class DicomStorageHook(BaseHook):
                     "Nothing was lost: rerun the batch once the service answers."
                 ) from err
             raise
+
+
+def describe_chain(chain: str | Sequence[str]) -> str:
+    """The account a chain impersonates, and the accounts it goes through."""
+    if isinstance(chain, str):
+        return chain
+    *delegates, target = chain
+    return target + (f" (through {', '.join(delegates)})" if delegates else "")
+
+
+@functools.cache
+def _job_reporting_client_class() -> type[bigquery.Client]:
+    from google.cloud import bigquery
+
+    class JobReportingClient(bigquery.Client):
+        """A BigQuery client that tells `on_job` the id of every job it starts."""
+
+        def __init__(self, on_job: Callable[[str], None], **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.on_job = on_job
+
+        def _started(self, start: Callable[..., Any], args: Any, kwargs: dict[str, Any]) -> Any:
+            if kwargs.get("job_id"):
+                self.on_job(kwargs["job_id"])  # known before the call: a kill during it still cancels
+            job = start(*args, **kwargs)
+            self.on_job(job.job_id)
+            return job
+
+        def query(self, *args: Any, **kwargs: Any) -> Any:
+            return self._started(super().query, args, kwargs)
+
+        def load_table_from_file(self, *args: Any, **kwargs: Any) -> Any:
+            return self._started(super().load_table_from_file, args, kwargs)
+
+        def load_table_from_uri(self, *args: Any, **kwargs: Any) -> Any:
+            return self._started(super().load_table_from_uri, args, kwargs)
+
+        def copy_table(self, *args: Any, **kwargs: Any) -> Any:
+            return self._started(super().copy_table, args, kwargs)
+
+        def extract_table(self, *args: Any, **kwargs: Any) -> Any:
+            return self._started(super().extract_table, args, kwargs)
+
+    return JobReportingClient
 
 
 def _storage_retry(settings: Settings) -> Any:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from airflow.sdk import BaseOperator, Context
+from airflow.sdk import Context
 
 from operators.assets import ARCHIVES_ALIAS, archive_prefix_asset
+from operators.destination import DicomStorageBaseOperator
 from operators.failures import fail_at_once_on_permanent_errors
 from operators.links import BatchReportLink, CollectionArchivesLink, record_links
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from dicom_archive.stores import ObjectStore
 
 
-class DicomStudyArchiveOperator(BaseOperator):
+class DicomStudyArchiveOperator(DicomStorageBaseOperator):
     """Archive study groups: check, tar, gzip and upload each in one pass, then stage the rows.
 
     :param study_groups: one or a list of study groups (``StudyGroup.to_dict()``), or a chunk
@@ -26,14 +27,18 @@ class DicomStudyArchiveOperator(BaseOperator):
         that task mapping uses, so XCom stays small whatever the batch size).
     :param landing_root: the landing zone; default: the DICOM_LANDING_ROOT setting.
     :param deid: de-identification provenance for the rows, when groups are given inline.
-    :param gcp_conn_id: the Google Cloud connection.
+    :param bucket, project, gcp_conn_id, impersonation_chain: see DicomStorageBaseOperator.
 
     Returns one small summary per archive: uri, generation, md5, crc32c, size, image count,
     quarantined count, outcome (written / already_present / replaced). The per-image rows go to
     the batch's staging folder for the BigQuery step, not to XCom.
     """
 
-    template_fields: Sequence[str] = ("study_groups", "landing_root", "deid")
+    template_fields: Sequence[str] = ("study_groups", "landing_root", "deid", *DicomStorageBaseOperator.template_fields)
+    destination_fields: ClassVar[Mapping[str, str]] = {
+        **DicomStorageBaseOperator.destination_fields,
+        "landing_root": "landing_root",
+    }
     operator_extra_links = (CollectionArchivesLink(), BatchReportLink())
     ui_color = "#e8f4fd"
 
@@ -43,8 +48,6 @@ class DicomStudyArchiveOperator(BaseOperator):
         study_groups: dict[str, Any] | list[dict[str, Any]],
         landing_root: str | None = None,
         deid: dict[str, Any] | None = None,
-        gcp_conn_id: str = "google_cloud_default",
-        impersonation_chain: str | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("outlets", [ARCHIVES_ALIAS])
@@ -52,8 +55,6 @@ class DicomStudyArchiveOperator(BaseOperator):
         self.study_groups = study_groups
         self.landing_root = landing_root
         self.deid = deid
-        self.gcp_conn_id = gcp_conn_id
-        self.impersonation_chain = impersonation_chain
         self.console_links: dict[str, str] = {}
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
@@ -67,12 +68,11 @@ class DicomStudyArchiveOperator(BaseOperator):
         from dicom_archive.archive import ArchiveIntegrityError
         from dicom_archive.batch import archive_groups
         from dicom_archive.rows import RunContext
-        from hooks.dicom_storage import DicomStorageHook, load_settings
 
-        settings = load_settings()
-        hook = DicomStorageHook(gcp_conn_id=self.gcp_conn_id, impersonation_chain=self.impersonation_chain)
+        settings = self.destination_settings()
+        hook = self.storage_hook()
         store = hook.archive_store(settings)
-        zone = hook.landing_zone(settings, self.landing_root)
+        zone = hook.landing_zone(settings)
         run_context = RunContext(
             upload_agent=f"airflow:{self.dag_id}.{self.task_id}",
             dag_run_id=context["run_id"],

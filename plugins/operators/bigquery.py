@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
-from airflow.sdk import BaseOperator, Context
+from airflow.sdk import Context
 
 from operators.assets import TABLES_ALIAS, table_asset
+from operators.destination import DicomStorageBaseOperator
 from operators.failures import fail_at_once_on_permanent_errors
 from operators.links import BatchReportLink, CollectionArchivesLink, CollectionTableLink, record_links
 
 TABLE = "dicom"
 
 
-class DicomMetadataToBigQueryOperator(BaseOperator):
+class DicomMetadataToBigQueryOperator(DicomStorageBaseOperator):
     """Load a batch's staged rows into `<project>.<collection>.dicom`, exactly once.
 
     The rows go to a per-run scratch table under a deterministic job id, then one MERGE on
@@ -25,28 +26,27 @@ class DicomMetadataToBigQueryOperator(BaseOperator):
 
     :param batch: the plan step's description of one batch:
         ``{"batch_id", "run_key", "collection", "status", "chunk_ids"}``.
-    :param gcp_conn_id: the Google Cloud connection.
+    :param location: the BigQuery location of the dataset and jobs; default: the
+        DICOM_BIGQUERY_LOCATION setting.
+    :param bucket, project, gcp_conn_id, impersonation_chain: see DicomStorageBaseOperator.
 
-    Returns a small summary: table, rows in the batch, rows inserted.
+    Returns a small summary: table, rows in the batch, rows inserted. A killed task cancels the
+    BigQuery job it was waiting for (on_kill).
     """
 
-    template_fields: Sequence[str] = ("batch",)
+    template_fields: Sequence[str] = ("batch", "location", *DicomStorageBaseOperator.template_fields)
+    destination_fields: ClassVar[Mapping[str, str]] = {
+        **DicomStorageBaseOperator.destination_fields,
+        "location": "bigquery_location",
+    }
     operator_extra_links = (CollectionTableLink(), CollectionArchivesLink(), BatchReportLink())
     ui_color = "#e6f2e6"
 
-    def __init__(
-        self,
-        *,
-        batch: dict[str, Any],
-        gcp_conn_id: str = "google_cloud_default",
-        impersonation_chain: str | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *, batch: dict[str, Any], location: str | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("outlets", [TABLES_ALIAS])
         super().__init__(**kwargs)
         self.batch = batch
-        self.gcp_conn_id = gcp_conn_id
-        self.impersonation_chain = impersonation_chain
+        self.location = location
         self.console_links: dict[str, str] = {}
 
     def execute(self, context: Context) -> dict[str, Any]:
@@ -57,10 +57,9 @@ class DicomMetadataToBigQueryOperator(BaseOperator):
         from airflow.sdk.exceptions import AirflowFailException
 
         from dicom_archive.batch import Staging
-        from hooks.dicom_storage import DicomStorageHook, load_settings
 
-        settings = load_settings()
-        hook = DicomStorageHook(gcp_conn_id=self.gcp_conn_id, impersonation_chain=self.impersonation_chain)
+        settings = self.destination_settings()
+        hook = self.storage_hook()
         store = hook.archive_store(settings)
         if self.batch["status"] != "DONE":  # before any name is built from the id (it may be a refused one)
             self.log.info("batch %s is %s: nothing to load", self.batch["batch_id"], self.batch["status"])
@@ -129,7 +128,7 @@ class DicomMetadataToBigQueryOperator(BaseOperator):
 
         table_id = f"{settings.project}.{collection}.{TABLE}"
         with hook.explain_google_errors(f"the BigQuery table {table_id}"):
-            client = hook.bigquery_client(settings.project, settings.bigquery_location)
+            client = self.bigquery_client(hook, settings)
             ensure_withdrawals_table(client, collection, settings.bigquery_location)  # for the summary SQL
             loaded = load_rows_exactly_once(
                 client,

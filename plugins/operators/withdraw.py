@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
-from airflow.sdk import BaseOperator, Context
+from airflow.sdk import Context
 
 from operators.assets import ARCHIVES_ALIAS, TABLES_ALIAS, archive_prefix_asset, table_asset
+from operators.destination import DicomStorageBaseOperator
 from operators.failures import fail_at_once_on_permanent_errors
 
 TABLE = "dicom"
 
 
-class DicomWithdrawOperator(BaseOperator):
+class DicomWithdrawOperator(DicomStorageBaseOperator):
     """Withdraw an entity (patient) or one study: mark it withdrawn, delete its archives (every
     version) and its rows, log it and write the record `Collection/<c>/Withdrawals/<id>.json`.
 
@@ -22,27 +23,25 @@ class DicomWithdrawOperator(BaseOperator):
 
     :param request: ``WithdrawalRequest.to_dict()`` (request_id, collection, entity_id, item_id,
         reason, requested_at, source).
-    :param gcp_conn_id: the Google Cloud connection.
+    :param location: the BigQuery location; default: the DICOM_BIGQUERY_LOCATION setting.
+    :param bucket, project, gcp_conn_id, impersonation_chain: see DicomStorageBaseOperator.
 
-    Returns the record (coded ids, counts, timestamps; no header value).
+    Returns the record (coded ids, counts, timestamps; no header value). A killed task cancels
+    the BigQuery job it was waiting for; a rerun resumes the withdrawal.
     """
 
-    template_fields: Sequence[str] = ("request",)
+    template_fields: Sequence[str] = ("request", "location", *DicomStorageBaseOperator.template_fields)
+    destination_fields: ClassVar[Mapping[str, str]] = {
+        **DicomStorageBaseOperator.destination_fields,
+        "location": "bigquery_location",
+    }
     ui_color = "#fdecea"
 
-    def __init__(
-        self,
-        *,
-        request: dict[str, Any],
-        gcp_conn_id: str = "google_cloud_default",
-        impersonation_chain: str | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *, request: dict[str, Any], location: str | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("outlets", [ARCHIVES_ALIAS, TABLES_ALIAS])
         super().__init__(**kwargs)
         self.request = request
-        self.gcp_conn_id = gcp_conn_id
-        self.impersonation_chain = impersonation_chain
+        self.location = location
 
     def execute(self, context: Context) -> dict[str, Any]:
         with fail_at_once_on_permanent_errors():
@@ -54,16 +53,15 @@ class DicomWithdrawOperator(BaseOperator):
 
         from dicom_archive.bigquery_withdrawals import log_withdrawal
         from dicom_archive.withdraw import delete_local_rows, make_request, process_withdrawal
-        from hooks.dicom_storage import DicomStorageHook, load_settings
 
-        settings = load_settings()
+        settings = self.destination_settings()
         request = make_request(
             dict(self.request), where="the withdrawal request", source=self.request.get("source", "manual")
         )
-        hook = DicomStorageHook(gcp_conn_id=self.gcp_conn_id, impersonation_chain=self.impersonation_chain)
+        hook = self.storage_hook()
         store = hook.archive_store(settings)
         if settings.send_to_google:
-            client = hook.bigquery_client(settings.project, settings.bigquery_location)
+            client = self.bigquery_client(hook, settings)
             delete_rows = functools.partial(self._delete_rows, client, settings.bigquery_location)
 
             def log(record: Any) -> None:

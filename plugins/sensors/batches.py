@@ -10,13 +10,18 @@ triggers from plugins/).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import BaseSensorOperator, Context, PokeReturnValue
 
+from operators.destination import GoogleDestinationMixin
 
-class CompletedBatchSensor(BaseSensorOperator):
+if TYPE_CHECKING:
+    from hooks.dicom_storage import ImpersonationChain
+
+
+class CompletedBatchSensor(GoogleDestinationMixin, BaseSensorOperator):
     """Succeeds with the ids of the batches this run processes; skips at once when there are none.
 
     - ``batch_ids`` given (a manual run's conf): exactly those, whatever their dates. Ids that
@@ -29,11 +34,22 @@ class CompletedBatchSensor(BaseSensorOperator):
       manual run).
 
     At most DICOM_MAX_BATCHES_PER_RUN batches (and never more than Airflow's max_map_length),
-    oldest first; the log says how many wait for the next run. Settings are validated at the
-    first poke; a landing root that does not exist or cannot be read fails the run.
+    oldest first; the log says how many wait for the next run. Settings are validated when the
+    task renders its templates; a landing root that does not exist or cannot be read fails the run.
+
+    :param landing_root: the landing zone; default: the DICOM_LANDING_ROOT setting.
+    :param batch_ids: the ids a manual run asks for (a list, or a comma-separated string).
+    :param gcp_conn_id: the Google Cloud connection.
+    :param impersonation_chain: a service account to impersonate, or a chain of them.
+    :param soft_fail: as for any sensor: a landing zone that cannot be read (or too many ids)
+        skips the run instead of failing it. Never a bad setting: the settings are checked when
+        the task renders its templates, before poking, and fail it at once.
+
+    Reschedule mode by default; the other BaseSensorOperator arguments are passed on as given.
     """
 
-    template_fields: Sequence[str] = ("landing_root", "batch_ids")
+    template_fields: Sequence[str] = ("landing_root", "batch_ids", "impersonation_chain")
+    destination_fields: ClassVar[Mapping[str, str]] = {"landing_root": "landing_root"}
     ui_color = "#fdf6e3"
 
     def __init__(
@@ -42,13 +58,14 @@ class CompletedBatchSensor(BaseSensorOperator):
         landing_root: str | None = None,
         batch_ids: list[str] | str | None = None,
         gcp_conn_id: str = "google_cloud_default",
-        impersonation_chain: str | None = None,
+        impersonation_chain: ImpersonationChain = None,
         mode: str = "reschedule",
         poke_interval: float = 60,
         timeout: float = 3600,
         **kwargs: Any,
     ) -> None:
-        # No soft_fail: a landing zone that cannot be read must fail the run, not skip it.
+        # soft_fail and the other sensor arguments go on in kwargs; these three are named here so
+        # that the DAG's default_args can still set them.
         super().__init__(mode=mode, poke_interval=poke_interval, timeout=timeout, **kwargs)
         self.landing_root = landing_root
         self.batch_ids = batch_ids
@@ -62,13 +79,8 @@ class CompletedBatchSensor(BaseSensorOperator):
 
         from dicom_archive.landing import LandingRootError
         from dicom_archive.ledger import check_requested, select_batches
-        from dicom_archive.settings import SettingsError
-        from hooks.dicom_storage import DicomStorageHook, load_settings
 
-        try:
-            settings = load_settings()
-        except SettingsError as err:  # a retry cannot fix a setting: fail at once, with every problem named
-            raise AirflowFailException(str(err)) from err
+        settings = self.fill_destination()  # done at render time already; a bad setting fails at once
         limit = self.max_batches(settings.max_batches_per_run)
         requested = self._requested_ids()
         if requested is not None:
@@ -83,8 +95,8 @@ class CompletedBatchSensor(BaseSensorOperator):
             # Refused ids go on to the plan step, which fails them visibly without touching anything.
             return PokeReturnValue(is_done=True, xcom_value=valid + [str(i) for i in requested if i not in valid])
 
-        root = self.landing_root or settings.landing_root
-        hook = DicomStorageHook(gcp_conn_id=self.gcp_conn_id, impersonation_chain=self.impersonation_chain)
+        root = settings.landing_root
+        hook = self.storage_hook()
         run_type = getattr(context["dag_run"], "run_type", None)
         run_type = getattr(run_type, "value", run_type)  # an enum in a real run
         start, end = context["data_interval_start"], context["data_interval_end"]
@@ -94,7 +106,7 @@ class CompletedBatchSensor(BaseSensorOperator):
             start = None  # the ledger: everything pending before the end of the interval
         try:
             with hook.explain_google_errors(f"the landing zone {root}"):
-                zone = hook.landing_zone(settings, root)
+                zone = hook.landing_zone(settings)
                 selection = select_batches(
                     zone, start=start, end=end, default_collection=settings.default_collection, limit=limit
                 )
