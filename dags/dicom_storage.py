@@ -40,7 +40,7 @@ BIGQUERY_POOL = os.environ.get("DICOM_BIGQUERY_POOL") or "default_pool"
 CHUNK_LABEL = (
     "{{ task.study_groups['batch_id'] }} studies {{ task.study_groups['start'] + 1 }}-{{ task.study_groups['stop'] }}"
 )
-BATCH_LABEL = "{{ task.batch['batch_id'] }}"
+BATCH_LABEL = "{{ task.plan_ref['batch_id'] }}"
 REPORT_LABEL = "{{ batch_outcome if batch_outcome is defined else task.op_kwargs['plan_ref']['batch_id'] }}"
 
 # `none`: manual runs only (no scheduled runs, and so no backfills).
@@ -108,7 +108,7 @@ with DAG(
         map_index_template=BATCH_LABEL,
         trigger_rule=TriggerRule.ALL_DONE,  # one batch's failed archive must not hold back the others
         outlets=[TABLES_ALIAS],
-    ).expand(batch=plan_refs)
+    ).expand(plan_ref=plan_refs)
 
     @task(trigger_rule=TriggerRule.ALL_DONE)
     def collection_summary(plan_refs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

@@ -61,7 +61,7 @@ def make(kind: str, **kwargs):
     if kind == "archive":
         return DicomStudyArchiveOperator(task_id="t", study_groups=[], **kwargs)
     if kind == "bigquery":
-        return DicomMetadataToBigQueryOperator(task_id="t", batch={}, **kwargs)
+        return DicomMetadataToBigQueryOperator(task_id="t", plan_ref={}, **kwargs)
     if kind == "withdraw":
         return DicomWithdrawOperator(task_id="t", request={}, **kwargs)
     return CompletedBatchSensor(task_id="t", **kwargs)

@@ -24,7 +24,7 @@ class DicomMetadataToBigQueryOperator(DicomStorageBaseOperator):
     batch never duplicates a row. With SEND_TO_GOOGLE=false the rows are written to the local
     output folder instead (`BigQuery/<collection>/dicom/<batch_id>.ndjson`).
 
-    :param batch: the plan step's description of one batch:
+    :param plan_ref: the plan step's reference to one batch (see dicom_archive.run_steps):
         ``{"batch_id", "run_key", "collection", "status", "chunk_ids"}``.
     :param location: the BigQuery location of the dataset and jobs; default: the
         DICOM_BIGQUERY_LOCATION setting.
@@ -34,7 +34,7 @@ class DicomMetadataToBigQueryOperator(DicomStorageBaseOperator):
     BigQuery job it was waiting for (on_kill).
     """
 
-    template_fields: Sequence[str] = ("batch", "location", *DicomStorageBaseOperator.template_fields)
+    template_fields: Sequence[str] = ("plan_ref", "location", *DicomStorageBaseOperator.template_fields)
     destination_fields: ClassVar[Mapping[str, str]] = {
         **DicomStorageBaseOperator.destination_fields,
         "location": "bigquery_location",
@@ -42,10 +42,10 @@ class DicomMetadataToBigQueryOperator(DicomStorageBaseOperator):
     operator_extra_links = (CollectionTableLink(), CollectionArchivesLink(), BatchReportLink())
     ui_color = "#e6f2e6"
 
-    def __init__(self, *, batch: dict[str, Any], location: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, plan_ref: dict[str, Any], location: str | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("outlets", [TABLES_ALIAS])
         super().__init__(**kwargs)
-        self.batch = batch
+        self.plan_ref = plan_ref
         self.location = location
         self.console_links: dict[str, str] = {}
 
@@ -61,21 +61,21 @@ class DicomMetadataToBigQueryOperator(DicomStorageBaseOperator):
         settings = self.destination_settings()
         hook = self.storage_hook()
         store = hook.archive_store(settings)
-        if self.batch["status"] != "DONE":  # before any name is built from the id (it may be a refused one)
-            self.log.info("batch %s is %s: nothing to load", self.batch["batch_id"], self.batch["status"])
+        if self.plan_ref["status"] != "DONE":  # before any name is built from the id (it may be a refused one)
+            self.log.info("batch %s is %s: nothing to load", self.plan_ref["batch_id"], self.plan_ref["status"])
             return {"table": None, "rows_in_batch": 0, "rows_inserted": 0}
-        staging = Staging(store, self.batch["batch_id"], self.batch["run_key"])
+        staging = Staging(store, self.plan_ref["batch_id"], self.plan_ref["run_key"])
 
-        expected = set(self.batch["chunk_ids"])
+        expected = set(self.plan_ref["chunk_ids"])
         missing = sorted(expected - set(staging.read_archive_summaries()))
         if missing:
             # Loading part of a batch would make the report lie; the batch stays re-processable.
             raise AirflowFailException(
-                f"batch {self.batch['batch_id']}: {len(missing)} of {len(expected)} archive chunks did not "
+                f"batch {self.plan_ref['batch_id']}: {len(missing)} of {len(expected)} archive chunks did not "
                 f"complete ({', '.join(missing)}); see archive_studies. Nothing was loaded."
             )
         ndjson = staging.read_rows(expected)
-        collection = self.batch["collection"]
+        collection = self.plan_ref["collection"]
         started = time.monotonic()
 
         if settings.send_to_google:
@@ -84,23 +84,23 @@ class DicomMetadataToBigQueryOperator(DicomStorageBaseOperator):
             context["outlet_events"][TABLES_ALIAS].add(
                 table_asset(settings.project, collection, TABLE),
                 extra={
-                    "batch_id": self.batch["batch_id"],
+                    "batch_id": self.plan_ref["batch_id"],
                     "rows_inserted": result["rows_inserted"],
                     "rows_updated": result.get("rows_updated", 0),
                     "rows_deleted": result.get("rows_deleted", 0),
                 },
             )
         else:
-            name = f"BigQuery/{collection}/{TABLE}/{self.batch['batch_id']}.ndjson"
+            name = f"BigQuery/{collection}/{TABLE}/{self.plan_ref['batch_id']}.ndjson"
             stored = store.write_bytes(name, ndjson, "application/x-ndjson")
             rows = ndjson.count(b"\n")
             result = {"table": stored.uri, "rows_in_batch": rows, "rows_inserted": rows}
-        record_links(self, settings, collection=collection, batch_id=self.batch["batch_id"], table=TABLE)
+        record_links(self, settings, collection=collection, batch_id=self.plan_ref["batch_id"], table=TABLE)
         result["seconds"] = round(time.monotonic() - started, 3)
         staging.write_result("bigquery", result)
         self.log.info(
             "batch %s: %d rows, %d new, %d updated (replaced archives), %d deleted in %s",
-            self.batch["batch_id"],
+            self.plan_ref["batch_id"],
             result["rows_in_batch"],
             result["rows_inserted"],
             result.get("rows_updated", 0),
@@ -134,7 +134,7 @@ class DicomMetadataToBigQueryOperator(DicomStorageBaseOperator):
                 client,
                 dataset_id=collection,
                 rows=ndjson,
-                run_key=self.batch["run_key"],
+                run_key=self.plan_ref["run_key"],
                 table=TABLE,
                 location=settings.bigquery_location,
             )
