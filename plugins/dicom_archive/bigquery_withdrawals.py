@@ -15,7 +15,7 @@ from typing import Any
 
 from google.cloud import bigquery
 
-from dicom_archive.bigquery_jobs import run_query, slug
+from dicom_archive.bigquery_load import run_query, slug
 from dicom_archive.bigquery_tables import DEFAULT_TABLE, ensure_dataset, get_table, load_schema, table_ref
 
 WITHDRAWALS_TABLE = "withdrawals"
