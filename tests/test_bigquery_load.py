@@ -12,7 +12,7 @@ from google.cloud import bigquery
 
 from dicom_archive import bigquery_load as bl
 from dicom_archive import bigquery_tables as tables
-from dicom_archive.bigquery_jobs import BigQueryJobError
+from dicom_archive.bigquery_load import BigQueryJobError
 from dicom_archive.bigquery_rows import RowError
 from dicom_archive.bigquery_withdrawals import withdraw_rows_sql
 from dicom_archive.ndjson import to_ndjson

@@ -2,11 +2,13 @@
 
 Plain Python on `google.cloud.bigquery.Client` (production gets one from `BigQueryHook`), so it
 runs the same against BigQuery and an emulator. A batch costs at most two jobs: a load into a
-scratch table (the load job's own target, one per run and rows, expiring after a day) and one
-MERGE into the table. Both job ids derive from the run key and a hash of the rows, so a retry
-re-attaches to the jobs it started (bigquery_jobs), and the MERGE makes reruns and backfills
-no-ops. Cost O(batch), not O(table): the MERGE names the entity ids it may touch as a constant
-list on the table's clustered column, so BigQuery reads only their blocks.
+scratch table (one per run and rows, expiring after a day) and one MERGE into the table, which
+makes reruns and backfills no-ops. Cost O(batch), not O(table): the MERGE names the entity ids
+it may touch as a constant list on the table's clustered column, so BigQuery reads only their blocks.
+
+Every job runs under a deterministic id ending in the attempt number: attempt 0 first, the next
+only after one failed (BigQuery never reuses an id). An id already taken (409) belongs to an
+earlier try: if that job succeeded, it is awaited and used instead of starting another one.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import functools
 import hashlib
 import io
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +26,6 @@ from google.api_core import exceptions as gexc
 from google.cloud import bigquery
 
 from dicom_archive import bigquery_tables as tables
-from dicom_archive.bigquery_jobs import MAX_JOB_ATTEMPTS, dml_counts, run_job, run_query, slug, succeeded
 from dicom_archive.bigquery_rows import check_rows
 from dicom_archive.ndjson import to_ndjson
 
@@ -32,6 +33,69 @@ ROW_KEY = ("collection", "instance_sha256")
 # Tie-breakers after uploaded_at so the row kept among duplicates does not depend on scan order.
 DEDUPE_ORDER = ("uploaded_at", "storage_uri", "archive_member")
 SCRATCH_TTL = dt.timedelta(days=1)
+MAX_JOB_ATTEMPTS = 20  # each failed attempt burns an id; more than this is a real problem
+Job = bigquery.LoadJob | bigquery.QueryJob
+
+
+class BigQueryJobError(RuntimeError):
+    """A load or query job failed; the message carries BigQuery's own errors."""
+
+
+def slug(key: str) -> str:
+    """The readable part of an id made from a key (a digest beside it keeps apart keys that sanitize alike)."""
+    return re.sub(r"[^A-Za-z0-9_]+", "_", key).strip("_")[:100] or "run"
+
+
+def succeeded(job: Job) -> bool:
+    try:
+        job.result()  # waits; raises when the job ended with an error_result
+    except gexc.GoogleAPICallError:
+        return False
+    return True
+
+
+def run_job(
+    client: bigquery.Client,
+    job_id: Callable[[int], str],
+    location: str | None,
+    step: str,
+    submit: Callable[[str], Job],
+    usable: Callable[[Job], bool] = lambda job: True,
+) -> Job:
+    """`submit(job_id(attempt))` under the first free attempt id, awaited; a taken id whose job
+    succeeded (and is still `usable`) is that job, one whose job failed is burnt."""
+    for attempt in range(MAX_JOB_ATTEMPTS):
+        try:
+            job = submit(job_id(attempt))
+        except gexc.Conflict:
+            job = client.get_job(job_id(attempt), location=location)
+            if succeeded(job) and usable(job):
+                return job
+            continue
+        try:
+            job.result()
+        except gexc.GoogleAPICallError as exc:
+            details = {"error_result": job.error_result, "errors": job.errors}
+            raise BigQueryJobError(f"{step} job {job.job_id} failed: {details} ({exc})") from exc
+        return job
+    raise BigQueryJobError(f"{step}: {MAX_JOB_ATTEMPTS} attempts of {job_id(0)} all used")
+
+
+def run_query(
+    client: bigquery.Client,
+    step: str,
+    sql: str,
+    params: Sequence[Any],
+    job_id: Callable[[int], str],
+    location: str | None,
+) -> bigquery.QueryJob:
+    config = bigquery.QueryJobConfig(query_parameters=list(params))
+
+    def submit(this_id: str) -> bigquery.QueryJob:
+        # job_retry=None: a retried query would need a new id, which defeats re-attaching.
+        return client.query(sql, job_id=this_id, location=location, job_retry=None, job_config=config)
+
+    return run_job(client, job_id, location, step, submit)
 
 
 @dataclass(frozen=True)
@@ -73,25 +137,23 @@ def prepare_load(
     rows: Sequence[Mapping[str, Any]] | bytes,
     run_key: str,
     table: str = tables.DEFAULT_TABLE,
-    schema: Sequence[bigquery.SchemaField] | None = None,
     location: str | None = None,
 ) -> PreparedLoad:
-    """Check the rows (first: a bad row leaves BigQuery untouched), then make sure the dataset and
-    the table, with all its columns, exist."""
+    """Check the rows first (a bad row leaves BigQuery untouched), then ensure the dataset and table."""
     if not run_key:
         raise ValueError("run_key must not be empty")
     table_id = tables.table_ref(client.project, dataset_id, table)
-    wanted = list(schema or tables.load_schema())
-    checked = check_rows(rows, wanted)
+    schema = tables.load_schema()
+    checked = check_rows(rows, schema)
     ndjson = to_ndjson(checked)
     dataset = tables.ensure_dataset(client, dataset_id, location or "US")
-    added = tables.ensure_table(client, dataset_id, table, wanted)
+    added = tables.ensure_table(client, dataset_id, table, schema)
     digest = hashlib.sha256(b"\0".join([run_key.encode(), table_id.encode(), ndjson])).hexdigest()[:24]
     return PreparedLoad(
         table_id=table_id,
         scratch_table_id=f"{client.project}.{dataset_id}._scratch_{table}_{slug(run_key)}_{digest[:12]}",
         job_key=f"{table}_{{step}}_{slug(run_key)}_{digest}",
-        schema=wanted,
+        schema=schema,
         ndjson=ndjson,
         row_count=len(checked),
         location=location or dataset.location,
@@ -114,7 +176,6 @@ def find_done_merge(client: bigquery.Client, load: PreparedLoad) -> bigquery.Que
 
 
 def load_scratch_table(client: bigquery.Client, load: PreparedLoad) -> bigquery.LoadJob:
-    """Load the rows into the load's scratch table (one load job, or the earlier try's)."""
     scratch = bigquery.Table(load.scratch_table_id, schema=load.schema)
     scratch.expires = dt.datetime.now(dt.UTC) + SCRATCH_TTL  # so one whose MERGE never ran goes too
     client.create_table(scratch, exists_ok=True)
@@ -134,11 +195,10 @@ def load_scratch_table(client: bigquery.Client, load: PreparedLoad) -> bigquery.
 
 
 def merge_sql(load: PreparedLoad) -> str:
-    """MERGE of the scratch table into the table, one row per (collection, instance_sha256): a new
-    image is inserted; an image already there under the same archive but another generation (the
-    archive was replaced) takes every new value; a row of one of the load's archives whose image
-    is not in the load is deleted (the replaced archive no longer holds it). Rows of the same
-    object and generation are left alone, so a rerun changes nothing."""
+    """One row per ROW_KEY: a new image is inserted; an image already there under the same archive
+    but another generation (the archive was replaced) takes every new value; a row of one of the
+    load's archives whose image is not in the load is deleted (the replaced archive no longer holds
+    it). Rows of the same object and generation are left alone, so a rerun changes nothing."""
     columns = [f.name for f in load.schema]
     if bad := [name for name in columns if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,299}", name)]:
         raise ValueError(f"invalid column names {bad!r}")
@@ -159,7 +219,6 @@ def merge_sql(load: PreparedLoad) -> str:
 
 
 def merge_parameters(load: PreparedLoad) -> list[bigquery.ArrayQueryParameter]:
-    """`@entity_ids` (a constant list on the clustered column) bounds what the MERGE reads."""
     return [
         bigquery.ArrayQueryParameter("entity_ids", "STRING", load.entity_ids),
         bigquery.ArrayQueryParameter("archive_uris", "STRING", load.archive_uris),
@@ -167,17 +226,13 @@ def merge_parameters(load: PreparedLoad) -> list[bigquery.ArrayQueryParameter]:
 
 
 def run_merge(client: bigquery.Client, load: PreparedLoad) -> bigquery.QueryJob:
-    """Run (or re-attach to) the load's MERGE from its scratch table into the table."""
     job_ids = functools.partial(load.job_id, "merge")
     return run_query(client, "merge", merge_sql(load), merge_parameters(load), job_ids, load.location)
 
 
 def load_rows_exactly_once(client: bigquery.Client, **prepare: Any) -> LoadResult:
-    """Insert the rows whose (collection, instance_sha256) is new; reruns and retries are no-ops.
-
-    Takes prepare_load's arguments. Its `run_key` names the run of the batch (e.g.
-    "<dag_run_id>/<batch_id>"): the same key and rows give the same job ids.
-    """
+    """Takes prepare_load's arguments. Its `run_key` names the run of the batch (e.g.
+    "<dag_run_id>/<batch_id>"): the same key and rows give the same job ids."""
     load = prepare_load(client, **prepare)
     if load.row_count == 0:
         return LoadResult(load.table_id, 0, columns_added=load.columns_added)
@@ -187,7 +242,11 @@ def load_rows_exactly_once(client: bigquery.Client, **prepare: Any) -> LoadResul
         merge_job = run_merge(client, load)
         # An API call, not a job; the table's expiry covers a crash before this line.
         client.delete_table(load.scratch_table_id, not_found_ok=True)
-    inserted, updated, deleted = dml_counts(merge_job)
+    if (stats := merge_job.dml_stats) is not None:
+        counts = (stats.inserted_row_count, stats.updated_row_count, stats.deleted_row_count)
+    else:  # a backend that reports only the total: all of it inserted
+        counts = (merge_job.num_dml_affected_rows, 0, 0)
+    inserted, updated, deleted = (int(n or 0) for n in counts)
     return LoadResult(
         load.table_id,
         load.row_count,

@@ -1,9 +1,6 @@
-"""Rows checked against the table schema before anything reaches BigQuery.
-
-pydantic checks them, with a model built from the schema: every value must fit its column's
-type and mode, and a key that is no column is an error. A bad row fails the load with its row
-number and column, and BigQuery is left untouched. Good values come out ready for an NDJSON load:
-timestamps in UTC, numbers given as text parsed, tuples as lists, a null REPEATED value as [].
+"""Rows checked against the table schema, by a pydantic model built from it, before anything
+reaches BigQuery: a bad row fails the load naming its row and column. Good values come out ready
+for an NDJSON load (timestamps in UTC, numbers given as text parsed, a null REPEATED value as []).
 """
 
 from __future__ import annotations
@@ -20,8 +17,7 @@ from dicom_archive.bigquery_tables import type_and_mode
 
 
 class RowError(ValueError):
-    """Rows that do not fit the schema; `errors` holds (row, column, problem) with the 1-based row
-    (an NDJSON line number where the rows came as NDJSON); `row`, `column`, `problem`: the first."""
+    """`errors`: (1-based row or NDJSON line, column, problem); `row`, `column`, `problem`: the first."""
 
     def __init__(self, errors: Sequence[tuple[int, str | None, str]]) -> None:
         self.errors = list(errors)
@@ -73,8 +69,7 @@ def _row_adapter(schema: tuple[bigquery.SchemaField, ...]) -> TypeAdapter[Any]:
 
 
 def check_rows(rows: Sequence[Mapping[str, Any]] | bytes, schema: Sequence[bigquery.SchemaField]) -> list[dict]:
-    """The rows (dicts, or NDJSON bytes: blank lines skipped but counted) checked against `schema`
-    and normalized; raises RowError naming every bad row and column."""
+    """Blank NDJSON lines are skipped but counted; a RowError names every bad row and column."""
     if isinstance(rows, bytes | bytearray):
         numbered = [(n, line) for n, line in enumerate(bytes(rows).splitlines(), start=1) if line.strip()]
     else:

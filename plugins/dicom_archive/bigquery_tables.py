@@ -1,7 +1,6 @@
 """BigQuery identifiers, the schema files in include/schemas/, and the datasets and tables.
 
-`ensure_table` creates a table from its schema file, or adds the columns the file has gained;
-it never drops or retypes a column: another type or mode is a SchemaConflictError.
+`ensure_table` never drops or retypes a column: another type or mode is a SchemaConflictError.
 """
 
 from __future__ import annotations
@@ -26,24 +25,21 @@ class SchemaConflictError(RuntimeError):
 
 
 def check_project(project: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,1024}", project or ""):
-        raise ValueError(f"invalid BigQuery project id {project!r}")
-    return project
+    return check_name(project, "project", r"[A-Za-z0-9_-]{1,1024}")
 
 
-def check_name(name: str, what: str = "dataset or table") -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_]{1,1024}", name or ""):
-        raise ValueError(f"invalid BigQuery {what} name {name!r} (allowed: A-Z a-z 0-9 _)")
+def check_name(name: str, what: str = "dataset or table", pattern: str = r"[A-Za-z0-9_]{1,1024}") -> str:
+    if not re.fullmatch(pattern, name or ""):
+        raise ValueError(f"invalid BigQuery {what} name {name!r} (allowed: {pattern})")
     return name
 
 
 def table_ref(project: str, dataset_id: str, table: str) -> str:
-    """`project.dataset.table` after validating each part (safe to backquote in SQL)."""
+    """`project.dataset.table`, each part validated, so safe to backquote in SQL."""
     return f"{check_project(project)}.{check_name(dataset_id, 'dataset')}.{check_name(table, 'table')}"
 
 
 def load_schema(table: str = DEFAULT_TABLE) -> list[bigquery.SchemaField]:
-    """A table's schema from its BigQuery JSON schema file, include/schemas/<table>.json."""
     with open(include_dir() / "schemas" / f"{table}.json", encoding="utf-8") as fh:
         return [bigquery.SchemaField.from_api_repr(item) for item in json.load(fh)]
 
@@ -60,7 +56,6 @@ def get_table(client: bigquery.Client, table_id: str) -> bigquery.Table | None:
 
 
 def ensure_dataset(client: bigquery.Client, dataset_id: str, location: str = "US") -> bigquery.Dataset:
-    """The dataset, created in `location` if missing (an existing one keeps its location)."""
     ref = bigquery.DatasetReference(check_project(client.project), check_name(dataset_id, "dataset"))
     try:  # look first: a service account may read and write a dataset it has no right to create
         return client.get_dataset(ref)
@@ -76,15 +71,15 @@ def ensure_table(
     table: str = DEFAULT_TABLE,
     schema: Sequence[bigquery.SchemaField] | None = None,
 ) -> list[str]:
-    """Create the table (day partitions on uploaded_at, clustered on entity_id, item_id) or add
-    the columns it lacks; returns the names of the columns added to an existing table."""
+    """Create the table from its schema file, or add the columns it lacks; returns those added."""
     wanted = list(schema) if schema is not None else load_schema(table)
     table_id = table_ref(client.project, dataset_id, table)
     existing = get_table(client, table_id)
     if existing is None:
         new = bigquery.Table(table_id, schema=wanted)
-        new.time_partitioning = bigquery.TimePartitioning(type_="DAY", field="uploaded_at")
-        new.clustering_fields = list(CLUSTER_FIELDS)
+        if table == DEFAULT_TABLE:
+            new.time_partitioning = bigquery.TimePartitioning(type_="DAY", field="uploaded_at")
+            new.clustering_fields = list(CLUSTER_FIELDS)
         existing = client.create_table(new, exists_ok=True)  # or the one created concurrently
     have = {f.name.lower(): f for f in existing.schema}
     conflicts, missing = [], []

@@ -1,9 +1,6 @@
 """A withdrawal in BigQuery: delete an entity's (or a study's) rows, and log the request once in
-the collection's `withdrawals` table (include/schemas/withdrawals.json).
-
-Both run under deterministic job ids (bigquery_jobs), so a retry re-attaches to the job an earlier
-try ran. The DELETE names the entity as a constant on the clustered column, so BigQuery reads
-only that entity's blocks.
+the collection's `withdrawals` table. Both run under deterministic job ids (bigquery_load.run_job).
+The DELETE names the entity on the clustered column, so BigQuery reads only that entity's blocks.
 """
 
 from __future__ import annotations
@@ -15,19 +12,16 @@ from typing import Any
 
 from google.cloud import bigquery
 
-from dicom_archive.bigquery_jobs import run_query, slug
-from dicom_archive.bigquery_tables import DEFAULT_TABLE, ensure_dataset, get_table, load_schema, table_ref
+from dicom_archive.bigquery_load import run_query, slug
+from dicom_archive.bigquery_tables import DEFAULT_TABLE, ensure_dataset, ensure_table, get_table, load_schema, table_ref
 
 WITHDRAWALS_TABLE = "withdrawals"
 
 
 def ensure_withdrawals_table(client: bigquery.Client, dataset_id: str, location: str | None = None) -> str:
-    """The collection's `withdrawals` table, created if missing."""
     ensure_dataset(client, dataset_id, location or "US")
-    table_id = table_ref(client.project, dataset_id, WITHDRAWALS_TABLE)
-    if get_table(client, table_id) is None:
-        client.create_table(bigquery.Table(table_id, schema=load_schema(WITHDRAWALS_TABLE)), exists_ok=True)
-    return table_id
+    ensure_table(client, dataset_id, WITHDRAWALS_TABLE)
+    return table_ref(client.project, dataset_id, WITHDRAWALS_TABLE)
 
 
 def withdraw_rows_sql(table_id: str, *, whole_entity: bool) -> str:
@@ -53,7 +47,7 @@ def delete_withdrawn_rows(
     table: str = DEFAULT_TABLE,
     location: str | None = None,
 ) -> int:
-    """Delete the entity's (or study's) rows; 0 when the table does not exist."""
+    """The number of rows deleted; 0 when the table does not exist."""
     table_id = table_ref(client.project, dataset_id, table)
     if get_table(client, table_id) is None:
         return 0
@@ -71,7 +65,7 @@ def delete_withdrawn_rows(
 def log_withdrawal(
     client: bigquery.Client, *, dataset_id: str, record: Mapping[str, Any], location: str | None = None
 ) -> None:
-    """The request's row in the `withdrawals` table, inserted once (a rerun or a retry finds it there)."""
+    """Inserted once: a rerun or a retry finds the request's row there."""
     table_id = ensure_withdrawals_table(client, dataset_id, location)
     columns, params = [], []
     for f in load_schema(WITHDRAWALS_TABLE):
