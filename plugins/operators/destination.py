@@ -36,6 +36,9 @@ class GoogleDestinationMixin:
     destination_fields: ClassVar[Mapping[str, str]] = {}
     gcp_conn_id: str
     impersonation_chain: ImpersonationChain
+    # The settings the templates were rendered with: execute uses them rather than reading every
+    # setting (environment, then one Variable each) a second time in the same try.
+    _rendered_settings: Settings | None = None
 
     def _do_render_template_fields(
         self,
@@ -55,14 +58,21 @@ class GoogleDestinationMixin:
         """Fill the destination arguments left at None from the settings; return the settings
         with the task's arguments in place (a bad one fails the task at once)."""
         with fail_at_once_on_permanent_errors():
-            settings = self.destination_settings()
+            settings = self._load_destination_settings()
         for attribute, field in self.destination_fields.items():
             if getattr(self, attribute) is None:
                 setattr(self, attribute, getattr(settings, field))
+        self._rendered_settings = settings
         return settings
 
     def destination_settings(self) -> Settings:
-        """The settings, with this task's destination arguments in place of their settings."""
+        """The settings, with this task's destination arguments in place of their settings (those
+        of the rendering, once the templates were rendered)."""
+        if self._rendered_settings is not None:
+            return self._rendered_settings
+        return self._load_destination_settings()
+
+    def _load_destination_settings(self) -> Settings:
         from hooks.dicom_storage import load_settings
 
         given = {field: getattr(self, attribute) for attribute, field in self.destination_fields.items()}

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from airflow.sdk import BaseSensorOperator, Context, PokeReturnValue
 
 from operators.destination import GoogleDestinationMixin
+from operators.failures import fail_at_once_on_permanent_errors
 
 if TYPE_CHECKING:
     from hooks.dicom_storage import ImpersonationChain
@@ -80,7 +81,8 @@ class CompletedBatchSensor(GoogleDestinationMixin, BaseSensorOperator):
         from dicom_archive.landing import LandingRootError
         from dicom_archive.ledger import check_requested, select_batches
 
-        settings = self.fill_destination()  # done at render time already; a bad setting fails at once
+        with fail_at_once_on_permanent_errors():  # a bad setting fails at once, soft_fail or not
+            settings = self.destination_settings()  # the rendering's, read here only if not rendered
         limit = self.max_batches(settings.max_batches_per_run)
         requested = self._requested_ids()
         if requested is not None:
