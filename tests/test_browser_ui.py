@@ -197,12 +197,14 @@ class Page:
         return path
 
     def text(self) -> str:
-        from selenium.common.exceptions import StaleElementReferenceException
+        from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 
-        for _ in range(20):  # React may replace the body between finding it and reading it
+        # React may replace the body between finding it and reading it, and while the browser
+        # navigates (after the login form's submit) there is briefly no body at all.
+        for _ in range(20):
             try:
                 return self.driver.find_element("tag name", "body").text
-            except StaleElementReferenceException:
+            except (StaleElementReferenceException, NoSuchElementException):
                 time.sleep(0.25)
         return ""
 
