@@ -28,7 +28,7 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
 )
 
-from dicom_archive.archive import ArchiveIntegrityError, write_study_archive
+from dicom_archive.archive import ArchiveIntegrityError, HashingThread, write_study_archive
 from dicom_archive.deid_gate import (
     DeidPolicy,
     PrivateAllow,
@@ -38,7 +38,7 @@ from dicom_archive.deid_gate import (
     judge_field,
     value_looks_like_person_name,
 )
-from dicom_archive.header_walk import WalkError, judge_header, walk_header
+from dicom_archive.header_walk import StrippedReader, WalkError, judge_header, walk_header
 from dicom_archive.landing import LocalLandingZone
 from dicom_archive.plan import plan_batch
 from dicom_archive.publish import publish_study_archive
@@ -581,6 +581,47 @@ def test_strip_streams_large_pixel_data_without_loading_it(tmp_path):
     _, archived = _archived(tmp_path / "again", {"big.dcm": source})
     _, data = archived["big.dcm"]
     assert data.endswith(ds.PixelData)
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES.values(), ids=SYNTAXES.keys())
+def test_the_copy_and_its_hashes_do_not_depend_on_window_read_size_or_thread(tmp_path, syntax):
+    """Windows and reads that cut through dropped ranges, patched lengths and the pixel data give
+    the same copy and the same three hashes as one whole-file pass."""
+    source = encode(_hostile(syntax, False), syntax) + element(0x7FE11001, "LO", b"MRN-TAIL", syntax)
+    path = tmp_path / "x.dcm"
+    path.write_bytes(source)
+    walk = walk_header(io.BytesIO(source), len(source), DeidPolicy())
+    assert walk.rewritten, "the case must drop ranges"
+    assert walk.patches, "the case must patch lengths"
+    expected = None
+    for window, read_size in [(1 << 20, -1), (1, 3), (7, 4096), (64, 1), (333, 100), (len(source) - 1, 50)]:
+        with path.open("rb") as stream, HashingThread.started() as hashing:
+            reader = StrippedReader(stream, walk, window, hashing.run)
+            parts = []
+            while part := reader.read(read_size):
+                parts.append(part)
+            copy = b"".join(parts)
+            assert reader.verify() is None
+            hashing.drain()
+        got = (copy, reader.out_sha.hexdigest(), reader.source_sha.hexdigest())
+        expected = expected or got
+        assert got == expected, (window, read_size)
+    copy, out_sha, source_sha = expected
+    assert len(copy) == walk.output_size
+    assert b"MRN" not in copy
+    assert (out_sha, source_sha) == (hashlib.sha256(copy).hexdigest(), hashlib.sha256(source).hexdigest())
+    assert pydicom.dcmread(io.BytesIO(copy)).PixelData == PIXELS
+
+
+def test_a_copy_whose_walked_bytes_changed_is_refused(tmp_path):
+    source = encode(_hostile(ExplicitVRLittleEndian, False))
+    walk = walk_header(io.BytesIO(source), len(source), DeidPolicy())
+    at = source.index(b"1", source.index(b"DICM") + 200)  # a byte of the public header, walked and kept
+    changed = source[:at] + b"2" + source[at + 1 :]
+    reader = StrippedReader(io.BytesIO(changed), walk, 16)
+    assert len(reader.read()) == walk.output_size
+    assert reader.verify() == "changed"
+    assert StrippedReader(io.BytesIO(changed + b"x"), walk, 16).verify() == "grew"
 
 
 # --- identity re-check at archive time ----------------------------------------------------------

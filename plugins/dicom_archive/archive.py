@@ -6,19 +6,27 @@ header is walked and judged again (header_walk; the pixel data skipped by its le
 file is streamed once into the tar: private elements dropped from the header (DICOM_PRIVATE_TAGS
 =strip), everything else copied as it is, the source and archived sha256 taken on the way.
 Memory stays bounded by the copy buffers and the header, whatever the study size.
+
+Three threads share a build, as `tar | gzip` shares it between two processes: the caller's reads,
+walks and tars the images; one hashes them (HashingThread); one compresses the tar and hashes the
+output (isal's threaded gzip writer). isal and hashlib release the GIL, so a build uses two cores
+where it has them.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import hashlib
 import io
 import tarfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from isal import igzip
+from isal import igzip_threaded
 from pydicom.dataset import Dataset
 
 from dicom_archive.deid_gate import DeidPolicy, StudyIdentity
@@ -85,6 +93,35 @@ class HashingSink(io.RawIOBase):
         return ArchiveDigest(size=self.checksums.size, md5=self.checksums.md5, crc32c=self.checksums.crc32c)
 
 
+class HashingThread:
+    """Runs the images' sha256 updates in one background thread, in the order given (hashlib
+    releases the GIL on large buffers), while the calling thread reads and checks the next bytes.
+    At most `backlog` jobs wait, so memory stays bounded; `drain` waits for all and re-raises."""
+
+    def __init__(self, backlog: int = 4) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="archive-sha256")
+        self._jobs: collections.deque[Future[None]] = collections.deque()
+        self._backlog = backlog
+
+    def run(self, job: Callable[[], None]) -> None:
+        self._jobs.append(self._pool.submit(job))
+        while len(self._jobs) > self._backlog:
+            self._jobs.popleft().result()
+
+    def drain(self) -> None:
+        while self._jobs:
+            self._jobs.popleft().result()
+
+    @classmethod
+    @contextlib.contextmanager
+    def started(cls) -> Iterator[HashingThread]:
+        hashing = cls()
+        try:
+            yield hashing
+        finally:
+            hashing._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def member_name(stem: str, ordinal: int, image: ImageRecord) -> str:
     """Unique by the ordinal; the series folder keeps the archive pleasant to browse.
     Nothing of the anonymizer's file names goes in: names come from validated ids."""
@@ -128,18 +165,23 @@ def write_study_archive(
     image's header is parsed, checked, passed to `row_fields`, and dropped.
     """
     policy = study_policy(group, policy)
-    hashing = HashingSink(sink)
-    members: list[ArchivedMember] = []
+    output = HashingSink(sink)
     stem = group.stem
     with (
-        igzip.GzipFile(filename="", mode="wb", compresslevel=compresslevel, fileobj=hashing, mtime=0) as gz,
+        HashingThread.started() as hashing,
+        # The gzip header is fixed (mtime 0, no file name), and the blocks follow the writes,
+        # which follow the images: the same images give the same bytes.
+        igzip_threaded.open(output, "wb", compresslevel=compresslevel, threads=1, block_size=COPY_CHUNK) as gz,
         tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT, bufsize=COPY_CHUNK) as tar,
     ):
         tar.copybufsize = COPY_CHUNK
         tar.addfile(_tar_info(stem, 0, is_dir=True))
-        for ordinal, image in enumerate(group.sorted_images(), start=1):
-            members.append(_add_image(tar, zone, group, stem, ordinal, image, policy, row_fields))
-    return hashing.digest(), members
+        hashed_members = [
+            _add_image(tar, zone, group, stem, ordinal, image, policy, row_fields, hashing)
+            for ordinal, image in enumerate(group.sorted_images(), start=1)
+        ]
+        hashing.drain()
+    return output.digest(), [member() for member in hashed_members]
 
 
 def _add_image(
@@ -151,7 +193,10 @@ def _add_image(
     image: ImageRecord,
     policy: DeidPolicy,
     row_fields: RowFields | None,
-) -> ArchivedMember:
+    hashing: HashingThread,
+) -> Callable[[], ArchivedMember]:
+    """Checks the image again and streams it into `tar`; returns its member, to be read once
+    `hashing` has drained."""
     name = member_name(stem, ordinal, image)
     where = zone.describe(group.batch_id, image.relpath)
     with zone.open(group.batch_id, image.relpath, chunk_size=COPY_CHUNK) as stream:
@@ -175,7 +220,7 @@ def _add_image(
                 "replaced after planning); nothing of this archive is kept"
             )
         stream.seek(0)
-        reader = StrippedReader(stream, walk, COPY_CHUNK)
+        reader = StrippedReader(stream, walk, COPY_CHUNK, hashing.run)
         try:
             tar.addfile(_tar_info(name, walk.output_size), reader)
         except SizeChangedError as err:
@@ -188,7 +233,7 @@ def _add_image(
         if problem is not None:
             raise ArchiveIntegrityError(f"{where} changed while it was archived")
     fields = row_fields(walk.dataset(), image) if row_fields is not None else {}
-    return ArchivedMember(
+    return lambda: ArchivedMember(
         image.relpath,
         name,
         walk.output_size,
@@ -245,10 +290,13 @@ def hash_study_members(
     building the archive: the same per-image code path (checks included), into no tar."""
     policy = study_policy(group, policy)
     tar: Any = _DigestOnlyTar()
-    return [
-        _add_image(tar, zone, group, group.stem, ordinal, image, policy, row_fields)
-        for ordinal, image in enumerate(group.sorted_images(), start=1)
-    ]
+    with HashingThread.started() as hashing:
+        hashed_members = [
+            _add_image(tar, zone, group, group.stem, ordinal, image, policy, row_fields, hashing)
+            for ordinal, image in enumerate(group.sorted_images(), start=1)
+        ]
+        hashing.drain()
+    return [member() for member in hashed_members]
 
 
 def read_archive_members(stream: BinaryIO) -> list[tuple[str, str]]:

@@ -24,8 +24,9 @@ import hashlib
 import io
 import itertools
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from pydicom.datadict import dictionary_VR, get_private_entry, keyword_for_tag
 from pydicom.dataelem import RawDataElement
@@ -659,18 +660,32 @@ class StrippedReader(io.RawIOBase):
     patched lengths put in, everything else (the pixel data) copied as it is.
 
     Hashes the source (source_sha256), the copy (instance_sha256), and the bytes the walk read,
-    so that `verify` can tell whether the file changed between the walk and the copy."""
+    so that `verify` can tell whether the file changed between the walk and the copy.
 
-    def __init__(self, source: BinaryIO, walk: HeaderWalk, chunk: int = COPY_CHUNK) -> None:
+    The two whole-file hashes are updated in batches of about `chunk` bytes handed to `run_hashing`
+    (by default run at once; the archiver runs them in a background thread): read `source_sha`
+    and `out_sha` only once every batch has run. `read_sha`, which `verify` needs, is updated here."""
+
+    def __init__(
+        self,
+        source: BinaryIO,
+        walk: HeaderWalk,
+        chunk: int = COPY_CHUNK,
+        run_hashing: Callable[[Callable[[], None]], None] | None = None,
+    ) -> None:
         self.source = source
         self.walk = walk
         self.chunk = chunk
         self.source_sha = hashlib.sha256()
         self.out_sha = hashlib.sha256() if walk.rewritten else self.source_sha
         self.read_sha = hashlib.sha256()
+        self._run_hashing = run_hashing or (lambda job: job())
+        self._unhashed: list[tuple[Any, bytes]] = []  # (hash, data) in order, not yet handed over
+        self._unhashed_bytes = 0
         self._pieces = self._intervals()
-        self._index = 0
+        self._index = 0  # of the first piece not wholly read
         self._offset = 0  # in the source
+        self._window, self._window_at = b"", 0  # the copy's current window, and how much was passed on
 
     def readable(self) -> bool:
         return True
@@ -691,46 +706,80 @@ class StrippedReader(io.RawIOBase):
             pieces.append((start, stop, dropped, not skipped, walk.patches.get(start) if stop - start == 4 else None))
         return pieces
 
-    def _next_part(self, limit: int) -> bytes | None:
-        """The next bytes of the copy, at most `limit` (None at the end). The source is read in
-        order, once; dropped ranges are read (for the source digest) and not passed on."""
+    def _next_window(self) -> bytes | None:
+        """The copy of the next `chunk` bytes of the source (None at its end). The source is read
+        in order, once, a window at a time, and hashed whole; dropped ranges are not passed on."""
+        start = self._offset
+        if start >= self.walk.size:
+            self._hand_over()
+            return None
+        n = min(self.chunk, self.walk.size - start)
+        data = self.source.read(n)
+        if len(data) != n:
+            raise SizeChangedError(Reason.UNREADABLE, "the file ended early")
+        self._offset = stop = start + n
+        self._hash(self.source_sha, data)
+        view, parts, unchanged = memoryview(data), [], True
         while self._index < len(self._pieces):
-            start, stop, dropped, walked, patch = self._pieces[self._index]
-            if self._offset >= stop:
-                self._index += 1
-                continue
-            n = min(stop - self._offset, self.chunk if dropped else min(limit, self.chunk))
-            data = self.source.read(n)
-            if len(data) != n:
-                raise SizeChangedError(Reason.UNREADABLE, "the file ended early")
-            relative = self._offset - start
-            self._offset += n
-            self.source_sha.update(data)
+            piece_start, piece_stop, dropped, walked, patch = self._pieces[self._index]
+            if piece_start >= stop:
+                break
+            a, b = max(piece_start, start), min(piece_stop, stop)
             if walked:
-                self.read_sha.update(data)
-            if dropped:
-                continue
-            out = data if patch is None else patch[relative : relative + n]
-            if self.out_sha is not self.source_sha:
-                self.out_sha.update(out)
-            return out
-        return None
+                self.read_sha.update(view[a - start : b - start])
+            if dropped or patch is not None:
+                unchanged = False
+            if not dropped:
+                parts.append(view[a - start : b - start] if patch is None else patch[a - piece_start : b - piece_start])
+            if piece_stop > stop:
+                break
+            self._index += 1
+        out = data if unchanged else b"".join(parts)
+        if self.out_sha is not self.source_sha:
+            self._hash(self.out_sha, out)
+        return out
+
+    def _hash(self, sha: Any, data: bytes) -> None:
+        # Batched: the header's many small pieces would cost more to hand over one by one.
+        self._unhashed.append((sha, data))
+        self._unhashed_bytes += len(data)
+        if self._unhashed_bytes >= self.chunk:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        if not self._unhashed:
+            return
+        batch, self._unhashed, self._unhashed_bytes = self._unhashed, [], 0
+
+        def job() -> None:
+            for sha, data in batch:
+                sha.update(data)
+
+        self._run_hashing(job)
 
     def read(self, size: int = -1) -> bytes:  # type: ignore[override]
-        # Pulled in the sizes tarfile asks for: a part that fits is passed on without a copy.
+        # Pulled in the sizes tarfile asks for: a window that fits is passed on without a copy.
         need = (1 << 62) if size is None or size < 0 else size
         parts = []
         while need > 0:
-            part = self._next_part(need)
-            if part is None:
-                break
+            if self._window_at >= len(self._window):
+                window = self._next_window()
+                if window is None:
+                    break
+                self._window, self._window_at = window, 0
+                continue
+            if self._window_at == 0 and len(self._window) <= need:
+                part = self._window
+            else:
+                part = self._window[self._window_at : self._window_at + need]
+            self._window_at += len(part)
             parts.append(part)
             need -= len(part)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def verify(self) -> str | None:
         """Why the copy cannot be trusted (None: it can): the bytes the walk judged changed."""
-        while self._next_part(self.chunk) is not None:  # dropped ranges at the end are not read yet
+        while self._next_window() is not None:  # dropped ranges at the end are not read yet
             pass
         if self.source.read(1):
             return "grew"
