@@ -10,9 +10,7 @@ a glob, and reads only the manifests of the batches without a report.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -22,8 +20,6 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import google_crc32c
-
 from bench.cloud import PROJECT, HttpCallCounter
 from bench.common import BENCH_DIR, median
 from bench.context import Context
@@ -31,6 +27,7 @@ from bench.results import Result, Target, fmt, ratio
 from dicom_archive.landing import GCSLandingZone
 from dicom_archive.ledger import select_batches
 from dicom_archive.manifest import MANIFEST_NAME, ManifestError, parse_manifest
+from dicom_archive.stores import Checksums
 from tools import emulators
 
 NEW_BATCHES = 10
@@ -98,8 +95,9 @@ def seeded_emulator(reported: int) -> Iterator[tuple[Any, str, list[str]]]:
                 elif isinstance(value, str) and urllib.parse.quote(first, safe="") in value:
                     resource[key] = value.replace(urllib.parse.quote(first, safe=""), urllib.parse.quote(name, safe=""))
             resource["size"] = str(len(data))
-            resource["md5Hash"] = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
-            resource["crc32c"] = base64.b64encode(google_crc32c.Checksum(data).digest()).decode()
+            checksums = Checksums()
+            checksums.update(data)
+            resource["md5Hash"], resource["crc32c"] = checksums.md5, checksums.crc32c
             meta["objects"][bucket_name][name] = resource
             path = store / bucket_name / name
             path.parent.mkdir(parents=True, exist_ok=True)
