@@ -25,6 +25,7 @@ pytestmark = pytest.mark.e2e
 
 DAG_ID = "dicom_storage"
 PASSWORD = "e2e-password"
+COLLECTION = "IRB_e2e_standalone"  # its own: the emulators are shared by the whole session
 BACKFILL_DAYS = ("20240105-0001", "20240106-0001", "20240107-0001")
 OUTSIDE_DAYS = ("20240104-0001", "20240108-0001")
 EARLIER_REPORT = json.dumps({"status": "DONE", "run_key": "an-earlier-run"})
@@ -40,7 +41,7 @@ def standalone(tmp_path_factory, gcs_emulator, bigquery_emulator) -> Iterator[di
     GCSHook().create_bucket(bucket_name=bucket, project_id=PROJECT)
     # Five consecutive days of batches, all in the ledger already (reported by an earlier run): the
     # backfill reprocesses the middle three, and the scheduled run of unpausing has nothing pending.
-    for batch in demo_batches(days=5, start=date(2024, 1, 4)):
+    for batch in demo_batches(days=5, start=date(2024, 1, 4), collection=COLLECTION):
         write_batch(landing, batch)
         (landing / batch.batch_id / "batch.report.json").write_text(EARLIER_REPORT)
 
@@ -69,7 +70,7 @@ def standalone(tmp_path_factory, gcs_emulator, bigquery_emulator) -> Iterator[di
         "SEND_TO_GOOGLE": "true",
         "GOOGLE_CLOUD_STORAGE": bucket,
         "GOOGLE_PROJECT_NAME": PROJECT,
-        "GOOGLE_STORAGE_COLLECTION": "IRB41449",
+        "GOOGLE_STORAGE_COLLECTION": COLLECTION,
         "DICOM_LANDING_ROOT": str(landing),
     }
     airflow = str(REPO_ROOT / ".venv" / "bin" / "airflow")
@@ -138,7 +139,7 @@ def test_backfill_of_three_days_processes_exactly_their_batches(standalone):
 
     names = [b.name for b in GCSHook().get_conn().list_blobs(standalone["bucket"])]
     assert sorted(n for n in names if "/Batches/" in n) == [
-        f"Collection/IRB41449/Batches/{b}.json" for b in BACKFILL_DAYS
+        f"Collection/{COLLECTION}/Batches/{b}.json" for b in BACKFILL_DAYS
     ]
     for outside in OUTSIDE_DAYS:
         assert (landing / outside / "batch.report.json").read_text() == EARLIER_REPORT
