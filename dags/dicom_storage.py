@@ -84,7 +84,7 @@ with DAG(
         from hooks.dicom_storage import DicomStorageHook, load_settings
 
         settings = load_settings()
-        hook = DicomStorageHook()
+        hook = DicomStorageHook.of_settings(settings)
         zone, store = hook.landing_zone(settings), hook.archive_store(settings)
         return plan_run(zone, store, batch_ids, run_id or "manual", settings, explain=hook.explain_google_errors)
 
@@ -117,17 +117,17 @@ with DAG(
         from hooks.dicom_storage import DicomStorageHook, load_settings
 
         settings = load_settings()
+        hook = DicomStorageHook.of_settings(settings)
         plan_refs = plan_refs or []
         collections = sorted({p["collection"] for p in plan_refs if p["collection"] and p["status"] == "DONE"})
         if not settings.send_to_google:
             from batches_view.task_outcome import log_local_rows
 
-            log_local_rows(plan_refs, DicomStorageHook().archive_store(settings))
+            log_local_rows(plan_refs, hook.archive_store(settings))
             return {}
         if not collections:
             log.info("nothing loaded to BigQuery in this run: no batch ended DONE")
             return {}
-        hook = DicomStorageHook()
         client = hook.bigquery_client(settings.project, settings.bigquery_location)
         summaries = {}
         for collection in collections:
@@ -148,7 +148,7 @@ with DAG(
         from hooks.dicom_storage import DicomStorageHook, load_settings
 
         settings = load_settings()
-        hook = DicomStorageHook()
+        hook = DicomStorageHook.of_settings(settings)
 
         def rows_of_batch(plan: Any) -> int:
             table = f"{settings.project}.{plan.collection}.dicom"

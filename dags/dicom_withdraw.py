@@ -72,7 +72,7 @@ with DAG(
                 raise AirflowFailException(str(err)) from err
             return [request.to_dict()]
         settings = load_settings()
-        hook = DicomStorageHook()
+        hook = DicomStorageHook.of_settings(settings)
         requests, problems = pending_requests(hook.landing_zone(settings), hook.archive_store(settings))
         for problem in problems:
             log.warning("not a valid withdrawal request, left alone: %s", problem)

@@ -107,3 +107,63 @@ def test_without_a_chain_the_clients_use_the_connections_own_key(key_connection,
     credentials = hook.storage_client()._credentials
     assert isinstance(credentials, service_account.Credentials)
     assert credentials.service_account_email == SOURCE
+
+
+@pytest.mark.parametrize("kind", ["archive", "bigquery", "withdraw", "sensor"])
+def test_the_identity_setting_is_the_default_and_an_argument_wins(key_connection, local_settings, monkeypatch, kind):
+    monkeypatch.setenv("DICOM_IMPERSONATION_CHAIN", f"{DELEGATE}, {TARGET}")
+    task = make(kind, gcp_conn_id=key_connection)
+    task.render_template_fields({"params": {}})
+    assert task.impersonation_chain == [DELEGATE, TARGET]
+    assert impersonated(task.storage_hook().storage_client()._credentials) == (TARGET, [DELEGATE])
+
+    own = make(kind, gcp_conn_id=key_connection, impersonation_chain=DELEGATE)
+    own.render_template_fields({"params": {}})
+    assert own.impersonation_chain == DELEGATE
+    assert impersonated(own.storage_hook().bigquery_client(PROJECT)._credentials) == (DELEGATE, [])
+
+
+def test_the_dags_own_tasks_build_their_hook_from_the_identity_setting(monkeypatch, tmp_path):
+    """The plan, summary and report tasks (and the withdrawal and batches-view code) take no
+    operator arguments: their hook is DicomStorageHook.of_settings, never a bare DicomStorageHook()."""
+    import ast
+
+    from dicom_archive.settings import Settings
+    from hooks.dicom_storage import DicomStorageHook
+    from tests.conftest import REPO_ROOT
+
+    settings = Settings.load(
+        {
+            "SEND_TO_GOOGLE": "false",
+            "DICOM_LANDING_ROOT": "x",
+            "DICOM_LOCAL_OUTPUT": "y",
+            "DICOM_IMPERSONATION_CHAIN": TARGET,
+        }.get
+    )
+    assert DicomStorageHook.of_settings(settings).impersonation_chain == [TARGET]
+    assert (
+        DicomStorageHook.of_settings(
+            Settings.load({"DICOM_LANDING_ROOT": "x", "DICOM_LOCAL_OUTPUT": "y"}.get)
+        ).impersonation_chain
+        is None
+    )
+
+    sources = [*(REPO_ROOT / "dags").glob("*.py"), REPO_ROOT / "plugins" / "batches_view" / "app.py"]
+    built = []
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = ast.unparse(node.func)
+                if name.startswith("DicomStorageHook"):
+                    built.append((path.name, name))
+    assert built, "the DAGs build hooks"
+    assert {name for _, name in built} == {"DicomStorageHook.of_settings"}, built
+
+
+@pytest.mark.parametrize("value", ["archiver", "a@b@c", "@example.com", "x@", "two words@x.com"])
+def test_a_malformed_identity_setting_fails_the_settings_check(value):
+    from dicom_archive.settings import Settings, SettingsError
+
+    given = {"DICOM_LANDING_ROOT": "x", "DICOM_LOCAL_OUTPUT": "y", "DICOM_IMPERSONATION_CHAIN": f"{TARGET},{value}"}
+    with pytest.raises(SettingsError, match="DICOM_IMPERSONATION_CHAIN: not service account e-mail addresses"):
+        Settings.load(given.get)

@@ -251,7 +251,7 @@ def _sources() -> tuple[Any, Any, Any, list[str]]:
         from hooks.dicom_storage import DicomStorageHook, load_settings
 
         settings = load_settings()
-        hook = DicomStorageHook()
+        hook = DicomStorageHook.of_settings(settings)
         zone = hook.landing_zone(settings)
         try:
             store = hook.archive_store(settings)

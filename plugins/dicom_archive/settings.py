@@ -88,6 +88,15 @@ def _keywords(name: str, value: str | None, default: tuple[str, ...], problems: 
     return names
 
 
+def _service_accounts(name: str, value: str | None, problems: list[str]) -> tuple[str, ...]:
+    """A comma list of service account e-mail addresses (an impersonation chain, the last one used)."""
+    accounts = _names(value, ())
+    bad = [a for a in accounts if a.count("@") != 1 or a.startswith("@") or a.endswith("@") or " " in a]
+    if bad:
+        problems.append(f"{name}: not service account e-mail addresses: {', '.join(bad)}")
+    return accounts
+
+
 def _choice(name: str, value: str | None, default: str, choices: tuple[str, ...], problems: list[str]) -> str:
     word = (value or "").strip().lower() or default
     if word not in choices:
@@ -157,6 +166,8 @@ class Settings:
     # -- which run processes a batch (the ledger): see dicom_archive.ledger and dicom_archive.claims
     max_batches_per_run: int = 200  # oldest completed_at first; also capped at Airflow's max_map_length
     claim_hours: int = 12  # a run's claim on a batch; a dead run's claim can be taken over after it
+    # The identity every task uses when it is given none of its own (an operator's argument wins).
+    impersonation_chain: tuple[str, ...] = ()
 
     @property
     def archive(self) -> ArchiveSettings:
@@ -247,6 +258,9 @@ class Settings:
                 "DICOM_MAX_BATCHES_PER_RUN", get("DICOM_MAX_BATCHES_PER_RUN"), 200, 1, 100_000, problems
             ),
             claim_hours=_int("DICOM_CLAIM_HOURS", get("DICOM_CLAIM_HOURS"), 12, 1, 24 * 30, problems),
+            impersonation_chain=_service_accounts(
+                "DICOM_IMPERSONATION_CHAIN", get("DICOM_IMPERSONATION_CHAIN"), problems
+            ),
         )
         if settings.deid_profile == "basic" and importlib.util.find_spec("dicomanonymizer") is None:
             problems.append("DICOM_DEID_PROFILE=basic needs the dicom-anonymizer package (its PS3.15 Annex E table)")

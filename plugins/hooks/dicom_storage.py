@@ -88,6 +88,12 @@ class DicomStorageHook(BaseHook):
         self.gcp_conn_id = gcp_conn_id
         self.impersonation_chain = impersonation_chain
 
+    @classmethod
+    def of_settings(cls, settings: Settings) -> DicomStorageHook:
+        """The hook of a task without identity arguments of its own: the default connection, and
+        the DICOM_IMPERSONATION_CHAIN setting's service accounts, if any."""
+        return cls(impersonation_chain=list(settings.impersonation_chain) or None)
+
     @cached_property
     def _gcs_hook(self) -> Any:
         from airflow.providers.google.cloud.hooks.gcs import GCSHook

@@ -2,11 +2,12 @@
 
 Like the Google provider's operators, every operator and the sensor of this project take their
 destination (bucket, project, landing root, BigQuery location) and `impersonation_chain` as
-templated keyword arguments. One left at None is filled from the settings when the task renders
-its templates on the worker (never when the DAG is parsed), so the UI's "Rendered Templates"
-shows where a task wrote. The settings are checked there, with the task's own values in place of
-the settings they stand for: a bad setting or argument fails the task at once, without retries,
-even a sensor's with soft_fail.
+templated keyword arguments. One left at None is filled from the settings (the identity from
+DICOM_IMPERSONATION_CHAIN, as for the DAGs' own tasks) when the task renders its templates on the
+worker (never when the DAG is parsed), so the UI's "Rendered Templates" shows where a task wrote.
+The settings are checked there, with the task's own values in place of the settings they stand
+for: a bad setting or argument fails the task at once, without retries, even a sensor's with
+soft_fail.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class GoogleDestinationMixin:
         for attribute, field in self.destination_fields.items():
             if getattr(self, attribute) is None:
                 setattr(self, attribute, getattr(settings, field))
+        if self.impersonation_chain is None and settings.impersonation_chain:
+            self.impersonation_chain = list(settings.impersonation_chain)
         self._rendered_settings = settings
         return settings
 
