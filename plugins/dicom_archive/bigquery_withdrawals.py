@@ -6,13 +6,12 @@ The DELETE names the entity on the clustered column, so BigQuery reads only that
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from google.cloud import bigquery
 
-from dicom_archive.bigquery_load import run_query, slug
+from dicom_archive.bigquery_load import job_key, run_query
 from dicom_archive.bigquery_tables import DEFAULT_TABLE, ensure_dataset, ensure_table, get_table, load_schema, table_ref
 
 WITHDRAWALS_TABLE = "withdrawals"
@@ -31,11 +30,6 @@ def withdraw_rows_sql(table_id: str, *, whole_entity: bool) -> str:
     )
 
 
-def _job_ids(request_id: str, step: str, *key: str) -> Callable[[int], str]:
-    digest = hashlib.sha256("\0".join(key).encode()).hexdigest()[:16]
-    return lambda attempt: f"withdraw_{step}_{slug(request_id)}_{digest}_{attempt}"
-
-
 def delete_withdrawn_rows(
     client: bigquery.Client,
     *,
@@ -44,11 +38,10 @@ def delete_withdrawn_rows(
     request_id: str,
     entity_id: str,
     item_id: str | None,
-    table: str = DEFAULT_TABLE,
     location: str | None = None,
 ) -> int:
     """The number of rows deleted; 0 when the table does not exist."""
-    table_id = table_ref(client.project, dataset_id, table)
+    table_id = table_ref(client.project, dataset_id, DEFAULT_TABLE)
     if get_table(client, table_id) is None:
         return 0
     params: list[Any] = [
@@ -58,8 +51,8 @@ def delete_withdrawn_rows(
     if item_id is not None:
         params.append(bigquery.ScalarQueryParameter("item_id", "STRING", item_id))
     sql = withdraw_rows_sql(table_id, whole_entity=item_id is None)
-    job_ids = _job_ids(request_id, "delete", table_id, request_id, entity_id, item_id or "")
-    return int(run_query(client, "withdrawal delete", sql, params, job_ids, location).num_dml_affected_rows or 0)
+    key = job_key("withdraw_delete", request_id, "\0".join([table_id, entity_id, item_id or ""]).encode())
+    return int(run_query(client, sql, params, key, location).num_dml_affected_rows or 0)
 
 
 def log_withdrawal(
@@ -67,19 +60,18 @@ def log_withdrawal(
 ) -> None:
     """Inserted once: a rerun or a retry finds the request's row there."""
     table_id = ensure_withdrawals_table(client, dataset_id, location)
-    columns, params = [], []
+    params = []
     for f in load_schema(WITHDRAWALS_TABLE):
         value = record.get(f.name)
         if f.field_type == "TIMESTAMP" and value is not None:
             value = dt.datetime.fromisoformat(str(value))
-        columns.append(f.name)
         params.append(
             bigquery.ScalarQueryParameter(f.name, "INT64" if f.field_type == "INTEGER" else f.field_type, value)
         )
+    columns = [p.name for p in params]
     sql = (
         f"MERGE `{table_id}` AS T\nUSING (SELECT {', '.join(f'@{c} AS `{c}`' for c in columns)}) AS S\n"
         f"ON T.`request_id` = S.`request_id`\nWHEN NOT MATCHED THEN\n"
         f"  INSERT ({', '.join(f'`{c}`' for c in columns)}) VALUES ({', '.join(f'S.`{c}`' for c in columns)})\n"
     )
-    request_id = str(record["request_id"])
-    run_query(client, "withdrawal log", sql, params, _job_ids(request_id, "log", table_id, request_id), location)
+    run_query(client, sql, params, job_key("withdraw_log", str(record["request_id"]), table_id.encode()), location)

@@ -106,6 +106,5 @@ class DicomWithdrawOperator(DicomStorageBaseOperator):
             request_id=request.request_id,
             entity_id=request.entity_id,
             item_id=request.item_id,
-            table=TABLE,
             location=location,
         )
