@@ -430,8 +430,7 @@ def test_merge_is_bounded_by_the_batch_entities_on_the_clustered_column(bigquery
     assert "WHEN NOT MATCHED BY SOURCE AND T.`entity_id` IN UNNEST(@entity_ids)" in sql
     assert "PARTITION BY" in sql  # dedup over the scratch table only
     assert (load.entity_ids, load.archive_uris) == (["GL1"], [archive])  # the MERGE's parameters
-    for whole in (True, False):
-        assert "WHERE `entity_id` IN UNNEST(@entity_ids)" in withdraw_rows_sql("p.d.dicom", whole_entity=whole)
+    assert "WHERE `entity_id` IN UNNEST(@entity_ids)" in withdraw_rows_sql("p.d.dicom")
 
     result = bl.load_rows_exactly_once(client, dataset_id=dataset_id, ndjson=to_ndjson(rows), run_key="bounded")
     assert (result.rows_inserted, result.rows_deleted) == (2, 0)

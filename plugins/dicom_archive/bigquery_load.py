@@ -103,7 +103,7 @@ class PreparedLoad:
     schema: list[bigquery.SchemaField]
     ndjson: bytes
     row_count: int
-    location: str | None
+    location: str
     columns_added: list[str]
     entity_ids: list[str]  # of the rows: what the MERGE may touch
     archive_uris: list[str]  # of the rows: the archives whose rows they define
@@ -127,7 +127,7 @@ class LoadResult:
 
 
 def prepare_load(
-    client: bigquery.Client, *, dataset_id: str, ndjson: bytes, run_key: str, location: str | None = None
+    client: bigquery.Client, *, dataset_id: str, ndjson: bytes, run_key: str, location: str = "US"
 ) -> PreparedLoad:
     """Check the rows first (a bad row leaves BigQuery untouched), then ensure the dataset and table."""
     if not run_key:
@@ -136,7 +136,7 @@ def prepare_load(
     schema = tables.load_schema()
     checked = check_rows(ndjson, schema)
     ndjson = to_ndjson(checked)
-    dataset = tables.ensure_dataset(client, dataset_id, location or "US")
+    tables.ensure_dataset(client, dataset_id, location)
     added = tables.ensure_table(client, dataset_id, schema=schema)
     key = job_key(tables.DEFAULT_TABLE, run_key, table_id.encode() + b"\0" + ndjson)
     return PreparedLoad(
@@ -146,7 +146,7 @@ def prepare_load(
         schema=schema,
         ndjson=ndjson,
         row_count=len(checked),
-        location=location or dataset.location,
+        location=location,
         columns_added=added,
         entity_ids=sorted({row["entity_id"] for row in checked}),
         archive_uris=sorted({row["storage_uri"] for row in checked}),

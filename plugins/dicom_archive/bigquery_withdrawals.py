@@ -17,46 +17,44 @@ from dicom_archive.bigquery_tables import DEFAULT_TABLE, ensure_dataset, ensure_
 WITHDRAWALS_TABLE = "withdrawals"
 
 
-def ensure_withdrawals_table(client: bigquery.Client, dataset_id: str, location: str | None = None) -> str:
-    ensure_dataset(client, dataset_id, location or "US")
+def ensure_withdrawals_table(client: bigquery.Client, dataset_id: str, location: str = "US") -> str:
+    ensure_dataset(client, dataset_id, location)
     ensure_table(client, dataset_id, WITHDRAWALS_TABLE)
     return table_ref(client.project, dataset_id, WITHDRAWALS_TABLE)
 
 
-def withdraw_rows_sql(table_id: str, *, whole_entity: bool) -> str:
-    study = "" if whole_entity else "\n  AND `item_id` = @item_id"
+def withdraw_rows_sql(table_id: str) -> str:
+    """A NULL @item_id withdraws the whole entity, any other value the one study."""
     return (
-        f"DELETE FROM `{table_id}`\nWHERE `entity_id` IN UNNEST(@entity_ids)\n  AND `collection` = @collection{study}\n"
+        f"DELETE FROM `{table_id}`\nWHERE `entity_id` IN UNNEST(@entity_ids) AND `collection` = @collection\n"
+        "  AND (@item_id IS NULL OR `item_id` = @item_id)\n"
     )
 
 
 def delete_withdrawn_rows(
     client: bigquery.Client,
     *,
-    dataset_id: str,
     collection: str,
     request_id: str,
     entity_id: str,
     item_id: str | None,
-    location: str | None = None,
+    location: str = "US",
 ) -> int:
-    """The number of rows deleted; 0 when the table does not exist."""
-    table_id = table_ref(client.project, dataset_id, DEFAULT_TABLE)
+    """The number of rows deleted from the collection's dataset; 0 when the table does not exist."""
+    table_id = table_ref(client.project, collection, DEFAULT_TABLE)
     if get_table(client, table_id) is None:
         return 0
-    params: list[Any] = [
+    params = [
         bigquery.ArrayQueryParameter("entity_ids", "STRING", [entity_id]),
         bigquery.ScalarQueryParameter("collection", "STRING", collection),
+        bigquery.ScalarQueryParameter("item_id", "STRING", item_id),
     ]
-    if item_id is not None:
-        params.append(bigquery.ScalarQueryParameter("item_id", "STRING", item_id))
-    sql = withdraw_rows_sql(table_id, whole_entity=item_id is None)
     key = job_key("withdraw_delete", request_id, "\0".join([table_id, entity_id, item_id or ""]).encode())
-    return int(run_query(client, sql, params, key, location).num_dml_affected_rows or 0)
+    return int(run_query(client, withdraw_rows_sql(table_id), params, key, location).num_dml_affected_rows or 0)
 
 
 def log_withdrawal(
-    client: bigquery.Client, *, dataset_id: str, record: Mapping[str, Any], location: str | None = None
+    client: bigquery.Client, *, dataset_id: str, record: Mapping[str, Any], location: str = "US"
 ) -> None:
     """Inserted once: a rerun or a retry finds the request's row there."""
     table_id = ensure_withdrawals_table(client, dataset_id, location)

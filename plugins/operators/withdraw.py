@@ -101,7 +101,6 @@ class DicomWithdrawOperator(DicomStorageBaseOperator):
 
         return delete_withdrawn_rows(
             client,
-            dataset_id=request.collection,
             collection=request.collection,
             request_id=request.request_id,
             entity_id=request.entity_id,
