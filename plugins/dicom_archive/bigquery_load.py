@@ -60,7 +60,7 @@ def succeeded(job: Job) -> bool:
 def run_job(
     client: bigquery.Client,
     key: str,
-    location: str | None,
+    location: str,
     submit: Callable[..., Job],
     usable: Callable[[Job], bool] = lambda job: True,
 ) -> Job:
@@ -84,9 +84,7 @@ def run_job(
     raise BigQueryJobError(f"{MAX_JOB_ATTEMPTS} attempts of job {key} all used")
 
 
-def run_query(
-    client: bigquery.Client, sql: str, params: Sequence[Any], key: str, location: str | None
-) -> bigquery.QueryJob:
+def run_query(client: bigquery.Client, sql: str, params: Sequence[Any], key: str, location: str) -> bigquery.QueryJob:
     config = bigquery.QueryJobConfig(query_parameters=list(params))
     # job_retry=None: a retried query would need a new id, which defeats re-attaching.
     submit = functools.partial(client.query, sql, job_config=config, location=location, job_retry=None)

@@ -8,10 +8,11 @@ from __future__ import annotations
 import datetime as dt
 import functools
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, NotRequired
 
 from google.cloud import bigquery
-from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, create_model
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, with_config
+from typing_extensions import TypedDict  # pydantic takes typing's TypedDict from Python 3.12 on
 
 from dicom_archive.bigquery_tables import type_and_mode
 
@@ -52,18 +53,17 @@ _EMPTY_IF_NULL = BeforeValidator(lambda v: [] if v is None else v)
 
 @functools.lru_cache(maxsize=8)
 def _row_adapter(schema: tuple[bigquery.SchemaField, ...]) -> TypeAdapter[Any]:
-    fields: dict[str, Any] = {}
-    for index, f in enumerate(schema):  # the column name as alias: no clash with pydantic's own names
+    # A TypedDict, not a model: any column name is a key, none clashes with pydantic's own names.
+    columns: dict[str, Any] = {}
+    for f in schema:
         kind, mode = type_and_mode(f)
         value = _VALUE_TYPES.get(kind, Any)
         if mode == "REPEATED":
-            fields[f"c{index}"] = (Annotated[list[value], _EMPTY_IF_NULL], Field([], alias=f.name))
-        elif mode == "REQUIRED":
-            fields[f"c{index}"] = (value, Field(alias=f.name))
+            columns[f.name] = NotRequired[Annotated[list[value], _EMPTY_IF_NULL]]
         else:
-            fields[f"c{index}"] = (value | None, Field(None, alias=f.name))
-    config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
-    return TypeAdapter(create_model("Row", __config__=config, **fields))
+            columns[f.name] = value if mode == "REQUIRED" else NotRequired[value | None]
+    row = TypedDict("Row", columns)  # type: ignore[misc]
+    return TypeAdapter(with_config(ConfigDict(extra="forbid", coerce_numbers_to_str=True))(row))
 
 
 def check_rows(ndjson: bytes, schema: Sequence[bigquery.SchemaField]) -> list[dict]:
@@ -75,7 +75,7 @@ def check_rows(ndjson: bytes, schema: Sequence[bigquery.SchemaField]) -> list[di
             continue
         try:
             valid = adapter.validate_json(line)
-            checked.append(adapter.dump_python(valid, mode="json", by_alias=True, exclude_unset=True))
+            checked.append(adapter.dump_python(valid, mode="json"))
         except ValidationError as exc:
             errors += [_problem(number, err, by_name) for err in exc.errors()]
     if errors:
