@@ -42,8 +42,8 @@ class BigQueryJobError(RuntimeError):
 
 
 def job_key(kind: str, run_key: str, content: bytes) -> str:
-    """`<kind>_<run key made readable>_<digest>`, the start of deterministic job ids: the digest of
-    the run key and `content` (what the jobs do) keeps apart keys that read alike and other work."""
+    """`<kind>_<run key made readable>_<digest>`, the start of deterministic job ids: the digest of the
+    run key and `content` (what the jobs do) keeps apart run keys that read alike, and other work."""
     digest = hashlib.sha256(run_key.encode() + b"\0" + content).hexdigest()[:24]
     readable = re.sub(r"[^A-Za-z0-9_]+", "_", run_key).strip("_")[:100] or "run"
     return f"{kind}_{readable}_{digest}"
