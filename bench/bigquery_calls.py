@@ -15,6 +15,7 @@ from dicom_archive.batch import archive_groups
 from dicom_archive.bigquery_load import load_rows_exactly_once
 from dicom_archive.bigquery_tables import ensure_dataset, ensure_table
 from dicom_archive.landing import LocalLandingZone
+from dicom_archive.ndjson import to_ndjson
 from dicom_archive.plan import plan_batch
 from dicom_archive.rows import RunContext
 from dicom_archive.settings import ArchiveSettings
@@ -64,10 +65,10 @@ def ours(client: Any, template: list[dict[str, Any]], count: int) -> dict[str, A
     dataset = f"bench_load_{count}"
     result = {}
     for label in ("first batch", "next batch"):
-        rows = batch_rows(template, count, f"{count}-{label}")
+        ndjson = to_ndjson(batch_rows(template, count, f"{count}-{label}"))  # as the pipeline stages them
 
-        def action(rows: list[dict[str, Any]] = rows, key: str = f"bench-{count}-{label}") -> None:
-            loaded = load_rows_exactly_once(client, dataset_id=dataset, rows=rows, run_key=key)
+        def action(ndjson: bytes = ndjson, key: str = f"bench-{count}-{label}") -> None:
+            loaded = load_rows_exactly_once(client, dataset_id=dataset, ndjson=ndjson, run_key=key)
             assert loaded.rows_inserted == count, loaded
 
         result[label] = measure(client, action)

@@ -53,7 +53,7 @@ def ours_batch(zone: Zone, store: GCSObjectStore, client: Any) -> dict[str, floa
 
     started = time.monotonic()
     ndjson = staging.read_rows(chunk_id(ref["start"]) for ref in refs)
-    loaded = load_rows_exactly_once(client, dataset_id=plan.collection or "", rows=ndjson, run_key=staging.run_key)
+    loaded = load_rows_exactly_once(client, dataset_id=plan.collection or "", ndjson=ndjson, run_key=staging.run_key)
     phases["BigQuery load + MERGE"] = time.monotonic() - started
     if loaded.rows_inserted != zone.image_count:
         raise RuntimeError(f"loaded {loaded.rows_inserted} rows, expected {zone.image_count}")

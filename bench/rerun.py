@@ -57,7 +57,7 @@ def one_run(zone: Zone, store: GCSObjectStore, client: Any, run_id: str, level: 
 
     started = time.monotonic()
     ndjson = staging.read_rows(chunk_id(ref["start"]) for ref in refs)
-    loaded = load_rows_exactly_once(client, dataset_id=plan.collection or "", rows=ndjson, run_key=staging.run_key)
+    loaded = load_rows_exactly_once(client, dataset_id=plan.collection or "", ndjson=ndjson, run_key=staging.run_key)
     for s in archived:  # what load_metadata does after its MERGE
         if not s.get("rows_loaded"):
             mark_rows_loaded(store, s["name"], s["generation"])

@@ -142,7 +142,9 @@ def test_type_conflict_raises_and_changes_nothing(bigquery_client, dataset_id):
     with pytest.raises(tables.SchemaConflictError, match=r"StudyDate: type STRING in the table, DATE wanted"):
         tables.ensure_table(bigquery_client, dataset_id, schema=full)
     with pytest.raises(tables.SchemaConflictError, match="StudyDate"):
-        bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, rows=[image_row(1)], run_key="r1")
+        bl.load_rows_exactly_once(
+            bigquery_client, dataset_id=dataset_id, ndjson=to_ndjson([image_row(1)]), run_key="r1"
+        )
 
     assert columns(bigquery_client, dataset_id) == before
     assert count_rows(bigquery_client, dataset_id) == (0, 0)
@@ -175,7 +177,7 @@ def test_a_key_that_is_no_column_is_a_bad_row(bigquery_client, dataset_id):
     """Rows always have the schema's columns: an unknown key is an error, never a new column."""
     rows = [image_row(1), image_row(2, scanner_room="R1"), image_row(3, modality="CT")]
     with pytest.raises(RowError) as err:
-        bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, rows=rows, run_key="r1")
+        bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, ndjson=to_ndjson(rows), run_key="r1")
     assert err.value.errors == [
         (2, "scanner_room", "column not in the table schema"),
         (3, "modality", "column not in the table schema"),  # names are matched exactly
@@ -188,10 +190,12 @@ def test_columns_the_schema_file_gained_are_added_on_load(bigquery_client, datas
     full = tables.load_schema()
     tables.ensure_dataset(bigquery_client, dataset_id)
     tables.ensure_table(bigquery_client, dataset_id, schema=full[:-2])
-    first = bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, rows=[image_row(1)], run_key="r1")
+    first = bl.load_rows_exactly_once(
+        bigquery_client, dataset_id=dataset_id, ndjson=to_ndjson([image_row(1)]), run_key="r1"
+    )
     assert first.columns_added == [f.name for f in full[-2:]]
     row = image_row(2, **{full[-1].name: 3})
-    second = bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, rows=[row], run_key="r2")
+    second = bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, ndjson=to_ndjson([row]), run_key="r2")
     assert second.columns_added == []
     sql = f"SELECT InstanceNumber, {full[-1].name} AS added FROM `{first.table_id}` ORDER BY InstanceNumber"
     assert [tuple(r.values()) for r in bigquery_client.query(sql).result()] == [(1, None), (2, 3)]
@@ -205,7 +209,9 @@ def test_load_rerun_and_backfill_leave_one_row_per_image(bigquery_client, datase
     rows = [image_row(n) for n in range(1, 5)]
     before = job_ids(client)
 
-    first = bl.load_rows_exactly_once(client, dataset_id=dataset_id, rows=rows, run_key="manual__2024-05-01")
+    first = bl.load_rows_exactly_once(
+        client, dataset_id=dataset_id, ndjson=to_ndjson(rows), run_key="manual__2024-05-01"
+    )
     first_jobs = job_ids(client) - before
     assert (first.rows_in_batch, first.rows_inserted, first.reattached) == (4, 4, False)
     assert first_jobs == {first.load_job_id, first.merge_job_id}
@@ -214,10 +220,10 @@ def test_load_rerun_and_backfill_leave_one_row_per_image(bigquery_client, datase
     # The scratch table is gone; its expiry was only the fallback.
     assert [t.table_id for t in client.list_tables(dataset_id)] == ["dicom"]
 
-    # Rerun of the same run, rows given as NDJSON this time: the same jobs, nothing new runs.
+    # Rerun of the same run, the rows written by another JSON writer: the same jobs, nothing new runs.
     ndjson = b"\n".join(json.dumps(r).encode() for r in rows)
     mid = job_ids(client)
-    rerun = bl.load_rows_exactly_once(client, dataset_id=dataset_id, rows=ndjson, run_key="manual__2024-05-01")
+    rerun = bl.load_rows_exactly_once(client, dataset_id=dataset_id, ndjson=ndjson, run_key="manual__2024-05-01")
     assert job_ids(client) == mid
     assert rerun.reattached
     assert rerun.merge_job_id == first.merge_job_id
@@ -226,7 +232,10 @@ def test_load_rerun_and_backfill_leave_one_row_per_image(bigquery_client, datase
     # A backfill (new run key) of the same rows plus two new ones inserts only the new ones.
     mid = job_ids(client)
     backfill = bl.load_rows_exactly_once(
-        client, dataset_id=dataset_id, rows=[*rows, image_row(5), image_row(6)], run_key="backfill__2024-05-02"
+        client,
+        dataset_id=dataset_id,
+        ndjson=to_ndjson([*rows, image_row(5), image_row(6)]),
+        run_key="backfill__2024-05-02",
     )
     assert len(job_ids(client) - mid) == 2
     assert (backfill.rows_in_batch, backfill.rows_inserted, backfill.reattached) == (6, 2, False)
@@ -240,7 +249,7 @@ def test_retry_after_failure_between_load_and_merge(bigquery_client, dataset_id)
     before = job_ids(client)
 
     # First try: the load runs, then the worker dies before the MERGE.
-    load = bl.prepare_load(client, dataset_id=dataset_id, rows=rows, run_key="scheduled__1")
+    load = bl.prepare_load(client, dataset_id=dataset_id, ndjson=to_ndjson(rows), run_key="scheduled__1")
     load_job = bl.load_scratch_table(client, load)
     assert job_ids(client) - before == {load_job.job_id}
     assert client.get_table(load.scratch_table_id).num_rows == 3
@@ -249,7 +258,7 @@ def test_retry_after_failure_between_load_and_merge(bigquery_client, dataset_id)
 
     # The retry re-attaches to that load job and runs only the MERGE: two jobs for the batch in all.
     mid = job_ids(client)
-    result = bl.load_rows_exactly_once(client, dataset_id=dataset_id, rows=rows, run_key="scheduled__1")
+    result = bl.load_rows_exactly_once(client, dataset_id=dataset_id, ndjson=to_ndjson(rows), run_key="scheduled__1")
     assert result.load_job_id == load_job.job_id
     assert (result.rows_in_batch, result.rows_inserted) == (3, 3)
     assert job_ids(client) - mid == {result.merge_job_id}
@@ -261,13 +270,13 @@ def test_retry_after_failure_between_load_and_merge(bigquery_client, dataset_id)
 def test_retry_after_merge_ran_reattaches_to_it(bigquery_client, dataset_id):
     client = bigquery_client
     rows = [image_row(n) for n in range(1, 3)]
-    load = bl.prepare_load(client, dataset_id=dataset_id, rows=rows, run_key="r")
+    load = bl.prepare_load(client, dataset_id=dataset_id, ndjson=to_ndjson(rows), run_key="r")
     bl.load_scratch_table(client, load)
     merge = bl.run_merge(client, load)  # the worker dies after this, before cleaning up
     assert merge.num_dml_affected_rows == 2
 
     before = job_ids(client)
-    result = bl.load_rows_exactly_once(client, dataset_id=dataset_id, rows=rows, run_key="r")
+    result = bl.load_rows_exactly_once(client, dataset_id=dataset_id, ndjson=to_ndjson(rows), run_key="r")
     assert job_ids(client) == before
     assert (result.reattached, result.merge_job_id, result.rows_inserted) == (True, merge.job_id, 2)
     assert count_rows(client, dataset_id) == (2, 2)
@@ -280,7 +289,7 @@ def test_duplicates_within_a_batch_give_one_row(bigquery_client, dataset_id):
         image_row(7, uploaded_at="2024-05-01T10:00:03Z", archive_member="later.dcm"),
         image_row(8),
     ]
-    result = bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, rows=rows, run_key="dup")
+    result = bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, ndjson=to_ndjson(rows), run_key="dup")
     assert (result.rows_in_batch, result.rows_inserted) == (4, 2)
     assert count_rows(bigquery_client, dataset_id) == (2, 2)
     sql = f"SELECT archive_member FROM `{result.table_id}` WHERE instance_sha256 = @sha"
@@ -292,12 +301,12 @@ def test_duplicates_within_a_batch_give_one_row(bigquery_client, dataset_id):
 def test_values_round_trip_with_their_types(bigquery_client, dataset_id):
     row = image_row(
         1,
-        uploaded_at=dt.datetime(2024, 5, 1, 12, 30, tzinfo=dt.timezone(dt.timedelta(hours=2))),
-        StudyDate=dt.date(2007, 9, 4),
+        uploaded_at="2024-05-01T12:30:00+02:00",
+        StudyDate="2007-09-04",
         width="640",
-        ImageType=("DERIVED", "SECONDARY"),
+        ImageType=["DERIVED", "SECONDARY"],
     )
-    result = bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, rows=[row], run_key="types")
+    result = bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, ndjson=to_ndjson([row]), run_key="types")
     got = dict(next(iter(bigquery_client.query(f"SELECT * FROM `{result.table_id}`").result())))
     assert got["uploaded_at"] == dt.datetime(2024, 5, 1, 10, 30, tzinfo=dt.UTC)
     assert got["StudyDate"] == dt.date(2007, 9, 4)
@@ -323,7 +332,7 @@ def test_values_round_trip_with_their_types(bigquery_client, dataset_id):
         ({"width": 1.5}, "width", "fractional part"),
         ({"width": 2**63}, "width", "less than or equal to 9223372036854775807"),
         ({"width": True}, "width", "a boolean is not a number"),
-        ({"ImageType": "ORIGINAL"}, "ImageType", "REPEATED STRING: Input should be a valid list (got str)"),
+        ({"ImageType": "ORIGINAL"}, "ImageType", "REPEATED STRING: Input should be a valid array (got str)"),
         ({"ImageType": ["A", None]}, "ImageType", "REPEATED STRING item 1: Input should be a valid string"),
         ({"DicomHeader": "{}"}, "DicomHeader", "not an object or array"),
         ({"Modality": ["CT"]}, "Modality", "NULLABLE STRING: Input should be a valid string (got list)"),
@@ -332,7 +341,7 @@ def test_values_round_trip_with_their_types(bigquery_client, dataset_id):
 def test_bad_value_names_row_and_column_and_changes_nothing(bigquery_client, dataset_id, override, column, words):
     rows = [image_row(1), image_row(2), image_row(3, **override)]
     with pytest.raises(RowError) as err:
-        bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, rows=rows, run_key="bad")
+        bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, ndjson=to_ndjson(rows), run_key="bad")
     assert (err.value.row, err.value.column) == (3, column)
     assert f"row 3, column {column!r}" in str(err.value)
     assert words in str(err.value)
@@ -352,7 +361,9 @@ def test_ndjson_errors_count_lines_and_report_all(bigquery_client, dataset_id):
         "[1]",
     ]
     with pytest.raises(RowError) as err:
-        bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, rows="\n".join(lines).encode(), run_key="bad")
+        bl.load_rows_exactly_once(
+            bigquery_client, dataset_id=dataset_id, ndjson="\n".join(lines).encode(), run_key="bad"
+        )
     # NDJSON line numbers (the blank line 2 counts), every bad line reported, in order.
     assert [(row, column) for row, column, _ in err.value.errors] == [
         (3, "storage_uri"), (4, None), (5, "height"), (6, None),
@@ -367,18 +378,18 @@ def test_ndjson_errors_count_lines_and_report_all(bigquery_client, dataset_id):
 
 def test_load_job_errors_are_surfaced_verbatim(bigquery_client, dataset_id):
     client = bigquery_client
-    load = bl.prepare_load(client, dataset_id=dataset_id, rows=[image_row(1)], run_key="r")
+    load = bl.prepare_load(client, dataset_id=dataset_id, ndjson=to_ndjson([image_row(1)]), run_key="r")
     # Bytes that skipped validation, under the load's own job id (attempt 0).
     broken = dataclasses.replace(load, ndjson=b'{"collection": "c", "uploaded_at": "not a time"}\n')
     with pytest.raises(BigQueryJobError) as err:
         bl.load_scratch_table(client, broken)
-    assert load.job_id("load", 0) in str(err.value)
-    failed = client.get_job(load.job_id("load", 0))
+    assert f"{load.job_key}_load_0" in str(err.value)
+    failed = client.get_job(f"{load.job_key}_load_0")
     assert failed.error_result["message"] in str(err.value)
 
     # The retry skips the failed attempt's id and loads under the next one.
     job = bl.load_scratch_table(client, load)
-    assert job.job_id == load.job_id("load", 1)
+    assert job.job_id == f"{load.job_key}_load_1"
     assert client.get_table(load.scratch_table_id).num_rows == 1
 
 
@@ -386,14 +397,14 @@ def test_identifiers_are_validated(bigquery_client):
     with pytest.raises(ValueError, match="dataset"):
         tables.ensure_dataset(bigquery_client, "IRB`; DROP")
     with pytest.raises(ValueError, match="table"):
-        bl.load_rows_exactly_once(bigquery_client, dataset_id="IRB1", rows=[image_row(1)], run_key="r", table="dicom-x")
+        tables.table_ref(bigquery_client.project, "IRB1", "dicom-x")
     with pytest.raises(ValueError, match="run_key"):
-        bl.load_rows_exactly_once(bigquery_client, dataset_id="IRB1", rows=[image_row(1)], run_key="")
+        bl.load_rows_exactly_once(bigquery_client, dataset_id="IRB1", ndjson=to_ndjson([image_row(1)]), run_key="")
 
 
 def test_empty_batch_runs_no_job(bigquery_client, dataset_id):
     before = job_ids(bigquery_client)
-    result = bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, rows=[], run_key="empty")
+    result = bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, ndjson=to_ndjson([]), run_key="empty")
     assert (result.rows_in_batch, result.rows_inserted, result.merge_job_id) == (0, 0, None)
     assert job_ids(bigquery_client) == before
     assert count_rows(bigquery_client, dataset_id) == (0, 0)
@@ -409,21 +420,19 @@ def test_merge_is_bounded_by_the_batch_entities_on_the_clustered_column(bigquery
     client = bigquery_client
     archive = image_row(1)["storage_uri"]
     others = [image_row(n, entity_id="OTHER", storage_uri=archive) for n in (101, 102)]  # same uri, other entity
-    bl.load_rows_exactly_once(client, dataset_id=dataset_id, rows=others, run_key="others")
+    bl.load_rows_exactly_once(client, dataset_id=dataset_id, ndjson=to_ndjson(others), run_key="others")
     rows = [image_row(n, entity_id="GL1") for n in (1, 4)]
-    load = bl.prepare_load(client, dataset_id=dataset_id, rows=rows, run_key="bounded")
+    load = bl.prepare_load(client, dataset_id=dataset_id, ndjson=to_ndjson(rows), run_key="bounded")
 
     sql = bl.merge_sql(load)
     assert "ON T.`collection` = S.`collection` AND T.`instance_sha256` = S.`instance_sha256` AND " in sql
     assert sql.count("T.`entity_id` IN UNNEST(@entity_ids)") == 2  # the join, and the delete of stale rows
     assert "WHEN NOT MATCHED BY SOURCE AND T.`entity_id` IN UNNEST(@entity_ids)" in sql
     assert "PARTITION BY" in sql  # dedup over the scratch table only
-    params = {p.name: p.values for p in bl.merge_parameters(load)}
-    assert params == {"entity_ids": ["GL1"], "archive_uris": [archive]}
-    for whole in (True, False):
-        assert "WHERE `entity_id` IN UNNEST(@entity_ids)" in withdraw_rows_sql("p.d.dicom", whole_entity=whole)
+    assert (load.entity_ids, load.archive_uris) == (["GL1"], [archive])  # the MERGE's parameters
+    assert "WHERE `entity_id` IN UNNEST(@entity_ids)" in withdraw_rows_sql("p.d.dicom")
 
-    result = bl.load_rows_exactly_once(client, dataset_id=dataset_id, rows=rows, run_key="bounded")
+    result = bl.load_rows_exactly_once(client, dataset_id=dataset_id, ndjson=to_ndjson(rows), run_key="bounded")
     assert (result.rows_inserted, result.rows_deleted) == (2, 0)
     kept = client.query(f"SELECT COUNT(*) AS n FROM `{table_id(client, dataset_id)}` WHERE entity_id = 'OTHER'")
     assert next(iter(kept.result()))["n"] == 2, "rows outside the batch's entities are never touched"
@@ -432,20 +441,20 @@ def test_merge_is_bounded_by_the_batch_entities_on_the_clustered_column(bigquery
 def test_replaced_archive_rows_are_updated_and_stale_ones_deleted(bigquery_client, dataset_id):
     client = bigquery_client
     old = [image_row(n, entity_id="GL1", storage_generation=1) for n in (1, 4, 7)]
-    bl.load_rows_exactly_once(client, dataset_id=dataset_id, rows=old, run_key="first")
+    bl.load_rows_exactly_once(client, dataset_id=dataset_id, ndjson=to_ndjson(old), run_key="first")
     # The corrected archive: image 7 gone, image 4 changed (a new sha), image 1 unchanged, new generation.
     new = [
         image_row(1, entity_id="GL1", storage_generation=2, batch_id="batch-2"),
         image_row(40, entity_id="GL1", storage_generation=2, batch_id="batch-2", storage_uri=old[0]["storage_uri"]),
     ]
-    result = bl.load_rows_exactly_once(client, dataset_id=dataset_id, rows=new, run_key="second")
+    result = bl.load_rows_exactly_once(client, dataset_id=dataset_id, ndjson=to_ndjson(new), run_key="second")
     assert (result.rows_inserted, result.rows_updated, result.rows_deleted) == (1, 1, 2)
     got = client.query(
         f"SELECT instance_sha256, storage_generation, batch_id FROM `{table_id(client, dataset_id)}` ORDER BY 1"
     ).result()
     assert [tuple(r.values()) for r in got] == [(f"{1:064x}", 2, "batch-2"), (f"{40:064x}", 2, "batch-2")]
     # The same batch again changes nothing.
-    again = bl.load_rows_exactly_once(client, dataset_id=dataset_id, rows=new, run_key="third")
+    again = bl.load_rows_exactly_once(client, dataset_id=dataset_id, ndjson=to_ndjson(new), run_key="third")
     assert (again.rows_inserted, again.rows_updated, again.rows_deleted) == (0, 0, 0)
 
 

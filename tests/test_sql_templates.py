@@ -13,6 +13,7 @@ import pytest
 from dicom_archive import bigquery_load as bl
 from dicom_archive import sql_templates as st
 from dicom_archive.bigquery_withdrawals import log_withdrawal
+from dicom_archive.ndjson import to_ndjson
 
 PROJECT = "test-project"
 UTC = dt.UTC
@@ -73,11 +74,12 @@ def loaded(bigquery_client, dataset_id) -> str:
     """The dataset with the fixture rows in `dicom` and two rows in a second table."""
     rows = fixture_rows()
     assert len(rows) == 10
-    result = bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, rows=rows, run_key="fixture")
-    assert result.rows_inserted == 10
-    bl.load_rows_exactly_once(
-        bigquery_client, dataset_id=dataset_id, rows=rows[:2], run_key="fixture", table="dicom_extra"
+    result = bl.load_rows_exactly_once(
+        bigquery_client, dataset_id=dataset_id, ndjson=to_ndjson(rows), run_key="fixture"
     )
+    assert result.rows_inserted == 10
+    extra = f"{bigquery_client.project}.{dataset_id}.dicom_extra"
+    bigquery_client.query(f"CREATE TABLE `{extra}` AS SELECT * FROM `{result.table_id}` LIMIT 2").result()
     return dataset_id
 
 
@@ -258,7 +260,7 @@ def test_find_studies(bigquery_client, loaded, params, expected):
 def test_summary_of_a_fresh_rerun_is_unchanged(bigquery_client, loaded):
     # A rerun of the same rows under a new run key (a backfill) must not change any count.
     before = run(bigquery_client, "modality_summary", loaded)
-    bl.load_rows_exactly_once(bigquery_client, dataset_id=loaded, rows=fixture_rows(), run_key="backfill")
+    bl.load_rows_exactly_once(bigquery_client, dataset_id=loaded, ndjson=to_ndjson(fixture_rows()), run_key="backfill")
     assert run(bigquery_client, "modality_summary", loaded) == before
     text = st.format_table(before)
     assert text.splitlines()[2] == "CT       |      4 |       2 |        2"

@@ -18,7 +18,7 @@ import functools
 import hashlib
 import io
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,9 +41,12 @@ class BigQueryJobError(RuntimeError):
     """A load or query job failed; the message carries BigQuery's own errors."""
 
 
-def slug(key: str) -> str:
-    """The readable part of an id made from a key (a digest beside it keeps apart keys that sanitize alike)."""
-    return re.sub(r"[^A-Za-z0-9_]+", "_", key).strip("_")[:100] or "run"
+def job_key(kind: str, run_key: str, content: bytes) -> str:
+    """`<kind>_<run key made readable>_<digest>`, the start of deterministic job ids: the digest of the
+    run key and `content` (what the jobs do) keeps apart run keys that read alike, and other work."""
+    digest = hashlib.sha256(run_key.encode() + b"\0" + content).hexdigest()[:24]
+    readable = re.sub(r"[^A-Za-z0-9_]+", "_", run_key).strip("_")[:100] or "run"
+    return f"{kind}_{readable}_{digest}"
 
 
 def succeeded(job: Job) -> bool:
@@ -56,19 +59,19 @@ def succeeded(job: Job) -> bool:
 
 def run_job(
     client: bigquery.Client,
-    job_id: Callable[[int], str],
-    location: str | None,
-    step: str,
-    submit: Callable[[str], Job],
+    key: str,
+    location: str,
+    submit: Callable[..., Job],
     usable: Callable[[Job], bool] = lambda job: True,
 ) -> Job:
-    """`submit(job_id(attempt))` under the first free attempt id, awaited; a taken id whose job
-    succeeded (and is still `usable`) is that job, one whose job failed is burnt."""
+    """`submit(job_id=...)` under `<key>_<attempt>`, the first free attempt, awaited; a taken id whose
+    job succeeded (and is still `usable`) is that job, one whose job failed is burnt."""
     for attempt in range(MAX_JOB_ATTEMPTS):
+        job_id = f"{key}_{attempt}"
         try:
-            job = submit(job_id(attempt))
+            job = submit(job_id=job_id)
         except gexc.Conflict:
-            job = client.get_job(job_id(attempt), location=location)
+            job = client.get_job(job_id, location=location)
             if succeeded(job) and usable(job):
                 return job
             continue
@@ -76,26 +79,16 @@ def run_job(
             job.result()
         except gexc.GoogleAPICallError as exc:
             details = {"error_result": job.error_result, "errors": job.errors}
-            raise BigQueryJobError(f"{step} job {job.job_id} failed: {details} ({exc})") from exc
+            raise BigQueryJobError(f"job {job_id} failed: {details} ({exc})") from exc
         return job
-    raise BigQueryJobError(f"{step}: {MAX_JOB_ATTEMPTS} attempts of {job_id(0)} all used")
+    raise BigQueryJobError(f"{MAX_JOB_ATTEMPTS} attempts of job {key} all used")
 
 
-def run_query(
-    client: bigquery.Client,
-    step: str,
-    sql: str,
-    params: Sequence[Any],
-    job_id: Callable[[int], str],
-    location: str | None,
-) -> bigquery.QueryJob:
+def run_query(client: bigquery.Client, sql: str, params: Sequence[Any], key: str, location: str) -> bigquery.QueryJob:
     config = bigquery.QueryJobConfig(query_parameters=list(params))
-
-    def submit(this_id: str) -> bigquery.QueryJob:
-        # job_retry=None: a retried query would need a new id, which defeats re-attaching.
-        return client.query(sql, job_id=this_id, location=location, job_retry=None, job_config=config)
-
-    return run_job(client, job_id, location, step, submit)
+    # job_retry=None: a retried query would need a new id, which defeats re-attaching.
+    submit = functools.partial(client.query, sql, job_config=config, location=location, job_retry=None)
+    return run_job(client, key, location, submit)
 
 
 @dataclass(frozen=True)
@@ -104,59 +97,54 @@ class PreparedLoad:
 
     table_id: str
     scratch_table_id: str
-    job_key: str  # <table>_{step}_<run key>_<digest of the run key, table and rows>
+    job_key: str  # jobs are <job_key>_<step>_<attempt>
     schema: list[bigquery.SchemaField]
     ndjson: bytes
     row_count: int
-    location: str | None
+    location: str
     columns_added: list[str]
     entity_ids: list[str]  # of the rows: what the MERGE may touch
     archive_uris: list[str]  # of the rows: the archives whose rows they define
-
-    def job_id(self, step: str, attempt: int) -> str:
-        return f"{self.job_key.format(step=step)}_{attempt}"
 
 
 @dataclass(frozen=True)
 class LoadResult:
     table_id: str
     rows_in_batch: int
+    columns_added: list[str] = field(default_factory=list)
     rows_inserted: int = 0
     rows_updated: int = 0  # rows moved to a replaced archive's new object
     rows_deleted: int = 0  # rows of images a replaced archive no longer holds
     load_job_id: str | None = None
     merge_job_id: str | None = None
-    columns_added: list[str] = field(default_factory=list)
-    reattached: bool = False  # the MERGE had already run (an earlier try of the same rows)
+
+    @property
+    def reattached(self) -> bool:
+        """The MERGE had already run (an earlier try of the same rows): this try ran no job."""
+        return self.merge_job_id is not None and self.load_job_id is None
 
 
 def prepare_load(
-    client: bigquery.Client,
-    *,
-    dataset_id: str,
-    rows: Sequence[Mapping[str, Any]] | bytes,
-    run_key: str,
-    table: str = tables.DEFAULT_TABLE,
-    location: str | None = None,
+    client: bigquery.Client, *, dataset_id: str, ndjson: bytes, run_key: str, location: str = "US"
 ) -> PreparedLoad:
     """Check the rows first (a bad row leaves BigQuery untouched), then ensure the dataset and table."""
     if not run_key:
         raise ValueError("run_key must not be empty")
-    table_id = tables.table_ref(client.project, dataset_id, table)
+    table_id = tables.table_ref(client.project, dataset_id, tables.DEFAULT_TABLE)
     schema = tables.load_schema()
-    checked = check_rows(rows, schema)
+    checked = check_rows(ndjson, schema)
     ndjson = to_ndjson(checked)
-    dataset = tables.ensure_dataset(client, dataset_id, location or "US")
-    added = tables.ensure_table(client, dataset_id, table, schema)
-    digest = hashlib.sha256(b"\0".join([run_key.encode(), table_id.encode(), ndjson])).hexdigest()[:24]
+    tables.ensure_dataset(client, dataset_id, location)
+    added = tables.ensure_table(client, dataset_id, schema=schema)
+    key = job_key(tables.DEFAULT_TABLE, run_key, table_id.encode() + b"\0" + ndjson)
     return PreparedLoad(
         table_id=table_id,
-        scratch_table_id=f"{client.project}.{dataset_id}._scratch_{table}_{slug(run_key)}_{digest[:12]}",
-        job_key=f"{table}_{{step}}_{slug(run_key)}_{digest}",
+        scratch_table_id=f"{client.project}.{dataset_id}._scratch_{key}",
+        job_key=key,
         schema=schema,
         ndjson=ndjson,
         row_count=len(checked),
-        location=location or dataset.location,
+        location=location,
         columns_added=added,
         entity_ids=sorted({row["entity_id"] for row in checked}),
         archive_uris=sorted({row["storage_uri"] for row in checked}),
@@ -167,7 +155,7 @@ def find_done_merge(client: bigquery.Client, load: PreparedLoad) -> bigquery.Que
     """The successful MERGE of an earlier try of this load, if any (waits for a running one)."""
     for attempt in range(MAX_JOB_ATTEMPTS):
         try:
-            job = client.get_job(load.job_id("merge", attempt), location=load.location)
+            job = client.get_job(f"{load.job_key}_merge_{attempt}", location=load.location)
         except gexc.NotFound:
             return None
         if succeeded(job):
@@ -182,26 +170,26 @@ def load_scratch_table(client: bigquery.Client, load: PreparedLoad) -> bigquery.
     config = bigquery.LoadJobConfig(
         schema=load.schema, source_format="NEWLINE_DELIMITED_JSON", write_disposition="WRITE_TRUNCATE"
     )
-
-    def submit(job_id: str) -> bigquery.LoadJob:  # no size given: a resumable upload, which every backend takes
-        source = io.BytesIO(load.ndjson)
-        return client.load_table_from_file(source, scratch, job_id=job_id, location=load.location, job_config=config)
+    # No size given: a resumable upload, which every backend takes; rewound for each attempt.
+    source = io.BytesIO(load.ndjson)
+    submit = functools.partial(
+        client.load_table_from_file, source, scratch, rewind=True, location=load.location, job_config=config
+    )
 
     def rows_present(job: bigquery.LoadJob) -> bool:
         table = tables.get_table(client, load.scratch_table_id)
         return table is not None and table.num_rows == job.output_rows == load.row_count
 
-    return run_job(client, functools.partial(load.job_id, "load"), load.location, "load", submit, rows_present)
+    return run_job(client, f"{load.job_key}_load", load.location, submit, rows_present)
 
 
 def merge_sql(load: PreparedLoad) -> str:
     """One row per ROW_KEY: a new image is inserted; an image already there under the same archive
     but another generation (the archive was replaced) takes every new value; a row of one of the
     load's archives whose image is not in the load is deleted (the replaced archive no longer holds
-    it). Rows of the same object and generation are left alone, so a rerun changes nothing."""
+    it). Rows of the same object and generation are left alone, so a rerun changes nothing.
+    The column names are the schema file's, which BigQuery took when it created the table."""
     columns = [f.name for f in load.schema]
-    if bad := [name for name in columns if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,299}", name)]:
-        raise ValueError(f"invalid column names {bad!r}")
     names = ", ".join(f"`{c}`" for c in columns)
     return (
         f"MERGE `{load.table_id}` AS T\nUSING (\n  SELECT * FROM `{load.scratch_table_id}`\n"
@@ -218,16 +206,12 @@ def merge_sql(load: PreparedLoad) -> str:
     )
 
 
-def merge_parameters(load: PreparedLoad) -> list[bigquery.ArrayQueryParameter]:
-    return [
+def run_merge(client: bigquery.Client, load: PreparedLoad) -> bigquery.QueryJob:
+    params = [
         bigquery.ArrayQueryParameter("entity_ids", "STRING", load.entity_ids),
         bigquery.ArrayQueryParameter("archive_uris", "STRING", load.archive_uris),
     ]
-
-
-def run_merge(client: bigquery.Client, load: PreparedLoad) -> bigquery.QueryJob:
-    job_ids = functools.partial(load.job_id, "merge")
-    return run_query(client, "merge", merge_sql(load), merge_parameters(load), job_ids, load.location)
+    return run_query(client, merge_sql(load), params, f"{load.job_key}_merge", load.location)
 
 
 def load_rows_exactly_once(client: bigquery.Client, **prepare: Any) -> LoadResult:
@@ -235,26 +219,13 @@ def load_rows_exactly_once(client: bigquery.Client, **prepare: Any) -> LoadResul
     "<dag_run_id>/<batch_id>"): the same key and rows give the same job ids."""
     load = prepare_load(client, **prepare)
     if load.row_count == 0:
-        return LoadResult(load.table_id, 0, columns_added=load.columns_added)
+        return LoadResult(load.table_id, 0, load.columns_added)
     merge_job, load_job_id = find_done_merge(client, load), None
     if merge_job is None:
         load_job_id = load_scratch_table(client, load).job_id
         merge_job = run_merge(client, load)
         # An API call, not a job; the table's expiry covers a crash before this line.
         client.delete_table(load.scratch_table_id, not_found_ok=True)
-    if (stats := merge_job.dml_stats) is not None:
-        counts = (stats.inserted_row_count, stats.updated_row_count, stats.deleted_row_count)
-    else:  # a backend that reports only the total: all of it inserted
-        counts = (merge_job.num_dml_affected_rows, 0, 0)
-    inserted, updated, deleted = (int(n or 0) for n in counts)
-    return LoadResult(
-        load.table_id,
-        load.row_count,
-        inserted,
-        updated,
-        deleted,
-        load_job_id,
-        merge_job.job_id,
-        load.columns_added,
-        reattached=load_job_id is None,
-    )
+    stats = merge_job.dml_stats
+    counts = (stats.inserted_row_count, stats.updated_row_count, stats.deleted_row_count)
+    return LoadResult(load.table_id, load.row_count, load.columns_added, *counts, load_job_id, merge_job.job_id)

@@ -1,5 +1,5 @@
-"""Rows checked against the table schema, by a pydantic model built from it, before anything
-reaches BigQuery: a bad row fails the load naming its row and column. Good values come out ready
+"""NDJSON rows checked against the table schema, by a pydantic model built from it, before anything
+reaches BigQuery: a bad row fails the load naming its line and column. Good values come out ready
 for an NDJSON load (timestamps in UTC, numbers given as text parsed, a null REPEATED value as []).
 """
 
@@ -8,16 +8,17 @@ from __future__ import annotations
 import datetime as dt
 import functools
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, NotRequired
 
 from google.cloud import bigquery
-from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, create_model
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, with_config
+from typing_extensions import TypedDict  # pydantic takes typing's TypedDict from Python 3.12 on
 
 from dicom_archive.bigquery_tables import type_and_mode
 
 
 class RowError(ValueError):
-    """`errors`: (1-based row or NDJSON line, column, problem); `row`, `column`, `problem`: the first."""
+    """`errors`: (1-based NDJSON line, column, problem); `row`, `column`, `problem`: the first."""
 
     def __init__(self, errors: Sequence[tuple[int, str | None, str]]) -> None:
         self.errors = list(errors)
@@ -39,12 +40,10 @@ def _reject(test: Any, problem: str) -> Any:
 _NUMBER = BeforeValidator(_reject(lambda v: isinstance(v, bool), "a boolean is not a number"))  # pydantic: True == 1
 # BigQuery reads a timestamp without offset as UTC; so do we, and give each instant one spelling.
 _UTC = AfterValidator(lambda t: t.replace(tzinfo=dt.UTC) if t.tzinfo is None else t.astimezone(dt.UTC))
-# Types this project does not use (NUMERIC, RECORD, ...) are left for BigQuery to check.
+# The types of include/schemas/; any other (FLOAT, RECORD, ...) is left for the load job to check.
 _VALUE_TYPES: dict[str, Any] = {
     "STRING": str,
     "INTEGER": Annotated[int, _NUMBER, Field(ge=-(2**63), le=2**63 - 1)],
-    "FLOAT": Annotated[float, _NUMBER, Field(allow_inf_nan=False)],
-    "BOOLEAN": bool,
     "DATE": dt.date,
     "TIMESTAMP": Annotated[dt.datetime, _UTC],
     "JSON": Annotated[Any, AfterValidator(_reject(lambda v: not isinstance(v, dict | list), "not an object or array"))],
@@ -54,32 +53,29 @@ _EMPTY_IF_NULL = BeforeValidator(lambda v: [] if v is None else v)
 
 @functools.lru_cache(maxsize=8)
 def _row_adapter(schema: tuple[bigquery.SchemaField, ...]) -> TypeAdapter[Any]:
-    fields: dict[str, Any] = {}
-    for index, f in enumerate(schema):  # the column name as alias: no clash with pydantic's own names
+    # A TypedDict, not a model: any column name is a key, none clashes with pydantic's own names.
+    columns: dict[str, Any] = {}
+    for f in schema:
         kind, mode = type_and_mode(f)
         value = _VALUE_TYPES.get(kind, Any)
         if mode == "REPEATED":
-            fields[f"c{index}"] = (Annotated[list[value], _EMPTY_IF_NULL], Field([], alias=f.name))
-        elif mode == "REQUIRED":
-            fields[f"c{index}"] = (value, Field(alias=f.name))
+            columns[f.name] = NotRequired[Annotated[list[value], _EMPTY_IF_NULL]]
         else:
-            fields[f"c{index}"] = (value | None, Field(None, alias=f.name))
-    config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
-    return TypeAdapter(create_model("Row", __config__=config, **fields))
+            columns[f.name] = value if mode == "REQUIRED" else NotRequired[value | None]
+    row = TypedDict("Row", columns)  # type: ignore[misc]
+    return TypeAdapter(with_config(ConfigDict(extra="forbid", coerce_numbers_to_str=True))(row))
 
 
-def check_rows(rows: Sequence[Mapping[str, Any]] | bytes, schema: Sequence[bigquery.SchemaField]) -> list[dict]:
-    """Blank NDJSON lines are skipped but counted; a RowError names every bad row and column."""
-    if isinstance(rows, bytes | bytearray):
-        numbered = [(n, line) for n, line in enumerate(bytes(rows).splitlines(), start=1) if line.strip()]
-    else:
-        numbered = list(enumerate(rows, start=1))
+def check_rows(ndjson: bytes, schema: Sequence[bigquery.SchemaField]) -> list[dict]:
+    """Blank lines are skipped but counted; a RowError names every bad line and column."""
     adapter, by_name = _row_adapter(tuple(schema)), {f.name: f for f in schema}
     checked, errors = [], []
-    for number, row in numbered:
+    for number, line in enumerate(ndjson.splitlines(), start=1):
+        if not line.strip():
+            continue
         try:
-            valid = adapter.validate_json(row) if isinstance(row, bytes) else adapter.validate_python(row)
-            checked.append(adapter.dump_python(valid, mode="json", by_alias=True, exclude_unset=True))
+            valid = adapter.validate_json(line)
+            checked.append(adapter.dump_python(valid, mode="json"))
         except ValidationError as exc:
             errors += [_problem(number, err, by_name) for err in exc.errors()]
     if errors:

@@ -24,11 +24,9 @@ class SchemaConflictError(RuntimeError):
     """An existing column has another type or mode than wanted; nothing is changed."""
 
 
-def check_project(project: str) -> str:
-    return check_name(project, "project", r"[A-Za-z0-9_-]{1,1024}")
-
-
-def check_name(name: str, what: str = "dataset or table", pattern: str = r"[A-Za-z0-9_]{1,1024}") -> str:
+def check_name(name: str, what: str) -> str:
+    """`what`: "project" (which may hold a hyphen), "dataset" or "table"."""
+    pattern = r"[A-Za-z0-9_-]{1,1024}" if what == "project" else r"[A-Za-z0-9_]{1,1024}"
     if not re.fullmatch(pattern, name or ""):
         raise ValueError(f"invalid BigQuery {what} name {name!r} (allowed: {pattern})")
     return name
@@ -36,7 +34,7 @@ def check_name(name: str, what: str = "dataset or table", pattern: str = r"[A-Za
 
 def table_ref(project: str, dataset_id: str, table: str) -> str:
     """`project.dataset.table`, each part validated, so safe to backquote in SQL."""
-    return f"{check_project(project)}.{check_name(dataset_id, 'dataset')}.{check_name(table, 'table')}"
+    return f"{check_name(project, 'project')}.{check_name(dataset_id, 'dataset')}.{check_name(table, 'table')}"
 
 
 def load_schema(table: str = DEFAULT_TABLE) -> list[bigquery.SchemaField]:
@@ -45,7 +43,7 @@ def load_schema(table: str = DEFAULT_TABLE) -> list[bigquery.SchemaField]:
 
 
 def type_and_mode(f: bigquery.SchemaField) -> tuple[str, str]:
-    return _TYPE_ALIASES.get(f.field_type.upper(), f.field_type.upper()), (f.mode or "NULLABLE").upper()
+    return _TYPE_ALIASES.get(f.field_type, f.field_type), f.mode  # both upper case, mode NULLABLE if unset
 
 
 def get_table(client: bigquery.Client, table_id: str) -> bigquery.Table | None:
@@ -56,7 +54,7 @@ def get_table(client: bigquery.Client, table_id: str) -> bigquery.Table | None:
 
 
 def ensure_dataset(client: bigquery.Client, dataset_id: str, location: str = "US") -> bigquery.Dataset:
-    ref = bigquery.DatasetReference(check_project(client.project), check_name(dataset_id, "dataset"))
+    ref = bigquery.DatasetReference(check_name(client.project, "project"), check_name(dataset_id, "dataset"))
     try:  # look first: a service account may read and write a dataset it has no right to create
         return client.get_dataset(ref)
     except gexc.NotFound:

@@ -6,80 +6,70 @@ The DELETE names the entity on the clustered column, so BigQuery reads only that
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from google.cloud import bigquery
 
-from dicom_archive.bigquery_load import run_query, slug
+from dicom_archive.bigquery_load import job_key, run_query
 from dicom_archive.bigquery_tables import DEFAULT_TABLE, ensure_dataset, ensure_table, get_table, load_schema, table_ref
 
 WITHDRAWALS_TABLE = "withdrawals"
 
 
-def ensure_withdrawals_table(client: bigquery.Client, dataset_id: str, location: str | None = None) -> str:
-    ensure_dataset(client, dataset_id, location or "US")
+def ensure_withdrawals_table(client: bigquery.Client, dataset_id: str, location: str = "US") -> str:
+    ensure_dataset(client, dataset_id, location)
     ensure_table(client, dataset_id, WITHDRAWALS_TABLE)
     return table_ref(client.project, dataset_id, WITHDRAWALS_TABLE)
 
 
-def withdraw_rows_sql(table_id: str, *, whole_entity: bool) -> str:
-    study = "" if whole_entity else "\n  AND `item_id` = @item_id"
+def withdraw_rows_sql(table_id: str) -> str:
+    """A NULL @item_id withdraws the whole entity, any other value the one study."""
     return (
-        f"DELETE FROM `{table_id}`\nWHERE `entity_id` IN UNNEST(@entity_ids)\n  AND `collection` = @collection{study}\n"
+        f"DELETE FROM `{table_id}`\nWHERE `entity_id` IN UNNEST(@entity_ids) AND `collection` = @collection\n"
+        "  AND (@item_id IS NULL OR `item_id` = @item_id)\n"
     )
-
-
-def _job_ids(request_id: str, step: str, *key: str) -> Callable[[int], str]:
-    digest = hashlib.sha256("\0".join(key).encode()).hexdigest()[:16]
-    return lambda attempt: f"withdraw_{step}_{slug(request_id)}_{digest}_{attempt}"
 
 
 def delete_withdrawn_rows(
     client: bigquery.Client,
     *,
-    dataset_id: str,
     collection: str,
     request_id: str,
     entity_id: str,
     item_id: str | None,
-    table: str = DEFAULT_TABLE,
-    location: str | None = None,
+    location: str = "US",
 ) -> int:
-    """The number of rows deleted; 0 when the table does not exist."""
-    table_id = table_ref(client.project, dataset_id, table)
+    """The number of rows deleted from the collection's dataset; 0 when the table does not exist."""
+    table_id = table_ref(client.project, collection, DEFAULT_TABLE)
     if get_table(client, table_id) is None:
         return 0
-    params: list[Any] = [
+    params = [
         bigquery.ArrayQueryParameter("entity_ids", "STRING", [entity_id]),
         bigquery.ScalarQueryParameter("collection", "STRING", collection),
+        bigquery.ScalarQueryParameter("item_id", "STRING", item_id),
     ]
-    if item_id is not None:
-        params.append(bigquery.ScalarQueryParameter("item_id", "STRING", item_id))
-    sql = withdraw_rows_sql(table_id, whole_entity=item_id is None)
-    job_ids = _job_ids(request_id, "delete", table_id, request_id, entity_id, item_id or "")
-    return int(run_query(client, "withdrawal delete", sql, params, job_ids, location).num_dml_affected_rows or 0)
+    key = job_key("withdraw_delete", request_id, "\0".join([table_id, entity_id, item_id or ""]).encode())
+    return int(run_query(client, withdraw_rows_sql(table_id), params, key, location).num_dml_affected_rows or 0)
 
 
 def log_withdrawal(
-    client: bigquery.Client, *, dataset_id: str, record: Mapping[str, Any], location: str | None = None
+    client: bigquery.Client, *, dataset_id: str, record: Mapping[str, Any], location: str = "US"
 ) -> None:
     """Inserted once: a rerun or a retry finds the request's row there."""
     table_id = ensure_withdrawals_table(client, dataset_id, location)
-    columns, params = [], []
+    params = []
     for f in load_schema(WITHDRAWALS_TABLE):
         value = record.get(f.name)
         if f.field_type == "TIMESTAMP" and value is not None:
             value = dt.datetime.fromisoformat(str(value))
-        columns.append(f.name)
         params.append(
             bigquery.ScalarQueryParameter(f.name, "INT64" if f.field_type == "INTEGER" else f.field_type, value)
         )
+    columns = [p.name for p in params]
     sql = (
         f"MERGE `{table_id}` AS T\nUSING (SELECT {', '.join(f'@{c} AS `{c}`' for c in columns)}) AS S\n"
         f"ON T.`request_id` = S.`request_id`\nWHEN NOT MATCHED THEN\n"
         f"  INSERT ({', '.join(f'`{c}`' for c in columns)}) VALUES ({', '.join(f'S.`{c}`' for c in columns)})\n"
     )
-    request_id = str(record["request_id"])
-    run_query(client, "withdrawal log", sql, params, _job_ids(request_id, "log", table_id, request_id), location)
+    run_query(client, sql, params, job_key("withdraw_log", str(record["request_id"]), table_id.encode()), location)

@@ -15,7 +15,7 @@ from typing import Any
 import jinja2
 from google.cloud import bigquery
 
-from dicom_archive.bigquery_tables import DEFAULT_TABLE, check_name, check_project
+from dicom_archive.bigquery_tables import DEFAULT_TABLE, check_name
 from dicom_archive.resources import include_dir
 
 SQL_DIR = include_dir() / "sql"
@@ -43,7 +43,7 @@ def render_sql(name: str, *, project: str, dataset: str, table: str = DEFAULT_TA
     if not _TEMPLATE_RE.match(name) or name not in available_templates():
         raise ValueError(f"unknown SQL template {name!r}; known: {', '.join(available_templates())}")
     return _env.get_template(f"{name}.sql").render(
-        project=check_project(project), dataset=check_name(dataset, "dataset"), table=check_name(table, "table")
+        project=check_name(project, "project"), dataset=check_name(dataset, "dataset"), table=check_name(table, "table")
     )
 
 

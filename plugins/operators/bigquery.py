@@ -133,9 +133,8 @@ class DicomMetadataToBigQueryOperator(DicomStorageBaseOperator):
             loaded = load_rows_exactly_once(
                 client,
                 dataset_id=collection,
-                rows=ndjson,
+                ndjson=ndjson,
                 run_key=self.plan_ref["run_key"],
-                table=TABLE,
                 location=settings.bigquery_location,
             )
         return {

@@ -101,11 +101,9 @@ class DicomWithdrawOperator(DicomStorageBaseOperator):
 
         return delete_withdrawn_rows(
             client,
-            dataset_id=request.collection,
             collection=request.collection,
             request_id=request.request_id,
             entity_id=request.entity_id,
             item_id=request.item_id,
-            table=TABLE,
             location=location,
         )
