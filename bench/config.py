@@ -37,7 +37,7 @@ class Sizes:
 FULL = Sizes(
     archive_studies=4,
     archive_images=60,  # ~126 MB per kind
-    archive_repeats=3,
+    archive_repeats=5,  # single builds of ~0.6 s vary by 30% here (first runs slower)
     e2e=ZoneSpec(studies=8, images_per_study=50, image_kb=IMAGE_KB),  # 400 images, ~210 MB
     memory_gb=(0.5, 1.0, 2.0, 4.0),
     bigquery_rows=(100, 1_000, 10_000),

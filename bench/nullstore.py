@@ -7,6 +7,7 @@ disk writes, so a measurement sees only the task's own CPU, reads and memory.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -46,6 +47,12 @@ class NullObjectStore:
 
     def delete(self, name: str, generation: int | None) -> None:
         self.objects.pop(name, None)
+
+    def update_metadata(
+        self, name: str, metadata: dict[str, str], *, if_metageneration_match: int | None
+    ) -> StoredObject:
+        self.objects[name] = dataclasses.replace(self.objects[name], metadata=dict(metadata))
+        return self.objects[name]
 
     def write_bytes(self, name: str, data: bytes, content_type: str) -> StoredObject:
         with self.writer(name, metadata={}, content_type=content_type, if_generation_match=None) as sink:
