@@ -624,6 +624,34 @@ def test_a_copy_whose_walked_bytes_changed_is_refused(tmp_path):
     assert StrippedReader(io.BytesIO(changed + b"x"), walk, 16).verify() == "grew"
 
 
+def test_the_archiver_reads_a_file_from_disk_once(tmp_path):
+    """The walk (pixel data skipped to the end of the file) and the copy after it share one
+    buffered read of the file: nothing is read twice. (A file whose walk reads its last byte,
+    an element after the pixel data or small pixel data, is read twice from the page cache.)"""
+
+    class CountingFile(io.FileIO):
+        returned = 0
+
+        def readinto(self, buffer):  # type: ignore[override]
+            n = super().readinto(buffer)
+            CountingFile.returned += n or 0
+            return n
+
+    ds = base()
+    ds.Rows = ds.Columns = 512
+    ds.PixelData = bytes(range(256)) * (512 * 512 * 2 // 256)  # 512 KiB: skipped by the walk, as in CT
+    source = encode(ds)
+    path = tmp_path / "x.dcm"
+    path.write_bytes(source)
+    with io.BufferedReader(CountingFile(str(path)), 1 << 20) as stream:
+        walk = walk_header(stream, len(source), DeidPolicy(), check_end=False)
+        stream.seek(0)
+        reader = StrippedReader(stream, walk, 1 << 20)
+        assert reader.read() == source
+        assert reader.verify() is None
+    assert CountingFile.returned == len(source)
+
+
 # --- identity re-check at archive time ----------------------------------------------------------
 
 

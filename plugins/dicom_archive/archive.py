@@ -203,7 +203,7 @@ def _add_image(
         # The whole header is walked and judged again here: a file swapped after planning must
         # never be uploaded unchecked, nor under another study's name.
         try:
-            walk = walk_header(stream, image.size, policy)
+            walk = walk_header(stream, image.size, policy, check_end=False)  # the reader's verify does
         except SizeChangedError as err:
             change = "grew" if "grew" in err.detail else "changed size"
             raise ArchiveIntegrityError(f"{where} {change} since it was checked ({err.detail})") from err

@@ -202,9 +202,11 @@ class _Scope:
 
 
 class _Walker:
-    def __init__(self, stream: BinaryIO, size: int, policy: DeidPolicy) -> None:
+    def __init__(self, stream: BinaryIO, size: int, policy: DeidPolicy, check_end: bool = True) -> None:
         self.stream = stream
         self.size = size
+        self.check_end = check_end
+        self.seek_pending = False  # the stream is not at window_start + len(window) yet
         self.policy = policy
         self.strip = policy.private_tags == "strip"
         self.profile = policy.profile == "basic"
@@ -233,6 +235,13 @@ class _Walker:
         base = self.window_start
         kept = self.window[self.pos - base :]
         wanted = max(end - self.pos, READ_AHEAD) - len(kept)
+        if self.seek_pending:
+            self.stream.seek(self.pos)
+            self.seek_pending = False
+        if not self.check_end:
+            # Never past the listed size: a read at the end of a buffered stream drops its buffer,
+            # and the archiver reads the same file again from it (StrippedReader checks the end).
+            wanted = min(wanted, self.size - self.pos - len(kept))
         self.window = kept + self.stream.read(wanted) if wanted > 0 else kept
         self.window_start = self.pos
 
@@ -257,8 +266,9 @@ class _Walker:
         self.pos += n
         self.hashed = self.pos
         if self.pos > self.window_start + len(self.window):
-            self.stream.seek(self.pos)
-            self.window, self.window_start = b"", self.pos
+            # The stream moves on the next read only: a buffered stream asked to go back to 0
+            # right after a seek to its buffer's end forgets the buffer and reads the file again.
+            self.window, self.window_start, self.seek_pending = b"", self.pos, True
 
     def at_end(self) -> bool:
         """Whether the file ends where it was listed to end (no byte past `size`)."""
@@ -294,8 +304,9 @@ class _Walker:
         self.walk.implicit, self.walk.little = implicit, little
         top = _Frame(0, "", implicit, little, discard=False, rewrite=self.strip)
         self._dataset(_Scope(), None, top, first=first)
-        if not self.at_end():
+        if self.check_end and not self.at_end():
             raise SizeChangedError(Reason.UNREADABLE, "the file grew: it is longer than its listed size")
+        self._hash_pending()
         self.walk.read_sha256 = self.sha.hexdigest()
         self.walk.removals.sort()
         for container in self.all_containers:
@@ -588,10 +599,12 @@ def _decode(value: bytes) -> str:
     return value.decode("latin-1").strip(" \0")
 
 
-def walk_header(stream: BinaryIO, size: int, policy: DeidPolicy) -> HeaderWalk:
-    """Walk a whole Part 10 file from its first byte. Raises WalkError (quarantine the image)."""
+def walk_header(stream: BinaryIO, size: int, policy: DeidPolicy, *, check_end: bool = True) -> HeaderWalk:
+    """Walk a whole Part 10 file from its first byte. Raises WalkError (quarantine the image).
+
+    `check_end=False` reads nothing past `size` (the caller checks that the file ends there)."""
     try:
-        return _Walker(stream, size, policy).run()
+        return _Walker(stream, size, policy, check_end).run()
     except (struct.error, UnicodeDecodeError) as err:
         raise WalkError(Reason.NOT_DICOM, f"does not parse as DICOM ({type(err).__name__})") from err
     except RecursionError as err:
