@@ -71,6 +71,10 @@ def run(ctx: Context) -> Result:
     emulators = ctx.emulators()
     store = GCSObjectStore(emulators.storage_client().create_bucket("bench-rerun"))
     client = emulators.bigquery_client()
+    # The end-to-end benchmark loads the same images into the same collection of these emulators:
+    # a first run must start from an empty table.
+    collection = plan_batch(LocalLandingZone(zone.root), zone.batch_id).collection or ""
+    client.delete_dataset(collection, delete_contents=True, not_found_ok=True)
 
     first = one_run(zone, store, client, "bench__first", level=1)
     rerun = one_run(zone, store, client, "bench__rerun", level=3)

@@ -86,14 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     names = [name for name in BENCHMARKS if not args.only or name in args.only]
     command = shlex.join(["python", "-m", "bench.run", *(sys.argv[1:] if argv is None else argv)])
     ctx = Context(sizes=sizes, quick=args.quick)
-    try:
-        results = [run_one(name, ctx, command) for name in names]
-    finally:
-        ctx.close()
     machine = report.machine_info()
     path = report.QUICK_JSON if args.quick else report.RESULTS_JSON
+    results = []
+    try:
+        for name in names:
+            results.append(run_one(name, ctx, command))
+            # Kept as each one ends: a benchmark that crashes does not take the others' figures along.
+            everything = report.merged(results, path)
+            report.write_json(everything, machine, path)
+    finally:
+        ctx.close()
     everything = report.merged(results, path)
-    report.write_json(everything, machine, path)
     print(f"\nwrote {path}")
     missing = [name for name in BENCHMARKS if name not in everything]
     if not args.quick and not missing:
