@@ -81,8 +81,8 @@ def run_child(root: Path, batch_id: str, target: str) -> dict:
     return json.loads(out.decode().strip().splitlines()[-1])
 
 
-def write_study(root: Path, images: int) -> int:
-    (spec,) = synthetic_batches(1, 1, images, IMAGE_KB, "ct")
+def write_study(root: Path, images: int, image_kb: int = IMAGE_KB) -> int:
+    (spec,) = synthetic_batches(1, 1, images, image_kb, "ct")
     write_batch(root, spec)
     return sum(p.stat().st_size for p in (root / spec.batch_id).rglob("*") if p.is_file())
 
@@ -135,3 +135,13 @@ def test_peak_memory_streaming_into_the_gcs_emulator(studies, bucket_name):
     finally:
         for blob in bucket.list_blobs():
             blob.delete()  # free the emulator's memory
+
+
+def test_peak_memory_is_flat_for_a_study_of_many_small_images(tmp_path):
+    """Each image fits in one copy window: what the archiver keeps per image until the study's end
+    (the members, their hashes) must not include the image."""
+    size = write_study(tmp_path / "many", 640, image_kb=512)  # about 330 MB
+    assert size > 300 * MB
+    result = run_child(tmp_path / "many", "synth-0001", str(tmp_path / "out"))
+    assert (result["outcome"], result["images"]) == ("written", 640)
+    assert (result["peak_kb"] - result["baseline_kb"]) * 1024 < 64 * MB, result

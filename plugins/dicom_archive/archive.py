@@ -233,14 +233,18 @@ def _add_image(
         if problem is not None:
             raise ArchiveIntegrityError(f"{where} changed while it was archived")
     fields = row_fields(walk.dataset(), image) if row_fields is not None else {}
+    # Only the hash objects wait for the drain: the reader (its last window is the image, for a
+    # small one) and the walk must not live until the end of the study.
+    relpath, size, removed = image.relpath, walk.output_size, walk.private_removed
+    out_sha, source_sha = reader.out_sha, reader.source_sha
     return lambda: ArchivedMember(
-        image.relpath,
+        relpath,
         name,
-        walk.output_size,
-        reader.out_sha.hexdigest(),
+        size,
+        out_sha.hexdigest(),
         fields,
-        source_sha256=reader.source_sha.hexdigest(),
-        private_elements_removed=walk.private_removed,
+        source_sha256=source_sha.hexdigest(),
+        private_elements_removed=removed,
     )
 
 
