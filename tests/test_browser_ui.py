@@ -49,6 +49,13 @@ def _copy_metadata_db(source: Path, home: Path) -> None:
         Pool.create_or_update_pool(pool, slots, "browser test", include_deferred=False)
     with sqlite3.connect(source / "airflow.db") as src, sqlite3.connect(home / "airflow.db") as dst:
         src.backup(dst)
+        # The earlier tests left their DAGs' next scheduled run in the copy: the new scheduler would
+        # start it (hourly, from the old parse) before the DAG is parsed again with DICOM_SCHEDULE=none,
+        # and that run would race the test's own for the same batches.
+        dst.execute(
+            "UPDATE dag SET next_dagrun = NULL, next_dagrun_data_interval_start = NULL,"
+            " next_dagrun_data_interval_end = NULL, next_dagrun_create_after = NULL"
+        )
 
 
 @pytest.fixture(scope="module")
