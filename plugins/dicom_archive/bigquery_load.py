@@ -1,14 +1,12 @@
 """Exactly-once loading of a landing batch's image rows into the BigQuery table `dicom`.
 
-Plain Python on `google.cloud.bigquery.Client` (production gets one from `BigQueryHook`), so it
-runs the same against BigQuery and an emulator. A batch costs at most two jobs: a load into a
-scratch table (one per run and rows, expiring after a day) and one MERGE into the table, which
-makes reruns and backfills no-ops. Cost O(batch), not O(table): the MERGE names the entity ids
-it may touch as a constant list on the table's clustered column, so BigQuery reads only their blocks.
+Plain Python on `google.cloud.bigquery.Client` (production gets one from `BigQueryHook`), so it runs
+the same against BigQuery and an emulator. A batch costs at most two jobs: a load into a scratch
+table (expiring after a day) and one MERGE, which makes reruns and backfills no-ops. The MERGE names
+the entity ids it may touch on the table's clustered column, so it reads only their blocks.
 
-Every job runs under a deterministic id ending in the attempt number: attempt 0 first, the next
-only after one failed (BigQuery never reuses an id). An id already taken (409) belongs to an
-earlier try: if that job succeeded, it is awaited and used instead of starting another one.
+Every job runs under a deterministic id ending in the attempt number; the next attempt only after
+one failed (BigQuery never reuses an id). A taken id (409) whose job succeeded is that job, awaited.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ import hashlib
 import io
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from google.api_core import exceptions as gexc
@@ -32,7 +30,6 @@ from dicom_archive.ndjson import to_ndjson
 ROW_KEY = ("collection", "instance_sha256")
 # Tie-breakers after uploaded_at so the row kept among duplicates does not depend on scan order.
 DEDUPE_ORDER = ("uploaded_at", "storage_uri", "archive_member")
-SCRATCH_TTL = dt.timedelta(days=1)
 MAX_JOB_ATTEMPTS = 20  # each failed attempt burns an id; more than this is a real problem
 Job = bigquery.LoadJob | bigquery.QueryJob
 
@@ -45,8 +42,7 @@ def job_key(kind: str, run_key: str, content: bytes) -> str:
     """`<kind>_<run key made readable>_<digest>`, the start of deterministic job ids: the digest of the
     run key and `content` (what the jobs do) keeps apart run keys that read alike, and other work."""
     digest = hashlib.sha256(run_key.encode() + b"\0" + content).hexdigest()[:24]
-    readable = re.sub(r"[^A-Za-z0-9_]+", "_", run_key).strip("_")[:100] or "run"
-    return f"{kind}_{readable}_{digest}"
+    return f"{kind}_{re.sub(r'[^A-Za-z0-9_]+', '_', run_key).strip('_')[:100] or 'run'}_{digest}"
 
 
 def succeeded(job: Job) -> bool:
@@ -87,8 +83,9 @@ def run_job(
 def run_query(client: bigquery.Client, sql: str, params: Sequence[Any], key: str, location: str) -> bigquery.QueryJob:
     config = bigquery.QueryJobConfig(query_parameters=list(params))
     # job_retry=None: a retried query would need a new id, which defeats re-attaching.
-    submit = functools.partial(client.query, sql, job_config=config, location=location, job_retry=None)
-    return run_job(client, key, location, submit)
+    return run_job(
+        client, key, location, functools.partial(client.query, sql, config, location=location, job_retry=None)
+    )
 
 
 @dataclass(frozen=True)
@@ -98,7 +95,6 @@ class PreparedLoad:
     table_id: str
     scratch_table_id: str
     job_key: str  # jobs are <job_key>_<step>_<attempt>
-    schema: list[bigquery.SchemaField]
     ndjson: bytes
     row_count: int
     location: str
@@ -111,16 +107,15 @@ class PreparedLoad:
 class LoadResult:
     table_id: str
     rows_in_batch: int
-    columns_added: list[str] = field(default_factory=list)
+    columns_added: list[str]
     rows_inserted: int = 0
     rows_updated: int = 0  # rows moved to a replaced archive's new object
     rows_deleted: int = 0  # rows of images a replaced archive no longer holds
-    load_job_id: str | None = None
+    load_job_id: str | None = None  # None with a merge_job_id: an earlier try's MERGE, re-attached
     merge_job_id: str | None = None
 
     @property
     def reattached(self) -> bool:
-        """The MERGE had already run (an earlier try of the same rows): this try ran no job."""
         return self.merge_job_id is not None and self.load_job_id is None
 
 
@@ -131,17 +126,14 @@ def prepare_load(
     if not run_key:
         raise ValueError("run_key must not be empty")
     table_id = tables.table_ref(client.project, dataset_id, tables.DEFAULT_TABLE)
-    schema = tables.load_schema()
-    checked = check_rows(ndjson, schema)
+    checked = check_rows(ndjson, tables.load_schema())
     ndjson = to_ndjson(checked)
-    tables.ensure_dataset(client, dataset_id, location)
-    added = tables.ensure_table(client, dataset_id, schema=schema)
+    added = tables.ensure_table(client, dataset_id, location=location)
     key = job_key(tables.DEFAULT_TABLE, run_key, table_id.encode() + b"\0" + ndjson)
     return PreparedLoad(
         table_id=table_id,
         scratch_table_id=f"{client.project}.{dataset_id}._scratch_{key}",
         job_key=key,
-        schema=schema,
         ndjson=ndjson,
         row_count=len(checked),
         location=location,
@@ -164,16 +156,21 @@ def find_done_merge(client: bigquery.Client, load: PreparedLoad) -> bigquery.Que
 
 
 def load_scratch_table(client: bigquery.Client, load: PreparedLoad) -> bigquery.LoadJob:
-    scratch = bigquery.Table(load.scratch_table_id, schema=load.schema)
-    scratch.expires = dt.datetime.now(dt.UTC) + SCRATCH_TTL  # so one whose MERGE never ran goes too
+    schema = tables.load_schema()
+    scratch = bigquery.Table(load.scratch_table_id, schema=schema)
+    scratch.expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)  # so one whose MERGE never ran goes too
     client.create_table(scratch, exists_ok=True)
     config = bigquery.LoadJobConfig(
-        schema=load.schema, source_format="NEWLINE_DELIMITED_JSON", write_disposition="WRITE_TRUNCATE"
+        schema=schema, source_format="NEWLINE_DELIMITED_JSON", write_disposition="WRITE_TRUNCATE"
     )
     # No size given: a resumable upload, which every backend takes; rewound for each attempt.
-    source = io.BytesIO(load.ndjson)
     submit = functools.partial(
-        client.load_table_from_file, source, scratch, rewind=True, location=load.location, job_config=config
+        client.load_table_from_file,
+        io.BytesIO(load.ndjson),
+        scratch,
+        rewind=True,
+        location=load.location,
+        job_config=config,
     )
 
     def rows_present(job: bigquery.LoadJob) -> bool:
@@ -189,8 +186,7 @@ def merge_sql(load: PreparedLoad) -> str:
     load's archives whose image is not in the load is deleted (the replaced archive no longer holds
     it). Rows of the same object and generation are left alone, so a rerun changes nothing.
     The column names are the schema file's, which BigQuery took when it created the table."""
-    columns = [f.name for f in load.schema]
-    names = ", ".join(f"`{c}`" for c in columns)
+    columns = [f.name for f in tables.load_schema()]
     return (
         f"MERGE `{load.table_id}` AS T\nUSING (\n  SELECT * FROM `{load.scratch_table_id}`\n"
         # WHERE TRUE: BigQuery accepts QUALIFY only next to WHERE, GROUP BY or HAVING.
@@ -200,7 +196,8 @@ def merge_sql(load: PreparedLoad) -> str:
         f"WHEN MATCHED AND T.`storage_uri` = S.`storage_uri`\n"
         f"  AND T.`storage_generation` IS DISTINCT FROM S.`storage_generation` THEN\n"
         f"  UPDATE SET {', '.join(f'`{c}` = S.`{c}`' for c in columns if c not in ROW_KEY)}\n"
-        f"WHEN NOT MATCHED THEN\n  INSERT ({names})\n  VALUES ({', '.join(f'S.`{c}`' for c in columns)})\n"
+        f"WHEN NOT MATCHED THEN\n  INSERT ({', '.join(f'`{c}`' for c in columns)})\n"
+        f"  VALUES ({', '.join(f'S.`{c}`' for c in columns)})\n"
         f"WHEN NOT MATCHED BY SOURCE AND T.`entity_id` IN UNNEST(@entity_ids)\n"
         f"  AND T.`storage_uri` IN UNNEST(@archive_uris) THEN\n  DELETE\n"
     )

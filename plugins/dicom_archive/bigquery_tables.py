@@ -1,10 +1,11 @@
-"""BigQuery identifiers, the schema files in include/schemas/, and the datasets and tables.
+"""BigQuery identifiers, the schema files in include/schemas/, and a collection's dataset and tables.
 
 `ensure_table` never drops or retypes a column: another type or mode is a SchemaConflictError.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from google.cloud import bigquery
 from dicom_archive.resources import include_dir
 
 DEFAULT_TABLE = "dicom"
-CLUSTER_FIELDS = ("entity_id", "item_id")
+WITHDRAWALS_TABLE = "withdrawals"
 # BigQuery reports legacy and standard names for the same type.
 _TYPE_ALIASES = {"INT64": "INTEGER", "FLOAT64": "FLOAT", "BOOL": "BOOLEAN", "STRUCT": "RECORD"}
 
@@ -37,9 +38,10 @@ def table_ref(project: str, dataset_id: str, table: str) -> str:
     return f"{check_name(project, 'project')}.{check_name(dataset_id, 'dataset')}.{check_name(table, 'table')}"
 
 
-def load_schema(table: str = DEFAULT_TABLE) -> list[bigquery.SchemaField]:
+@functools.cache
+def load_schema(table: str = DEFAULT_TABLE) -> tuple[bigquery.SchemaField, ...]:
     with open(include_dir() / "schemas" / f"{table}.json", encoding="utf-8") as fh:
-        return [bigquery.SchemaField.from_api_repr(item) for item in json.load(fh)]
+        return tuple(bigquery.SchemaField.from_api_repr(item) for item in json.load(fh))
 
 
 def type_and_mode(f: bigquery.SchemaField) -> tuple[str, str]:
@@ -68,29 +70,31 @@ def ensure_table(
     dataset_id: str,
     table: str = DEFAULT_TABLE,
     schema: Sequence[bigquery.SchemaField] | None = None,
+    location: str = "US",
 ) -> list[str]:
-    """Create the table from its schema file, or add the columns it lacks; returns those added."""
+    """Create the table (and its dataset) from its schema file, or add the columns it lacks;
+    returns those added."""
     wanted = list(schema) if schema is not None else load_schema(table)
     table_id = table_ref(client.project, dataset_id, table)
     existing = get_table(client, table_id)
     if existing is None:
+        ensure_dataset(client, dataset_id, location)
         new = bigquery.Table(table_id, schema=wanted)
         if table == DEFAULT_TABLE:
             new.time_partitioning = bigquery.TimePartitioning(type_="DAY", field="uploaded_at")
-            new.clustering_fields = list(CLUSTER_FIELDS)
+            new.clustering_fields = ["entity_id", "item_id"]
         existing = client.create_table(new, exists_ok=True)  # or the one created concurrently
-    have = {f.name.lower(): f for f in existing.schema}
+    have = {f.name.lower(): type_and_mode(f) for f in existing.schema}
     conflicts, missing = [], []
     for want in wanted:
-        (new_type, new_mode), old = type_and_mode(want), have.get(want.name.lower())
-        if old is None:  # a column added to an existing table can only be NULLABLE (or REPEATED)
+        new_type, new_mode = type_and_mode(want)
+        old_type, old_mode = have.get(want.name.lower(), (None, None))
+        # NULLABLE in the table but REQUIRED wanted is fine: BigQuery cannot tighten a mode, and the
+        # row checks enforce REQUIRED. A column added to a table can only be NULLABLE (or REPEATED).
+        if old_type is None:
             mode = "REPEATED" if new_mode == "REPEATED" else "NULLABLE"
             missing.append(bigquery.SchemaField(want.name, want.field_type, mode, description=want.description))
-            continue
-        # NULLABLE in the table but REQUIRED wanted is fine: BigQuery cannot tighten a mode,
-        # and the row checks still enforce REQUIRED.
-        old_type, old_mode = type_and_mode(old)
-        if old_type != new_type:
+        elif old_type != new_type:
             conflicts.append(f"{want.name}: type {old_type} in the table, {new_type} wanted")
         elif (old_mode == "REPEATED") != (new_mode == "REPEATED") or (old_mode, new_mode) == ("REQUIRED", "NULLABLE"):
             conflicts.append(f"{want.name}: mode {old_mode} in the table, {new_mode} wanted")

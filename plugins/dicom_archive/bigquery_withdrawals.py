@@ -5,22 +5,13 @@ The DELETE names the entity on the clustered column, so BigQuery reads only that
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
 from google.cloud import bigquery
 
+from dicom_archive import bigquery_tables as tables
 from dicom_archive.bigquery_load import job_key, run_query
-from dicom_archive.bigquery_tables import DEFAULT_TABLE, ensure_dataset, ensure_table, get_table, load_schema, table_ref
-
-WITHDRAWALS_TABLE = "withdrawals"
-
-
-def ensure_withdrawals_table(client: bigquery.Client, dataset_id: str, location: str = "US") -> str:
-    ensure_dataset(client, dataset_id, location)
-    ensure_table(client, dataset_id, WITHDRAWALS_TABLE)
-    return table_ref(client.project, dataset_id, WITHDRAWALS_TABLE)
 
 
 def withdraw_rows_sql(table_id: str) -> str:
@@ -41,8 +32,8 @@ def delete_withdrawn_rows(
     location: str = "US",
 ) -> int:
     """The number of rows deleted from the collection's dataset; 0 when the table does not exist."""
-    table_id = table_ref(client.project, collection, DEFAULT_TABLE)
-    if get_table(client, table_id) is None:
+    table_id = tables.table_ref(client.project, collection, tables.DEFAULT_TABLE)
+    if tables.get_table(client, table_id) is None:
         return 0
     params = [
         bigquery.ArrayQueryParameter("entity_ids", "STRING", [entity_id]),
@@ -57,15 +48,15 @@ def log_withdrawal(
     client: bigquery.Client, *, dataset_id: str, record: Mapping[str, Any], location: str = "US"
 ) -> None:
     """Inserted once: a rerun or a retry finds the request's row there."""
-    table_id = ensure_withdrawals_table(client, dataset_id, location)
-    params = []
-    for f in load_schema(WITHDRAWALS_TABLE):
-        value = record.get(f.name)
-        if f.field_type == "TIMESTAMP" and value is not None:
-            value = dt.datetime.fromisoformat(str(value))
-        params.append(
-            bigquery.ScalarQueryParameter(f.name, "INT64" if f.field_type == "INTEGER" else f.field_type, value)
+    tables.ensure_table(client, dataset_id, tables.WITHDRAWALS_TABLE, location=location)
+    table_id = tables.table_ref(client.project, dataset_id, tables.WITHDRAWALS_TABLE)
+    params = [
+        # RFC 3339 timestamps go as they are: BigQuery reads them, and the client passes text through.
+        bigquery.ScalarQueryParameter(
+            f.name, "INT64" if f.field_type == "INTEGER" else f.field_type, record.get(f.name)
         )
+        for f in tables.load_schema(tables.WITHDRAWALS_TABLE)
+    ]
     columns = [p.name for p in params]
     sql = (
         f"MERGE `{table_id}` AS T\nUSING (SELECT {', '.join(f'@{c} AS `{c}`' for c in columns)}) AS S\n"

@@ -124,12 +124,13 @@ class DicomMetadataToBigQueryOperator(DicomStorageBaseOperator):
 
     def _load_to_bigquery(self, hook: Any, settings: Any, collection: str, ndjson: bytes) -> dict[str, Any]:
         from dicom_archive.bigquery_load import load_rows_exactly_once
-        from dicom_archive.bigquery_withdrawals import ensure_withdrawals_table
+        from dicom_archive.bigquery_tables import WITHDRAWALS_TABLE, ensure_table
 
         table_id = f"{settings.project}.{collection}.{TABLE}"
         with hook.explain_google_errors(f"the BigQuery table {table_id}"):
             client = self.bigquery_client(hook, settings)
-            ensure_withdrawals_table(client, collection, settings.bigquery_location)  # for the summary SQL
+            # The summary SQL reads it too.
+            ensure_table(client, collection, WITHDRAWALS_TABLE, location=settings.bigquery_location)
             loaded = load_rows_exactly_once(
                 client,
                 dataset_id=collection,
