@@ -124,7 +124,7 @@ def test_the_identity_setting_is_the_default_and_an_argument_wins(key_connection
 
 
 def test_the_dags_own_tasks_build_their_hook_from_the_identity_setting(monkeypatch, tmp_path):
-    """The plan, summary and report tasks (and the withdrawal and batches-view code) take no
+    """The plan, summary and report tasks (and the withdrawal, batches-view and demo code) take no
     operator arguments: their hook is DicomStorageHook.of_settings, never a bare DicomStorageHook()."""
     import ast
 
@@ -148,7 +148,11 @@ def test_the_dags_own_tasks_build_their_hook_from_the_identity_setting(monkeypat
         is None
     )
 
-    sources = [*(REPO_ROOT / "dags").glob("*.py"), REPO_ROOT / "plugins" / "batches_view" / "app.py"]
+    sources = [
+        *(REPO_ROOT / "dags").glob("*.py"),
+        REPO_ROOT / "plugins" / "batches_view" / "app.py",
+        REPO_ROOT / "tools" / "demo.py",
+    ]
     built = []
     for path in sources:
         for node in ast.walk(ast.parse(path.read_text())):

@@ -28,9 +28,10 @@ def _setting(name: str) -> str:
 
 
 def _hook():
-    from hooks.dicom_storage import DicomStorageHook
+    """The hook the DAG's tasks use: the settings' identity (DICOM_IMPERSONATION_CHAIN), if any."""
+    from hooks.dicom_storage import DicomStorageHook, load_settings
 
-    return DicomStorageHook()
+    return DicomStorageHook.of_settings(load_settings())
 
 
 def prepare() -> list[str]:
