@@ -14,7 +14,8 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PLUGINS_DIR = REPO_ROOT / "plugins"
-BENCH_DIR = REPO_ROOT / ".bench"
+# Data, results and scratch; DICOM_BENCH_DIR moves it all (the smoke test runs in a temporary one).
+BENCH_DIR = Path(os.environ.get("DICOM_BENCH_DIR") or REPO_ROOT / ".bench")
 WORK_DIR = BENCH_DIR / "work"
 MB = 1_000_000
 
