@@ -668,6 +668,12 @@ def judge_header(walk: HeaderWalk, policy: DeidPolicy) -> Verdict:
     return verdict
 
 
+def _update_hashes(source_sha: Any, data: bytes, out_sha: Any, out: bytes) -> None:
+    source_sha.update(data)
+    if out_sha is not source_sha:
+        out_sha.update(out)
+
+
 class StrippedReader(io.RawIOBase):
     """The archived copy of a walked file, read once from its start: dropped ranges left out,
     patched lengths put in, everything else (the pixel data) copied as it is.
@@ -675,9 +681,9 @@ class StrippedReader(io.RawIOBase):
     Hashes the source (source_sha256), the copy (instance_sha256), and the bytes the walk read,
     so that `verify` can tell whether the file changed between the walk and the copy.
 
-    The two whole-file hashes are updated in batches of about `chunk` bytes handed to `run_hashing`
-    (by default run at once; the archiver runs them in a background thread): read `source_sha`
-    and `out_sha` only once every batch has run. `read_sha`, which `verify` needs, is updated here."""
+    The two whole-file hashes are updated by one job a window, handed to `run_hashing` (by default
+    run at once; the archiver runs them in a background thread): read `source_sha` and `out_sha`
+    only once every job has run. `read_sha`, which `verify` needs, is updated here."""
 
     def __init__(
         self,
@@ -693,8 +699,6 @@ class StrippedReader(io.RawIOBase):
         self.out_sha = hashlib.sha256() if walk.rewritten else self.source_sha
         self.read_sha = hashlib.sha256()
         self._run_hashing = run_hashing or (lambda job: job())
-        self._unhashed: list[tuple[Any, bytes]] = []  # (hash, data) in order, not yet handed over
-        self._unhashed_bytes = 0
         self._pieces = self._intervals()
         self._index = 0  # of the first piece not wholly read
         self._offset = 0  # in the source
@@ -724,14 +728,12 @@ class StrippedReader(io.RawIOBase):
         in order, once, a window at a time, and hashed whole; dropped ranges are not passed on."""
         start = self._offset
         if start >= self.walk.size:
-            self._hand_over()
             return None
         n = min(self.chunk, self.walk.size - start)
         data = self.source.read(n)
         if len(data) != n:
             raise SizeChangedError(Reason.UNREADABLE, "the file ended early")
         self._offset = stop = start + n
-        self._hash(self.source_sha, data)
         view, parts, unchanged = memoryview(data), [], True
         while self._index < len(self._pieces):
             piece_start, piece_stop, dropped, walked, patch = self._pieces[self._index]
@@ -748,27 +750,8 @@ class StrippedReader(io.RawIOBase):
                 break
             self._index += 1
         out = data if unchanged else b"".join(parts)
-        if self.out_sha is not self.source_sha:
-            self._hash(self.out_sha, out)
+        self._run_hashing(functools.partial(_update_hashes, self.source_sha, data, self.out_sha, out))
         return out
-
-    def _hash(self, sha: Any, data: bytes) -> None:
-        # Batched: the header's many small pieces would cost more to hand over one by one.
-        self._unhashed.append((sha, data))
-        self._unhashed_bytes += len(data)
-        if self._unhashed_bytes >= self.chunk:
-            self._hand_over()
-
-    def _hand_over(self) -> None:
-        if not self._unhashed:
-            return
-        batch, self._unhashed, self._unhashed_bytes = self._unhashed, [], 0
-
-        def job() -> None:
-            for sha, data in batch:
-                sha.update(data)
-
-        self._run_hashing(job)
 
     def read(self, size: int = -1) -> bytes:  # type: ignore[override]
         # Pulled in the sizes tarfile asks for: a window that fits is passed on without a copy.
