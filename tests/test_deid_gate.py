@@ -624,19 +624,22 @@ def test_a_copy_whose_walked_bytes_changed_is_refused(tmp_path):
     assert StrippedReader(io.BytesIO(changed + b"x"), walk, 16).verify() == "grew"
 
 
+class CountingFile(io.FileIO):
+    """A file that counts the bytes its reads returned, over all instances."""
+
+    returned = 0
+
+    def readinto(self, buffer):  # type: ignore[override]
+        n = super().readinto(buffer)
+        CountingFile.returned += n or 0
+        return n
+
+
 def test_the_archiver_reads_a_file_from_disk_once(tmp_path):
     """The walk (pixel data skipped to the end of the file) and the copy after it share one
     buffered read of the file: nothing is read twice. (A file whose walk reads its last byte,
     an element after the pixel data or small pixel data, is read twice from the page cache.)"""
-
-    class CountingFile(io.FileIO):
-        returned = 0
-
-        def readinto(self, buffer):  # type: ignore[override]
-            n = super().readinto(buffer)
-            CountingFile.returned += n or 0
-            return n
-
+    CountingFile.returned = 0
     ds = base()
     ds.Rows = ds.Columns = 512
     ds.PixelData = bytes(range(256)) * (512 * 512 * 2 // 256)  # 512 KiB: skipped by the walk, as in CT
@@ -650,6 +653,34 @@ def test_the_archiver_reads_a_file_from_disk_once(tmp_path):
         assert reader.read() == source
         assert reader.verify() is None
     assert CountingFile.returned == len(source)
+
+
+def test_the_plan_reads_a_page_of_each_image(tmp_path, monkeypatch):
+    """Planning reads each image's header, then the archive step reads the whole file: what the
+    plan reads beyond the header is read twice. Of a CT-like image (a header of about 1 KiB, 512 KiB
+    of pixel data) the plan reads one 4 KiB page through the local landing zone."""
+    import dicom_archive.landing as landing
+
+    images = {}
+    for number in range(1, 6):
+        ds = base(InstanceNumber=number)
+        ds.Rows = ds.Columns = 512
+        ds.PixelData = bytes(512 * 512 * 2)
+        images[f"{number}.dcm"] = encode(ds)
+    zone = _batch(tmp_path, images)
+
+    def counted_open(path, mode="r", buffering=-1, **kwargs):
+        if str(path).endswith(".dcm"):
+            return io.BufferedReader(CountingFile(str(path)), buffering)
+        return open(path, mode, buffering, **kwargs)
+
+    monkeypatch.setattr(landing, "open", counted_open, raising=False)
+    CountingFile.returned = 0
+    plan = plan_batch(zone, "b1")
+    assert sum(len(g.images) for g in plan.groups) == 5
+    header = max(image.header_length for group in plan.groups for image in group.images)
+    assert header < 4096
+    assert CountingFile.returned == 5 * 4096
 
 
 # --- identity re-check at archive time ----------------------------------------------------------

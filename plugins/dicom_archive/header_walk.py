@@ -55,7 +55,7 @@ LONG_LENGTH_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC
 BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 BULK_SKIP = 64 * 1024  # bulk values longer than this are skipped by their length, never read
 COPY_CHUNK = 1024 * 1024
-READ_AHEAD = 16 * 1024  # a header read: like the landing zone's header chunk, no deep read-ahead
+READ_AHEAD = 4 * 1024  # a page: most headers in one read, little of the pixel data read twice
 
 IMPLICIT_LITTLE = "1.2.840.10008.1.2"
 EXPLICIT_BIG = "1.2.840.10008.1.2.2"

@@ -16,9 +16,11 @@ from typing import BinaryIO, Protocol
 
 from dicom_archive.local_files import write_atomically
 
-# A DICOM header is a few KiB: reading more for it would read most of a typical image twice
-# (once to plan, once to archive). For a gs:// landing zone it is the download per header.
-HEADER_READ_CHUNK = 16 * 1024
+# A DICOM header is a few KiB: what a header read takes beyond it is read twice (once to plan,
+# once to archive). Locally a read is a system call, so a header is read a page at a time; from
+# gs:// a read is an HTTP request, so one fetches 16 KiB, most headers in one request.
+LOCAL_HEADER_READ = 4 * 1024
+GCS_HEADER_READ = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,9 @@ class LandingZone(Protocol):
 
     def list_files(self, batch_id: str) -> list[LandingFile]: ...
 
-    def open(self, batch_id: str, relpath: str, chunk_size: int = HEADER_READ_CHUNK) -> BinaryIO: ...
+    def open(self, batch_id: str, relpath: str, chunk_size: int | None = None) -> BinaryIO:
+        """Read in `chunk_size` pieces; None: a header read, in the zone's header read size."""
+        ...
 
     def write_bytes(self, batch_id: str, relpath: str, data: bytes) -> str: ...
 
@@ -141,9 +145,10 @@ class LocalLandingZone:
                     continue
                 yield LandingFile(relpath, info.st_size, identity=file_identity(info), link_target=link_target)
 
-    def open(self, batch_id: str, relpath: str, chunk_size: int = HEADER_READ_CHUNK) -> BinaryIO:
-        stream = open(self._path(batch_id, relpath), "rb", buffering=chunk_size)  # noqa: SIM115  (returned)
-        if chunk_size <= HEADER_READ_CHUNK and hasattr(os, "posix_fadvise"):
+    def open(self, batch_id: str, relpath: str, chunk_size: int | None = None) -> BinaryIO:
+        path = self._path(batch_id, relpath)
+        stream = open(path, "rb", buffering=chunk_size or LOCAL_HEADER_READ)  # noqa: SIM115  (returned)
+        if chunk_size is None and hasattr(os, "posix_fadvise"):
             # A header read: without this the kernel's read-ahead fetches far more than the header.
             os.posix_fadvise(stream.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
         return stream
@@ -229,9 +234,9 @@ class GCSLandingZone:
         ]
         return sorted(files, key=lambda f: f.relpath)
 
-    def open(self, batch_id: str, relpath: str, chunk_size: int = HEADER_READ_CHUNK) -> BinaryIO:
+    def open(self, batch_id: str, relpath: str, chunk_size: int | None = None) -> BinaryIO:
         blob = self.bucket.blob(self._name(batch_id, relpath))  # type: ignore[attr-defined]
-        return blob.open("rb", chunk_size=chunk_size, **self._retry)
+        return blob.open("rb", chunk_size=chunk_size or GCS_HEADER_READ, **self._retry)
 
     def write_bytes(self, batch_id: str, relpath: str, data: bytes) -> str:
         blob = self.bucket.blob(self._name(batch_id, relpath))  # type: ignore[attr-defined]
