@@ -22,8 +22,19 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable
+from typing import Protocol
 
 from dicom_archive.deid_gate import DeidPolicy, Reason, Verdict
+
+
+class WalkedHeader(Protocol):
+    """What the check needs of a walked header (header_walk.HeaderWalk, which calls this module)."""
+
+    public_values: list[tuple[str, int, str, str, bool]]  # path, tag, dictionary VR, keyword, holds a value
+    deid_codes: list[str]
+
+    def text(self, keyword: str) -> str | None: ...
+
 
 ANNEX_E_EDITION = "2026c"  # dicom-anonymizer 2.1.0: dicom_anonymization_databases.dicomfields_2026c
 FORBIDDEN_CATEGORIES = ("X_TAGS", "Z_TAGS", "X_Z_TAGS")
@@ -104,19 +115,15 @@ def declared_options(policy: DeidPolicy, image_codes: list[str]) -> set[str]:
     return options
 
 
-def check_basic_profile(walk: object, policy: DeidPolicy, verdict: Verdict) -> None:
+def check_basic_profile(walk: WalkedHeader, policy: DeidPolicy, verdict: Verdict) -> None:
     """Add a `basic_profile` failure naming every offending tag path (never a value)."""
-    from dicom_archive.header_walk import HeaderWalk, _public_vr_and_keyword
-
-    assert isinstance(walk, HeaderWalk)
     options = declared_options(policy, walk.deid_codes)
     rules = [OPTION_RULES[o] for o in sorted(options) if o in OPTION_RULES]
     entity_id = walk.text("PatientID")
     offenders: list[str] = []
-    for path, tag, filled in walk.public_values:
+    for path, tag, vr, keyword, filled in walk.public_values:
         if not filled or not removed_or_emptied(tag):
             continue
-        vr, keyword = _public_vr_and_keyword(tag)
         if keyword in CONTRACT_IDENTITY and (keyword != "PatientName" or walk.text("PatientName") == entity_id):
             continue
         if any(rule(keyword, vr) for rule in rules):

@@ -33,6 +33,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from dicom_archive.basic_profile import check_basic_profile
 from dicom_archive.deid_gate import (
     BURNED_IN_ANNOTATION_OK,
     CODED_ID_ATTRIBUTES,
@@ -129,7 +130,8 @@ class HeaderWalk:
     nested_ids: list[tuple[str, str]] = field(default_factory=list)  # path, text
     malformed: list[str] = field(default_factory=list)
     private: list[PrivateElement] = field(default_factory=list)  # not on the allow list
-    public_values: list[tuple[str, int, bool]] = field(default_factory=list)  # basic profile: path, tag, filled
+    # Basic profile: path, tag, dictionary VR, keyword, holds a value.
+    public_values: list[tuple[str, int, str, str, bool]] = field(default_factory=list)
     deid_codes: list[str] = field(default_factory=list)  # CodeValues of DeidentificationMethodCodeSequence
     removals: list[tuple[int, int]] = field(default_factory=list)  # byte ranges dropped from the copy
     patches: dict[int, bytes] = field(default_factory=dict)  # offset -> new 4-byte length
@@ -480,7 +482,7 @@ class _Walker:
                 inner = _Frame(frame.depth, element_path, implicit, little, inner_discard, inner_rewrite)
                 self._sequence(inner, length, length_offset)
             if not discard and self.profile and not private:
-                self.walk.public_values.append((element_path, tag, length not in (0,)))
+                self.walk.public_values.append((element_path, tag, *_public_vr_and_keyword(tag), length != 0))
         elif length == UNDEFINED:
             if tag not in PIXEL_DATA_TAGS:
                 raise WalkError(Reason.NOT_DICOM, f"does not parse as DICOM (undefined length of {element_path})")
@@ -530,7 +532,8 @@ class _Walker:
             if keyword in FLAG_KEYWORDS:
                 self.walk.copies.setdefault(keyword, []).append(value.decode("latin-1"))
         if self.profile and not private:
-            self.walk.public_values.append((path, tag, holds_value(value) if semantic not in BULK_VRS else bool(value)))
+            filled = holds_value(value) if semantic not in BULK_VRS else bool(value)
+            self.walk.public_values.append((path, tag, *_public_vr_and_keyword(tag), filled))
             if keyword == "CodeValue" and path.startswith("DeidentificationMethodCodeSequence["):
                 self.walk.deid_codes.append(_decode(value))
         is_name = semantic == "PN"
@@ -662,8 +665,6 @@ def judge_header(walk: HeaderWalk, policy: DeidPolicy) -> Verdict:
         verdict.fail(Reason.PRIVATE_ATTRIBUTE, f"private elements not on DICOM_PRIVATE_ALLOW: {listed}{more}")
 
     if policy.profile == "basic":
-        from dicom_archive.basic_profile import check_basic_profile
-
         check_basic_profile(walk, policy, verdict)
     return verdict
 
