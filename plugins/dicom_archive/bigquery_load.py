@@ -42,7 +42,8 @@ def job_key(kind: str, run_key: str, content: bytes) -> str:
     """`<kind>_<run key made readable>_<digest>`, the start of deterministic job ids: the digest of the
     run key and `content` (what the jobs do) keeps apart run keys that read alike, and other work."""
     digest = hashlib.sha256(run_key.encode() + b"\0" + content).hexdigest()[:24]
-    return f"{kind}_{re.sub(r'[^A-Za-z0-9_]+', '_', run_key).strip('_')[:100] or 'run'}_{digest}"
+    readable = re.sub(r"[^A-Za-z0-9_]+", "_", run_key).strip("_")[:100] or "run"
+    return f"{kind}_{readable}_{digest}"
 
 
 def succeeded(job: Job) -> bool:
@@ -83,9 +84,8 @@ def run_job(
 def run_query(client: bigquery.Client, sql: str, params: Sequence[Any], key: str, location: str) -> bigquery.QueryJob:
     config = bigquery.QueryJobConfig(query_parameters=list(params))
     # job_retry=None: a retried query would need a new id, which defeats re-attaching.
-    return run_job(
-        client, key, location, functools.partial(client.query, sql, config, location=location, job_retry=None)
-    )
+    submit = functools.partial(client.query, sql, job_config=config, location=location, job_retry=None)
+    return run_job(client, key, location, submit)
 
 
 @dataclass(frozen=True)
@@ -111,11 +111,12 @@ class LoadResult:
     rows_inserted: int = 0
     rows_updated: int = 0  # rows moved to a replaced archive's new object
     rows_deleted: int = 0  # rows of images a replaced archive no longer holds
-    load_job_id: str | None = None  # None with a merge_job_id: an earlier try's MERGE, re-attached
+    load_job_id: str | None = None
     merge_job_id: str | None = None
 
     @property
     def reattached(self) -> bool:
+        """The MERGE had already run (an earlier try of the same rows): this try ran no job."""
         return self.merge_job_id is not None and self.load_job_id is None
 
 
@@ -164,13 +165,9 @@ def load_scratch_table(client: bigquery.Client, load: PreparedLoad) -> bigquery.
         schema=schema, source_format="NEWLINE_DELIMITED_JSON", write_disposition="WRITE_TRUNCATE"
     )
     # No size given: a resumable upload, which every backend takes; rewound for each attempt.
+    source = io.BytesIO(load.ndjson)
     submit = functools.partial(
-        client.load_table_from_file,
-        io.BytesIO(load.ndjson),
-        scratch,
-        rewind=True,
-        location=load.location,
-        job_config=config,
+        client.load_table_from_file, source, scratch, rewind=True, location=load.location, job_config=config
     )
 
     def rows_present(job: bigquery.LoadJob) -> bool:
