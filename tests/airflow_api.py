@@ -51,3 +51,24 @@ def wait(
 def healthy(base: str) -> bool:
     health = request(base, "GET", "/api/v2/monitor/health")
     return all(health[part]["status"] == "healthy" for part in ("metadatabase", "scheduler"))
+
+
+def failed_try_logs(home: Path, dag_id: str, run_id: str) -> str:
+    """The end of the log of every failed try of a run, and of the standalone log, to say why a
+    run failed in an assertion message."""
+    run_folder = home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}"
+    tails = []
+    for log in sorted(run_folder.rglob("attempt=*.log")):
+        text = log.read_text(errors="replace")
+        if '"level":"error"' in text or "ERROR" in text or "Traceback" in text:
+            tails.append(f"--- {log.relative_to(run_folder)}\n" + "\n".join(text.splitlines()[-40:]))
+    standalone = home / "standalone.log"
+    if standalone.exists():
+        lines = standalone.read_text(errors="replace").splitlines()
+        tails.append(
+            "--- standalone.log, lines naming errors or failures\n"
+            + "\n".join(
+                line for line in lines if any(word in line for word in ("ERROR", "error", "failed", "Traceback"))
+            )[-6000:]
+        )
+    return "\n".join(tails) or f"no failed try logged under {run_folder}"

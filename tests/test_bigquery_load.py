@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from google.api_core import exceptions as gexc
@@ -109,6 +111,25 @@ def test_ensure_table_creates_partitioned_clustered_table(bigquery_client, datas
     assert [f.name for f in table.schema] == [f.name for f in tables.load_schema()]
     # A second call finds nothing to do.
     assert tables.ensure_table(bigquery_client, dataset_id) == []
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_runs_creating_one_new_table_at_once_all_end_with_it(bigquery_client, dataset_id, round_):
+    """Concurrent runs of a new collection each find the dataset and table missing and create
+    them: one create wins, BigQuery answers the others 409, and every run goes on with the table."""
+    racers = 6
+    start = threading.Barrier(racers)
+
+    def ensure() -> list[str]:
+        start.wait()
+        return tables.ensure_table(bigquery_client, dataset_id)
+
+    with ThreadPoolExecutor(racers) as pool:
+        added = [future.result() for future in [pool.submit(ensure) for _ in range(racers)]]
+    assert added == [[]] * racers
+    table = bigquery_client.get_table(table_id(bigquery_client, dataset_id))
+    assert [f.name for f in table.schema] == [f.name for f in tables.load_schema()]
+    assert table.time_partitioning.field == "uploaded_at"
 
 
 def test_ensure_table_adds_missing_columns_and_drops_nothing(bigquery_client, dataset_id):

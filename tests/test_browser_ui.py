@@ -148,17 +148,6 @@ def finished_run(ui) -> dict:
     return api.wait("the run to finish (the DAG starts unpaused)", done, 300, ui["proc"], ui["log"])
 
 
-def _failed_task_logs(ui: dict, run_id: str) -> str:
-    """The end of the log of every failed try of the run, to say why in the assertion."""
-    run_folder = Path(ui["home"]) / "logs" / f"dag_id={DAG_ID}" / f"run_id={run_id}"
-    tails = []
-    for log in sorted(run_folder.rglob("attempt=*.log")):
-        text = log.read_text(errors="replace")
-        if '"level":"error"' in text or "ERROR" in text or "Traceback" in text:
-            tails.append(f"--- {log.relative_to(run_folder)}\n" + "\n".join(text.splitlines()[-40:]))
-    return "\n".join(tails) or f"no failed try logged under {run_folder}"
-
-
 @pytest.fixture(scope="module")
 def browser(ui, tmp_path_factory) -> Iterator:
     from selenium import webdriver
@@ -291,7 +280,7 @@ def _good_label(ui) -> str:
 def test_run_outcomes_through_the_rest_api(ui, finished_run):
     base, token, run_id = ui["base"], ui["token"], finished_run["dag_run_id"]
     good, empty = ui["good"].batch_id, ui["empty"].batch_id
-    assert finished_run["state"] == "success", _failed_task_logs(ui, run_id)
+    assert finished_run["state"] == "success", api.failed_try_logs(Path(ui["home"]), DAG_ID, run_id)
     tis = api.request(base, "GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances?limit=100", token)
     by_task: dict[str, dict[str, str]] = {}
     for ti in tis["task_instances"]:

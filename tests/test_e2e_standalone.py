@@ -88,7 +88,15 @@ def standalone(tmp_path_factory, gcs_emulator, bigquery_emulator) -> Iterator[di
         token = api.request(base, "POST", "/auth/token", body={"username": "admin", "password": PASSWORD})[
             "access_token"
         ]
-        yield {"env": env, "base": base, "token": token, "landing": landing, "bucket": bucket, "airflow": airflow}
+        yield {
+            "env": env,
+            "base": base,
+            "token": token,
+            "landing": landing,
+            "home": home,
+            "bucket": bucket,
+            "airflow": airflow,
+        }
     finally:
         emulators.stop(proc.pid, timeout=30)
         log.close()
@@ -127,7 +135,8 @@ def test_backfill_of_three_days_processes_exactly_their_batches(standalone):
             break
         time.sleep(3)
     assert sorted(r["logical_date"][:10] for r in runs) == ["2024-01-05", "2024-01-06", "2024-01-07"]
-    assert [r["state"] for r in runs] == ["success"] * 3, runs
+    for run in runs:
+        assert run["state"] == "success", api.failed_try_logs(standalone["home"], DAG_ID, run["dag_run_id"])
 
     for batch_id in BACKFILL_DAYS:
         report = json.loads((landing / batch_id / "batch.report.json").read_text())

@@ -104,8 +104,11 @@ def start_bigquery(
             project,
         ]
     else:
+        # Through our launcher, which makes its creates answer concurrent requests as BigQuery does.
         argv = [
-            str(bin_dir / "local-bigquery"),
+            str(bin_dir / "python"),
+            "-I",  # the script's folder (tools/) stays off its import path
+            str(Path(__file__).with_name("local_bigquery_serve.py")),
             "serve",
             "--host",
             "127.0.0.1",
