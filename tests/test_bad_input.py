@@ -636,10 +636,10 @@ def test_an_image_under_phi_is_never_read(landing):
     assert not outcome.opened(phi.path)
 
 
-def test_an_image_flagged_in_lookup_json_is_never_read(landing):
+def run_flagged(landing: Landing, lookup: dict) -> Outcome:
+    """The good images and BAD, which holds an identifier and which `lookup` flags: BAD is held
+    unread, for its flag."""
     flagged = bad_image(OperatorsName=PLANTED["OperatorsName"])
-    lookup = {image.path: {"ScanOptions": "HELICAL", "CTDIvol": 12.1} for image in good_images()}
-    lookup[BAD] = {"ScanOptions": "HELICAL", "flagged": True}
     outcome = run_batch(
         landing,
         bad=[flagged],
@@ -648,6 +648,13 @@ def test_an_image_flagged_in_lookup_json_is_never_read(landing):
         planted=(PLANTED["OperatorsName"],),
     )
     assert not outcome.opened(BAD)
+    return outcome
+
+
+def test_an_image_flagged_in_lookup_json_is_never_read(landing):
+    lookup = {image.path: {"ScanOptions": "HELICAL", "CTDIvol": 12.1} for image in good_images()}
+    lookup[BAD] = {"ScanOptions": "HELICAL", "flagged": True}
+    outcome = run_flagged(landing, lookup)
     # The good images' lookup values still reach their rows; the header wins on conflict.
     ct_rows = [row for row in outcome.rows if row["entity_id"] == ENTITY]
     assert {row["DicomHeader"]["CTDIvol"] for row in ct_rows} == {12.1}

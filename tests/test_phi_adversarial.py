@@ -55,6 +55,7 @@ from tests.test_bad_input import (
     bad_image,
     good_images,
     run_batch,
+    run_flagged,
     snapshot,
 )
 from tools import phi_audit
@@ -280,17 +281,9 @@ def test_an_image_in_a_phi_folder_of_any_spelling_is_never_read(landing, relpath
      "./incoming/./bad.dcm", "/" + BAD],
 )  # fmt: skip
 def test_a_flag_under_any_spelling_of_the_key_holds_the_image(landing, key):
-    flagged = bad_image(OperatorsName=PLANTED["OperatorsName"])
     lookup = {image.path: {"ScanOptions": "HELICAL"} for image in good_images()}
     lookup[key] = {"flagged": True}
-    outcome = run_batch(
-        landing,
-        bad=[flagged],
-        lookup=lookup,
-        expect={BAD: Reason.FLAGGED_IN_LOOKUP},
-        planted=(PLANTED["OperatorsName"],),
-    )
-    assert not outcome.opened(BAD)
+    outcome = run_flagged(landing, lookup)
     assert outcome.report["lookup"]["keys_matching_no_image"] == []
 
 
@@ -342,10 +335,8 @@ def test_keys_that_match_no_image_or_several_are_reported_and_applied_to_none(la
 
 
 def test_several_keys_for_one_image_are_merged_and_any_flag_wins(landing):
-    flagged = bad_image(OperatorsName=PLANTED["OperatorsName"])
     lookup = {BAD: {"ScanOptions": "HELICAL"}, "./" + BAD: {"flagged": False}, BAD.upper(): {"flagged": True}}
-    expect = {BAD: Reason.FLAGGED_IN_LOOKUP}
-    outcome = run_batch(landing, bad=[flagged], lookup=lookup, expect=expect, planted=(PLANTED["OperatorsName"],))
+    outcome = run_flagged(landing, lookup)
     assert outcome.report["lookup"]["images_with_several_keys"] == {BAD: sorted(lookup)}
 
 
