@@ -428,7 +428,7 @@ class _Walker:
         private = group % 2 == 1
         creator: str | None = None
         block_key = -1
-        keyword = ""
+        dictionary_vr = keyword = ""
         if private:
             if element >= 0x1000:
                 block_key = group << 8 | element >> 8
@@ -437,7 +437,8 @@ class _Walker:
             semantic = _private_vr(creator, tag) if block_key >= 0 else "UN"
             name = tag_text(tag)
         else:
-            semantic, keyword = _public_vr_and_keyword(tag)
+            dictionary_vr, keyword = _public_vr_and_keyword(tag)
+            semantic = dictionary_vr
             name = keyword or tag_text(tag)
         element_path = f"{path}.{name}" if path else name
 
@@ -482,7 +483,7 @@ class _Walker:
                 inner = _Frame(frame.depth, element_path, implicit, little, inner_discard, inner_rewrite)
                 self._sequence(inner, length, length_offset)
             if not discard and self.profile and not private:
-                self.walk.public_values.append((element_path, tag, *_public_vr_and_keyword(tag), length != 0))
+                self.walk.public_values.append((element_path, tag, dictionary_vr, keyword, length != 0))
         elif length == UNDEFINED:
             if tag not in PIXEL_DATA_TAGS:
                 raise WalkError(Reason.NOT_DICOM, f"does not parse as DICOM (undefined length of {element_path})")
@@ -493,6 +494,11 @@ class _Walker:
             value = self.load(length)
             if not discard:
                 self._value(scope, frame, tag, semantic, vr, value, length, start, element_path, keyword)
+                if self.profile and not private:
+                    filled = holds_value(value) if semantic not in BULK_VRS else bool(value)
+                    self.walk.public_values.append((element_path, tag, dictionary_vr, keyword, filled))
+                    if keyword == "CodeValue" and element_path.startswith("DeidentificationMethodCodeSequence["):
+                        self.walk.deid_codes.append(_decode(value))
 
         if frame.depth == 0 and tag in PIXEL_DATA_TAGS and self.walk.pixel_offset is None:
             self.walk.pixel_offset = start
@@ -531,11 +537,6 @@ class _Walker:
                 )
             if keyword in FLAG_KEYWORDS:
                 self.walk.copies.setdefault(keyword, []).append(value.decode("latin-1"))
-        if self.profile and not private:
-            filled = holds_value(value) if semantic not in BULK_VRS else bool(value)
-            self.walk.public_values.append((path, tag, *_public_vr_and_keyword(tag), filled))
-            if keyword == "CodeValue" and path.startswith("DeidentificationMethodCodeSequence["):
-                self.walk.deid_codes.append(_decode(value))
         is_name = semantic == "PN"
         if is_name or keyword in self.policy.person_keywords:
             self.walk.persons.append((path, keyword, _decode(value), is_name))
