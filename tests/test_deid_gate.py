@@ -240,7 +240,8 @@ def test_a_private_name_with_explicit_vr_pn(syntax):
     data = encode(with_private(base(), 0x0033, "ACME 1.0", 0x10, "PN", NAME), syntax)
     found = reasons(data, QUARANTINE)
     assert found["identifying_attribute"] == "holds a value: (0033,1010)"
-    assert found["private_attribute"] == "private elements not on DICOM_PRIVATE_ALLOW: (0033,1010, ACME 1.0)"
+    # A creator no dictionary knows is not shown: its value could be an identifier.
+    assert found["private_attribute"] == "private elements not on DICOM_PRIVATE_ALLOW: (0033,1010, no known creator)"
     # Stripped, the element never reaches the archive: the image passes.
     assert reasons(data) == {}
 
@@ -262,8 +263,184 @@ def test_a_private_element_without_creator_is_private():
     ds = base()
     ds.add_new(0x00331010, "LO", "MRN123")  # no (0033,0010) creator
     assert reasons(encode(ds), QUARANTINE) == {
-        "private_attribute": "private elements not on DICOM_PRIVATE_ALLOW: (0033,1010, no creator)"
+        "private_attribute": "private elements not on DICOM_PRIVATE_ALLOW: (0033,1010, no known creator)"
     }
+
+
+# --- a value judged by what the dictionary says it is, not only by the VR it is written with ----
+
+BIG = 70_000  # beyond the walk's bulk skip (64 KiB)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "vr", "value"),
+    [
+        ("ConsultingPhysicianName", "LO", "Marlowe^Philip"),
+        ("ResponsiblePerson", "UT", "Marlowe^Philip"),
+        ("VerifyingObserverName", "SH", "MARLOWE"),
+        ("PatientName", "OB", b"Holmes^Sherlock" + b" " * BIG),
+        ("ReferringPhysicianName", "OW", b"Watson^John" + b" " * BIG),
+        ("PatientAddress", "UN_AS_OB", b"221B BAKER ST" + b" " * BIG),
+        ("BurnedInAnnotation", "OB", b"YES "),
+        ("OtherPatientIDs", "UC", "MRN12345"),
+        ("StudyDescription", "PN", "Marple^Jane"),
+        ("Rows", "LO", "Poirot^Hercule"),
+    ],
+)
+@pytest.mark.parametrize("nested", [False, True], ids=["top", "nested"])
+def test_an_element_written_with_a_vr_its_dictionary_does_not_allow_is_malformed(keyword, vr, value, nested):
+    vr = vr.removeprefix("UN_AS_")
+    target = item() if nested else base()
+    target.add_new(pydicom.datadict.tag_for_keyword(keyword), vr, value)
+    ds = base(RequestAttributesSequence=Sequence([target])) if nested else target
+    found = reasons(encode(ds))
+    path = f"RequestAttributesSequence[0].{keyword}" if nested else keyword
+    assert f"{path} is written as {vr}, not " in found["malformed_header"]
+
+
+@pytest.mark.parametrize("keyword", ["ConsultingPhysicianName", "ScheduledPerformingPhysicianName", "PersonName"])
+def test_a_name_written_as_text_is_judged_as_a_name(keyword):
+    inner = item()
+    inner.add_new(pydicom.datadict.tag_for_keyword(keyword), "UT", "Marlowe^Philip")
+    found = reasons(encode(base(RequestAttributesSequence=Sequence([inner]))))
+    assert found["identifying_attribute"] == f"holds a value: RequestAttributesSequence[0].{keyword}"
+
+
+def insert_before(data: bytes, tag: int, raw: bytes) -> bytes:
+    """`raw` put in front of the element `tag` (explicit VR little endian; pydicom writes no group
+    length outside the file meta)."""
+    at = data.index(struct.pack("<HH", tag >> 16, tag & 0xFFFF), 132)
+    return data[:at] + raw + data[at:]
+
+
+def test_a_public_group_length_must_be_an_unsigned_long():
+    bad = insert_before(encode(base()), 0x00100010, element(0x00100000, "LO", b"Poirot^Hercule"))
+    assert "(0010,0000) is written as LO, not UL" in reasons(bad)["malformed_header"]
+    ok = insert_before(encode(base()), 0x00100010, element(0x00100000, "UL", struct.pack("<L", 42)))
+    assert reasons(ok) == {}
+
+
+def test_written_un_is_read_by_the_dictionary_even_when_long():
+    ds = base()
+    del ds.PatientName
+    ds.add_new(0x00100010, "UN", b"Holmes^Sherlock" + b" " * BIG)
+    assert reasons(encode(ds))["identifying_attribute"] == "holds a value: PatientName"
+
+
+def test_top_level_other_patient_ids_are_checked_even_off_the_person_list():
+    policy = DeidPolicy(
+        person_attributes=tuple(a for a in DeidPolicy().person_attributes if a != "OtherPatientIDs"),
+        removed_person_attributes=("OtherPatientIDs",),
+    )
+    found = reasons(encode(base(OtherPatientIDs="MRN12345")), policy)
+    assert found == {"identifying_attribute": "holds an identifier other than the coded ids: OtherPatientIDs"}
+    assert reasons(encode(base(OtherPatientIDs=ENTITY)), policy) == {}
+
+
+# --- every element of a private group is private data but a creator ------------------------------
+
+
+def _private_raw(ds: Dataset, tag: int, vr: str, value: object) -> Dataset:
+    ds.add_new(tag, vr, value)
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("tag", "vr", "value"),
+    [
+        (0x00330000, "LO", "Poirot^Hercule"),  # a private group length
+        (0x00330100, "LO", "Poirot^Hercule"),  # between the creators and the blocks
+        (0x00330010, "PN", "Wolfe^Nero"),  # a creator slot holding no LO
+        (0x00330010, "OB", b"Wolfe^Nero" + b" " * BIG),
+        (0x00330010, "LO", "W" * 66),  # longer than an LO
+    ],
+    ids=["group-length", "reserved", "creator-as-pn", "creator-as-big-ob", "creator-too-long"],
+)
+def test_every_private_element_but_a_creator_is_stripped_or_quarantined(tmp_path, tag, vr, value):
+    if tag == 0x00330000:
+        source = insert_before(encode(base()), 0x7FE00010, element(tag, vr, value.encode()))
+    else:
+        source = encode(_private_raw(base(), tag, vr, value))
+    assert "private_attribute" in reasons(source, QUARANTINE)
+    _, archived = _archived(tmp_path, {"x.dcm": source})
+    _, data = archived["x.dcm"]
+    assert _private_tags(pydicom.dcmread(io.BytesIO(data))) == []
+    for planted in (b"Poirot", b"Wolfe", b"WWW"):
+        assert planted not in data
+
+
+def test_a_creator_that_reserves_nothing_is_quarantined_unless_allowed():
+    source = encode(_private_raw(base(), 0x00330010, "LO", "Wolfe^Nero"))
+    assert reasons(source, QUARANTINE) == {
+        "private_attribute": "private elements not on DICOM_PRIVATE_ALLOW: (0033,0010, no known creator)"
+    }
+    allowed = DeidPolicy(private_tags="quarantine", private_allow=(PrivateAllow.parse("ACME 1.0:0033,xx10"),))
+    assert reasons(encode(_private_raw(base(), 0x00330010, "LO", "ACME 1.0")), allowed) == {}
+
+
+def test_reports_show_a_creator_only_when_the_allow_list_or_the_dictionary_knows_it():
+    data = encode(
+        with_private(with_private(base(), 0x0033, "ACME 1.0", 0x10, "LO", "X"), 0x0035, "Doe^Jane", 0x10, "LO", "Y")
+    )
+    policy = DeidPolicy(private_tags="quarantine", private_allow=(PrivateAllow.parse("ACME 1.0:0033,xx20"),))
+    detail = reasons(data, policy)["private_attribute"]
+    assert "(0033,1010, ACME 1.0)" in detail
+    assert "(0035,1010, no known creator)" in detail
+    assert "Doe" not in detail
+
+
+@pytest.mark.parametrize("undefined", [False, True], ids=["defined-lengths", "undefined-lengths"])
+def test_a_private_element_inside_an_allowed_private_sequence_is_stripped(tmp_path, undefined):
+    inner = item(RequestedProcedureID="1")
+    with_private(inner, 0x0035, "ACME HIDE", 0x01, "LO", "MRN12345")
+    inner.is_undefined_length_sequence_item = undefined
+    ds = with_private(base(), 0x0029, "SIEMENS MR HEADER", 0x0C, "SQ", Sequence([inner]))
+    ds[0x0029100C].is_undefined_length = undefined
+    allow = (PrivateAllow.parse("SIEMENS MR HEADER:0029,xx0C"),)
+    source = encode(ds)
+    assert (
+        "(0035,1001" in reasons(source, DeidPolicy(private_tags="quarantine", private_allow=allow))["private_attribute"]
+    )
+    _, archived = _archived(tmp_path, {"x.dcm": source}, DeidPolicy(private_allow=allow))
+    _, data = archived["x.dcm"]
+    copy = pydicom.dcmread(io.BytesIO(data))
+    assert _private_tags(copy) == [0x00290010, 0x0029100C]
+    assert copy[0x0029100C].value[0].RequestedProcedureID == "1"
+    assert b"MRN12345" not in data
+    assert b"ACME HIDE" not in data
+
+
+# --- the file meta ------------------------------------------------------------------------------
+
+
+def test_a_file_meta_element_the_standard_does_not_define_is_malformed():
+    ds = base()
+    ds.file_meta.add_new(0x00020200, "PN", "Wimsey^Peter")
+    assert "(0002,0200) is not a file meta element" in reasons(encode(ds))["malformed_header"]
+
+
+def test_a_file_meta_element_written_with_another_vr_is_malformed():
+    ds = base()
+    ds.file_meta.add_new(0x00020016, "PN", "Wimsey^Peter")  # SourceApplicationEntityTitle is an AE
+    assert "SourceApplicationEntityTitle is written as PN, not AE" in reasons(encode(ds))["malformed_header"]
+
+
+def test_file_meta_private_information_is_stripped_or_quarantined(tmp_path):
+    ds = base()
+    ds.file_meta.PrivateInformationCreatorUID = "1.2.3.4"
+    ds.file_meta.PrivateInformation = b"Wimsey^Peter"
+    source = encode(ds)
+    assert "(0002,0102, file meta)" in reasons(source, QUARANTINE)["private_attribute"]
+    _, archived = _archived(tmp_path, {"x.dcm": source})
+    member, data = archived["x.dcm"]
+    assert b"Wimsey" not in data
+    assert member.private_elements_removed == 1
+    copy = pydicom.dcmread(io.BytesIO(data))
+    assert "PrivateInformation" not in copy.file_meta
+    meta_end = 132 + 12 + copy.file_meta.FileMetaInformationGroupLength
+    assert struct.unpack("<HH", data[meta_end : meta_end + 4])[0] != 0x0002, "the group length was patched"
+    assert copy.PixelData == PIXELS
+    assert reasons(data, QUARANTINE) == {}
 
 
 # --- what the parser did not see: after the pixel data, duplicates, order ---------------------
@@ -282,7 +459,7 @@ def test_a_private_name_after_the_pixel_data_in_order(syntax):
     tail = element(0x7FE10010, "LO", b"ACME 1.0", syntax) + element(0x7FE11010, "PN", NAME.encode(), syntax)
     data = encode(base(), syntax) + tail
     found = reasons(data, QUARANTINE)
-    assert "(7FE1,1010, ACME 1.0)" in found["private_attribute"]
+    assert "(7FE1,1010, no known creator)" in found["private_attribute"]
     assert "malformed_header" not in found
 
 

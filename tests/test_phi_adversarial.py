@@ -825,7 +825,7 @@ def test_private_elements_quarantine_the_image_when_so_configured(landing, where
     (folder / "incoming" / "private.dcm").write_bytes(bytes(data))
     outcome = landing.process(BATCH, policy=DeidPolicy(private_tags="quarantine"))
     assert outcome.reasons == {"incoming/private.dcm": Reason.PRIVATE_ATTRIBUTE}
-    assert "ACME RECORDS 1.0" in outcome.plan.quarantined[0].detail
+    assert "(0029,1010, no known creator)" in outcome.plan.quarantined[0].detail
     assert_no_leak(landing, outcome, [MRN])
 
 

@@ -134,6 +134,10 @@ class DeidPolicy:
     def private_allowed(self, creator: str | None, group: int, element: int) -> bool:
         return any(rule.matches(creator, group, element) for rule in self.private_allow)
 
+    @functools.cached_property
+    def allowed_creators(self) -> frozenset[str]:
+        return frozenset(rule.creator for rule in self.private_allow)
+
     def describe(self) -> dict[str, object]:
         """What the batch report records about the gate (names of settings, never values of images)."""
         return {

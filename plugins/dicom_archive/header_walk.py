@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from pydicom.datadict import dictionary_VR, get_private_entry, keyword_for_tag
+from pydicom.datadict import dictionary_VR, get_private_entry, keyword_for_tag, private_dictionaries
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -62,6 +62,7 @@ IMPLICIT_LITTLE = "1.2.840.10008.1.2"
 EXPLICIT_BIG = "1.2.840.10008.1.2.2"
 DEFLATED = "1.2.840.10008.1.2.1.99"
 TRANSFER_SYNTAX_TAG = 0x00020010
+PRIVATE_INFORMATION_TAGS = (0x00020100, 0x00020102)  # PrivateInformationCreatorUID, PrivateInformation
 
 # Top-level attributes whose every copy the gate judges (a duplicate must not hide one).
 FLAG_KEYWORDS = frozenset(
@@ -87,12 +88,19 @@ def tag_text(tag: int) -> str:
 
 
 @functools.lru_cache(maxsize=8192)
-def _public_vr_and_keyword(tag: int) -> tuple[str, str]:
+def _public_vr_and_keyword(tag: int) -> tuple[str, str, tuple[str, ...]]:
+    """The dictionary VR, the keyword, and every VR the element may be written with (empty: any,
+    for a tag the dictionary does not know)."""
+    if tag & 0xFFFF == 0:  # a group length: only the file meta's is in the dictionary
+        return "UL", keyword_for_tag(tag) or "", ("UL",)
     try:
-        vr = dictionary_VR(tag)
+        options = tuple(dictionary_VR(tag).split(" or "))
     except KeyError:
-        vr = "UN"
-    return vr.split(" or ")[0], keyword_for_tag(tag) or ""
+        return "UN", "", ()
+    return options[0], keyword_for_tag(tag) or "", options
+
+
+MAX_CREATOR_BYTES = 64  # a private creator is an LO
 
 
 @functools.lru_cache(maxsize=8192)
@@ -110,10 +118,10 @@ class PrivateElement:
     path: str
     group: int
     element: int
-    creator: str | None
+    creator: str | None  # as reports may show it: None when absent, or not a known creator
 
     def __str__(self) -> str:
-        return f"({self.group:04X},{self.element:04X}, {self.creator or 'no creator'})"
+        return f"({self.group:04X},{self.element:04X}, {self.creator or 'no known creator'})"
 
 
 @dataclass
@@ -127,7 +135,7 @@ class HeaderWalk:
     top: dict[int, RawDataElement] = field(default_factory=dict)  # first copy of each top-level value
     copies: dict[str, list[str]] = field(default_factory=dict)  # every copy of FLAG_KEYWORDS
     persons: list[tuple[str, str, str, bool]] = field(default_factory=list)  # path, keyword, text, is PN
-    nested_ids: list[tuple[str, str]] = field(default_factory=list)  # path, text
+    id_values: list[tuple[str, str]] = field(default_factory=list)  # path, text
     malformed: list[str] = field(default_factory=list)
     private: list[PrivateElement] = field(default_factory=list)  # not on the allow list
     # Basic profile: path, tag, dictionary VR, keyword, holds a value.
@@ -320,23 +328,46 @@ class _Walker:
         return self.walk
 
     def _file_meta(self) -> bytes | None:
-        """Group 0002, always explicit VR little endian. Returns the next element's tag bytes."""
+        """Group 0002, always explicit VR little endian. Returns the next element's tag bytes.
+
+        Only the elements the standard defines, written with their VR, pass. The private information
+        (0002,0100 and 0002,0102) is private data: in strip mode it is dropped and the group length
+        patched."""
         previous = -1
+        group_length: tuple[int, int] | None = None  # where its value is, and the value
+        removed = 0
         while self.pos < self.size:
+            start = self.pos
             raw = self.read(4, "file meta")
             group, element = struct.unpack("<HH", raw)
             if group != 0x0002:
                 break
             tag = group << 16 | element
-            _, length, _ = self._explicit_header(tag, "<")
+            vr, length, _ = self._explicit_header(tag, "<")
+            _, keyword, written_as = _public_vr_and_keyword(tag)
+            name = keyword or tag_text(tag)
             if tag <= previous:
-                self.walk.malformed.append(f"{tag_text(tag)} in the file meta is duplicated or out of order")
+                self.walk.malformed.append(f"{name} in the file meta is duplicated or out of order")
             previous = tag
+            if not written_as:
+                self.walk.malformed.append(f"{name} is not a file meta element")
+            elif vr not in written_as:
+                self.walk.malformed.append(f"{name} is written as {vr}, not {' or '.join(written_as)}")
             value = self.load(length)
-            if tag == TRANSFER_SYNTAX_TAG:
-                self.walk.transfer_syntax = value.decode("latin-1").strip(" \0")
+            if tag == 0x00020000 and length == 4:
+                group_length = (self.pos - 4, struct.unpack("<L", value)[0])
+            elif tag == TRANSFER_SYNTAX_TAG:
+                self.walk.transfer_syntax = _decode(value)
+            elif tag in PRIVATE_INFORMATION_TAGS:
+                self.walk.private.append(PrivateElement(name, group, element, "file meta"))
+                if self.strip:
+                    self.walk.removals.append((start, self.pos))
+                    removed += self.pos - start
+                    self.walk.private_removed += tag == PRIVATE_INFORMATION_TAGS[-1]
         else:
             raw = None
+        if removed and group_length is not None:
+            self.walk.patches[group_length[0]] = struct.pack("<L", group_length[1] - removed)
         if not self.walk.transfer_syntax:
             raise WalkError(Reason.NOT_DICOM, "does not parse as DICOM (truncated or corrupt header)")
         return raw
@@ -399,19 +430,35 @@ class _Walker:
                     (length,) = unpack_short(head)
                     length_offset = self.pos - 2
             self._element(scope, frame, tag, vr, length, start, length_offset)
-        if not frame.discard and frame.rewrite:
-            self._close_scope(scope, top)
+        if not frame.discard:
+            self._close_scope(scope, frame)
         return scope.changed
 
-    def _close_scope(self, scope: _Scope, top: bool) -> None:
-        """Strip mode: drop the creators of blocks that keep nothing, and group lengths that a
-        change inside the dataset made wrong (they are retired outside the file meta)."""
-        for key, (_, start, stop) in scope.creators.items():
-            if key not in scope.kept_blocks:
+    def _close_scope(self, scope: _Scope, frame: _Frame) -> None:
+        """The creators of blocks that keep nothing: dropped in strip mode, with the group lengths
+        that a change inside the dataset made wrong (they are retired outside the file meta). In
+        quarantine mode a creator that reserves no element is reported, as a creator is a value like
+        any other, unless the allow list names it."""
+        for key, (creator, start, stop) in scope.creators.items():
+            if key in scope.kept_blocks:
+                continue
+            if frame.rewrite:
                 self._remove(start, stop, scope)
-        if scope.changed:
+            elif key not in scope.used_blocks and self._shown(creator) not in self.policy.allowed_creators:
+                group, element = key >> 8, key & 0xFF
+                name = tag_text(group << 16 | element)
+                path = f"{frame.path}.{name}" if frame.path else name
+                self.walk.private.append(PrivateElement(path, group, element, self._shown(creator)))
+        if frame.rewrite and scope.changed:
             for start, stop in scope.group_lengths:
                 self._remove(start, stop, scope)
+
+    def _shown(self, creator: str | None) -> str | None:
+        """A creator as reports may show it: only one that pydicom's private dictionary or the allow
+        list knows, since the value of any other could be an identifier."""
+        if creator in private_dictionaries or creator in self.policy.allowed_creators:
+            return creator
+        return None
 
     def _remove(self, start: int, stop: int, scope: _Scope) -> None:
         self.walk.removals.append((start, stop))
@@ -429,6 +476,7 @@ class _Walker:
         creator: str | None = None
         block_key = -1
         dictionary_vr = keyword = ""
+        written_as: tuple[str, ...] = ()  # the VRs it may be written with; empty: any
         if private:
             if element >= 0x1000:
                 block_key = group << 8 | element >> 8
@@ -437,7 +485,7 @@ class _Walker:
             semantic = _private_vr(creator, tag) if block_key >= 0 else "UN"
             name = tag_text(tag)
         else:
-            dictionary_vr, keyword = _public_vr_and_keyword(tag)
+            dictionary_vr, keyword, written_as = _public_vr_and_keyword(tag)
             semantic = dictionary_vr
             name = keyword or tag_text(tag)
         element_path = f"{path}.{name}" if path else name
@@ -451,6 +499,9 @@ class _Walker:
                 self.walk.malformed.append(f"{element_path} is out of order")
 
         if vr is not None and vr != "UN":
+            if written_as and vr not in written_as and not discard:
+                # Judged by the VR it is written with, a PN written as LO or as OB would pass unread.
+                self.walk.malformed.append(f"{element_path} is written as {vr}, not {' or '.join(written_as)}")
             semantic = vr
         is_sequence = semantic == "SQ" or (
             length == UNDEFINED and tag not in PIXEL_DATA_TAGS and vr in (None, "UN", "SQ")
@@ -458,20 +509,26 @@ class _Walker:
         if vr == "UN" and is_sequence:
             implicit, little = True, True  # PS3.5 6.2.2: a UN sequence is encoded implicit VR little endian
 
-        # Private data elements: dropped (strip), reported (quarantine), or kept (allow list).
-        # A creator slot that holds a sequence names no block: it is data (deid-data's ctbrain2 has them).
-        private_data = private and (element >= 0x1000 or 0x0001 <= element <= 0x000F or is_sequence)
+        # Private data elements: dropped (strip), reported (quarantine), or kept (allow list). Every
+        # element of a private group is data but a creator: an LO of at most 64 bytes in a creator slot
+        # (a slot holding a sequence names no block: deid-data's ctbrain2 has them).
+        is_creator = (
+            private
+            and 0x0010 <= element <= 0x00FF
+            and vr in (None, "UN", "LO")
+            and not is_sequence
+            and length <= MAX_CREATOR_BYTES
+        )
         drop = False
-        inner_discard, inner_rewrite = discard, rewrite
-        if private_data and not discard:
+        inner_discard = discard
+        if private and not is_creator and not discard:
             if block_key >= 0:
                 scope.used_blocks.add(block_key)
             if self.policy.private_allowed(creator, group, element):
                 if block_key >= 0:
                     scope.kept_blocks.add(block_key)
-                inner_rewrite = False  # kept as it is
             else:
-                self.walk.private.append(PrivateElement(element_path, group, element, creator))
+                self.walk.private.append(PrivateElement(element_path, group, element, self._shown(creator)))
                 if rewrite:
                     drop = True
                     inner_discard = True
@@ -480,7 +537,7 @@ class _Walker:
             if inner_discard and length != UNDEFINED:
                 self.skip(length, f"value of {element_path}")
             else:
-                inner = _Frame(frame.depth, element_path, implicit, little, inner_discard, inner_rewrite)
+                inner = _Frame(frame.depth, element_path, implicit, little, inner_discard, rewrite)
                 self._sequence(inner, length, length_offset)
             if not discard and self.profile and not private:
                 self.walk.public_values.append((element_path, tag, dictionary_vr, keyword, length != 0))
@@ -492,8 +549,11 @@ class _Walker:
             self.skip(length, f"value of {element_path}")
         else:
             value = self.load(length)
-            if not discard:
-                self._value(scope, frame, tag, semantic, vr, value, length, start, element_path, keyword)
+            if is_creator and not discard:
+                scope.creators[group << 8 | element] = (_decode(value), start, self.pos)
+            elif not discard:
+                is_name = "PN" in (semantic, dictionary_vr)
+                self._value(frame, tag, is_name, vr, value, length, start, element_path, keyword)
                 if self.profile and not private:
                     filled = holds_value(value) if semantic not in BULK_VRS else bool(value)
                     self.walk.public_values.append((element_path, tag, dictionary_vr, keyword, filled))
@@ -506,16 +566,15 @@ class _Walker:
             return
         if drop:
             self._remove(start, self.pos, scope)
-            self.walk.private_removed += 1
+            self.walk.private_removed += element != 0x0000
         elif element == 0x0000 and group != 0x0002:
             scope.group_lengths.append((start, self.pos))
 
     def _value(
         self,
-        scope: _Scope,
         frame: _Frame,
         tag: int,
-        semantic: str,
+        is_name: bool,
         vr: str | None,
         value: bytes,
         length: int,
@@ -523,13 +582,9 @@ class _Walker:
         path: str,
         keyword: str,
     ) -> None:
-        """A loaded value of an element of the dataset `frame` (`path`: the element's own)."""
-        group, element = tag >> 16, tag & 0xFFFF
-        private, depth = group % 2 == 1, frame.depth
-        if private and 0x0010 <= element <= 0x00FF:
-            creator = value.decode("latin-1").strip(" \0")
-            scope.creators[(tag >> 16) << 8 | element] = (creator, start, self.pos)
-            return
+        """A loaded value of an element (not a private creator) of the dataset `frame` (`path`: the
+        element's own); `is_name`: its dictionary VR or the VR it is written with is PN."""
+        private, depth = (tag >> 16) % 2 == 1, frame.depth
         if depth == 0 and not private:
             if tag not in self.walk.top:
                 self.walk.top[tag] = RawDataElement(
@@ -537,11 +592,11 @@ class _Walker:
                 )
             if keyword in FLAG_KEYWORDS:
                 self.walk.copies.setdefault(keyword, []).append(value.decode("latin-1"))
-        is_name = semantic == "PN"
         if is_name or keyword in self.policy.person_keywords:
             self.walk.persons.append((path, keyword, _decode(value), is_name))
-        elif depth > 0 and keyword in CODED_ID_ATTRIBUTES:
-            self.walk.nested_ids.append((path, _decode(value)))
+        elif keyword in CODED_ID_ATTRIBUTES and (depth > 0 or keyword not in FLAG_KEYWORDS):
+            # A top-level OtherPatientIDs too, whatever the person list says: check 7 is no setting.
+            self.walk.id_values.append((path, _decode(value)))
 
     def _sequence(self, frame: _Frame, length: int, length_offset: int) -> None:
         """The items of the sequence `frame` (its path is the sequence's)."""
@@ -655,7 +710,7 @@ def judge_header(walk: HeaderWalk, policy: DeidPolicy) -> Verdict:
             filled.append(path)
     if filled:
         verdict.fail(Reason.IDENTIFYING_ATTRIBUTE, "holds a value: " + ", ".join(filled))
-    foreign = [path for path, text in walk.nested_ids if not coded_id_value_allowed(text, (entity_id, item_id))]
+    foreign = [path for path, text in walk.id_values if not coded_id_value_allowed(text, (entity_id, item_id))]
     if foreign:
         detail = "holds an identifier other than the coded ids: " + ", ".join(foreign)
         verdict.fail(Reason.IDENTIFYING_ATTRIBUTE, detail)
