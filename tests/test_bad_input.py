@@ -35,6 +35,7 @@ from dicom_archive.bigquery_load import DEDUPE_ORDER, ROW_KEY
 from dicom_archive.deid_gate import DEFAULT_PERSON_ATTRIBUTES, DeidPolicy, Reason
 from dicom_archive.landing import LocalLandingZone
 from dicom_archive.ledger import select_batches
+from dicom_archive.manifest import parse_rfc3339
 from dicom_archive.ndjson import to_ndjson
 from dicom_archive.plan import BatchPlan, plan_batch
 from dicom_archive.rows import RunContext
@@ -429,6 +430,9 @@ def test_a_folder_without_batch_json_is_not_ready(landing):
         pytest.param(b"[]", "must be a JSON object, not list", id="array"),
         pytest.param(b'"DONEPROCESSING"', "must be a JSON object, not str", id="string"),
         pytest.param(b"null", "must be a JSON object, not NoneType", id="null"),
+        pytest.param(b'{"batch_id": "20240105-0001", "x": NaN}', "NaN is not JSON", id="nan"),
+        pytest.param(b'{"batch_id": "20240105-0001", "x": -Infinity}', "-Infinity is not JSON", id="infinity"),
+        pytest.param(b'{"a": ' * 100_000 + b"1" + b"}" * 100_000, "nested too deeply", id="deep"),
     ],
 )
 def test_a_batch_json_that_is_not_a_json_object_fails_the_batch(landing, raw, rule):
@@ -458,6 +462,19 @@ def test_a_batch_json_that_is_not_a_json_object_fails_the_batch(landing, raw, ru
         pytest.param({"completed_at": "yesterday"}, "is not an RFC 3339 timestamp", id="words"),
         pytest.param({"completed_at": "2024-13-05T09:30:00Z"}, "is not an RFC 3339", id="month-13"),
         pytest.param({"completed_at": 1704447000}, "must be an RFC 3339 timestamp string", id="epoch"),
+        pytest.param({"completed_at": "2024-01-05T09:30Z"}, "is not an RFC 3339", id="no-seconds"),
+        pytest.param({"completed_at": "2024-01-05T09Z"}, "is not an RFC 3339", id="hour-only"),
+        pytest.param({"completed_at": "20240105T093000Z"}, "is not an RFC 3339", id="basic-format"),
+        pytest.param({"completed_at": "2024-W01-5T09:30:00Z"}, "is not an RFC 3339", id="week-date"),
+        pytest.param({"completed_at": "2024-01-05T09:30:00+0530"}, "is not an RFC 3339", id="offset-no-colon"),
+        pytest.param({"completed_at": "2024-01-05T09:30:00+05:30:15"}, "is not an RFC 3339", id="offset-seconds"),
+        pytest.param({"completed_at": "2024-01-05T09:30:00+25:00"}, "no such instant", id="offset-25h"),
+        pytest.param({"completed_at": "2024-02-30T09:30:00Z"}, "no such instant", id="february-30"),
+        pytest.param({"completed_at": "0001-01-01T00:00:00+05:30"}, "no such instant", id="before-year-1"),
+        pytest.param({"completed_at": "9999-12-31T23:59:59-05:00"}, "no such instant", id="after-9999"),
+        pytest.param(
+            {"completed_at": "\uff12\uff10\uff12\uff14-01-05T09:30:00Z"}, "is not an RFC 3339", id="fullwidth-digits"
+        ),
         pytest.param({"deid": "deid 0.4.13"}, "deid must be an object", id="deid-not-object"),
     ],
 )
@@ -491,6 +508,67 @@ def test_a_batch_json_without_collection_uses_the_default_collection(landing):
     assert outcome.plan.status == "DONE"
     assert {name.split("/")[1] for name in outcome.archives} == {"IRB_DEFAULT"}
     assert outcome.archived_shas() == file_shas(folder, [image.path for image in good_images()])
+
+
+@pytest.mark.parametrize(
+    "unfinished",
+    [
+        {"completed_at": None},
+        {"completed_at": "soon"},
+        {"completed_at": "0001-01-01T00:00:00+05:30"},
+        {"collection": "not yet/known"},
+        {"deid": "still writing"},
+    ],
+    ids=["no-completed-at", "completed-at-words", "completed-at-out-of-range", "bad-collection", "bad-deid"],
+)
+@pytest.mark.parametrize("status", ["IN_PROGRESS", "doneprocessing"])
+def test_a_batch_not_finished_is_pending_whatever_its_other_fields_say(landing, status, unfinished):
+    """Only a complete manifest is judged: an unfinished one is not an error, so the batch is
+    taken once the anonymizer finishes it (an ERROR report would keep it from every later run)."""
+    folder = landing.write(BatchSpec(BATCH, images=good_images(), raw_manifest=manifest(status=status, **unfinished)))
+    zone = LocalLandingZone(landing.root)
+    assert select_batches(zone, end=None).batch_ids == []
+    outcome = landing.process(BATCH)
+    assert outcome.plan.status == "NOT_READY"
+    assert not (folder / "batch.report.json").exists()
+
+    (folder / "batch.json").write_bytes(manifest())  # the anonymizer finishes the batch
+    assert select_batches(zone, end=None).batch_ids == [BATCH]
+    assert landing.process(BATCH).plan.status == "DONE"
+
+
+def test_a_manifest_that_breaks_the_parser_fails_only_its_batch_in_the_ledger(landing):
+    for name, raw in (
+        (BATCH, manifest(completed_at="9999-12-31T23:59:59-05:00")),
+        ("20240105-0003", b'{"a": ' * 100_000 + b"1" + b"}" * 100_000),
+    ):
+        landing.write(BatchSpec(name, images=good_images(), raw_manifest=raw))
+    landing.write(BatchSpec(NEIGHBOUR, images=good_images(), collection=COLLECTION))
+    selection = select_batches(LocalLandingZone(landing.root), end=None)
+    assert NEIGHBOUR in selection.batch_ids
+    assert set(selection.unreadable) == {BATCH, "20240105-0003"}
+
+
+@pytest.mark.parametrize(
+    ("written", "instant"),
+    [
+        ("2016-12-31T23:59:60Z", datetime(2017, 1, 1, tzinfo=UTC)),  # a leap second
+        ("2024-01-05t09:30:00z", datetime(2024, 1, 5, 9, 30, tzinfo=UTC)),
+        ("2024-01-05 09:30:00Z", datetime(2024, 1, 5, 9, 30, tzinfo=UTC)),
+        ("2024-01-05T15:00:00.123456789+05:30", datetime(2024, 1, 5, 9, 30, 0, 123456, tzinfo=UTC)),
+        ("2024-01-05T04:30:00-05:00", datetime(2024, 1, 5, 9, 30, tzinfo=UTC)),
+    ],
+)
+def test_rfc3339_timestamps_are_read_as_utc(written, instant):
+    assert parse_rfc3339(written, "batch.json", "completed_at") == instant
+
+
+def test_a_null_collection_falls_back_to_the_default(landing):
+    raw = json.dumps({**json.loads(manifest()), "collection": None}).encode()
+    landing.write(BatchSpec(BATCH, images=good_images(), raw_manifest=raw))
+    outcome = landing.process(BATCH, default_collection="IRB_DEFAULT")
+    assert outcome.plan.status == "DONE"
+    assert {name.split("/")[1] for name in outcome.archives} == {"IRB_DEFAULT"}
 
 
 @pytest.mark.parametrize("status", ["PROCESSING", "donepro", "DONE", "QUEUED"])

@@ -6,9 +6,9 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cache
-from typing import Any
+from typing import Any, ClassVar
 
 from pydicom.datadict import keyword_dict, keyword_for_tag
 
@@ -38,47 +38,83 @@ class ManifestError(ValueError):
 
 @dataclass(frozen=True)
 class BatchManifest:
+    """The manifest of a complete batch (status DONEPROCESSING or ERROR)."""
+
     batch_id: str
     collection: str
     status: str
     completed_at: datetime
     deid: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def is_ready(self) -> bool:
-        return self.status in (STATUS_DONE, STATUS_ERROR)
+    is_ready: ClassVar[bool] = True
 
     @property
     def is_error(self) -> bool:
         return self.status == STATUS_ERROR
 
 
+@dataclass(frozen=True)
+class PendingManifest:
+    """The manifest of a batch the anonymizer has not finished: any status but DONEPROCESSING or
+    ERROR. Its other fields are not judged yet (they may still be written)."""
+
+    batch_id: str
+    status: str
+
+    is_ready: ClassVar[bool] = False
+    is_error: ClassVar[bool] = False
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _parse_json_object(raw: bytes, source: str) -> dict[str, Any]:
     try:
-        value = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ManifestError(source, f"is not valid JSON ({err})") from None
+        value = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        why = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        raise ManifestError(source, f"is not valid JSON ({why})") from None
     if not isinstance(value, dict):
         raise ManifestError(source, f"must be a JSON object, not {type(value).__name__}")
     return value
 
 
+# RFC 3339 section 5.6 date-time: full date, "T" (or a blank), full time with seconds, an offset.
+_RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", re.ASCII)
+
+
 def parse_rfc3339(value: object, source: str, field_name: str) -> datetime:
+    """An RFC 3339 timestamp in UTC. A leap second (:60) is the next second; fractions beyond
+    microseconds are cut."""
     if not isinstance(value, str):
         raise ManifestError(source, f"{field_name} must be an RFC 3339 timestamp string")
+    match = _RFC3339.fullmatch(value)
+    if match is None:
+        raise ManifestError(
+            source,
+            f"{field_name} {value!r} is not an RFC 3339 timestamp: it needs a date, a time and a UTC offset"
+            " (e.g. 2024-01-05T09:30:00Z)",
+        )
+    year, month, day, hour, minute, second = (int(part) for part in match.groups()[:6])
+    micro = int((match[7] or ".0")[1:7].ljust(6, "0"))
+    offset = "+00:00" if match[8] in "Zz" else match[8]
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise ManifestError(source, f"{field_name} {value!r} is not an RFC 3339 timestamp") from None
-    if parsed.tzinfo is None or "T" not in value.upper():
-        raise ManifestError(source, f"{field_name} {value!r} needs a date, a time and a UTC offset")
-    return parsed.astimezone(UTC)
+        local = datetime.fromisoformat(
+            f"{year:04d}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:{min(second, 59):02d}.{micro:06d}{offset}"
+        )
+        if second == 60:
+            local += timedelta(seconds=1)
+        return local.astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise ManifestError(source, f"{field_name} {value!r} is not an RFC 3339 timestamp: no such instant") from None
 
 
 def parse_manifest(
     raw: bytes, *, folder_name: str, default_collection: str | None = None, source: str = MANIFEST_NAME
-) -> BatchManifest:
-    """Parse and validate batch.json. Unknown fields are ignored."""
+) -> BatchManifest | PendingManifest:
+    """Parse and validate batch.json. Unknown fields are ignored. The batch id is checked first,
+    then the status: a batch that is not complete yet is pending, whatever its other fields say."""
     doc = _parse_json_object(raw, source)
 
     batch_id = doc.get("batch_id")
@@ -88,7 +124,15 @@ def parse_manifest(
     if batch_id != folder_name:
         raise ManifestError(source, f"batch_id {batch_id!r} must equal the folder name {folder_name!r}")
 
-    collection = doc.get("collection", default_collection)
+    status = doc.get("status")
+    if not isinstance(status, str) or not status:
+        raise ManifestError(source, "status must be a non-empty string")
+    if status not in (STATUS_DONE, STATUS_ERROR):
+        return PendingManifest(batch_id, status)
+
+    collection = doc.get("collection")  # null is absent
+    if collection is None:
+        collection = default_collection
     if collection is None:
         raise ManifestError(
             source, "has no collection and no default collection is configured (GOOGLE_STORAGE_COLLECTION)"
@@ -96,10 +140,6 @@ def parse_manifest(
     problem = collection_problem(collection)
     if problem is not None:
         raise ManifestError(source, problem)
-
-    status = doc.get("status")
-    if not isinstance(status, str) or not status:
-        raise ManifestError(source, "status must be a non-empty string")
 
     completed_at = parse_rfc3339(doc.get("completed_at"), source, "completed_at")
 

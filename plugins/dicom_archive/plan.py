@@ -24,6 +24,7 @@ from dicom_archive.manifest import (
     BatchManifest,
     LookupMatch,
     ManifestError,
+    PendingManifest,
     is_control_file,
     is_flagged,
     is_under_phi_folder,
@@ -214,7 +215,9 @@ def inspect_image(
     return verdict.identity, record  # type: ignore[return-value]
 
 
-def read_manifest(zone: LandingZone, batch_id: str, default_collection: str | None) -> BatchManifest | None:
+def read_manifest(
+    zone: LandingZone, batch_id: str, default_collection: str | None
+) -> BatchManifest | PendingManifest | None:
     """The batch's manifest, or None while the batch is not complete. Raises ManifestError."""
     raw = zone.read_bytes(batch_id, MANIFEST_NAME)
     if raw is None:
