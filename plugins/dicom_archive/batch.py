@@ -332,7 +332,6 @@ def build_report(
         "lookup": {
             "keys_matching_no_image": plan.lookup_unmatched,
             "keys_matching_several_images": plan.lookup_ambiguous,
-            "images_with_several_keys": plan.lookup_merged,
         },
         "archives": {
             "total": len(archives),

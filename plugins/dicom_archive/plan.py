@@ -127,7 +127,6 @@ class BatchPlan:
     aliases: dict[str, str] = field(default_factory=dict)  # a second name of an image -> the name counted
     lookup_unmatched: list[str] = field(default_factory=list)  # lookup.json keys that name no image
     lookup_ambiguous: dict[str, list[str]] = field(default_factory=dict)  # key -> the images it names
-    lookup_merged: dict[str, list[str]] = field(default_factory=dict)  # image -> its several keys
 
     @property
     def images_accepted(self) -> int:
@@ -293,11 +292,7 @@ def _plan_batch(
 
     files = [file for file in zone.list_files(batch_id) if not is_control_file(file.relpath)]
     matched = match_lookup(lookup, (file.relpath for file in files))
-    plan.lookup_unmatched, plan.lookup_ambiguous, plan.lookup_merged = (
-        matched.unmatched,
-        matched.ambiguous,
-        matched.merged,
-    )
+    plan.lookup_unmatched, plan.lookup_ambiguous = matched.unmatched, matched.ambiguous
     unsafe = matched.unsafe_flags(lookup)
     if unsafe:
         plan.status = STATUS_ERROR
