@@ -391,6 +391,21 @@ BAD_LOOKUP_VALUES = {
     "0010:0020": MRN,
     "OtherPatientIDsSequence[0].(0010,0020)": MRN,
     "PatientsBirthDate": BIRTH_DATE,
+    # Plurals and possessives slipped, `Name` left out or added.
+    "OtherPatientID": MRN,
+    "PatientsID": MRN,
+    "NameOfPhysicianReadingStudy": PLAIN_NAME,
+    "PatientMothersBirthName": PLAIN_NAME,
+    "Operator": PLAIN_NAME,
+    "RequestingPhysicianName": PLAIN_NAME,
+    # Not DICOM attributes, named for a person's name, contact or record number.
+    "Name": PLAIN_NAME,
+    "Surname": "Kowalczyk",
+    "PatientFullName": PLAIN_NAME,
+    "Notes.ReferringDoctor": PLAIN_NAME,
+    "HomeAddress": PLANTED["PatientAddress"],
+    "MRN": "7731904",
+    "AccessionNo": "ACC-55193402",
 }
 
 
@@ -460,6 +475,7 @@ def test_a_lookup_key_that_is_not_a_field_name_quarantines_its_image(landing, en
         {"Nested": {"SliceThickness": 1.25, "Kernel": ["B30f", "B70f"]}},
         {"flagged": False, "KVP": 120},
         {"(0018,0060)": 120, "0x00180050": 1.25, "Seq[0].Inner.0.CTDIvol": 3.5, "_private_note": "ok"},
+        {"PatientFullName": ENTITY, "AccessionNo": ITEM, "Scanner": {"name": "CT01"}},
     ],
 )
 def test_lookup_values_that_keep_the_rules_reach_dicomheader(landing, entry):
@@ -544,6 +560,14 @@ def test_lookup_values_never_fill_typed_columns_and_stay_under_their_own_key(lan
         ("A[0].(0040,0006)[1]", "ScheduledPerformingPhysicianName"),
         ("0010,0020", "PatientID"),
         ("PatientsBirthDate", "PatientBirthDate"),
+        ("OtherPatientID", "OtherPatientIDs"),
+        ("PatientsID", "PatientID"),
+        ("NameOfPhysicianReadingStudy", "NameOfPhysiciansReadingStudy"),
+        ("PatientMothersBirthName", "PatientMotherBirthName"),
+        ("Operator", "OperatorsName"),
+        ("RequestingPhysicianName", "RequestingPhysician"),
+        ("Rows", "Rows"),
+        ("Notes", None),
     ],
 )
 def test_field_keyword(name, keyword):

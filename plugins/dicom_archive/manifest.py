@@ -12,7 +12,14 @@ from typing import Any
 
 from pydicom.datadict import DicomDictionary, keyword_dict, keyword_for_tag
 
-from dicom_archive.deid_gate import DEFAULT_PERSON_ATTRIBUTES, judge_field
+from dicom_archive.deid_gate import (
+    ALWAYS_PERSON_ATTRIBUTES,
+    CODED_ID_ATTRIBUTES,
+    DEFAULT_PERSON_ATTRIBUTES,
+    coded_id_value_allowed,
+    judge_field,
+    keyword_vr,
+)
 from dicom_archive.landing import PHI_FOLDER, is_under_phi_folder, normalise_relpath  # noqa: F401  (re-exported)
 from dicom_archive.naming import BATCH_ID_RE, batch_id_problem, collection_problem
 
@@ -311,7 +318,76 @@ def field_keyword(field_name: str) -> str | None:
             return keyword
     names = _keywords_by_loose_name()
     # `ReferringPhysician`, `Operators`, `Patient`: a person's name with `Name` left out.
-    return names.get(_loose(last)) or names.get(_loose(last) + "name")
+    keyword = names.get(_loose(last)) or names.get(_loose(last) + "name")
+    # Last, the identifying keywords only, with plurals and possessives blurred (`OtherPatientID`,
+    # `PatientsID`, `NameOfPhysicianReadingStudy`, `PatientMothersBirthName`).
+    return keyword or _identifying_by_skeleton().get(_skeleton(last))
+
+
+def _skeleton(name: str) -> str:
+    """Letters and digits without any `s` and without a final `name`: spelling slips that do not
+    change which attribute is meant."""
+    blurred = _loose(name).replace("s", "")
+    return blurred.removesuffix("name") or blurred
+
+
+@cache
+def _identifying_by_skeleton() -> dict[str, str]:
+    """The skeleton of each person-name, identifier and identifying attribute (by keyword and by
+    descriptive name) -> its keyword."""
+    identifying = {
+        *DEFAULT_PERSON_ATTRIBUTES,
+        *ALWAYS_PERSON_ATTRIBUTES,
+        *CODED_ID_ATTRIBUTES,
+        *LOOKUP_IDENTIFYING_ATTRIBUTES,
+        *(keyword for keyword in keyword_dict if keyword_vr(keyword) == "PN"),
+    }
+    found: dict[str, str] = {}
+    for entry in DicomDictionary.values():
+        if entry[4] in identifying:
+            found.setdefault(_skeleton(entry[4]), entry[4])
+            found.setdefault(_skeleton(entry[2]), entry[4])
+    return found
+
+
+# Words of a field that is not a DICOM attribute but is named for a person's name, contact or
+# record number (`Surname`, `PatientFullName`, `ReferringDoctor`, `HomeAddress`, `MRN`, `AccessionNo`): such a
+# field may hold nothing but the coded ids. Short ones count only as the whole name.
+_PERSON_FIELD_WORDS = (
+    "surname",
+    "firstname",
+    "givenname",
+    "familyname",
+    "lastname",
+    "middlename",
+    "fullname",
+    "maidenname",
+    "nickname",
+    "patientname",
+    "patientid",
+    "personname",
+    "accession",
+    "physician",
+    "doctor",
+    "medicalrecord",
+    "socialsecurity",
+    "birthdate",
+    "dateofbirth",
+    "address",
+    "telephone",
+    "phone",
+    "email",
+)
+_PERSON_FIELD_NAMES = ("dob", "mrn", "ssn")
+
+
+def names_a_person_field(field_name: str) -> bool:
+    """Whether a field that names no DICOM attribute is named for a person's name, contact or
+    record number (see _PERSON_FIELD_WORDS)."""
+    if _loose(field_name) == "name":
+        return True  # a bare top-level `Name` (a nested `software.name` is not)
+    loose = _loose(_INDEX.sub("", field_name).rsplit(".", 1)[-1])
+    return loose in _PERSON_FIELD_NAMES or any(word in loose for word in _PERSON_FIELD_WORDS)
 
 
 def _leaves(value: Any, path: str) -> Iterator[tuple[str, str]]:
@@ -351,6 +427,9 @@ def lookup_violations(
         )
         if why is None and keyword in LOOKUP_IDENTIFYING_ATTRIBUTES:
             why = f"{keyword} holds a value"
+        named_for_a_person = keyword is None and names_a_person_field(path)
+        if why is None and named_for_a_person and not coded_id_value_allowed(text, (entity_id, item_id)):
+            why = f"{path} is named for a person's name, contact or record number and holds a value"
         if why is not None:
             found.setdefault(path, why)
     broken = [f"{path} ({why})" for path, why in sorted(found.items())]
