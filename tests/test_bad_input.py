@@ -35,11 +35,13 @@ from dicom_archive.bigquery_load import DEDUPE_ORDER, ROW_KEY
 from dicom_archive.deid_gate import DEFAULT_PERSON_ATTRIBUTES, DeidPolicy, Reason
 from dicom_archive.landing import LocalLandingZone
 from dicom_archive.ledger import select_batches
+from dicom_archive.manifest import ManifestError
 from dicom_archive.ndjson import to_ndjson
 from dicom_archive.plan import BatchPlan, plan_batch
 from dicom_archive.rows import RunContext
 from dicom_archive.settings import ArchiveSettings
 from dicom_archive.stores import LocalObjectStore
+from operators.failures import permanent_errors
 from tools import phi_audit
 from tools.landing_zone import BatchSpec, ImageSpec, image_bytes, make_image, raw_identifiers, write_batch
 
@@ -616,6 +618,27 @@ def test_batch_json_deid_values_go_through_the_lookup_rules(landing, deid, plant
         rule="deid breaks the person-name and identifier rules",
         planted=planted,
     )
+
+
+@pytest.mark.parametrize(("deid", "planted"), list(BAD_DEID.values())[:4], ids=list(BAD_DEID)[:4])
+def test_a_deid_given_to_the_archive_step_otherwise_is_checked_before_anything_is_written(landing, deid, planted):
+    """The archive step's `deid` may come from a DAG author, not a manifest: checked again, it
+    fails the step (permanent: ManifestError) before any archive or row is made."""
+    landing.write(BatchSpec(BATCH, images=good_images(), collection=COLLECTION))
+    plan = plan_batch(LocalLandingZone(landing.root), BATCH)
+    assert plan.groups
+    with pytest.raises(ManifestError, match="deid breaks the person-name and identifier rules") as caught:
+        archive_groups(
+            plan.groups,
+            LocalLandingZone(landing.root),
+            LocalObjectStore(landing.out),
+            deid=deid,
+            context=RunContext("bad-input-test"),
+            settings=ArchiveSettings(),
+        )
+    assert planted[0] not in str(caught.value)
+    assert not landing.out.exists() or not any(landing.out.rglob("*.tar.gz"))
+    assert ManifestError in permanent_errors()
 
 
 def test_a_batch_json_without_collection_uses_the_default_collection(landing):

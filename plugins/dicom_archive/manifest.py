@@ -120,12 +120,18 @@ def parse_manifest(
     deid = doc.get("deid") or {}
     if not isinstance(deid, dict):
         raise ManifestError(source, "deid must be an object when present")
-    # Provenance is carried into every row and report: the lookup.json rules, no coded ids.
+    check_deid(deid, source)
+
+    return BatchManifest(batch_id, collection, status, completed_at, deid)
+
+
+def check_deid(deid: dict[str, Any], source: str = MANIFEST_NAME) -> None:
+    """batch.json's deid provenance is carried into every row and report: its keys and values go
+    through the lookup.json rules (lookup_violations, no coded ids). Raises ManifestError naming
+    the rule and the fields, never a value or a key that is not a plain field name."""
     broken = lookup_violations(deid, entity_id=None, item_id=None)
     if broken:
         raise ManifestError(source, "deid breaks the person-name and identifier rules: " + "; ".join(broken))
-
-    return BatchManifest(batch_id, collection, status, completed_at, deid)
 
 
 def parse_lookup(raw: bytes, source: str = LOOKUP_NAME) -> dict[str, dict[str, Any]]:
