@@ -37,7 +37,14 @@ from pydicom.filereader import _read_file_meta_info, data_element_generator, rea
 
 from dicom_archive.deid_gate import Reason
 from dicom_archive.landing import GCSLandingZone, is_under_phi_folder, normalise_relpath
-from dicom_archive.manifest import NOT_A_FIELD_NAME, ManifestError, field_keyword, lookup_violations, match_lookup
+from dicom_archive.manifest import (
+    NAME_SHAPED_KEY,
+    NOT_A_FIELD_NAME,
+    ManifestError,
+    field_keyword,
+    lookup_violations,
+    match_lookup,
+)
 from dicom_archive.plan import plan_batch
 from dicom_archive.settings import DEFAULT_HEADER_ALLOW_LIST
 from tests.conftest import PROJECT, pipeline_settings, run_dag
@@ -343,6 +350,24 @@ def test_several_keys_for_one_image_fail_the_batch(landing):
     assert "two image keys name the same path" in outcome.plan.error
     assert outcome.archives == {}
     assert {relpath for _, relpath in outcome.zone.opened} <= {"batch.json", "lookup.json"}
+
+
+@pytest.mark.parametrize("flagged", [False, True])
+def test_an_image_key_shaped_like_a_name_is_never_shown(landing, flagged):
+    """Keys that match no image are listed in the report, and a flagged one in the error: never
+    when shaped like a person's name."""
+    keys = ["Kowalczyk^Agnieszka/x.dcm", "scans\\^Nowak/y.dcm"]
+    lookup = {key: {"flagged": flagged} for key in keys}
+    landing.write(BatchSpec(BATCH, images=good_images(), collection=COLLECTION, lookup=lookup))
+    outcome = landing.process(BATCH)
+    if flagged:
+        assert outcome.plan.status == "ERROR"
+        assert NAME_SHAPED_KEY in outcome.plan.error
+    else:
+        assert outcome.report["lookup"]["keys_matching_no_image"] == [NAME_SHAPED_KEY] * 2
+    for text in ("Kowalczyk", "Nowak"):
+        assert text not in json.dumps(outcome.report)
+        assert text not in outcome.plan.to_json()
 
 
 def test_match_lookup_rules():

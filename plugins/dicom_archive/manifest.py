@@ -19,6 +19,7 @@ from dicom_archive.deid_gate import (
     coded_id_value_allowed,
     judge_field,
     keyword_vr,
+    value_looks_like_person_name,
 )
 from dicom_archive.landing import PHI_FOLDER, is_under_phi_folder, normalise_relpath  # noqa: F401  (re-exported)
 from dicom_archive.naming import BATCH_ID_RE, batch_id_problem, collection_problem
@@ -218,6 +219,15 @@ def lookup_key(path: str) -> str:
     another case still reaches its image; two images that differ only in case make the key
     ambiguous, never a silent miss."""
     return normalise_relpath(path).casefold()
+
+
+NAME_SHAPED_KEY = "(a key shaped like a person's name, not shown)"
+
+
+def shown_key(key: str) -> str:
+    """An image key of lookup.json as a report or an error may show it: not when it is shaped like
+    a person's name (a letter next to `^`), as the keys of an entry are never shown."""
+    return NAME_SHAPED_KEY if value_looks_like_person_name(key) else key
 
 
 @dataclass

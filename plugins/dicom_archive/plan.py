@@ -31,6 +31,7 @@ from dicom_archive.manifest import (
     match_lookup,
     parse_lookup,
     parse_manifest,
+    shown_key,
 )
 from dicom_archive.naming import BATCH_ID_RE, archive_object_name, archive_stem
 
@@ -292,13 +293,15 @@ def _plan_batch(
 
     files = [file for file in zone.list_files(batch_id) if not is_control_file(file.relpath)]
     matched = match_lookup(lookup, (file.relpath for file in files))
-    plan.lookup_unmatched, plan.lookup_ambiguous = matched.unmatched, matched.ambiguous
+    plan.lookup_unmatched = [shown_key(key) for key in matched.unmatched]
+    plan.lookup_ambiguous = {shown_key(key): images for key, images in matched.ambiguous.items()}
     unsafe = matched.unsafe_flags(lookup)
     if unsafe:
         plan.status = STATUS_ERROR
         plan.error = (
             f"{zone.describe(batch_id, LOOKUP_NAME)}: flagged entries that match no image, or several "
-            f"(nothing is uploaded rather than risk an unflagged image): {', '.join(repr(k) for k in unsafe)}"
+            f"(nothing is uploaded rather than risk an unflagged image): "
+            f"{', '.join(repr(shown_key(key)) for key in unsafe)}"
         )
         return plan
     held_identities = _held_identities(files, matched)
