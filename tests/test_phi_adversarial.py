@@ -1016,14 +1016,23 @@ def _hostile_files() -> tuple[dict[str, bytes], dict, dict[str, set[str]], list[
         image_bytes(bad_image(PatientName=None)), PATIENT_NAME, "PN", "Lindqvist^Margareta"
     )
     lookup = {"./X/Flagged.dcm": {"flagged": True}, "x\\lookup-leak.dcm ": {"OtherPatientIDs": MRN, "CTDIvol": 3.0}}
+    # Names as lookup keys, a person-name field spelled otherwise, a name-shaped key matching nothing.
+    files["x/lookup-key.dcm"] = image_bytes(ImageSpec(ENTITY, ITEM, DATE, "CT", 4, 3))
+    files["x/lookup-spelling.dcm"] = image_bytes(ImageSpec(ENTITY, ITEM, DATE, "CT", 4, 4))
+    lookup["x/lookup-key.dcm"] = {"Kowalczyk^Agnieszka": "reviewed", "Notes": {"Nowak^Agnieszka": True}}
+    lookup["x/lookup-spelling.dcm"] = {"PatientsName": "Chidi Okonkwo", "0x00080090": "Eleanor Haverford"}
+    lookup["Castellanos^Ines/none.dcm"] = {"CTDIvol": 1.0}
     expected = {
         "x/flagged.dcm": {Reason.FLAGGED_IN_LOOKUP},
         "x/lookup-leak.dcm": {Reason.IDENTIFYING_ATTRIBUTE},
+        "x/lookup-key.dcm": {Reason.IDENTIFYING_ATTRIBUTE},
+        "x/lookup-spelling.dcm": {Reason.IDENTIFYING_ATTRIBUTE},
         "x/nested.dcm": {Reason.IDENTIFYING_ATTRIBUTE},
         "x/duplicate.dcm": {Reason.MALFORMED_HEADER, Reason.IDENTIFYING_ATTRIBUTE},
         "x/after-pixels.dcm": {Reason.MALFORMED_HEADER, Reason.IDENTIFYING_ATTRIBUTE},
     }
     planted = [NAME, MRN, "Brightwater Tomas", "Lindqvist^Margareta", *PLANTED.values()]
+    planted += ["Nowak^Agnieszka", "Chidi Okonkwo", "Eleanor Haverford", "Castellanos^Ines"]
     return files, lookup, expected, planted
 
 
