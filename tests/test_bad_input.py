@@ -486,6 +486,9 @@ def test_a_batch_json_that_breaks_a_rule_fails_the_batch(landing, changes, rule)
         pytest.param(b'{"incoming/a.dcm": {"flagged": "true"}}', "flagged must be true or false", id="flag-string"),
         pytest.param(b'{"incoming/a.dcm": {"flagged": 1}}', "flagged must be true or false", id="flag-number"),
         pytest.param(b'{"incoming/a.dcm": {"flagged": null}}', "flagged must be true or false", id="flag-null"),
+        pytest.param(
+            b'{"Doe^Jane.dcm": []}', 'the entry for "(a key shaped like a person\'s name, not shown)"', id="name-key"
+        ),
     ],
 )
 def test_a_lookup_json_that_breaks_the_contract_fails_the_batch(landing, raw, rule):

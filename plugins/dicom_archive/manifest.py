@@ -147,10 +147,10 @@ def parse_lookup(raw: bytes, source: str = LOOKUP_NAME) -> dict[str, dict[str, A
     seen: set[str] = set()
     for key, value in doc.items():
         if not isinstance(value, dict):
-            raise ManifestError(source, f"the entry for {key!r} must be an object")
+            raise ManifestError(source, f"the entry for {shown_key(key)!r} must be an object")
         if FLAG_FIELD in value and not isinstance(value[FLAG_FIELD], bool):
             # Fail closed: a flag that is neither true nor false must not let the image through.
-            raise ManifestError(source, f"the entry for {key!r}: flagged must be true or false")
+            raise ManifestError(source, f"the entry for {shown_key(key)!r}: flagged must be true or false")
         if any(_looks_like_flag(name) for name in _key_names(value, top=True)):
             raise ManifestError(
                 source,
