@@ -145,6 +145,7 @@ class BatchPlan:
     @classmethod
     def from_json(cls, text: str) -> BatchPlan:
         doc = json.loads(text)
+        doc.pop("lookup_merged", None)  # staged by an earlier version (several keys for one image now fail)
         doc["groups"] = [StudyGroup.from_dict(g) for g in doc["groups"]]
         doc["quarantined"] = [QuarantinedImage(**q) for q in doc["quarantined"]]
         return cls(**doc)
