@@ -35,12 +35,13 @@ from dicom_archive.bigquery_load import DEDUPE_ORDER, ROW_KEY
 from dicom_archive.deid_gate import DEFAULT_PERSON_ATTRIBUTES, DeidPolicy, Reason
 from dicom_archive.landing import LocalLandingZone
 from dicom_archive.ledger import select_batches
-from dicom_archive.manifest import parse_rfc3339
+from dicom_archive.manifest import ManifestError, parse_rfc3339
 from dicom_archive.ndjson import to_ndjson
 from dicom_archive.plan import BatchPlan, plan_batch
 from dicom_archive.rows import RunContext
 from dicom_archive.settings import ArchiveSettings
 from dicom_archive.stores import LocalObjectStore
+from operators.failures import permanent_errors
 from tools import phi_audit
 from tools.landing_zone import BatchSpec, ImageSpec, image_bytes, make_image, raw_identifiers, write_batch
 
@@ -285,9 +286,16 @@ def run_batch(
 
 
 def run_broken_batch(
-    landing: Landing, spec: BatchSpec, *, source: str, rule: str, default_collection: str | None = None
+    landing: Landing,
+    spec: BatchSpec,
+    *,
+    source: str,
+    rule: str,
+    default_collection: str | None = None,
+    planted: tuple[str, ...] = (),
 ) -> Outcome:
-    """A batch whose manifest (or lookup) breaks the contract, next to a good batch."""
+    """A batch whose manifest (or lookup) breaks the contract, next to a good batch. `planted`:
+    texts of the broken file (keys, values) that must appear in no output nor report."""
     spec.images = good_images()
     folder = landing.write(spec)
     neighbour = landing.write(BatchSpec(NEIGHBOUR, images=good_images(), collection=COLLECTION))
@@ -313,7 +321,9 @@ def run_broken_batch(
     added = {str(folder / "batch.report.json"), str(neighbour / "batch.report.json")}
     assert set(after) - set(before) == added
     assert {k: v for k, v in after.items() if k not in added} == before
-    assert_no_leak(landing, outcome, raw_identifiers([spec]))
+    assert_no_leak(landing, outcome, [*raw_identifiers([spec]), *planted])
+    for text in planted:
+        assert text not in outcome.plan.error
     return outcome
 
 
@@ -491,6 +501,10 @@ def test_a_batch_json_that_breaks_a_rule_fails_the_batch(landing, changes, rule)
         pytest.param(b'{"incoming/a.dcm": "CT CHEST"}', "the entry for 'incoming/a.dcm' must be an object", id="entry"),
         pytest.param(b'{"incoming/a.dcm": {"flagged": "true"}}', "flagged must be true or false", id="flag-string"),
         pytest.param(b'{"incoming/a.dcm": {"flagged": 1}}', "flagged must be true or false", id="flag-number"),
+        pytest.param(b'{"incoming/a.dcm": {"flagged": null}}', "flagged must be true or false", id="flag-null"),
+        pytest.param(
+            b'{"Doe^Jane.dcm": []}', 'the entry for "(a key shaped like a person\'s name, not shown)"', id="name-key"
+        ),
     ],
 )
 def test_a_lookup_json_that_breaks_the_contract_fails_the_batch(landing, raw, rule):
@@ -500,6 +514,150 @@ def test_a_lookup_json_that_breaks_the_contract_fails_the_batch(landing, raw, ru
     assert BATCH in completed_in(
         LocalLandingZone(landing.root), datetime(2024, 1, 5, tzinfo=UTC), datetime(2024, 1, 6, tzinfo=UTC)
     )
+
+
+DUPLICATE_KEY = "has a key that occurs twice in the same object"
+# Whatever follows a duplicated key, json.loads keeps the last copy: a flag could be dropped.
+DUPLICATE_LOOKUPS = {
+    "image-key-flag-first": '{"incoming/a.dcm": {"flagged": true}, "incoming/a.dcm": {"CTDIvol": 1.0}}',
+    "image-key-flag-last": '{"incoming/a.dcm": {"CTDIvol": 1.0}, "incoming/a.dcm": {"flagged": true}}',
+    "flag-twice-in-an-entry": '{"incoming/a.dcm": {"flagged": true, "CTDIvol": 1.0, "flagged": false}}',
+    "flag-escaped": '{"incoming/a.dcm": {"flagged": true, "fl\\u0061gged": false}}',
+    "nested-key": '{"incoming/a.dcm": {"Notes": {"CTDIvol": 1.0, "CTDIvol": 2.0}}}',
+    "in-a-list": '{"incoming/a.dcm": {"Items": [{"KVP": 1}, {"KVP": 1, "KVP": 2}]}}',
+    "three-deep": '{"incoming/a.dcm": {"A": {"B": {"C": 1, "C": 1}}}}',
+}
+
+
+@pytest.mark.parametrize("raw", DUPLICATE_LOOKUPS.values(), ids=DUPLICATE_LOOKUPS.keys())
+def test_a_lookup_json_with_a_duplicate_key_at_any_depth_fails_the_batch(landing, raw):
+    spec = BatchSpec(BATCH, collection=COLLECTION, extra_files={"lookup.json": raw.encode()})
+    outcome = run_broken_batch(landing, spec, source="lookup.json", rule=DUPLICATE_KEY)
+    for key in ("incoming", "flagged", "CTDIvol", "KVP"):
+        assert key not in outcome.plan.error, "a key is quoted"
+
+
+FLAG_LOOKALIKES = {
+    "capital": {"Flagged": True},
+    "upper": {"FLAGGED": True},
+    "leading-blank": {" flagged": True},
+    "trailing-blank": {"flagged ": True},
+    "is-flagged": {"is_flagged": True},
+    "phi-flagged": {"PHI-Flagged": True},
+    "flag": {"flag": True},
+    "flagged-false-lookalike": {"Flagged": False, "CTDIvol": 1.0},
+    "ligature": {"\ufb02agged": True},  # casefolds to "flagged"
+    "beside-the-real-flag": {"flagged": False, "Flagged": True},
+    "nested": {"Notes": {"flagged": True}},
+    "nested-in-a-list": {"Items": [{"Flagged": True}]},
+}
+
+
+@pytest.mark.parametrize("entry", FLAG_LOOKALIKES.values(), ids=FLAG_LOOKALIKES.keys())
+def test_a_lookup_key_that_resembles_the_flag_fails_the_batch(landing, entry):
+    """Decision (README): only `flagged` at the top of an entry is the flag; a key that reduces to
+    `flagged` (or `flag`) once case, blanks and punctuation are dropped is refused, not guessed."""
+    raw = json.dumps({"incoming/a.dcm": entry}).encode()
+    spec = BatchSpec(BATCH, collection=COLLECTION, extra_files={"lookup.json": raw})
+    run_broken_batch(landing, spec, source="lookup.json", rule="resembles the flag")
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        pytest.param(("a.dcm", "./a.dcm"), id="dot-slash"),
+        pytest.param(("a.dcm", "A.DCM"), id="case"),
+        pytest.param(("x/a.dcm", "x//a.dcm"), id="double-slash"),
+        pytest.param(("x/a.dcm", "x\\a.dcm"), id="backslash"),
+        pytest.param(("a.dcm", " a.dcm "), id="blanks"),
+        pytest.param(("no/such.dcm", "./NO/such.dcm"), id="matching-no-image"),
+    ],
+)
+@pytest.mark.parametrize("flag_first", [True, False])
+def test_two_lookup_keys_for_the_same_path_fail_the_batch(landing, keys, flag_first):
+    """Decision (README): refused rather than merged, whichever carries the flag."""
+    entries = [{"flagged": True}, {"CTDIvol": 1.0}] if flag_first else [{"CTDIvol": 1.0}, {"flagged": True}]
+    raw = json.dumps(dict(zip(keys, entries, strict=True))).encode()
+    spec = BatchSpec(BATCH, collection=COLLECTION, extra_files={"lookup.json": raw})
+    run_broken_batch(landing, spec, source="lookup.json", rule="two image keys name the same path")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(
+            '{"batch_id": "%s", "collection": "%s", "status": "ERROR", "status": "DONEPROCESSING", '
+            '"completed_at": "2024-01-05T09:30:00Z"}',
+            id="status",
+        ),
+        pytest.param(
+            '{"batch_id": "%s", "collection": "%s", "status": "DONEPROCESSING", '
+            '"completed_at": "2024-01-05T09:30:00Z", "deid": {"recipe": "a", "recipe": "b"}}',
+            id="nested-deid",
+        ),
+        pytest.param(
+            '{"batch_id": "%s", "collection": "%s", "collection": "%s", "status": "DONEPROCESSING", '
+            '"completed_at": "2024-01-05T09:30:00Z"}',
+            id="same-value-twice",
+        ),
+    ],
+)
+def test_a_batch_json_with_a_duplicate_key_fails_the_batch(landing, raw):
+    ids = (BATCH, COLLECTION, COLLECTION)[: raw.count("%s")]
+    spec = BatchSpec(BATCH, raw_manifest=(raw % ids).encode())
+    run_broken_batch(landing, spec, source="batch.json", rule=DUPLICATE_KEY)
+
+
+# batch.json's deid provenance reaches every row (deid_software, deid_recipe) and the report.
+BAD_DEID = {
+    "software-name-shaped": ({"software": "Okonkwo^Chidi", "recipe": "deid.dicom"}, ("Okonkwo^Chidi",)),
+    "recipe-name-shaped": ({"software": "deid 0.4.13", "recipe": "by ^Chidimma"}, ("Chidimma",)),
+    "option-name-shaped": ({"options": ["113100", "Brightwater^Tomas"]}, ("Brightwater^Tomas",)),
+    "nested-object": ({"software": {"name": "deid", "operator": "Castellanos^Ines"}}, ("Castellanos^Ines",)),
+    "person-field": ({"OperatorsName": "Tomas Brightwater"}, ("Tomas Brightwater",)),
+    "person-field-old-spelling": (
+        {"software": "deid", "PatientsName": "Agnieszka Kowalczyk"},
+        ("Agnieszka Kowalczyk",),
+    ),
+    "person-field-as-tag": ({"0x00080090": "Chidi Okonkwo"}, ("Chidi Okonkwo",)),
+    "identifier-field": ({"recipe": "deid.dicom", "PatientID": "MRN-7731904"}, ("MRN-7731904",)),
+    "name-as-key": ({"Okonkwo^Chidi": "reviewed"}, ("Okonkwo^Chidi",)),
+    "name-as-nested-key": ({"software": {"Doe, Johnathan": True}}, ("Doe, Johnathan",)),
+    "name-as-key-in-options": ({"options": [{"Vasquez Celine": 1}]}, ("Vasquez Celine",)),
+}
+
+
+@pytest.mark.parametrize(("deid", "planted"), BAD_DEID.values(), ids=BAD_DEID.keys())
+def test_batch_json_deid_values_go_through_the_lookup_rules(landing, deid, planted):
+    spec = BatchSpec(BATCH, raw_manifest=manifest(deid=deid))
+    run_broken_batch(
+        landing,
+        spec,
+        source="batch.json",
+        rule="deid breaks the person-name and identifier rules",
+        planted=planted,
+    )
+
+
+@pytest.mark.parametrize(("deid", "planted"), list(BAD_DEID.values())[:4], ids=list(BAD_DEID)[:4])
+def test_a_deid_given_to_the_archive_step_otherwise_is_checked_before_anything_is_written(landing, deid, planted):
+    """The archive step's `deid` may come from a DAG author, not a manifest: checked again, it
+    fails the step (permanent: ManifestError) before any archive or row is made."""
+    landing.write(BatchSpec(BATCH, images=good_images(), collection=COLLECTION))
+    plan = plan_batch(LocalLandingZone(landing.root), BATCH)
+    assert plan.groups
+    with pytest.raises(ManifestError, match="deid breaks the person-name and identifier rules") as caught:
+        archive_groups(
+            plan.groups,
+            LocalLandingZone(landing.root),
+            LocalObjectStore(landing.out),
+            deid=deid,
+            context=RunContext("bad-input-test"),
+            settings=ArchiveSettings(),
+        )
+    assert planted[0] not in str(caught.value)
+    assert not landing.out.exists() or not any(landing.out.rglob("*.tar.gz"))
+    assert ManifestError in permanent_errors()
 
 
 def test_a_batch_json_without_collection_uses_the_default_collection(landing):

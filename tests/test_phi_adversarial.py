@@ -37,7 +37,14 @@ from pydicom.filereader import _read_file_meta_info, data_element_generator, rea
 
 from dicom_archive.deid_gate import Reason
 from dicom_archive.landing import GCSLandingZone, is_under_phi_folder, normalise_relpath
-from dicom_archive.manifest import field_keyword, lookup_violations, match_lookup
+from dicom_archive.manifest import (
+    NAME_SHAPED_KEY,
+    NOT_A_FIELD_NAME,
+    ManifestError,
+    field_keyword,
+    lookup_violations,
+    match_lookup,
+)
 from dicom_archive.plan import plan_batch
 from dicom_archive.settings import DEFAULT_HEADER_ALLOW_LIST
 from tests.conftest import PROJECT, pipeline_settings, run_dag
@@ -66,6 +73,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 NAME = PLANTED["PatientName"]  # Kowalczyk^Agnieszka
 MRN = PLANTED["OtherPatientIDs"]  # MRN-7731904
 BIRTH_DATE = "19650412"
+PLAIN_NAME = "Agnieszka Kowalczyk"  # a name without `^`: caught only by its field's name
 
 
 @pytest.fixture
@@ -325,7 +333,6 @@ def test_keys_that_match_no_image_or_several_are_reported_and_applied_to_none(la
     assert outcome.report["lookup"] == {
         "keys_matching_no_image": ["no/such.dcm"],
         "keys_matching_several_images": {"a/x.DCM": ["A/X.dcm", "a/x.dcm"]},
-        "images_with_several_keys": {},
     }
     by_path = {row["archive_member"]: row for row in outcome.rows}
     ctdi = [row["DicomHeader"].get("CTDIvol") for row in by_path.values()]
@@ -334,22 +341,44 @@ def test_keys_that_match_no_image_or_several_are_reported_and_applied_to_none(la
     assert 2.0 not in ctdi
 
 
-def test_several_keys_for_one_image_are_merged_and_any_flag_wins(landing):
+def test_several_keys_for_one_image_fail_the_batch(landing):
+    """Decision (README): refused rather than merged, even when a flag would win the merge."""
     lookup = {BAD: {"ScanOptions": "HELICAL"}, "./" + BAD: {"flagged": False}, BAD.upper(): {"flagged": True}}
-    outcome = run_flagged(landing, lookup)
-    assert outcome.report["lookup"]["images_with_several_keys"] == {BAD: sorted(lookup)}
+    landing.write(BatchSpec(BATCH, images=[*good_images(), bad_image()], collection=COLLECTION, lookup=lookup))
+    outcome = landing.process(BATCH)
+    assert outcome.plan.status == "ERROR"
+    assert "two image keys name the same path" in outcome.plan.error
+    assert outcome.archives == {}
+    assert {relpath for _, relpath in outcome.zone.opened} <= {"batch.json", "lookup.json"}
+
+
+@pytest.mark.parametrize("flagged", [False, True])
+def test_an_image_key_shaped_like_a_name_is_never_shown(landing, flagged):
+    """Keys that match no image are listed in the report, and a flagged one in the error: never
+    when shaped like a person's name."""
+    keys = ["Kowalczyk^Agnieszka/x.dcm", "scans\\^Nowak/y.dcm"]
+    lookup = {key: {"flagged": flagged} for key in keys}
+    landing.write(BatchSpec(BATCH, images=good_images(), collection=COLLECTION, lookup=lookup))
+    outcome = landing.process(BATCH)
+    if flagged:
+        assert outcome.plan.status == "ERROR"
+        assert NAME_SHAPED_KEY in outcome.plan.error
+    else:
+        assert outcome.report["lookup"]["keys_matching_no_image"] == [NAME_SHAPED_KEY] * 2
+    for text in ("Kowalczyk", "Nowak"):
+        assert text not in json.dumps(outcome.report)
+        assert text not in outcome.plan.to_json()
 
 
 def test_match_lookup_rules():
     files = ["a.dcm", "b/c.dcm", "d.dcm", "D.dcm"]
-    match = match_lookup(
-        {"./a.dcm": {"flagged": True}, "A.DCM ": {"x": 1}, "b\\c.dcm": {}, "z": {"flagged": True}, "d.DCM": {}}, files
-    )
-    assert match.entries == {"a.dcm": {"flagged": True, "x": 1}, "b/c.dcm": {}}
+    match = match_lookup({"./a.dcm": {"flagged": True}, "b\\c.dcm": {}, "z": {"flagged": True}, "d.DCM": {}}, files)
+    assert match.entries == {"a.dcm": {"flagged": True}, "b/c.dcm": {}}
     assert match.unmatched == ["z"]
     assert match.ambiguous == {"d.DCM": ["D.dcm", "d.dcm"]}
-    assert match.merged == {"a.dcm": ["./a.dcm", "A.DCM "]}
     assert match.unsafe_flags({"z": {"flagged": True}, "d.DCM": {}}) == ["z"]
+    with pytest.raises(ManifestError, match="two image keys name the same path"):
+        match_lookup({"./a.dcm": {"flagged": True}, "A.DCM ": {"x": 1}}, files)
 
 
 # =============================================================================================
@@ -374,6 +403,34 @@ BAD_LOOKUP_VALUES = {
     "ClinicalNote": "seen by Haverford^Eleanor",
     "ProtocolName": ["HELICAL", NAME],
     "RequestAttributesSequence": {"RequestingPhysician": PLANTED["RequestingPhysician"]},
+    # Other spellings of a person-name or identifier field, holding a value that is not name-shaped.
+    "PatientsName": PLAIN_NAME,
+    "patients_name": PLAIN_NAME,
+    "0x00100010": PLAIN_NAME,
+    "0010-0010": PLAIN_NAME,
+    "(0x0010,0x0010)": PLAIN_NAME,
+    "[0010 0010]": PLAIN_NAME,
+    "Notes.0010.0010": PLAIN_NAME,
+    "ReferringPhysician": PLAIN_NAME,
+    "RequestAttributesSequence[0].(0040,0006)": PLAIN_NAME,
+    "0010:0020": MRN,
+    "OtherPatientIDsSequence[0].(0010,0020)": MRN,
+    "PatientsBirthDate": BIRTH_DATE,
+    # Plurals and possessives slipped, `Name` left out or added.
+    "OtherPatientID": MRN,
+    "PatientsID": MRN,
+    "NameOfPhysicianReadingStudy": PLAIN_NAME,
+    "PatientMothersBirthName": PLAIN_NAME,
+    "Operator": PLAIN_NAME,
+    "RequestingPhysicianName": PLAIN_NAME,
+    # Not DICOM attributes, named for a person's name, contact or record number.
+    "Name": PLAIN_NAME,
+    "Surname": "Kowalczyk",
+    "PatientFullName": PLAIN_NAME,
+    "Notes.ReferringDoctor": PLAIN_NAME,
+    "HomeAddress": PLANTED["PatientAddress"],
+    "MRN": "7731904",
+    "AccessionNo": "ACC-55193402",
 }
 
 
@@ -399,6 +456,39 @@ def test_a_lookup_value_that_breaks_a_header_rule_quarantines_its_image(landing,
         assert phi_audit.normalize(text) not in phi_audit.normalize(held.detail)
 
 
+# Keys that are not plain field names (a name written as a key), at any depth; the value beside
+# them may be harmless, empty, a flag-like boolean or itself a name.
+BAD_LOOKUP_KEYS = {
+    "name-as-key": ({"Kowalczyk^Agnieszka": "reviewed"}, "Kowalczyk^Agnieszka"),
+    "nested-name-key-true": ({"Notes": {"Haverford^Eleanor": True}}, "Haverford^Eleanor"),
+    "nested-name-key-null": ({"Notes": {"Haverford^Eleanor": None}}, "Haverford^Eleanor"),
+    "nested-name-key-empty-object": ({"Notes": {"Haverford^Eleanor": {}}}, "Haverford^Eleanor"),
+    "nested-name-key-name-value": ({"Notes": {"Brightwater^Tomas": NAME}}, "Brightwater^Tomas"),
+    "comma-name": ({"Castellanos, Ines": 1}, "Castellanos, Ines"),
+    "blank-name": ({"Ines Castellanos": "ok"}, "Ines Castellanos"),
+    "equals": ({"Reviewer=Abernathy": "x"}, "Abernathy"),
+    "non-ascii": ({"Notes": [{"Müller": 1}]}, "Müller"),
+    "flattened-with-a-name-segment": ({"Comments.Okonkwo Chidi.Text": "ok"}, "Okonkwo Chidi"),
+    "empty-key": ({"": "Lindqvist"}, "Lindqvist"),
+    "in-a-list-item": ({"Items": [{"CTDIvol": 1}, {"Vasquez^Celine": 2}]}, "Vasquez^Celine"),
+}
+
+
+@pytest.mark.parametrize(("entry", "planted"), BAD_LOOKUP_KEYS.values(), ids=BAD_LOOKUP_KEYS.keys())
+def test_a_lookup_key_that_is_not_a_field_name_quarantines_its_image(landing, entry, planted):
+    """Like a bad value: the image is quarantined (identifying_attribute); the detail gives the
+    rule, never the key nor any path through it."""
+    lookup = {img.path: {"ScanOptions": "HELICAL"} for img in good_images()}
+    lookup[BAD] = {"CTDIvol": 12.1, **entry}
+    outcome = run_batch(
+        landing, bad=[bad_image()], lookup=lookup, expect={BAD: Reason.IDENTIFYING_ATTRIBUTE}, planted=(planted,)
+    )
+    (held,) = outcome.plan.quarantined
+    assert held.detail == f"lookup.json: {NOT_A_FIELD_NAME}"
+    assert planted not in json.dumps(outcome.report, ensure_ascii=False)
+    assert not any(planted in json.dumps(row, ensure_ascii=False) for row in outcome.rows)
+
+
 @pytest.mark.parametrize(
     "entry",
     [
@@ -409,6 +499,8 @@ def test_a_lookup_value_that_breaks_a_header_rule_quarantines_its_image(landing,
         {"Exponent": "2^10"},  # a caret with no letter beside it is no name
         {"Nested": {"SliceThickness": 1.25, "Kernel": ["B30f", "B70f"]}},
         {"flagged": False, "KVP": 120},
+        {"(0018,0060)": 120, "0x00180050": 1.25, "Seq[0].Inner.0.CTDIvol": 3.5, "_private_note": "ok"},
+        {"PatientFullName": ENTITY, "AccessionNo": ITEM, "Scanner": {"name": "CT01"}},
     ],
 )
 def test_lookup_values_that_keep_the_rules_reach_dicomheader(landing, entry):
@@ -472,10 +564,67 @@ def test_lookup_values_never_fill_typed_columns_and_stay_under_their_own_key(lan
         ("00080090", "ReferringPhysicianName"),
         ("CTDIvol", "CTDIvol"),
         ("no such field", None),
+        ("PatientsName", "PatientName"),
+        ("Patient's Name", "PatientName"),
+        ("PATIENTS_NAME", "PatientName"),
+        ("ReferringPhysiciansName", "ReferringPhysicianName"),
+        ("ReferringPhysician", "ReferringPhysicianName"),
+        ("Seq.OperatorsName", "OperatorsName"),
+        ("0x00100010", "PatientName"),
+        ("0X00100010", "PatientName"),
+        ("0010-0010", "PatientName"),
+        ("0010 0010", "PatientName"),
+        ("0010_0010", "PatientName"),
+        ("0010:0010", "PatientName"),
+        ("(0x0010,0x0010)", "PatientName"),
+        ("(0010, 0010)", "PatientName"),
+        ("[0010,0010]", "PatientName"),
+        ("[00100010]", "PatientName"),
+        ("tag00100010", "PatientName"),
+        ("A.0010.0010", "PatientName"),
+        ("A[0].(0040,0006)[1]", "ScheduledPerformingPhysicianName"),
+        ("0010,0020", "PatientID"),
+        ("PatientsBirthDate", "PatientBirthDate"),
+        ("OtherPatientID", "OtherPatientIDs"),
+        ("PatientsID", "PatientID"),
+        ("NameOfPhysicianReadingStudy", "NameOfPhysiciansReadingStudy"),
+        ("PatientMothersBirthName", "PatientMotherBirthName"),
+        ("Operator", "OperatorsName"),
+        ("RequestingPhysicianName", "RequestingPhysician"),
+        ("Rows", "Rows"),
+        ("Notes", None),
     ],
 )
 def test_field_keyword(name, keyword):
     assert field_keyword(name) == keyword
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "PatientsName",
+        "patients_name",
+        "0x00100010",
+        "0010-0010",
+        "(0010, 0010)",
+        "[0010,0010]",
+        "0010 0010",
+        "Seq.0010.0010",
+    ],
+)
+def test_a_person_name_field_of_any_spelling_is_judged_by_its_keyword(name):
+    """A plain name (no `^`) is caught only when the field is recognised as PatientName."""
+    assert lookup_violations({name: PLAIN_NAME}, entity_id=ENTITY, item_id=ITEM) == [
+        f"{name} (PatientName holds a person's name or identifier)"
+    ]
+    assert lookup_violations({name: ENTITY}, entity_id=ENTITY, item_id=ITEM) == []
+
+
+def test_a_violation_under_a_key_that_is_not_a_field_name_names_no_path():
+    broken = lookup_violations(
+        {"Notes": {"Bond^James": NAME, "CTDIvol": 1.0}, "PatientName": NAME}, entity_id=ENTITY, item_id=ITEM
+    )
+    assert broken == [NOT_A_FIELD_NAME, "PatientName (PatientName holds a person's name or identifier)"]
 
 
 def test_lookup_violations_name_fields_never_values():
@@ -867,14 +1016,23 @@ def _hostile_files() -> tuple[dict[str, bytes], dict, dict[str, set[str]], list[
         image_bytes(bad_image(PatientName=None)), PATIENT_NAME, "PN", "Lindqvist^Margareta"
     )
     lookup = {"./X/Flagged.dcm": {"flagged": True}, "x\\lookup-leak.dcm ": {"OtherPatientIDs": MRN, "CTDIvol": 3.0}}
+    # Names as lookup keys, a person-name field spelled otherwise, a name-shaped key matching nothing.
+    files["x/lookup-key.dcm"] = image_bytes(ImageSpec(ENTITY, ITEM, DATE, "CT", 4, 3))
+    files["x/lookup-spelling.dcm"] = image_bytes(ImageSpec(ENTITY, ITEM, DATE, "CT", 4, 4))
+    lookup["x/lookup-key.dcm"] = {"Kowalczyk^Agnieszka": "reviewed", "Notes": {"Nowak^Agnieszka": True}}
+    lookup["x/lookup-spelling.dcm"] = {"PatientsName": "Chidi Okonkwo", "0x00080090": "Eleanor Haverford"}
+    lookup["Castellanos^Ines/none.dcm"] = {"CTDIvol": 1.0}
     expected = {
         "x/flagged.dcm": {Reason.FLAGGED_IN_LOOKUP},
         "x/lookup-leak.dcm": {Reason.IDENTIFYING_ATTRIBUTE},
+        "x/lookup-key.dcm": {Reason.IDENTIFYING_ATTRIBUTE},
+        "x/lookup-spelling.dcm": {Reason.IDENTIFYING_ATTRIBUTE},
         "x/nested.dcm": {Reason.IDENTIFYING_ATTRIBUTE},
         "x/duplicate.dcm": {Reason.MALFORMED_HEADER, Reason.IDENTIFYING_ATTRIBUTE},
         "x/after-pixels.dcm": {Reason.MALFORMED_HEADER, Reason.IDENTIFYING_ATTRIBUTE},
     }
     planted = [NAME, MRN, "Brightwater Tomas", "Lindqvist^Margareta", *PLANTED.values()]
+    planted += ["Nowak^Agnieszka", "Chidi Okonkwo", "Eleanor Haverford", "Castellanos^Ines"]
     return files, lookup, expected, planted
 
 

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from dicom_archive.landing import LandingZone
-from dicom_archive.manifest import LOCAL_REPORT_NAME, REPORT_NAME
+from dicom_archive.manifest import LOCAL_REPORT_NAME, REPORT_NAME, check_deid
 from dicom_archive.naming import batch_report_object_name, require_batch_id
 from dicom_archive.ndjson import to_ndjson
 from dicom_archive.plan import STATUS_NOT_READY, WITHDRAWN, BatchPlan, StudyGroup
@@ -216,6 +216,7 @@ def archive_groups(
     progress: ProgressCallback | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Publish each group's archive; return the per-archive summaries and the per-image rows."""
+    check_deid(deid)  # checked when the manifest was read; again here, for a deid given otherwise
     summaries: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
     row_fields = functools.partial(image_fields, allow_list=settings.header_allow_list)
@@ -332,7 +333,6 @@ def build_report(
         "lookup": {
             "keys_matching_no_image": plan.lookup_unmatched,
             "keys_matching_several_images": plan.lookup_ambiguous,
-            "images_with_several_keys": plan.lookup_merged,
         },
         "archives": {
             "total": len(archives),

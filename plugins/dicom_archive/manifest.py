@@ -10,9 +10,17 @@ from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any, ClassVar
 
-from pydicom.datadict import keyword_dict, keyword_for_tag
+from pydicom.datadict import DicomDictionary, keyword_dict, keyword_for_tag
 
-from dicom_archive.deid_gate import DEFAULT_PERSON_ATTRIBUTES, judge_field
+from dicom_archive.deid_gate import (
+    ALWAYS_PERSON_ATTRIBUTES,
+    CODED_ID_ATTRIBUTES,
+    DEFAULT_PERSON_ATTRIBUTES,
+    coded_id_value_allowed,
+    judge_field,
+    keyword_vr,
+    value_looks_like_person_name,
+)
 from dicom_archive.landing import PHI_FOLDER, is_under_phi_folder, normalise_relpath  # noqa: F401  (re-exported)
 from dicom_archive.naming import BATCH_ID_RE, batch_id_problem, collection_problem
 
@@ -70,8 +78,17 @@ def _reject_constant(name: str) -> None:
 
 
 def _parse_json_object(raw: bytes, source: str) -> dict[str, Any]:
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        # A key written twice in one object: json keeps the last copy and drops the first, which
+        # may be a flag or a value someone meant. Refused at any depth; the key is not quoted.
+        if len({key for key, _ in pairs}) != len(pairs):
+            raise ManifestError(source, "has a key that occurs twice in the same object (duplicate keys are refused)")
+        return dict(pairs)
+
     try:
-        value = json.loads(raw, parse_constant=_reject_constant)
+        value = json.loads(raw, object_pairs_hook=unique_keys, parse_constant=_reject_constant)
+    except ManifestError:
+        raise
     except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         why = "nested too deeply" if isinstance(err, RecursionError) else str(err)
         raise ManifestError(source, f"is not valid JSON ({why})") from None
@@ -146,24 +163,71 @@ def parse_manifest(
     deid = doc.get("deid") or {}
     if not isinstance(deid, dict):
         raise ManifestError(source, "deid must be an object when present")
+    check_deid(deid, source)
 
     return BatchManifest(batch_id, collection, status, completed_at, deid)
 
 
+def check_deid(deid: dict[str, Any], source: str = MANIFEST_NAME) -> None:
+    """batch.json's deid provenance is carried into every row and report: its keys and values go
+    through the lookup.json rules (lookup_violations, no coded ids). Raises ManifestError naming
+    the rule and the fields, never a value or a key that is not a plain field name."""
+    broken = lookup_violations(deid, entity_id=None, item_id=None)
+    if broken:
+        raise ManifestError(source, "deid breaks the person-name and identifier rules: " + "; ".join(broken))
+
+
 def parse_lookup(raw: bytes, source: str = LOOKUP_NAME) -> dict[str, dict[str, Any]]:
-    """Parse lookup.json: image path relative to the batch (POSIX) -> metadata object."""
+    """Parse lookup.json: image path relative to the batch (POSIX) -> metadata object.
+
+    Fails closed on anything that could lose a flag: a key twice in one object (at any depth),
+    two image keys that name the same path once normalised (`./a`, `A`), a flag that is not
+    true or false, and a key that looks like the flag but is not exactly `flagged` at the top of
+    an entry (`Flagged`, ` flagged`, `is_flagged`, a nested `flagged`). Messages never quote the
+    keys found at fault."""
     doc = _parse_json_object(raw, source)
+    seen: set[str] = set()
     for key, value in doc.items():
         if not isinstance(value, dict):
-            raise ManifestError(source, f"the entry for {key!r} must be an object")
-        if value.get("flagged") is not None and not isinstance(value["flagged"], bool):
+            raise ManifestError(source, f"the entry for {shown_key(key)!r} must be an object")
+        if FLAG_FIELD in value and not isinstance(value[FLAG_FIELD], bool):
             # Fail closed: a flag that is neither true nor false must not let the image through.
-            raise ManifestError(source, f"the entry for {key!r}: flagged must be true or false")
+            raise ManifestError(source, f"the entry for {shown_key(key)!r}: flagged must be true or false")
+        if any(_looks_like_flag(name) for name in _key_names(value, top=True)):
+            raise ManifestError(
+                source,
+                'an entry has a key that resembles the flag but is not exactly "flagged" at the top of the '
+                "entry (another case, blanks, punctuation, a prefix, or nested): refused rather than guessed",
+            )
+        normal = lookup_key(key)
+        if normal in seen:
+            raise ManifestError(source, SEVERAL_KEYS_RULE)
+        seen.add(normal)
     return doc
 
 
 def is_flagged(lookup_entry: dict[str, Any] | None) -> bool:
-    return bool(lookup_entry) and lookup_entry.get("flagged") is True
+    return bool(lookup_entry) and lookup_entry.get(FLAG_FIELD) is True
+
+
+def _looks_like_flag(name: str) -> bool:
+    """A key another writer may have meant as the flag: `flagged` in any case, with blanks or
+    punctuation, with a prefix or suffix (`is_flagged`, `PHI-Flagged`), or `flag` alone.
+    No DICOM keyword contains `flagged`; those that end in `Flag` are not `flag` alone."""
+    loose = _loose(name)
+    return "flagged" in loose or loose in ("flag", "isflag", "phiflag", "flagphi")
+
+
+def _key_names(value: Any, *, top: bool = False) -> Iterator[str]:
+    """Every key of a lookup entry at any depth (inside lists too), except the entry's own flag."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not (top and key == FLAG_FIELD):
+                yield key
+            yield from _key_names(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _key_names(item)
 
 
 # Our own temporary name while the report is replaced (see LocalLandingZone.write_bytes).
@@ -185,6 +249,12 @@ def is_control_file(relpath: str) -> bool:
 # lookup.json keys: which image each entry is for (fails closed)
 
 
+SEVERAL_KEYS_RULE = (
+    "two image keys name the same path once normalised (`./`, `//`, backslashes, blanks, case): "
+    "refused rather than one entry merged into or over the other"
+)
+
+
 def lookup_key(path: str) -> str:
     """The form under which lookup keys and image paths are compared: the landing zone's
     normalisation (`./`, `//`, backslashes, blanks), then case-insensitive, so that a key in
@@ -193,12 +263,20 @@ def lookup_key(path: str) -> str:
     return normalise_relpath(path).casefold()
 
 
+NAME_SHAPED_KEY = "(a key shaped like a person's name, not shown)"
+
+
+def shown_key(key: str) -> str:
+    """An image key of lookup.json as a report or an error may show it: not when it is shaped like
+    a person's name (a letter next to `^`), as the keys of an entry are never shown."""
+    return NAME_SHAPED_KEY if value_looks_like_person_name(key) else key
+
+
 @dataclass
 class LookupMatch:
-    entries: dict[str, dict[str, Any]] = field(default_factory=dict)  # image path -> its (merged) entry
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)  # image path -> its entry
     unmatched: list[str] = field(default_factory=list)  # keys that match no image
     ambiguous: dict[str, list[str]] = field(default_factory=dict)  # key -> the images it matches
-    merged: dict[str, list[str]] = field(default_factory=dict)  # image -> its keys, when several
 
     def unsafe_flags(self, lookup: dict[str, dict[str, Any]]) -> list[str]:
         """Keys that carry `flagged: true` but name no image, or several: the batch must fail."""
@@ -207,29 +285,22 @@ class LookupMatch:
 
 def match_lookup(lookup: dict[str, dict[str, Any]], relpaths: Iterable[str]) -> LookupMatch:
     """lookup.json's entries by image path. A key matching several images is applied to none of
-    them (reported; fatal with a flag); several keys for one image are merged, a flag from any wins."""
+    them (reported; fatal with a flag). Several keys for one image are refused (ManifestError),
+    as parse_lookup does before: neither may silently win."""
     images: dict[str, list[str]] = {}
     for relpath in relpaths:
         images.setdefault(lookup_key(relpath), []).append(relpath)
     match = LookupMatch()
-    keys_of: dict[str, list[str]] = {}
     for key in sorted(lookup):
         found = images.get(lookup_key(key), [])
         if not found:
             match.unmatched.append(key)
         elif len(found) > 1:
             match.ambiguous[key] = sorted(found)
+        elif found[0] in match.entries:
+            raise ManifestError(LOOKUP_NAME, SEVERAL_KEYS_RULE)
         else:
-            keys_of.setdefault(found[0], []).append(key)
-    for relpath, keys in keys_of.items():
-        entry: dict[str, Any] = {}
-        for key in keys:
-            entry.update(lookup[key])
-        if any(is_flagged(lookup[key]) for key in keys):
-            entry[FLAG_FIELD] = True
-        match.entries[relpath] = entry
-        if len(keys) > 1:
-            match.merged[relpath] = keys
+            match.entries[found[0]] = lookup[key]
     return match
 
 
@@ -249,30 +320,132 @@ LOOKUP_IDENTIFYING_ATTRIBUTES: tuple[str, ...] = (
     "PersonAddress",
     "OtherPatientIDsSequence",
 )
-_TAG_NAME = re.compile(r"\(?([0-9A-Fa-f]{4})\s*,?\s*([0-9A-Fa-f]{4})\)?")
-_INDEX = re.compile(r"\[[^\]]*\]")
+# A plain field name: dotted segments, each an identifier (letters, digits, `_`; not a digit
+# first) with optional `[n]` indexes, an item number, or a DICOM tag in one of its spellings
+# (`(0010,0010)`, `0x00100010`, `0010-0010`, `[0010 0010]`). Blanks, `^`, `=`, `,`, quotes and
+# letters outside ASCII are not: a key like `DOE^JOHN` or `Doe, John` is a value written as a key.
+_FIELD_SEGMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\[\d+\])*|\d+(?:\[\d+\])*")
+_TAG_SEGMENT = re.compile(r"[(\[]?\s*(?:0x)?[0-9A-F]{4}\s*[-,:_/ ]?\s*(?:0x)?[0-9A-F]{4}\s*[)\]]?", re.IGNORECASE)
+NOT_A_FIELD_NAME = (
+    "a key that is not a plain field name (letters, digits and `_`, dotted, indexed `[n]`, or a DICOM tag; "
+    "the key is not quoted)"
+)
+# A tag once letters and digits only are kept: `(0010,0010)`, `0x0010,0x0010`, `0010-0010`, `tag 00100010`.
+_LOOSE_TAG = re.compile(r"(?:tag)?(?:0x)?([0-9a-f]{4})(?:0x)?([0-9a-f]{4})")
+_INDEX = re.compile(r"(?<=[\w)\]])\[\s*\d*\s*\]")  # `A[0]`; a bracketed tag `[00100010]` is not an index
+
+
+def is_plain_field_name(name: str) -> bool:
+    """Whether a key may be a field's name (see _FIELD_SEGMENT); a flattened `A.B[0].C` is judged
+    segment by segment."""
+    return all(_FIELD_SEGMENT.fullmatch(part) or _TAG_SEGMENT.fullmatch(part) for part in name.split("."))
 
 
 @cache
 def _keywords_by_loose_name() -> dict[str, str]:
-    return {_loose(keyword): keyword for keyword in keyword_dict}
+    """pydicom's keywords and descriptive names (`Patient's Name`, `Referring Physician's Name`:
+    older spellings such as `PatientsName`), letters and digits only -> keyword; keywords win."""
+    names = {_loose(name): keyword for name, keyword in ((entry[2], entry[4]) for entry in DicomDictionary.values())}
+    names.update({_loose(keyword): keyword for keyword in keyword_dict})
+    names.pop("", None)
+    return names
 
 
 def _loose(name: str) -> str:
     return re.sub(r"[^0-9a-z]", "", name.casefold())
 
 
+def _tag_keyword(text: str) -> str | None:
+    tag = _LOOSE_TAG.fullmatch(_loose(text))
+    return (keyword_for_tag(int(tag[1] + tag[2], 16)) or None) if tag else None
+
+
 def field_keyword(field_name: str) -> str | None:
     """The DICOM keyword a lookup field is about: its last `A.B.C` component, indexes (`[0]`)
-    dropped, matched to pydicom's dictionary exactly, then ignoring case, blanks and `_`
-    (`patient_name` is PatientName), or written as a tag (`(0010,0010)`, `00100010`)."""
-    last = _INDEX.sub("", field_name).strip().rsplit(".", 1)[-1].strip()
+    dropped, matched to pydicom's dictionary exactly; else written as a tag with any separator
+    or none (`(0010,0010)`, `0x00100010`, `0010-0010`, `0010.0010`); else its letters and digits
+    matched to a keyword or a descriptive name ignoring case (`patient_name`, `PatientsName`),
+    with or without its final `Name` (`ReferringPhysician`)."""
+    parts = [part.strip() for part in _INDEX.sub("", field_name).split(".")]
+    last = parts[-1]
     if last in keyword_dict:
         return last
-    tag = _TAG_NAME.fullmatch(last)
-    if tag:
-        return keyword_for_tag(int(tag.group(1) + tag.group(2), 16)) or None
-    return _keywords_by_loose_name().get(_loose(last))
+    for candidate in (last, ".".join(parts[-2:])):
+        keyword = _tag_keyword(candidate)
+        if keyword is not None:
+            return keyword
+    names = _keywords_by_loose_name()
+    # `ReferringPhysician`, `Operators`, `Patient`: a person's name with `Name` left out.
+    keyword = names.get(_loose(last)) or names.get(_loose(last) + "name")
+    # Last, the identifying keywords only, with plurals and possessives blurred (`OtherPatientID`,
+    # `PatientsID`, `NameOfPhysicianReadingStudy`, `PatientMothersBirthName`).
+    return keyword or _identifying_by_skeleton().get(_skeleton(last))
+
+
+def _skeleton(name: str) -> str:
+    """Letters and digits without any `s` and without a final `name`: spelling slips that do not
+    change which attribute is meant."""
+    blurred = _loose(name).replace("s", "")
+    return blurred.removesuffix("name") or blurred
+
+
+@cache
+def _identifying_by_skeleton() -> dict[str, str]:
+    """The skeleton of each person-name, identifier and identifying attribute (by keyword and by
+    descriptive name) -> its keyword."""
+    identifying = {
+        *DEFAULT_PERSON_ATTRIBUTES,
+        *ALWAYS_PERSON_ATTRIBUTES,
+        *CODED_ID_ATTRIBUTES,
+        *LOOKUP_IDENTIFYING_ATTRIBUTES,
+        *(keyword for keyword in keyword_dict if keyword_vr(keyword) == "PN"),
+    }
+    found: dict[str, str] = {}
+    for entry in DicomDictionary.values():
+        if entry[4] in identifying:
+            found.setdefault(_skeleton(entry[4]), entry[4])
+            found.setdefault(_skeleton(entry[2]), entry[4])
+    return found
+
+
+# Words of a field that is not a DICOM attribute but is named for a person's name, contact or
+# record number (`Surname`, `PatientFullName`, `ReferringDoctor`, `HomeAddress`, `MRN`, `AccessionNo`): such a
+# field may hold nothing but the coded ids. Short ones count only as the whole name.
+_PERSON_FIELD_WORDS = (
+    "surname",
+    "firstname",
+    "givenname",
+    "familyname",
+    "lastname",
+    "middlename",
+    "fullname",
+    "maidenname",
+    "nickname",
+    "patientname",
+    "patientid",
+    "personname",
+    "accession",
+    "physician",
+    "doctor",
+    "medicalrecord",
+    "socialsecurity",
+    "birthdate",
+    "dateofbirth",
+    "address",
+    "telephone",
+    "phone",
+    "email",
+)
+_PERSON_FIELD_NAMES = ("dob", "mrn", "ssn")
+
+
+def names_a_person_field(field_name: str) -> bool:
+    """Whether a field that names no DICOM attribute is named for a person's name, contact or
+    record number (see _PERSON_FIELD_WORDS)."""
+    if _loose(field_name) == "name":
+        return True  # a bare top-level `Name` (a nested `software.name` is not)
+    loose = _loose(_INDEX.sub("", field_name).rsplit(".", 1)[-1])
+    return loose in _PERSON_FIELD_NAMES or any(word in loose for word in _PERSON_FIELD_WORDS)
 
 
 def _leaves(value: Any, path: str) -> Iterator[tuple[str, str]]:
@@ -294,24 +467,30 @@ def lookup_violations(
     item_id: str | None,
     person_attributes: Iterable[str] = DEFAULT_PERSON_ATTRIBUTES,
 ) -> list[str]:
-    """What in one image's lookup entry breaks the header's rules (deid.judge_field): `field (rule)`
-    strings, never the values. A field is judged by the DICOM keyword it names (field_keyword:
-    flattened, indexed, snake-cased or tag-numbered names included) and by the shape of its value
-    (a letter next to `^`); nested objects and lists are judged value by value. On top of the
-    header's rules, the birth date, address and telephone attributes must hold nothing."""
+    """What in one image's lookup entry (or batch.json's deid) breaks the header's rules
+    (deid.judge_field): `field (rule)` strings, never the values. Every key, at any depth, must be
+    a plain field name (is_plain_field_name), else NOT_A_FIELD_NAME, and a path is named only
+    when all its keys are. A field is judged by the DICOM keyword it names (field_keyword:
+    flattened, indexed, snake-cased, old or tag-numbered names included) and by the shape of its
+    value (a letter next to `^`); nested objects and lists are judged value by value. On top of
+    the header's rules, the birth date, address and telephone attributes must hold nothing."""
     found: dict[str, str] = {}
-    for name, value in entry.items():
-        if name == FLAG_FIELD:
-            continue
-        for path, text in _leaves(value, name):
-            if not text:
-                continue
-            keyword = field_keyword(path)
-            why = judge_field(
-                keyword or path, text, entity_id=entity_id, item_id=item_id, person_attributes=person_attributes
-            )
-            if why is None and keyword in LOOKUP_IDENTIFYING_ATTRIBUTES:
-                why = f"{keyword} holds a value"
-            if why is not None:
-                found.setdefault(path, why)
-    return [f"{path} ({why})" for path, why in sorted(found.items())]
+    for path, text in _leaves(entry, ""):
+        path = path[1:]
+        if not text or not is_plain_field_name(path):
+            continue  # a key that is not a field name is reported below, without the path
+        keyword = field_keyword(path)
+        why = judge_field(
+            keyword or path, text, entity_id=entity_id, item_id=item_id, person_attributes=person_attributes
+        )
+        if why is None and keyword in LOOKUP_IDENTIFYING_ATTRIBUTES:
+            why = f"{keyword} holds a value"
+        named_for_a_person = keyword is None and names_a_person_field(path)
+        if why is None and named_for_a_person and not coded_id_value_allowed(text, (entity_id, item_id)):
+            why = f"{path} is named for a person's name, contact or record number and holds a value"
+        if why is not None:
+            found.setdefault(path, why)
+    broken = [f"{path} ({why})" for path, why in sorted(found.items())]
+    if not all(is_plain_field_name(name) for name in _key_names(entry)):
+        broken.insert(0, NOT_A_FIELD_NAME)
+    return broken

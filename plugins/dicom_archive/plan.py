@@ -32,6 +32,7 @@ from dicom_archive.manifest import (
     match_lookup,
     parse_lookup,
     parse_manifest,
+    shown_key,
 )
 from dicom_archive.naming import BATCH_ID_RE, archive_object_name, archive_stem
 
@@ -128,7 +129,6 @@ class BatchPlan:
     aliases: dict[str, str] = field(default_factory=dict)  # a second name of an image -> the name counted
     lookup_unmatched: list[str] = field(default_factory=list)  # lookup.json keys that name no image
     lookup_ambiguous: dict[str, list[str]] = field(default_factory=dict)  # key -> the images it names
-    lookup_merged: dict[str, list[str]] = field(default_factory=dict)  # image -> its several keys
 
     @property
     def images_accepted(self) -> int:
@@ -146,6 +146,7 @@ class BatchPlan:
     @classmethod
     def from_json(cls, text: str) -> BatchPlan:
         doc = json.loads(text)
+        doc.pop("lookup_merged", None)  # staged by an earlier version (several keys for one image now fail)
         doc["groups"] = [StudyGroup.from_dict(g) for g in doc["groups"]]
         doc["quarantined"] = [QuarantinedImage(**q) for q in doc["quarantined"]]
         return cls(**doc)
@@ -296,17 +297,15 @@ def _plan_batch(
 
     files = [file for file in zone.list_files(batch_id) if not is_control_file(file.relpath)]
     matched = match_lookup(lookup, (file.relpath for file in files))
-    plan.lookup_unmatched, plan.lookup_ambiguous, plan.lookup_merged = (
-        matched.unmatched,
-        matched.ambiguous,
-        matched.merged,
-    )
+    plan.lookup_unmatched = [shown_key(key) for key in matched.unmatched]
+    plan.lookup_ambiguous = {shown_key(key): images for key, images in matched.ambiguous.items()}
     unsafe = matched.unsafe_flags(lookup)
     if unsafe:
         plan.status = STATUS_ERROR
         plan.error = (
             f"{zone.describe(batch_id, LOOKUP_NAME)}: flagged entries that match no image, or several "
-            f"(nothing is uploaded rather than risk an unflagged image): {', '.join(repr(k) for k in unsafe)}"
+            f"(nothing is uploaded rather than risk an unflagged image): "
+            f"{', '.join(repr(shown_key(key)) for key in unsafe)}"
         )
         return plan
     held_identities = _held_identities(files, matched)

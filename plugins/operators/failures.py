@@ -2,7 +2,8 @@
 
 A conflict (another archive under the same name, replacing not allowed), an image that no
 longer passes the de-identification re-check or changed since it was planned, a schema
-conflict, a bad row, a bad setting or a bad withdrawal request gives the same result on every
+conflict, a bad row, a bad setting, a manifest value that breaks a rule (batch.json's deid given to
+the archive step) or a bad withdrawal request gives the same result on every
 try: retrying them only delays the failure (3 retries with backoff took about 5 minutes).
 Transient errors (Google unavailable, a checksum mismatch after an upload) still retry.
 """
@@ -18,6 +19,7 @@ def permanent_errors() -> tuple[type[BaseException], ...]:
     from dicom_archive.archive import ArchiveIntegrityError
     from dicom_archive.bigquery_rows import RowError
     from dicom_archive.bigquery_tables import SchemaConflictError
+    from dicom_archive.manifest import ManifestError
     from dicom_archive.naming import InvalidIdentifierError
     from dicom_archive.publish import ArchiveConflictError
     from dicom_archive.settings import SettingsError
@@ -31,6 +33,7 @@ def permanent_errors() -> tuple[type[BaseException], ...]:
         SettingsError,
         InvalidIdentifierError,
         WithdrawalRequestError,
+        ManifestError,
     )
 
 
