@@ -261,9 +261,11 @@ def judge_field(
 ) -> str | None:
     """Why a named value must not reach a row (None: it may). Never quotes the value.
 
-    The rules of the header, for any field: person-identifying names hold nothing (a patient
-    name may hold the coded PatientID), identifiers hold only coded ids, and no value may be
-    shaped like a person name."""
+    The header's rules, for a named value that comes from elsewhere (lookup.json, batch.json's
+    deid): person-identifying names hold nothing (a patient name may hold the coded PatientID),
+    identifiers hold only coded ids; and, stricter than for the header, whose free text a scanner
+    may write with `^` (a StudyDescription `Head^Routine`), no value may be shaped like a person
+    name."""
     if is_coded_id_keyword(name):
         if not coded_id_value_allowed(value, (entity_id, item_id)):
             return f"{name} holds an identifier other than the coded ids"
