@@ -284,11 +284,20 @@ def run_batch(
 
 
 def run_broken_batch(
-    landing: Landing, spec: BatchSpec, *, source: str, rule: str, default_collection: str | None = None
+    landing: Landing,
+    spec: BatchSpec,
+    *,
+    source: str,
+    rule: str,
+    default_collection: str | None = None,
+    setup=None,
 ) -> Outcome:
-    """A batch whose manifest (or lookup) breaks the contract, next to a good batch."""
+    """A batch whose manifest (or lookup, or `PHI/` folder) breaks the contract, next to a good
+    batch; `setup(folder)` adds what the generator cannot write (links) before the snapshot."""
     spec.images = good_images()
     folder = landing.write(spec)
+    if setup is not None:
+        setup(folder)
     neighbour = landing.write(BatchSpec(NEIGHBOUR, images=good_images(), collection=COLLECTION))
     before = snapshot(landing.root)
 
