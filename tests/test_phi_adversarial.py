@@ -692,6 +692,19 @@ def test_gs_objects_whose_names_hide_a_phi_folder_are_quarantined(gcs_zone, tmp_
     assert NAME.split("^")[0] not in plan.to_json()
 
 
+def test_gs_objects_named_phi_are_held_like_local_files_of_that_name(gcs_zone, tmp_path):
+    """A bucket has no links, but an object may be named `PHI` itself (no folder): held, as a
+    local file of that name is, whatever its case or blanks; the good images still go through."""
+    names = ["PHI", "scans/phi", "x/Phi ", "a\\PHI"]
+    spec = BatchSpec(BATCH, images=good_images(), collection=COLLECTION)
+    _upload_batch(gcs_zone, spec, dict.fromkeys(names, image_bytes(bad_image())), tmp_path)
+    plan = plan_batch(gcs_zone, BATCH)
+    assert plan.status == "DONE", plan.error
+    assert {q.relpath: q.reason for q in plan.quarantined} == dict.fromkeys(names, Reason.PHI_FOLDER)
+    assert plan.images_seen == len(good_images()) + len(names)
+    assert {image.relpath for group in plan.groups for image in group.images} == {i.path for i in good_images()}
+
+
 @pytest.mark.parametrize("key", ["./" + BAD, "//" + BAD, BAD.upper(), BAD.replace("/", "\\") + " "])
 def test_gs_lookup_keys_are_matched_after_the_same_normalisation(gcs_zone, tmp_path, key):
     spec = BatchSpec(BATCH, images=[*good_images(), bad_image(OperatorsName=PLANTED["OperatorsName"])],
