@@ -3,7 +3,9 @@
 Each class is tried in several variants, not only the one that was found:
 
 - links: symbolic and hard links (relative, absolute, chained, from any folder) to an image under
-  `PHI/` or flagged in lookup.json; a clean image reached under two names;
+  `PHI/` or flagged in lookup.json; a clean image reached under two names; `PHI` folders that are
+  links, or hold links, to folders inside or outside the batch (and those whose held images
+  cannot be known: the batch fails);
 - names of files: `PHI` folders spelled with another case, below the top level, with blanks, or
   behind a backslash; on a gs:// landing zone, objects named `<batch>//PHI/x`, `<batch>/./PHI/x`...;
 - lookup.json keys: `./`, another case, backslashes, blanks, `//`; keys that match no image or
