@@ -383,6 +383,10 @@ UNKNOWABLE_PHI_TREES: dict[str, tuple[dict[str, str | None], str, str]] = {
     "a-folder-link-in-PHI-up-to-the-batch": ({"PHI/p.dcm": None, "PHI/d": ".."}, "PHI/d", "the batch folder"),
     "a-folder-link-in-PHI-dangling": ({"PHI/p.dcm": None, "PHI/d": "../gone"}, "PHI/d", "a dangling link"),
     "a-file-link-in-PHI-dangling": ({"PHI/p.dcm": None, "PHI/q.dcm": "@/gone.dcm"}, "PHI/q.dcm", "a dangling link"),
+    "a-file-link-in-PHI-to-itself": ({"PHI/p.dcm": None, "PHI/q.dcm": "q.dcm"}, "PHI/q.dcm", "cannot be followed"),
+    "a-loop-of-links-in-a-linked-PHI": (
+        {"@/held/p.dcm": None, "@/held/a": "b", "@/held/b": "a", "PHI": "@/held"}, "PHI/a", "cannot be followed"
+    ),
 }  # fmt: skip
 
 

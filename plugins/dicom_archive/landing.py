@@ -180,7 +180,7 @@ class LocalLandingZone:
             raise HeldImagesError(relpath, f"cannot be listed ({err.strerror or type(err).__name__})") from err
         for entry in entries:
             child = f"{relpath}/{entry.name}"
-            if entry.is_dir():  # a folder, or a link to one
+            if _is_folder(entry):  # a folder, or a link to one
                 yield from self._walk_held(Path(entry.path), child, batch_dir, visited)
             else:
                 yield self._file(Path(entry.path), child, batch_dir, held=True)
@@ -366,6 +366,15 @@ def batch_folder_problem(zone: LandingZone, batch_id: str) -> str | None:
 
 def _raise(err: OSError) -> None:
     raise err
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    """A folder, or a link to one; False for a link that cannot be followed (a loop raises
+    otherwise), which _resolve_held then reports."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _resolve_held(path: Path, relpath: str) -> Path:
