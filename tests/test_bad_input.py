@@ -293,11 +293,15 @@ def run_broken_batch(
     rule: str,
     default_collection: str | None = None,
     planted: tuple[str, ...] = (),
+    setup=None,
 ) -> Outcome:
-    """A batch whose manifest (or lookup) breaks the contract, next to a good batch. `planted`:
-    texts of the broken file (keys, values) that must appear in no output nor report."""
+    """A batch whose manifest (or lookup, or `PHI/` folder) breaks the contract, next to a good
+    batch. `planted`: texts of the broken file (keys, values) that must appear in no output nor
+    report; `setup(folder)` adds what the generator cannot write (links) before the snapshot."""
     spec.images = good_images()
     folder = landing.write(spec)
+    if setup is not None:
+        setup(folder)
     neighbour = landing.write(BatchSpec(NEIGHBOUR, images=good_images(), collection=COLLECTION))
     before = snapshot(landing.root)
 

@@ -3,7 +3,9 @@
 Each class is tried in several variants, not only the one that was found:
 
 - links: symbolic and hard links (relative, absolute, chained, from any folder) to an image under
-  `PHI/` or flagged in lookup.json; a clean image reached under two names;
+  `PHI/` or flagged in lookup.json; a clean image reached under two names; `PHI` folders that are
+  links, or hold links, to folders inside or outside the batch (and those whose held images
+  cannot be known: the batch fails);
 - names of files: `PHI` folders spelled with another case, below the top level, with blanks, or
   behind a backslash; on a gs:// landing zone, objects named `<batch>//PHI/x`, `<batch>/./PHI/x`...;
 - lookup.json keys: `./`, another case, backslashes, blanks, `//`; keys that match no image or
@@ -62,6 +64,7 @@ from tests.test_bad_input import (
     bad_image,
     good_images,
     run_batch,
+    run_broken_batch,
     run_flagged,
     snapshot,
 )
@@ -111,8 +114,14 @@ def test_a_phi_folder_counts_at_any_depth_and_in_any_case(relpath):
     assert is_under_phi_folder(relpath)
 
 
-@pytest.mark.parametrize("relpath", ["PHI", "a/PHI", "PHIx/a.dcm", "a/PHI.dcm", "xPHI/a", "P H I/a"])
-def test_a_file_named_phi_or_a_folder_that_only_contains_the_word_does_not(relpath):
+@pytest.mark.parametrize("relpath", ["PHI", "a/PHI", "phi", "a/b/Phi ", "./PHI"])
+def test_a_file_named_phi_counts_too(relpath):
+    # Not a folder, but nothing says what else it would be: held, never opened.
+    assert is_under_phi_folder(relpath)
+
+
+@pytest.mark.parametrize("relpath", ["PHIx/a.dcm", "a/PHI.dcm", "xPHI/a", "P H I/a", "PHI.dcm", "a/PHI_old"])
+def test_a_name_that_only_contains_the_word_does_not(relpath):
     assert not is_under_phi_folder(relpath)
 
 
@@ -255,6 +264,154 @@ def test_a_clean_image_reached_under_two_names_counts_once(landing, hard):
     assert len(outcome.rows) == len(good)
     assert outcome.report["aliases"] == [{"path": second, "same_as": first}]
     assert not outcome.opened(second)
+
+
+# =============================================================================================
+# `PHI` folders reached through links: the folder itself, or a folder or file in it, is a link
+# (to a folder inside the batch, or outside it), maybe chained; its images are held under every
+# name, hard links from elsewhere in the batch included (audit "phi", defect 3)
+
+
+def _held_image(path: Path) -> str:
+    """A clean image (the pixels are the trouble, not the header): uploaded unless held."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(image_bytes(bad_image()))
+    return path.name
+
+
+def _outside(folder: Path) -> Path:
+    return folder.parents[1] / "outside"  # Landing.outside, next to the landing root
+
+
+def _phi_tree(folder: Path, layout: dict[str, str | None], *hard: tuple[str, str]) -> None:
+    """`layout`: a path (in the batch, or `@/...` outside it) -> a symbolic link's target, or None
+    for a held image; `hard`: (link in the batch, image) pairs, the image named as in `layout`."""
+
+    def where(name: str) -> Path:
+        return _outside(folder) / name[2:] if name.startswith("@/") else folder / name
+
+    for name, target in layout.items():
+        if target is None:
+            _held_image(where(name))
+    for name, target in layout.items():
+        if target is not None:
+            _link(where(name), where(target) if target.startswith("@/") else target)
+    for link, image in hard:
+        _link(folder / link, where(image), hard=True)
+
+
+# Each variant: the layout, the hard links, and the names that must be held (phi_folder).
+PHI_TREE_VARIANTS: dict[str, tuple[dict[str, str | None], list[tuple[str, str]], list[str]]] = {
+    "PHI-to-a-folder-inside": ({".held/p.dcm": None, "PHI": ".held"}, [], [".held/p.dcm", "PHI/p.dcm"]),
+    "PHI-to-a-folder-outside-and-a-hard-link": (
+        {"@/held/p.dcm": None, "PHI": "@/held"}, [("scan.dcm", "@/held/p.dcm")], ["PHI/p.dcm", "scan.dcm"]
+    ),
+    "PHI-to-a-folder-outside-relative-and-a-deep-hard-link": (
+        {"@/held/p.dcm": None, "PHI": "../../outside/held"}, [("x/y/z", "@/held/p.dcm")], ["PHI/p.dcm", "x/y/z"]
+    ),
+    "phi-lower-case-to-a-folder-inside": ({"in/p.dcm": None, "phi": "in"}, [], ["in/p.dcm", "phi/p.dcm"]),
+    "Phi-below-the-top-to-a-folder-inside": (
+        {".held/p.dcm": None, "a/Phi": "../.held"}, [], [".held/p.dcm", "a/Phi/p.dcm"]
+    ),
+    "a-folder-link-in-PHI-to-a-folder-inside": (
+        {"PHI/q.dcm": None, "elsewhere/p.dcm": None, "PHI/sub": "../elsewhere"},
+        [],
+        ["PHI/q.dcm", "PHI/sub/p.dcm", "elsewhere/p.dcm"],
+    ),
+    "a-folder-link-in-PHI-to-a-folder-outside-and-a-hard-link": (
+        {"PHI/q.dcm": None, "@/held/p.dcm": None, "PHI/sub": "@/held"},
+        [("incoming/scan.dcm", "@/held/p.dcm")],
+        ["PHI/q.dcm", "PHI/sub/p.dcm", "incoming/scan.dcm"],
+    ),
+    "a-chain-of-folder-links-outside-and-a-hard-link": (
+        {"@/held/p.dcm": None, "@/two": "@/held", "@/one": "@/two", "PHI": "@/one"},
+        [("scan.dcm", "@/held/p.dcm")],
+        ["PHI/p.dcm", "scan.dcm"],
+    ),
+    "a-folder-link-inside-a-linked-PHI-and-a-hard-link": (
+        {"@/a/r.dcm": None, "@/held/p.dcm": None, "@/a/b": "@/held", "PHI": "@/a"},
+        [("scan.dcm", "@/held/p.dcm")],
+        ["PHI/r.dcm", "PHI/b/p.dcm", "scan.dcm"],
+    ),
+    "a-file-link-in-PHI-to-a-file-outside-and-a-hard-link": (
+        {"@/held/p.dcm": None, "PHI/p.dcm": "@/held/p.dcm"}, [("scan.dcm", "@/held/p.dcm")], ["PHI/p.dcm", "scan.dcm"]
+    ),
+    "a-file-link-through-a-linked-PHI-inside": (
+        {".held/p.dcm": None, "PHI": ".held", "incoming/l.dcm": "../PHI/p.dcm"},
+        [],
+        [".held/p.dcm", "PHI/p.dcm", "incoming/l.dcm"],
+    ),
+    "a-file-link-through-a-linked-PHI-outside": (
+        {"@/held/p.dcm": None, "PHI": "@/held", "incoming/l.dcm": "../PHI/p.dcm"},
+        [],
+        ["PHI/p.dcm", "incoming/l.dcm"],
+    ),
+    "PHI-a-link-to-a-file": ({".held/p.dcm": None, "PHI": ".held/p.dcm"}, [], ["PHI", ".held/p.dcm"]),
+    "PHI-a-link-to-a-file-outside-and-a-hard-link": (
+        {"@/p.dcm": None, "PHI": "@/p.dcm"}, [("scan.dcm", "@/p.dcm")], ["PHI", "scan.dcm"]
+    ),
+    "PHI-a-regular-file-and-a-hard-link": ({"PHI": None}, [("scan.dcm", "PHI")], ["PHI", "scan.dcm"]),
+    "phi-a-regular-file-below-the-top": ({"a/phi": None}, [], ["a/phi"]),
+    "a-loop-in-PHI-walked-once": (
+        {"PHI/p.dcm": None, "PHI/self": ".", "PHI/d/back": "..", "PHI/d/again": "../d"}, [], ["PHI/p.dcm"]
+    ),
+    "two-links-to-one-held-folder": (
+        {".held/p.dcm": None, "PHI": ".held", "a/phi": "../.held"}, [], [".held/p.dcm", "PHI/p.dcm"]
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", sorted(PHI_TREE_VARIANTS))
+def test_an_image_held_through_a_linked_phi_folder_is_never_uploaded_under_any_name(landing, variant):
+    layout, hard, held = PHI_TREE_VARIANTS[variant]
+
+    def setup(folder: Path) -> dict[str, str]:
+        _phi_tree(folder, layout, *hard)
+        return dict.fromkeys(held, Reason.PHI_FOLDER)
+
+    # run_batch checks: every held name quarantined as phi_folder (and nothing else), the counts
+    # of the report (seen, archived, quarantined by reason), only the good images archived.
+    outcome = run_hostile(landing, setup=setup)
+    for relpath in held:
+        assert not outcome.opened(relpath), f"{relpath} was read"
+    assert outcome.report["images"]["quarantined_by_reason"] == {Reason.PHI_FOLDER: len(held)}
+    assert outcome.report["aliases"] == []
+
+
+# Each: the layout, and the name the batch's error must start with.
+UNKNOWABLE_PHI_TREES: dict[str, tuple[dict[str, str | None], str, str]] = {
+    "PHI-dangling": ({"PHI": "no-such-folder"}, "PHI", "a dangling link"),
+    "phi-below-the-top-dangling": ({"a/phi": "../gone"}, "a/phi", "a dangling link"),
+    "PHI-a-chain-that-dangles": ({"@/one": "@/missing", "PHI": "@/one"}, "PHI", "a dangling link"),
+    "PHI-a-link-to-itself": ({"PHI": "PHI"}, "PHI", "a link that cannot be followed"),
+    "PHI-a-loop-through-outside": ({"@/one": f"../landing/{BATCH}/PHI", "PHI": "@/one"}, "PHI", "cannot be followed"),
+    "PHI-to-the-batch-folder": ({"PHI": "."}, "PHI", "a link to the batch folder"),
+    "PHI-to-the-landing-root": ({"PHI": ".."}, "PHI", "a link to a folder that holds the batch folder"),
+    "PHI-to-the-file-system-root": ({"PHI": "/"}, "PHI", "a link to a folder that holds the batch folder"),
+    "a-folder-link-in-PHI-up-to-the-batch": ({"PHI/p.dcm": None, "PHI/d": ".."}, "PHI/d", "the batch folder"),
+    "a-folder-link-in-PHI-dangling": ({"PHI/p.dcm": None, "PHI/d": "../gone"}, "PHI/d", "a dangling link"),
+    "a-file-link-in-PHI-dangling": ({"PHI/p.dcm": None, "PHI/q.dcm": "@/gone.dcm"}, "PHI/q.dcm", "a dangling link"),
+    "a-file-link-in-PHI-to-itself": ({"PHI/p.dcm": None, "PHI/q.dcm": "q.dcm"}, "PHI/q.dcm", "cannot be followed"),
+    "a-loop-of-links-in-a-linked-PHI": (
+        {"@/held/p.dcm": None, "@/held/a": "b", "@/held/b": "a", "PHI": "@/held"}, "PHI/a", "cannot be followed"
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", sorted(UNKNOWABLE_PHI_TREES))
+def test_a_phi_folder_whose_images_cannot_be_known_fails_the_batch(landing, variant):
+    """Which images are held cannot be known: any of the batch's files could be one of them
+    (a hard link). The batch fails, names the link, and uploads nothing; the neighbour goes on."""
+    layout, source, rule = UNKNOWABLE_PHI_TREES[variant]
+    outcome = run_broken_batch(
+        landing,
+        BatchSpec(BATCH, collection=COLLECTION),
+        source=source,
+        rule=rule,
+        setup=lambda folder: _phi_tree(folder, layout),
+    )
+    assert "nothing of the batch is uploaded" in outcome.plan.error
+    assert outcome.report["images"]["archived"] == 0
 
 
 # =============================================================================================
@@ -690,6 +847,19 @@ def test_gs_objects_whose_names_hide_a_phi_folder_are_quarantined(gcs_zone, tmp_
     assert NAME.split("^")[0] not in plan.to_json()
 
 
+def test_gs_objects_named_phi_are_held_like_local_files_of_that_name(gcs_zone, tmp_path):
+    """A bucket has no links, but an object may be named `PHI` itself (no folder): held, as a
+    local file of that name is, whatever its case or blanks; the good images still go through."""
+    names = ["PHI", "scans/phi", "x/Phi ", "a\\PHI"]
+    spec = BatchSpec(BATCH, images=good_images(), collection=COLLECTION)
+    _upload_batch(gcs_zone, spec, dict.fromkeys(names, image_bytes(bad_image())), tmp_path)
+    plan = plan_batch(gcs_zone, BATCH)
+    assert plan.status == "DONE", plan.error
+    assert {q.relpath: q.reason for q in plan.quarantined} == dict.fromkeys(names, Reason.PHI_FOLDER)
+    assert plan.images_seen == len(good_images()) + len(names)
+    assert {image.relpath for group in plan.groups for image in group.images} == {i.path for i in good_images()}
+
+
 @pytest.mark.parametrize("key", ["./" + BAD, "//" + BAD, BAD.upper(), BAD.replace("/", "\\") + " "])
 def test_gs_lookup_keys_are_matched_after_the_same_normalisation(gcs_zone, tmp_path, key):
     spec = BatchSpec(BATCH, images=[*good_images(), bad_image(OperatorsName=PLANTED["OperatorsName"])],
@@ -1081,6 +1251,9 @@ def test_a_hostile_local_batch_through_the_dag(dag_env, tmp_path):
     _links(folder, ("incoming/l.dcm", Path("..", PHI_IMAGE)))
     _links(folder, ("h/l.dcm", folder / PHI_IMAGE), hard=True)
     _links(folder, ("again/same.dcm", Path("..", good_images()[0].path)))
+    # PHI folders reached through links: one outside the batch (with a hard link in it), one inside.
+    linked_phi = {"@/held/p.dcm": None, "y/Phi": "@/held", ".held/q.dcm": None, "phi": ".held"}
+    _phi_tree(folder, linked_phi, ("scan.dcm", "@/held/p.dcm"))
     (folder / "lookup.json").write_text(json.dumps(lookup))
     (folder / "batch.json").write_text(json.dumps(BatchSpec(batch_id, collection=DAG_COLLECTION).manifest()))
 
@@ -1092,6 +1265,7 @@ def test_a_hostile_local_batch_through_the_dag(dag_env, tmp_path):
         PHI_IMAGE: {Reason.PHI_FOLDER},
         "incoming/l.dcm": {Reason.PHI_FOLDER},
         "h/l.dcm": {Reason.PHI_FOLDER},
+        **{name: {Reason.PHI_FOLDER} for name in ["y/Phi/p.dcm", "scan.dcm", ".held/q.dcm", "phi/q.dcm"]},
     }
     assert report["aliases"] == [{"path": "again/same.dcm", "same_as": good_images()[0].path}]
     assert report["images"]["archived"] == len(good_images()) + 1

@@ -44,6 +44,17 @@ class LandingRootError(RuntimeError):
     """The landing root does not exist or cannot be read: the run fails, it never skips."""
 
 
+class HeldImagesError(RuntimeError):
+    """The images held back under `PHI/` cannot all be found (a dangling or looping link, a link
+    to the batch folder or above it, a folder that cannot be listed): the batch fails and nothing
+    of it is uploaded, rather than risk uploading one of them under another name."""
+
+    def __init__(self, relpath: str, problem: str) -> None:
+        super().__init__(f"{relpath}: {problem}")
+        self.relpath = relpath  # the name in or of a PHI folder that is the trouble
+        self.problem = problem
+
+
 @dataclass(frozen=True)
 class BatchFolder:
     """One direct child of the landing root, as a single listing shows it."""
@@ -120,30 +131,76 @@ class LocalLandingZone:
             return None
 
     def list_files(self, batch_id: str) -> list[LandingFile]:
+        """Every file of the batch, links to folders not followed, except in a `PHI` tree (see
+        _walk_held). Raises HeldImagesError when the images held under `PHI/` cannot all be
+        found, and OSError for a folder that cannot be listed."""
         batch_dir = (self.root / batch_id).resolve()
+        if not batch_dir.is_dir():
+            return []
         return sorted(self._walk(batch_dir), key=lambda f: f.relpath)
 
     def _walk(self, batch_dir: Path) -> Iterator[LandingFile]:
-        for dirpath, dirnames, filenames in os.walk(batch_dir):
-            # Never follow a linked folder: it could lead anywhere, or loop.
-            linked_dirs = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
-            dirnames[:] = sorted(d for d in dirnames if d not in linked_dirs)
+        held_folders: set[tuple[int, int]] = set()  # the folders of PHI trees walked so far
+        # A folder that cannot be listed fails the batch: it could hold a PHI folder whose images
+        # are hard-linked elsewhere in the batch.
+        for dirpath, dirnames, filenames in os.walk(batch_dir, onerror=_raise):
+            folder = Path(dirpath)
+            relpaths = {name: (folder / name).relative_to(batch_dir).as_posix() for name in dirnames}
+            phi_dirs = [d for d in dirnames if is_under_phi_folder(relpaths[d])]
+            # Never follow another linked folder: it could lead anywhere, or loop.
+            linked_dirs = [d for d in dirnames if d not in phi_dirs and os.path.islink(folder / d)]
+            dirnames[:] = sorted(d for d in dirnames if d not in phi_dirs and d not in linked_dirs)
             for name in sorted(filenames) + linked_dirs:
-                path = Path(dirpath, name)
+                path = folder / name
                 relpath = path.relative_to(batch_dir).as_posix()
-                link_target = None
-                if path.is_symlink():
-                    target = path.resolve()
-                    if not target.is_relative_to(batch_dir) or not target.is_file():
-                        yield LandingFile(relpath, 0, outside_batch=True)
-                        continue
-                    link_target = target.relative_to(batch_dir).as_posix()
-                info = path.stat()
-                if not stat.S_ISREG(info.st_mode):
-                    # Opening a named pipe blocks until someone writes to it: never try.
-                    yield LandingFile(relpath, 0, special=True)
-                    continue
-                yield LandingFile(relpath, info.st_size, identity=file_identity(info), link_target=link_target)
+                yield self._file(path, relpath, batch_dir, held=is_under_phi_folder(relpath))
+            for name in sorted(phi_dirs):
+                yield from self._walk_held(folder / name, relpaths[name], batch_dir, held_folders)
+
+    def _walk_held(
+        self, folder: Path, relpath: str, batch_dir: Path, visited: set[tuple[int, int]]
+    ) -> Iterator[LandingFile]:
+        """Every file of a `PHI` folder, listed under its name in that folder, whatever links lead
+        to it: the folder itself may be a link, and so may any folder or file in it, to a folder
+        inside the batch or outside it. Each folder is walked once (a link back up is a loop).
+        Fails closed (HeldImagesError): a link that cannot be followed, a link to the batch
+        folder or a folder above it, a folder that cannot be listed."""
+        real = _resolve_held(folder, relpath)
+        if batch_dir.is_relative_to(real):
+            where = "the batch folder" if real == batch_dir else "a folder that holds the batch folder"
+            raise HeldImagesError(relpath, f"a link to {where}: it would hold back the whole batch")
+        info = real.stat()
+        if (info.st_dev, info.st_ino) in visited:
+            return
+        visited.add((info.st_dev, info.st_ino))
+        try:
+            with os.scandir(real) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as err:
+            raise HeldImagesError(relpath, f"cannot be listed ({err.strerror or type(err).__name__})") from err
+        for entry in entries:
+            child = f"{relpath}/{entry.name}"
+            if _is_folder(entry):  # a folder, or a link to one
+                yield from self._walk_held(Path(entry.path), child, batch_dir, visited)
+            else:
+                yield self._file(Path(entry.path), child, batch_dir, held=True)
+
+    def _file(self, path: Path, relpath: str, batch_dir: Path, *, held: bool) -> LandingFile:
+        """One name of the batch. A held one (in or named `PHI`) is never opened, but its identity
+        is always known, wherever a link leads, so that its other names are held too."""
+        link_target = None
+        if path.is_symlink():
+            target = _resolve_held(path, relpath) if held else path.resolve()
+            inside = target.is_relative_to(batch_dir)
+            if not held and (not inside or not target.is_file()):
+                # Not opened; its identity still tells whether it is one of the held images.
+                return LandingFile(relpath, 0, outside_batch=True, identity=_regular_file_identity(target))
+            link_target = target.relative_to(batch_dir).as_posix() if inside else None
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            # Opening a named pipe blocks until someone writes to it: never try.
+            return LandingFile(relpath, 0, special=True)
+        return LandingFile(relpath, info.st_size, identity=file_identity(info), link_target=link_target)
 
     def open(self, batch_id: str, relpath: str, chunk_size: int | None = None) -> BinaryIO:
         path = self._path(batch_id, relpath)
@@ -268,12 +325,15 @@ def normalise_relpath(relpath: str) -> str:
 
 
 def is_under_phi_folder(relpath: str) -> bool:
-    """True for an image in a `PHI` folder at ANY depth and in ANY case (`PHI/`, `a/phi/`, `Phi/`).
+    """True for an image in a `PHI` folder at ANY depth and in ANY case (`PHI/`, `a/phi/`, `Phi/`),
+    and for a file named `PHI` itself (in any case, at any depth).
 
-    The contract names a top-level `PHI/`; a folder of that name anywhere else is taken to mean
-    the same, because guessing otherwise would upload images the anonymizer meant to hold back."""
-    folders = normalise_relpath(relpath).split("/")[:-1]
-    return any(folder.casefold() == PHI_FOLDER.casefold() for folder in folders)
+    The contract names a top-level `PHI/` folder; a folder of that name anywhere else is taken to
+    mean the same, and so is a file of that name (not a folder, but nothing says what else it
+    would be), because guessing otherwise would upload images the anonymizer meant to hold back.
+    A case-insensitive file system would also take `phi/` for `PHI/`."""
+    names = normalise_relpath(relpath).split("/")
+    return any(name.casefold() == PHI_FOLDER.casefold() for name in names)
 
 
 def file_identity(info: os.stat_result) -> str:
@@ -286,7 +346,7 @@ def aliases(files: list[LandingFile]) -> dict[str, list[LandingFile]]:
     order that is not a symbolic link."""
     by_identity: dict[str, list[LandingFile]] = {}
     for file in files:
-        if file.identity is not None:
+        if file.identity is not None and not file.outside_batch:  # a link out is never read
             by_identity.setdefault(file.identity, []).append(file)
     return {
         identity: sorted(names, key=lambda f: (f.link_target is not None, f.relpath))
@@ -302,6 +362,41 @@ def batch_folder_problem(zone: LandingZone, batch_id: str) -> str | None:
     if isinstance(zone, LocalLandingZone) and (zone.root / batch_id).is_symlink():
         return f"{zone.root / batch_id} is a link, not a folder of the landing root"
     return None
+
+
+def _raise(err: OSError) -> None:
+    raise err
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    """A folder, or a link to one; False for a link that cannot be followed (a loop raises
+    otherwise), which _resolve_held then reports."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _resolve_held(path: Path, relpath: str) -> Path:
+    """Where a name in or of a `PHI` folder leads, or HeldImagesError when it cannot be followed."""
+    try:
+        return path.resolve(strict=True)
+    except FileNotFoundError as err:
+        raise HeldImagesError(relpath, "a dangling link: what it holds back cannot be known") from err
+    except (OSError, RuntimeError) as err:  # RuntimeError: a symbolic link loop
+        problem = getattr(err, "strerror", None) or str(err)
+        raise HeldImagesError(
+            relpath, f"a link that cannot be followed ({problem}): what it holds back cannot be known"
+        ) from err
+
+
+def _regular_file_identity(path: Path) -> str | None:
+    """The identity of the regular file a link leads to, without opening it (None: none)."""
+    try:
+        info = path.stat()
+    except (OSError, RuntimeError):
+        return None
+    return file_identity(info) if stat.S_ISREG(info.st_mode) else None
 
 
 def _stat_or_none(path: Path) -> os.stat_result | None:

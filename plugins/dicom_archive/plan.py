@@ -17,7 +17,7 @@ from typing import Any
 
 from dicom_archive.deid_gate import DeidPolicy, Reason, StudyIdentity
 from dicom_archive.header_walk import WalkError, judge_header, walk_header
-from dicom_archive.landing import LandingFile, LandingZone, aliases
+from dicom_archive.landing import HeldImagesError, LandingFile, LandingZone, aliases
 from dicom_archive.manifest import (
     LOOKUP_NAME,
     MANIFEST_NAME,
@@ -295,7 +295,15 @@ def _plan_batch(
         plan.error = f"{zone.describe(batch_id, MANIFEST_NAME)}: the anonymizer reported status ERROR"
         return plan
 
-    files = [file for file in zone.list_files(batch_id) if not is_control_file(file.relpath)]
+    try:
+        files = [file for file in zone.list_files(batch_id) if not is_control_file(file.relpath)]
+    except HeldImagesError as err:
+        plan.status = STATUS_ERROR
+        plan.error = (
+            f"{zone.describe(batch_id, err.relpath)}: {err.problem} (nothing of the batch is uploaded rather "
+            "than risk uploading an image held under PHI/ under another name)"
+        )
+        return plan
     matched = match_lookup(lookup, (file.relpath for file in files))
     plan.lookup_unmatched = [shown_key(key) for key in matched.unmatched]
     plan.lookup_ambiguous = {shown_key(key): images for key, images in matched.ambiguous.items()}
