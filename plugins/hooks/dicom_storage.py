@@ -16,9 +16,10 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseHook
+from airflow.sdk.exceptions import AirflowFailException
 
 from dicom_archive.landing import GCSLandingZone, LandingZone, LocalLandingZone, split_gs_uri
-from dicom_archive.settings import Settings
+from dicom_archive.settings import Settings, SettingsError
 from dicom_archive.stores import GCSObjectStore, LocalObjectStore, ObjectStore
 
 if TYPE_CHECKING:
@@ -41,6 +42,12 @@ DESTINATION_SETTINGS = {
 ImpersonationChain = str | Sequence[str] | None
 
 
+class BadSettingError(SettingsError, AirflowFailException):
+    """A bad setting gives the same error on every try, so the task that reads it fails at once,
+    without retries. Raised by load_settings, the one way every task, sensor and operator reads
+    the settings, so that no task can forget it; still a SettingsError for callers that report it."""
+
+
 def load_settings(overrides: Mapping[str, str] | None = None) -> Settings:
     """Settings from the environment first, then from Airflow Variables of the same name.
 
@@ -48,8 +55,6 @@ def load_settings(overrides: Mapping[str, str] | None = None) -> Settings:
     they take the place of the setting and are checked like it, so a bad bucket given to one
     task fails it as a bad GOOGLE_CLOUD_STORAGE would."""
     from airflow.sdk import Variable
-
-    from dicom_archive.settings import SettingsError
 
     given = {DESTINATION_SETTINGS[field]: str(value) for field, value in (overrides or {}).items()}
 
@@ -67,10 +72,8 @@ def load_settings(overrides: Mapping[str, str] | None = None) -> Settings:
     try:
         return Settings.load(lookup)
     except SettingsError as err:
-        if not overrides:
-            raise
-        shown = ", ".join(f"{field}={value!r}" for field, value in overrides.items())
-        raise SettingsError(f"{err} (task arguments: {shown})") from err
+        shown = ", ".join(f"{field}={value!r}" for field, value in (overrides or {}).items())
+        raise BadSettingError(f"{err} (task arguments: {shown})" if shown else str(err)) from err
 
 
 class DicomStorageHook(BaseHook):
