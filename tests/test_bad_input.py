@@ -513,11 +513,27 @@ def test_a_batch_json_that_breaks_a_rule_fails_the_batch(landing, changes, rule)
 )
 def test_a_lookup_json_that_breaks_the_contract_fails_the_batch(landing, raw, rule):
     spec = BatchSpec(BATCH, collection=COLLECTION, extra_files={"lookup.json": raw})
-    run_broken_batch(landing, spec, source="lookup.json", rule=rule)
+    outcome = run_broken_batch(landing, spec, source="lookup.json", rule=rule)
     # The manifest itself is fine: the batch is found by its completed_at, then fails visibly.
     assert BATCH in completed_in(
         LocalLandingZone(landing.root), datetime(2024, 1, 5, tzinfo=UTC), datetime(2024, 1, 6, tzinfo=UTC)
     )
+    # ...and its ERROR report keeps the manifest's collection, so it is stored in the bucket too.
+    assert outcome.plan.collection == outcome.report["collection"] == COLLECTION
+    stored = json.loads((landing.out / f"Collection/{COLLECTION}/Batches/{BATCH}.json").read_bytes())
+    assert (stored["status"], stored["error"]) == ("ERROR", outcome.plan.error)
+
+
+@pytest.mark.parametrize("raw", [b"[]", b"null", b'{"incoming/a.dcm": {"flagged": "yes"}}'])
+def test_a_broken_lookup_json_keeps_the_default_collection_in_its_error_report(landing, raw):
+    """batch.json without a collection falls back to GOOGLE_STORAGE_COLLECTION: so does the
+    ERROR report of a broken lookup.json, which is then stored in the bucket under it."""
+    spec = BatchSpec(BATCH, raw_manifest=manifest(collection=None), extra_files={"lookup.json": raw})
+    outcome = run_broken_batch(
+        landing, spec, source="lookup.json", rule="lookup.json", default_collection="IRB_DEFAULT"
+    )
+    assert outcome.report["collection"] == "IRB_DEFAULT"
+    assert (landing.out / f"Collection/IRB_DEFAULT/Batches/{BATCH}.json").is_file()
 
 
 DUPLICATE_KEY = "has a key that occurs twice in the same object"

@@ -171,3 +171,124 @@ def test_a_malformed_identity_setting_fails_the_settings_check(value):
     given = {"DICOM_LANDING_ROOT": "x", "DICOM_LOCAL_OUTPUT": "y", "DICOM_IMPERSONATION_CHAIN": f"{TARGET},{value}"}
     with pytest.raises(SettingsError, match="DICOM_IMPERSONATION_CHAIN: not service account e-mail addresses"):
         Settings.load(given.get)
+
+
+# GOOGLE_APPLICATION_CREDENTIALS is read like every other setting: the environment, then the
+# Airflow Variable. Set as a Variable, it is the key of a connection that names none of its own.
+KEY_FILE_ACCOUNT = f"keyfile@{PROJECT}.iam.gserviceaccount.com"
+NO_KEY_CONN_ID = "google_without_key"
+
+
+def service_account_key(email: str) -> dict:
+    """A service-account key made up for the test (a fresh RSA key, never sent)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    return {
+        "type": "service_account",
+        "project_id": PROJECT,
+        "private_key_id": "test",
+        "private_key": pem,
+        "client_email": email,
+        "client_id": "1",
+        "token_uri": "http://127.0.0.1:9/token",  # never reached: no request is made
+    }
+
+
+PROBE_DAG = """
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+from airflow.sdk import DAG, task
+
+with DAG(dag_id="test_credentials_setting", schedule=None, start_date=datetime(2024, 1, 1, tzinfo=UTC)):
+
+    @task
+    def identities():
+        from hooks.dicom_storage import DicomStorageHook, load_settings
+
+        settings = load_settings()
+        found = {"setting": settings.credentials_file}
+        hooks = {
+            "tasks": DicomStorageHook.of_settings(settings),  # the DAG's own tasks
+            "operators": DicomStorageHook(gcp_conn_id="google_without_key"),  # storage_hook() of an operator
+            "own_key": DicomStorageHook(gcp_conn_id="google_with_key"),
+        }
+        for name, hook in hooks.items():
+            clients = [hook.storage_client(), hook.bigquery_client("p"), hook.bigquery_client("p", on_job=print)]
+            found[name] = sorted({c._credentials.service_account_email for c in clients})
+            found[name + " described"] = hook.describe_credentials()
+        Path(os.environ["IDENTITIES_OUT"]).write_text(json.dumps(found))
+
+    identities()
+"""
+
+
+def run_identities(tmp_path) -> dict:
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
+    from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
+
+    folder = tmp_path / "dags"
+    folder.mkdir()
+    (folder / "credentials_dag.py").write_text(PROBE_DAG)
+    bag = DagBag(dag_folder=str(folder), bundle_path=folder)
+    assert bag.import_errors == {}
+    DagBundlesManager().sync_bundles_to_db()
+    sync_bag_to_db(bag, "dags-folder", None)
+    run = bag.dags["test_credentials_setting"].test()
+    assert str(run.state) == "success"
+    return json.loads((tmp_path / "identities.json").read_text())
+
+
+def test_the_credentials_setting_as_a_variable_is_the_key_of_the_connection(
+    airflow_db, key_connection, local_settings, monkeypatch, tmp_path
+):
+    """Set as an Airflow Variable (read through the Task SDK, in a task), GOOGLE_APPLICATION_CREDENTIALS
+    is the key of every client of a connection that names no credentials of its own."""
+    from airflow.models import Variable
+
+    key_file = tmp_path / "sa-key.json"
+    key_file.write_text(json.dumps(service_account_key(KEY_FILE_ACCOUNT)))
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("IDENTITIES_OUT", str(tmp_path / "identities.json"))
+    no_key = json.dumps({"conn_type": "google_cloud_platform", "extra": {"project": PROJECT}})
+    monkeypatch.setenv(f"AIRFLOW_CONN_{NO_KEY_CONN_ID.upper()}", no_key)
+    monkeypatch.setenv("AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT", no_key)
+
+    Variable.set("GOOGLE_APPLICATION_CREDENTIALS", str(key_file))
+    try:
+        found = run_identities(tmp_path)
+    finally:
+        Variable.delete("GOOGLE_APPLICATION_CREDENTIALS")
+    assert found["setting"] == str(key_file)
+    for name in ("tasks", "operators"):
+        assert found[name] == [KEY_FILE_ACCOUNT]
+        assert f"GOOGLE_APPLICATION_CREDENTIALS={key_file}" in found[f"{name} described"]
+    assert found["own_key"] == [SOURCE]  # a connection's own credentials win
+
+
+def test_the_credentials_setting_comes_from_the_environment_first():
+    from dicom_archive.settings import Settings
+
+    base = {"DICOM_LANDING_ROOT": "/data/landing", "DICOM_LOCAL_OUTPUT": "/data/out"}
+    assert Settings.load(base.get).credentials_file is None
+    given = {**base, "GOOGLE_APPLICATION_CREDENTIALS": " /keys/sa.json "}
+    assert Settings.load(given.get).credentials_file == "/keys/sa.json"
+
+
+def test_without_the_credentials_setting_the_clients_use_application_default_credentials(local_settings, monkeypatch):
+    from hooks.dicom_storage import DicomStorageHook, load_settings
+
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    assert load_settings().credentials_file is None
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT",
+        json.dumps({"conn_type": "google_cloud_platform", "extra": {"project": PROJECT}}),
+    )
+    assert "Application Default Credentials" in DicomStorageHook().describe_credentials()

@@ -418,3 +418,62 @@ def test_each_archive_task_downloads_its_own_chunk_plan_only(env, monkeypatch):
     assert sorted(n for n in staged if n.startswith("plans/")) == [f"plans/{i:07d}.json" for i in range(3)]
     assert staged.count("plan.json") == 1, staged
     assert not [n for n in objects(env) if n.startswith("_staging/")], "chunk plans are cleared with the rest"
+
+
+# Local mode (SEND_TO_GOOGLE=false) writes batch.report.local.json, never batch.report.json: for
+# local runs that report is the ledger too, so a local run takes the next batches instead of
+# archiving the same ones again; a run that sends to Google still takes what was only done locally.
+@pytest.mark.parametrize("kind", ["local", "gs"])
+def test_a_local_report_counts_for_local_runs_only(env, kind):
+    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+    from dicom_archive.landing import GCSLandingZone, LocalLandingZone
+    from dicom_archive.ledger import select_batches
+
+    spec_root = env["tmp"] / "spec"
+    for n, batch_id in enumerate(["sent", "local-only", "both", "new"]):
+        image = ImageSpec(f"GL{n:06d}", f"GA{n:06d}", "20230105")
+        write_batch(spec_root, BatchSpec(batch_id, images=[image], collection="IRB1"))
+    if kind == "local":
+        zone = LocalLandingZone(spec_root)
+    else:
+        zone = GCSLandingZone(GCSHook().get_conn().bucket(env["bucket"]), "landing/zone")
+        for folder in spec_root.iterdir():
+            zone.write_bytes(folder.name, "batch.json", (folder / "batch.json").read_bytes())
+    zone.write_bytes("sent", "batch.report.json", b"{}")
+    zone.write_bytes("local-only", "batch.report.local.json", b"{}")
+    zone.write_bytes("both", "batch.report.json", b"{}")
+    zone.write_bytes("both", "batch.report.local.json", b"{}")
+
+    assert select_batches(zone, end=None, local=True).batch_ids == ["new"]
+    assert select_batches(zone, end=None).batch_ids == ["local-only", "new"]  # sending to Google
+    assert sorted(select_batches(zone, end=None, local=False).batch_ids) == ["local-only", "new"]
+    # A backfill reprocesses its interval, reported or not, in either mode.
+    since = datetime(2000, 1, 1, tzinfo=UTC)
+    assert len(select_batches(zone, start=since, end=datetime.now(UTC), local=True).batch_ids) == 4
+
+
+def test_local_runs_over_the_cap_take_the_next_batches_and_a_send_run_still_sends_them(env, monkeypatch):
+    monkeypatch.setenv("DICOM_MAX_BATCHES_PER_RUN", "1")
+    monkeypatch.setenv("SEND_TO_GOOGLE", "false")
+    monkeypatch.setenv("DICOM_LOCAL_OUTPUT", str(env["tmp"] / "out"))
+    older = add_batch(env, "local-older", T0)
+    newer = add_batch(env, "local-newer", T0 + timedelta(minutes=5))
+    taken = []
+    for i in range(3):
+        run = run_as("scheduled", T0 + (i + 1) * HOUR, T0 + (i + 2) * HOUR)
+        assert str(run.state) == "success", states(run)
+        taken.append(sensor_output(run))
+    assert taken == [[older.batch_id], [newer.batch_id], None]  # the third run: nothing pending
+    assert states(run)["wait_for_batches"] == ["skipped"]
+    for spec in (older, newer):
+        assert (env["root"] / spec.batch_id / "batch.report.local.json").exists()
+        assert report(env, spec.batch_id) is None  # never the report of a run that sent it
+    assert objects(env) == {}  # nothing left the machine
+
+    monkeypatch.setenv("SEND_TO_GOOGLE", "true")  # a later send-mode run still sends both
+    monkeypatch.setenv("DICOM_MAX_BATCHES_PER_RUN", "5")
+    run = run_as("scheduled", T0 + 4 * HOUR, T0 + 5 * HOUR)
+    assert str(run.state) == "success", states(run)
+    assert sorted(sensor_output(run)) == sorted([older.batch_id, newer.batch_id])
+    assert report(env, older.batch_id)["status"] == report(env, newer.batch_id)["status"] == "DONE"

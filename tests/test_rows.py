@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
+from google.cloud import bigquery
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
 
 from dicom_archive.batch import archive_groups
+from dicom_archive.bigquery_rows import check_rows
 from dicom_archive.landing import LocalLandingZone
-from dicom_archive.plan import plan_batch
-from dicom_archive.rows import RunContext
+from dicom_archive.ndjson import to_ndjson
+from dicom_archive.plan import ImageRecord, plan_batch
+from dicom_archive.rows import HEADER_COLUMNS, RunContext, dicom_value_to_text, image_fields
 from dicom_archive.settings import ArchiveSettings
 from dicom_archive.stores import LocalObjectStore
 from tests.conftest import REPO_ROOT
@@ -52,3 +57,85 @@ def test_a_local_row_names_no_bucket(rows):
     for row in rows:
         assert row["storage_bucket"] is None
         assert row["storage_uri"].startswith("file://")
+
+
+# Every STRING (not REPEATED) column that comes from the header, and a multi-valued value for it.
+# pydicom splits a text value at DICOM's separator `\`, so `CT\CHEST` is two values.
+MULTI_VALUED_TEXT = {
+    "Modality": "CT\\PT",
+    "StudyDescription": "CT\\CHEST",
+    "SeriesDescription": "AX\\3MM\\",
+    "BodyPartExamined": "CHEST\\ABDOMEN",
+    "PatientSex": "M\\F",
+    "PatientAge": "045Y\\046Y",
+    "Manufacturer": "GE\\SIEMENS",
+    "StudyInstanceUID": "1.2.3\\1.2.4",
+    "SeriesInstanceUID": "1.2.3.1\\1.2.3.2",
+    "SOPInstanceUID": "1.2.3.1.1\\1.2.3.1.2",
+    "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2\\1.2.840.10008.5.1.4.1.1.4",
+}
+
+
+def _rows_of(tmp_path, images: list[lz.ImageSpec]) -> list[dict]:
+    lz.write_batch(tmp_path / "landing", lz.BatchSpec("b1", images=images, collection="IRB1"))
+    zone, store = LocalLandingZone(tmp_path / "landing"), LocalObjectStore(tmp_path / "out")
+    plan = plan_batch(zone, "b1")
+    assert plan.status == "DONE", (plan.status, plan.error, plan.quarantined)
+    _, found = archive_groups(
+        plan.groups, zone, store, deid=plan.deid, context=RunContext("rows-test"), settings=ArchiveSettings()
+    )
+    return found
+
+
+def _loaded(rows: list[dict]) -> list[dict]:
+    """The rows as the BigQuery load sends them (checked against the schema) - raises on a bad value."""
+    return check_rows(to_ndjson(rows), tuple(bigquery.SchemaField.from_api_repr(f) for f in SCHEMA))
+
+
+def test_every_string_header_column_is_covered():
+    """The cases below name every STRING column filled from the header; a new one must be added."""
+    string_columns = {f["name"] for f in SCHEMA if f["type"] == "STRING" and f["mode"] != "REPEATED"}
+    assert set(HEADER_COLUMNS) <= string_columns
+    assert set(MULTI_VALUED_TEXT) == set(HEADER_COLUMNS)
+
+
+@pytest.mark.parametrize("column", sorted(MULTI_VALUED_TEXT))
+def test_a_multi_valued_header_value_is_one_string_joined_by_backslash(tmp_path, column):
+    """A multi-valued header value in a STRING column gives the string as the header holds it: the
+    load does not fail, and the local NDJSON and the BigQuery load carry the same value."""
+    value = MULTI_VALUED_TEXT[column]
+    [row] = _rows_of(tmp_path, [lz.ImageSpec("GL664ba0", "GL71cfb7", "20070904", header_overrides={column: value})])
+    assert row[column] == value
+    [loaded] = _loaded([row])
+    assert loaded[column] == value
+    assert json.loads(to_ndjson([row]))[column] == value
+
+
+def test_multi_valued_integer_columns_stay_null_and_single_values_are_text(tmp_path):
+    """INTEGER columns get no value from a multi-valued element (none is chosen); a single value in a
+    STRING column stays a string; ImageType (REPEATED) gets one string per value."""
+    overrides = {"SeriesNumber": "1\\2", "InstanceNumber": "3\\4", "StudyDescription": "CT", "ImageType": "ORIGINAL"}
+    [row] = _rows_of(tmp_path, [lz.ImageSpec("GL664ba0", "GL71cfb7", "20070904", header_overrides=overrides)])
+    assert (row["SeriesNumber"], row["InstanceNumber"]) == (None, None)
+    assert row["StudyDescription"] == "CT"
+    assert row["ImageType"] == ["ORIGINAL"]
+    [loaded] = _loaded([row])
+    assert (loaded["SeriesNumber"], loaded["InstanceNumber"], loaded["ImageType"]) == (None, None, ["ORIGINAL"])
+
+
+def test_a_number_in_a_text_column_keeps_its_spelling(tmp_path):
+    """A STRING column whose element the file encodes with a numeric VR (explicit VR IS / DS) gets the
+    number as the header spells it, a string, in the local NDJSON as in the load - not a JSON number."""
+    ds = Dataset()
+    ds.add_new(tag_for_keyword("StudyDescription"), "DS", "0.50")
+    ds.add_new(tag_for_keyword("Manufacturer"), "IS", "007")
+    ds.add_new(tag_for_keyword("BodyPartExamined"), "DS", ["1.0", "2.50"])
+    ds.add_new(tag_for_keyword("PatientAge"), "IS", ["1", "2"])
+    image = ImageRecord("a.dcm", 1, 1, None, None, "", "")
+    fields = image_fields(ds, image)
+    assert fields["StudyDescription"] == "0.50"
+    assert fields["Manufacturer"] == "007"
+    assert fields["BodyPartExamined"] == "1.0\\2.50"
+    assert fields["PatientAge"] == "1\\2"
+    assert dicom_value_to_text(b"\x00\x01") is None
+    assert dicom_value_to_text(["", ""]) is None

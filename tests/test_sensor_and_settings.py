@@ -306,3 +306,56 @@ def test_soft_fail_never_skips_a_bad_setting(soft_fail_dag, tmp_path, monkeypatc
     assert sensor_states(soft_fail_dag) == {name: ("failed", 1) for name in ("soft_by_default_args", "soft", "hard")}
     log = capfd.readouterr()
     assert "DICOM_GZIP_LEVEL must be between 0 and 3" in log.out + log.err
+
+
+# A bad setting with retries on, in real runs of the project's DAGs: every task that reads the
+# settings (the sensor, plan_batches, collection_summary and batch_report run ALL_DONE, the
+# withdrawal DAG's find_requests) fails at once; no task is ever up for retry.
+@pytest.mark.parametrize(
+    ("dag_id", "env", "variables", "problem"),
+    [
+        ("dicom_storage", {"DICOM_PRIVATE_TAGS": "keep"}, {}, "DICOM_PRIVATE_TAGS must be one of"),
+        ("dicom_storage", {}, {"DICOM_DEID_PROFILE": "strict"}, "DICOM_DEID_PROFILE must be one of"),
+        ("dicom_storage", {}, {"SEND_TO_GOOGLE": "true"}, "GOOGLE_CLOUD_STORAGE \\(the bucket\\) is required"),
+        ("dicom_withdraw", {"DICOM_GZIP_LEVEL": "9"}, {}, "DICOM_GZIP_LEVEL must be between 0 and 3"),
+        ("dicom_withdraw", {}, {"DICOM_MAX_BATCHES_PER_RUN": "0"}, "DICOM_MAX_BATCHES_PER_RUN must be between 1"),
+    ],
+)
+def test_a_bad_setting_fails_every_task_at_once_without_retries(
+    airflow_db, tmp_path, monkeypatch, capfd, dag_id, env, variables, problem
+):
+    import re
+
+    from airflow.models import Variable
+
+    from tests.conftest import run_dag
+
+    root = tmp_path / "landing"
+    write_batch(root, batch("ok1", datetime(2024, 1, 5, tzinfo=UTC)))
+    for name in ("SEND_TO_GOOGLE", "GOOGLE_CLOUD_STORAGE", "GOOGLE_PROJECT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DICOM_LANDING_ROOT", str(root))
+    monkeypatch.setenv("DICOM_LOCAL_OUTPUT", str(tmp_path / "out"))
+    monkeypatch.setenv("DICOM_TASK_RETRIES", "2")  # read when the DAG file is parsed
+    monkeypatch.setenv("DICOM_RETRY_DELAY_SECONDS", "1")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for name, value in variables.items():
+        Variable.set(name, value)
+    try:
+        run = run_dag(["ok1"]) if dag_id == "dicom_storage" else run_dag(dag_id=dag_id, conf={})
+    finally:
+        for name in variables:
+            Variable.delete(name)
+    tries = {(ti.task_id, ti.map_index): (str(ti.state), ti.try_number) for ti in run.get_task_instances()}
+    assert str(run.state) == "failed"
+    assert tries
+    assert all(try_number <= 1 for _, try_number in tries.values()), tries
+    assert not [key for key, (state, _) in tries.items() if state == "up_for_retry"], tries
+    failed = {task_id for (task_id, _), (state, _) in tries.items() if state == "failed"}
+    if dag_id == "dicom_storage":
+        assert {"wait_for_batches", "collection_summary"} <= failed, tries
+    else:
+        assert failed == {"find_requests"}, tries
+    log = capfd.readouterr()
+    assert re.search(problem, log.out + log.err)

@@ -35,9 +35,11 @@ class LandingFile:
     link_target: str | None = None  # a symbolic link's resolved path, relative to the batch folder
 
 
-# The two names the ledger needs of each batch folder (see list_batch_folders).
+# The names the ledger needs of each batch folder (see list_batch_folders): the manifest, the
+# report of a run that sent the batch to Google, and the report of a local (SEND_TO_GOOGLE=false) run.
 _MANIFEST = "batch.json"
 _REPORT = "batch.report.json"
+_LOCAL_REPORT = "batch.report.local.json"
 
 
 class LandingRootError(RuntimeError):
@@ -63,6 +65,7 @@ class BatchFolder:
     has_manifest: bool
     has_report: bool
     manifest_modified: datetime | None = None
+    has_local_report: bool = False  # batch.report.local.json: a SEND_TO_GOOGLE=false run reported it
 
 
 class LandingZone(Protocol):
@@ -99,7 +102,7 @@ class LocalLandingZone:
 
     def list_batch_folders(self) -> list[BatchFolder]:
         """Every folder directly under the root (linked folders excluded: they are not direct
-        children), with whether it holds batch.json and our report. Two stats per folder, no read."""
+        children), with whether it holds batch.json and our reports. Three stats per folder, no read."""
         if not self.root.is_dir():
             raise LandingRootError(
                 f"the landing root {self.root} does not exist or is not a folder (DICOM_LANDING_ROOT); "
@@ -117,6 +120,7 @@ class LocalLandingZone:
                         has_manifest=manifest is not None,
                         has_report=_stat_or_none(Path(entry.path, _REPORT)) is not None,
                         manifest_modified=None if manifest is None else datetime.fromtimestamp(manifest.st_mtime, UTC),
+                        has_local_report=_stat_or_none(Path(entry.path, _LOCAL_REPORT)) is not None,
                     )
                 )
         return sorted(folders, key=lambda f: f.name)
@@ -245,18 +249,18 @@ class GCSLandingZone:
         return sorted(p[len(self.prefix) :].rstrip("/") for p in iterator.prefixes)
 
     def list_batch_folders(self) -> list[BatchFolder]:
-        """One paged listing of the root, narrowed by the service to the two names the ledger
-        needs (`<prefix>*/batch.json`, `<prefix>*/batch.report.json`): the requests are the list
-        pages, however many images the landing zone holds. A bucket that does not exist or
+        """One paged listing of the root, narrowed by the service to the names the ledger needs
+        (`<prefix>*/batch.json`, `<prefix>*/batch.report.json`, `<prefix>*/batch.report.local.json`):
+        the requests are the list pages, however many images the landing zone holds. A bucket that does not exist or
         cannot be read fails the run (never a skip)."""
         from google.api_core.exceptions import NotFound
 
-        glob = f"{_glob_escape(self.prefix)}*/{{{_MANIFEST},{_REPORT}}}"
+        glob = f"{_glob_escape(self.prefix)}*/{{{_MANIFEST},{_REPORT},{_LOCAL_REPORT}}}"
         seen: dict[str, dict[str, object]] = {}
         try:
             for blob in self.bucket.list_blobs(prefix=self.prefix, match_glob=glob, **self._retry):  # type: ignore[attr-defined]
                 folder, _, leaf = blob.name[len(self.prefix) :].partition("/")
-                if folder and leaf in (_MANIFEST, _REPORT):  # filtered again: exact names only
+                if folder and leaf in (_MANIFEST, _REPORT, _LOCAL_REPORT):  # filtered again: exact names only
                     seen.setdefault(folder, {})[leaf] = blob.updated
         except NotFound as err:
             raise LandingRootError(
@@ -269,6 +273,7 @@ class GCSLandingZone:
                 has_manifest=_MANIFEST in leaves,
                 has_report=_REPORT in leaves,
                 manifest_modified=leaves.get(_MANIFEST),  # type: ignore[arg-type]
+                has_local_report=_LOCAL_REPORT in leaves,
             )
             for name, leaves in sorted(seen.items())
         ]

@@ -3,6 +3,9 @@
 A run processes every complete batch that has no report yet and whose `completed_at` is before
 the end of its data interval, oldest first, up to a per-run cap; the rest wait for the next run.
 A backfill of a past interval reprocesses exactly the batches completed in that interval.
+A local run (SEND_TO_GOOGLE=false) counts its own report (`batch.report.local.json`) as a report
+too, so that it takes the next batches; a run that sends to Google counts only
+`batch.report.json`, so it still sends a batch that was only handled locally.
 
 One listing of the landing zone tells which folders hold a batch.json and which a report; only
 the manifests of batches without a report are read (plus, for a backfill, those of the
@@ -53,6 +56,7 @@ def select_batches(
     start: datetime | None = None,
     default_collection: str | None = None,
     limit: int = DEFAULT_MAX_BATCHES_PER_RUN,
+    local: bool = False,
 ) -> Selection:
     """The batches of a run.
 
@@ -60,6 +64,8 @@ def select_batches(
       completed_at is before `end` (None: any).
     - `start` given (a backfill of [start, end)): every complete batch completed in that
       interval, reported or not: reprocessing it is a no-op where nothing changed.
+
+    `local` (a SEND_TO_GOOGLE=false run): a local report counts as a report.
 
     A manifest that cannot be read is taken (its plan reports the problem, once), ordered and
     windowed by its file's modification time. Folder names that are not valid batch ids are
@@ -72,7 +78,8 @@ def select_batches(
         if problem is not None:
             selection.rejected[folder.name] = problem
             continue
-        if not folder.has_manifest or (start is None and folder.has_report):
+        reported = folder.has_report or (local and folder.has_local_report)
+        if not folder.has_manifest or (start is None and reported):
             continue
         moment = _completed_at(zone, folder, default_collection, selection)
         if moment is None:

@@ -274,10 +274,21 @@ def _plan_batch(
                 "not ready yet (only DONEPROCESSING or ERROR are processed)",
             )
         raw_lookup = zone.read_bytes(batch_id, LOOKUP_NAME)
+    except ManifestError as err:
+        return BatchPlan(batch_id, None, STATUS_ERROR, error=str(err))
+    try:
         # An empty lookup.json is not valid JSON either: it may have lost the flags it was written for.
         lookup = parse_lookup(raw_lookup, zone.describe(batch_id, LOOKUP_NAME)) if raw_lookup is not None else {}
     except ManifestError as err:
-        return BatchPlan(batch_id, None, STATUS_ERROR, error=str(err))
+        # batch.json is valid: the ERROR report keeps its collection, so it reaches the bucket too.
+        return BatchPlan(
+            batch_id,
+            manifest.collection,
+            STATUS_ERROR,
+            completed_at=manifest.completed_at.isoformat(),
+            deid=manifest.deid,
+            error=str(err),
+        )
 
     options = manifest.deid.get("options") if isinstance(manifest.deid, dict) else None
     if isinstance(options, list):

@@ -47,6 +47,29 @@ def dicom_value_to_json(value: Any) -> Any:
     return text or None
 
 
+# DICOM's own value separator (PS3.5 6.4): a multi-valued text element is written joined by it.
+VALUE_SEPARATOR = "\\"
+
+
+def dicom_value_to_text(value: Any) -> str | None:
+    """One string for a STRING column, as the header holds it: a multi-valued element (pydicom
+    splits `CT\\CHEST` into two values) is joined again by `\\`, a number keeps its own spelling
+    (`1.0` stays `1.0`); None for no value, binary data or a sequence. The NDJSON written locally
+    and the rows loaded into BigQuery then carry the same string."""
+    if value is None or isinstance(value, bytes | bytearray | Sequence):
+        return None
+    if isinstance(value, MultiValue | list | tuple):
+        items = [dicom_value_to_text(v) for v in value]
+        if all(item is None for item in items):
+            return None
+        return VALUE_SEPARATOR.join(item or "" for item in items)
+    if isinstance(value, IS | DSfloat | DSdecimal):
+        text = getattr(value, "original_string", None) or str(value)
+    else:
+        text = str(value)
+    return text.strip() or None
+
+
 def header_fields(ds: Dataset, allow_list: Iterable[str]) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     for keyword in allow_list:
@@ -59,15 +82,23 @@ def header_fields(ds: Dataset, allow_list: Iterable[str]) -> dict[str, Any]:
     return fields
 
 
-def _header_value(ds: Dataset, keyword: str) -> Any:
-    return dicom_value_to_json(ds.get(keyword)) if keyword in ds else None
+def _header_text(ds: Dataset, keyword: str) -> str | None:
+    return dicom_value_to_text(ds.get(keyword)) if keyword in ds else None
 
 
 def _header_int(ds: Dataset, keyword: str) -> int | None:
+    """An INTEGER column: None for a multi-valued or non-numeric element (no value is chosen)."""
     try:
         return int(ds.get(keyword))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
+
+
+def _header_texts(ds: Dataset, keyword: str) -> list[str]:
+    """A REPEATED STRING column: one string per value, empty values left out."""
+    value = ds.get(keyword) if keyword in ds else None
+    values = value if isinstance(value, MultiValue | list | tuple) else [value]
+    return [text for text in map(dicom_value_to_text, values) if text is not None]
 
 
 def _iso_date(yyyymmdd: str) -> str:
@@ -93,15 +124,10 @@ def image_fields(
     under its own key, and a header value of the same name wins. Taken as soon as the image is
     archived, so that its parsed header need not be kept."""
     lookup = {k: v for k, v in (image.lookup or {}).items() if k != "flagged"}
-    image_type = dicom_value_to_json(ds.get("ImageType")) if "ImageType" in ds else None
-    if isinstance(image_type, str):
-        image_type = [image_type]
-    fields: dict[str, Any] = {}
-    for column in HEADER_COLUMNS:
-        fields[column] = _header_value(ds, column)
+    fields: dict[str, Any] = {column: _header_text(ds, column) for column in HEADER_COLUMNS}
     fields.update(
         {
-            "ImageType": image_type or [],
+            "ImageType": _header_texts(ds, "ImageType"),
             "width": _header_int(ds, "Columns"),
             "height": _header_int(ds, "Rows"),
             "SeriesNumber": _header_int(ds, "SeriesNumber"),

@@ -168,6 +168,9 @@ class Settings:
     claim_hours: int = 12  # a run's claim on a batch; a dead run's claim can be taken over after it
     # The identity every task uses when it is given none of its own (an operator's argument wins).
     impersonation_chain: tuple[str, ...] = ()
+    # GOOGLE_APPLICATION_CREDENTIALS: a service account key file, used through the connection
+    # when it names no credentials of its own (None: Application Default Credentials).
+    credentials_file: str | None = None
 
     @property
     def archive(self) -> ArchiveSettings:
@@ -261,6 +264,7 @@ class Settings:
             impersonation_chain=_service_accounts(
                 "DICOM_IMPERSONATION_CHAIN", get("DICOM_IMPERSONATION_CHAIN"), problems
             ),
+            credentials_file=(get("GOOGLE_APPLICATION_CREDENTIALS") or "").strip() or None,
         )
         if settings.deid_profile == "basic" and importlib.util.find_spec("dicomanonymizer") is None:
             problems.append("DICOM_DEID_PROFILE=basic needs the dicom-anonymizer package (its PS3.15 Annex E table)")

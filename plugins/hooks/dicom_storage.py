@@ -16,9 +16,10 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseHook
+from airflow.sdk.exceptions import AirflowFailException
 
 from dicom_archive.landing import GCSLandingZone, LandingZone, LocalLandingZone, split_gs_uri
-from dicom_archive.settings import Settings
+from dicom_archive.settings import Settings, SettingsError
 from dicom_archive.stores import GCSObjectStore, LocalObjectStore, ObjectStore
 
 if TYPE_CHECKING:
@@ -40,6 +41,29 @@ DESTINATION_SETTINGS = {
 
 ImpersonationChain = str | Sequence[str] | None
 
+# The fields of a Google connection that name its credentials; any of them wins over the
+# GOOGLE_APPLICATION_CREDENTIALS setting.
+_CONNECTION_CREDENTIALS = ("key_path", "keyfile_dict", "key_secret_name", "credential_config_file", "is_anonymous")
+
+
+class BadSettingError(SettingsError, AirflowFailException):
+    """A bad setting gives the same error on every try, so the task that reads it fails at once,
+    without retries. Raised by load_settings, the one way every task, sensor and operator reads
+    the settings, so that no task can forget it; still a SettingsError for callers that report it."""
+
+
+def setting_value(name: str) -> str | None:
+    """One setting, read like every other: the environment first, then the Airflow Variable."""
+    from airflow.sdk import Variable
+
+    value = os.environ.get(name)
+    if value is not None:
+        return value
+    try:
+        return Variable.get(name, default=None)
+    except Exception:  # no Variable backend reachable (e.g. parsing outside a task)
+        return None
+
 
 def load_settings(overrides: Mapping[str, str] | None = None) -> Settings:
     """Settings from the environment first, then from Airflow Variables of the same name.
@@ -47,30 +71,16 @@ def load_settings(overrides: Mapping[str, str] | None = None) -> Settings:
     `overrides` (Settings field -> value, see DESTINATION_SETTINGS) are a task's own arguments:
     they take the place of the setting and are checked like it, so a bad bucket given to one
     task fails it as a bad GOOGLE_CLOUD_STORAGE would."""
-    from airflow.sdk import Variable
-
-    from dicom_archive.settings import SettingsError
-
     given = {DESTINATION_SETTINGS[field]: str(value) for field, value in (overrides or {}).items()}
 
     def lookup(name: str) -> str | None:
-        if name in given:
-            return given[name]
-        value = os.environ.get(name)
-        if value is not None:
-            return value
-        try:
-            return Variable.get(name, default=None)
-        except Exception:  # no Variable backend reachable (e.g. parsing outside a task)
-            return None
+        return given[name] if name in given else setting_value(name)
 
     try:
         return Settings.load(lookup)
     except SettingsError as err:
-        if not overrides:
-            raise
-        shown = ", ".join(f"{field}={value!r}" for field, value in overrides.items())
-        raise SettingsError(f"{err} (task arguments: {shown})") from err
+        shown = ", ".join(f"{field}={value!r}" for field, value in (overrides or {}).items())
+        raise BadSettingError(f"{err} (task arguments: {shown})" if shown else str(err)) from err
 
 
 class DicomStorageHook(BaseHook):
@@ -83,22 +93,47 @@ class DicomStorageHook(BaseHook):
         *,
         gcp_conn_id: str = default_conn_name,
         impersonation_chain: ImpersonationChain = None,
+        credentials_file: str | None = None,
     ) -> None:
+        """`credentials_file`: the GOOGLE_APPLICATION_CREDENTIALS setting (None: read it here)."""
         super().__init__()
         self.gcp_conn_id = gcp_conn_id
         self.impersonation_chain = impersonation_chain
+        self.credentials_file = credentials_file
 
     @classmethod
     def of_settings(cls, settings: Settings) -> DicomStorageHook:
         """The hook of a task without identity arguments of its own: the default connection, and
         the DICOM_IMPERSONATION_CHAIN setting's service accounts, if any."""
-        return cls(impersonation_chain=list(settings.impersonation_chain) or None)
+        return cls(
+            impersonation_chain=list(settings.impersonation_chain) or None,
+            credentials_file=settings.credentials_file,
+        )
+
+    @cached_property
+    def _key_file(self) -> str | None:
+        """The GOOGLE_APPLICATION_CREDENTIALS setting (the environment, then the Airflow Variable)."""
+        return self.credentials_file or (setting_value("GOOGLE_APPLICATION_CREDENTIALS") or "").strip() or None
+
+    def _with_key_file(self, hook: Any) -> Any:
+        """The provider hook, given the GOOGLE_APPLICATION_CREDENTIALS key file as the connection's
+        key_path when the connection names no credentials of its own (they win). Set in the
+        environment, the Google clients' Application Default Credentials read it already; set as
+        an Airflow Variable only this makes it count."""
+        from airflow.providers.google.common.hooks.base_google import get_field
+
+        key_file = self._key_file
+        extras = dict(getattr(hook, "extras", None) or {})
+        from_variable = key_file and key_file != os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+        if from_variable and not any(get_field(extras, name) for name in _CONNECTION_CREDENTIALS):
+            hook.extras = {**extras, "key_path": key_file}
+        return hook
 
     @cached_property
     def _gcs_hook(self) -> Any:
         from airflow.providers.google.cloud.hooks.gcs import GCSHook
 
-        return GCSHook(gcp_conn_id=self.gcp_conn_id, impersonation_chain=self.impersonation_chain)
+        return self._with_key_file(GCSHook(gcp_conn_id=self.gcp_conn_id, impersonation_chain=self.impersonation_chain))
 
     def storage_client(self) -> storage.Client:
         return self._gcs_hook.get_conn()
@@ -106,11 +141,13 @@ class DicomStorageHook(BaseHook):
     def _bigquery_hook(self, location: str | None) -> Any:
         from airflow.providers.google.cloud.hooks.bigquery import BigQueryHook
 
-        return BigQueryHook(
-            gcp_conn_id=self.gcp_conn_id,
-            impersonation_chain=self.impersonation_chain,
-            location=location,
-            use_legacy_sql=False,
+        return self._with_key_file(
+            BigQueryHook(
+                gcp_conn_id=self.gcp_conn_id,
+                impersonation_chain=self.impersonation_chain,
+                location=location,
+                use_legacy_sql=False,
+            )
         )
 
     def bigquery_client(
@@ -165,8 +202,8 @@ class DicomStorageHook(BaseHook):
             identity = f"the key file {extras.get('key_path') or extras.get('extra__google_cloud_platform__key_path')}"
         elif extras.get("keyfile_dict") or extras.get("extra__google_cloud_platform__keyfile_dict"):
             identity = "the key stored in the connection"
-        elif os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
-            identity = f"GOOGLE_APPLICATION_CREDENTIALS={os.environ['GOOGLE_APPLICATION_CREDENTIALS']}"
+        elif self._key_file:
+            identity = f"GOOGLE_APPLICATION_CREDENTIALS={self._key_file}"
         else:
             identity = "Application Default Credentials (the environment's service account)"
         if self.impersonation_chain:

@@ -110,7 +110,12 @@ class CompletedBatchSensor(GoogleDestinationMixin, BaseSensorOperator):
             with hook.explain_google_errors(f"the landing zone {root}"):
                 zone = hook.landing_zone(settings)
                 selection = select_batches(
-                    zone, start=start, end=end, default_collection=settings.default_collection, limit=limit
+                    zone,
+                    start=start,
+                    end=end,
+                    default_collection=settings.default_collection,
+                    limit=limit,
+                    local=not settings.send_to_google,
                 )
         except LandingRootError as err:
             raise AirflowFailException(str(err)) from err
