@@ -115,31 +115,32 @@ def test_same_images_under_other_names_and_batch_give_the_same_archive(tmp_path)
     assert [m.member_name for m in members_a] == [m.member_name for m in members_b]
 
 
-def test_with_blank_uids_and_equal_numbers_the_file_name_breaks_the_tie(tmp_path):
-    """What the code guarantees when the headers cannot order the images: the relative path
-    decides. A rerun of the same batch gives the same bytes; renaming such files changes the
-    member order (the content of the archive is the same set of images)."""
+@pytest.mark.parametrize("tied", [2, 3])
+def test_with_blank_uids_and_equal_numbers_the_images_not_their_names_decide_the_order(tmp_path, tied):
+    """When the headers cannot order a study's images, their contents do: the same images
+    under other file names (a re-delivery) give the same archive, so its rerun is a no-op and
+    not a content conflict. Only the tied images are read whole at plan time."""
     root = tmp_path / "zone"
-    tied = [ImageSpec(ENTITY, ITEM, DATE, "CT", 1, 1, blank_uids=True, relpath=f"x/{n}.dcm") for n in "ab"]
+    names = "abc"[:tied]
+    images = [ImageSpec(ENTITY, ITEM, DATE, "CT", 1, 1, blank_uids=True, relpath=f"x/{n}.dcm") for n in names]
+    images.append(ImageSpec(ENTITY, ITEM, DATE, "CT", 1, 2, blank_uids=True, relpath="x/untied.dcm"))
     # Distinct pixels (the seed includes the path), identical sort keys apart from the path.
-    zone = make_batch(root, "b1", tied)
-    a_bytes = (root / "b1" / "x" / "a.dcm").read_bytes()
-    b_bytes = (root / "b1" / "x" / "b.dcm").read_bytes()
-    assert a_bytes != b_bytes
+    zone = make_batch(root, "b1", images)
+    contents = {n: (root / "b1" / "x" / f"{n}.dcm").read_bytes() for n in names}
+    assert len(set(contents.values())) == tied
     (root / "b2" / "x").mkdir(parents=True)
-    (root / "b2" / "x" / "a.dcm").write_bytes(b_bytes)  # swapped names
-    (root / "b2" / "x" / "b.dcm").write_bytes(a_bytes)
+    for n, m in zip(names, reversed(names), strict=True):  # the same files under each other's names
+        (root / "b2" / "x" / f"{n}.dcm").write_bytes(contents[m])
+    shutil.copyfile(root / "b1" / "x" / "untied.dcm", root / "b2" / "x" / "untied.dcm")
     (root / "b2" / "batch.json").write_text((root / "b1" / "batch.json").read_text().replace('"b1"', '"b2"'))
 
     g1, g2 = only_group(plan_batch(zone, "b1")), only_group(plan_batch(zone, "b2"))
-    run1, _, _ = archive_bytes(g1, zone)
-    assert archive_bytes(g1, zone)[0] == run1  # deterministic for the same batch
-    run2, _, _ = archive_bytes(g2, zone)
-    c1, c2 = tar_contents(run1), tar_contents(run2)
-    assert list(c1) == list(c2) == [f"{STEM}/S1/00001.dcm", f"{STEM}/S1/00002.dcm"]
-    assert list(c1.values()) == [a_bytes, b_bytes]  # relpath order: x/a.dcm first
-    assert list(c2.values()) == [b_bytes, a_bytes]
-    assert sorted(c1.values()) == sorted(c2.values())
+    assert [i.tie_sha256 == "" for i in g1.images] == [False] * tied + [True]
+    run1, digest1, _ = archive_bytes(g1, zone)
+    run2, digest2, _ = archive_bytes(g2, zone)
+    assert run1 == run2
+    assert digest1.md5 == digest2.md5
+    assert sorted(tar_contents(run1).values()) == sorted([*contents.values(), (root / "b1/x/untied.dcm").read_bytes()])
 
 
 # --- layout ---------------------------------------------------------------------------------

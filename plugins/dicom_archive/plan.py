@@ -8,6 +8,7 @@ then streams the file once, in full, and takes the sha256 and the row from that 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from collections import Counter, defaultdict
@@ -36,6 +37,7 @@ from dicom_archive.manifest import (
 )
 from dicom_archive.naming import BATCH_ID_RE, archive_object_name, archive_stem
 
+HASH_CHUNK = 1024 * 1024
 STATUS_DONE = "DONE"
 STATUS_EMPTY = "EMPTY"
 STATUS_ERROR = "ERROR"
@@ -53,17 +55,21 @@ class ImageRecord:
     series_uid: str
     sop_uid: str
     lookup: dict[str, Any] | None = None
+    # Only for an image that ties with another of its study on every header key: the sha256 of
+    # the file, so that the order (the member names) follows the images, not their file names.
+    tie_sha256: str = ""
 
-    def sort_key(self) -> tuple:
-        # Blank or repeated UIDs and numbers are allowed; relpath breaks the last tie.
-        big = 2**63
+    def header_key(self) -> tuple:
+        big = 2**63  # blank or repeated UIDs and numbers are allowed
         return (
             self.series_number if self.series_number is not None else big,
             self.series_uid,
             self.instance_number if self.instance_number is not None else big,
             self.sop_uid,
-            self.relpath,
         )
+
+    def sort_key(self) -> tuple:
+        return (*self.header_key(), self.tie_sha256, self.relpath)
 
 
 @dataclass
@@ -216,6 +222,20 @@ def inspect_image(
     return verdict.identity, record  # type: ignore[return-value]
 
 
+def _hash_ties(zone: LandingZone, batch_id: str, images: list[ImageRecord]) -> None:
+    """Give the images that tie on every header key their file's sha256 (reading them whole: only
+    those, so a study of distinct UIDs or numbers costs nothing), so that the same images under
+    other file names make the same archive."""
+    ties = Counter(image.header_key() for image in images)
+    for image in images:
+        if ties[image.header_key()] > 1:
+            digest = hashlib.sha256()
+            with zone.open(batch_id, image.relpath, chunk_size=HASH_CHUNK) as stream:
+                while chunk := stream.read(HASH_CHUNK):
+                    digest.update(chunk)
+            image.tie_sha256 = digest.hexdigest()
+
+
 def read_manifest(
     zone: LandingZone, batch_id: str, default_collection: str | None
 ) -> BatchManifest | PendingManifest | None:
@@ -363,6 +383,7 @@ def _plan_batch(
     plan.groups = [groups[key] for key in sorted(groups, key=lambda k: (k.entity_id, k.study_date, k.item_id))]
     held_back = Counter(q.study for q in plan.quarantined if q.study)
     for group in plan.groups:
+        _hash_ties(zone, batch_id, group.images)
         group.images = group.sorted_images()
         group.quarantined = held_back[group.stem]
     if not plan.groups:
