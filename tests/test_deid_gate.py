@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 from pydicom.uid import (
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
@@ -318,6 +320,46 @@ def test_a_public_group_length_must_be_an_unsigned_long():
     assert "(0010,0000) is written as LO, not UL" in reasons(bad)["malformed_header"]
     ok = insert_before(encode(base()), 0x00100010, element(0x00100000, "UL", struct.pack("<L", 42)))
     assert reasons(ok) == {}
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES.values(), ids=SYNTAXES.keys())
+def test_a_group_length_must_be_four_bytes(syntax):
+    order = ">" if syntax == ExplicitVRBigEndian else "<"
+    data = encode(base(), syntax)
+    at = data.index(struct.pack(f"{order}HH", 0x0010, 0x0010), 132)
+    bad = data[:at] + element(0x00100000, "UL", b"Poirot^Hercule", syntax) + data[at:]
+    assert "(0010,0000) is 14 bytes long, not 4" in reasons(bad)["malformed_header"]
+
+
+@pytest.mark.parametrize(
+    ("keyword", "vr"),
+    [
+        ("SliceThickness", "DS"),
+        ("InstanceNumber", "IS"),
+        ("ContentDate", "DA"),
+        ("ContentTime", "TM"),
+        ("AcquisitionDateTime", "DT"),
+        ("FrameOfReferenceUID", "UI"),
+    ],
+)
+@pytest.mark.parametrize("syntax", SYNTAXES.values(), ids=SYNTAXES.keys())
+def test_letters_in_a_number_date_time_or_uid_are_malformed(keyword, vr, syntax):
+    ds, tag = base(), pydicom.datadict.tag_for_keyword(keyword)
+    ds[tag] = RawDataElement(BaseTag(tag), vr, 14, b"Poirot^Hercule", 0, False, True)  # pydicom refuses it
+    assert f"{keyword} holds letters, which no {vr} value has" in reasons(encode(ds, syntax))["malformed_header"]
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"), [("SliceThickness", "1.5e-3"), ("PixelSpacing", "0.5\\0.5"), ("PatientAge", "045Y")]
+)
+def test_numbers_with_an_exponent_or_a_unit_letter_pass(keyword, value):
+    assert reasons(encode(base(**{keyword: value}))) == {}
+
+
+def test_letters_in_a_file_meta_uid_are_malformed():
+    ds = base()
+    ds.file_meta.ImplementationClassUID = "1.2.Poirot"
+    assert "ImplementationClassUID holds letters, which no UI value has" in reasons(encode(ds))["malformed_header"]
 
 
 def test_written_un_is_read_by_the_dictionary_even_when_long():

@@ -23,6 +23,7 @@ import functools
 import hashlib
 import io
 import itertools
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -101,6 +102,11 @@ def _public_vr_and_keyword(tag: int) -> tuple[str, str, tuple[str, ...]]:
 
 
 MAX_CREATOR_BYTES = 64  # a private creator is an LO
+# VRs whose values hold digits and signs (a DS exponent, an AS unit: one letter at most): a run of
+# letters in one is text that no reader of that VR would show, e.g. a name hidden in a number.
+LETTERLESS_VRS = frozenset({"DA", "DS", "DT", "IS", "TM", "UI"})
+LETTER_RUN = re.compile(rb"[A-Za-z]{2}")
+GROUP_LENGTH_BYTES = 4  # a group length is one UL
 
 
 @functools.lru_cache(maxsize=8192)
@@ -353,7 +359,11 @@ class _Walker:
                 self.walk.malformed.append(f"{name} is not a file meta element")
             elif vr not in written_as:
                 self.walk.malformed.append(f"{name} is written as {vr}, not {' or '.join(written_as)}")
+            if element == 0x0000 and length != GROUP_LENGTH_BYTES:
+                self.walk.malformed.append(f"{name} is {length} bytes long, not {GROUP_LENGTH_BYTES}")
             value = self.load(length)
+            if vr in LETTERLESS_VRS and LETTER_RUN.search(value):
+                self.walk.malformed.append(f"{name} holds letters, which no {vr} value has")
             if tag == 0x00020000 and length == 4:
                 group_length = (self.pos - 4, struct.unpack("<L", value)[0])
             elif tag == TRANSFER_SYNTAX_TAG:
@@ -508,6 +518,8 @@ class _Walker:
         )
         if vr == "UN" and is_sequence:
             implicit, little = True, True  # PS3.5 6.2.2: a UN sequence is encoded implicit VR little endian
+        if not private and element == 0x0000 and length != GROUP_LENGTH_BYTES and not discard:
+            self.walk.malformed.append(f"{element_path} is {length} bytes long, not {GROUP_LENGTH_BYTES}")
 
         # Private data elements: dropped (strip), reported (quarantine), or kept (allow list). Every
         # element of a private group is data but a creator: an LO of at most 64 bytes in a creator slot
@@ -552,6 +564,8 @@ class _Walker:
             if is_creator and not discard:
                 scope.creators[group << 8 | element] = (_decode(value), start, self.pos)
             elif not discard:
+                if not private and semantic in LETTERLESS_VRS and LETTER_RUN.search(value):
+                    self.walk.malformed.append(f"{element_path} holds letters, which no {semantic} value has")
                 is_name = "PN" in (semantic, dictionary_vr)
                 self._value(frame, tag, is_name, vr, value, length, start, element_path, keyword)
                 if self.profile and not private:
