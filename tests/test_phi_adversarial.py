@@ -613,6 +613,29 @@ def test_a_lookup_value_that_breaks_a_header_rule_quarantines_its_image(landing,
         assert phi_audit.normalize(text) not in phi_audit.normalize(held.detail)
 
 
+@pytest.mark.parametrize(
+    ("entry", "planted"),
+    [
+        ({"PatientName": {"Poirot": {"Hercule": True}}}, "Poirot"),
+        ({"OtherPatientIDs": {"MRN7731904": True}}, "MRN7731904"),
+        ({"PatientID": {"MRN7731904": False}}, "MRN7731904"),
+        ({"ReferringPhysicianName": {"Poirot_Hercule": ""}}, "Poirot_Hercule"),
+        ({"AccessionNumber": [{"ACC55193402": None}]}, "ACC55193402"),
+        ({"RequestAttributesSequence": {"ScheduledPerformingPhysicianName": {"Marple": 1}}}, "Marple"),
+    ],
+)
+def test_an_identifier_written_as_a_key_under_an_identifying_field_quarantines_its_image(landing, entry, planted):
+    """The keys of an object under a field are values of that field: a name or a record number
+    written as a key there is judged like one written as a value."""
+    lookup = {img.path: {"ScanOptions": "HELICAL"} for img in good_images()}
+    lookup[BAD] = {"CTDIvol": 12.1, **entry}
+    outcome = run_batch(
+        landing, bad=[bad_image()], lookup=lookup, expect={BAD: Reason.IDENTIFYING_ATTRIBUTE}, planted=(planted,)
+    )
+    (held,) = outcome.plan.quarantined
+    assert planted not in held.detail
+
+
 # Keys that are not plain field names (a name written as a key), at any depth; the value beside
 # them may be harmless, empty, a flag-like boolean or itself a name.
 BAD_LOOKUP_KEYS = {

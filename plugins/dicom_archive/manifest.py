@@ -449,9 +449,14 @@ def names_a_person_field(field_name: str) -> bool:
 
 
 def _leaves(value: Any, path: str) -> Iterator[tuple[str, str]]:
-    """(field path, text) for every scalar in a lookup value; nested objects extend the path."""
+    """(field path, text) for every scalar in a lookup value; nested objects extend the path. The
+    keys of an object under a field that is not a sequence are values of that field too
+    (`{"OtherPatientIDs": {"7731904": true}}` holds an identifier as a key)."""
     if isinstance(value, dict):
+        keys_are_values = bool(path) and keyword_vr(field_keyword(path[1:]) or "") != "SQ"
         for key, item in value.items():
+            if keys_are_values and is_plain_field_name(key):  # any other key is reported on its own
+                yield path, key
             yield from _leaves(item, f"{path}.{key}")
     elif isinstance(value, list | tuple):
         for item in value:
