@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Any
 
 
-def request(base: str, method: str, path: str, token: str | None = None, body: dict | None = None) -> dict:
+def request(
+    base: str, method: str, path: str, token: str | None = None, body: dict | None = None, timeout: float = 60
+) -> dict:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(f"{base}{path}", data=data, method=method)
     req.add_header("Content-Type", "application/json")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(req, timeout=30) as resp:
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read() or b"{}")
 
 
@@ -46,6 +48,30 @@ def wait(
             pass
         time.sleep(1)
     raise TimeoutError(f"{what} did not happen within {timeout:.0f}s" + (f"; see {log}" if log else ""))
+
+
+def trigger_run(base: str, token: str, dag_id: str, run_id: str, conf: dict, timeout: float = 300) -> dict:
+    """Trigger a run under a run id of our choosing, so that a POST which timed out on a busy
+    standalone (SQLite is one writer at a time) can be retried without starting a second run:
+    the retry finds the first one (409, or a GET) instead."""
+    runs = f"/api/v2/dags/{dag_id}/dagRuns"
+
+    def created() -> dict | None:
+        try:
+            return request(base, "POST", runs, token, {"dag_run_id": run_id, "logical_date": None, "conf": conf})
+        except urllib.error.HTTPError as err:
+            if err.code != 409:
+                raise RuntimeError(f"triggering {run_id}: HTTP {err.code} {err.read()[:500]!r}") from err
+        except OSError:  # a timeout: the run may or may not exist yet
+            pass
+        try:
+            return request(base, "GET", f"{runs}/{run_id}", token)
+        except urllib.error.HTTPError as err:
+            if err.code == 404:
+                return None
+            raise RuntimeError(f"reading {run_id}: HTTP {err.code} {err.read()[:500]!r}") from err
+
+    return wait(f"run {run_id} to be created", created, timeout)
 
 
 def healthy(base: str) -> bool:

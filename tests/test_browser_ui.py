@@ -133,12 +133,8 @@ def ui(tmp_path_factory, gcs_emulator, bigquery_emulator, airflow_db) -> Iterato
 def finished_run(ui) -> dict:
     base, token = ui["base"], ui["token"]
     api.wait("dicom_storage parsed", lambda: api.request(base, "GET", f"/api/v2/dags/{DAG_ID}", token), 120, ui["proc"])
-    run = api.request(
-        base,
-        "POST",
-        f"/api/v2/dags/{DAG_ID}/dagRuns",
-        token,
-        {"logical_date": None, "conf": {"batch_ids": [ui["good"].batch_id, ui["empty"].batch_id]}},
+    run = api.trigger_run(
+        base, token, DAG_ID, "manual__browser_ui", {"batch_ids": [ui["good"].batch_id, ui["empty"].batch_id]}
     )
 
     def done() -> dict | None:

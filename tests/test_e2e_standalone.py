@@ -125,7 +125,11 @@ def test_backfill_of_three_days_processes_exactly_their_batches(standalone):
     api.wait(f"{DAG_ID} parsed", lambda: api.request(base, "GET", f"/api/v2/dags/{DAG_ID}", token), 90)
     # Created while the DAG is paused (a paused DAG's backfill waits), then unpaused.
     create_backfill(standalone, "2024-01-05", "2024-01-07")
-    api.request(base, "PATCH", f"/api/v2/dags/{DAG_ID}", token, {"is_paused": False})
+    api.wait(
+        "the DAG unpaused",
+        lambda: api.request(base, "PATCH", f"/api/v2/dags/{DAG_ID}", token, {"is_paused": False}),
+        180,
+    )
 
     deadline = time.monotonic() + 300
     runs: list[dict] = []
