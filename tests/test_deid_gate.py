@@ -362,6 +362,77 @@ def test_letters_in_a_file_meta_uid_are_malformed():
     assert "ImplementationClassUID holds letters, which no UI value has" in reasons(encode(ds))["malformed_header"]
 
 
+@pytest.mark.parametrize("tag", [0x00100011, 0x00200001, 0x00080003, 0x60000023, 0x00181311])
+@pytest.mark.parametrize("syntax", SYNTAXES.values(), ids=SYNTAXES.keys())
+def test_a_public_element_the_dictionary_does_not_know_is_malformed(tag, syntax):
+    ds = base()
+    ds[tag] = RawDataElement(BaseTag(tag), "LO", 14, b"Poirot^Hercule", 0, False, True)
+    name = f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+    assert f"{name} is not an element the DICOM dictionary knows" in reasons(encode(ds, syntax))["malformed_header"]
+
+
+def test_an_unknown_public_element_inside_a_sequence_is_malformed():
+    inner = item(CodeValue="113100")
+    inner[0x00100011] = RawDataElement(BaseTag(0x00100011), "LO", 6, b"Poirot", 0, False, True)
+    ds = base(DeidentificationMethodCodeSequence=Sequence([inner]))
+    found = reasons(encode(ds))["malformed_header"]
+    assert "DeidentificationMethodCodeSequence[0].(0010,0011) is not an element the DICOM dictionary knows" in found
+
+
+@pytest.mark.parametrize(
+    ("keyword", "vr", "value", "why"),
+    [
+        ("AcquisitionMatrix", "US", b"Poirot^Hercule", "holds 7 {vr} values, more than 4"),
+        ("Rows", "US", b"Jane", "holds 2 {vr} values, more than 1"),
+        ("DiffusionBValue", "FD", b"Hercule Poirot!!", "holds 2 {vr} values, more than 1"),
+        ("SelectorAttribute", "AT", b"Marple^J", "holds 2 {vr} values, more than 1"),
+        ("SmallestImagePixelValue", "SS", b"Marple^Jane ", "holds 6 {vr} values, more than 1"),
+        ("B1rms", "FL", b"Marple^J", "holds 2 {vr} values, more than 1"),
+        ("TriggerSamplePosition", "UL", b"Poirot", "is 6 bytes long, not whole {vr} values"),
+        ("NumberOfPolygonalVertices", "UL", b"Poirot^Hercule", "is 14 bytes long, not whole {vr} values"),
+    ],
+)
+@pytest.mark.parametrize("syntax", SYNTAXES.values(), ids=SYNTAXES.keys())
+def test_text_in_a_binary_number_is_malformed(keyword, vr, value, why, syntax):
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    data = encode(base(), syntax)  # pydicom will not write it: inserted by hand, in tag order
+    order = ">" if syntax == ExplicitVRBigEndian else "<"
+    at = data.index(struct.pack(f"{order}HH", 0x0020, 0x0011), 132)  # SeriesNumber, after every tag used
+    data = data[:at] + element(tag, vr, value, syntax) + data[at:]
+    read_as = pydicom.datadict.dictionary_VR(tag).split(" or ")[0] if syntax == ImplicitVRLittleEndian else vr
+    assert f"{keyword} {why.format(vr=read_as)}" in reasons(data)["malformed_header"]
+
+
+def test_binary_numbers_within_their_multiplicity_pass():
+    ds = base(AcquisitionMatrix=[0, 256, 256, 0], SmallestImagePixelValue=0, LargestImagePixelValue=4095)
+    ds.ReferencedFrameNumber = list(range(1, 40))  # IS 1-n: no bound
+    ds.FrameIncrementPointer = [0x00181063, 0x00181065]  # AT 1-n
+    for syntax in SYNTAXES.values():
+        assert reasons(encode(ds, syntax)) == {}
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [
+        ("ImplementationVersionName", "Poirot^Hercule"),
+        ("SourceApplicationEntityTitle", "MARPLE^J"),
+        ("SendingApplicationEntityTitle", "^Poirot"),
+        ("ReceivingApplicationEntityTitle", "H^P"),
+    ],
+)
+def test_a_name_in_the_file_meta_text_is_malformed(keyword, value):
+    ds = base()
+    setattr(ds.file_meta, keyword, value)
+    assert f"{keyword} holds a ^, as a person's name does" in reasons(encode(ds))["malformed_header"]
+
+
+def test_the_file_meta_names_software_and_stations_freely():
+    ds = base()
+    ds.file_meta.ImplementationVersionName = "OFFIS_DCMTK_361"
+    ds.file_meta.SourceApplicationEntityTitle = "QS-SC1"
+    assert reasons(encode(ds)) == {}
+
+
 def test_written_un_is_read_by_the_dictionary_even_when_long():
     ds = base()
     del ds.PatientName

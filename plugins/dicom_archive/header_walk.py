@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from pydicom.datadict import dictionary_VR, get_private_entry, keyword_for_tag, private_dictionaries
+from pydicom.datadict import dictionary_VM, dictionary_VR, get_private_entry, keyword_for_tag, private_dictionaries
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -101,12 +101,27 @@ def _public_vr_and_keyword(tag: int) -> tuple[str, str, tuple[str, ...]]:
     return options[0], keyword_for_tag(tag) or "", options
 
 
+@functools.lru_cache(maxsize=8192)
+def _most_values(tag: int) -> int | None:
+    """The largest number of values the dictionary allows the element (None: no bound, or unknown)."""
+    try:
+        multiplicity = dictionary_VM(tag)
+    except KeyError:
+        return None
+    most = multiplicity.rsplit("-", 1)[-1]
+    return int(most) if most.isdigit() else None
+
+
 MAX_CREATOR_BYTES = 64  # a private creator is an LO
+# Binary VRs of one fixed width: a value is whole values of it, no more than the dictionary allows,
+# so that no text (a name) can ride in an AcquisitionMatrix or a group length.
+FIXED_WIDTH_VRS = {"AT": 4, "FD": 8, "FL": 4, "SL": 4, "SS": 2, "SV": 8, "UL": 4, "US": 2, "UV": 8}
 # VRs whose values hold digits and signs (a DS exponent, an AS unit: one letter at most): a run of
 # letters in one is text that no reader of that VR would show, e.g. a name hidden in a number.
 LETTERLESS_VRS = frozenset({"DA", "DS", "DT", "IS", "TM", "UI"})
 LETTER_RUN = re.compile(rb"[A-Za-z]{2}")
 GROUP_LENGTH_BYTES = 4  # a group length is one UL
+FREE_TEXT_VRS = frozenset({"AE", "LO", "LT", "SH", "ST", "UC", "UR", "UT"})
 
 
 @functools.lru_cache(maxsize=8192)
@@ -362,8 +377,10 @@ class _Walker:
             if element == 0x0000 and length != GROUP_LENGTH_BYTES:
                 self.walk.malformed.append(f"{name} is {length} bytes long, not {GROUP_LENGTH_BYTES}")
             value = self.load(length)
-            if vr in LETTERLESS_VRS and LETTER_RUN.search(value):
-                self.walk.malformed.append(f"{name} holds letters, which no {vr} value has")
+            self._check_shape(tag, vr, value, name)
+            if vr in FREE_TEXT_VRS and b"^" in value:
+                # The file meta names software and stations; a name's components would be a person's.
+                self.walk.malformed.append(f"{name} holds a ^, as a person's name does")
             if tag == 0x00020000 and length == 4:
                 group_length = (self.pos - 4, struct.unpack("<L", value)[0])
             elif tag == TRANSFER_SYNTAX_TAG:
@@ -518,8 +535,13 @@ class _Walker:
         )
         if vr == "UN" and is_sequence:
             implicit, little = True, True  # PS3.5 6.2.2: a UN sequence is encoded implicit VR little endian
-        if not private and element == 0x0000 and length != GROUP_LENGTH_BYTES and not discard:
-            self.walk.malformed.append(f"{element_path} is {length} bytes long, not {GROUP_LENGTH_BYTES}")
+        if not private and not discard:
+            if element == 0x0000:
+                if length != GROUP_LENGTH_BYTES:
+                    self.walk.malformed.append(f"{element_path} is {length} bytes long, not {GROUP_LENGTH_BYTES}")
+            elif not written_as:
+                # Nothing says what such an element holds, so nothing could judge it (a name in an LO).
+                self.walk.malformed.append(f"{element_path} is not an element the DICOM dictionary knows")
 
         # Private data elements: dropped (strip), reported (quarantine), or kept (allow list). Every
         # element of a private group is data but a creator: an LO of at most 64 bytes in a creator slot
@@ -564,8 +586,8 @@ class _Walker:
             if is_creator and not discard:
                 scope.creators[group << 8 | element] = (_decode(value), start, self.pos)
             elif not discard:
-                if not private and semantic in LETTERLESS_VRS and LETTER_RUN.search(value):
-                    self.walk.malformed.append(f"{element_path} holds letters, which no {semantic} value has")
+                if not private:
+                    self._check_shape(tag, semantic, value, element_path)
                 is_name = "PN" in (semantic, dictionary_vr)
                 self._value(frame, tag, is_name, vr, value, length, start, element_path, keyword)
                 if self.profile and not private:
@@ -583,6 +605,18 @@ class _Walker:
             self.walk.private_removed += element != 0x0000
         elif element == 0x0000 and group != 0x0002:
             scope.group_lengths.append((start, self.pos))
+
+    def _check_shape(self, tag: int, vr: str, value: bytes, path: str) -> None:
+        """A value of a number, date or UID VR holds nothing else: a name cannot hide in it."""
+        if vr in LETTERLESS_VRS and LETTER_RUN.search(value):
+            self.walk.malformed.append(f"{path} holds letters, which no {vr} value has")
+        width = FIXED_WIDTH_VRS.get(vr)
+        if width is not None and tag & 0xFFFF:
+            most = _most_values(tag)
+            if len(value) % width:
+                self.walk.malformed.append(f"{path} is {len(value)} bytes long, not whole {vr} values")
+            elif most is not None and len(value) > most * width:
+                self.walk.malformed.append(f"{path} holds {len(value) // width} {vr} values, more than {most}")
 
     def _value(
         self,
