@@ -459,14 +459,14 @@ def test_a_batch_json_that_is_not_a_json_object_fails_the_batch(landing, raw, ru
     ("changes", "rule"),
     [
         pytest.param({"batch_id": NEIGHBOUR}, "must equal the folder name", id="batch-id-of-another-folder"),
-        pytest.param({"batch_id": None}, "batch_id None must match", id="batch-id-missing"),
+        pytest.param({"batch_id": None}, "batch_id (missing) must match", id="batch-id-missing"),
         pytest.param({"batch_id": "../20240105-0001"}, "must match", id="batch-id-path"),
-        pytest.param({"collection": "IRB-1"}, "collection 'IRB-1' must match", id="collection-dash"),
-        pytest.param({"collection": "a/b"}, "collection 'a/b' must match", id="collection-slash"),
+        pytest.param({"collection": "IRB-1"}, "collection must match", id="collection-dash"),
+        pytest.param({"collection": "a/b"}, "collection must match", id="collection-slash"),
         pytest.param({"collection": "../IRB1"}, "must match", id="collection-dotdot"),
-        pytest.param({"collection": ""}, "collection '' must match", id="collection-empty"),
+        pytest.param({"collection": ""}, "collection must match", id="collection-empty"),
         pytest.param({"collection": "IRB 41449"}, "must match", id="collection-space"),
-        pytest.param({"collection": 41449}, "collection 41449 must match", id="collection-number"),
+        pytest.param({"collection": 41449}, "collection must match", id="collection-number"),
         pytest.param({"collection": None}, "has no collection and no default", id="collection-missing"),
         pytest.param({"status": None}, "status must be a non-empty string", id="status-missing"),
         pytest.param({"status": ""}, "status must be a non-empty string", id="status-empty"),
@@ -494,6 +494,36 @@ def test_a_batch_json_that_is_not_a_json_object_fails_the_batch(landing, raw, ru
 )
 def test_a_batch_json_that_breaks_a_rule_fails_the_batch(landing, changes, rule):
     run_broken_batch(landing, BatchSpec(BATCH, raw_manifest=manifest(**changes)), source="batch.json", rule=rule)
+
+
+@pytest.mark.parametrize(
+    ("changes", "rule"),
+    [
+        pytest.param({"batch_id": "Poirot^Hercule"}, "batch_id (a string of 14 characters) must", id="batch-id-name"),
+        pytest.param({"batch_id": "Hercule_Poirot"}, "batch_id must equal the folder name", id="batch-id-another"),
+        pytest.param({"batch_id": ["Hercule Poirot"]}, "batch_id (a list) must match", id="batch-id-list"),
+        pytest.param({"collection": "Poirot Hercule"}, "collection must match", id="collection-name"),
+        pytest.param({"collection": {"Hercule": "Poirot"}}, "collection must match", id="collection-object"),
+        pytest.param({"completed_at": "Hercule Poirot 7731904"}, "is not an RFC 3339", id="completed-at-name"),
+        pytest.param({"completed_at": "2024-01-05THercule:Poirot"}, "is not an RFC 3339", id="completed-at-inside"),
+        pytest.param({"completed_at": "2024-02-30T09:30:00+05:30"}, "no such instant", id="completed-at-no-instant"),
+    ],
+)
+def test_a_bad_batch_json_value_is_never_quoted(landing, changes, rule):
+    """Errors reach the report, the task log and the bucket: they name the field and the rule only."""
+    spec = BatchSpec(BATCH, raw_manifest=manifest(**changes))
+    outcome = run_broken_batch(landing, spec, source="batch.json", rule=rule, planted=("Hercule", "Poirot", "7731904"))
+    assert "2024-02-30" not in outcome.plan.error
+
+
+@pytest.mark.parametrize("status", ["Poirot^Hercule", "MRN 7731904"])
+def test_a_pending_status_is_never_quoted(landing, status):
+    landing.write(BatchSpec(BATCH, images=good_images(), collection=COLLECTION, status=status))
+    outcome = landing.process(BATCH)
+    assert outcome.plan.status == "NOT_READY"
+    assert "its status means the batch is not ready yet" in outcome.plan.error
+    assert status not in outcome.plan.error
+    assert status.split()[0] not in outcome.plan.error
 
 
 @pytest.mark.parametrize(
@@ -759,7 +789,7 @@ def test_a_batch_with_an_unknown_status_is_not_ready(landing, status):
     assert outcome.plan.status == "NOT_READY"
     assert not (folder / "batch.report.json").exists()
     assert outcome.plan.error == (
-        f"{folder / 'batch.json'}: status {status!r} means the batch is not ready yet "
+        f"{folder / 'batch.json'}: its status means the batch is not ready yet "
         "(only DONEPROCESSING or ERROR are processed)"
     )
     assert outcome.archives == {}

@@ -101,6 +101,16 @@ def _parse_json_object(raw: bytes, source: str) -> dict[str, Any]:
 _RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", re.ASCII)
 
 
+def _kind(value: object) -> str:
+    """What a bad manifest value is, never the value: a hostile manifest could hold a name there,
+    and errors reach the batch report, the task log and the bucket."""
+    if value is None:
+        return "(missing)"
+    if isinstance(value, str):
+        return f"(a string of {len(value)} characters)"
+    return f"(a {type(value).__name__})"
+
+
 def parse_rfc3339(value: object, source: str, field_name: str) -> datetime:
     """An RFC 3339 timestamp in UTC. A leap second (:60) is the next second; fractions beyond
     microseconds are cut."""
@@ -110,7 +120,7 @@ def parse_rfc3339(value: object, source: str, field_name: str) -> datetime:
     if match is None:
         raise ManifestError(
             source,
-            f"{field_name} {value!r} is not an RFC 3339 timestamp: it needs a date, a time and a UTC offset"
+            f"{field_name} is not an RFC 3339 timestamp: it needs a date, a time and a UTC offset"
             " (e.g. 2024-01-05T09:30:00Z)",
         )
     year, month, day, hour, minute, second = (int(part) for part in match.groups()[:6])
@@ -124,7 +134,7 @@ def parse_rfc3339(value: object, source: str, field_name: str) -> datetime:
             local += timedelta(seconds=1)
         return local.astimezone(UTC)
     except (ValueError, OverflowError):
-        raise ManifestError(source, f"{field_name} {value!r} is not an RFC 3339 timestamp: no such instant") from None
+        raise ManifestError(source, f"{field_name} is not an RFC 3339 timestamp: no such instant") from None
 
 
 def parse_manifest(
@@ -136,10 +146,9 @@ def parse_manifest(
 
     batch_id = doc.get("batch_id")
     if batch_id_problem(batch_id) is not None:
-        shown = repr(batch_id) if not isinstance(batch_id, str) or len(batch_id) <= 60 else f"{batch_id[:60]!r}..."
-        raise ManifestError(source, f"batch_id {shown} must match {BATCH_ID_RE.pattern} without '..'")
+        raise ManifestError(source, f"batch_id {_kind(batch_id)} must match {BATCH_ID_RE.pattern} without '..'")
     if batch_id != folder_name:
-        raise ManifestError(source, f"batch_id {batch_id!r} must equal the folder name {folder_name!r}")
+        raise ManifestError(source, f"batch_id must equal the folder name {folder_name!r}")
 
     status = doc.get("status")
     if not isinstance(status, str) or not status:
@@ -154,7 +163,7 @@ def parse_manifest(
         raise ManifestError(
             source, "has no collection and no default collection is configured (GOOGLE_STORAGE_COLLECTION)"
         )
-    problem = collection_problem(collection)
+    problem = collection_problem(collection, show_value=False)
     if problem is not None:
         raise ManifestError(source, problem)
 

@@ -63,12 +63,14 @@ def require_batch_id(value: object) -> str:
     return value  # type: ignore[return-value]
 
 
-def collection_problem(value: object) -> str | None:
+def collection_problem(value: object, *, show_value: bool = True) -> str | None:
     """Why `value` may not be a collection (None: it may): a BigQuery dataset id whose object
-    names all stay within Cloud Storage's limit."""
+    names all stay within Cloud Storage's limit. `show_value=False` for a value from a manifest,
+    which errors must not quote."""
     if not isinstance(value, str) or not COLLECTION_RE.fullmatch(value):
+        shown = (" " + _shown(value) if isinstance(value, str) else f" {value!r}") if show_value else ""
         return (
-            f"collection {_shown(value) if isinstance(value, str) else repr(value)} must match "
+            f"collection{shown} must match "
             f"{COLLECTION_RE.pattern} (BigQuery dataset id rules: letters, digits and underscores, "
             f"at most {MAX_DATASET_ID_LENGTH} characters)"
         )

@@ -290,8 +290,8 @@ def _plan_batch(
                 batch_id,
                 None,
                 STATUS_NOT_READY,
-                error=f"{zone.describe(batch_id, MANIFEST_NAME)}: status {manifest.status!r} means the batch is "
-                "not ready yet (only DONEPROCESSING or ERROR are processed)",
+                error=f"{zone.describe(batch_id, MANIFEST_NAME)}: its status means the batch is not ready yet "
+                "(only DONEPROCESSING or ERROR are processed)",
             )
         raw_lookup = zone.read_bytes(batch_id, LOOKUP_NAME)
     except ManifestError as err:
