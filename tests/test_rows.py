@@ -139,3 +139,29 @@ def test_a_number_in_a_text_column_keeps_its_spelling(tmp_path):
     assert fields["PatientAge"] == "1\\2"
     assert dicom_value_to_text(b"\x00\x01") is None
     assert dicom_value_to_text(["", ""]) is None
+
+
+@pytest.mark.parametrize(
+    ("software", "recipe", "shown_software", "shown_recipe"),
+    [
+        ("deid 0.4.13", "deid.dicom", "deid 0.4.13", "deid.dicom"),
+        (
+            ["deid 0.4.13", "dicognito 0.17"],
+            {"name": "deid.dicom", "v": 2},
+            '["deid 0.4.13","dicognito 0.17"]',
+            '{"name":"deid.dicom","v":2}',
+        ),
+        (4, True, "4", "true"),
+        (None, None, None, None),
+    ],
+)
+def test_deid_provenance_reaches_the_row_as_text_or_json(tmp_path, software, recipe, shown_software, shown_recipe):
+    zone, store = LocalLandingZone(tmp_path / "landing"), LocalObjectStore(tmp_path / "out")
+    spec = lz.demo_landing_zone(tmp_path / "landing")[0]
+    plan = plan_batch(zone, spec.batch_id)
+    deid = {"software": software, "recipe": recipe}
+    _, batch_rows = archive_groups(
+        plan.groups, zone, store, deid=deid, context=RunContext("rows-test"), settings=ArchiveSettings()
+    )
+    assert batch_rows
+    assert {(row["deid_software"], row["deid_recipe"]) for row in batch_rows} == {(shown_software, shown_recipe)}

@@ -5,6 +5,7 @@ Only allow-listed header fields go into `DicomHeader`; the raw header never leav
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -185,4 +186,8 @@ def build_row(
 
 
 def _str_or_none(value: object) -> str | None:
-    return None if value is None else str(value)
+    """A provenance value as text: a string as written, anything else as compact JSON (a list of
+    recipes reads as one, never as Python's spelling of it)."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
