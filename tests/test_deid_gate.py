@@ -433,6 +433,117 @@ def test_the_file_meta_names_software_and_stations_freely():
     assert reasons(encode(ds)) == {}
 
 
+def read_both_ways(tag: int, vr: str, hidden: bytes) -> bytes:
+    """Explicit VR elements that read as implicit VR too: the first's VR code, read as a length, makes
+    its value all the rest (`hidden`, then blanks), so one reader sees `hidden` and the other not."""
+    code = vr.encode() + b"\0\0"
+    swallowed = int.from_bytes(code, "little")
+    blanks = swallowed - len(hidden) - 12
+    filler = struct.pack("<HH", 0x0020, 0x4000) + b"UT\0\0" + struct.pack("<L", blanks) + b" " * blanks
+    return struct.pack("<HH", tag >> 16, tag & 0xFFFF) + code + hidden + filler
+
+
+HIDDEN_NAME = element(0x00100010, "PN", b"Doe^John")
+
+
+def with_un_sequence(items: list[bytes], *, undefined: bool, syntax: str = ExplicitVRLittleEndian) -> bytes:
+    """base() with a ReferencedImageSequence written as UN whose items are `items` (their bytes as is)."""
+    order = ">" if syntax == ExplicitVRBigEndian else "<"
+    # Its value is implicit VR little endian whatever the file's order (PS3.5 6.2.2).
+    body = b"".join(struct.pack("<HHL", 0xFFFE, 0xE000, len(it)) + it for it in items)
+    if undefined:
+        body += struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    length = 0xFFFFFFFF if undefined else len(body)
+    sequence = struct.pack(f"{order}HH", 0x0008, 0x1140) + b"UN\0\0" + struct.pack(f"{order}L", length) + body
+    data = encode(base(), syntax)
+    at = data.index(struct.pack(f"{order}HH", 0x0010, 0x0010), 132)  # before PatientName
+    return data[:at] + sequence + data[at:]
+
+
+@pytest.mark.parametrize("undefined", [False, True], ids=["defined", "undefined"])
+@pytest.mark.parametrize(("tag", "vr"), [(0x00082111, "ST"), (0x00081150, "UI"), (0x00204000, "LT")])
+def test_a_un_sequence_item_that_reads_as_explicit_vr_too_is_malformed(undefined, tag, vr):
+    """The gate reads a UN sequence as implicit VR (PS3.5 6.2.2); pydicom takes an item whose first
+    element looks explicit for explicit: the name only one of them sees must not pass."""
+    data = with_un_sequence([read_both_ways(tag, vr, HIDDEN_NAME)], undefined=undefined)
+    seen = pydicom.dcmread(io.BytesIO(data)).ReferencedImageSequence[0]
+    assert str(seen.PatientName) == "Doe^John"  # what a reader of the archive would see
+    found = reasons(data)["malformed_header"]
+    assert "ReferencedImageSequence[0] is read as implicit VR but its first element reads as explicit VR too" in found
+
+
+def test_a_later_item_of_a_un_sequence_is_checked_too():
+    plain = element(0x00081150, "UI", b"1.2.3", ImplicitVRLittleEndian)
+    data = with_un_sequence([plain, read_both_ways(0x00082111, "ST", HIDDEN_NAME)], undefined=True)
+    assert "ReferencedImageSequence[1] is read as implicit" in reasons(data)["malformed_header"]
+
+
+@pytest.mark.parametrize("undefined", [False, True], ids=["defined", "undefined"])
+def test_a_un_sequence_of_implicit_items_passes(undefined):
+    items = [
+        element(0x00081150, "UI", b"1.2.3", ImplicitVRLittleEndian)
+        + element(0x00081155, "UI", b"1.2.4", ImplicitVRLittleEndian)
+    ] * 2
+    assert reasons(with_un_sequence(items, undefined=undefined)) == {}
+
+
+@pytest.mark.parametrize("undefined", [False, True], ids=["defined", "undefined"])
+def test_a_un_sequence_in_a_big_endian_file_is_malformed(undefined):
+    """pydicom reads it big endian, the standard says little endian: the two readings differ."""
+    items = [element(0x00081150, "UI", b"1.2.3", ImplicitVRLittleEndian)]
+    data = with_un_sequence(items, undefined=undefined, syntax=ExplicitVRBigEndian)
+    found = reasons(data)["malformed_header"]
+    assert "ReferencedImageSequence is a sequence written as UN in a big endian file" in found
+
+
+@pytest.mark.parametrize(("tag", "vr"), [(0x00080008, "CS"), (0x00080016, "UI"), (0x00080005, "CS")])
+def test_an_implicit_file_whose_dataset_reads_as_explicit_too_is_malformed(tag, vr):
+    """The transfer syntax says implicit VR; pydicom looks at the first element and reads explicit."""
+    meta = encode(base(), ImplicitVRLittleEndian)
+    meta = meta[: meta.index(struct.pack("<HH", 0x0008, 0x0016), 132)]  # the preamble and file meta
+    data = meta + read_both_ways(tag, vr, HIDDEN_NAME)
+    with pytest.warns(UserWarning, match="Expected implicit VR, but found explicit VR"):
+        assert str(pydicom.dcmread(io.BytesIO(data)).PatientName) == "Doe^John"
+    assert (
+        "the dataset is read as implicit VR but its first element reads as explicit VR too"
+        in (reasons(data)["malformed_header"])
+    )
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "why"),
+    [
+        ("PatientSex", "Doe^John", "holds a character no CS value has"),
+        ("Modality", "CT,MR", "holds a character no CS value has"),
+        ("BodyPartExamined", "Doe=John", "holds a character no CS value has"),
+        ("ImageType", "ORIGINAL\\Poirot^H", "holds a character no CS value has"),
+        ("ScanOptions", "Hercule.Poirot", "holds a character no CS value has"),
+        ("PatientAge", "Doe^John", "is not an age"),
+        ("PatientAge", "45 years", "is not an age"),
+        ("PatientAge", "0045Y", "is not an age"),
+        ("PatientAge", "45YY", "is not an age"),
+    ],
+)
+@pytest.mark.parametrize("syntax", SYNTAXES.values(), ids=SYNTAXES.keys())
+def test_a_code_string_or_an_age_holding_anything_else_is_malformed(keyword, value, why, syntax):
+    ds, tag = base(), pydicom.datadict.tag_for_keyword(keyword)
+    vr = pydicom.datadict.dictionary_VR(tag)
+    raw = value.encode() + b" " * (len(value) % 2)
+    ds[tag] = RawDataElement(BaseTag(tag), vr, len(raw), raw, 0, False, True)  # pydicom would refuse some
+    assert f"{keyword} {why}" in reasons(encode(ds, syntax))["malformed_header"]
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [("PatientAge", "075Y"), ("PatientAge", "75Y"), ("PatientAge", "4D"), ("PatientSex", "m"), ("Modality", "ct")],
+)
+def test_ages_and_code_strings_as_scanners_write_them_pass(keyword, value):
+    ds, tag = base(), pydicom.datadict.tag_for_keyword(keyword)
+    raw = value.encode() + b" " * (len(value) % 2)
+    ds[tag] = RawDataElement(BaseTag(tag), pydicom.datadict.dictionary_VR(tag), len(raw), raw, 0, False, True)
+    assert reasons(encode(ds)) == {}
+
+
 def test_written_un_is_read_by_the_dictionary_even_when_long():
     ds = base()
     del ds.PatientName

@@ -120,6 +120,10 @@ FIXED_WIDTH_VRS = {"AT": 4, "FD": 8, "FL": 4, "SL": 4, "SS": 2, "SV": 8, "UL": 4
 # letters in one is text that no reader of that VR would show, e.g. a name hidden in a number.
 LETTERLESS_VRS = frozenset({"DA", "DS", "DT", "IS", "TM", "UI"})
 LETTER_RUN = re.compile(rb"[A-Za-z]{2}")
+# A code string is capitals, digits, blanks and underscores (any case taken, as scanners write
+# some in lower case); an age is up to three digits and a unit. A `^` in one is a name's.
+CODE_STRING = re.compile(rb"[A-Za-z0-9 _\\]*\0?")
+AGE_STRING = re.compile(rb"(\d{1,3}[DWMY])?(\\(\d{1,3}[DWMY])?)*")
 GROUP_LENGTH_BYTES = 4  # a group length is one UL
 FREE_TEXT_VRS = frozenset({"AE", "LO", "LT", "SH", "ST", "UC", "UR", "UT"})
 
@@ -214,10 +218,14 @@ class _Frame:
     little: bool
     discard: bool  # inside a dropped element: walked for its length only, nothing recorded
     rewrite: bool  # strip mode, and not inside an allow-listed element: private elements are dropped
+    # Read as implicit VR where pydicom decides by the first element's bytes (the top level of an
+    # implicit file, the items of a UN sequence in an explicit one): they must not look explicit.
+    guessed: bool = False
 
     def item(self, index: int) -> _Frame:
         """The frame of item `index` of this sequence."""
-        return _Frame(self.depth + 1, f"{self.path}[{index}]", self.implicit, self.little, self.discard, self.rewrite)
+        path = f"{self.path}[{index}]"
+        return _Frame(self.depth + 1, path, self.implicit, self.little, self.discard, self.rewrite, self.guessed)
 
 
 @dataclass
@@ -333,7 +341,7 @@ class _Walker:
             )
         implicit, little = syntax == IMPLICIT_LITTLE, syntax != EXPLICIT_BIG
         self.walk.implicit, self.walk.little = implicit, little
-        top = _Frame(0, "", implicit, little, discard=False, rewrite=self.strip)
+        top = _Frame(0, "", implicit, little, discard=False, rewrite=self.strip, guessed=implicit)
         self._dataset(_Scope(), None, top, first=first)
         if self.check_end and not self.at_end():
             raise SizeChangedError(Reason.UNREADABLE, "the file grew: it is longer than its listed size")
@@ -438,6 +446,12 @@ class _Walker:
                 head = self.read(8)
             group, element = unpack_tag(head)
             tag = group << 16 | element
+            if frame.guessed and not frame.discard and scope.previous < 0 and _looks_explicit(head):
+                where = f"{path} is" if path else "the dataset is"
+                self.walk.malformed.append(
+                    f"{where} read as implicit VR but its first element reads as explicit VR too"
+                    " (readers differ on what it holds)"
+                )
             if group == 0xFFFE:
                 if tag == ITEM_DELIMITER and end is None and not top:
                     break
@@ -447,7 +461,7 @@ class _Walker:
                 (length,) = unpack_length(head)
                 vr, length_offset = None, self.pos - 4
             else:
-                if not (0x41 <= head[4] <= 0x5A and 0x41 <= head[5] <= 0x5A):
+                if not _looks_explicit(head):
                     raise WalkError(Reason.NOT_DICOM, f"does not parse as DICOM (no valid VR at {tag_text(tag)})")
                 vr = head[4:6].decode("ascii")
                 if vr in LONG_LENGTH_VRS:
@@ -533,8 +547,13 @@ class _Walker:
         is_sequence = semantic == "SQ" or (
             length == UNDEFINED and tag not in PIXEL_DATA_TAGS and vr in (None, "UN", "SQ")
         )
+        guessed = False
         if vr == "UN" and is_sequence:
             implicit, little = True, True  # PS3.5 6.2.2: a UN sequence is encoded implicit VR little endian
+            guessed = not frame.implicit  # pydicom takes an item for explicit VR if it looks it
+            if not frame.little and not discard:
+                # pydicom reads it big endian: the two readings of one item cannot both be judged.
+                self.walk.malformed.append(f"{element_path} is a sequence written as UN in a big endian file")
         if not private and not discard:
             if element == 0x0000:
                 if length != GROUP_LENGTH_BYTES:
@@ -571,8 +590,8 @@ class _Walker:
             if inner_discard and length != UNDEFINED:
                 self.skip(length, f"value of {element_path}")
             else:
-                inner = _Frame(frame.depth, element_path, implicit, little, inner_discard, rewrite)
-                self._sequence(inner, length, length_offset)
+                inner = _Frame(frame.depth, element_path, implicit, little, inner_discard, rewrite, guessed)
+                self._sequence(inner, length, length_offset, frame.little)
             if not discard and self.profile and not private:
                 self.walk.public_values.append((element_path, tag, dictionary_vr, keyword, length != 0))
         elif length == UNDEFINED:
@@ -610,6 +629,10 @@ class _Walker:
         """A value of a number, date or UID VR holds nothing else: a name cannot hide in it."""
         if vr in LETTERLESS_VRS and LETTER_RUN.search(value):
             self.walk.malformed.append(f"{path} holds letters, which no {vr} value has")
+        elif vr == "CS" and not CODE_STRING.fullmatch(value):
+            self.walk.malformed.append(f"{path} holds a character no CS value has (letters, digits, blanks, _)")
+        elif vr == "AS" and not AGE_STRING.fullmatch(value.strip(b" \0")):
+            self.walk.malformed.append(f"{path} is not an age (up to three digits and D, W, M or Y)")
         width = FIXED_WIDTH_VRS.get(vr)
         if width is not None and tag & 0xFFFF:
             most = _most_values(tag)
@@ -646,8 +669,9 @@ class _Walker:
             # A top-level OtherPatientIDs too, whatever the person list says: check 7 is no setting.
             self.walk.id_values.append((path, _decode(value)))
 
-    def _sequence(self, frame: _Frame, length: int, length_offset: int) -> None:
-        """The items of the sequence `frame` (its path is the sequence's)."""
+    def _sequence(self, frame: _Frame, length: int, length_offset: int, length_little: bool) -> None:
+        """The items of the sequence `frame` (its path is the sequence's); its length is written in the
+        enclosing dataset's byte order, `length_little`."""
         depth, path, little = frame.depth, frame.path, frame.little
         if depth + 1 > self.policy.max_depth:
             raise WalkError(Reason.UNREADABLE, f"sequences nested deeper than {self.policy.max_depth} at {path}")
@@ -655,7 +679,7 @@ class _Walker:
         end = None
         if length != UNDEFINED:
             end = self.pos + length
-            self._push(length_offset, length, little)
+            self._push(length_offset, length, length_little)
         index = 0
         while end is None or self.pos < end:
             group, element, item_length = struct.unpack(f"{order}HHL", self.read(8))
@@ -694,6 +718,11 @@ class _Walker:
             if tag != ITEM or length == UNDEFINED:
                 raise WalkError(Reason.NOT_DICOM, "does not parse as DICOM (corrupt pixel data)")
             self.skip(length, "pixel data")
+
+
+def _looks_explicit(head: bytes) -> bool:
+    """Whether an element's bytes 4-5 read as a VR (two capitals): pydicom's test for explicit VR."""
+    return 0x41 <= head[4] <= 0x5A and 0x41 <= head[5] <= 0x5A
 
 
 def _within_ranges(ranges: list[tuple[int, int]], start: int, stop: int) -> bool:
