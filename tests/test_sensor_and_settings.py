@@ -166,6 +166,42 @@ def test_bad_settings_are_named(env, problem):
         Settings.load({**base, **env}.get)
 
 
+@pytest.mark.parametrize(
+    "keywords",
+    [
+        "PatientBirthDate",
+        "Modality, PatientComments",
+        "InstitutionAddress,IssuerOfPatientID",
+        "AdditionalPatientHistory",
+        "MedicalRecordLocator",
+        "PatientWeight",
+        "StudyID",
+        "OtherPatientIDs",
+        "ReferringPhysicianName",
+        "InstitutionName",
+        "ContentDate",
+        "DeviceSerialNumber",
+    ],
+)
+def test_the_header_allow_list_refuses_attributes_annex_e_counts_as_identifying(keywords):
+    """Rows must not carry what the gate does not judge: a birth date, comments, an address..."""
+    base = {"DICOM_LANDING_ROOT": "/data/landing", "DICOM_LOCAL_OUTPUT": "/data/out"}
+    with pytest.raises(SettingsError, match=r"DICOM_HEADER_ALLOW_LIST: attributes PS3\.15 Annex E counts") as err:
+        Settings.load({**base, "DICOM_HEADER_ALLOW_LIST": keywords}.get)
+    for keyword in keywords.split(","):
+        if keyword.strip() != "Modality":
+            assert keyword.strip() in str(err.value)
+    assert "Modality" not in str(err.value).split("identifying")[-1]
+
+
+def test_the_header_allow_list_takes_the_default_fields_and_uids():
+    base = {"DICOM_LANDING_ROOT": "/data/landing", "DICOM_LOCAL_OUTPUT": "/data/out"}
+    keywords = "PatientSex, PatientAge, StudyDescription, StudyInstanceUID, FrameOfReferenceUID, Modality, KVP"
+    settings = Settings.load({**base, "DICOM_HEADER_ALLOW_LIST": keywords}.get)
+    assert "FrameOfReferenceUID" in settings.header_allow_list
+    assert len(settings.header_allow_list) == 7
+
+
 def test_settings_defaults_and_lists():
     settings = Settings.load(
         {

@@ -82,14 +82,14 @@ OPTION_RULES: dict[str, OptionRule] = {
 
 
 @functools.cache
-def _table() -> tuple[frozenset[int], tuple[tuple[int, int, int, int], ...]]:
-    """(exact tags, masked entries) of the attributes the profile removes or empties."""
+def _table(categories: tuple[str, ...]) -> tuple[frozenset[int], tuple[tuple[int, int, int, int], ...]]:
+    """(exact tags, masked entries) of the attributes of these action categories."""
     from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
 
     table = dicom_anonymization_database_selector(f"dicomfields_{ANNEX_E_EDITION}")
     exact: set[int] = set()
     masked: list[tuple[int, int, int, int]] = []
-    for category in FORBIDDEN_CATEGORIES:
+    for category in categories:
         for entry in table[category]:
             if len(entry) == 2:
                 exact.add(entry[0] << 16 | entry[1])
@@ -98,8 +98,8 @@ def _table() -> tuple[frozenset[int], tuple[tuple[int, int, int, int], ...]]:
     return frozenset(exact), tuple(masked)
 
 
-def removed_or_emptied(tag: int) -> bool:
-    exact, masked = _table()
+def _listed(tag: int, categories: tuple[str, ...]) -> bool:
+    exact, masked = _table(categories)
     if tag in exact:
         return True
     group, element = tag >> 16, tag & 0xFFFF
@@ -107,6 +107,19 @@ def removed_or_emptied(tag: int) -> bool:
         group & group_mask == g & group_mask and element & element_mask == e & element_mask
         for g, e, group_mask, element_mask in masked
     )
+
+
+def removed_or_emptied(tag: int) -> bool:
+    return _listed(tag, FORBIDDEN_CATEGORIES)
+
+
+def identifying(keyword: str) -> bool:
+    """Whether Table E.1-1 gives the attribute any action (removes, empties, replaces or cleans it),
+    UIDs aside: the contract lets those through, in typed columns."""
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    return tag is not None and dictionary_VR(tag) != "UI" and _listed(tag, ("ALL_TAGS",))
 
 
 def declared_options(policy: DeidPolicy, image_codes: list[str]) -> set[str]:

@@ -88,6 +88,22 @@ def _keywords(name: str, value: str | None, default: tuple[str, ...], problems: 
     return names
 
 
+def _header_allow_list(value: str | None, problems: list[str]) -> tuple[str, ...]:
+    """The header fields rows carry (DicomHeader). Beyond the default list, none that the PS3.15 Basic
+    Profile counts as identifying (PatientBirthDate, PatientComments, InstitutionAddress...): the gate
+    judges person names and the coded ids, not these, so rows must not carry them."""
+    names = _keywords("DICOM_HEADER_ALLOW_LIST", value, DEFAULT_HEADER_ALLOW_LIST, problems)
+    from dicom_archive.basic_profile import identifying  # here: importing the settings stays light
+
+    refused = [n for n in names if n not in DEFAULT_HEADER_ALLOW_LIST and is_dicom_keyword(n) and identifying(n)]
+    if refused:
+        problems.append(
+            "DICOM_HEADER_ALLOW_LIST: attributes PS3.15 Annex E counts as identifying never go to BigQuery: "
+            + ", ".join(refused)
+        )
+    return names
+
+
 def _service_accounts(name: str, value: str | None, problems: list[str]) -> tuple[str, ...]:
     """A comma list of service account e-mail addresses (an impersonation chain, the last one used)."""
     accounts = _names(value, ())
@@ -250,9 +266,7 @@ class Settings:
             ),
             private_allow=_private_allow(get("DICOM_PRIVATE_ALLOW"), problems),
             deid_profile=_choice("DICOM_DEID_PROFILE", get("DICOM_DEID_PROFILE"), "contract", DEID_PROFILES, problems),
-            header_allow_list=_keywords(
-                "DICOM_HEADER_ALLOW_LIST", get("DICOM_HEADER_ALLOW_LIST"), DEFAULT_HEADER_ALLOW_LIST, problems
-            ),
+            header_allow_list=_header_allow_list(get("DICOM_HEADER_ALLOW_LIST"), problems),
             max_image_mb=_int("DICOM_MAX_IMAGE_MB", get("DICOM_MAX_IMAGE_MB"), 4096, 1, 1_048_576, problems),
             google_retry_seconds=_int(
                 "DICOM_GOOGLE_RETRY_SECONDS", get("DICOM_GOOGLE_RETRY_SECONDS"), 120, 1, 3600, problems
