@@ -44,6 +44,33 @@ def test_a_bad_request_is_refused_with_the_rule(doc, words):
         request(**doc)
 
 
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"entity_id": "MRN7731904 Doe^John"},
+        {"entity_id": ["Doe^John"]},
+        {"item_id": "Smith, Jane 1954-03-11"},
+        {"request_id": "withdraw Jane Marple"},
+        {"collection": "Poirot Hercule"},
+    ],
+)
+def test_a_refused_request_never_quotes_the_value(doc):
+    """A request that names a patient instead of the coded id is refused by field and rule."""
+    with pytest.raises(WithdrawalRequestError) as err:
+        request(**doc)
+    for word in ("Doe", "John", "7731904", "Smith", "Jane", "Marple", "Poirot"):
+        assert word not in str(err.value)
+    assert next(iter(doc)) in str(err.value)
+
+
+def test_a_request_file_whose_id_differs_never_quotes_it():
+    with pytest.raises(WithdrawalRequestError, match="request_id differs from the file name") as err:
+        parse_request_file(
+            b'{"collection": "IRB1", "entity_id": "E1", "request_id": "MRN 7731904"}', file_name="r1.json", where="f"
+        )
+    assert "7731904" not in str(err.value)
+
+
 def test_request_file_takes_its_id_from_its_name():
     got = parse_request_file(b'{"collection": "IRB1", "entity_id": "E1"}', file_name="wd-7.json", where="f")
     assert (got.request_id, got.scope, got.source, got.reason) == ("wd-7", "entity", "landing_zone", "other")

@@ -22,7 +22,7 @@ from dicom_archive.deid_gate import (
     value_looks_like_person_name,
 )
 from dicom_archive.landing import PHI_FOLDER, is_under_phi_folder, normalise_relpath  # noqa: F401  (re-exported)
-from dicom_archive.naming import BATCH_ID_RE, batch_id_problem, collection_problem
+from dicom_archive.naming import BATCH_ID_RE, batch_id_problem, collection_problem, kind_of
 
 MANIFEST_NAME = "batch.json"
 LOOKUP_NAME = "lookup.json"
@@ -101,16 +101,6 @@ def _parse_json_object(raw: bytes, source: str) -> dict[str, Any]:
 _RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", re.ASCII)
 
 
-def _kind(value: object) -> str:
-    """What a bad manifest value is, never the value: a hostile manifest could hold a name there,
-    and errors reach the batch report, the task log and the bucket."""
-    if value is None:
-        return "(missing)"
-    if isinstance(value, str):
-        return f"(a string of {len(value)} characters)"
-    return f"(a {type(value).__name__})"
-
-
 def parse_rfc3339(value: object, source: str, field_name: str) -> datetime:
     """An RFC 3339 timestamp in UTC. A leap second (:60) is the next second; fractions beyond
     microseconds are cut."""
@@ -146,7 +136,7 @@ def parse_manifest(
 
     batch_id = doc.get("batch_id")
     if batch_id_problem(batch_id) is not None:
-        raise ManifestError(source, f"batch_id {_kind(batch_id)} must match {BATCH_ID_RE.pattern} without '..'")
+        raise ManifestError(source, f"batch_id {kind_of(batch_id)} must match {BATCH_ID_RE.pattern} without '..'")
     if batch_id != folder_name:
         raise ManifestError(source, f"batch_id must equal the folder name {folder_name!r}")
 

@@ -107,9 +107,19 @@ def is_valid_coded_id(value: object) -> bool:
     return isinstance(value, str) and bool(CODED_ID_RE.fullmatch(value)) and value.strip(".") != ""
 
 
+def kind_of(value: object) -> str:
+    """What a refused value is, never the value: where an id is expected, a person's name or record
+    number may stand, and errors reach reports, task logs and the bucket."""
+    if value is None:
+        return "(missing)"
+    if isinstance(value, str):
+        return f"(a string of {len(value)} characters)"
+    return f"(a {type(value).__name__})"
+
+
 def require(value: object, pattern: re.Pattern[str], what: str) -> str:
     if not isinstance(value, str) or not pattern.fullmatch(value) or value.strip(".") == "":
-        raise InvalidIdentifierError(f"{what} {value!r} does not match {pattern.pattern}")
+        raise InvalidIdentifierError(f"{what} {kind_of(value)} does not match {pattern.pattern}")
     return value
 
 

@@ -114,7 +114,7 @@ def parse_request_file(raw: bytes, *, file_name: str, where: str) -> WithdrawalR
     except ValueError as err:
         raise WithdrawalRequestError(f"{where}: not valid JSON ({err})") from None
     if isinstance(doc, dict) and doc.get("request_id") not in (None, request_id):
-        raise WithdrawalRequestError(f"{where}: request_id {doc.get('request_id')!r} differs from the file name")
+        raise WithdrawalRequestError(f"{where}: request_id differs from the file name")
     return make_request(doc, where=where, source="landing_zone", default_request_id=request_id)
 
 
