@@ -11,6 +11,7 @@ create-only writes answer 412 to a second writer here too.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from unittest import mock
@@ -477,3 +478,38 @@ def test_local_runs_over_the_cap_take_the_next_batches_and_a_send_run_still_send
     assert str(run.state) == "success", states(run)
     assert sorted(sensor_output(run)) == sorted([older.batch_id, newer.batch_id])
     assert report(env, older.batch_id)["status"] == report(env, newer.batch_id)["status"] == "DONE"
+
+
+@pytest.mark.parametrize(
+    ("name", "target"),
+    [
+        pytest.param("batch.json", "batch.json", id="manifest-loops"),
+        pytest.param("batch.json", "notes.txt/batch.json", id="manifest-through-a-file"),
+        pytest.param("batch.json", "a/b", id="manifest-through-a-loop-of-folders"),
+        pytest.param("batch.report.json", "batch.report.json", id="report-loops"),
+    ],
+)
+@pytest.mark.parametrize("how", ["scheduled", "manual"])
+def test_one_batch_folder_that_cannot_be_read_never_stops_the_others(env, name, target, how):
+    """A looping link or a path through a file in one batch folder is that batch's ERROR; the
+    sensor and the planning go on, and the good batch beside it is archived and loaded."""
+    add_batch(env, "bad", T0 + timedelta(minutes=5))
+    add_batch(env, "good", T0 + timedelta(minutes=10))
+    folder = env["root"] / "bad"
+    (folder / "notes.txt").write_text("a file, not a folder")
+    (folder / "a").symlink_to("b")
+    (folder / "b").symlink_to("a")
+    (folder / name).unlink(missing_ok=True)
+    (folder / name).symlink_to(target)
+    moment = (T0 + timedelta(minutes=5)).timestamp()  # an unreadable batch.json: dated by its folder
+    os.utime(folder, (moment, moment))
+
+    run = run_as("scheduled", T0, T0 + HOUR) if how == "scheduled" else run_manual(["bad", "good"])
+    assert report(env, "good")["status"] == "DONE"
+    assert rows(env) == (1, 1)
+    assert "success" in states(run)["plan_batches"]
+    if how == "scheduled":
+        assert sensor_output(run) == ["bad", "good"], "the unreadable batch is taken, to be reported"
+    bad = report(env, "bad")
+    assert bad["status"] == "ERROR"
+    assert name in bad["error"]

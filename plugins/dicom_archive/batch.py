@@ -410,10 +410,13 @@ def publish_report(
         return []  # a report would make the batch look handled: it is processed once it is ready
     require_batch_id(report["batch_id"])  # never a path: a refused id gets no report anywhere
     body = json.dumps(report, indent=2, sort_keys=True).encode()
-    locations = [zone.write_bytes(report["batch_id"], LOCAL_REPORT_NAME if local else REPORT_NAME, body)]
+    locations = []
     if store is not None and report.get("collection"):
         name = batch_report_object_name(report["collection"], report["batch_id"])
         if changed_anything(report) or store.get(name) is None:
             store.write_bytes(name, body, JSON_TYPE)
         locations.append(store.uri(name))
+    # Last: the copy beside the batch marks it reported (the ledger), so a retry after a failed
+    # bucket write writes both again, never skipping the bucket's.
+    locations.insert(0, zone.write_bytes(report["batch_id"], LOCAL_REPORT_NAME if local else REPORT_NAME, body))
     return locations

@@ -6,6 +6,7 @@ is its own report (`batch.report.json`).
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterator
@@ -114,13 +115,18 @@ class LocalLandingZone:
                 if not entry.is_dir(follow_symlinks=False):
                     continue
                 manifest = _stat_or_none(Path(entry.path, _MANIFEST))
+                if isinstance(manifest, OSError):
+                    # A batch.json that cannot be reached (a looping link, a folder the worker may not
+                    # read) is the batch's own trouble: taken, dated by its folder, its plan says why.
+                    manifest = entry.stat(follow_symlinks=False)
                 folders.append(
                     BatchFolder(
                         entry.name,
                         has_manifest=manifest is not None,
-                        has_report=_stat_or_none(Path(entry.path, _REPORT)) is not None,
+                        # A report that cannot be reached does not count: the batch is taken, and says why.
+                        has_report=isinstance(_stat_or_none(Path(entry.path, _REPORT)), os.stat_result),
                         manifest_modified=None if manifest is None else datetime.fromtimestamp(manifest.st_mtime, UTC),
-                        has_local_report=_stat_or_none(Path(entry.path, _LOCAL_REPORT)) is not None,
+                        has_local_report=isinstance(_stat_or_none(Path(entry.path, _LOCAL_REPORT)), os.stat_result),
                     )
                 )
         return sorted(folders, key=lambda f: f.name)
@@ -404,11 +410,24 @@ def _regular_file_identity(path: Path) -> str | None:
     return file_identity(info) if stat.S_ISREG(info.st_mode) else None
 
 
-def _stat_or_none(path: Path) -> os.stat_result | None:
+# Errors of one batch's folder or files that no retry mends: the batch fails alone, with its report.
+BATCH_PROBLEMS = frozenset({errno.ELOOP, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENAMETOOLONG})
+
+
+def is_batch_problem(err: OSError) -> bool:
+    return err.errno in BATCH_PROBLEMS
+
+
+def _stat_or_none(path: Path) -> os.stat_result | OSError | None:
+    """The file's stat; None when there is none; the error when it cannot be reached (a batch problem)."""
     try:
         return path.stat()
     except FileNotFoundError:
         return None
+    except OSError as err:
+        if is_batch_problem(err):
+            return err
+        raise
 
 
 def _glob_escape(text: str) -> str:

@@ -15,7 +15,7 @@ reported ones), so a poke costs O(new batches), not O(history).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from dicom_archive.landing import BatchFolder, LandingZone
 from dicom_archive.manifest import MANIFEST_NAME, ManifestError
@@ -104,7 +104,12 @@ def _completed_at(
         manifest = read_manifest(zone, folder.name, default_collection)
     except (ManifestError, OSError) as err:
         selection.unreadable[folder.name] = str(err)
-        return folder.manifest_modified or zone.modified(folder.name, MANIFEST_NAME)
+        if folder.manifest_modified is not None:
+            return folder.manifest_modified
+        try:
+            return zone.modified(folder.name, MANIFEST_NAME)
+        except OSError:  # the batch's own trouble: its plan reports it; it sorts first
+            return datetime.min.replace(tzinfo=UTC)
     if manifest is None:  # removed since the listing
         return None
     if not manifest.is_ready:

@@ -26,7 +26,7 @@ from typing import Any
 
 from dicom_archive import claims
 from dicom_archive.batch import Recovery, Staging, build_report, chunk_id, publish_report, run_key, studies_per_chunk
-from dicom_archive.landing import LandingZone, batch_folder_problem
+from dicom_archive.landing import LandingZone, batch_folder_problem, is_batch_problem
 from dicom_archive.manifest import REPORT_NAME
 from dicom_archive.naming import batch_id_problem, batch_report_object_name
 from dicom_archive.plan import STATUS_DONE, STATUS_ERROR, STATUS_NOT_READY, BatchPlan, plan_batch, read_manifest
@@ -145,8 +145,17 @@ def _plan_one(zone: LandingZone, batch_id: str, settings: Settings) -> BatchPlan
 
 def _reported_before(zone: LandingZone, store: ObjectStore, plan: BatchPlan) -> bool:
     """A batch reported before (beside it, or in the bucket when that copy was removed by hand)
-    is a rerun, not the recovery of an interrupted attempt."""
-    return zone.read_bytes(plan.batch_id, REPORT_NAME) is not None or (
+    is a rerun, not the recovery of an interrupted attempt. A report beside it that cannot be read
+    (a looping link) is the batch's trouble: its plan fails, the other batches go on."""
+    try:
+        beside = zone.read_bytes(plan.batch_id, REPORT_NAME) is not None
+    except OSError as err:
+        if not is_batch_problem(err):
+            raise
+        plan.groups, plan.status = [], STATUS_ERROR
+        plan.error = f"{zone.describe(plan.batch_id, REPORT_NAME)} cannot be read ({err.strerror})"
+        return False
+    return beside or (
         plan.collection is not None and store.get(batch_report_object_name(plan.collection, plan.batch_id)) is not None
     )
 
@@ -191,7 +200,12 @@ def report_run_batch(
             claims.release(store, batch_id, run_id)
         return ReportOutcome(None, error or f"batch {batch_id} is not ready; no report is written")
 
-    published = zone.read_bytes(batch_id, REPORT_NAME)
+    try:
+        published = zone.read_bytes(batch_id, REPORT_NAME)
+    except OSError as err:
+        if not is_batch_problem(err):
+            raise
+        published = None  # a looping link, say: this run's report takes its place
     report = json.loads(published) if published else None
     if report is not None and report.get("run_key") == plan_ref["run_key"]:
         # This run's report is out (a retry, or a cleared task): finish the clear and succeed.
