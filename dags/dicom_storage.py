@@ -82,11 +82,13 @@ with DAG(
         one plan per archive task; return one plan reference per batch (dicom_archive.run_steps)."""
         from dicom_archive.run_steps import plan_run
         from hooks.dicom_storage import DicomStorageHook, load_settings
+        from operators.failures import fail_at_once_on_permanent_errors
 
         settings = load_settings()
         hook = DicomStorageHook.of_settings(settings)
         zone, store = hook.landing_zone(settings), hook.archive_store(settings)
-        return plan_run(zone, store, batch_ids, run_id or "manual", settings, explain=hook.explain_google_errors)
+        with fail_at_once_on_permanent_errors():
+            return plan_run(zone, store, batch_ids, run_id or "manual", settings, explain=hook.explain_google_errors)
 
     @task
     def study_chunks(plan_refs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -115,6 +117,7 @@ with DAG(
         """Log each touched collection's summary (the old pipeline's __TABLES_SUMMARY__)."""
         from dicom_archive.sql_templates import format_table, run_summary
         from hooks.dicom_storage import DicomStorageHook, load_settings
+        from operators.failures import fail_at_once_on_permanent_errors
 
         settings = load_settings()
         hook = DicomStorageHook.of_settings(settings)
@@ -131,7 +134,10 @@ with DAG(
         client = hook.bigquery_client(settings.project, settings.bigquery_location)
         summaries = {}
         for collection in collections:
-            with hook.explain_google_errors(f"the BigQuery dataset {settings.project}.{collection}"):
+            with (
+                fail_at_once_on_permanent_errors(),
+                hook.explain_google_errors(f"the BigQuery dataset {settings.project}.{collection}"),
+            ):
                 rows = run_summary(client, "collection_summary", project=settings.project, dataset=collection)
             log.info("collection %s:\n%s", collection, format_table(rows))
             summaries[collection] = rows
@@ -146,6 +152,7 @@ with DAG(
         from batches_view.task_outcome import finish
         from dicom_archive.run_steps import count_rows_of_batch, report_run_batch
         from hooks.dicom_storage import DicomStorageHook, load_settings
+        from operators.failures import fail_at_once_on_permanent_errors
 
         settings = load_settings()
         hook = DicomStorageHook.of_settings(settings)
@@ -156,15 +163,16 @@ with DAG(
                 client = hook.bigquery_client(settings.project, settings.bigquery_location)
                 return count_rows_of_batch(client, table, plan.batch_id)
 
-        outcome = report_run_batch(
-            hook.landing_zone(settings),
-            hook.archive_store(settings),
-            plan_ref,
-            run_id or "manual",
-            settings,
-            rows_of_batch=rows_of_batch if settings.send_to_google else None,
-            explain=hook.explain_google_errors,
-        )
+        with fail_at_once_on_permanent_errors():
+            outcome = report_run_batch(
+                hook.landing_zone(settings),
+                hook.archive_store(settings),
+                plan_ref,
+                run_id or "manual",
+                settings,
+                rows_of_batch=rows_of_batch if settings.send_to_google else None,
+                explain=hook.explain_google_errors,
+            )
         if outcome.failure is not None:
             raise AirflowFailException(outcome.failure)
         return finish(outcome.report)  # labels this instance; an EMPTY or ERROR batch ends skipped

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import PROJECT, REPO_ROOT, pipeline_settings
 from tests.conftest import run_dag as run_storage_dag
-from tests.faultproxy import FaultProxy, Rule
+from tests.faultproxy import FaultProxy, ProxyResponse, Rule
 from tests.test_dag import expected_image_count, expected_objects, read_report
 from tests.test_ledger import expire_claim
 from tools.landing_zone import BatchSpec, demo_batches, write_batch
@@ -251,3 +251,87 @@ def test_killed_load_task_cancels_its_running_bigquery_job_then_a_rerun_complete
     n = expected_image_count(batch)
     assert row_counts(batch) == (n, n)
     assert read_report(env["root"], batch.batch_id)["bigquery"]["rows_inserted"] == n
+
+
+def test_a_report_whose_bucket_copy_failed_is_published_whole_by_the_retry(
+    tmp_path, gcs_emulator, bigquery_emulator, airflow_db, monkeypatch
+):
+    """The bucket copy of the report fails beyond the client's retries: the task's retry writes it,
+    and the report beside the batch (which marks it reported) is not out before it."""
+    monkeypatch.setenv("DICOM_TASK_RETRIES", "1")
+    monkeypatch.setenv("DICOM_RETRY_DELAY_SECONDS", "4")
+    monkeypatch.setenv("DICOM_GOOGLE_RETRY_SECONDS", "1")
+    with pipeline_settings(tmp_path / "landing", proxies=True) as env:
+        batch = one_batch(env, "faults-report-copy")
+        window = {"start": None}
+
+        def refuse_for_two_seconds(request):
+            if request.method == "POST" and f"/Batches/{batch.batch_id}.json".encode() in request.body:
+                window["start"] = window["start"] or time.monotonic()
+                if time.monotonic() - window["start"] < 2.0:
+                    return ProxyResponse.of_json(503, BACKEND_ERROR)
+            return None
+
+        refusal = env["gcs"].add(Rule(path=r"^/upload/", respond=refuse_for_two_seconds, times=None))
+        dag_run = run_storage_dag([batch.batch_id])
+
+        assert refusal.fired >= 1
+        tries = {ti.task_id: ti.try_number for ti in dag_run.get_task_instances()}
+        assert tries["batch_report"] == 2, tries
+        assert str(dag_run.state) == "success"
+        beside = read_report(env["root"], batch.batch_id)
+        assert beside["status"] == "DONE"
+        from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+        name = f"Collection/{env['collection']}/Batches/{batch.batch_id}.json"
+        copy = json.loads(GCSHook().download(bucket_name=env["bucket"], object_name=name))
+        assert copy == beside
+
+
+RATE_LIMITED = {
+    "error": {"code": 403, "message": "Rate limit exceeded (injected)", "status": "PERMISSION_DENIED",
+              "errors": [{"reason": "rateLimitExceeded", "message": "Rate limit exceeded (injected)"}]}
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("refusal", "task", "tries", "words"),
+    [
+        pytest.param(
+            Rule(method="POST", path=r"^/upload/", status=403, body=ACCESS_DENIED, times=None),
+            "plan_batches",
+            1,
+            "Google refused access (403)",
+            id="identity-without-the-role",
+        ),
+        pytest.param(
+            Rule(method="POST", path=r"^/upload/", status=404, times=None),
+            "plan_batches",
+            1,
+            "does not exist",
+            id="bucket-that-does-not-exist",
+        ),
+        pytest.param(
+            Rule(method="POST", path=r"^/upload/", status=403, body=RATE_LIMITED, times=None),
+            "plan_batches",
+            2,
+            "",
+            id="rate-limited-is-retried",
+        ),
+    ],
+)
+def test_a_refusal_no_retry_can_change_fails_at_once(
+    tmp_path, gcs_emulator, bigquery_emulator, airflow_db, monkeypatch, capfd, refusal, task, tries, words
+):
+    monkeypatch.setenv("DICOM_TASK_RETRIES", "1")
+    monkeypatch.setenv("DICOM_RETRY_DELAY_SECONDS", "1")
+    monkeypatch.setenv("DICOM_GOOGLE_RETRY_SECONDS", "1")
+    with pipeline_settings(tmp_path / "landing", proxies=True) as env:
+        batch = one_batch(env, "faults-refused")
+        env["gcs"].add(refusal)
+        dag_run = run_storage_dag([batch.batch_id])
+        assert str(dag_run.state) == "failed"
+        found = {ti.task_id: (ti.try_number, str(ti.state)) for ti in dag_run.get_task_instances()}
+        assert found[task] == (tries, "failed"), found
+        log = capfd.readouterr()
+        assert words in log.out + log.err

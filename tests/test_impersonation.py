@@ -292,3 +292,35 @@ def test_without_the_credentials_setting_the_clients_use_application_default_cre
         json.dumps({"conn_type": "google_cloud_platform", "extra": {"project": PROJECT}}),
     )
     assert "Application Default Credentials" in DicomStorageHook().describe_credentials()
+
+
+@pytest.mark.parametrize("client", ["storage", "bigquery"])
+def test_a_fresh_airflow_without_the_default_connection_uses_the_key_file(
+    airflow_db, local_settings, monkeypatch, tmp_path, client
+):
+    """Airflow 3 creates no connection: a missing google_cloud_default is Application Default
+    Credentials (here GOOGLE_APPLICATION_CREDENTIALS' key file), not a failure of every task."""
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    from hooks.dicom_storage import DicomStorageHook
+
+    key_file = tmp_path / "sa-key.json"
+    key_file.write_text(json.dumps(service_account_key(KEY_FILE_ACCOUNT)))
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key_file))
+    monkeypatch.delenv("AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT", raising=False)
+    with pytest.raises(AirflowNotFoundException):
+        DicomStorageHook.get_connection("google_cloud_default")  # a fresh Airflow indeed
+
+    hook = DicomStorageHook()
+    made = hook.storage_client() if client == "storage" else hook.bigquery_client(PROJECT)
+    assert made._credentials.service_account_email == KEY_FILE_ACCOUNT
+    assert f"GOOGLE_APPLICATION_CREDENTIALS={key_file}" in hook.describe_credentials()
+
+
+def test_a_connection_named_by_the_user_must_exist(airflow_db, local_settings, monkeypatch):
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    from hooks.dicom_storage import DicomStorageHook
+
+    with pytest.raises(AirflowNotFoundException):
+        DicomStorageHook(gcp_conn_id="google_typo").storage_client()

@@ -16,7 +16,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseHook
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
 
 from dicom_archive.landing import GCSLandingZone, LandingZone, LocalLandingZone, split_gs_uri
 from dicom_archive.settings import Settings, SettingsError
@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 
 class GooglePermissionError(RuntimeError):
     """Google refused an operation; the message says which identity and which resource."""
+
+
+class GoogleNotFoundError(RuntimeError):
+    """A bucket, project or dataset the settings name does not exist (a retry cannot create it)."""
 
 
 # The settings a task's destination arguments stand for: Settings field -> setting name.
@@ -129,10 +133,24 @@ class DicomStorageHook(BaseHook):
             hook.extras = {**extras, "key_path": key_file}
         return hook
 
+    def _ensure_default_connection(self) -> None:
+        """Airflow 3 creates no connection on a fresh install (Composer does): a missing
+        `google_cloud_default` stands for an empty Google connection, i.e. Application Default
+        Credentials or the GOOGLE_APPLICATION_CREDENTIALS key file, rather than failing every task.
+        A connection id given by name must exist."""
+        if self.gcp_conn_id != self.default_conn_name:
+            return
+        try:
+            self.get_connection(self.gcp_conn_id)
+        except AirflowNotFoundException:
+            # The environment is the first place Airflow looks; only this task's process sees it.
+            os.environ.setdefault(f"AIRFLOW_CONN_{self.gcp_conn_id.upper()}", '{"conn_type": "google_cloud_platform"}')
+
     @cached_property
     def _gcs_hook(self) -> Any:
         from airflow.providers.google.cloud.hooks.gcs import GCSHook
 
+        self._ensure_default_connection()
         return self._with_key_file(GCSHook(gcp_conn_id=self.gcp_conn_id, impersonation_chain=self.impersonation_chain))
 
     def storage_client(self) -> storage.Client:
@@ -141,6 +159,7 @@ class DicomStorageHook(BaseHook):
     def _bigquery_hook(self, location: str | None) -> Any:
         from airflow.providers.google.cloud.hooks.bigquery import BigQueryHook
 
+        self._ensure_default_connection()
         return self._with_key_file(
             BigQueryHook(
                 gcp_conn_id=self.gcp_conn_id,
@@ -221,8 +240,14 @@ class DicomStorageHook(BaseHook):
         try:
             yield
         except Exception as err:
-            status = _refusal_status(err)
-            if status is not None:
+            status = _status(err)
+            if status == 404:
+                raise GoogleNotFoundError(
+                    f"{resource} (or the bucket, project or dataset holding it) does not exist for "
+                    f"{self.describe_credentials()}: {getattr(err, 'message', err)}. Check GOOGLE_CLOUD_STORAGE, "
+                    "GOOGLE_PROJECT_NAME and DICOM_LANDING_ROOT."
+                ) from err
+            if status in (401, 403) and not _rate_limited(err):
                 raise GooglePermissionError(
                     f"Google refused access ({status}) to {resource} for {self.describe_credentials()}: "
                     f"{getattr(err, 'message', err)}. Check the credentials file (GOOGLE_APPLICATION_CREDENTIALS "
@@ -293,9 +318,22 @@ class GoogleUnavailableError(RuntimeError):
     """Google could not be reached, even after the clients' retries."""
 
 
-def _refusal_status(err: BaseException) -> int | None:
-    """401 or 403, whether the client raised an API error or a raw upload response error."""
+def _status(err: BaseException) -> int | None:
+    """The HTTP status of a Google error, whether the client raised an API error or a raw upload
+    response error (None: not an HTTP answer)."""
     code = getattr(err, "code", None)
-    if code not in (401, 403):
+    if not isinstance(code, int):
         code = getattr(getattr(err, "response", None), "status_code", None)
-    return code if code in (401, 403) else None
+    return code if isinstance(code, int) else None
+
+
+# A 403 that says "slow down", not "not allowed": it passes, and a later try may succeed.
+RATE_LIMIT_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded", "quotaExceeded"})
+
+
+def _rate_limited(err: BaseException) -> bool:
+    """The reasons are parsed by the BigQuery client; the storage client keeps only the body's text."""
+    errors = getattr(err, "errors", None) or []
+    if any(isinstance(e, dict) and e.get("reason") in RATE_LIMIT_REASONS for e in errors):
+        return True
+    return any(f'"{reason}"' in str(err) for reason in RATE_LIMIT_REASONS)
