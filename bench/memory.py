@@ -75,8 +75,9 @@ def run(ctx: Context) -> Result:
             ),
         ],
         notes=[
-            f"One worker process per size runs what an archive task runs: `archive_groups` (publish with "
-            "verification, rows for BigQuery) of one CT study into a null object store that only hashes "
+            f"One worker process per size runs what an archive task runs: `archive_groups_spooled` (publish "
+            "with verification, rows for BigQuery spooled to a temporary file) of one CT study, then the rows "
+            "staged from that file, into a null object store that only hashes "
             f"(no network). Studies are the first N images of one generated {zone.image_bytes / 1e9:.1f} GB study "
             f"of {IMAGE_KB} KiB images, planned once. 'RSS before archiving' is after imports and loading the plan.",
             "Peak is the worker's VmHWM. Its ru_maxrss is kept in results.json but not used: Linux carries "

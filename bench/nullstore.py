@@ -59,6 +59,12 @@ class NullObjectStore:
             sink.write(data)
         return self.objects[name]
 
+    def write_file(self, name: str, stream: BinaryIO, content_type: str) -> StoredObject:
+        with self.writer(name, metadata={}, content_type=content_type, if_generation_match=None) as sink:
+            while chunk := stream.read(1024 * 1024):
+                sink.write(chunk)
+        return self.objects[name]
+
     def read_bytes(self, name: str) -> bytes | None:
         return None
 

@@ -15,9 +15,10 @@ from bench.common import MB
 from bench.context import Context
 from bench.datasets import Zone, ensure_zone
 from bench.results import Result, Target, fmt, ratio
-from dicom_archive.batch import ArchiveSettings, Staging, archive_groups, chunk_id, run_key
+from dicom_archive.batch import ArchiveSettings, Staging, archive_groups_spooled, chunk_id, run_key
 from dicom_archive.bigquery_load import load_rows_exactly_once
 from dicom_archive.landing import LocalLandingZone
+from dicom_archive.ndjson import NdjsonSpool
 from dicom_archive.plan import plan_batch
 from dicom_archive.publish import mark_rows_loaded
 from dicom_archive.rows import RunContext
@@ -41,18 +42,20 @@ def one_run(zone: Zone, store: GCSObjectStore, client: Any, run_id: str, level: 
     archived: list[dict[str, Any]] = []
     for ref in refs:
         chunk = staging.read_chunk_plan(ref)
-        summaries, rows = archive_groups(
-            chunk.groups,
-            landing,
-            store,
-            deid=chunk.deid,
-            context=RunContext(upload_agent="bench", dag_run_id=run_id),
-            settings=ArchiveSettings(compresslevel=level),
-        )
+        with NdjsonSpool() as rows:  # as the archive task does
+            summaries = archive_groups_spooled(
+                chunk.groups,
+                landing,
+                store,
+                rows=rows,
+                deid=chunk.deid,
+                context=RunContext(upload_agent="bench", dag_run_id=run_id),
+                settings=ArchiveSettings(compresslevel=level),
+            )
+            staging.write_chunk(chunk_id(ref["start"]), summaries, rows)
         archived += summaries
         for s in summaries:
             outcomes[s["outcome"]] = outcomes.get(s["outcome"], 0) + 1
-        staging.write_chunk(chunk_id(ref["start"]), summaries, rows)
     phases["archive (+ upload)"] = time.monotonic() - started
 
     started = time.monotonic()

@@ -76,19 +76,25 @@ def _archive(groups: list[Any], zone: Any, sink: str, level: int) -> int:
     if sink == "none":
         return sum(write_study_archive(group, zone, None, compresslevel=level)[0].size for group in groups)
     from bench.nullstore import NullObjectStore
-    from dicom_archive.batch import archive_groups
+    from dicom_archive.batch import Staging, archive_groups_spooled, run_key
+    from dicom_archive.ndjson import NdjsonSpool
     from dicom_archive.rows import RunContext
     from dicom_archive.settings import ArchiveSettings
 
-    summaries, rows = archive_groups(
-        groups,
-        zone,
-        NullObjectStore(),
-        deid={},
-        context=RunContext(upload_agent="bench"),
-        settings=ArchiveSettings(compresslevel=level),
-    )
-    assert len(rows) == sum(len(group.images) for group in groups)
+    # As the archive task does: rows spooled to a file, then staged from it.
+    store = NullObjectStore()
+    with NdjsonSpool() as rows:
+        summaries = archive_groups_spooled(
+            groups,
+            zone,
+            store,
+            rows=rows,
+            deid={},
+            context=RunContext(upload_agent="bench"),
+            settings=ArchiveSettings(compresslevel=level),
+        )
+        assert len(rows) == sum(len(group.images) for group in groups)
+        Staging(store, groups[0].batch_id, run_key("bench")).write_chunk("0000000", summaries, rows)
     return sum(summary["size"] for summary in summaries)
 
 

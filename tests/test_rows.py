@@ -9,11 +9,12 @@ from google.cloud import bigquery
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
-from dicom_archive.batch import archive_groups
+from dicom_archive.archive import ArchivedMember, read_archive_members
+from dicom_archive.batch import Staging, StudyFields, archive_groups, run_key
 from dicom_archive.bigquery_rows import check_rows
 from dicom_archive.landing import LocalLandingZone
-from dicom_archive.ndjson import to_ndjson
-from dicom_archive.plan import ImageRecord, plan_batch
+from dicom_archive.ndjson import NdjsonSpool, to_ndjson
+from dicom_archive.plan import ImageRecord, StudyGroup, plan_batch
 from dicom_archive.rows import HEADER_COLUMNS, RunContext, dicom_value_to_text, image_fields
 from dicom_archive.settings import ArchiveSettings
 from dicom_archive.stores import LocalObjectStore
@@ -165,3 +166,100 @@ def test_deid_provenance_reaches_the_row_as_text_or_json(tmp_path, software, rec
     )
     assert batch_rows
     assert {(row["deid_software"], row["deid_recipe"]) for row in batch_rows} == {(shown_software, shown_recipe)}
+
+
+# ------------------------------------------------------------------ rows spooled to a file (archive tasks)
+
+
+def test_rows_spooled_to_a_file_are_staged_byte_identical_to_the_list(rows, tmp_path):
+    """An archive task keeps its rows in a file, not in memory: what it stages from the file is
+    what the list gave, byte for byte (the BigQuery load's job ids hash these bytes), and the rows
+    read back are the rows written, for every value the demo's images give and a few harder ones."""
+    odd = {
+        "text": 'Müller \udc80 \u2028 \\ "quoted"',
+        "floats": [0.1, 1e-07, 1.5e300, -0.0, 2.0],
+        "big": 2**63 + 1,
+        "nested": {"b": [1, None, True], "a": {}},
+        "empty": [],
+    }
+    written = [*rows, odd]
+    store = LocalObjectStore(tmp_path / "out")
+    staging = Staging(store, "b1", run_key("spool-test"))
+    with NdjsonSpool() as spool:
+        for row in written:
+            spool.write(row)
+        assert len(spool) == len(written)
+        assert list(spool) == written
+        assert b"".join(spool.lines()) == to_ndjson(written)
+        staging.write_chunk("0000000", [], spool)
+        spool.write({"after": "a read"})  # a read leaves the file ready for more
+        assert list(spool)[-1] == {"after": "a read"}
+    assert staging.read_rows(["0000000"]) == to_ndjson(written)
+    staging.write_chunk("0000001", [], written)
+    assert staging.read_rows(["0000001"]) == to_ndjson(written)
+
+
+def _image(relpath: str, instance: int) -> ImageRecord:
+    return ImageRecord(relpath, 1, 1, 1, instance, "1.2.3", f"1.2.3.{instance}")
+
+
+def _header(instance: int) -> Dataset:
+    ds = Dataset()
+    ds.InstanceNumber = instance
+    ds.Modality = "CT"
+    return ds
+
+
+def test_study_fields_keep_the_last_pass_over_the_study_in_member_order():
+    """A study read twice (a rerun hashes it, then replaces the changed archive) gives each member
+    the fields of the last pass; fields out of step with the members fail, never pair wrongly."""
+    images = [_image("a.dcm", 1), _image("b.dcm", 2), _image("c.dcm", 3)]
+    group = StudyGroup("IRB1", "b1", "GL664ba0", "20070904", "GL71cfb7", images)
+    members = [ArchivedMember(i.relpath, f"m/{i.relpath}", 1, "0" * 64, {}) for i in group.sorted_images()]
+    with StudyFields(("Modality",)) as fields:
+        fields.start(group)
+        fields.take(_header(1), images[0])  # a first pass, cut short
+        fields.take(_header(2), images[1])
+        for image in group.sorted_images():  # the pass whose members are published
+            assert fields.take(_header(image.instance_number), image) == {}  # the member keeps nothing
+        paired = list(fields.members_with_fields(members))
+        assert [m.relpath for m in paired] == ["a.dcm", "b.dcm", "c.dcm"]
+        assert [m.fields["InstanceNumber"] for m in paired] == [1, 2, 3]
+        assert paired[0].fields["DicomHeader"] == {"Modality": "CT"}
+
+        with pytest.raises(RuntimeError, match="3 images' row fields were taken for 2 members"):
+            list(fields.members_with_fields(members[:2]))
+        with pytest.raises(RuntimeError, match=r"row fields of a\.dcm were taken for the member of c\.dcm"):
+            list(fields.members_with_fields(members[::-1]))
+
+        fields.start(group)  # the next study starts empty
+        with pytest.raises(RuntimeError, match="0 images' row fields"):
+            list(fields.members_with_fields(members))
+
+
+def test_a_replaced_archive_gets_the_rows_of_its_new_images(tmp_path):
+    """A corrected study replaces its archive (DICOM_REPLACE_CHANGED_ARCHIVES): the study is hashed,
+    then written, each pass taking the row fields again; the rows are those of the new archive."""
+    store = LocalObjectStore(tmp_path / "out")
+    ids = ("GL664ba0", "GL71cfb7", "20070904")
+    found = []
+    for landing, description in (("first", "BEFORE"), ("second", "AFTER")):
+        images = [
+            lz.ImageSpec(*ids, instance_number=n, header_overrides={"StudyDescription": f"{description} {n}"})
+            for n in (1, 2, 3)
+        ]
+        lz.write_batch(tmp_path / landing, lz.BatchSpec("b1", images=images, collection="IRB1"))
+        zone = LocalLandingZone(tmp_path / landing)
+        plan = plan_batch(zone, "b1")
+        settings = ArchiveSettings(replace_changed=True)
+        summaries, batch_rows = archive_groups(
+            plan.groups, zone, store, deid=plan.deid, context=RunContext("rows-test"), settings=settings
+        )
+        found.append((summaries, batch_rows))
+    (summary,), rows_after = found[1]
+    assert summary["outcome"] == "replaced"
+    assert sorted(row["StudyDescription"] for row in rows_after) == ["AFTER 1", "AFTER 2", "AFTER 3"]
+    with store.open_reader(summary["name"], None) as stream:
+        members = dict(read_archive_members(stream))
+    assert {row["archive_member"]: row["instance_sha256"] for row in rows_after} == members
+    assert {row["storage_generation"] for row in rows_after} == {summary["generation"]}

@@ -51,7 +51,9 @@ class ArchivedMember:
     member_name: str
     size: int
     sha256: str  # of the archived copy (private elements stripped): with the collection, the row key
-    fields: dict[str, Any]  # what `row_fields` took from the header; the header itself is not kept
+    # What `row_fields` returned for the header (the header itself is not kept); empty when the
+    # caller keeps the fields elsewhere (an archive task spools them: batch.StudyFields).
+    fields: dict[str, Any]
     source_sha256: str = ""  # of the file in the landing zone
     private_elements_removed: int = 0
 

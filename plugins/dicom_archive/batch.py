@@ -13,22 +13,26 @@ folder), one folder per batch and run: `_staging/<batch_id>/<run_key>/`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import math
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from pydicom.dataset import Dataset
+
+from dicom_archive.archive import ArchivedMember
 from dicom_archive.landing import LandingZone
 from dicom_archive.manifest import LOCAL_REPORT_NAME, REPORT_NAME, check_deid
 from dicom_archive.naming import batch_report_object_name, require_batch_id
-from dicom_archive.ndjson import to_ndjson
-from dicom_archive.plan import STATUS_NOT_READY, WITHDRAWN, BatchPlan, StudyGroup
+from dicom_archive.ndjson import NdjsonSpool, to_ndjson
+from dicom_archive.plan import STATUS_NOT_READY, WITHDRAWN, BatchPlan, ImageRecord, StudyGroup
 from dicom_archive.publish import ALREADY_PRESENT, REPLACED, PublishedArchive, publish_study_archive
 from dicom_archive.rows import RunContext, build_row, image_fields
 from dicom_archive.settings import ArchiveSettings
@@ -106,9 +110,18 @@ class Staging:
             raise FileNotFoundError(f"no staged plan at {self.store.uri(self.plan_name)}")
         return BatchPlan.from_json(raw.decode())
 
-    def write_chunk(self, chunk_id: str, summaries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+    def write_chunk(
+        self, chunk_id: str, summaries: list[dict[str, Any]], rows: NdjsonSpool | list[dict[str, Any]]
+    ) -> None:
+        """Stage an archive task's rows (streamed from their spool file, or from a list) and
+        archive summaries."""
         # Rows first: the summary file is the marker that the chunk is complete.
-        self.store.write_bytes(self.chunk_name("rows", chunk_id, "ndjson"), to_ndjson(rows), NDJSON_TYPE)
+        name = self.chunk_name("rows", chunk_id, "ndjson")
+        if isinstance(rows, NdjsonSpool):
+            with rows.stream() as stream:
+                self.store.write_file(name, stream, NDJSON_TYPE)
+        else:
+            self.store.write_bytes(name, to_ndjson(rows), NDJSON_TYPE)
         body = json.dumps(summaries, sort_keys=True).encode()
         self.store.write_bytes(self.chunk_name("archives", chunk_id, "json"), body, JSON_TYPE)
 
@@ -215,47 +228,110 @@ def archive_groups(
     settings: ArchiveSettings,
     progress: ProgressCallback | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Publish each group's archive; return the per-archive summaries and the per-image rows."""
+    """Publish each group's archive; return the per-archive summaries and the per-image rows
+    (in memory: for small batches; an archive task spools them, see archive_groups_spooled)."""
+    with NdjsonSpool() as rows:
+        summaries = archive_groups_spooled(
+            groups, zone, store, rows=rows, deid=deid, context=context, settings=settings, progress=progress
+        )
+        return summaries, list(rows)
+
+
+def archive_groups_spooled(
+    groups: list[StudyGroup],
+    zone: LandingZone,
+    store: ObjectStore,
+    *,
+    rows: NdjsonSpool,
+    deid: dict[str, Any],
+    context: RunContext,
+    settings: ArchiveSettings,
+    progress: ProgressCallback | None = None,
+) -> list[dict[str, Any]]:
+    """Publish each group's archive; write the per-image rows to `rows` as each study ends, and
+    return the per-archive summaries. Memory does not grow with the images: each image's row
+    fields wait in a spool file until its study's archive is stored (a row names the object and
+    its generation), and the rows go to `rows`, a file too (see Staging.write_chunk)."""
     check_deid(deid)  # checked when the manifest was read; again here, for a deid given otherwise
     summaries: list[dict[str, Any]] = []
-    rows: list[dict[str, Any]] = []
-    row_fields = functools.partial(image_fields, allow_list=settings.header_allow_list)
     started = time.monotonic()
     done_bytes = 0
-    for done, group in enumerate(groups, start=1):
-        t0 = time.monotonic()
-        published = publish_study_archive(
-            group,
-            zone,
-            store,
-            policy=settings.policy,
-            compresslevel=settings.compresslevel,
-            replace_changed=settings.replace_changed,
-            row_fields=row_fields,
-        )
-        if not published.rows_loaded:  # else its rows are in the table already (see publish.py)
-            rows.extend(
-                build_row(group=group, member=member, stored=published.stored, deid=deid, context=context)
-                for member in published.members
+    with StudyFields(settings.header_allow_list) as study_fields:
+        for done, group in enumerate(groups, start=1):
+            t0 = time.monotonic()
+            study_fields.start(group)
+            published = publish_study_archive(
+                group,
+                zone,
+                store,
+                policy=settings.policy,
+                compresslevel=settings.compresslevel,
+                replace_changed=settings.replace_changed,
+                row_fields=study_fields.take,
             )
-        done_bytes += group.size
-        summaries.append(
-            {
-                **published.stored.as_xcom(),
-                "outcome": published.outcome,
-                "written_by_batch": published.stored.metadata.get("batch_id"),
-                "image_count": len(published.members),
-                "images_stripped": sum(1 for m in published.members if m.private_elements_removed),
-                "private_elements_removed": sum(m.private_elements_removed for m in published.members),
-                "quarantined_count": group.quarantined,
-                "input_bytes": group.size,
-                "seconds": round(time.monotonic() - t0, 3),
-                **_content_fields(published),
-            }
-        )
-        if progress is not None:
-            progress(done, len(groups), done_bytes, time.monotonic() - started)
-    return summaries, rows
+            if not published.rows_loaded:  # else its rows are in the table already (see publish.py)
+                stored = published.stored
+                for member in study_fields.members_with_fields(published.members):
+                    rows.write(build_row(group=group, member=member, stored=stored, deid=deid, context=context))
+            done_bytes += group.size
+            summaries.append(
+                {
+                    **published.stored.as_xcom(),
+                    "outcome": published.outcome,
+                    "written_by_batch": published.stored.metadata.get("batch_id"),
+                    "image_count": len(published.members),
+                    "images_stripped": sum(1 for m in published.members if m.private_elements_removed),
+                    "private_elements_removed": sum(m.private_elements_removed for m in published.members),
+                    "quarantined_count": group.quarantined,
+                    "input_bytes": group.size,
+                    "seconds": round(time.monotonic() - t0, 3),
+                    **_content_fields(published),
+                }
+            )
+            if progress is not None:
+                progress(done, len(groups), done_bytes, time.monotonic() - started)
+    return summaries
+
+
+class StudyFields:
+    """Each image's row fields (rows.image_fields), spooled to a file as the image is archived
+    and read back, in member order, once the study's archive is stored.
+
+    `take` is the `row_fields` of publish_study_archive. A study may be read more than once (a
+    rerun hashes it first, then replaces a changed archive; a lost race hashes it again); each
+    pass starts with the study's first image, and so starts the spool over: it holds the last
+    pass's images, those of the members published."""
+
+    def __init__(self, allow_list: Iterable[str]) -> None:
+        self._fields = functools.partial(image_fields, allow_list=tuple(allow_list))
+        self._spool = NdjsonSpool()
+        self._first: str | None = None
+
+    def __enter__(self) -> StudyFields:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._spool.close()
+
+    def start(self, group: StudyGroup) -> None:
+        self._spool.clear()
+        images = group.sorted_images()
+        self._first = images[0].relpath if images else None
+
+    def take(self, ds: Dataset, image: ImageRecord) -> dict[str, Any]:
+        if image.relpath == self._first:
+            self._spool.clear()
+        self._spool.write([image.relpath, self._fields(ds, image)])
+        return {}  # the member keeps nothing: its fields are in the spool
+
+    def members_with_fields(self, members: list[ArchivedMember]) -> Iterator[ArchivedMember]:
+        """Each member with its row fields, read back from the spool."""
+        if len(self._spool) != len(members):
+            raise RuntimeError(f"{len(self._spool)} images' row fields were taken for {len(members)} members")
+        for member, (relpath, fields) in zip(members, self._spool, strict=True):
+            if relpath != member.relpath:
+                raise RuntimeError(f"row fields of {relpath} were taken for the member of {member.relpath}")
+            yield dataclasses.replace(member, fields=fields)
 
 
 def _content_fields(published: PublishedArchive) -> dict[str, Any]:

@@ -66,7 +66,8 @@ class DicomStudyArchiveOperator(DicomStorageBaseOperator):
         from airflow.sdk.exceptions import AirflowFailException
 
         from dicom_archive.archive import ArchiveIntegrityError
-        from dicom_archive.batch import archive_groups
+        from dicom_archive.batch import archive_groups_spooled
+        from dicom_archive.ndjson import NdjsonSpool
         from dicom_archive.rows import RunContext
 
         settings = self.destination_settings()
@@ -87,12 +88,14 @@ class DicomStudyArchiveOperator(DicomStorageBaseOperator):
                 continue
             self.log.info("batch %s: archiving %d studies (chunk %s)", staging.batch_id, len(groups), chunk)
             resource = store.uri(groups[0].object_name.rsplit("/Entity/", 1)[0])
-            with hook.explain_google_errors(resource):
+            # The rows wait in a temporary file, not in memory, until they are staged.
+            with hook.explain_google_errors(resource), NdjsonSpool() as rows:
                 try:
-                    chunk_summaries, rows = archive_groups(
+                    chunk_summaries = archive_groups_spooled(
                         groups,
                         zone,
                         store,
+                        rows=rows,
                         deid=deid,
                         context=run_context,
                         settings=settings.archive,
