@@ -31,7 +31,7 @@ from pydicom.dataset import Dataset
 
 from dicom_archive.deid_gate import DeidPolicy, StudyIdentity
 from dicom_archive.header_walk import SizeChangedError, StrippedReader, WalkError, judge_header, walk_header
-from dicom_archive.landing import LandingZone
+from dicom_archive.landing import HeldImagesError, LandingZone, file_identity_of
 from dicom_archive.plan import ImageRecord, StudyGroup
 from dicom_archive.stores import Checksums
 
@@ -176,8 +176,9 @@ def write_study_archive(
     ):
         tar.copybufsize = COPY_CHUNK
         tar.addfile(_tar_info(stem, 0, is_dir=True))
+        held = held_identities(zone, group)
         hashed_members = [
-            _add_image(tar, zone, group, stem, ordinal, image, policy, row_fields, hashing)
+            _add_image(tar, zone, group, stem, ordinal, image, policy, row_fields, hashing, held)
             for ordinal, image in enumerate(group.sorted_images(), start=1)
         ]
         hashing.drain()
@@ -194,14 +195,21 @@ def _add_image(
     policy: DeidPolicy,
     row_fields: RowFields | None,
     hashing: HashingThread,
+    held: set[str],
 ) -> Callable[[], ArchivedMember]:
     """Checks the image again and streams it into `tar`; returns its member, to be read once
     `hashing` has drained."""
     name = member_name(stem, ordinal, image)
     where = zone.describe(group.batch_id, image.relpath)
-    with zone.open(group.batch_id, image.relpath, chunk_size=COPY_CHUNK) as stream:
-        # The whole header is walked and judged again here: a file swapped after planning must
-        # never be uploaded unchecked, nor under another study's name.
+    try:
+        stream = zone.open(group.batch_id, image.relpath, chunk_size=COPY_CHUNK, source=image.source_identity)
+    except FileNotFoundError as err:
+        raise ArchiveIntegrityError(f"{where} no longer exists (removed after planning); {_VOID}") from err
+    with stream:
+        # A file swapped after planning must never be uploaded unchecked, nor under another
+        # study's name: only the very file the plan judged is read (its identity, taken from
+        # the opened file), and its whole header is walked and judged again.
+        _check_same_file(zone, stream, image, where, held)
         try:
             walk = walk_header(stream, image.size, policy, check_end=False)  # the reader's verify does
         except SizeChangedError as err:
@@ -209,6 +217,8 @@ def _add_image(
             raise ArchiveIntegrityError(f"{where} {change} since it was checked ({err.detail})") from err
         except WalkError as err:
             raise ArchiveIntegrityError(f"{where} no longer passes the de-identification check ({err.reason})") from err
+        except FileNotFoundError as err:  # a bucket's object: its planned generation is gone
+            raise ArchiveIntegrityError(f"{where} no longer exists as planned (replaced or removed); {_VOID}") from err
         verdict = judge_header(walk, policy)
         if verdict.failures:
             reasons = ", ".join(sorted({str(f.reason) for f in verdict.failures}))
@@ -246,6 +256,41 @@ def _add_image(
         source_sha256=source_sha.hexdigest(),
         private_elements_removed=removed,
     )
+
+
+_VOID = "nothing of this archive is kept"
+
+
+def held_identities(zone: LandingZone, group: StudyGroup) -> set[str]:
+    """The identities of the batch's images held back under PHI/, found again at archive time."""
+    try:
+        return zone.held_identities(group.batch_id)
+    except HeldImagesError as err:
+        raise ArchiveIntegrityError(
+            f"{zone.describe(group.batch_id, err.relpath)}: {err.problem}; the images held under PHI/ cannot all "
+            f"be found, so no image of the batch is known not to be one of them: {_VOID}"
+        ) from err
+
+
+def _check_same_file(zone: LandingZone, stream: BinaryIO, image: ImageRecord, where: str, held: set[str]) -> None:
+    """Refuses (ArchiveIntegrityError) an opened file that is not the one the plan judged, or
+    that is one of the images held under PHI/. The contract lets no file change once the batch
+    is complete: an archive holding a changed image cannot be trusted, whatever it holds now."""
+    if not image.source_identity:
+        raise ArchiveIntegrityError(
+            f"{where}: the plan does not record which file it checked (a plan staged by an earlier version), so "
+            f"the file cannot be told from one swapped since; {_VOID} (plan the batch again)"
+        )
+    opened = dict(zone.source_identity(stream))
+    if file_identity_of(opened) in held:
+        raise ArchiveIntegrityError(f"{where} now leads to an image held back under PHI/; {_VOID}")
+    if opened != image.source_identity:
+        changed = ", ".join(
+            key for key in sorted(image.source_identity) if opened.get(key) != image.source_identity[key]
+        )
+        raise ArchiveIntegrityError(
+            f"{where} is not the file that was planned (changed after planning: {changed or 'identity'}); {_VOID}"
+        )
 
 
 # ------------------------------------------------------------------------------------ content identity
@@ -294,9 +339,10 @@ def hash_study_members(
     building the archive: the same per-image code path (checks included), into no tar."""
     policy = study_policy(group, policy)
     tar: Any = _DigestOnlyTar()
+    held = held_identities(zone, group)
     with HashingThread.started() as hashing:
         hashed_members = [
-            _add_image(tar, zone, group, group.stem, ordinal, image, policy, row_fields, hashing)
+            _add_image(tar, zone, group, group.stem, ordinal, image, policy, row_fields, hashing, held)
             for ordinal, image in enumerate(group.sorted_images(), start=1)
         ]
         hashing.drain()
