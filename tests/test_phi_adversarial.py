@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import struct
 import tarfile
 from collections.abc import Callable
@@ -37,8 +38,10 @@ import pydicom
 import pytest
 from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 
+from dicom_archive.archive import ArchiveIntegrityError
+from dicom_archive.batch import archive_groups
 from dicom_archive.deid_gate import Reason
-from dicom_archive.landing import GCSLandingZone, is_under_phi_folder, normalise_relpath
+from dicom_archive.landing import GCSLandingZone, LocalLandingZone, is_under_phi_folder, normalise_relpath
 from dicom_archive.manifest import (
     NAME_SHAPED_KEY,
     NOT_A_FIELD_NAME,
@@ -47,9 +50,13 @@ from dicom_archive.manifest import (
     lookup_violations,
     match_lookup,
 )
-from dicom_archive.plan import plan_batch
-from dicom_archive.settings import DEFAULT_HEADER_ALLOW_LIST
+from dicom_archive.naming import archive_object_name
+from dicom_archive.plan import BatchPlan, plan_batch
+from dicom_archive.rows import RunContext
+from dicom_archive.settings import DEFAULT_HEADER_ALLOW_LIST, ArchiveSettings
+from dicom_archive.stores import LocalObjectStore
 from tests.conftest import PROJECT, pipeline_settings, run_dag
+from tests.faultproxy import FaultProxy, ProxyRequest, ProxyResponse, Rule, proxied
 from tests.test_bad_input import (
     BAD,
     BATCH,
@@ -1347,3 +1354,240 @@ def test_a_private_creator_slot_holding_a_sequence_is_private_data(landing, mode
         assert held.relpath == "slot.dcm"
         assert Reason.PRIVATE_ATTRIBUTE in {f["reason"] for f in held.all_failures()}
     assert_no_leak(landing, outcome, [NAME, MRN])
+
+
+# =============================================================================================
+# A planned image changed before the archive step (phi2 finding 7): only the very file the plan
+# judged is read (its identity taken from the opened file), never one held back under PHI/
+
+# The held copy: the planned image's header and size, other pixels (a burned-in annotation).
+BURNED_IN = f"BURNED-IN:{NAME}".encode()
+SWAPPED = good_images()[0].path  # an image of the CT study, three folders down
+HELD = "PHI/held.dcm"
+
+
+def _with_held_copy(folder: Path) -> Path:
+    """Writes PHI/held.dcm: the image at SWAPPED with its last bytes (pixels) overwritten."""
+    source = (folder / SWAPPED).read_bytes()
+    (folder / "PHI").mkdir(exist_ok=True)
+    (folder / HELD).write_bytes(source[: -len(BURNED_IN)] + BURNED_IN)
+    return folder / HELD
+
+
+def _swap_for_symlink(folder: Path) -> None:
+    os.remove(folder / SWAPPED)
+    os.symlink(folder / HELD, folder / SWAPPED)
+
+
+def _swap_for_relative_symlink(folder: Path) -> None:
+    os.remove(folder / SWAPPED)
+    os.symlink(Path("../../..", HELD), folder / SWAPPED)
+
+
+def _swap_for_hard_link(folder: Path) -> None:
+    os.remove(folder / SWAPPED)
+    os.link(folder / HELD, folder / SWAPPED)
+
+
+def _rename_over(folder: Path) -> None:
+    """Another file (new inode, same size and header) renamed over the planned name."""
+    staged = folder / "staged.tmp"
+    staged.write_bytes((folder / HELD).read_bytes())
+    os.replace(staged, folder / SWAPPED)
+
+
+def _rename_over_with_a_copy(folder: Path) -> None:
+    """The same bytes in a new file: not the file the plan judged either (fail closed)."""
+    staged = folder / "staged.tmp"
+    staged.write_bytes((folder / SWAPPED).read_bytes())
+    os.replace(staged, folder / SWAPPED)
+
+
+def _rewrite_longer(folder: Path) -> None:
+    with open(folder / SWAPPED, "ab") as image:
+        image.write(BURNED_IN)
+
+
+def _rewrite_in_place_keeping_size_and_time(folder: Path) -> None:
+    """The held pixels written into the planned file itself, its mtime put back: only the
+    change time (which no one can set back) shows it."""
+    before = (folder / SWAPPED).stat()
+    with open(folder / SWAPPED, "r+b") as image:
+        image.write((folder / HELD).read_bytes())
+    os.utime(folder / SWAPPED, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def _delete(folder: Path) -> None:
+    os.remove(folder / SWAPPED)
+
+
+def _hard_link_into_phi(folder: Path) -> None:
+    """The planned file itself is held back after planning (a second name under PHI/)."""
+    os.link(folder / SWAPPED, folder / "PHI" / "also.dcm")
+
+
+def _phi_folder_made_unknowable(folder: Path) -> None:
+    """PHI/ gets a dangling link: what it holds back can no longer be known."""
+    os.symlink(folder / "gone" / "x.dcm", folder / "PHI" / "dangling.dcm")
+
+
+def _archive_after(landing: Landing, change: Callable[[Path], None]) -> ArchiveIntegrityError:
+    """Plan the batch (PHI/held.dcm beside it), stage the plan as JSON, make the change, then
+    run the archive step; returns its error, having checked that nothing of the image was kept."""
+    folder = landing.write(BatchSpec(BATCH, images=good_images(), collection=COLLECTION))
+    _with_held_copy(folder)
+    zone = LocalLandingZone(landing.root)
+    plan = BatchPlan.from_json(plan_batch(zone, BATCH).to_json())
+    assert plan.status == "DONE"
+    assert SWAPPED in {i.relpath for g in plan.groups for i in g.images}
+    change(folder)
+    with pytest.raises(ArchiveIntegrityError) as caught:
+        archive_groups(
+            plan.groups,
+            zone,
+            LocalObjectStore(landing.out),
+            deid=plan.deid,
+            context=RunContext("swap-test", "manual__swap"),
+            settings=ArchiveSettings(),
+        )
+    assert not (landing.out / archive_object_name(COLLECTION, ENTITY, DATE, ITEM)).exists()
+    assert phi_audit.audit([NAME], [landing.out]) == []  # the held pixels are nowhere
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_swap_for_symlink, "now leads to an image held back under PHI/"),
+        (_swap_for_relative_symlink, "now leads to an image held back under PHI/"),
+        (_swap_for_hard_link, "now leads to an image held back under PHI/"),
+        (_hard_link_into_phi, "now leads to an image held back under PHI/"),
+        (_rename_over, r"is not the file that was planned \(changed after planning: .*st_ino"),
+        (_rename_over_with_a_copy, r"is not the file that was planned \(changed after planning: .*st_ino"),
+        (_rewrite_longer, r"is not the file that was planned \(changed after planning: .*size"),
+        (
+            _rewrite_in_place_keeping_size_and_time,
+            r"is not the file that was planned \(changed after planning: ctime_ns\)",
+        ),
+        (_delete, r"no longer exists \(removed after planning\)"),
+        (_phi_folder_made_unknowable, "a dangling link: what it holds back cannot be known"),
+    ],
+    ids=lambda value: getattr(value, "__name__", "").strip("_") or None,
+)
+def test_a_planned_image_changed_before_the_archive_step_is_never_uploaded(landing, change, message):
+    error = _archive_after(landing, change)
+    assert re.search(message, str(error)), str(error)
+    # The error names the image, or the name under PHI/ that makes the held images unknowable.
+    named = "PHI/dangling.dcm" if change is _phi_folder_made_unknowable else SWAPPED
+    assert str(landing.root / BATCH / named) in str(error)
+    assert "nothing of this archive is kept" in str(error)
+
+
+def test_the_plan_records_the_identity_of_the_file_it_opened(landing):
+    folder = landing.write(BatchSpec(BATCH, images=good_images(), collection=COLLECTION))
+    plan = BatchPlan.from_json(plan_batch(LocalLandingZone(landing.root), BATCH).to_json())
+    for image in (i for g in plan.groups for i in g.images):
+        info = (folder / image.relpath).stat()
+        assert image.source_identity == {
+            "st_dev": info.st_dev,
+            "st_ino": info.st_ino,
+            "size": info.st_size,
+            "mtime_ns": info.st_mtime_ns,
+            "ctime_ns": info.st_ctime_ns,
+        }
+
+
+def test_a_plan_staged_without_file_identities_loads_and_archives_nothing(landing):
+    """A plan staged by the previous version (no `source_identity`): it still loads, but which
+    file it checked is unknown, so the archive step refuses its images (fail closed)."""
+    landing.write(BatchSpec(BATCH, images=good_images(), collection=COLLECTION))
+    zone = LocalLandingZone(landing.root)
+    doc = json.loads(plan_batch(zone, BATCH).to_json())
+    for group in doc["groups"]:
+        for image in group["images"]:
+            del image["source_identity"]
+    plan = BatchPlan.from_json(json.dumps(doc))
+    assert all(image.source_identity == {} for g in plan.groups for image in g.images)
+    with pytest.raises(ArchiveIntegrityError, match="the plan does not record which file it checked"):
+        archive_groups(
+            plan.groups,
+            zone,
+            LocalObjectStore(landing.out),
+            deid=plan.deid,
+            context=RunContext("swap-test", "manual__swap"),
+            settings=ArchiveSettings(),
+        )
+    assert [p for p in landing.out.rglob("*") if p.is_file()] == []
+
+
+def test_an_image_swapped_while_the_batch_is_planned_is_quarantined(landing):
+    """A swap between the listing (which judged links and second names) and the header read:
+    the opened file is not the listed one, and the image is held back."""
+    folder = landing.write(BatchSpec(BATCH, images=good_images(), collection=COLLECTION))
+    _with_held_copy(folder)
+
+    class SwappingZone(LocalLandingZone):
+        def list_files(self, batch_id):
+            files = super().list_files(batch_id)
+            _swap_for_hard_link(folder)
+            return files
+
+    plan = plan_batch(SwappingZone(landing.root), BATCH)
+    assert plan.status == "DONE"
+    held = {q.relpath: (q.reason, q.detail) for q in plan.quarantined}
+    assert held[SWAPPED] == (Reason.UNREADABLE, "replaced while the batch was being checked")
+    assert SWAPPED not in {i.relpath for g in plan.groups for i in g.images}
+
+
+def _generation_reads(proxy: FaultProxy) -> Rule:
+    """What the emulator does not do: a media read of `generation=N` answers 404 when N is not
+    the object's generation (any more), as Cloud Storage does for a generation that no longer
+    exists (no object versioning on a landing bucket)."""
+
+    def respond(request: ProxyRequest) -> ProxyResponse | None:
+        match = re.fullmatch(r"/download/storage/v1/b/([^/]+)/o/(.+)", request.path)
+        wanted = request.query_params().get("generation")
+        if match is None or not wanted:
+            return None
+        current = proxy.upstream_request("GET", f"/storage/v1/b/{match[1]}/o/{match[2]}")
+        if current.status == 200 and current.json()["generation"] == wanted[0]:
+            return None
+        return ProxyResponse.of_json(404, {"error": {"code": 404, "message": "No such object."}})
+
+    return Rule(method="GET", path=r"^/download/", query="generation=", times=None, respond=respond)
+
+
+def test_a_gs_object_written_again_after_planning_is_never_read(gcs_emulator, bucket_name, tmp_path):
+    """In a bucket the plan records the generation it listed and read, and the archive step reads
+    only that generation: an object written again (same name, size and header) is refused."""
+    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+    with proxied(gcs_emulator.url, "STORAGE_EMULATOR_HOST") as proxy:
+        rule = proxy.add(_generation_reads(proxy))
+        zone = GCSLandingZone(GCSHook().get_conn().bucket(bucket_name), "landing/zone")
+        _upload_batch(zone, BatchSpec(BATCH, images=good_images(), collection=COLLECTION), {}, tmp_path)
+        plan = BatchPlan.from_json(plan_batch(zone, BATCH).to_json())
+        listed = {b.name: b.generation for b in zone.bucket.list_blobs(prefix=f"{zone.prefix}{BATCH}/")}
+        for image in (i for g in plan.groups for i in g.images):
+            assert image.source_identity == {"generation": listed[f"{zone.prefix}{BATCH}/{image.relpath}"]}
+        planned_reads = rule.seen
+        assert planned_reads >= len(good_images())  # every header read asked for its generation
+        blob = zone.bucket.blob(f"{zone.prefix}{BATCH}/{SWAPPED}")
+        source = blob.download_as_bytes()
+        blob.upload_from_string(source[: -len(BURNED_IN)] + BURNED_IN)  # same size, a new generation
+
+        out = tmp_path / "out"
+        with pytest.raises(ArchiveIntegrityError, match="no longer exists as planned") as caught:
+            archive_groups(
+                plan.groups,
+                zone,
+                LocalObjectStore(out),
+                deid=plan.deid,
+                context=RunContext("swap-test", "manual__swap"),
+                settings=ArchiveSettings(),
+            )
+        assert rule.seen > planned_reads
+        assert rule.fired >= 1
+    assert f"{zone.prefix}{BATCH}/{SWAPPED}" in str(caught.value)
+    assert not (out / archive_object_name(COLLECTION, ENTITY, DATE, ITEM)).exists()
+    assert phi_audit.audit([NAME], [out]) == []
