@@ -1251,7 +1251,8 @@ def _run_dag(landing_root: str, batch_id: str) -> str:
         return str(run_dag([batch_id]).state)
 
 
-def _dag_audit(planted: list[str], reports: str) -> list:
+def _dag_audit(planted: list[str], reports: str, collection: str | None = DAG_COLLECTION) -> list:
+    """The PHI audit of the bucket, the reports and the collection's table (None: no table yet)."""
     from airflow.providers.google.cloud.hooks.gcs import GCSHook
 
     from hooks.dicom_storage import DicomStorageHook
@@ -1260,7 +1261,7 @@ def _dag_audit(planted: list[str], reports: str) -> list:
         [v for v in planted if phi_audit.is_meaningful(v)],
         [f"gs://{DAG_BUCKET}"],
         reports=[reports],
-        bigquery_tables=[f"{PROJECT}.{DAG_COLLECTION}.dicom"],
+        bigquery_tables=[f"{PROJECT}.{collection}.dicom"] if collection else [],
         bigquery_client=DicomStorageHook().bigquery_client(PROJECT),
         storage_client=GCSHook().get_conn(),
     )
@@ -1591,3 +1592,74 @@ def test_a_gs_object_written_again_after_planning_is_never_read(gcs_emulator, bu
     assert f"{zone.prefix}{BATCH}/{SWAPPED}" in str(caught.value)
     assert not (out / archive_object_name(COLLECTION, ENTITY, DATE, ITEM)).exists()
     assert phi_audit.audit([NAME], [out]) == []
+
+
+# Each its own archive prefix and table: the hostile batches' studies, and the other swap's, are the same.
+SWAP_COLLECTIONS = {"symlink": "IRB77311", "hard-link": "IRB77312"}
+
+
+def _archive_task_failure(run_id: str) -> tuple[str, int]:
+    """The state and try number of the run's archive task (mapped: its first index)."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        ti = (
+            session.query(TaskInstance)
+            .filter(TaskInstance.run_id == run_id, TaskInstance.task_id == "archive_studies")
+            .order_by(TaskInstance.map_index)
+            .first()
+        )
+        return str(ti.state), ti.try_number
+
+
+@pytest.mark.parametrize(
+    ("swap", "collection"),
+    [(_swap_for_symlink, SWAP_COLLECTIONS["symlink"]), (_swap_for_hard_link, SWAP_COLLECTIONS["hard-link"])],
+    ids=list(SWAP_COLLECTIONS),
+)
+def test_a_planned_image_swapped_for_a_held_one_through_the_dag(
+    dag_env, tmp_path, monkeypatch, capfd, swap, collection
+):
+    """phi2 finding 7 end to end: between the plan step and the archive step the planned image
+    becomes the held one (same size and header, burned-in pixels). The archive task fails at
+    once (not retried) naming the image; nothing of that study lands, no report is written, and
+    the batch stays re-processable: the next run plans it as it now is (the name is held back)."""
+    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+    from dicom_archive.batch import Staging
+
+    monkeypatch.setenv("DICOM_TASK_RETRIES", "3")  # read when the DAG is parsed: must not be used
+    root = tmp_path / "landing"
+    batch_id = f"20240105-swap-{swap.__name__.strip('_').replace('_', '-')}"
+    folder = write_batch(root, BatchSpec(batch_id, images=good_images(), collection=collection))
+    _with_held_copy(folder)
+    stage_plan = Staging.stage_plan
+
+    def stage_then_swap(self, plan, studies_per_chunk):
+        refs = stage_plan(self, plan, studies_per_chunk)
+        swap(folder)  # the plan is staged: the anonymizer (or anyone) changes the batch now
+        return refs
+
+    monkeypatch.setattr(Staging, "stage_plan", stage_then_swap)
+    settings = {"bucket": DAG_BUCKET, "collection": collection, "create_bucket": False}
+    with pipeline_settings(str(root), **settings):
+        run = run_dag([batch_id])
+    assert str(run.state) == "failed"
+    assert _archive_task_failure(run.run_id) == ("failed", 1)
+    task_log = capfd.readouterr().out  # the task's log (dag.test() writes it to stdout)
+    assert f"AirflowFailException: ArchiveIntegrityError: {folder / SWAPPED} now leads to an image held" in task_log
+    assert not (folder / "batch.report.json").exists()  # re-processable, like any failed archive task
+    storage = GCSHook().get_conn()
+    ct_study = archive_object_name(collection, ENTITY, DATE, ITEM)
+    assert storage.bucket(DAG_BUCKET).get_blob(ct_study) is None
+    assert _dag_audit([NAME], str(root), collection=None) == []
+
+    monkeypatch.setattr(Staging, "stage_plan", stage_plan)
+    with pipeline_settings(str(root), **settings):
+        assert str(run_dag([batch_id]).state) == "success"
+    report = json.loads((folder / "batch.report.json").read_text())
+    assert report["status"] == "DONE"
+    assert _failures(report) == {SWAPPED: {Reason.PHI_FOLDER}, HELD: {Reason.PHI_FOLDER}}
+    assert report["images"]["archived"] == len(good_images()) - 1
+    assert _dag_audit([NAME], str(root), collection=collection) == []
