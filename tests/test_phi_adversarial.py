@@ -1442,6 +1442,7 @@ def _archive_after(landing: Landing, change: Callable[[Path], None]) -> ArchiveI
     assert plan.status == "DONE"
     assert SWAPPED in {i.relpath for g in plan.groups for i in g.images}
     change(folder)
+    landing.out.mkdir()  # audited below, even when nothing was written
     with pytest.raises(ArchiveIntegrityError) as caught:
         archive_groups(
             plan.groups,

@@ -157,12 +157,14 @@ def write_study_archive(
     policy: DeidPolicy | None = None,
     compresslevel: int = DEFAULT_COMPRESSLEVEL,
     row_fields: RowFields | None = None,
+    held: set[str] | None = None,
 ) -> tuple[ArchiveDigest, list[ArchivedMember]]:
     """Write the group's tar.gz to `sink` (None: only compute the digest); return its digest and members.
 
     The bytes depend only on the images and their order (sorted by series, instance, UIDs,
     then path), never on time, user or machine. Memory stays flat in the study size: each
-    image's header is parsed, checked, passed to `row_fields`, and dropped.
+    image's header is parsed, checked, passed to `row_fields`, and dropped. `held`: the batch's
+    held identities (held_identities), when the caller has them; None: they are found now.
     """
     policy = study_policy(group, policy)
     output = HashingSink(sink)
@@ -176,7 +178,7 @@ def write_study_archive(
     ):
         tar.copybufsize = COPY_CHUNK
         tar.addfile(_tar_info(stem, 0, is_dir=True))
-        held = held_identities(zone, group)
+        held = held_identities(zone, group.batch_id) if held is None else held
         hashed_members = [
             _add_image(tar, zone, group, stem, ordinal, image, policy, row_fields, hashing, held)
             for ordinal, image in enumerate(group.sorted_images(), start=1)
@@ -261,13 +263,15 @@ def _add_image(
 _VOID = "nothing of this archive is kept"
 
 
-def held_identities(zone: LandingZone, group: StudyGroup) -> set[str]:
-    """The identities of the batch's images held back under PHI/, found again at archive time."""
+def held_identities(zone: LandingZone, batch_id: str) -> set[str]:
+    """The identities of the batch's images held back under PHI/, found again at archive time
+    (the plan's may be out of date). Walking the batch's folders costs a listing each: a caller
+    that archives many studies of one batch finds them once and passes them on."""
     try:
-        return zone.held_identities(group.batch_id)
+        return zone.held_identities(batch_id)
     except HeldImagesError as err:
         raise ArchiveIntegrityError(
-            f"{zone.describe(group.batch_id, err.relpath)}: {err.problem}; the images held under PHI/ cannot all "
+            f"{zone.describe(batch_id, err.relpath)}: {err.problem}; the images held under PHI/ cannot all "
             f"be found, so no image of the batch is known not to be one of them: {_VOID}"
         ) from err
 
@@ -334,12 +338,13 @@ def hash_study_members(
     *,
     policy: DeidPolicy | None = None,
     row_fields: RowFields | None = None,
+    held: set[str] | None = None,
 ) -> list[ArchivedMember]:
     """The members `write_study_archive` would write, from one read of each image, without
     building the archive: the same per-image code path (checks included), into no tar."""
     policy = study_policy(group, policy)
     tar: Any = _DigestOnlyTar()
-    held = held_identities(zone, group)
+    held = held_identities(zone, group.batch_id) if held is None else held
     with HashingThread.started() as hashing:
         hashed_members = [
             _add_image(tar, zone, group, group.stem, ordinal, image, policy, row_fields, hashing, held)

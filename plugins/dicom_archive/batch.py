@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from dicom_archive.archive import held_identities
 from dicom_archive.landing import LandingZone
 from dicom_archive.manifest import LOCAL_REPORT_NAME, REPORT_NAME, check_deid
 from dicom_archive.naming import batch_report_object_name, require_batch_id
@@ -222,8 +223,11 @@ def archive_groups(
     row_fields = functools.partial(image_fields, allow_list=settings.header_allow_list)
     started = time.monotonic()
     done_bytes = 0
+    held: dict[str, set[str]] = {}  # the images held under PHI/, walked once per batch (archive.held_identities)
     for done, group in enumerate(groups, start=1):
         t0 = time.monotonic()
+        if group.batch_id not in held:
+            held[group.batch_id] = held_identities(zone, group.batch_id)
         published = publish_study_archive(
             group,
             zone,
@@ -232,6 +236,7 @@ def archive_groups(
             compresslevel=settings.compresslevel,
             replace_changed=settings.replace_changed,
             row_fields=row_fields,
+            held=held[group.batch_id],
         )
         if not published.rows_loaded:  # else its rows are in the table already (see publish.py)
             rows.extend(
