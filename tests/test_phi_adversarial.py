@@ -1537,26 +1537,30 @@ def test_an_image_swapped_while_the_batch_is_planned_is_quarantined(landing):
     plan = plan_batch(SwappingZone(landing.root), BATCH)
     assert plan.status == "DONE"
     held = {q.relpath: (q.reason, q.detail) for q in plan.quarantined}
-    assert held[SWAPPED] == (Reason.UNREADABLE, "replaced while the batch was being checked")
+    assert held[SWAPPED] == (Reason.UNREADABLE, "changed or replaced while the batch was being checked")
     assert SWAPPED not in {i.relpath for g in plan.groups for i in g.images}
 
 
 def _generation_reads(proxy: FaultProxy) -> Rule:
-    """What the emulator does not do: a media read of `generation=N` answers 404 when N is not
-    the object's generation (any more), as Cloud Storage does for a generation that no longer
-    exists (no object versioning on a landing bucket)."""
+    """What the emulator does not do: a media read that asks for `generation=N` answers 404 when N
+    is not the object's generation (any more), as Cloud Storage does for a generation that no longer
+    exists (no object versioning on a landing bucket); one with `ifGenerationMatch=N` answers 412."""
 
     def respond(request: ProxyRequest) -> ProxyResponse | None:
         match = re.fullmatch(r"/download/storage/v1/b/([^/]+)/o/(.+)", request.path)
-        wanted = request.query_params().get("generation")
-        if match is None or not wanted:
+        params = request.query_params()
+        asked = {key: params[key][0] for key in ("generation", "ifGenerationMatch") if key in params}
+        if match is None or not asked:
             return None
         current = proxy.upstream_request("GET", f"/storage/v1/b/{match[1]}/o/{match[2]}")
-        if current.status == 200 and current.json()["generation"] == wanted[0]:
-            return None
-        return ProxyResponse.of_json(404, {"error": {"code": 404, "message": "No such object."}})
+        generation = current.json()["generation"] if current.status == 200 else None
+        if "generation" in asked and asked["generation"] != generation:
+            return ProxyResponse.of_json(404, {"error": {"code": 404, "message": "No such object."}})
+        if "ifGenerationMatch" in asked and asked["ifGenerationMatch"] != generation:
+            return ProxyResponse.of_json(412, {"error": {"code": 412, "message": "conditionNotMet"}})
+        return None
 
-    return Rule(method="GET", path=r"^/download/", query="generation=", times=None, respond=respond)
+    return Rule(method="GET", path=r"^/download/", times=None, respond=respond)
 
 
 def test_a_gs_object_written_again_after_planning_is_never_read(gcs_emulator, bucket_name, tmp_path):
@@ -1664,3 +1668,36 @@ def test_a_planned_image_swapped_for_a_held_one_through_the_dag(
     assert _failures(report) == {SWAPPED: {Reason.PHI_FOLDER}, HELD: {Reason.PHI_FOLDER}}
     assert report["images"]["archived"] == len(good_images()) - 1
     assert _dag_audit([NAME], str(root), collection=collection) == []
+
+
+def test_an_image_rewritten_while_the_archive_step_reads_it_is_not_kept(landing):
+    """The identity is taken before the first byte is read; a rewrite in place after that (same
+    size, the held pixels) is seen by taking it again once the file has been read."""
+    folder = landing.write(BatchSpec(BATCH, images=good_images(), collection=COLLECTION))
+    _with_held_copy(folder)
+
+    class RewritingZone(LocalLandingZone):
+        checked = 0
+
+        def source_identity(self, stream):
+            identity = super().source_identity(stream)
+            if os.path.samefile(stream.name, folder / SWAPPED):
+                self.checked += 1
+                if self.checked == 1:  # the archive step's check, before its first read
+                    _rewrite_in_place_keeping_size_and_time(folder)
+            return identity
+
+    plan = BatchPlan.from_json(plan_batch(LocalLandingZone(landing.root), BATCH).to_json())
+    landing.out.mkdir()
+    with pytest.raises(ArchiveIntegrityError, match="changed while it was archived") as caught:
+        archive_groups(
+            plan.groups,
+            RewritingZone(landing.root),
+            LocalObjectStore(landing.out),
+            deid=plan.deid,
+            context=RunContext("swap-test", "manual__swap"),
+            settings=ArchiveSettings(),
+        )
+    assert str(folder / SWAPPED) in str(caught.value)
+    assert not (landing.out / archive_object_name(COLLECTION, ENTITY, DATE, ITEM)).exists()
+    assert phi_audit.audit([NAME], [landing.out]) == []

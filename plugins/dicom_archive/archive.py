@@ -244,6 +244,9 @@ def _add_image(
             raise ArchiveIntegrityError(f"{where} grew since it was checked")
         if problem is not None:
             raise ArchiveIntegrityError(f"{where} changed while it was archived")
+        if dict(zone.source_identity(stream)) != image.source_identity:
+            # Written to after the identity check, while it was read (a rewrite in place).
+            raise ArchiveIntegrityError(f"{where} changed while it was archived; {_VOID}")
     fields = row_fields(walk.dataset(), image) if row_fields is not None else {}
     # Only the hash objects wait for the drain: the reader (its last window is the image, for a
     # small one) and the walk must not live until the end of the study.

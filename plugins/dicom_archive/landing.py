@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from dicom_archive.local_files import write_atomically
 
@@ -170,7 +170,7 @@ class LocalLandingZone:
 
     def held_identities(self, batch_id: str) -> set[str]:
         """Walks the batch's folders as list_files does, but stats only the held images (and any
-        file named `PHI`): a listing per folder, so the archive step can afford it per study."""
+        file named `PHI`): a listing per folder, which each archive task can afford once per batch."""
         batch_dir = (self.root / batch_id).resolve()
         if not batch_dir.is_dir():
             return set()
@@ -356,12 +356,13 @@ class GCSLandingZone:
         # raises FileNotFoundError.
         generation = (source or {}).get("generation")
         blob = self.bucket.blob(self._name(batch_id, relpath), generation=generation)  # type: ignore[attr-defined]
-        return _pinned_reader_class()(blob, chunk_size=chunk_size or GCS_HEADER_READ, **self._retry)
+        pinned = {} if generation is None else {"if_generation_match": generation}  # kept by every read
+        return _pinned_reader_class()(blob, chunk_size=chunk_size or GCS_HEADER_READ, **self._retry, **pinned)
 
     def source_identity(self, stream: BinaryIO) -> SourceIdentity:
         # The generation the reads ask for (the plan opens the listed one), or the one the first
         # read's response named (X-Goog-Generation); {} before any read of an object opened without.
-        generation = stream._blob.generation  # type: ignore[attr-defined]
+        generation = stream.generation_asked or stream._blob.generation  # type: ignore[attr-defined]
         return {} if generation is None else {"generation": int(generation)}
 
     def held_identities(self, batch_id: str) -> set[str]:
@@ -483,14 +484,19 @@ def _regular_file_identity(path: Path) -> str | None:
 def _pinned_reader_class() -> type:
     """google-cloud-storage's BlobReader, raising FileNotFoundError (as a local file does) for an
     object, or the generation asked for, that does not exist (any more)."""
-    from google.api_core.exceptions import NotFound
+    from google.api_core.exceptions import NotFound, PreconditionFailed
     from google.cloud.storage.fileio import BlobReader
 
     class PinnedBlobReader(BlobReader):
+        def __init__(self, blob: Any, **kwargs: Any) -> None:
+            super().__init__(blob, **kwargs)
+            # A download's response headers overwrite the blob's generation: keep the one asked.
+            self.generation_asked: int | None = blob.generation
+
         def read(self, size: int = -1) -> bytes:
             try:
                 return super().read(size)
-            except NotFound as err:
+            except (NotFound, PreconditionFailed) as err:  # 412: ifGenerationMatch no longer holds
                 raise FileNotFoundError(f"gs://{self._blob.bucket.name}/{self._blob.name}: no such object") from err
 
     return PinnedBlobReader

@@ -198,7 +198,7 @@ def inspect_image(
             source = dict(zone.source_identity(stream))
             if not _is_listed_file(source, file):
                 # Replaced between the listing (which judged its links and aliases) and the open.
-                return quarantined(Reason.UNREADABLE, "replaced while the batch was being checked")
+                return quarantined(Reason.UNREADABLE, "changed or replaced while the batch was being checked")
             walk = walk_header(stream, file.size, policy)
             source = source or dict(zone.source_identity(stream))  # a bucket names it once read
     except WalkError as err:
