@@ -84,6 +84,8 @@ def test_two_runs_give_byte_identical_archives_whatever_the_file_times(tmp_path)
     first, digest1, _ = archive_bytes(group, zone)
     for path in (tmp_path / "zone" / "b1").rglob("*.dcm"):
         os.utime(path, (1_000_000_000, 1_000_000_000))  # different mtimes must not matter
+    # A second run plans again: a plan's images are the files it checked, mtimes included.
+    group = only_group(plan_batch(zone, "b1"))
     second, digest2, _ = archive_bytes(group, zone)
 
     assert first == second
@@ -246,20 +248,40 @@ def _tamper_identity(path: Path) -> None:
     path.write_bytes(raw.replace(element, b"\x12\x00\x62\x00CS\x04\x00NO  "))  # same size
 
 
+NOT_PLANNED = "is not the file that was planned"
+
+
+def _unseen_by_the_file_identity(group, zone, relpath: str) -> None:
+    """The plan takes the changed file's identity, as if the change had come after the identity
+    check (while the file is read): what must catch it then is the header's re-check."""
+    image = next(image for image in group.images if image.relpath == relpath)
+    with zone.open(group.batch_id, relpath) as stream:
+        image.source_identity = dict(zone.source_identity(stream))
+
+
 @pytest.mark.parametrize(
-    ("tamper", "message"),
+    ("tamper", "message", "unseen"),
     [
-        (_tamper_truncate, "changed size"),
-        (_tamper_grow, "grew"),
-        (_tamper_identity, r"no longer passes the de-identification check \(identity_not_removed\)"),
+        (
+            _tamper_truncate,
+            r"is not the file that was planned \(changed after planning: ctime_ns, mtime_ns, size\)",
+            "",
+        ),
+        (_tamper_grow, r"is not the file that was planned \(changed after planning: ctime_ns, mtime_ns, size\)", ""),
+        (_tamper_identity, r"is not the file that was planned \(changed after planning: ctime_ns, mtime_ns\)", ""),
+        (_tamper_truncate, "changed size", "unseen"),
+        (_tamper_grow, "grew", "unseen"),
+        (_tamper_identity, r"no longer passes the de-identification check \(identity_not_removed\)", "unseen"),
     ],
 )
-def test_file_changed_after_planning_fails_the_archive_and_leaves_no_object(tmp_path, tamper, message):
+def test_file_changed_after_planning_fails_the_archive_and_leaves_no_object(tmp_path, tamper, message, unseen):
     root = tmp_path / "zone"
     zone = make_batch(root, "b1", good_images(3))
     group = only_group(plan_batch(zone, "b1"))
     victim = group.sorted_images()[1].relpath
     tamper(root / "b1" / victim)
+    if unseen:
+        _unseen_by_the_file_identity(group, zone, victim)
 
     with pytest.raises(ArchiveIntegrityError, match=message) as caught:
         write_study_archive(group, zone, io.BytesIO())

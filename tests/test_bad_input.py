@@ -104,9 +104,9 @@ class RecordingZone(LocalLandingZone):
         super().__init__(root)
         self.opened: list[tuple[str, str]] = []
 
-    def open(self, batch_id, relpath, chunk_size=256 * 1024):
+    def open(self, batch_id, relpath, chunk_size=256 * 1024, **kwargs):
         self.opened.append((batch_id, relpath))
-        return super().open(batch_id, relpath, chunk_size)
+        return super().open(batch_id, relpath, chunk_size, **kwargs)
 
     def read_bytes(self, batch_id, relpath):
         self.opened.append((batch_id, relpath))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import struct
 import tarfile
 from collections.abc import Callable
@@ -37,8 +38,10 @@ import pydicom
 import pytest
 from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 
+from dicom_archive.archive import ArchiveIntegrityError
+from dicom_archive.batch import archive_groups
 from dicom_archive.deid_gate import Reason
-from dicom_archive.landing import GCSLandingZone, is_under_phi_folder, normalise_relpath
+from dicom_archive.landing import GCSLandingZone, LocalLandingZone, is_under_phi_folder, normalise_relpath
 from dicom_archive.manifest import (
     NAME_SHAPED_KEY,
     NOT_A_FIELD_NAME,
@@ -47,9 +50,13 @@ from dicom_archive.manifest import (
     lookup_violations,
     match_lookup,
 )
-from dicom_archive.plan import plan_batch
-from dicom_archive.settings import DEFAULT_HEADER_ALLOW_LIST
+from dicom_archive.naming import archive_object_name
+from dicom_archive.plan import BatchPlan, plan_batch
+from dicom_archive.rows import RunContext
+from dicom_archive.settings import DEFAULT_HEADER_ALLOW_LIST, ArchiveSettings
+from dicom_archive.stores import LocalObjectStore
 from tests.conftest import PROJECT, pipeline_settings, run_dag
+from tests.faultproxy import FaultProxy, ProxyRequest, ProxyResponse, Rule, proxied
 from tests.test_bad_input import (
     BAD,
     BATCH,
@@ -1244,7 +1251,8 @@ def _run_dag(landing_root: str, batch_id: str) -> str:
         return str(run_dag([batch_id]).state)
 
 
-def _dag_audit(planted: list[str], reports: str) -> list:
+def _dag_audit(planted: list[str], reports: str, collection: str | None = DAG_COLLECTION) -> list:
+    """The PHI audit of the bucket, the reports and the collection's table (None: no table yet)."""
     from airflow.providers.google.cloud.hooks.gcs import GCSHook
 
     from hooks.dicom_storage import DicomStorageHook
@@ -1253,7 +1261,7 @@ def _dag_audit(planted: list[str], reports: str) -> list:
         [v for v in planted if phi_audit.is_meaningful(v)],
         [f"gs://{DAG_BUCKET}"],
         reports=[reports],
-        bigquery_tables=[f"{PROJECT}.{DAG_COLLECTION}.dicom"],
+        bigquery_tables=[f"{PROJECT}.{collection}.dicom"] if collection else [],
         bigquery_client=DicomStorageHook().bigquery_client(PROJECT),
         storage_client=GCSHook().get_conn(),
     )
@@ -1347,3 +1355,349 @@ def test_a_private_creator_slot_holding_a_sequence_is_private_data(landing, mode
         assert held.relpath == "slot.dcm"
         assert Reason.PRIVATE_ATTRIBUTE in {f["reason"] for f in held.all_failures()}
     assert_no_leak(landing, outcome, [NAME, MRN])
+
+
+# =============================================================================================
+# A planned image changed before the archive step (phi2 finding 7): only the very file the plan
+# judged is read (its identity taken from the opened file), never one held back under PHI/
+
+# The held copy: the planned image's header and size, other pixels (a burned-in annotation).
+BURNED_IN = f"BURNED-IN:{NAME}".encode()
+SWAPPED = good_images()[0].path  # an image of the CT study, three folders down
+HELD = "PHI/held.dcm"
+
+
+def _with_held_copy(folder: Path) -> Path:
+    """Writes PHI/held.dcm: the image at SWAPPED with its last bytes (pixels) overwritten."""
+    source = (folder / SWAPPED).read_bytes()
+    (folder / "PHI").mkdir(exist_ok=True)
+    (folder / HELD).write_bytes(source[: -len(BURNED_IN)] + BURNED_IN)
+    return folder / HELD
+
+
+def _swap_for_symlink(folder: Path) -> None:
+    os.remove(folder / SWAPPED)
+    os.symlink(folder / HELD, folder / SWAPPED)
+
+
+def _swap_for_relative_symlink(folder: Path) -> None:
+    os.remove(folder / SWAPPED)
+    os.symlink(Path("../../..", HELD), folder / SWAPPED)
+
+
+def _swap_for_hard_link(folder: Path) -> None:
+    os.remove(folder / SWAPPED)
+    os.link(folder / HELD, folder / SWAPPED)
+
+
+def _rename_over(folder: Path) -> None:
+    """Another file (new inode, same size and header) renamed over the planned name."""
+    staged = folder / "staged.tmp"
+    staged.write_bytes((folder / HELD).read_bytes())
+    os.replace(staged, folder / SWAPPED)
+
+
+def _rename_over_with_a_copy(folder: Path) -> None:
+    """The same bytes in a new file: not the file the plan judged either (fail closed)."""
+    staged = folder / "staged.tmp"
+    staged.write_bytes((folder / SWAPPED).read_bytes())
+    os.replace(staged, folder / SWAPPED)
+
+
+def _rewrite_longer(folder: Path) -> None:
+    with open(folder / SWAPPED, "ab") as image:
+        image.write(BURNED_IN)
+
+
+def _rewrite_in_place_keeping_size_and_time(folder: Path) -> None:
+    """The held pixels written into the planned file itself, its mtime put back: only the
+    change time (which no one can set back) shows it."""
+    before = (folder / SWAPPED).stat()
+    with open(folder / SWAPPED, "r+b") as image:
+        image.write((folder / HELD).read_bytes())
+    os.utime(folder / SWAPPED, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def _delete(folder: Path) -> None:
+    os.remove(folder / SWAPPED)
+
+
+def _hard_link_into_phi(folder: Path) -> None:
+    """The planned file itself is held back after planning (a second name under PHI/)."""
+    os.link(folder / SWAPPED, folder / "PHI" / "also.dcm")
+
+
+def _phi_folder_made_unknowable(folder: Path) -> None:
+    """PHI/ gets a dangling link: what it holds back can no longer be known."""
+    os.symlink(folder / "gone" / "x.dcm", folder / "PHI" / "dangling.dcm")
+
+
+def _archive_after(landing: Landing, change: Callable[[Path], None]) -> ArchiveIntegrityError:
+    """Plan the batch (PHI/held.dcm beside it), stage the plan as JSON, make the change, then
+    run the archive step; returns its error, having checked that nothing of the image was kept."""
+    folder = landing.write(BatchSpec(BATCH, images=good_images(), collection=COLLECTION))
+    _with_held_copy(folder)
+    zone = LocalLandingZone(landing.root)
+    plan = BatchPlan.from_json(plan_batch(zone, BATCH).to_json())
+    assert plan.status == "DONE"
+    assert SWAPPED in {i.relpath for g in plan.groups for i in g.images}
+    change(folder)
+    landing.out.mkdir()  # audited below, even when nothing was written
+    with pytest.raises(ArchiveIntegrityError) as caught:
+        archive_groups(
+            plan.groups,
+            zone,
+            LocalObjectStore(landing.out),
+            deid=plan.deid,
+            context=RunContext("swap-test", "manual__swap"),
+            settings=ArchiveSettings(),
+        )
+    assert not (landing.out / archive_object_name(COLLECTION, ENTITY, DATE, ITEM)).exists()
+    assert phi_audit.audit([NAME], [landing.out]) == []  # the held pixels are nowhere
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_swap_for_symlink, "now leads to an image held back under PHI/"),
+        (_swap_for_relative_symlink, "now leads to an image held back under PHI/"),
+        (_swap_for_hard_link, "now leads to an image held back under PHI/"),
+        (_hard_link_into_phi, "now leads to an image held back under PHI/"),
+        (_rename_over, r"is not the file that was planned \(changed after planning: .*st_ino"),
+        (_rename_over_with_a_copy, r"is not the file that was planned \(changed after planning: .*st_ino"),
+        (_rewrite_longer, r"is not the file that was planned \(changed after planning: .*size"),
+        (
+            _rewrite_in_place_keeping_size_and_time,
+            r"is not the file that was planned \(changed after planning: ctime_ns\)",
+        ),
+        (_delete, r"no longer exists \(removed after planning\)"),
+        (_phi_folder_made_unknowable, "a dangling link: what it holds back cannot be known"),
+    ],
+    ids=lambda value: getattr(value, "__name__", "").strip("_") or None,
+)
+def test_a_planned_image_changed_before_the_archive_step_is_never_uploaded(landing, change, message):
+    error = _archive_after(landing, change)
+    assert re.search(message, str(error)), str(error)
+    # The error names the image, or the name under PHI/ that makes the held images unknowable.
+    named = "PHI/dangling.dcm" if change is _phi_folder_made_unknowable else SWAPPED
+    assert str(landing.root / BATCH / named) in str(error)
+    assert "nothing of this archive is kept" in str(error)
+
+
+def test_the_plan_records_the_identity_of_the_file_it_opened(landing):
+    folder = landing.write(BatchSpec(BATCH, images=good_images(), collection=COLLECTION))
+    plan = BatchPlan.from_json(plan_batch(LocalLandingZone(landing.root), BATCH).to_json())
+    for image in (i for g in plan.groups for i in g.images):
+        info = (folder / image.relpath).stat()
+        assert image.source_identity == {
+            "st_dev": info.st_dev,
+            "st_ino": info.st_ino,
+            "size": info.st_size,
+            "mtime_ns": info.st_mtime_ns,
+            "ctime_ns": info.st_ctime_ns,
+        }
+
+
+def test_a_plan_staged_without_file_identities_loads_and_archives_nothing(landing):
+    """A plan staged by the previous version (no `source_identity`): it still loads, but which
+    file it checked is unknown, so the archive step refuses its images (fail closed)."""
+    landing.write(BatchSpec(BATCH, images=good_images(), collection=COLLECTION))
+    zone = LocalLandingZone(landing.root)
+    doc = json.loads(plan_batch(zone, BATCH).to_json())
+    for group in doc["groups"]:
+        for image in group["images"]:
+            del image["source_identity"]
+    plan = BatchPlan.from_json(json.dumps(doc))
+    assert all(image.source_identity == {} for g in plan.groups for image in g.images)
+    with pytest.raises(ArchiveIntegrityError, match="the plan does not record which file it checked"):
+        archive_groups(
+            plan.groups,
+            zone,
+            LocalObjectStore(landing.out),
+            deid=plan.deid,
+            context=RunContext("swap-test", "manual__swap"),
+            settings=ArchiveSettings(),
+        )
+    assert [p for p in landing.out.rglob("*") if p.is_file()] == []
+
+
+def test_an_image_swapped_while_the_batch_is_planned_is_quarantined(landing):
+    """A swap between the listing (which judged links and second names) and the header read:
+    the opened file is not the listed one, and the image is held back."""
+    folder = landing.write(BatchSpec(BATCH, images=good_images(), collection=COLLECTION))
+    _with_held_copy(folder)
+
+    class SwappingZone(LocalLandingZone):
+        def list_files(self, batch_id):
+            files = super().list_files(batch_id)
+            _swap_for_hard_link(folder)
+            return files
+
+    plan = plan_batch(SwappingZone(landing.root), BATCH)
+    assert plan.status == "DONE"
+    held = {q.relpath: (q.reason, q.detail) for q in plan.quarantined}
+    assert held[SWAPPED] == (Reason.UNREADABLE, "changed or replaced while the batch was being checked")
+    assert SWAPPED not in {i.relpath for g in plan.groups for i in g.images}
+
+
+def _generation_reads(proxy: FaultProxy) -> Rule:
+    """What the emulator does not do: a media read that asks for `generation=N` answers 404 when N
+    is not the object's generation (any more), as Cloud Storage does for a generation that no longer
+    exists (no object versioning on a landing bucket); one with `ifGenerationMatch=N` answers 412."""
+
+    def respond(request: ProxyRequest) -> ProxyResponse | None:
+        match = re.fullmatch(r"/download/storage/v1/b/([^/]+)/o/(.+)", request.path)
+        params = request.query_params()
+        asked = {key: params[key][0] for key in ("generation", "ifGenerationMatch") if key in params}
+        if match is None or not asked:
+            return None
+        current = proxy.upstream_request("GET", f"/storage/v1/b/{match[1]}/o/{match[2]}")
+        generation = current.json()["generation"] if current.status == 200 else None
+        if "generation" in asked and asked["generation"] != generation:
+            return ProxyResponse.of_json(404, {"error": {"code": 404, "message": "No such object."}})
+        if "ifGenerationMatch" in asked and asked["ifGenerationMatch"] != generation:
+            return ProxyResponse.of_json(412, {"error": {"code": 412, "message": "conditionNotMet"}})
+        return None
+
+    return Rule(method="GET", path=r"^/download/", times=None, respond=respond)
+
+
+def test_a_gs_object_written_again_after_planning_is_never_read(gcs_emulator, bucket_name, tmp_path):
+    """In a bucket the plan records the generation it listed and read, and the archive step reads
+    only that generation: an object written again (same name, size and header) is refused."""
+    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+    with proxied(gcs_emulator.url, "STORAGE_EMULATOR_HOST") as proxy:
+        rule = proxy.add(_generation_reads(proxy))
+        zone = GCSLandingZone(GCSHook().get_conn().bucket(bucket_name), "landing/zone")
+        _upload_batch(zone, BatchSpec(BATCH, images=good_images(), collection=COLLECTION), {}, tmp_path)
+        plan = BatchPlan.from_json(plan_batch(zone, BATCH).to_json())
+        listed = {b.name: b.generation for b in zone.bucket.list_blobs(prefix=f"{zone.prefix}{BATCH}/")}
+        for image in (i for g in plan.groups for i in g.images):
+            assert image.source_identity == {"generation": listed[f"{zone.prefix}{BATCH}/{image.relpath}"]}
+        planned_reads = rule.seen
+        assert planned_reads >= len(good_images())  # every header read asked for its generation
+        blob = zone.bucket.blob(f"{zone.prefix}{BATCH}/{SWAPPED}")
+        source = blob.download_as_bytes()
+        blob.upload_from_string(source[: -len(BURNED_IN)] + BURNED_IN)  # same size, a new generation
+
+        out = tmp_path / "out"
+        with pytest.raises(ArchiveIntegrityError, match="no longer exists as planned") as caught:
+            archive_groups(
+                plan.groups,
+                zone,
+                LocalObjectStore(out),
+                deid=plan.deid,
+                context=RunContext("swap-test", "manual__swap"),
+                settings=ArchiveSettings(),
+            )
+        assert rule.seen > planned_reads
+        assert rule.fired >= 1
+    assert f"{zone.prefix}{BATCH}/{SWAPPED}" in str(caught.value)
+    assert not (out / archive_object_name(COLLECTION, ENTITY, DATE, ITEM)).exists()
+    assert phi_audit.audit([NAME], [out]) == []
+
+
+# Each its own archive prefix and table: the hostile batches' studies, and the other swap's, are the same.
+SWAP_COLLECTIONS = {"symlink": "IRB77311", "hard-link": "IRB77312"}
+
+
+def _archive_task_failure(run_id: str) -> tuple[str, int]:
+    """The state and try number of the run's archive task (mapped: its first index)."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        ti = (
+            session.query(TaskInstance)
+            .filter(TaskInstance.run_id == run_id, TaskInstance.task_id == "archive_studies")
+            .order_by(TaskInstance.map_index)
+            .first()
+        )
+        return str(ti.state), ti.try_number
+
+
+@pytest.mark.parametrize(
+    ("swap", "collection"),
+    [(_swap_for_symlink, SWAP_COLLECTIONS["symlink"]), (_swap_for_hard_link, SWAP_COLLECTIONS["hard-link"])],
+    ids=list(SWAP_COLLECTIONS),
+)
+def test_a_planned_image_swapped_for_a_held_one_through_the_dag(
+    dag_env, tmp_path, monkeypatch, capfd, swap, collection
+):
+    """phi2 finding 7 end to end: between the plan step and the archive step the planned image
+    becomes the held one (same size and header, burned-in pixels). The archive task fails at
+    once (not retried) naming the image; nothing of that study lands, no report is written, and
+    the batch stays re-processable: the next run plans it as it now is (the name is held back)."""
+    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+    from dicom_archive.batch import Staging
+
+    monkeypatch.setenv("DICOM_TASK_RETRIES", "3")  # read when the DAG is parsed: must not be used
+    root = tmp_path / "landing"
+    batch_id = f"20240105-swap-{swap.__name__.strip('_').replace('_', '-')}"
+    folder = write_batch(root, BatchSpec(batch_id, images=good_images(), collection=collection))
+    _with_held_copy(folder)
+    stage_plan = Staging.stage_plan
+
+    def stage_then_swap(self, plan, studies_per_chunk):
+        refs = stage_plan(self, plan, studies_per_chunk)
+        swap(folder)  # the plan is staged: the anonymizer (or anyone) changes the batch now
+        return refs
+
+    monkeypatch.setattr(Staging, "stage_plan", stage_then_swap)
+    settings = {"bucket": DAG_BUCKET, "collection": collection, "create_bucket": False}
+    with pipeline_settings(str(root), **settings):
+        run = run_dag([batch_id])
+    assert str(run.state) == "failed"
+    assert _archive_task_failure(run.run_id) == ("failed", 1)
+    task_log = capfd.readouterr().out  # the task's log (dag.test() writes it to stdout)
+    assert f"AirflowFailException: ArchiveIntegrityError: {folder / SWAPPED} now leads to an image held" in task_log
+    assert not (folder / "batch.report.json").exists()  # re-processable, like any failed archive task
+    storage = GCSHook().get_conn()
+    ct_study = archive_object_name(collection, ENTITY, DATE, ITEM)
+    assert storage.bucket(DAG_BUCKET).get_blob(ct_study) is None
+    assert _dag_audit([NAME], str(root), collection=None) == []
+
+    monkeypatch.setattr(Staging, "stage_plan", stage_plan)
+    with pipeline_settings(str(root), **settings):
+        assert str(run_dag([batch_id]).state) == "success"
+    report = json.loads((folder / "batch.report.json").read_text())
+    assert report["status"] == "DONE"
+    assert _failures(report) == {SWAPPED: {Reason.PHI_FOLDER}, HELD: {Reason.PHI_FOLDER}}
+    assert report["images"]["archived"] == len(good_images()) - 1
+    assert _dag_audit([NAME], str(root), collection=collection) == []
+
+
+def test_an_image_rewritten_while_the_archive_step_reads_it_is_not_kept(landing):
+    """The identity is taken before the first byte is read; a rewrite in place after that (same
+    size, the held pixels) is seen by taking it again once the file has been read."""
+    folder = landing.write(BatchSpec(BATCH, images=good_images(), collection=COLLECTION))
+    _with_held_copy(folder)
+
+    class RewritingZone(LocalLandingZone):
+        checked = 0
+
+        def source_identity(self, stream):
+            identity = super().source_identity(stream)
+            if os.path.samefile(stream.name, folder / SWAPPED):
+                self.checked += 1
+                if self.checked == 1:  # the archive step's check, before its first read
+                    _rewrite_in_place_keeping_size_and_time(folder)
+            return identity
+
+    plan = BatchPlan.from_json(plan_batch(LocalLandingZone(landing.root), BATCH).to_json())
+    landing.out.mkdir()
+    with pytest.raises(ArchiveIntegrityError, match="changed while it was archived") as caught:
+        archive_groups(
+            plan.groups,
+            RewritingZone(landing.root),
+            LocalObjectStore(landing.out),
+            deid=plan.deid,
+            context=RunContext("swap-test", "manual__swap"),
+            settings=ArchiveSettings(),
+        )
+    assert str(folder / SWAPPED) in str(caught.value)
+    assert not (landing.out / archive_object_name(COLLECTION, ENTITY, DATE, ITEM)).exists()
+    assert phi_audit.audit([NAME], [landing.out]) == []

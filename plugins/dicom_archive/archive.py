@@ -31,7 +31,7 @@ from pydicom.dataset import Dataset
 
 from dicom_archive.deid_gate import DeidPolicy, StudyIdentity
 from dicom_archive.header_walk import SizeChangedError, StrippedReader, WalkError, judge_header, walk_header
-from dicom_archive.landing import LandingZone
+from dicom_archive.landing import HeldImagesError, LandingZone, file_identity_of
 from dicom_archive.plan import ImageRecord, StudyGroup
 from dicom_archive.stores import Checksums
 
@@ -159,12 +159,14 @@ def write_study_archive(
     policy: DeidPolicy | None = None,
     compresslevel: int = DEFAULT_COMPRESSLEVEL,
     row_fields: RowFields | None = None,
+    held: set[str] | None = None,
 ) -> tuple[ArchiveDigest, list[ArchivedMember]]:
     """Write the group's tar.gz to `sink` (None: only compute the digest); return its digest and members.
 
     The bytes depend only on the images and their order (sorted by series, instance, UIDs,
     then path), never on time, user or machine. Memory stays flat in the study size: each
-    image's header is parsed, checked, passed to `row_fields`, and dropped.
+    image's header is parsed, checked, passed to `row_fields`, and dropped. `held`: the batch's
+    held identities (held_identities), when the caller has them; None: they are found now.
     """
     policy = study_policy(group, policy)
     output = HashingSink(sink)
@@ -178,8 +180,9 @@ def write_study_archive(
     ):
         tar.copybufsize = COPY_CHUNK
         tar.addfile(_tar_info(stem, 0, is_dir=True))
+        held = held_identities(zone, group.batch_id) if held is None else held
         hashed_members = [
-            _add_image(tar, zone, group, stem, ordinal, image, policy, row_fields, hashing)
+            _add_image(tar, zone, group, stem, ordinal, image, policy, row_fields, hashing, held)
             for ordinal, image in enumerate(group.sorted_images(), start=1)
         ]
         hashing.drain()
@@ -196,14 +199,21 @@ def _add_image(
     policy: DeidPolicy,
     row_fields: RowFields | None,
     hashing: HashingThread,
+    held: set[str],
 ) -> Callable[[], ArchivedMember]:
     """Checks the image again and streams it into `tar`; returns its member, to be read once
     `hashing` has drained."""
     name = member_name(stem, ordinal, image)
     where = zone.describe(group.batch_id, image.relpath)
-    with zone.open(group.batch_id, image.relpath, chunk_size=COPY_CHUNK) as stream:
-        # The whole header is walked and judged again here: a file swapped after planning must
-        # never be uploaded unchecked, nor under another study's name.
+    try:
+        stream = zone.open(group.batch_id, image.relpath, chunk_size=COPY_CHUNK, source=image.source_identity)
+    except FileNotFoundError as err:
+        raise ArchiveIntegrityError(f"{where} no longer exists (removed after planning); {_VOID}") from err
+    with stream:
+        # A file swapped after planning must never be uploaded unchecked, nor under another
+        # study's name: only the very file the plan judged is read (its identity, taken from
+        # the opened file), and its whole header is walked and judged again.
+        _check_same_file(zone, stream, image, where, held)
         try:
             walk = walk_header(stream, image.size, policy, check_end=False)  # the reader's verify does
         except SizeChangedError as err:
@@ -211,6 +221,8 @@ def _add_image(
             raise ArchiveIntegrityError(f"{where} {change} since it was checked ({err.detail})") from err
         except WalkError as err:
             raise ArchiveIntegrityError(f"{where} no longer passes the de-identification check ({err.reason})") from err
+        except FileNotFoundError as err:  # a bucket's object: its planned generation is gone
+            raise ArchiveIntegrityError(f"{where} no longer exists as planned (replaced or removed); {_VOID}") from err
         verdict = judge_header(walk, policy)
         if verdict.failures:
             reasons = ", ".join(sorted({str(f.reason) for f in verdict.failures}))
@@ -234,6 +246,9 @@ def _add_image(
             raise ArchiveIntegrityError(f"{where} grew since it was checked")
         if problem is not None:
             raise ArchiveIntegrityError(f"{where} changed while it was archived")
+        if dict(zone.source_identity(stream)) != image.source_identity:
+            # Written to after the identity check, while it was read (a rewrite in place).
+            raise ArchiveIntegrityError(f"{where} changed while it was archived; {_VOID}")
     fields = row_fields(walk.dataset(), image) if row_fields is not None else {}
     # Only the hash objects wait for the drain: the reader (its last window is the image, for a
     # small one) and the walk must not live until the end of the study.
@@ -248,6 +263,43 @@ def _add_image(
         source_sha256=source_sha.hexdigest(),
         private_elements_removed=removed,
     )
+
+
+_VOID = "nothing of this archive is kept"
+
+
+def held_identities(zone: LandingZone, batch_id: str) -> set[str]:
+    """The identities of the batch's images held back under PHI/, found again at archive time
+    (the plan's may be out of date). Walking the batch's folders costs a listing each: a caller
+    that archives many studies of one batch finds them once and passes them on."""
+    try:
+        return zone.held_identities(batch_id)
+    except HeldImagesError as err:
+        raise ArchiveIntegrityError(
+            f"{zone.describe(batch_id, err.relpath)}: {err.problem}; the images held under PHI/ cannot all "
+            f"be found, so no image of the batch is known not to be one of them: {_VOID}"
+        ) from err
+
+
+def _check_same_file(zone: LandingZone, stream: BinaryIO, image: ImageRecord, where: str, held: set[str]) -> None:
+    """Refuses (ArchiveIntegrityError) an opened file that is not the one the plan judged, or
+    that is one of the images held under PHI/. The contract lets no file change once the batch
+    is complete: an archive holding a changed image cannot be trusted, whatever it holds now."""
+    if not image.source_identity:
+        raise ArchiveIntegrityError(
+            f"{where}: the plan does not record which file it checked (a plan staged by an earlier version), so "
+            f"the file cannot be told from one swapped since; {_VOID} (plan the batch again)"
+        )
+    opened = dict(zone.source_identity(stream))
+    if file_identity_of(opened) in held:
+        raise ArchiveIntegrityError(f"{where} now leads to an image held back under PHI/; {_VOID}")
+    if opened != image.source_identity:
+        changed = ", ".join(
+            key for key in sorted(image.source_identity) if opened.get(key) != image.source_identity[key]
+        )
+        raise ArchiveIntegrityError(
+            f"{where} is not the file that was planned (changed after planning: {changed or 'identity'}); {_VOID}"
+        )
 
 
 # ------------------------------------------------------------------------------------ content identity
@@ -291,14 +343,16 @@ def hash_study_members(
     *,
     policy: DeidPolicy | None = None,
     row_fields: RowFields | None = None,
+    held: set[str] | None = None,
 ) -> list[ArchivedMember]:
     """The members `write_study_archive` would write, from one read of each image, without
     building the archive: the same per-image code path (checks included), into no tar."""
     policy = study_policy(group, policy)
     tar: Any = _DigestOnlyTar()
+    held = held_identities(zone, group.batch_id) if held is None else held
     with HashingThread.started() as hashing:
         hashed_members = [
-            _add_image(tar, zone, group, group.stem, ordinal, image, policy, row_fields, hashing)
+            _add_image(tar, zone, group, group.stem, ordinal, image, policy, row_fields, hashing, held)
             for ordinal, image in enumerate(group.sorted_images(), start=1)
         ]
         hashing.drain()

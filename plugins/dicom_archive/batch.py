@@ -27,7 +27,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from dicom_archive.archive import ArchivedMember
+from dicom_archive.archive import ArchivedMember, held_identities
 from dicom_archive.landing import LandingZone
 from dicom_archive.manifest import LOCAL_REPORT_NAME, REPORT_NAME, check_deid
 from dicom_archive.naming import batch_report_object_name, require_batch_id
@@ -256,9 +256,12 @@ def archive_groups_spooled(
     summaries: list[dict[str, Any]] = []
     started = time.monotonic()
     done_bytes = 0
+    held: dict[str, set[str]] = {}  # the images held under PHI/, walked once per batch (archive.held_identities)
     with StudyFields(settings.header_allow_list) as study_fields:
         for done, group in enumerate(groups, start=1):
             t0 = time.monotonic()
+            if group.batch_id not in held:
+                held[group.batch_id] = held_identities(zone, group.batch_id)
             study_fields.start(group)
             published = publish_study_archive(
                 group,
@@ -268,6 +271,7 @@ def archive_groups_spooled(
                 compresslevel=settings.compresslevel,
                 replace_changed=settings.replace_changed,
                 row_fields=study_fields.take,
+                held=held[group.batch_id],
             )
             if not published.rows_loaded:  # else its rows are in the table already (see publish.py)
                 stored = published.stored

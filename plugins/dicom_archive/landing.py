@@ -7,13 +7,14 @@ is its own report (`batch.report.json`).
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from dicom_archive.local_files import write_atomically
 
@@ -22,6 +23,11 @@ from dicom_archive.local_files import write_atomically
 # gs:// a read is an HTTP request, so one fetches 16 KiB, most headers in one request.
 LOCAL_HEADER_READ = 4 * 1024
 GCS_HEADER_READ = 16 * 1024
+
+
+# What a file of the batch was when the plan opened it (LandingZone.source_identity): locally
+# st_dev, st_ino, size, mtime_ns and ctime_ns of the opened file; in a bucket, the object's generation.
+SourceIdentity = Mapping[str, int]
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,11 @@ class LandingFile:
     # links and symbolic links share their target's), the object name in a bucket. None: unknown.
     identity: str | None = None
     link_target: str | None = None  # a symbolic link's resolved path, relative to the batch folder
+    generation: int | None = None  # an object's generation, as listed (a bucket only)
+
+    def planned_source(self) -> SourceIdentity | None:
+        """What to open it as (LandingZone.open's `source`): the listed generation of an object."""
+        return None if self.generation is None else {"generation": self.generation}
 
 
 # The names the ledger needs of each batch folder (see list_batch_folders): the manifest, the
@@ -80,8 +91,22 @@ class LandingZone(Protocol):
 
     def list_files(self, batch_id: str) -> list[LandingFile]: ...
 
-    def open(self, batch_id: str, relpath: str, chunk_size: int | None = None) -> BinaryIO:
-        """Read in `chunk_size` pieces; None: a header read, in the zone's header read size."""
+    def open(
+        self, batch_id: str, relpath: str, chunk_size: int | None = None, *, source: SourceIdentity | None = None
+    ) -> BinaryIO:
+        """Read in `chunk_size` pieces; None: a header read, in the zone's header read size.
+        `source`: what the plan found (source_identity); a zone that can, reads only that file.
+        Raises FileNotFoundError when there is no such file (any more)."""
+        ...
+
+    def source_identity(self, stream: BinaryIO) -> SourceIdentity:
+        """What an opened file is, from the opened file itself (never its name again): the same
+        value for the same unchanged file; {} when the zone cannot tell."""
+        ...
+
+    def held_identities(self, batch_id: str) -> set[str]:
+        """The identities (LandingFile.identity) of the images held back under `PHI/`, now.
+        Raises HeldImagesError when they cannot all be found."""
         ...
 
     def write_bytes(self, batch_id: str, relpath: str, data: bytes) -> str: ...
@@ -149,7 +174,15 @@ class LocalLandingZone:
             return []
         return sorted(self._walk(batch_dir), key=lambda f: f.relpath)
 
-    def _walk(self, batch_dir: Path) -> Iterator[LandingFile]:
+    def held_identities(self, batch_id: str) -> set[str]:
+        """Walks the batch's folders as list_files does, but stats only the held images (and any
+        file named `PHI`): a listing per folder, which each archive task can afford once per batch."""
+        batch_dir = (self.root / batch_id).resolve()
+        if not batch_dir.is_dir():
+            return set()
+        return {file.identity for file in self._walk(batch_dir, held_only=True) if file.identity is not None}
+
+    def _walk(self, batch_dir: Path, *, held_only: bool = False) -> Iterator[LandingFile]:
         held_folders: set[tuple[int, int]] = set()  # the folders of PHI trees walked so far
         # A folder that cannot be listed fails the batch: it could hold a PHI folder whose images
         # are hard-linked elsewhere in the batch.
@@ -163,6 +196,8 @@ class LocalLandingZone:
             for name in sorted(filenames) + linked_dirs:
                 path = folder / name
                 relpath = path.relative_to(batch_dir).as_posix()
+                if held_only and not is_under_phi_folder(relpath):
+                    continue
                 yield self._file(path, relpath, batch_dir, held=is_under_phi_folder(relpath))
             for name in sorted(phi_dirs):
                 yield from self._walk_held(folder / name, relpaths[name], batch_dir, held_folders)
@@ -212,13 +247,30 @@ class LocalLandingZone:
             return LandingFile(relpath, 0, special=True)
         return LandingFile(relpath, info.st_size, identity=file_identity(info), link_target=link_target)
 
-    def open(self, batch_id: str, relpath: str, chunk_size: int | None = None) -> BinaryIO:
+    def open(
+        self, batch_id: str, relpath: str, chunk_size: int | None = None, *, source: SourceIdentity | None = None
+    ) -> BinaryIO:
+        # `source` is not used to open: a path cannot name an inode. The caller compares the
+        # opened file's source_identity with it, before reading.
         path = self._path(batch_id, relpath)
         stream = open(path, "rb", buffering=chunk_size or LOCAL_HEADER_READ)  # noqa: SIM115  (returned)
         if chunk_size is None and hasattr(os, "posix_fadvise"):
             # A header read: without this the kernel's read-ahead fetches far more than the header.
             os.posix_fadvise(stream.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
         return stream
+
+    def source_identity(self, stream: BinaryIO) -> SourceIdentity:
+        # fstat of the open descriptor: what is read is what was compared, whatever the name
+        # leads to by now (a link, a rename over it). The change time too: a rewrite in place
+        # that keeps the size and puts the mtime back still sets it, and no one can set it back.
+        info = os.fstat(stream.fileno())
+        return {
+            "st_dev": info.st_dev,
+            "st_ino": info.st_ino,
+            "size": info.st_size,
+            "mtime_ns": info.st_mtime_ns,
+            "ctime_ns": info.st_ctime_ns,
+        }
 
     def write_bytes(self, batch_id: str, relpath: str, data: bytes) -> str:
         path = self._path(batch_id, relpath)
@@ -296,15 +348,32 @@ class GCSLandingZone:
     def list_files(self, batch_id: str) -> list[LandingFile]:
         base = self._name(batch_id, "")
         files = [
-            LandingFile(blob.name[len(base) :], blob.size or 0, identity=blob.name)
+            LandingFile(blob.name[len(base) :], blob.size or 0, identity=blob.name, generation=blob.generation)
             for blob in self.bucket.list_blobs(prefix=base, **self._retry)  # type: ignore[attr-defined]
             if not blob.name.endswith("/")
         ]
         return sorted(files, key=lambda f: f.relpath)
 
-    def open(self, batch_id: str, relpath: str, chunk_size: int | None = None) -> BinaryIO:
-        blob = self.bucket.blob(self._name(batch_id, relpath))  # type: ignore[attr-defined]
-        return blob.open("rb", chunk_size=chunk_size or GCS_HEADER_READ, **self._retry)
+    def open(
+        self, batch_id: str, relpath: str, chunk_size: int | None = None, *, source: SourceIdentity | None = None
+    ) -> BinaryIO:
+        # Given the plan's generation, every read asks for that generation: an object written
+        # again since (a new generation) is never read in its place; the old one gone, a read
+        # raises FileNotFoundError.
+        generation = (source or {}).get("generation")
+        blob = self.bucket.blob(self._name(batch_id, relpath), generation=generation)  # type: ignore[attr-defined]
+        pinned = {} if generation is None else {"if_generation_match": generation}  # kept by every read
+        return _pinned_reader_class()(blob, chunk_size=chunk_size or GCS_HEADER_READ, **self._retry, **pinned)
+
+    def source_identity(self, stream: BinaryIO) -> SourceIdentity:
+        # The generation the reads ask for (the plan opens the listed one), or the one the first
+        # read's response named (X-Goog-Generation); {} before any read of an object opened without.
+        generation = stream.generation_asked or stream._blob.generation  # type: ignore[attr-defined]
+        return {} if generation is None else {"generation": int(generation)}
+
+    def held_identities(self, batch_id: str) -> set[str]:
+        # An object has one name: no other name can lead to an image held under PHI/.
+        return set()
 
     def write_bytes(self, batch_id: str, relpath: str, data: bytes) -> str:
         blob = self.bucket.blob(self._name(batch_id, relpath))  # type: ignore[attr-defined]
@@ -349,6 +418,13 @@ def is_under_phi_folder(relpath: str) -> bool:
 
 def file_identity(info: os.stat_result) -> str:
     return f"{info.st_dev}:{info.st_ino}"
+
+
+def file_identity_of(source: SourceIdentity) -> str | None:
+    """The LandingFile.identity of a local file's source identity (None: not a local file's)."""
+    if "st_dev" not in source or "st_ino" not in source:
+        return None
+    return f"{source['st_dev']}:{source['st_ino']}"
 
 
 def aliases(files: list[LandingFile]) -> dict[str, list[LandingFile]]:
@@ -408,6 +484,28 @@ def _regular_file_identity(path: Path) -> str | None:
     except (OSError, RuntimeError):
         return None
     return file_identity(info) if stat.S_ISREG(info.st_mode) else None
+
+
+@functools.cache
+def _pinned_reader_class() -> type:
+    """google-cloud-storage's BlobReader, raising FileNotFoundError (as a local file does) for an
+    object, or the generation asked for, that does not exist (any more)."""
+    from google.api_core.exceptions import NotFound, PreconditionFailed
+    from google.cloud.storage.fileio import BlobReader
+
+    class PinnedBlobReader(BlobReader):
+        def __init__(self, blob: Any, **kwargs: Any) -> None:
+            super().__init__(blob, **kwargs)
+            # A download's response headers overwrite the blob's generation: keep the one asked.
+            self.generation_asked: int | None = blob.generation
+
+        def read(self, size: int = -1) -> bytes:
+            try:
+                return super().read(size)
+            except (NotFound, PreconditionFailed) as err:  # 412: ifGenerationMatch no longer holds
+                raise FileNotFoundError(f"gs://{self._blob.bucket.name}/{self._blob.name}: no such object") from err
+
+    return PinnedBlobReader
 
 
 # Errors of one batch's folder or files that no retry mends: the batch fails alone, with its report.

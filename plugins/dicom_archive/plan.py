@@ -18,7 +18,7 @@ from typing import Any
 
 from dicom_archive.deid_gate import DeidPolicy, Reason, StudyIdentity
 from dicom_archive.header_walk import WalkError, judge_header, walk_header
-from dicom_archive.landing import HeldImagesError, LandingFile, LandingZone, aliases
+from dicom_archive.landing import HeldImagesError, LandingFile, LandingZone, aliases, file_identity_of
 from dicom_archive.manifest import (
     LOOKUP_NAME,
     MANIFEST_NAME,
@@ -58,6 +58,11 @@ class ImageRecord:
     # Only for an image that ties with another of its study on every header key: the sha256 of
     # the file, so that the order (the member names) follows the images, not their file names.
     tie_sha256: str = ""
+    # What the file was when its header was checked (LandingZone.source_identity of the opened
+    # file: device, inode, size, mtime and ctime; an object's generation): the archive step reads
+    # only that file. Empty in a plan staged before it was recorded: identity unknown, and the
+    # archive step refuses the image (fail closed).
+    source_identity: dict[str, int] = field(default_factory=dict)
 
     def header_key(self) -> tuple:
         big = 2**63  # blank or repeated UIDs and numbers are allowed
@@ -189,8 +194,13 @@ def inspect_image(
     if file.size > policy.max_image_bytes:
         return quarantined(Reason.TOO_LARGE, f"{file.size} bytes is over the limit of {policy.max_image_bytes}")
     try:
-        with zone.open(batch_id, file.relpath) as stream:
+        with zone.open(batch_id, file.relpath, source=file.planned_source()) as stream:
+            source = dict(zone.source_identity(stream))
+            if not _is_listed_file(source, file):
+                # Replaced between the listing (which judged its links and aliases) and the open.
+                return quarantined(Reason.UNREADABLE, "changed or replaced while the batch was being checked")
             walk = walk_header(stream, file.size, policy)
+            source = source or dict(zone.source_identity(stream))  # a bucket names it once read
     except WalkError as err:
         return quarantined(err.reason, err.detail)
     except OSError as err:
@@ -218,8 +228,17 @@ def inspect_image(
         series_uid=str(ds.get("SeriesInstanceUID") or ""),
         sop_uid=str(ds.get("SOPInstanceUID") or ""),
         lookup=lookup_entry,
+        source_identity=source,
     )
     return verdict.identity, record  # type: ignore[return-value]
+
+
+def _is_listed_file(source: dict[str, int], file: LandingFile) -> bool:
+    """Whether an opened local file is the one the listing stat'ed (its device:inode and size);
+    a bucket's listing and reads name the same object (True)."""
+    if "st_ino" not in source:
+        return True
+    return file_identity_of(source) == file.identity and source["size"] == file.size
 
 
 def _hash_ties(zone: LandingZone, batch_id: str, images: list[ImageRecord]) -> None:
@@ -230,7 +249,7 @@ def _hash_ties(zone: LandingZone, batch_id: str, images: list[ImageRecord]) -> N
     for image in images:
         if ties[image.header_key()] > 1:
             digest = hashlib.sha256()
-            with zone.open(batch_id, image.relpath, chunk_size=HASH_CHUNK) as stream:
+            with zone.open(batch_id, image.relpath, chunk_size=HASH_CHUNK, source=image.source_identity) as stream:
                 while chunk := stream.read(HASH_CHUNK):
                     digest.update(chunk)
             image.tie_sha256 = digest.hexdigest()

@@ -32,6 +32,7 @@ from dicom_archive.archive import (
     RowFields,
     content_digest,
     hash_study_members,
+    held_identities,
     members_digest,
     read_archive_members,
     write_study_archive,
@@ -187,8 +188,10 @@ def publish_study_archive(
     compresslevel: int = 1,
     replace_changed: bool = False,
     row_fields: RowFields | None = None,
+    held: set[str] | None = None,
 ) -> PublishedArchive:
     name = group.object_name
+    held = held_identities(zone, group.batch_id) if held is None else held  # one walk for all passes
     existing = store.get(name)
     precondition = 0
     judged: _Judgement | None = None
@@ -196,7 +199,9 @@ def publish_study_archive(
         # A rerun: hash each image once, compress nothing, upload nothing. When the rows of this
         # generation are known to be loaded, not even the rows' header fields are taken.
         needs_rows = not (rows_loaded(existing) and stored_digest(existing) is not None)
-        members = hash_study_members(group, zone, policy=policy, row_fields=row_fields if needs_rows else None)
+        members = hash_study_members(
+            group, zone, policy=policy, row_fields=row_fields if needs_rows else None, held=held
+        )
         digest = members_digest(members)
         judged = _judge(store, existing, digest)
         if judged.same:
@@ -213,7 +218,7 @@ def publish_study_archive(
             if_generation_match=precondition,
         ) as stream:
             archived, members = write_study_archive(
-                group, zone, stream, policy=policy, compresslevel=compresslevel, row_fields=row_fields
+                group, zone, stream, policy=policy, compresslevel=compresslevel, row_fields=row_fields, held=held
             )
     except ObjectExistsError:
         # Another writer won the race between our look and our write (the precondition may
@@ -221,7 +226,7 @@ def publish_study_archive(
         raced = store.get(name)
         if raced is None:
             raise
-        members = hash_study_members(group, zone, policy=policy, row_fields=row_fields)
+        members = hash_study_members(group, zone, policy=policy, row_fields=row_fields, held=held)
         digest = members_digest(members)
         raced_judged = _judge(store, raced, digest)
         if raced_judged.same:
