@@ -1491,12 +1491,40 @@ def test_the_plan_records_the_identity_of_the_file_it_opened(landing):
     for image in (i for g in plan.groups for i in g.images):
         info = (folder / image.relpath).stat()
         assert image.source_identity == {
+            "host": image.source_identity["host"],
             "st_dev": info.st_dev,
             "st_ino": info.st_ino,
             "size": info.st_size,
             "mtime_ns": info.st_mtime_ns,
             "ctime_ns": info.st_ctime_ns,
         }
+
+
+def test_a_plan_made_on_another_machine_compares_size_and_modification_time(landing):
+    """Device and inode numbers are each machine's own (an NFS or gcsfuse mount): a plan made on
+    another worker is held to the file's size and modification time, and the held images are
+    still known on this one."""
+    from dicom_archive import landing as landing_module
+
+    landing.write(BatchSpec(BATCH, images=good_images(), collection=COLLECTION))
+    zone = LocalLandingZone(landing.root)
+    plan = plan_batch(zone, BATCH)
+    for image in (i for g in plan.groups for i in g.images):  # what the other machine saw
+        image.source_identity = {**image.source_identity, "host": 1, "st_dev": 7, "st_ino": 7, "ctime_ns": 7}
+    _, rows = archive_groups(
+        plan.groups, zone, LocalObjectStore(landing.root.parent / "out"), deid={},
+        context=RunContext("other-host"), settings=ArchiveSettings(),
+    )  # fmt: skip
+    assert len(rows) == plan.images_accepted
+
+    image = plan.groups[0].images[0]
+    image.source_identity = {**image.source_identity, "mtime_ns": image.source_identity["mtime_ns"] + 1}
+    with pytest.raises(ArchiveIntegrityError, match="changed after planning: mtime_ns"):
+        archive_groups(
+            plan.groups[:1], zone, LocalObjectStore(landing.root.parent / "out2"), deid={},
+            context=RunContext("other-host"), settings=ArchiveSettings(),
+        )  # fmt: skip
+    assert landing_module._this_host() != 1
 
 
 def test_a_plan_staged_without_file_identities_loads_and_archives_nothing(landing):

@@ -213,7 +213,7 @@ def _add_image(
         # A file swapped after planning must never be uploaded unchecked, nor under another
         # study's name: only the very file the plan judged is read (its identity, taken from
         # the opened file), and its whole header is walked and judged again.
-        _check_same_file(zone, stream, image, where, held)
+        opened = _check_same_file(zone, stream, image, where, held)
         try:
             walk = walk_header(stream, image.size, policy, check_end=False)  # the reader's verify does
         except SizeChangedError as err:
@@ -246,7 +246,7 @@ def _add_image(
             raise ArchiveIntegrityError(f"{where} grew since it was checked")
         if problem is not None:
             raise ArchiveIntegrityError(f"{where} changed while it was archived")
-        if dict(zone.source_identity(stream)) != image.source_identity:
+        if dict(zone.source_identity(stream)) != opened:
             # Written to after the identity check, while it was read (a rewrite in place).
             raise ArchiveIntegrityError(f"{where} changed while it was archived; {_VOID}")
     fields = row_fields(walk.dataset(), image) if row_fields is not None else {}
@@ -281,10 +281,18 @@ def held_identities(zone: LandingZone, batch_id: str) -> set[str]:
         ) from err
 
 
-def _check_same_file(zone: LandingZone, stream: BinaryIO, image: ImageRecord, where: str, held: set[str]) -> None:
+# What still tells one file from another when the plan ran on another machine: its device and inode
+# numbers are that machine's (an NFS or gcsfuse mount numbers them per client).
+PORTABLE_IDENTITY = ("size", "mtime_ns")
+
+
+def _check_same_file(
+    zone: LandingZone, stream: BinaryIO, image: ImageRecord, where: str, held: set[str]
+) -> dict[str, int]:
     """Refuses (ArchiveIntegrityError) an opened file that is not the one the plan judged, or
-    that is one of the images held under PHI/. The contract lets no file change once the batch
-    is complete: an archive holding a changed image cannot be trusted, whatever it holds now."""
+    that is one of the images held under PHI/ (on this machine); returns its identity. The
+    contract lets no file change once the batch is complete: an archive holding a changed image
+    cannot be trusted, whatever it holds now."""
     if not image.source_identity:
         raise ArchiveIntegrityError(
             f"{where}: the plan does not record which file it checked (a plan staged by an earlier version), so "
@@ -293,13 +301,16 @@ def _check_same_file(zone: LandingZone, stream: BinaryIO, image: ImageRecord, wh
     opened = dict(zone.source_identity(stream))
     if file_identity_of(opened) in held:
         raise ArchiveIntegrityError(f"{where} now leads to an image held back under PHI/; {_VOID}")
-    if opened != image.source_identity:
-        changed = ", ".join(
-            key for key in sorted(image.source_identity) if opened.get(key) != image.source_identity[key]
-        )
+    planned = image.source_identity
+    keys = set(planned) | set(opened)
+    if opened.get("host") != planned.get("host"):
+        keys = set(PORTABLE_IDENTITY)
+    changed = ", ".join(key for key in sorted(keys) if opened.get(key) != planned.get(key))
+    if changed:
         raise ArchiveIntegrityError(
-            f"{where} is not the file that was planned (changed after planning: {changed or 'identity'}); {_VOID}"
+            f"{where} is not the file that was planned (changed after planning: {changed}); {_VOID}"
         )
+    return opened
 
 
 # ------------------------------------------------------------------------------------ content identity

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import os
+import socket
 import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -265,6 +267,7 @@ class LocalLandingZone:
         # that keeps the size and puts the mtime back still sets it, and no one can set it back.
         info = os.fstat(stream.fileno())
         return {
+            "host": _this_host(),  # device and inode numbers are this machine's
             "st_dev": info.st_dev,
             "st_ino": info.st_ino,
             "size": info.st_size,
@@ -414,6 +417,16 @@ def is_under_phi_folder(relpath: str) -> bool:
     A case-insensitive file system would also take `phi/` for `PHI/`."""
     names = normalise_relpath(relpath).split("/")
     return any(name.casefold() == PHI_FOLDER.casefold() for name in names)
+
+
+@functools.cache
+def _this_host() -> int:
+    """This machine, as a number: its name and, where the kernel says it, its boot."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return int.from_bytes(hashlib.sha256(f"{socket.gethostname()}\0{boot}".encode()).digest()[:6], "big")
 
 
 def file_identity(info: os.stat_result) -> str:
