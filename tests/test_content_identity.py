@@ -315,7 +315,7 @@ def test_reprocessing_an_older_batch_never_reverts_a_newer_correction(env, monke
         }
     ]
     assert (again["archives"]["written"], again["archives"]["replaced"], again["archives"]["objects"]) == (0, 0, [])
-    assert (again["images"]["archived"], again["images"]["superseded"]) == (0, 2)
+    assert (again["images"]["archived"], again["archives"]["superseded_images"]) == (0, 2)
     assert not again["bigquery"].get("rows_inserted")
     assert not again["bigquery"].get("rows_updated")
     assert not again["bigquery"].get("rows_deleted")

@@ -172,6 +172,7 @@ def test_object_metadata_content_type_and_no_acl(proxy, bucket_name, direct, lan
     ).hexdigest()
     assert blob.metadata == {
         "batch_id": "b-full",
+        "batch_completed_at": "2024-01-05T09:30:00+00:00",  # BatchSpec's default completed_at
         "collection": "IRB41449",
         "image_count": "6",
         "pipeline_version": PIPELINE_VERSION,

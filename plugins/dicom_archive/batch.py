@@ -350,9 +350,8 @@ def build_report(
         "reported_at": datetime.now(UTC).isoformat(),
         "images": {
             "seen": plan.images_seen,
+            # Not the images of superseded studies: archives.superseded_images counts those.
             "archived": sum(a.get("image_count", 0) for a in kept),
-            # Of studies a batch completed later holds in another version (archives.superseded_by).
-            "superseded": sum(a.get("image_count", 0) for a in superseded),
             "quarantined": len(plan.quarantined),
             "quarantined_by_reason": plan.quarantine_counts(),
             # Archived with private data elements stripped (DICOM_PRIVATE_TAGS=strip).
@@ -377,7 +376,9 @@ def build_report(
             "already_present": len(kept) - len(written) - len(earlier),
             "replaced": len(replacements(archives)),
             "replacements": replacements(archives),
+            # Studies a batch completed later holds in another version: left alone, no rows.
             "superseded": len(superseded),
+            "superseded_images": sum(a.get("image_count", 0) for a in superseded),
             "superseded_by": supersessions(archives),
             "bytes": sum(a.get("size", 0) for a in kept),
             "input_bytes": input_bytes,
