@@ -14,6 +14,7 @@ import io
 import json
 import tarfile
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -260,6 +261,64 @@ def test_corrected_study_replaces_the_archive_and_the_rows_exactly(env, monkeypa
     assert fixed["bigquery"]["rows_deleted"] == 2  # image 4, and the old version of image 2
     log = capfd.readouterr()
     assert f"replaced gs://{env['bucket']}/{name}: 4 images before, 3 after" in log.out + log.err
+
+
+@pytest.mark.parametrize(
+    ("how", "replace"),
+    [("rerun", "true"), ("backfill", "true"), ("rerun", "false")],
+)
+def test_reprocessing_an_older_batch_never_reverts_a_newer_correction(env, monkeypatch, how, replace):
+    """c1 sends a study (2 images); c2, completed a day later, sends it corrected (3 images) and
+    replaces it. Reprocessing c1 (a rerun, or a backfill of its interval; nothing changed in c1)
+    is a no-op: same object and generation, same rows; its report says the study is superseded."""
+    from tests.test_ledger import run_as
+
+    older, newer = datetime(2024, 1, 5, 9, tzinfo=UTC), datetime(2024, 1, 6, 9, tzinfo=UTC)
+    images = study(E1, I1, 3)
+    write_batch(env["root"], BatchSpec("c1", images=images[:2], collection=env["collection"], completed_at=older))
+    write_batch(env["root"], BatchSpec("c2", images=images, collection=env["collection"], completed_at=newer))
+    monkeypatch.setenv("DICOM_REPLACE_CHANGED_ARCHIVES", "true")
+    assert run_batches("c1") == "success"
+    assert run_batches("c2") == "success"
+    name = object_name(env, E1, I1)
+    corrected = archives(env)[name]
+    state = (corrected.generation, corrected.md5_hash, corrected.metadata["batch_id"])
+    assert corrected.metadata["image_count"] == "3"
+    rows = sorted(str(r) for r in table_rows(env))
+    assert len(rows) == 3
+    first_report = report(env, "c1")
+
+    monkeypatch.setenv("DICOM_REPLACE_CHANGED_ARCHIVES", replace)
+    uploads_before = len(uploads(env["gcs"]))
+    if how == "rerun":
+        assert run_batches("c1") == "success"
+    else:
+        backfill = run_as("backfill", older, older + timedelta(hours=1))  # the interval holding c1 only
+        assert str(backfill.state) == "success"
+
+    again = report(env, "c1")
+    assert again["run_key"] != first_report["run_key"], "c1 was reprocessed"
+    after = archives(env)[name]
+    assert (after.generation, after.md5_hash, after.metadata["batch_id"]) == state, "the correction stays"
+    assert len(members_of(after)) == 3
+    assert len(uploads(env["gcs"])) == uploads_before, "nothing was uploaded"
+    assert sorted(str(r) for r in table_rows(env)) == rows, "rows unchanged: count, generation, batch"
+    assert again["status"] == "DONE"
+    assert again["archives"]["superseded"] == 1
+    assert again["archives"]["superseded_by"] == [
+        {
+            "uri": f"gs://{env['bucket']}/{name}",
+            "images_in_batch": 2,
+            "images_in_archive": 3,
+            "newer_batch": "c2",
+            "newer_completed_at": "2024-01-06T09:00:00+00:00",
+        }
+    ]
+    assert (again["archives"]["written"], again["archives"]["replaced"], again["archives"]["objects"]) == (0, 0, [])
+    assert (again["images"]["archived"], again["archives"]["superseded_images"]) == (0, 2)
+    assert not again["bigquery"].get("rows_inserted")
+    assert not again["bigquery"].get("rows_updated")
+    assert not again["bigquery"].get("rows_deleted")
 
 
 # ----------------------------------------------------------------------------------- withdrawals

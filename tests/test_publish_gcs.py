@@ -10,6 +10,7 @@ emulator really holds.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import gc
 import hashlib
 import io
@@ -17,6 +18,7 @@ import json
 import re
 import tarfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -27,16 +29,20 @@ from google.cloud import storage
 from dicom_archive import PIPELINE_VERSION
 from dicom_archive.archive import ArchiveIntegrityError, write_study_archive
 from dicom_archive.landing import LocalLandingZone
+from dicom_archive.naming import batch_report_object_name
 from dicom_archive.plan import StudyGroup, plan_batch
 from dicom_archive.publish import (
     ALREADY_PRESENT,
+    COMPLETED_AT_KEY,
     REPLACED,
+    SUPERSEDED,
     WRITTEN,
     ArchiveConflictError,
     ChecksumMismatchError,
+    NewerBatch,
     publish_study_archive,
 )
-from dicom_archive.stores import GCSObjectStore
+from dicom_archive.stores import GCSObjectStore, LocalObjectStore
 from tests.conftest import PROJECT
 from tests.faultproxy import FaultProxy, ProxyRequest, Rule, flip_byte, gcs_preconditions, json_patch, proxied
 from tools.landing_zone import BatchSpec, ImageSpec, write_batch
@@ -166,6 +172,7 @@ def test_object_metadata_content_type_and_no_acl(proxy, bucket_name, direct, lan
     ).hexdigest()
     assert blob.metadata == {
         "batch_id": "b-full",
+        "batch_completed_at": "2024-01-05T09:30:00+00:00",  # BatchSpec's default completed_at
         "collection": "IRB41449",
         "image_count": "6",
         "pipeline_version": PIPELINE_VERSION,
@@ -299,6 +306,121 @@ def test_object_created_between_look_and_write_is_judged(proxy, bucket_name, dir
         assert published.stored.generation == blob.generation
     assert listing(direct, bucket_name) == [full.object_name]
     assert_nothing_sent_when_collected(proxy)
+
+
+# --- newer wins: an older batch never replaces a newer batch's archive ------------------------
+
+OLDER_AT, NEWER_AT = datetime(2024, 1, 5, 9, tzinfo=UTC), datetime(2024, 1, 6, 9, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def two_versions(tmp_path_factory) -> tuple[LocalLandingZone, StudyGroup, StudyGroup]:
+    """A study sent by batch b-older (2 images) and, corrected, by b-newer, completed a day later
+    (3 images: the same two and one more)."""
+    root = tmp_path_factory.mktemp("versions")
+    images = [ImageSpec(ENTITY, ITEM, DATE, "CT", 1, i, rows=64, cols=64) for i in range(1, 4)]
+    write_batch(root, BatchSpec("b-older", images=images[:2], collection="IRB41449", completed_at=OLDER_AT))
+    write_batch(root, BatchSpec("b-newer", images=images, collection="IRB41449", completed_at=NEWER_AT))
+    zone = LocalLandingZone(root)
+    (older,) = plan_batch(zone, "b-older").groups
+    (newer,) = plan_batch(zone, "b-newer").groups
+    return zone, older, newer
+
+
+@pytest.fixture(params=["local", "gcs"])
+def any_store(request, tmp_path):
+    """The archive store of local mode (SEND_TO_GOOGLE=false) and of Cloud Storage (the emulator,
+    behind the precondition-enforcing proxy): both must give the same answers."""
+    if request.param == "local":
+        return LocalObjectStore(tmp_path / "out")
+    request.getfixturevalue("proxy")
+    return make_store(request.getfixturevalue("bucket_name"))
+
+
+def state_of(store, name: str) -> tuple:
+    stored = store.get(name)
+    return stored.generation, stored.md5, stored.metadata["batch_id"], stored.metadata["image_count"]
+
+
+def test_the_archive_records_the_completed_at_of_the_batch_that_wrote_it(any_store, two_versions):
+    zone, older, _ = two_versions
+    published = publish_study_archive(older, zone, any_store)
+    assert published.stored.metadata[COMPLETED_AT_KEY] == "2024-01-05T09:00:00+00:00"
+    assert any_store.get(older.object_name).metadata[COMPLETED_AT_KEY] == "2024-01-05T09:00:00+00:00"
+
+
+@pytest.mark.parametrize("replace", [True, False])
+def test_an_older_batch_reprocessed_after_a_correction_leaves_it_alone(any_store, two_versions, replace):
+    zone, older, newer = two_versions
+    assert publish_study_archive(older, zone, any_store).outcome == WRITTEN
+    assert publish_study_archive(newer, zone, any_store, replace_changed=True).outcome == REPLACED
+    before = state_of(any_store, newer.object_name)
+
+    again = publish_study_archive(older, zone, any_store, replace_changed=replace)
+
+    assert again.outcome == SUPERSEDED
+    assert again.newer == NewerBatch("b-newer", "2024-01-06T09:00:00+00:00")
+    assert (again.images_before, len(again.members)) == (3, 2)
+    assert state_of(any_store, newer.object_name) == before == (before[0], before[1], "b-newer", "3")
+    # The newer batch's own rerun is still a no-op.
+    assert publish_study_archive(newer, zone, any_store, replace_changed=True).outcome == ALREADY_PRESENT
+
+
+@pytest.mark.parametrize("replace", [True, False])
+def test_an_older_batch_processed_late_does_not_replace_the_newer_version(any_store, two_versions, replace):
+    zone, older, newer = two_versions
+    publish_study_archive(newer, zone, any_store)
+    before = state_of(any_store, newer.object_name)
+    assert publish_study_archive(older, zone, any_store, replace_changed=replace).outcome == SUPERSEDED
+    assert state_of(any_store, newer.object_name) == before
+
+
+def test_the_newer_batch_still_replaces_the_older_version(any_store, two_versions):
+    zone, older, newer = two_versions
+    publish_study_archive(older, zone, any_store)
+    with pytest.raises(ArchiveConflictError, match="already exists with different content"):
+        publish_study_archive(newer, zone, any_store)  # without the setting: a conflict, as before
+    replaced = publish_study_archive(newer, zone, any_store, replace_changed=True)
+    assert (replaced.outcome, replaced.images_before) == (REPLACED, 2)
+    assert replaced.stored.metadata[COMPLETED_AT_KEY] == "2024-01-06T09:00:00+00:00"
+
+
+def test_same_completed_at_keeps_the_conflict_or_replace_rule(any_store, two_versions):
+    zone, older, newer = two_versions
+    publish_study_archive(newer, zone, any_store)
+    tie = dataclasses.replace(older, completed_at=newer.completed_at)  # another batch, the same instant
+    with pytest.raises(ArchiveConflictError):
+        publish_study_archive(tie, zone, any_store)
+    assert publish_study_archive(tie, zone, any_store, replace_changed=True).outcome == REPLACED
+
+
+def test_an_archive_of_older_code_is_ordered_by_its_batch_report_or_never_replaced(any_store, two_versions):
+    zone, older, newer = two_versions
+    publish_study_archive(newer, zone, any_store)
+    # As older code wrote it: no completed_at in the metadata.
+    stored = any_store.get(newer.object_name)
+    legacy = {k: v for k, v in stored.metadata.items() if k != COMPLETED_AT_KEY}
+    any_store.update_metadata(newer.object_name, legacy, if_metageneration_match=stored.metageneration)
+    before = state_of(any_store, newer.object_name)
+
+    # The order cannot be established (b-newer has no published report): nothing is replaced.
+    with pytest.raises(ArchiveConflictError, match=r"cannot be established.*Nothing was overwritten"):
+        publish_study_archive(older, zone, any_store, replace_changed=True)
+    assert state_of(any_store, newer.object_name) == before
+
+    # Its batch's published report (the ledger) tells: newer, so left alone.
+    report = {"batch_id": "b-newer", "collection": "IRB41449", "completed_at": "2024-01-06T09:00:00Z"}
+    any_store.write_bytes(batch_report_object_name("IRB41449", "b-newer"), json.dumps(report).encode(), "x")
+    assert publish_study_archive(older, zone, any_store, replace_changed=True).outcome == SUPERSEDED
+    assert state_of(any_store, newer.object_name) == before
+
+
+def test_a_plan_without_completed_at_never_replaces_another_batchs_archive(any_store, two_versions):
+    zone, older, newer = two_versions
+    publish_study_archive(older, zone, any_store)
+    staged_by_older_code = dataclasses.replace(newer, completed_at=None)
+    with pytest.raises(ArchiveConflictError, match="cannot be established"):
+        publish_study_archive(staged_by_older_code, zone, any_store, replace_changed=True)
 
 
 # --- checksum verification ------------------------------------------------------------------

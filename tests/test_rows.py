@@ -263,3 +263,59 @@ def test_a_replaced_archive_gets_the_rows_of_its_new_images(tmp_path):
         members = dict(read_archive_members(stream))
     assert {row["archive_member"]: row["instance_sha256"] for row in rows_after} == members
     assert {row["storage_generation"] for row in rows_after} == {summary["generation"]}
+
+
+def test_an_older_batch_after_a_newer_correction_gives_no_rows_and_reports_superseded(tmp_path):
+    """Local mode (the same domain code as a run that sends): the older batch's study is left in
+    its newer version; no rows, so nothing of the study is updated or deleted; the report says so."""
+    from datetime import UTC, datetime
+
+    from dicom_archive.batch import build_report, needs_rows_mark
+
+    images = [lz.ImageSpec("GLsup001", "GAsup001", "20230105", "CT", 1, i, rows=64, cols=64) for i in (1, 2, 3)]
+    older, newer = datetime(2024, 1, 5, 9, tzinfo=UTC), datetime(2024, 1, 6, 9, tzinfo=UTC)
+    lz.write_batch(tmp_path / "landing", lz.BatchSpec("c1", images=images[:2], collection="IRB1", completed_at=older))
+    lz.write_batch(tmp_path / "landing", lz.BatchSpec("c2", images=images, collection="IRB1", completed_at=newer))
+    zone, store = LocalLandingZone(tmp_path / "landing"), LocalObjectStore(tmp_path / "out")
+    settings = ArchiveSettings(replace_changed=True)
+
+    def archive(batch_id: str):
+        plan = plan_batch(zone, batch_id)
+        summaries, found = archive_groups(
+            plan.groups, zone, store, deid=plan.deid, context=RunContext("sup-test"), settings=settings
+        )
+        return plan, summaries, found
+
+    archive("c1")
+    _, (replaced,), _ = archive("c2")
+    assert replaced["outcome"] == "replaced"
+    plan, (summary,), found = archive("c1")
+
+    assert found == [], "no rows: the MERGE neither updates nor deletes a row of the study"
+    assert (summary["outcome"], summary["generation"]) == ("superseded", replaced["generation"])
+    assert not needs_rows_mark(summary)
+    report = build_report(plan, archives=[summary], table=None, rows_loaded=0, rows_inserted=0)
+    assert report["archives"] | {"superseded_by": None} == {
+        "total": 1,
+        "written": 0,
+        "already_present": 0,
+        "replaced": 0,
+        "replacements": [],
+        "superseded": 1,
+        "superseded_images": 2,
+        "superseded_by": None,
+        "bytes": 0,
+        "input_bytes": summary["input_bytes"],
+        "objects": [],
+    }
+    assert report["archives"]["superseded_by"] == [
+        {
+            "uri": summary["uri"],
+            "images_in_batch": 2,
+            "images_in_archive": 3,
+            "newer_batch": "c2",
+            "newer_completed_at": "2024-01-06T09:00:00+00:00",
+        }
+    ]
+    assert report["images"]["archived"] == 0
+    assert report["images"]["seen"] == report["images"]["archived"] + report["archives"]["superseded_images"]

@@ -33,7 +33,7 @@ from dicom_archive.manifest import LOCAL_REPORT_NAME, REPORT_NAME, check_deid
 from dicom_archive.naming import batch_report_object_name, require_batch_id
 from dicom_archive.ndjson import NdjsonSpool, to_ndjson
 from dicom_archive.plan import STATUS_NOT_READY, WITHDRAWN, BatchPlan, ImageRecord, StudyGroup
-from dicom_archive.publish import ALREADY_PRESENT, REPLACED, PublishedArchive, publish_study_archive
+from dicom_archive.publish import ALREADY_PRESENT, REPLACED, SUPERSEDED, PublishedArchive, publish_study_archive
 from dicom_archive.rows import RunContext, build_row, image_fields
 from dicom_archive.settings import ArchiveSettings
 from dicom_archive.stores import ObjectStore
@@ -273,7 +273,9 @@ def archive_groups_spooled(
                 row_fields=study_fields.take,
                 held=held[group.batch_id],
             )
-            if not published.rows_loaded:  # else its rows are in the table already (see publish.py)
+            # Rows loaded already (see publish.py), or a newer batch's version: no rows, so the MERGE
+            # neither updates nor deletes anything of the study.
+            if not published.rows_loaded and published.outcome != SUPERSEDED:
                 stored = published.stored
                 for member in study_fields.members_with_fields(published.members):
                     rows.write(build_row(group=group, member=member, stored=stored, deid=deid, context=context))
@@ -347,7 +349,38 @@ def _content_fields(published: PublishedArchive) -> dict[str, Any]:
         fields["legacy_checked"] = True
     if published.outcome == REPLACED:
         fields["images_before"] = published.images_before
+    if published.newer is not None:
+        fields["images_in_archive"] = published.images_before
+        fields["newer_batch"] = published.newer.batch_id
+        fields["newer_completed_at"] = published.newer.completed_at
     return fields
+
+
+def wrote(summary: dict[str, Any]) -> bool:
+    """Whether the archive of this summary was written (or replaced) by the batch."""
+    return summary.get("outcome") not in (ALREADY_PRESENT, SUPERSEDED)
+
+
+def needs_rows_mark(summary: dict[str, Any]) -> bool:
+    """After the MERGE: whether the archive is to be marked as having its rows loaded. Never a
+    superseded one (this batch loaded no rows of it; the newer batch's load marks it)."""
+    return "name" in summary and not summary.get("rows_loaded") and summary.get("outcome") != SUPERSEDED
+
+
+def supersessions(archives: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The archives of a batch left alone because a batch completed later holds the study in
+    another version: the batch's images of the study, the archive's, and which batch wrote it."""
+    return [
+        {
+            "uri": a["uri"],
+            "images_in_batch": a.get("image_count"),
+            "images_in_archive": a.get("images_in_archive"),
+            "newer_batch": a.get("newer_batch"),
+            "newer_completed_at": a.get("newer_completed_at"),
+        }
+        for a in sorted(archives, key=lambda a: a["uri"])
+        if a.get("outcome") == SUPERSEDED
+    ]
 
 
 def replacements(archives: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -375,7 +408,9 @@ def build_report(
 
     With `recovered`, this run completed an attempt that was interrupted after it wrote
     archives or rows: they count as written by this batch, and the report says so."""
-    written = [a for a in archives if a.get("outcome") != ALREADY_PRESENT]
+    superseded = [a for a in archives if a.get("outcome") == SUPERSEDED]
+    kept = [a for a in archives if a.get("outcome") != SUPERSEDED]  # the batch's version is archived
+    written = [a for a in archives if wrote(a)]
     earlier = [] if recovered is None else [a for a in archives if recovered.wrote_archive(a)]
     archive_seconds = round(sum(a.get("seconds", 0.0) for a in archives), 3)
     input_bytes = sum(a.get("input_bytes", 0) for a in archives)
@@ -395,7 +430,8 @@ def build_report(
         "reported_at": datetime.now(UTC).isoformat(),
         "images": {
             "seen": plan.images_seen,
-            "archived": sum(a.get("image_count", 0) for a in archives),
+            # Not the images of superseded studies: archives.superseded_images counts those.
+            "archived": sum(a.get("image_count", 0) for a in kept),
             "quarantined": len(plan.quarantined),
             "quarantined_by_reason": plan.quarantine_counts(),
             # Archived with private data elements stripped (DICOM_PRIVATE_TAGS=strip).
@@ -417,12 +453,16 @@ def build_report(
         "archives": {
             "total": len(archives),
             "written": len(written) + len(earlier),
-            "already_present": len(archives) - len(written) - len(earlier),
+            "already_present": len(kept) - len(written) - len(earlier),
             "replaced": len(replacements(archives)),
             "replacements": replacements(archives),
-            "bytes": sum(a.get("size", 0) for a in archives),
+            # Studies a batch completed later holds in another version: left alone, no rows.
+            "superseded": len(superseded),
+            "superseded_images": sum(a.get("image_count", 0) for a in superseded),
+            "superseded_by": supersessions(archives),
+            "bytes": sum(a.get("size", 0) for a in kept),
             "input_bytes": input_bytes,
-            "objects": sorted(a["uri"] for a in archives),
+            "objects": sorted(a["uri"] for a in kept),
         },
         "bigquery": {"table": table, "rows_in_batch": rows_loaded, "rows_inserted": rows_inserted, **(bigquery or {})},
         "withdrawn": withdrawn_summary(plan),

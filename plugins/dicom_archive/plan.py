@@ -99,6 +99,9 @@ class StudyGroup:
     images: list[ImageRecord] = field(default_factory=list)
     quarantined: int = 0  # images of this study that were held back
     deid_options: list[str] = field(default_factory=list)  # the batch's declared PS3.15 options
+    # The batch's completed_at (RFC 3339, UTC): which of two batches sending the study is the newer
+    # (publish.py). None in a plan staged by an earlier version.
+    completed_at: str | None = None
 
     @property
     def stem(self) -> str:
@@ -396,6 +399,7 @@ def _plan_batch(
                 identity.study_date,
                 identity.item_id,
                 deid_options=list(policy.profile_options),
+                completed_at=plan.completed_at,
             )
         group.images.append(record)
 

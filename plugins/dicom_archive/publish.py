@@ -14,15 +14,26 @@ tar layout leaves the identity as it is.
 - An object without a digest (written before digests existed, or whose digest update was
   interrupted) is read once: its members are hashed and, if they match, the digest is added by a
   metadata-only update guarded by the metageneration. Later reruns are cheap again.
+
+Newer wins: the object also records the `completed_at` of the batch that wrote it. A batch that
+finds other content written by a batch completed after it (a rerun or backfill of an older batch,
+or an older batch processed late) leaves the object alone, whatever DICOM_REPLACE_CHANGED_ARCHIVES
+says: the study exists in a newer version (outcome `superseded`; it gives no rows, so the MERGE
+neither updates nor deletes any row of it). Equal completed_at (the same batch, or a tie) keeps
+the conflict-or-replace rule. An object without the field (older code) takes its batch's
+completed_at from that batch's published report; when the order cannot be established at all,
+nothing is replaced (a conflict): a newer version is never lost.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gzip
+import json
 import tarfile
 import zlib
 from dataclasses import dataclass
+from datetime import datetime
 
 from dicom_archive import PIPELINE_VERSION
 from dicom_archive.archive import (
@@ -39,6 +50,8 @@ from dicom_archive.archive import (
 )
 from dicom_archive.deid_gate import DeidPolicy
 from dicom_archive.landing import LandingZone
+from dicom_archive.manifest import ManifestError, parse_rfc3339
+from dicom_archive.naming import batch_report_object_name
 from dicom_archive.plan import StudyGroup
 from dicom_archive.stores import (
     ARCHIVE_CONTENT_TYPE,
@@ -51,12 +64,15 @@ from dicom_archive.stores import (
 WRITTEN = "written"
 ALREADY_PRESENT = "already_present"
 REPLACED = "replaced"
+SUPERSEDED = "superseded"  # other content, written by a batch completed after this one: left alone
 
 DIGEST_KEY = "content_digest"
 DIGEST_FORMAT_KEY = "content_digest_format"
 # Set after the MERGE that loaded the archive's rows succeeded: the generation whose rows are in
 # the table. A rerun that finds the archive present with its rows loaded builds no rows at all.
 ROWS_LOADED_KEY = "rows_loaded_generation"
+# The completed_at (RFC 3339, UTC) of the batch that wrote the object: an older batch never replaces it.
+COMPLETED_AT_KEY = "batch_completed_at"
 
 
 class ArchiveConflictError(RuntimeError):
@@ -69,7 +85,7 @@ class ChecksumMismatchError(RuntimeError):
 
 @dataclass
 class PublishedArchive:
-    outcome: str  # written, already_present or replaced
+    outcome: str  # written, already_present, replaced or superseded
     stored: StoredObject
     digest: ArchiveDigest
     members: list[ArchivedMember]
@@ -77,6 +93,7 @@ class PublishedArchive:
     legacy_checked: bool = False  # an object without a digest was read to compare it
     images_before: int | None = None  # replaced: how many images the old object held
     rows_loaded: bool = False  # present, and its rows are known to be in the table: no rows needed
+    newer: NewerBatch | None = None  # superseded: the batch whose version the object holds
 
 
 def archive_metadata(group: StudyGroup, members: list[ArchivedMember] | None = None) -> dict[str, str]:
@@ -86,6 +103,9 @@ def archive_metadata(group: StudyGroup, members: list[ArchivedMember] | None = N
         "image_count": str(len(members) if members is not None else len(group.images)),
         "pipeline_version": PIPELINE_VERSION,
     }
+    completed_at = _instant(group.completed_at)
+    if completed_at is not None:
+        metadata[COMPLETED_AT_KEY] = completed_at.isoformat()
     if members is not None:
         metadata[DIGEST_KEY] = members_digest(members)
         metadata[DIGEST_FORMAT_KEY] = CONTENT_DIGEST_FORMAT
@@ -97,6 +117,60 @@ def stored_digest(stored: StoredObject) -> str | None:
     if stored.metadata.get(DIGEST_FORMAT_KEY) != CONTENT_DIGEST_FORMAT:
         return None
     return stored.metadata.get(DIGEST_KEY) or None
+
+
+def _instant(value: object) -> datetime | None:
+    """An RFC 3339 timestamp as a UTC datetime; None when absent or not one."""
+    try:
+        return parse_rfc3339(value, "archive metadata", COMPLETED_AT_KEY) if value else None
+    except ManifestError:
+        return None
+
+
+@dataclass(frozen=True)
+class NewerBatch:
+    """The batch, completed after this one, whose version of the study the object holds."""
+
+    batch_id: str
+    completed_at: str  # RFC 3339, UTC
+
+
+def writer_completed_at(store: ObjectStore, existing: StoredObject) -> datetime | None:
+    """The completed_at of the batch that wrote `existing`: from its metadata or, for an object
+    written before the field existed, from that batch's published report (the ledger). None when
+    neither tells."""
+    recorded = existing.metadata.get(COMPLETED_AT_KEY)
+    if recorded is not None:
+        return _instant(recorded)
+    batch_id, collection = existing.metadata.get("batch_id"), existing.metadata.get("collection")
+    if not batch_id or not collection:
+        return None
+    try:
+        raw = store.read_bytes(batch_report_object_name(collection, batch_id))
+        report = json.loads(raw) if raw is not None else None
+    except (ValueError, OSError):  # a refused id or collection, or an unreadable report
+        return None
+    if not isinstance(report, dict) or report.get("batch_id") != batch_id:
+        return None
+    return _instant(report.get("completed_at"))
+
+
+def newer_batch(store: ObjectStore, existing: StoredObject, group: StudyGroup) -> NewerBatch | bool | None:
+    """Which batch wins when `existing` holds other content than `group`'s batch gives.
+
+    A NewerBatch: the object was written by a batch completed after this one; it is left alone.
+    None: it was written by this batch, an older one or one completed at the same instant; the
+    conflict-or-replace rule applies. False: the order cannot be established (a field or a report
+    missing, on either side); nothing may be replaced."""
+    writer = existing.metadata.get("batch_id")
+    if writer is not None and writer == group.batch_id:
+        return None
+    ours, theirs = _instant(group.completed_at), writer_completed_at(store, existing)
+    if ours is None or theirs is None:
+        return False
+    if theirs > ours:
+        return NewerBatch(writer or "?", theirs.isoformat())
+    return None
 
 
 @dataclass
@@ -140,6 +214,51 @@ def _conflict_message(store: ObjectStore, existing: StoredObject, judged: _Judge
         f"{images} images; this batch gives content digest {digest}, {n} images. "
         "Nothing was overwritten. Set DICOM_REPLACE_CHANGED_ARCHIVES=true to replace it."
     )
+
+
+def _unordered_message(store: ObjectStore, existing: StoredObject, digest: str, n: int) -> str:
+    return (
+        f"{store.uri(existing.name)} already exists with different content (generation {existing.generation}, "
+        f"written by batch {existing.metadata.get('batch_id', '?')}), and which of the two batches completed "
+        f"later cannot be established (no {COMPLETED_AT_KEY} on the object and no published report of its "
+        f"batch, or no completed_at for this batch); this batch gives content digest {digest}, {n} images. "
+        "Nothing was overwritten, so that a newer version is never lost."
+    )
+
+
+def _superseded(judged: _Judgement, members: list[ArchivedMember], digest: str, newer: NewerBatch) -> PublishedArchive:
+    stored = judged.stored
+    return PublishedArchive(
+        SUPERSEDED,
+        stored,
+        ArchiveDigest(stored.size, stored.md5, stored.crc32c),
+        members,
+        content_digest=digest,
+        legacy_checked=judged.legacy_checked,
+        images_before=judged.images,
+        newer=newer,
+    )
+
+
+def _differs(
+    store: ObjectStore,
+    existing: StoredObject,
+    judged: _Judgement,
+    group: StudyGroup,
+    members: list[ArchivedMember],
+    digest: str,
+    replace_changed: bool,
+) -> PublishedArchive | None:
+    """`existing` holds other content: superseded (a newer batch wrote it), a conflict, or None
+    when it may be replaced."""
+    order = newer_batch(store, existing, group)
+    if isinstance(order, NewerBatch):
+        return _superseded(judged, members, digest, order)
+    if not replace_changed:
+        raise ArchiveConflictError(_conflict_message(store, existing, judged, digest, len(members)))
+    if order is False:
+        raise ArchiveConflictError(_unordered_message(store, existing, digest, len(members)))
+    return None
 
 
 def rows_loaded(stored: StoredObject) -> bool:
@@ -206,8 +325,9 @@ def publish_study_archive(
         judged = _judge(store, existing, digest)
         if judged.same:
             return _present(judged, members, digest)
-        if not replace_changed:
-            raise ArchiveConflictError(_conflict_message(store, existing, judged, digest, len(members)))
+        superseded = _differs(store, existing, judged, group, members, digest, replace_changed)
+        if superseded is not None:
+            return superseded
         precondition = existing.generation or 0
 
     try:
@@ -231,6 +351,9 @@ def publish_study_archive(
         raced_judged = _judge(store, raced, digest)
         if raced_judged.same:
             return _present(raced_judged, members, digest)
+        order = newer_batch(store, raced, group)
+        if isinstance(order, NewerBatch):
+            return _superseded(raced_judged, members, digest, order)
         raise ArchiveConflictError(_conflict_message(store, raced, raced_judged, digest, len(members))) from None
 
     stored = store.get(name)

@@ -30,7 +30,7 @@ class DicomStudyArchiveOperator(DicomStorageBaseOperator):
     :param bucket, project, gcp_conn_id, impersonation_chain: see DicomStorageBaseOperator.
 
     Returns one small summary per archive: uri, generation, md5, crc32c, size, image count,
-    quarantined count, outcome (written / already_present / replaced). The per-image rows go to
+    quarantined count, outcome (written / already_present / replaced / superseded). The per-image rows go to
     the batch's staging folder for the BigQuery step, not to XCom.
     """
 
@@ -66,7 +66,7 @@ class DicomStudyArchiveOperator(DicomStorageBaseOperator):
         from airflow.sdk.exceptions import AirflowFailException
 
         from dicom_archive.archive import ArchiveIntegrityError
-        from dicom_archive.batch import archive_groups_spooled
+        from dicom_archive.batch import archive_groups_spooled, wrote
         from dicom_archive.ndjson import NdjsonSpool
         from dicom_archive.rows import RunContext
 
@@ -115,8 +115,9 @@ class DicomStudyArchiveOperator(DicomStorageBaseOperator):
                     extra={
                         "batch_id": staging.batch_id,
                         "archives": len(chunk_summaries),
-                        "written": sum(s["outcome"] != "already_present" for s in chunk_summaries),
+                        "written": sum(wrote(s) for s in chunk_summaries),
                         "replaced": sum(s["outcome"] == "replaced" for s in chunk_summaries),
+                        "superseded": sum(s["outcome"] == "superseded" for s in chunk_summaries),
                     },
                 )
             for summary in chunk_summaries:
@@ -125,6 +126,16 @@ class DicomStudyArchiveOperator(DicomStorageBaseOperator):
                         "replaced %s: %s images before, %s after",
                         summary["uri"],
                         summary.get("images_before", "?"),
+                        summary["image_count"],
+                    )
+                elif summary["outcome"] == "superseded":
+                    self.log.warning(
+                        "left %s alone: batch %s, completed %s (after this batch), holds the study with %s "
+                        "images; this batch's %s images of it are neither archived nor loaded",
+                        summary["uri"],
+                        summary.get("newer_batch", "?"),
+                        summary.get("newer_completed_at", "?"),
+                        summary.get("images_in_archive", "?"),
                         summary["image_count"],
                     )
         return summaries

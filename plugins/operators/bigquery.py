@@ -112,12 +112,13 @@ class DicomMetadataToBigQueryOperator(DicomStorageBaseOperator):
     def _mark_rows_loaded(self, store: Any, staging: Any) -> int:
         """After the MERGE: mark each archive whose rows it loaded, so that a no-op rerun builds
         no rows and runs no BigQuery job for it."""
+        from dicom_archive.batch import needs_rows_mark
         from dicom_archive.publish import mark_rows_loaded
 
         marked = 0
         for chunk in staging.read_archive_summaries().values():
             for summary in chunk:
-                if summary.get("rows_loaded") or "name" not in summary:
+                if not needs_rows_mark(summary):
                     continue
                 marked += mark_rows_loaded(store, summary["name"], summary.get("generation"))
         return marked
