@@ -64,6 +64,7 @@ from tests.test_bad_input import (
     DATE,
     ENTITY,
     ITEM,
+    OTHER,
     PLANTED,
     Landing,
     Outcome,
@@ -1729,3 +1730,48 @@ def test_an_image_rewritten_while_the_archive_step_reads_it_is_not_kept(landing)
     assert str(folder / SWAPPED) in str(caught.value)
     assert not (landing.out / archive_object_name(COLLECTION, ENTITY, DATE, ITEM)).exists()
     assert phi_audit.audit([NAME], [landing.out]) == []
+
+
+# --------------------------------------------------------------- file names shaped like a person's name
+
+
+def test_file_names_shaped_like_a_name_never_reach_the_report(landing):
+    """File names are the anonymizer's; one shaped like a person's name (a letter next to `^`) is
+    not shown where the report names images: quarantined paths, second names, the images an
+    ambiguous lookup key matches, and the messages of the PHI-folder walk."""
+    names = {
+        "held": "PHI/Doe^John_MRN7731904.dcm",
+        "bad": "scans/Smith^Jane/bad.dcm",
+        "first": "Poirot^Hercule.dcm",
+    }
+    images = [
+        ImageSpec(ENTITY, ITEM, DATE, "CT", 1, 1, relpath=names["first"]),
+        ImageSpec(ENTITY, ITEM, DATE, "CT", 1, 2),
+        ImageSpec(ENTITY, ITEM, DATE, "CT", 1, 3, relpath=names["held"]),
+        ImageSpec(ENTITY, ITEM, DATE, "CT", 1, 4, relpath=names["bad"], header_overrides={"OperatorsName": "X^Y"}),
+        ImageSpec(*OTHER, "MR", 1, 1, relpath="a/MARPLE^JANE.dcm"),
+        ImageSpec(*OTHER, "MR", 1, 2, relpath="a/marple^jane .dcm"),
+    ]
+    lookup = {"a/Marple^Jane.dcm": {"Modality": "MR"}}  # matches both after normalising: ambiguous
+    folder = landing.write(BatchSpec(BATCH, images=images, collection=COLLECTION, lookup=lookup))
+    os.link(folder / names["first"], folder / "Wolfe^Nero.dcm")  # a second name of an image
+    outcome = landing.process(BATCH)
+    text = json.dumps(outcome.report)
+    for word in ("Doe", "John", "Smith", "Jane", "Poirot", "Hercule", "Marple", "MARPLE", "Wolfe", "Nero"):
+        assert word not in text, word
+    report = outcome.report
+    assert {q["path"] for q in report["quarantined"]} >= {
+        "PHI/(shaped like a person's name, not shown)",
+        "scans/(shaped like a person's name, not shown)/bad.dcm",
+    }
+    assert report["aliases"], "the second name is listed, masked"
+
+
+def test_a_walk_error_of_a_phi_folder_does_not_name_a_name_shaped_file(landing):
+    folder = landing.write(BatchSpec(BATCH, images=good_images(), collection=COLLECTION))
+    (folder / "PHI").mkdir()
+    (folder / "PHI" / "Doe^John.dcm").symlink_to("nowhere.dcm")  # dangling: the batch fails
+    outcome = landing.process(BATCH)
+    assert outcome.plan.status == "ERROR"
+    assert "Doe" not in outcome.plan.error
+    assert "PHI/(shaped like a person's name, not shown)" in outcome.plan.error

@@ -28,7 +28,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from dicom_archive.archive import ArchivedMember, held_identities
-from dicom_archive.landing import LandingZone
+from dicom_archive.landing import LandingZone, shown_path
 from dicom_archive.manifest import LOCAL_REPORT_NAME, REPORT_NAME, check_deid
 from dicom_archive.naming import batch_report_object_name, require_batch_id
 from dicom_archive.ndjson import NdjsonSpool, to_ndjson
@@ -440,12 +440,14 @@ def build_report(
         },
         # Every check each image fails (reason codes and tag paths, never values).
         "quarantined": [
-            {"path": q.relpath, "reason": q.reason, "detail": q.detail, "failures": q.all_failures()}
+            {"path": shown_path(q.relpath), "reason": q.reason, "detail": q.detail, "failures": q.all_failures()}
             for q in plan.quarantined
         ],
         "deid_gate": plan.gate,
         # Second names of an image (hard or symbolic links): counted and archived once, under the first.
-        "aliases": [{"path": path, "same_as": first} for path, first in sorted(plan.aliases.items())],
+        "aliases": [
+            {"path": shown_path(path), "same_as": shown_path(first)} for path, first in sorted(plan.aliases.items())
+        ],
         "lookup": {
             "keys_matching_no_image": plan.lookup_unmatched,
             "keys_matching_several_images": plan.lookup_ambiguous,

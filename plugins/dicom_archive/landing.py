@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
+from dicom_archive.deid_gate import value_looks_like_person_name
 from dicom_archive.local_files import write_atomically
 
 # A DICOM header is a few KiB: what a header read takes beyond it is read twice (once to plan,
@@ -60,13 +61,23 @@ class LandingRootError(RuntimeError):
     """The landing root does not exist or cannot be read: the run fails, it never skips."""
 
 
+NAME_SHAPED_PART = "(shaped like a person's name, not shown)"
+
+
+def shown_path(relpath: str) -> str:
+    """An image path as reports, errors and logs show it: a part of it shaped like a person's name
+    (a letter next to `^`) is not shown, as for lookup.json's keys. File names are the anonymizer's;
+    one that holds an identifier in any other shape is its mistake to fix."""
+    return "/".join(NAME_SHAPED_PART if value_looks_like_person_name(part) else part for part in relpath.split("/"))
+
+
 class HeldImagesError(RuntimeError):
     """The images held back under `PHI/` cannot all be found (a dangling or looping link, a link
     to the batch folder or above it, a folder that cannot be listed): the batch fails and nothing
     of it is uploaded, rather than risk uploading one of them under another name."""
 
     def __init__(self, relpath: str, problem: str) -> None:
-        super().__init__(f"{relpath}: {problem}")
+        super().__init__(f"{shown_path(relpath)}: {problem}")
         self.relpath = relpath  # the name in or of a PHI folder that is the trouble
         self.problem = problem
 
@@ -115,7 +126,9 @@ class LandingZone(Protocol):
 
     def modified(self, batch_id: str, relpath: str) -> datetime | None: ...
 
-    def describe(self, batch_id: str, relpath: str = "") -> str: ...
+    def describe(self, batch_id: str, relpath: str = "") -> str:
+        """Where a file is, for messages: a part shaped like a person's name is not shown (shown_path)."""
+        ...
 
 
 class LocalLandingZone:
@@ -288,7 +301,7 @@ class LocalLandingZone:
             return None
 
     def describe(self, batch_id: str, relpath: str = "") -> str:
-        return str(self._path(batch_id, relpath))
+        return str(self._path(batch_id, shown_path(relpath)))
 
 
 class GCSLandingZone:
@@ -388,7 +401,7 @@ class GCSLandingZone:
         return None if blob is None else blob.updated
 
     def describe(self, batch_id: str, relpath: str = "") -> str:
-        return f"gs://{self.bucket.name}/{self._name(batch_id, relpath)}"  # type: ignore[attr-defined]
+        return f"gs://{self.bucket.name}/{self._name(batch_id, shown_path(relpath))}"  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 
 from dicom_archive.deid_gate import DeidPolicy, Reason, StudyIdentity
 from dicom_archive.header_walk import WalkError, judge_header, walk_header
-from dicom_archive.landing import HeldImagesError, LandingFile, LandingZone, aliases, file_identity_of
+from dicom_archive.landing import HeldImagesError, LandingFile, LandingZone, aliases, file_identity_of, shown_path
 from dicom_archive.manifest import (
     LOOKUP_NAME,
     MANIFEST_NAME,
@@ -359,7 +359,9 @@ def _plan_batch(
         return plan
     matched = match_lookup(lookup, (file.relpath for file in files))
     plan.lookup_unmatched = [shown_key(key) for key in matched.unmatched]
-    plan.lookup_ambiguous = {shown_key(key): images for key, images in matched.ambiguous.items()}
+    plan.lookup_ambiguous = {
+        shown_key(key): [shown_path(i) for i in images] for key, images in matched.ambiguous.items()
+    }
     unsafe = matched.unsafe_flags(lookup)
     if unsafe:
         plan.status = STATUS_ERROR
