@@ -171,8 +171,9 @@ def parse_manifest(
 
 def check_deid(deid: dict[str, Any], source: str = MANIFEST_NAME) -> None:
     """batch.json's deid provenance is carried into every row and report: its keys and values go
-    through the lookup.json rules (lookup_violations, no coded ids). Raises ManifestError naming
-    the rule and the fields, never a value or a key that is not a plain field name."""
+    through the lookup.json rules (deid_violations, no coded ids). Raises ManifestError naming the
+    rule and the fields (the contract's and DICOM keywords; any other by its position), never a
+    value or another field's name."""
     broken = deid_violations(deid)
     if broken:
         raise ManifestError(source, "deid breaks the person-name and identifier rules: " + "; ".join(broken))
