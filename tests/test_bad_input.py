@@ -674,6 +674,10 @@ BAD_DEID = {
     "name-as-key": ({"Okonkwo^Chidi": "reviewed"}, ("Okonkwo^Chidi",)),
     "name-as-nested-key": ({"software": {"Doe, Johnathan": True}}, ("Doe, Johnathan",)),
     "name-as-key-in-options": ({"options": [{"Vasquez Celine": 1}]}, ("Vasquez Celine",)),
+    # phi2 #6: a field that is not the contract's nor a keyword is shown by its position only.
+    "name-key-over-a-name": ({"Notes": {"Hercule_Poirot": "Doe^Jane"}}, ("Hercule_Poirot", "Notes", "Doe^Jane")),
+    "person-field-suffix": ({"software": "deid", "OperatorsName_old": "Doe^Jane"}, ("OperatorsName_old", "Doe^Jane")),
+    "record-number-field": ({"MRN_7731904": ["Doe^Jane"]}, ("MRN_7731904", "7731904")),
 }
 
 

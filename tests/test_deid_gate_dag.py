@@ -141,6 +141,7 @@ def test_hostile_batch_through_the_dag(gate_env, bigquery_client):
         "private_allow": [],
         "person_attributes": list(DEFAULT_PERSON_ATTRIBUTES),
         "person_attributes_removed": [],
+        "lookup_fields": [],
     }
 
     blobs = bucket_blobs(bucket)

@@ -40,15 +40,17 @@ from pydicom.filereader import _read_file_meta_info, data_element_generator, rea
 
 from dicom_archive.archive import ArchiveIntegrityError
 from dicom_archive.batch import archive_groups
-from dicom_archive.deid_gate import Reason
+from dicom_archive.deid_gate import DeidPolicy, Reason
 from dicom_archive.landing import GCSLandingZone, LocalLandingZone, is_under_phi_folder, normalise_relpath
 from dicom_archive.manifest import (
     NAME_SHAPED_KEY,
     NOT_A_FIELD_NAME,
     ManifestError,
     field_keyword,
+    is_keyword_path,
     lookup_violations,
     match_lookup,
+    unaccepted_field_rule,
 )
 from dicom_archive.naming import archive_object_name
 from dicom_archive.plan import BatchPlan, plan_batch
@@ -665,14 +667,14 @@ BAD_LOOKUP_KEYS = {
 @pytest.mark.parametrize(("entry", "planted"), BAD_LOOKUP_KEYS.values(), ids=BAD_LOOKUP_KEYS.keys())
 def test_a_lookup_key_that_is_not_a_field_name_quarantines_its_image(landing, entry, planted):
     """Like a bad value: the image is quarantined (identifying_attribute); the detail gives the
-    rule, never the key nor any path through it."""
+    field's position, never the key nor any path through it."""
     lookup = {img.path: {"ScanOptions": "HELICAL"} for img in good_images()}
     lookup[BAD] = {"CTDIvol": 12.1, **entry}
     outcome = run_batch(
         landing, bad=[bad_image()], lookup=lookup, expect={BAD: Reason.IDENTIFYING_ATTRIBUTE}, planted=(planted,)
     )
     (held,) = outcome.plan.quarantined
-    assert held.detail == f"lookup.json: {NOT_A_FIELD_NAME}"
+    assert held.detail == f"lookup.json: {unaccepted_field_rule('field 2')}"
     assert planted not in json.dumps(outcome.report, ensure_ascii=False)
     assert not any(planted in json.dumps(row, ensure_ascii=False) for row in outcome.rows)
 
@@ -684,16 +686,18 @@ def test_a_lookup_key_that_is_not_a_field_name_quarantines_its_image(landing, en
         {"PatientID": ENTITY, "AccessionNumber": ITEM},
         {"PatientName": "", "OtherPatientIDs": ""},
         {"CTDIvol": 12.1, "ScanOptions": "HELICAL", "RequestAttributesSequence.RequestedProcedureDescription": "CT"},
-        {"Exponent": "2^10"},  # a caret with no letter beside it is no name
-        {"Nested": {"SliceThickness": 1.25, "Kernel": ["B30f", "B70f"]}},
+        {"ConvolutionKernel": "2^10"},  # a caret with no letter beside it is no name
+        {"ScanOptions": {"SliceThickness": 1.25, "Kernel": ["B30f", "B70f"]}},  # keys under a field: values
         {"flagged": False, "KVP": 120},
-        {"(0018,0060)": 120, "0x00180050": 1.25, "Seq[0].Inner.0.CTDIvol": 3.5, "_private_note": "ok"},
-        {"PatientFullName": ENTITY, "AccessionNo": ITEM, "Scanner": {"name": "CT01"}},
+        {"CTExposureSequence[0].CTDIvol": 3.5, "CTExposureSequence.0.KVP": 120, "ImageType[1]": "PRIMARY"},
+        {"CTExposureSequence": [{"CTDIvol": 3.5}, {"ExposureTime": 500}], "CurveLabel": "scout"},
+        {"ScanNotes": "ok", "Scanner": {"name": "CT01"}},  # declared in DICOM_LOOKUP_FIELDS (policy)
     ],
 )
 def test_lookup_values_that_keep_the_rules_reach_dicomheader(landing, entry):
     target = good_images()[0].path
-    outcome = run_batch(landing, lookup={target: entry}, expect={})
+    policy = DeidPolicy(lookup_fields=("ScanNotes", "Scanner"))
+    outcome = run_batch(landing, lookup={target: entry}, expect={}, policy=policy)
     (row,) = [row for row in outcome.rows if row["SOPInstanceUID"] == _sop_of(landing, target)]
     for key, value in entry.items():
         if key == "flagged":
@@ -801,18 +805,26 @@ def test_field_keyword(name, keyword):
     ],
 )
 def test_a_person_name_field_of_any_spelling_is_judged_by_its_keyword(name):
-    """A plain name (no `^`) is caught only when the field is recognised as PatientName."""
-    assert lookup_violations({name: PLAIN_NAME}, entity_id=ENTITY, item_id=ITEM) == [
-        f"{name} (PatientName holds a person's name or identifier)"
-    ]
-    assert lookup_violations({name: ENTITY}, entity_id=ENTITY, item_id=ITEM) == []
+    """Another spelling of a keyword is not accepted (named by its position, whatever it holds);
+    declared, the names that are plain identifiers stay judged by the keyword they spell."""
+    for value in (PLAIN_NAME, ENTITY):
+        assert lookup_violations({name: value}, entity_id=ENTITY, item_id=ITEM) == [unaccepted_field_rule("field 1")]
+    if name.isidentifier():
+        declared = lookup_violations({name: PLAIN_NAME}, entity_id=ENTITY, item_id=ITEM, declared_fields=[name])
+        assert declared == [f"{name} (PatientName holds a person's name or identifier)"]
 
 
 def test_a_violation_under_a_key_that_is_not_a_field_name_names_no_path():
     broken = lookup_violations(
-        {"Notes": {"Bond^James": NAME, "CTDIvol": 1.0}, "PatientName": NAME}, entity_id=ENTITY, item_id=ITEM
+        {"Notes": {"Bond^James": NAME, "CTDIvol": 1.0}, "PatientName": NAME, "ScanOptions": {"Doe, John": True}},
+        entity_id=ENTITY,
+        item_id=ITEM,
     )
-    assert broken == [NOT_A_FIELD_NAME, "PatientName (PatientName holds a person's name or identifier)"]
+    assert broken == [
+        unaccepted_field_rule("field 1"),
+        "PatientName (PatientName holds a person's name or identifier)",
+        f"ScanOptions ({NOT_A_FIELD_NAME})",
+    ]
 
 
 def test_lookup_violations_name_fields_never_values():
@@ -823,6 +835,176 @@ def test_lookup_violations_name_fields_never_values():
     )
     assert [b.split(" ", 1)[0] for b in broken] == ["PatientName", "StudyDescription"]
     assert not any("Kowalczyk" in b for b in broken)
+
+
+# lookup.json fields are an allow list: a DICOM keyword, a flattened sequence path of keywords, or a
+# name the site declares (DICOM_LOOKUP_FIELDS). Anything else quarantines its image, and is named
+# by its position only: a deny-list cannot tell a name or a record number from a field name.
+UNACCEPTED_LOOKUP_FIELDS = {
+    # Names and record numbers written as keys (phi2 #4), with and without `_`, camelCase, digits.
+    "name-key": {"Gregory_House": True},
+    "camel-name-key": {"JaneMarple": "yes"},
+    "lower-name-key": {"hercule_poirot": None},
+    "record-number-key": {"MRN_7731904": True},
+    "digits-key": {"7731904": True},
+    "letter-and-digits-key": {"A7731904": {}},
+    "name-key-under-object": {"reviewed_by": {"DOE_JOHN": "yes"}},
+    "name-key-over-a-name": {"Notes": {"Hercule_Poirot": "Doe^Jane"}},
+    # Person fields with a prefix or suffix, or named for a person without being a keyword (phi2 #5).
+    "suffix-digit": {"OperatorsName2": "Hercule Poirot"},
+    "suffix-old": {"OperatorsName_old": "Hercule Poirot"},
+    "suffix-orig": {"VerifyingObserverName_orig": "Hercule Poirot"},
+    "suffix-index-word": {"ResponsiblePerson_1": "Hercule Poirot"},
+    "suffix-prev": {"PatientBirthName_prev": "Hercule Poirot"},
+    "prefix": {"PrevPatientName": "Hercule Poirot"},
+    "prefix-x-tag": {"x00100010": "Hercule Poirot"},
+    "prefix-vr-tag": {"PN00100010": "Hercule Poirot"},
+    "tag": {"(0010,0010)": "Hercule Poirot"},
+    "bare-tag": {"00100010": "Hercule Poirot"},
+    "role": {"Radiologist": "Hercule Poirot"},
+    "reviewed-by": {"ReviewedBy": "Hercule Poirot"},
+    "technologist": {"TechnologistName": "Hercule Poirot"},
+    # Keywords in another case or with a look-alike letter: no guessing.
+    "lower-case-keyword": {"patientname": "Hercule Poirot"},
+    "upper-case-keyword": {"PATIENTNAME": "Hercule Poirot"},
+    "cyrillic-a": {"P\u0430tientName": "Hercule Poirot"},
+    "zero-width-space": {"PatientName\u200b": "Hercule Poirot"},
+    "fullwidth": {"\uff30atientName": "Hercule Poirot"},
+    "trailing-blank": {"PatientName ": "Hercule Poirot"},
+    # Paths: a segment that is not a keyword, a keyword that is not a sequence, a long number.
+    "path-name-segment": {"RequestAttributesSequence.Hercule_Poirot": "x"},
+    "path-through-non-sequence": {"PatientName.Modality": "Hercule Poirot"},
+    "path-record-number-item": {"RequestAttributesSequence.7731904.RequestedProcedureDescription": "CT"},
+    "path-record-number-index": {"ImageType[7731904]": "PRIMARY"},
+}
+UNACCEPTED_NESTED = {
+    "in-a-sequence-item": (
+        {"RequestAttributesSequence": {"Gregory_House": True}},
+        "field 1 of RequestAttributesSequence",
+    ),
+    "in-a-second-item": (
+        {"RequestAttributesSequence": [{"RequestedProcedureDescription": "CT"}, {"MRN_7731904": True}]},
+        "field 1 of RequestAttributesSequence[1]",
+    ),
+    "declared-name-nested": ({"CTExposureSequence": [{"TechnicalRemark": "ok"}]}, "field 1 of CTExposureSequence[0]"),
+}
+
+
+def _texts_of(entry: dict) -> list[str]:
+    keys = [k for k in entry if k != "CTDIvol"]
+    for value in entry.values():
+        if isinstance(value, dict):
+            keys += list(value)
+        elif isinstance(value, list):
+            keys += [k for item in value for k in item]
+    return [k for k in keys if not is_keyword_path(k) and k != "TechnicalRemark"]  # the declared name is shown
+
+
+def _assert_quarantined_unquoted(landing: Landing, entry: dict, where: str) -> Outcome:
+    lookup = {img.path: {"ScanOptions": "HELICAL"} for img in good_images()}
+    lookup[BAD] = {"CTDIvol": 12.1, **entry}
+    policy = DeidPolicy(lookup_fields=("TechnicalRemark",))
+    outcome = run_batch(
+        landing, bad=[bad_image()], lookup=lookup, expect={BAD: Reason.IDENTIFYING_ATTRIBUTE}, policy=policy
+    )
+    (held,) = outcome.plan.quarantined
+    assert held.detail == f"lookup.json: {unaccepted_field_rule(where)}"
+    shown = json.dumps(outcome.report, ensure_ascii=False) + json.dumps(outcome.rows, ensure_ascii=False)
+    for text in [*_texts_of(entry), "Hercule Poirot", "Doe^Jane", "7731904"]:
+        assert text not in shown, text
+    return outcome
+
+
+@pytest.mark.parametrize("entry", UNACCEPTED_LOOKUP_FIELDS.values(), ids=UNACCEPTED_LOOKUP_FIELDS.keys())
+def test_a_lookup_field_that_is_not_a_keyword_quarantines_its_image_unquoted(landing, entry):
+    """phi2 #4-#6: the image is quarantined (identifying_attribute); the report names the image and
+    the field's position, never the field; nothing of the entry reaches a row."""
+    _assert_quarantined_unquoted(landing, entry, "field 2")
+
+
+@pytest.mark.parametrize(("entry", "where"), UNACCEPTED_NESTED.values(), ids=UNACCEPTED_NESTED.keys())
+def test_a_field_of_a_sequence_item_must_be_a_keyword_too(landing, entry, where):
+    _assert_quarantined_unquoted(landing, entry, where)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "CTDIvol",
+        "PatientName",  # accepted as a field; its value is judged
+        "CurveLabel",  # retired, repeating group
+        "RequestAttributesSequence.RequestedProcedureDescription",
+        "RequestAttributesSequence[0].ScheduledPerformingPhysicianName",
+        "ReferencedStudySequence.0.ReferencedSOPInstanceUID",
+        "ImageType[1]",
+        "CTExposureSequence[0].CTDIvol",
+    ],
+)
+def test_keyword_paths_are_accepted(name):
+    assert is_keyword_path(name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "Notes", "patientname", "P\u0430tientName", "PatientName.Modality", "CTDIvol.0", "Seq[0].CTDIvol",
+     "RequestAttributesSequence.", "RequestAttributesSequence.12345.RequestedProcedureDescription",
+     "ImageType[12345]", "(0010,0010)", "0x00100010", "RequestAttributesSequence.0", "ImageType[\u0661]"],
+)  # fmt: skip
+def test_other_names_are_not_keyword_paths(name):
+    assert not is_keyword_path(name)
+
+
+def test_a_declared_field_is_accepted_at_the_top_and_its_values_still_judged():
+    declared = ("ScanNotes", "Radiologist")  # DeidPolicy does not check names (Settings.load does)
+    judged = lookup_violations(
+        {"ScanNotes": {"remark": "Bond^James"}, "Radiologist": "Hercule Poirot", "Notes": "x"},
+        entity_id=ENTITY,
+        item_id=ITEM,
+        declared_fields=declared,
+    )
+    assert judged == [
+        unaccepted_field_rule("field 3"),
+        "Radiologist (Radiologist is named for a person's name, contact or record number and holds a value)",
+        "ScanNotes (ScanNotes holds a value shaped like a person's name)",
+    ]
+    assert lookup_violations({"ScanNotes": "routine"}, entity_id=ENTITY, item_id=ITEM, declared_fields=declared) == []
+
+
+def test_unknown_lookup_fields_through_the_dag_in_local_mode(airflow_db, tmp_path, monkeypatch):
+    """End to end (dag.test(), SEND_TO_GOOGLE=false): an image whose lookup entry carries fields
+    that are not keywords is quarantined, and no field name nor value of it is in any output or in
+    the report; a declared field (DICOM_LOOKUP_FIELDS) reaches its row's DicomHeader."""
+    root, output = tmp_path / "landing", tmp_path / "output"
+    good = good_images()
+    unknown = {"Gregory_House": True, "OperatorsName2": "Hercule Poirot", "x00100010": "Jane Marple"}
+    lookup = {
+        good[0].path: {"ScanRemark": "routine chest", "CTDIvol": 2.5},
+        good[1].path: {"CTDIvol": 1.0, **unknown, "Notes": {"MRN_7731904": True}},
+    }
+    write_batch(root, BatchSpec(BATCH, images=good, collection=COLLECTION, lookup=lookup))
+    for name, value in {
+        "SEND_TO_GOOGLE": "false",
+        "DICOM_LANDING_ROOT": str(root),
+        "DICOM_LOCAL_OUTPUT": str(output),
+        "DICOM_LOOKUP_FIELDS": "ScanRemark",
+    }.items():
+        monkeypatch.setenv(name, value)
+    assert str(run_dag([BATCH]).state) == "success"
+
+    report_text = (root / BATCH / "batch.report.local.json").read_text()
+    report = json.loads(report_text)
+    assert _failures(report) == {good[1].path: {Reason.IDENTIFYING_ATTRIBUTE}}
+    (held,) = report["quarantined"]
+    assert held["detail"] == "lookup.json: " + "; ".join(unaccepted_field_rule(f"field {n}") for n in (2, 3, 4, 5))
+    assert report["deid_gate"]["lookup_fields"] == ["ScanRemark"]
+    outputs = [report_text] + [
+        p.read_text(errors="replace") for p in output.rglob("*") if p.is_file() and p.suffix != ".gz"
+    ]
+    for text in [*unknown, "Hercule Poirot", "Jane Marple", "Notes", "MRN_7731904", "7731904"]:
+        assert not any(text in out for out in outputs), text
+    rows = [json.loads(line) for p in output.rglob("*.ndjson") for line in p.read_text().splitlines()]
+    assert len(rows) == len(good) - 1
+    assert [row["DicomHeader"].get("ScanRemark") for row in rows].count("routine chest") == 1
 
 
 # =============================================================================================

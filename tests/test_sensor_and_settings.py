@@ -158,6 +158,22 @@ def test_sensor_fails_at_once_with_every_missing_setting_named(monkeypatch):
         ({"DICOM_DEID_PROFILE": "none"}, "DICOM_DEID_PROFILE must be one of contract, basic"),
         ({"DICOM_PRIVATE_ALLOW": "SIEMENS CSA HEADER:0029,1010"}, "not a creator:gggg,xxee pattern"),
         ({"DICOM_PRIVATE_ALLOW": "GEMS_ACQU_01:0018,xx39"}, "not a private"),
+        # lookup.json fields a site declares: plain names, never a person field spelled otherwise.
+        (
+            {"DICOM_LOOKUP_FIELDS": "ScanNotes, Scan Notes"},
+            "DICOM_LOOKUP_FIELDS: 'Scan Notes' is not a plain field name",
+        ),
+        ({"DICOM_LOOKUP_FIELDS": "Seq.Notes"}, "DICOM_LOOKUP_FIELDS: 'Seq.Notes' is not a plain field name"),
+        ({"DICOM_LOOKUP_FIELDS": "N\u043etes"}, "is not a plain field name"),  # a Cyrillic o
+        ({"DICOM_LOOKUP_FIELDS": "flagged"}, "DICOM_LOOKUP_FIELDS: 'flagged' is the flag"),
+        ({"DICOM_LOOKUP_FIELDS": "PatientsName"}, "'PatientsName' is another spelling of PatientName"),
+        ({"DICOM_LOOKUP_FIELDS": "patient_name"}, "'patient_name' is another spelling of PatientName"),
+        ({"DICOM_LOOKUP_FIELDS": "OtherPatientID"}, "another spelling of OtherPatientIDs"),
+        ({"DICOM_LOOKUP_FIELDS": "Radiologist"}, "'Radiologist' is named for a person's name"),
+        ({"DICOM_LOOKUP_FIELDS": "ReviewedBy"}, "'ReviewedBy' is named for a person's name"),
+        ({"DICOM_LOOKUP_FIELDS": "OperatorsName2"}, "'OperatorsName2' is named for a person's name"),
+        ({"DICOM_LOOKUP_FIELDS": "MRN"}, "'MRN' is named for a person's name"),
+        ({"DICOM_LOOKUP_FIELDS": "ScanNotes,Surname"}, "'Surname' is named for a person's name"),
     ],
 )
 def test_bad_settings_are_named(env, problem):
@@ -219,6 +235,14 @@ def test_settings_defaults_and_lists():
     assert settings.policy.person_attributes == DEFAULT_PERSON_ATTRIBUTES
     assert settings.policy.private_tags == "strip"
     assert settings.policy.profile == "contract"
+
+
+def test_declared_lookup_fields_reach_the_policy_and_the_report():
+    base = {"DICOM_LANDING_ROOT": "/data/landing", "DICOM_LOCAL_OUTPUT": "/data/out"}
+    assert Settings.load(base.get).policy.lookup_fields == ()
+    settings = Settings.load({**base, "DICOM_LOOKUP_FIELDS": " ScanNotes, Scanner_2 ,CTDIvol"}.get)
+    assert settings.policy.lookup_fields == ("ScanNotes", "Scanner_2", "CTDIvol")
+    assert settings.archive.policy.describe()["lookup_fields"] == ["ScanNotes", "Scanner_2", "CTDIvol"]
 
 
 def test_private_allow_patterns_are_parsed():

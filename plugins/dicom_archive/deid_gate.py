@@ -118,6 +118,8 @@ class DeidPolicy:
     profile_options: tuple[str, ...] = ()  # the batch's declared PS3.15 options (batch.json deid.options)
     # Defaults the site removed on purpose (DICOM_PERSON_ATTRIBUTES_REMOVED); recorded in reports.
     removed_person_attributes: tuple[str, ...] = ()
+    # lookup.json fields a site declares on top of the DICOM keywords (DICOM_LOOKUP_FIELDS).
+    lookup_fields: tuple[str, ...] = ()
     max_header_bytes: int = 64 * 1024**2  # everything but bulk data (pixel data) read to check a header
     max_depth: int = 16  # sequence nesting
 
@@ -147,6 +149,7 @@ class DeidPolicy:
             "private_allow": [str(rule) for rule in self.private_allow],
             "person_attributes": list(self.person_attributes),
             "person_attributes_removed": list(self.removed_person_attributes),
+            "lookup_fields": list(self.lookup_fields),
         }
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any, ClassVar
 
-from pydicom.datadict import DicomDictionary, keyword_dict, keyword_for_tag
+from pydicom.datadict import DicomDictionary, RepeatersDictionary, keyword_dict, keyword_for_tag
 
 from dicom_archive.deid_gate import (
     ALWAYS_PERSON_ATTRIBUTES,
@@ -19,6 +19,7 @@ from dicom_archive.deid_gate import (
     coded_id_value_allowed,
     judge_field,
     keyword_vr,
+    last_keyword,
     value_looks_like_person_name,
 )
 from dicom_archive.landing import PHI_FOLDER, is_under_phi_folder, normalise_relpath  # noqa: F401  (re-exported)
@@ -169,9 +170,10 @@ def parse_manifest(
 
 def check_deid(deid: dict[str, Any], source: str = MANIFEST_NAME) -> None:
     """batch.json's deid provenance is carried into every row and report: its keys and values go
-    through the lookup.json rules (lookup_violations, no coded ids). Raises ManifestError naming
-    the rule and the fields, never a value or a key that is not a plain field name."""
-    broken = lookup_violations(deid, entity_id=None, item_id=None)
+    through the lookup.json rules (deid_violations, no coded ids). Raises ManifestError naming the
+    rule and the fields (the contract's and DICOM keywords; any other by its position), never a
+    value or another field's name."""
+    broken = deid_violations(deid)
     if broken:
         raise ManifestError(source, "deid breaks the person-name and identifier rules: " + "; ".join(broken))
 
@@ -389,16 +391,23 @@ def _skeleton(name: str) -> str:
 
 
 @cache
+def _identifying_keywords() -> frozenset[str]:
+    """The person-name, identifier and identifying attributes: every PN keyword and the lists."""
+    return frozenset(
+        {
+            *DEFAULT_PERSON_ATTRIBUTES,
+            *ALWAYS_PERSON_ATTRIBUTES,
+            *CODED_ID_ATTRIBUTES,
+            *LOOKUP_IDENTIFYING_ATTRIBUTES,
+            *(keyword for keyword in keyword_dict if keyword and keyword_vr(keyword) == "PN"),
+        }
+    )
+
+
+@cache
 def _identifying_by_skeleton() -> dict[str, str]:
-    """The skeleton of each person-name, identifier and identifying attribute (by keyword and by
-    descriptive name) -> its keyword."""
-    identifying = {
-        *DEFAULT_PERSON_ATTRIBUTES,
-        *ALWAYS_PERSON_ATTRIBUTES,
-        *CODED_ID_ATTRIBUTES,
-        *LOOKUP_IDENTIFYING_ATTRIBUTES,
-        *(keyword for keyword in keyword_dict if keyword_vr(keyword) == "PN"),
-    }
+    """The skeleton of each identifying attribute (by keyword and by descriptive name) -> its keyword."""
+    identifying = _identifying_keywords()
     found: dict[str, str] = {}
     for entry in DicomDictionary.values():
         if entry[4] in identifying:
@@ -408,8 +417,9 @@ def _identifying_by_skeleton() -> dict[str, str]:
 
 
 # Words of a field that is not a DICOM attribute but is named for a person's name, contact or
-# record number (`Surname`, `PatientFullName`, `ReferringDoctor`, `HomeAddress`, `MRN`, `AccessionNo`): such a
-# field may hold nothing but the coded ids. Short ones count only as the whole name.
+# record number (`Surname`, `PatientFullName`, `ReferringDoctor`, `HomeAddress`, `MRN`, `AccessionNo`,
+# `Radiologist`, `ReviewedBy`): such a field may hold nothing but the coded ids, and may not be
+# declared in DICOM_LOOKUP_FIELDS. Short ones count only as the whole name.
 _PERSON_FIELD_WORDS = (
     "surname",
     "firstname",
@@ -434,6 +444,22 @@ _PERSON_FIELD_WORDS = (
     "telephone",
     "phone",
     "email",
+    "operator",
+    "observer",
+    "radiologist",
+    "technologist",
+    "reviewer",
+    "reviewedby",
+    "readby",
+    "signedby",
+    "verifiedby",
+    "responsible",
+    "person",
+    "birthname",
+    "author",
+    "nurse",
+    "surgeon",
+    "initials",
 )
 _PERSON_FIELD_NAMES = ("dob", "mrn", "ssn")
 
@@ -447,21 +473,156 @@ def names_a_person_field(field_name: str) -> bool:
     return loose in _PERSON_FIELD_NAMES or any(word in loose for word in _PERSON_FIELD_WORDS)
 
 
-def _leaves(value: Any, path: str) -> Iterator[tuple[str, str]]:
-    """(field path, text) for every scalar in a lookup value; nested objects extend the path. The
-    keys of an object under a field that is not a sequence are values of that field too
-    (`{"OtherPatientIDs": {"7731904": true}}` holds an identifier as a key)."""
+# ---------------------------------------------------------------------------------------------
+# lookup.json field names: an allow list. A deny-list cannot tell a name (`Gregory_House`,
+# `MRN_7731904`) from a field name, nor a person field under a spelling it does not know
+# (`OperatorsName2`, `x00100010`, `Radiologist`): a field is accepted only when it is a DICOM
+# keyword, a flattened sequence path of keywords, or a name the site declares.
+
+LOOKUP_FIELDS_SETTING = "DICOM_LOOKUP_FIELDS"
+# batch.json's deid provenance: the contract's fields (software, recipe and options are carried).
+DEID_FIELDS = frozenset({"software", "recipe", "options"})
+# A keyword segment of a flattened path with optional indexes (`ImageType[0]`); an index or an item
+# number (`Seq.0.Keyword`) has at most four digits: a longer number could be a record number.
+_KEYWORD_SEGMENT = re.compile(r"([A-Za-z][A-Za-z0-9]*)((?:\[[0-9]{1,4}\])*)")
+_ITEM_NUMBER = re.compile(r"[0-9]{1,4}")
+# A name a site may declare (DICOM_LOOKUP_FIELDS): an ASCII identifier.
+_DECLARED_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+
+
+@cache
+def _dictionary_keywords() -> frozenset[str]:
+    """Every keyword of pydicom's dictionary (public, retired and repeating groups included)."""
+    return frozenset(entry[4] for entry in (*DicomDictionary.values(), *RepeatersDictionary.values())) - {""}
+
+
+def is_keyword_path(name: str) -> bool:
+    """A DICOM keyword, exact case (`CTDIvol`), or a flattened sequence path whose every segment
+    is one, each but the last a sequence (`RequestAttributesSequence.RequestedProcedureDescription`,
+    `Seq[0].Keyword`, `Seq.0.Keyword`). No other case, no look-alike letters, no tag numbers
+    (`00100010` could as well be a record number)."""
+    segments = name.split(".")
+    after_sequence = False
+    for position, segment in enumerate(segments, start=1):
+        last = position == len(segments)
+        if after_sequence and not last and _ITEM_NUMBER.fullmatch(segment):
+            after_sequence = False  # an item number: a keyword must follow
+            continue
+        match = _KEYWORD_SEGMENT.fullmatch(segment)
+        if match is None or match[1] not in _dictionary_keywords():
+            return False
+        after_sequence = keyword_vr(match[1]) == "SQ"
+        if not last and not after_sequence:
+            return False
+    return True
+
+
+def declared_field_problem(name: str) -> str | None:
+    """Why a name may not be declared in DICOM_LOOKUP_FIELDS (None: it may): it must be an ASCII
+    identifier, not the flag, and not a person-name, identifier or contact field under another
+    spelling (`PatientsName`, `Surname`, `MRN`): declaring never re-admits one."""
+    if not _DECLARED_NAME.fullmatch(name):
+        return "not a plain field name (an ASCII letter, then letters, digits or _; at most 64)"
+    if _looks_like_flag(name):
+        return "the flag, not a field"
+    keyword = field_keyword(name)
+    if keyword is not None and name not in _dictionary_keywords() and keyword in _identifying_keywords():
+        return f"another spelling of {keyword}"
+    if keyword is None and names_a_person_field(name):
+        return "named for a person's name, contact or record number"
+    return None
+
+
+def unaccepted_field_rule(where: str) -> str:
+    """The detail of a lookup field that is not accepted: its position, never its text."""
+    return (
+        f"{where} of this image's entry is not a DICOM keyword nor a field declared in "
+        f"{LOOKUP_FIELDS_SETTING} (the field is not quoted)"
+    )
+
+
+def _texts(value: Any) -> Iterator[tuple[str, bool]]:
+    """(text, whether it is a key) for every scalar of a field's value and every key of its
+    objects: under a field that is not a sequence, a key is a value of that field too
+    (`{"OtherPatientIDs": {"7731904": true}}`)."""
     if isinstance(value, dict):
-        keys_are_values = bool(path) and keyword_vr(field_keyword(path[1:]) or "") != "SQ"
         for key, item in value.items():
-            if keys_are_values and is_plain_field_name(key):  # any other key is reported on its own
-                yield path, key
-            yield from _leaves(item, f"{path}.{key}")
+            yield key, True
+            yield from _texts(item)
     elif isinstance(value, list | tuple):
         for item in value:
-            yield from _leaves(item, path)
+            yield from _texts(item)
     elif value is not None and not isinstance(value, bool):
-        yield path, str(value).strip()
+        yield str(value), False
+
+
+@dataclass
+class _EntryCheck:
+    """One walk of a lookup entry (or batch.json's deid): each field's value judged under the field
+    it is accepted as; a field that is not accepted is named by its position only."""
+
+    accept: Callable[[str, bool], bool]  # (key, at the top) -> accepted
+    unaccepted_is_violation: bool
+    entity_id: str | None
+    item_id: str | None
+    person_attributes: Iterable[str]
+    found: dict[str, str] = field(default_factory=dict)  # shown field -> rule
+    unaccepted: list[str] = field(default_factory=list)  # positions
+
+    def walk(self, entry: dict[str, Any], prefix: str = "") -> None:
+        for position, (key, value) in enumerate(entry.items(), start=1):
+            if not prefix and key == FLAG_FIELD:
+                continue
+            if not self.accept(key, not prefix):
+                where = f"field {position}" + (f" of {prefix}" if prefix else "")
+                if self.unaccepted_is_violation:
+                    self.unaccepted.append(where)
+                else:  # judged by what its name resembles, shown by its position
+                    self.judge(where, key if is_plain_field_name(key) else "", value)
+                continue
+            path = f"{prefix}.{key}" if prefix else key
+            if keyword_vr(last_keyword(key)) == "SQ" and isinstance(value, dict | list):
+                items = value if isinstance(value, list) else [value]
+                for index, item in enumerate(items):
+                    inner = f"{path}[{index}]" if isinstance(value, list) else path
+                    if isinstance(item, dict):
+                        self.walk(item, inner)
+                    else:
+                        self.judge(inner, "", item)
+            else:
+                self.judge(path, key, value)
+
+    def judge(self, shown: str, name: str, value: Any) -> None:
+        """`name` (a field's own name, or "" for none) decides the rules; `shown` is what a report
+        may show of it."""
+        keyword = field_keyword(name) if name else None
+        for text, is_key in _texts(value):
+            if is_key and not is_plain_field_name(text):
+                self.found.setdefault(shown, NOT_A_FIELD_NAME)
+                return
+            text = text.strip()
+            if not text:
+                continue
+            why = judge_field(
+                keyword or shown,
+                text,
+                entity_id=self.entity_id,
+                item_id=self.item_id,
+                person_attributes=self.person_attributes,
+            )
+            if why is None and keyword in LOOKUP_IDENTIFYING_ATTRIBUTES:
+                why = f"{keyword} holds a value"
+            named_for_a_person = keyword is None and bool(name) and names_a_person_field(name)
+            if why is None and named_for_a_person and not coded_id_value_allowed(text, (self.entity_id, self.item_id)):
+                why = f"{shown} is named for a person's name, contact or record number and holds a value"
+            if why is not None:
+                self.found.setdefault(shown, why)
+                return
+
+    def violations(self) -> list[str]:
+        return [unaccepted_field_rule(where) for where in self.unaccepted] + [
+            f"{shown} ({why})" for shown, why in sorted(self.found.items())
+        ]
 
 
 def lookup_violations(
@@ -470,31 +631,44 @@ def lookup_violations(
     entity_id: str | None,
     item_id: str | None,
     person_attributes: Iterable[str] = DEFAULT_PERSON_ATTRIBUTES,
+    declared_fields: Collection[str] = (),
 ) -> list[str]:
-    """What in one image's lookup entry (or batch.json's deid) breaks the header's rules
-    (deid.judge_field): `field (rule)` strings, never the values. Every key, at any depth, must be
-    a plain field name (is_plain_field_name), else NOT_A_FIELD_NAME, and a path is named only
-    when all its keys are. A field is judged by the DICOM keyword it names (field_keyword:
-    flattened, indexed, snake-cased, old or tag-numbered names included) and by the shape of its
-    value (a letter next to `^`); nested objects and lists are judged value by value. On top of
-    the header's rules, the birth date, address and telephone attributes must hold nothing."""
-    found: dict[str, str] = {}
-    for path, text in _leaves(entry, ""):
-        path = path[1:]
-        if not text or not is_plain_field_name(path):
-            continue  # a key that is not a field name is reported below, without the path
-        keyword = field_keyword(path)
-        why = judge_field(
-            keyword or path, text, entity_id=entity_id, item_id=item_id, person_attributes=person_attributes
-        )
-        if why is None and keyword in LOOKUP_IDENTIFYING_ATTRIBUTES:
-            why = f"{keyword} holds a value"
-        named_for_a_person = keyword is None and names_a_person_field(path)
-        if why is None and named_for_a_person and not coded_id_value_allowed(text, (entity_id, item_id)):
-            why = f"{path} is named for a person's name, contact or record number and holds a value"
-        if why is not None:
-            found.setdefault(path, why)
-    broken = [f"{path} ({why})" for path, why in sorted(found.items())]
-    if not all(is_plain_field_name(name) for name in _key_names(entry)):
+    """What in one image's lookup entry breaks the rules: `field (rule)` strings, never a value.
+
+    Every field must be accepted (is_keyword_path, or at the top of the entry a name in
+    `declared_fields`, DICOM_LOOKUP_FIELDS), at any depth (the fields of a sequence's items
+    too); one that is not is named by its position, never by its text (unaccepted_field_rule).
+    The value of an accepted field goes through the header's person-name and identifier rules
+    (deid.judge_field) by its keyword, and by its shape (a letter next to `^`); a declared field,
+    by the keyword it resembles or as named for a person (field_keyword, names_a_person_field).
+    Keys of an object under a field that is not a sequence are that field's values. On top of the
+    header's rules, the birth date, address and telephone attributes must hold nothing, and a key
+    of such an object must be a plain field name (NOT_A_FIELD_NAME: `DOE^JOHN`, `Doe, John`)."""
+    declared = frozenset(declared_fields)
+    check = _EntryCheck(
+        accept=lambda key, top: (top and key in declared) or is_keyword_path(key),
+        unaccepted_is_violation=True,
+        entity_id=entity_id,
+        item_id=item_id,
+        person_attributes=person_attributes,
+    )
+    check.walk(entry)
+    return check.violations()
+
+
+def deid_violations(deid: dict[str, Any]) -> list[str]:
+    """lookup_violations for batch.json's deid provenance: the contract's fields (DEID_FIELDS)
+    and DICOM keywords are named; any other field is ignored like an unknown field of batch.json,
+    but its value is still judged (by what its name resembles) and it is shown by position."""
+    check = _EntryCheck(
+        accept=lambda key, top: key in DEID_FIELDS or is_keyword_path(key),
+        unaccepted_is_violation=False,
+        entity_id=None,
+        item_id=None,
+        person_attributes=DEFAULT_PERSON_ATTRIBUTES,
+    )
+    check.walk(deid)
+    broken = check.violations()
+    if not all(is_plain_field_name(name) for name in _key_names(deid)):
         broken.insert(0, NOT_A_FIELD_NAME)
     return broken

@@ -456,7 +456,13 @@ def _check_lookup_values(
     if not entry or is_flagged(entry):
         return outcome
     if isinstance(outcome, QuarantinedImage):
-        broken = lookup_violations(entry, entity_id=None, item_id=None, person_attributes=policy.person_attributes)
+        broken = lookup_violations(
+            entry,
+            entity_id=None,
+            item_id=None,
+            person_attributes=policy.person_attributes,
+            declared_fields=policy.lookup_fields,
+        )
         if broken and outcome.reason not in _NEVER_READ:
             failures = [*outcome.all_failures(), _lookup_failure(broken)]
             outcome.failures = failures
@@ -464,7 +470,11 @@ def _check_lookup_values(
         return outcome
     identity, record = outcome
     broken = lookup_violations(
-        entry, entity_id=identity.entity_id, item_id=identity.item_id, person_attributes=policy.person_attributes
+        entry,
+        entity_id=identity.entity_id,
+        item_id=identity.item_id,
+        person_attributes=policy.person_attributes,
+        declared_fields=policy.lookup_fields,
     )
     if not broken:
         return outcome

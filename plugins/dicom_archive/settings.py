@@ -134,6 +134,20 @@ def _private_allow(value: str | None, problems: list[str]) -> tuple[PrivateAllow
     return tuple(rules)
 
 
+def _lookup_fields(value: str | None, problems: list[str]) -> tuple[str, ...]:
+    """DICOM_LOOKUP_FIELDS: a comma list of plain field names lookup.json may carry besides the
+    DICOM keywords. A name that is not plain, or that spells a person-name, identifier or contact
+    field another way, fails the settings check, named (a setting is no PHI)."""
+    from dicom_archive.manifest import declared_field_problem  # here: importing the settings stays light
+
+    names = _names(value, ())
+    for name in names:
+        problem = declared_field_problem(name)
+        if problem is not None:
+            problems.append(f"DICOM_LOOKUP_FIELDS: {name!r} is {problem}")
+    return names
+
+
 def person_attributes(added: tuple[str, ...], removed: tuple[str, ...], problems: list[str]) -> tuple[str, ...]:
     """The contract's list, plus DICOM_PERSON_ATTRIBUTES, less DICOM_PERSON_ATTRIBUTES_REMOVED
     (which may name only defaults: removing is never done by leaving a name out)."""
@@ -177,6 +191,7 @@ class Settings:
     private_allow: tuple[PrivateAllow, ...] = ()
     deid_profile: str = "contract"
     header_allow_list: tuple[str, ...] = DEFAULT_HEADER_ALLOW_LIST
+    lookup_fields: tuple[str, ...] = ()  # DICOM_LOOKUP_FIELDS: lookup.json fields besides DICOM keywords
     max_image_mb: int = 4096
     google_retry_seconds: int = 120  # how long the clients keep retrying transient errors
     # -- which run processes a batch (the ledger): see dicom_archive.ledger and dicom_archive.claims
@@ -207,6 +222,7 @@ class Settings:
             private_allow=self.private_allow,
             profile=self.deid_profile,
             removed_person_attributes=self.person_attributes_removed,
+            lookup_fields=self.lookup_fields,
         )
 
     @classmethod
@@ -267,6 +283,7 @@ class Settings:
             private_allow=_private_allow(get("DICOM_PRIVATE_ALLOW"), problems),
             deid_profile=_choice("DICOM_DEID_PROFILE", get("DICOM_DEID_PROFILE"), "contract", DEID_PROFILES, problems),
             header_allow_list=_header_allow_list(get("DICOM_HEADER_ALLOW_LIST"), problems),
+            lookup_fields=_lookup_fields(get("DICOM_LOOKUP_FIELDS"), problems),
             max_image_mb=_int("DICOM_MAX_IMAGE_MB", get("DICOM_MAX_IMAGE_MB"), 4096, 1, 1_048_576, problems),
             google_retry_seconds=_int(
                 "DICOM_GOOGLE_RETRY_SECONDS", get("DICOM_GOOGLE_RETRY_SECONDS"), 120, 1, 3600, problems
