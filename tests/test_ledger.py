@@ -351,14 +351,18 @@ def test_overlapping_runs_on_the_same_batches_one_owner_no_duplicates(env, tmp_p
 def test_batch_report_is_retried_after_each_step_of_a_partial_clear(env, step):
     """Staging of one study: archive summary, chunk plan, rows, load result, plan (last), then
     the claim.
-    The delete of step `step` is refused once; Airflow retries batch_report, which finds the
-    report it published and finishes the clear."""
+    The delete of step `step` is refused once (rate limited); Airflow retries batch_report, which
+    finds the report it published and finishes the clear."""
     from airflow.models import Variable  # noqa: F401  (Airflow configured)
 
     add_batch(env, "retried", T0)
+    # A refusal a retry can mend (a rate limit): the client does not retry a 403, Airflow does.
+    slow_down = {"error": {"code": 403, "message": "Rate limit exceeded (injected)",
+                           "errors": [{"reason": "rateLimitExceeded", "message": "injected"}]}}  # fmt: skip
     refused = env["gcs"].add(
-        Rule(method="DELETE", path=r"/o/(_staging|_claims)", skip=step, times=1, status=403, name="refuse-delete")
-    )
+        Rule(method="DELETE", path=r"/o/(_staging|_claims)", skip=step, times=1, status=403, body=slow_down,
+             name="refuse-delete")
+    )  # fmt: skip
     with mock.patch.dict("os.environ", {"DICOM_TASK_RETRIES": "1"}):
         run = run_manual(["retried"])
     assert refused.fired == 1
