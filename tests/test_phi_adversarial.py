@@ -1615,6 +1615,17 @@ def _phi_folder_made_unknowable(folder: Path) -> None:
     os.symlink(folder / "gone" / "x.dcm", folder / "PHI" / "dangling.dcm")
 
 
+def _archive_swap_test(plan: BatchPlan, zone: LocalLandingZone, out: Path) -> None:
+    archive_groups(
+        plan.groups,
+        zone,
+        LocalObjectStore(out),
+        deid=plan.deid,
+        context=RunContext("swap-test", "manual__swap"),
+        settings=ArchiveSettings(),
+    )
+
+
 def _archive_after(landing: Landing, change: Callable[[Path], None]) -> ArchiveIntegrityError:
     """Plan the batch (PHI/held.dcm beside it), stage the plan as JSON, make the change, then
     run the archive step; returns its error, having checked that nothing of the image was kept."""
@@ -1627,14 +1638,7 @@ def _archive_after(landing: Landing, change: Callable[[Path], None]) -> ArchiveI
     change(folder)
     landing.out.mkdir()  # audited below, even when nothing was written
     with pytest.raises(ArchiveIntegrityError) as caught:
-        archive_groups(
-            plan.groups,
-            zone,
-            LocalObjectStore(landing.out),
-            deid=plan.deid,
-            context=RunContext("swap-test", "manual__swap"),
-            settings=ArchiveSettings(),
-        )
+        _archive_swap_test(plan, zone, landing.out)
     assert not (landing.out / archive_object_name(COLLECTION, ENTITY, DATE, ITEM)).exists()
     assert phi_audit.audit([NAME], [landing.out]) == []  # the held pixels are nowhere
     return caught.value
@@ -1722,14 +1726,7 @@ def test_a_plan_staged_without_file_identities_loads_and_archives_nothing(landin
     plan = BatchPlan.from_json(json.dumps(doc))
     assert all(image.source_identity == {} for g in plan.groups for image in g.images)
     with pytest.raises(ArchiveIntegrityError, match="the plan does not record which file it checked"):
-        archive_groups(
-            plan.groups,
-            zone,
-            LocalObjectStore(landing.out),
-            deid=plan.deid,
-            context=RunContext("swap-test", "manual__swap"),
-            settings=ArchiveSettings(),
-        )
+        _archive_swap_test(plan, zone, landing.out)
     assert [p for p in landing.out.rglob("*") if p.is_file()] == []
 
 

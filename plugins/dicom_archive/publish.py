@@ -34,6 +34,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from dicom_archive import PIPELINE_VERSION
 from dicom_archive.archive import (
@@ -226,18 +227,24 @@ def _unordered_message(store: ObjectStore, existing: StoredObject, digest: str, 
     )
 
 
-def _superseded(judged: _Judgement, members: list[ArchivedMember], digest: str, newer: NewerBatch) -> PublishedArchive:
+def _kept(
+    outcome: str, judged: _Judgement, members: list[ArchivedMember], digest: str, **fields: Any
+) -> PublishedArchive:
+    """The archive already stored, left as it is (ALREADY_PRESENT or SUPERSEDED)."""
     stored = judged.stored
     return PublishedArchive(
-        SUPERSEDED,
+        outcome,
         stored,
         ArchiveDigest(stored.size, stored.md5, stored.crc32c),
         members,
         content_digest=digest,
         legacy_checked=judged.legacy_checked,
-        images_before=judged.images,
-        newer=newer,
+        **fields,
     )
+
+
+def _superseded(judged: _Judgement, members: list[ArchivedMember], digest: str, newer: NewerBatch) -> PublishedArchive:
+    return _kept(SUPERSEDED, judged, members, digest, images_before=judged.images, newer=newer)
 
 
 def _differs(
@@ -267,16 +274,8 @@ def rows_loaded(stored: StoredObject) -> bool:
 
 
 def _present(judged: _Judgement, members: list[ArchivedMember], digest: str) -> PublishedArchive:
-    stored = judged.stored
-    return PublishedArchive(
-        ALREADY_PRESENT,
-        stored,
-        ArchiveDigest(stored.size, stored.md5, stored.crc32c),
-        members,
-        content_digest=digest,
-        legacy_checked=judged.legacy_checked,
-        rows_loaded=rows_loaded(stored) and stored_digest(stored) == digest,
-    )
+    loaded = rows_loaded(judged.stored) and stored_digest(judged.stored) == digest
+    return _kept(ALREADY_PRESENT, judged, members, digest, rows_loaded=loaded)
 
 
 def mark_rows_loaded(store: ObjectStore, name: str, generation: int | None) -> bool:
