@@ -239,7 +239,9 @@ def test_local_run_keeps_its_report_beside_the_cloud_one(monitored_env, monitore
     # The log of collection_summary says what the report says.
     out = caplog.text  # the task's log
     assert "nothing loaded to BigQuery in this run" not in out
-    assert f"batch {good}: {local['bigquery']['rows_inserted']} rows written to {local['bigquery']['table']}" in out
+    loaded = local["bigquery"]
+    assert loaded["rows_in_batch"] > 0
+    assert f"batch {good}: {loaded['rows_in_batch']} rows in {loaded['table']} ({loaded['rows_inserted']} new)" in out
 
 
 def test_runs_from_plans_orders_runs_and_finds_instances():

@@ -100,7 +100,7 @@ def test_local_rows_log_passes_over_a_refused_plan_reference(tmp_path, caplog):
     from batches_view.task_outcome import log_local_rows
 
     store = LocalObjectStore(tmp_path / "output")
-    Staging(store, BATCH_ID, run_key("manual__local")).write_result("bigquery", {"rows_inserted": 3, "table": "x"})
+    Staging(store, BATCH_ID, run_key("manual__local")).write_result("bigquery", {"rows_in_batch": 3, "rows_inserted": 3, "table": "x"})
     plan_refs = [
         {"batch_id": "../outside", "run_key": run_key("manual__local"), "status": "REFUSED"},
         {"batch_id": BATCH_ID, "run_key": run_key("manual__local"), "status": "DONE"},
@@ -108,5 +108,5 @@ def test_local_rows_log_passes_over_a_refused_plan_reference(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         log_local_rows(plan_refs, store)
     assert "refused batch id '../outside': nothing read or written" in caplog.text
-    assert f"batch {BATCH_ID}: 3 rows written to x" in caplog.text
+    assert f"batch {BATCH_ID}: 3 rows in x (3 new)" in caplog.text
     assert not (tmp_path / "output" / "_staging" / "..").resolve().joinpath("outside").exists()

@@ -344,6 +344,41 @@ def test_local_mode_sends_nothing_and_reads_settings_from_variables(
     assert not list(output.glob("_staging/*/*/*")), "staging is cleared after the report"
 
 
+def test_local_rerun_merges_rows_as_the_table_would(pipeline_env, refusing_google, tmp_path, monkeypatch):
+    """A no-op rerun in local mode leaves the rows file as it was and reports no new row (the
+    MERGE's rule, ndjson.merge_rows); a row the file lost comes back as the one new row."""
+    root, output = tmp_path / "landing", tmp_path / "output"
+    batch = demo_batches(days=1)[0]
+    write_batch(root, batch)
+    monkeypatch.setenv("SEND_TO_GOOGLE", "false")
+    monkeypatch.setenv("DICOM_LOCAL_OUTPUT", str(output))
+    monkeypatch.setenv("DICOM_LANDING_ROOT", str(root))
+    rows_file = output / "BigQuery" / COLLECTION / "dicom" / f"{batch.batch_id}.ndjson"
+    report_file = root / batch.batch_id / "batch.report.local.json"
+
+    assert run_dag([batch.batch_id]) == "success"
+    first, images = rows_file.read_bytes(), expected_image_count(batch)
+    assert json.loads(report_file.read_text())["bigquery"]["rows_inserted"] == images
+
+    assert run_dag([batch.batch_id]) == "success"
+    assert rows_file.read_bytes() == first, "a rerun rewrites no row (uploaded_at, dag_run_id stay)"
+    loaded = json.loads(report_file.read_text())["bigquery"]
+    assert (loaded["rows_in_batch"], loaded["rows_inserted"], loaded["rows_updated"], loaded["rows_deleted"]) == (
+        images, 0, 0, 0)  # fmt: skip
+
+    lines = first.splitlines(keepends=True)
+    rows_file.write_bytes(b"".join(lines[1:]))
+    assert run_dag([batch.batch_id]) == "success"
+    assert json.loads(report_file.read_text())["bigquery"]["rows_inserted"] == 1
+    now = rows_file.read_bytes().splitlines(keepends=True)
+    assert set(lines[1:]) <= set(now), "the other rows are kept as they were"
+    assert len(now) == images
+    (back,) = set(now) - set(lines[1:])
+    assert json.loads(back)["instance_sha256"] == json.loads(lines[0])["instance_sha256"]
+    assert json.loads(back)["dag_run_id"] != json.loads(lines[0])["dag_run_id"], "written by the last run"
+    assert refusing_google == []
+
+
 def test_run_with_nothing_to_do_is_skipped_not_failed(pipeline_env, good_batches, tmp_path, monkeypatch):
     empty_root = tmp_path / "empty-landing"
     empty_root.mkdir()

@@ -319,3 +319,53 @@ def test_an_older_batch_after_a_newer_correction_gives_no_rows_and_reports_super
     ]
     assert report["images"]["archived"] == 0
     assert report["images"]["seen"] == report["images"]["archived"] + report["archives"]["superseded_images"]
+
+
+def _row(sha: str, uri: str = "file:///a.tar.gz", generation: int | None = 1, **more: object) -> dict:
+    row = {"collection": "IRB1", "instance_sha256": sha, "storage_uri": uri, "storage_generation": generation}
+    return {**row, "uploaded_at": "2024-01-02T00:00:00Z", "archive_member": f"{sha}.dcm", **more}
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "kept", "counts"),
+    [
+        pytest.param(None, ["a", "b"], ["a", "b"], (2, 0, 0), id="first-load"),
+        pytest.param(["a", "b"], ["a", "b"], ["a", "b"], (0, 0, 0), id="no-op-rerun"),
+        pytest.param(["a"], ["a", "b"], ["a", "b"], (1, 0, 0), id="a-new-image"),
+        pytest.param(["a", "b", "c"], ["a", "b"], ["a", "b"], (0, 0, 1), id="an-image-the-batch-no-longer-holds"),
+        pytest.param(["a", "b"], ["a2", "b"], ["a2", "b"], (0, 1, 0), id="a-replaced-archive"),
+        pytest.param(["a", "b"], ["a3", "b"], ["a3", "b"], (0, 1, 0), id="moved-to-another-archive"),
+    ],
+)
+def test_local_rows_are_merged_as_the_merge_merges_them(old, new, kept, counts):
+    """ndjson.merge_rows: the MERGE's rule (bigquery_load.merge_sql) on a local rows file."""
+    from dicom_archive.ndjson import merge_rows, to_ndjson
+
+    versions = {
+        "a": _row("a"), "b": _row("b"), "c": _row("c"),
+        "a2": _row("a", generation=2, uploaded_at="2024-02-01T00:00:00Z"),
+        "a3": _row("a", uri="file:///other.tar.gz", uploaded_at="2024-02-01T00:00:00Z"),
+    }  # fmt: skip
+    old_rows = None if old is None else to_ndjson(versions[k] for k in old)
+    merged, got = merge_rows(old_rows, to_ndjson(versions[k] for k in new))
+    assert merged == to_ndjson(versions[k] for k in kept)
+    assert (got["rows_inserted"], got["rows_updated"], got["rows_deleted"]) == counts
+
+
+def test_local_merge_keeps_an_unchanged_row_as_first_written_and_one_row_per_image():
+    from dicom_archive.ndjson import merge_rows, to_ndjson
+
+    first = to_ndjson([_row("a", dag_run_id="run1"), _row("b", dag_run_id="run1")])
+    rerun = [_row("b", dag_run_id="run2", uploaded_at="2024-03-01T00:00:00Z"), _row("a", dag_run_id="run2")]
+    merged, counts = merge_rows(first, to_ndjson(rerun))
+    assert merged.splitlines() == first.splitlines()[::-1], "the old lines, in the batch's order"
+    assert counts == {"rows_inserted": 0, "rows_updated": 0, "rows_deleted": 0}
+
+    # The same image twice in one batch: the row first in DEDUPE_ORDER is kept, whatever the scan order.
+    copies = [_row("a", archive_member="z/copy.dcm"), _row("a", archive_member="a/copy.dcm")]
+    for order in (copies, copies[::-1]):
+        merged, counts = merge_rows(None, to_ndjson(order))
+        assert [json.loads(line)["archive_member"] for line in merged.splitlines()] == ["a/copy.dcm"]
+        assert counts["rows_inserted"] == 1
+    # Blank lines are no rows.
+    assert merge_rows(first + b"\n\n", first)[1] == {"rows_inserted": 0, "rows_updated": 0, "rows_deleted": 0}

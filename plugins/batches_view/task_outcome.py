@@ -44,8 +44,9 @@ def log_local_rows(plan_refs: list[dict[str, Any]], store: Any) -> None:
             log.info("batch %s: %s, no rows written", plan_ref["batch_id"], plan_ref["status"])
         else:
             log.info(
-                "batch %s: %s rows written to %s",
+                "batch %s: %s rows in %s (%s new)",
                 plan_ref["batch_id"],
-                loaded.get("rows_inserted"),
+                loaded.get("rows_in_batch"),
                 loaded.get("table"),
+                loaded.get("rows_inserted"),
             )

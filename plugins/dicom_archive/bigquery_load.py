@@ -25,11 +25,8 @@ from google.cloud import bigquery
 
 from dicom_archive import bigquery_tables as tables
 from dicom_archive.bigquery_rows import check_rows
-from dicom_archive.ndjson import to_ndjson
+from dicom_archive.ndjson import DEDUPE_ORDER, ROW_KEY, to_ndjson
 
-ROW_KEY = ("collection", "instance_sha256")
-# Tie-breakers after uploaded_at so the row kept among duplicates does not depend on scan order.
-DEDUPE_ORDER = ("uploaded_at", "storage_uri", "archive_member")
 MAX_JOB_ATTEMPTS = 20  # each failed attempt burns an id; more than this is a real problem
 Job = bigquery.LoadJob | bigquery.QueryJob
 

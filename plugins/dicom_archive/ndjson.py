@@ -1,5 +1,6 @@
 """The one NDJSON (JSON lines) writer, for staged rows, local output and BigQuery loads alike,
-and a temporary file of such lines (`NdjsonSpool`) that keeps rows out of memory."""
+a temporary file of such lines (`NdjsonSpool`) that keeps rows out of memory, and the MERGE's
+rule applied to a local rows file (`merge_rows`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from typing import IO, Any
+
+# What identifies a metadata row: one row per image of a collection, however often it is loaded.
+ROW_KEY = ("collection", "instance_sha256")
+# Tie-breakers after uploaded_at so the row kept among duplicates does not depend on scan order.
+DEDUPE_ORDER = ("uploaded_at", "storage_uri", "archive_member")
 
 
 def ndjson_line(row: Any) -> bytes:
@@ -21,6 +27,37 @@ def ndjson_line(row: Any) -> bytes:
 def to_ndjson(rows: Iterable[Mapping[str, Any]]) -> bytes:
     """One line a row (see ndjson_line)."""
     return b"".join(ndjson_line(row) for row in rows)
+
+
+def merge_rows(old: bytes | None, new: bytes) -> tuple[bytes, dict[str, int]]:
+    """A batch's rows `new` merged into the rows file `old` as bigquery_load's MERGE merges them
+    into the table (one row per ROW_KEY, the first in DEDUPE_ORDER): a row of an image already
+    there from the same object and generation stays as it was (so a rerun changes nothing), one
+    from a replaced archive (another generation) takes the new values, a new image is added, and
+    an old row whose image is not in `new` goes. Returns the merged file and the counts
+    `rows_inserted`, `rows_updated`, `rows_deleted`."""
+
+    def keyed(data: bytes) -> dict[tuple[Any, ...], tuple[dict[str, Any], bytes]]:
+        found: dict[tuple[Any, ...], tuple[dict[str, Any], bytes]] = {}
+        for row in (json.loads(line) for line in data.splitlines() if line.strip()):
+            key, order = tuple(row.get(c) for c in ROW_KEY), [str(row.get(c) or "") for c in DEDUPE_ORDER]
+            if key not in found or order < [str(found[key][0].get(c) or "") for c in DEDUPE_ORDER]:
+                found[key] = row, ndjson_line(row)
+        return found
+
+    before, merged = keyed(old or b""), []
+    counts = {"rows_inserted": 0, "rows_updated": 0, "rows_deleted": 0}
+    for key, (row, line) in keyed(new).items():
+        kept = before.pop(key, None)
+        if kept is None:
+            counts["rows_inserted"] += 1
+        elif all(kept[0].get(c) == row.get(c) for c in ("storage_uri", "storage_generation")):
+            line = kept[1]
+        else:
+            counts["rows_updated"] += 1
+        merged.append(line)
+    counts["rows_deleted"] = len(before)
+    return b"".join(merged), counts
 
 
 class NdjsonSpool:

@@ -21,8 +21,8 @@ class DicomMetadataToBigQueryOperator(DicomStorageBaseOperator):
 
     The rows go to a per-run scratch table under a deterministic job id, then one MERGE on
     (collection, instance_sha256) adds the new ones: a rerun, a retry or a backfill of the same
-    batch never duplicates a row. With SEND_TO_GOOGLE=false the rows are written to the local
-    output folder instead (`BigQuery/<collection>/dicom/<batch_id>.ndjson`).
+    batch never duplicates a row. With SEND_TO_GOOGLE=false the rows are merged by the same rule
+    into a file of the local output folder instead (`BigQuery/<collection>/dicom/<batch_id>.ndjson`).
 
     :param plan_ref: the plan step's reference to one batch (see dicom_archive.run_steps):
         ``{"batch_id", "run_key", "collection", "status", "chunk_ids"}``.
@@ -91,10 +91,12 @@ class DicomMetadataToBigQueryOperator(DicomStorageBaseOperator):
                 },
             )
         else:
+            from dicom_archive.ndjson import merge_rows
+
             name = f"BigQuery/{collection}/{TABLE}/{self.plan_ref['batch_id']}.ndjson"
-            stored = store.write_bytes(name, ndjson, "application/x-ndjson")
-            rows = ndjson.count(b"\n")
-            result = {"table": stored.uri, "rows_in_batch": rows, "rows_inserted": rows}
+            merged, counts = merge_rows(store.read_bytes(name), ndjson)
+            stored = store.write_bytes(name, merged, "application/x-ndjson")
+            result = {"table": stored.uri, "rows_in_batch": ndjson.count(b"\n"), **counts}
         record_links(self, settings, collection=collection, batch_id=self.plan_ref["batch_id"], table=TABLE)
         result["seconds"] = round(time.monotonic() - started, 3)
         staging.write_result("bigquery", result)
