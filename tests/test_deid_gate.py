@@ -371,12 +371,54 @@ def test_a_public_element_the_dictionary_does_not_know_is_malformed(tag, syntax)
     assert f"{name} is not an element the DICOM dictionary knows" in reasons(encode(ds, syntax))["malformed_header"]
 
 
-def test_an_unknown_public_element_inside_a_sequence_is_malformed():
+@pytest.mark.parametrize("syntax", SYNTAXES.values(), ids=SYNTAXES.keys())
+def test_an_unknown_public_element_inside_a_sequence_is_malformed(syntax):
     inner = item(CodeValue="113100")
-    inner[0x00100011] = RawDataElement(BaseTag(0x00100011), "LO", 6, b"Poirot", 0, False, True)
+    inner[0x00100011] = RawDataElement(BaseTag(0x00100011), "LO", 10, b"Poirot^Jan", 0, False, True)
     ds = base(DeidentificationMethodCodeSequence=Sequence([inner]))
-    found = reasons(encode(ds))["malformed_header"]
+    found = reasons(encode(ds, syntax))["malformed_header"]
     assert "DeidentificationMethodCodeSequence[0].(0010,0011) is not an element the DICOM dictionary knows" in found
+
+
+# Elements of DICOM editions newer than pydicom's dictionary, as anonymizers keep them (deid,
+# dicognito and dicom-anonymizer all do): Sex Parameters for Clinical Use (2023).
+NEWER_TAGS = {"category-sequence": 0x00100043, "code-sequence": 0x00100046}
+
+
+def _newer_elements(name: str = "", **text: str) -> Dataset:
+    code = item(CodeValue="46112-1", CodingSchemeDesignator="LN", CodeMeaning="Specified sex")
+    inner = item()
+    inner.add_new(NEWER_TAGS["code-sequence"], "SQ", Sequence([code]))
+    for tag, value in text.items():
+        inner.add_new(int(tag, 16), "LT", value)
+    if name:
+        inner.add_new(0x00100099, "PN", name)
+    ds = base()
+    ds.add_new(NEWER_TAGS["category-sequence"], "SQ", Sequence([inner]))
+    return ds
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ExplicitVRBigEndian], ids=["explicit-le", "explicit-be"])
+def test_a_newer_editions_element_written_with_its_vr_is_judged_by_it(syntax):
+    """A public element pydicom's dictionary does not know yet, written explicit VR, is walked by the
+    VR it is written with: a sequence's items are judged, a PN is a person's name, text shaped like a
+    name is refused; nothing else about it withholds a good image."""
+    assert reasons(encode(_newer_elements(), syntax)) == {}
+    assert reasons(encode(_newer_elements(**{"00100042": "Assessed by history"}), syntax)) == {}
+    named = reasons(encode(_newer_elements(name="Marple^Jane"), syntax))
+    assert "(0010,0043)[0].(0010,0099)" in named["identifying_attribute"]
+    assert "malformed_header" not in named
+    shaped = reasons(encode(_newer_elements(**{"00100042": "Seen by Marple^Jane"}), syntax))["malformed_header"]
+    assert "(0010,0043)[0].(0010,0042) is not an element the DICOM dictionary knows, and holds text shaped" in shaped
+
+
+def test_a_newer_editions_element_without_a_written_vr_is_malformed():
+    """Implicit VR, or written as UN: nothing says what it holds, so nothing could judge it."""
+    found = reasons(encode(_newer_elements(), ImplicitVRLittleEndian))["malformed_header"]
+    assert "(0010,0043) is not an element the DICOM dictionary knows" in found
+    ds = base()
+    ds[0x00100042] = RawDataElement(BaseTag(0x00100042), "UN", 12, b"Assessed M  ", 0, False, True)
+    assert "(0010,0042) is not an element the DICOM dictionary knows" in reasons(encode(ds))["malformed_header"]
 
 
 @pytest.mark.parametrize(

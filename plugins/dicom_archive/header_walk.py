@@ -48,6 +48,7 @@ from dicom_archive.deid_gate import (
     coded_id_value_allowed,
     holds_value,
     person_value_allowed,
+    value_looks_like_person_name,
 )
 
 ITEM, ITEM_DELIMITER, SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
@@ -558,8 +559,9 @@ class _Walker:
             if element == 0x0000:
                 if length != GROUP_LENGTH_BYTES:
                     self.walk.malformed.append(f"{element_path} is {length} bytes long, not {GROUP_LENGTH_BYTES}")
-            elif not written_as:
+            elif not written_as and vr in (None, "UN"):
                 # Nothing says what such an element holds, so nothing could judge it (a name in an LO).
+                # One written with another VR (a newer standard's element) is judged by that VR.
                 self.walk.malformed.append(f"{element_path} is not an element the DICOM dictionary knows")
 
         # Private data elements: dropped (strip), reported (quarantine), or kept (allow list). Every
@@ -607,6 +609,12 @@ class _Walker:
             elif not discard:
                 if not private:
                     self._check_shape(tag, semantic, value, element_path)
+                    if not written_as and semantic in FREE_TEXT_VRS and value_looks_like_person_name(_decode(value)):
+                        # No meaning is known that would let its text hold a `^`: a name, for all anyone knows.
+                        self.walk.malformed.append(
+                            f"{element_path} is not an element the DICOM dictionary knows, and holds text "
+                            "shaped like a person's name"
+                        )
                 is_name = "PN" in (semantic, dictionary_vr)
                 self._value(frame, tag, is_name, vr, value, length, start, element_path, keyword)
                 if self.profile and not private:
