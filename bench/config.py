@@ -23,6 +23,7 @@ class Sizes:
     memory_gb: tuple[float, ...]  # study sizes for the peak RSS benchmark
     bigquery_rows: tuple[int, ...]
     bigquery_baseline_rows: tuple[int, ...]  # streaming inserts cost ~45 ms a row on the emulator
+    load_rows: tuple[int, ...]  # batch rows for the load task's peak RSS
     parse_runs: int
     plan_studies: int  # one-image studies in the scheduler-side benchmark
     plan_read_studies: tuple[int, ...]  # batch sizes for the plan bytes read per archive task
@@ -42,6 +43,7 @@ FULL = Sizes(
     memory_gb=(0.5, 1.0, 2.0, 4.0),
     bigquery_rows=(100, 1_000, 10_000),
     bigquery_baseline_rows=(100, 1_000),
+    load_rows=(5_000, 40_000, 120_000),  # 13 to 306 MiB of NDJSON: past the client's 100 MiB upload chunk
     parse_runs=7,
     plan_studies=5_000,
     plan_read_studies=(50, 500, 5_000),
@@ -55,6 +57,7 @@ QUICK = Sizes(
     memory_gb=(0.05, 0.1, 0.2),
     bigquery_rows=(100, 1_000),
     bigquery_baseline_rows=(100,),
+    load_rows=(1_000, 2_000),
     parse_runs=3,
     plan_studies=500,
     plan_read_studies=(50, 500),

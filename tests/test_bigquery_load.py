@@ -17,7 +17,7 @@ from dicom_archive import bigquery_tables as tables
 from dicom_archive.bigquery_load import BigQueryJobError
 from dicom_archive.bigquery_rows import RowError
 from dicom_archive.bigquery_withdrawals import withdraw_rows_sql
-from dicom_archive.ndjson import to_ndjson
+from dicom_archive.ndjson import NdjsonSpool, to_ndjson
 
 COLLECTION = "IRB41449"
 
@@ -370,7 +370,8 @@ def test_bad_value_names_row_and_column_and_changes_nothing(bigquery_client, dat
         bigquery_client.get_dataset(dataset_id)
 
 
-def test_ndjson_errors_count_lines_and_report_all(bigquery_client, dataset_id):
+@pytest.mark.parametrize("parts", [1, 2], ids=["whole", "in-chunks"])
+def test_ndjson_errors_count_lines_and_report_all(bigquery_client, dataset_id, parts):
     missing = image_row(2)
     del missing["storage_uri"]
     lines = [
@@ -381,10 +382,14 @@ def test_ndjson_errors_count_lines_and_report_all(bigquery_client, dataset_id):
         json.dumps(image_row(4, height=1.5)),
         "[1]",
     ]
+    # A batch's rows come chunk by chunk (each archive task's staged rows): lines count across chunks.
+    ndjson = (
+        "\n".join(lines).encode()
+        if parts == 1
+        else iter([("\n".join(lines[:3]) + "\n").encode(), "\n".join(lines[3:]).encode()])
+    )
     with pytest.raises(RowError) as err:
-        bl.load_rows_exactly_once(
-            bigquery_client, dataset_id=dataset_id, ndjson="\n".join(lines).encode(), run_key="bad"
-        )
+        bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, ndjson=ndjson, run_key="bad")
     # NDJSON line numbers (the blank line 2 counts), every bad line reported, in order.
     assert [(row, column) for row, column, _ in err.value.errors] == [
         (3, "storage_uri"), (4, None), (5, "height"), (6, None),
@@ -401,7 +406,9 @@ def test_load_job_errors_are_surfaced_verbatim(bigquery_client, dataset_id):
     client = bigquery_client
     load = bl.prepare_load(client, dataset_id=dataset_id, ndjson=to_ndjson([image_row(1)]), run_key="r")
     # Bytes that skipped validation, under the load's own job id (attempt 0).
-    broken = dataclasses.replace(load, ndjson=b'{"collection": "c", "uploaded_at": "not a time"}\n')
+    broken_rows = NdjsonSpool()
+    broken_rows.write({"collection": "c", "uploaded_at": "not a time"})
+    broken = dataclasses.replace(load, rows=broken_rows)
     with pytest.raises(BigQueryJobError) as err:
         bl.load_scratch_table(client, broken)
     assert f"{load.job_key}_load_0" in str(err.value)
@@ -487,3 +494,23 @@ def test_ndjson_writer_is_canonical_and_ascii():
     assert a.isascii()
     assert a.splitlines() == [b'{"a":"M\\u00fcller \\udc80","b":1}', b'{"x":null}']
     assert json.loads(a.splitlines()[0])["a"] == "Müller \udc80"
+
+
+def test_rows_given_chunk_by_chunk_load_as_the_same_rows_at_once(bigquery_client, dataset_id):
+    """The load task hands over each chunk's staged rows in turn (Staging.read_rows), so a batch's
+    rows are never in memory together: same checked rows, same job ids, same table."""
+    rows = [image_row(n) for n in range(1, 6)]
+    whole = bl.prepare_load(bigquery_client, dataset_id=dataset_id, ndjson=to_ndjson(rows), run_key="r")
+    chunks = (to_ndjson(rows[i : i + 2]) for i in range(0, len(rows), 2))  # a generator: read once
+    chunked = bl.prepare_load(bigquery_client, dataset_id=dataset_id, ndjson=chunks, run_key="r")
+    with whole.rows, chunked.rows:
+        assert (chunked.job_key, chunked.row_count, chunked.entity_ids) == (whole.job_key, 5, whole.entity_ids)
+        assert b"".join(chunked.rows.lines()) == b"".join(whole.rows.lines())
+    other = bl.prepare_load(bigquery_client, dataset_id=dataset_id, ndjson=to_ndjson(rows[:4]), run_key="r")
+    assert other.job_key != whole.job_key, "other rows, other jobs"
+
+    result = bl.load_rows_exactly_once(
+        bigquery_client, dataset_id=dataset_id, ndjson=(to_ndjson([r]) for r in rows), run_key="r"
+    )
+    assert (result.rows_in_batch, result.rows_inserted) == (5, 5)
+    assert count_rows(bigquery_client, dataset_id) == (5, 5)

@@ -100,7 +100,8 @@ def test_local_rows_log_passes_over_a_refused_plan_reference(tmp_path, caplog):
     from batches_view.task_outcome import log_local_rows
 
     store = LocalObjectStore(tmp_path / "output")
-    Staging(store, BATCH_ID, run_key("manual__local")).write_result("bigquery", {"rows_in_batch": 3, "rows_inserted": 3, "table": "x"})
+    loaded = {"rows_in_batch": 3, "rows_inserted": 3, "table": "x"}
+    Staging(store, BATCH_ID, run_key("manual__local")).write_result("bigquery", loaded)
     plan_refs = [
         {"batch_id": "../outside", "run_key": run_key("manual__local"), "status": "REFUSED"},
         {"batch_id": BATCH_ID, "run_key": run_key("manual__local"), "status": "DONE"},

@@ -1302,3 +1302,48 @@ def test_batch_json_options_reach_plan_and_archive(tmp_path):
     (group,) = plan.groups
     _, members = write_study_archive(group, zone, None, policy=BASIC)  # the archive pass re-checks with them
     assert [m.relpath for m in members] == ["a.dcm"]
+
+
+# --- objects without pixel data -----------------------------------------------------------------
+MR_SPECTROSCOPY_STORAGE = "1.2.840.10008.5.1.4.1.1.4.2"
+
+
+def _spectroscopy(sop_class: str | None, size: int = 64) -> Dataset:
+    """An MR spectroscopy object: Rows and Columns in its data module, its data in SpectroscopyData."""
+    ds = base()
+    del ds.PixelData
+    if sop_class is None:
+        del ds.SOPClassUID
+    else:
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.add_new(0x56000020, "OF", b"\0\0\x80?" * (size // 4))  # SpectroscopyData
+    return ds
+
+
+@pytest.mark.parametrize("size", [64, 128 * 1024], ids=["small", "bulk-skipped"])
+@pytest.mark.parametrize("sop_class", [MR_SPECTROSCOPY_STORAGE, None], ids=["mrs", "no-sop-class"])
+@pytest.mark.parametrize("syntax", SYNTAXES.values(), ids=SYNTAXES.keys())
+def test_an_object_whose_data_is_not_pixel_data_passes(sop_class, size, syntax):
+    """MR spectroscopy carries Rows and Columns but its data in SpectroscopyData: a whole object,
+    judged like any other (anonymizers keep it; deid's recipe drops the SOP class)."""
+    assert reasons(encode(_spectroscopy(sop_class, size), syntax)) == {}
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "kind"),
+    [(CTImageStorage, "a CT Image Storage object"), (None, "an image")],
+    ids=["ct-image-storage", "rows-without-sop-class"],
+)
+def test_an_image_without_pixel_data_is_named_for_what_it_is(sop_class, kind):
+    """An image storage object whose file ends before any pixel data (cut at an element's end, or
+    written header-only, as pydicom's TINY_ALPHA files) is held back, saying what it is."""
+    ds = base()
+    del ds.PixelData
+    if sop_class is None:
+        del ds.SOPClassUID
+    found = reasons(encode(ds))
+    why = f"does not parse as DICOM ({kind} without pixel data: truncated, or written without it)"
+    assert found == {"not_dicom": why}
+    # The same with an SOP class that needs no pixel data: nothing to hold it back for.
+    ds.SOPClassUID = MR_SPECTROSCOPY_STORAGE
+    assert reasons(encode(ds)) == {}

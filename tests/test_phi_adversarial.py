@@ -52,9 +52,9 @@ from dicom_archive.manifest import (
     NAME_SHAPED_KEY,
     NOT_A_FIELD_NAME,
     ManifestError,
+    check_lookup_entry,
     field_keyword,
     is_keyword_path,
-    lookup_violations,
     match_lookup,
     unaccepted_field_rule,
 )
@@ -506,6 +506,7 @@ def test_keys_that_match_no_image_or_several_are_reported_and_applied_to_none(la
     assert outcome.report["lookup"] == {
         "keys_matching_no_image": ["no/such.dcm"],
         "keys_matching_several_images": {"a/x.DCM": ["A/X.dcm", "a/x.dcm"]},
+        "fields_withheld_from_rows": [],
     }
     by_path = {row["archive_member"]: row for row in outcome.rows}
     ctdi = [row["DicomHeader"].get("CTDIvol") for row in by_path.values()]
@@ -567,7 +568,6 @@ BAD_LOOKUP_VALUES = {
     "PatientID": MRN,
     "OtherPatientIDs": MRN,
     "AccessionNumber": "ACC-55193402",
-    "PatientBirthDate": BIRTH_DATE,
     "PatientAddress": PLANTED["PatientAddress"],
     "RequestAttributesSequence.ScheduledPerformingPhysicianName": PLANTED["PerformingPhysicianName"],
     "RequestAttributesSequence[0].ScheduledPerformingPhysicianName": PLANTED["PerformingPhysicianName"],
@@ -627,6 +627,35 @@ def test_a_lookup_value_that_breaks_a_header_rule_quarantines_its_image(landing,
     assert held.study == f"{ENTITY}_{DATE}_{ITEM}"
     for text in planted:
         assert phi_audit.normalize(text) not in phi_audit.normalize(held.detail)
+
+
+WITHHELD_LOOKUP_FIELDS = {
+    "PatientBirthDate": BIRTH_DATE,  # deid's default recipe writes a coded one: the header may keep it
+    "PatientBirthTime": "101500",
+    "IssuerOfPatientID": "STARR",
+    "MedicalRecordLocator": "LOC-4471902",
+    "PersonTelephoneNumbers": "555-0143-7781",
+    "RequestAttributesSequence": [{"IssuerOfPatientID": "STARR", "RequestedProcedureDescription": "CT CHEST"}],
+    "OtherPatientIDsSequence": [{"IssuerOfPatientID": "STARR"}],
+}
+
+
+@pytest.mark.parametrize("fields", [[f] for f in WITHHELD_LOOKUP_FIELDS] + [list(WITHHELD_LOOKUP_FIELDS)])
+def test_an_identifying_lookup_value_the_header_rules_allow_is_kept_out_of_the_row(landing, fields):
+    """A birth date, an issuer, a record locator or a telephone number in lookup.json breaks none of
+    the header's rules (deid's default recipe writes IssuerOfPatientID and PatientBirthDate into
+    every image): the image is archived, the field (the whole field at the top of its entry) is left
+    out of its row, and the report names the field, never its value."""
+    entry = {"CTDIvol": 12.1, "ScanOptions": "HELICAL", **{f: WITHHELD_LOOKUP_FIELDS[f] for f in fields}}
+    first = good_images()[0].path
+    planted = ("LOC-4471902", "555-0143-7781", BIRTH_DATE)
+    outcome = run_batch(landing, lookup={first: entry}, expect={}, planted=planted)
+    (row,) = [r for r in outcome.rows if r["DicomHeader"].get("CTDIvol") == 12.1]  # the only entry
+    assert "ScanOptions" in row["DicomHeader"], "the entry's other fields are merged"
+    assert not set(fields) & set(row["DicomHeader"]), "a withheld field reached the row"
+    assert "STARR" not in json.dumps(outcome.rows)
+    assert outcome.report["lookup"]["fields_withheld_from_rows"] == [{"path": first, "fields": fields}]
+    assert check_lookup_entry(entry, entity_id=ENTITY, item_id=ITEM).violations == []
 
 
 @pytest.mark.parametrize(
@@ -814,18 +843,22 @@ def test_a_person_name_field_of_any_spelling_is_judged_by_its_keyword(name):
     """Another spelling of a keyword is not accepted (named by its position, whatever it holds);
     declared, the names that are plain identifiers stay judged by the keyword they spell."""
     for value in (PLAIN_NAME, ENTITY):
-        assert lookup_violations({name: value}, entity_id=ENTITY, item_id=ITEM) == [unaccepted_field_rule("field 1")]
+        assert check_lookup_entry({name: value}, entity_id=ENTITY, item_id=ITEM).violations == [
+            unaccepted_field_rule("field 1")
+        ]
     if name.isidentifier():
-        declared = lookup_violations({name: PLAIN_NAME}, entity_id=ENTITY, item_id=ITEM, declared_fields=[name])
+        declared = check_lookup_entry(
+            {name: PLAIN_NAME}, entity_id=ENTITY, item_id=ITEM, declared_fields=[name]
+        ).violations
         assert declared == [f"{name} (PatientName holds a person's name or identifier)"]
 
 
 def test_a_violation_under_a_key_that_is_not_a_field_name_names_no_path():
-    broken = lookup_violations(
+    broken = check_lookup_entry(
         {"Notes": {"Bond^James": NAME, "CTDIvol": 1.0}, "PatientName": NAME, "ScanOptions": {"Doe, John": True}},
         entity_id=ENTITY,
         item_id=ITEM,
-    )
+    ).violations
     assert broken == [
         unaccepted_field_rule("field 1"),
         "PatientName (PatientName holds a person's name or identifier)",
@@ -834,11 +867,11 @@ def test_a_violation_under_a_key_that_is_not_a_field_name_names_no_path():
 
 
 def test_lookup_violations_name_fields_never_values():
-    broken = lookup_violations(
+    broken = check_lookup_entry(
         {"PatientName": NAME, "StudyDescription": f"CT {NAME}", "CTDIvol": 1.0, "PatientID": ENTITY, "flagged": False},
         entity_id=ENTITY,
         item_id=ITEM,
-    )
+    ).violations
     assert [b.split(" ", 1)[0] for b in broken] == ["PatientName", "StudyDescription"]
     assert not any("Kowalczyk" in b for b in broken)
 
@@ -962,18 +995,23 @@ def test_other_names_are_not_keyword_paths(name):
 
 def test_a_declared_field_is_accepted_at_the_top_and_its_values_still_judged():
     declared = ("ScanNotes", "Radiologist")  # DeidPolicy does not check names (Settings.load does)
-    judged = lookup_violations(
+    judged = check_lookup_entry(
         {"ScanNotes": {"remark": "Bond^James"}, "Radiologist": "Hercule Poirot", "Notes": "x"},
         entity_id=ENTITY,
         item_id=ITEM,
         declared_fields=declared,
-    )
+    ).violations
     assert judged == [
         unaccepted_field_rule("field 3"),
         "Radiologist (Radiologist is named for a person's name, contact or record number and holds a value)",
         "ScanNotes (ScanNotes holds a value shaped like a person's name)",
     ]
-    assert lookup_violations({"ScanNotes": "routine"}, entity_id=ENTITY, item_id=ITEM, declared_fields=declared) == []
+    assert (
+        check_lookup_entry(
+            {"ScanNotes": "routine"}, entity_id=ENTITY, item_id=ITEM, declared_fields=declared
+        ).violations
+        == []
+    )
 
 
 def test_unknown_lookup_fields_through_the_dag_in_local_mode(airflow_db, tmp_path, monkeypatch):

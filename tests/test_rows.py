@@ -90,7 +90,7 @@ def _rows_of(tmp_path, images: list[lz.ImageSpec]) -> list[dict]:
 
 def _loaded(rows: list[dict]) -> list[dict]:
     """The rows as the BigQuery load sends them (checked against the schema) - raises on a bad value."""
-    return check_rows(to_ndjson(rows), tuple(bigquery.SchemaField.from_api_repr(f) for f in SCHEMA))
+    return list(check_rows([to_ndjson(rows)], tuple(bigquery.SchemaField.from_api_repr(f) for f in SCHEMA)))
 
 
 def test_every_string_header_column_is_covered():
@@ -194,9 +194,28 @@ def test_rows_spooled_to_a_file_are_staged_byte_identical_to_the_list(rows, tmp_
         staging.write_chunk("0000000", [], spool)
         spool.write({"after": "a read"})  # a read leaves the file ready for more
         assert list(spool)[-1] == {"after": "a read"}
-    assert staging.read_rows(["0000000"]) == to_ndjson(written)
+    assert b"".join(staging.read_rows(["0000000"])) == to_ndjson(written)
     staging.write_chunk("0000001", [], written)
-    assert staging.read_rows(["0000001"]) == to_ndjson(written)
+    assert b"".join(staging.read_rows(["0000001"])) == to_ndjson(written)
+
+
+def test_staged_rows_are_read_chunk_by_chunk_when_asked_for(tmp_path):
+    """The load task reads one chunk's rows at a time (in chunk order), never the batch's at once;
+    a missing chunk's rows fail the read when it is reached, naming the chunk."""
+    store = LocalObjectStore(tmp_path / "out")
+    staging = Staging(store, "b1", run_key("lazy"))
+    for chunk_id in ("0000002", "0000000"):
+        staging.write_chunk(chunk_id, [], [{"chunk": chunk_id}])
+    reads: list[str] = []
+    real_read = store.read_bytes
+    store.read_bytes = lambda name: reads.append(name) or real_read(name)  # type: ignore[method-assign]
+
+    parts = staging.read_rows(["0000002", "0000001", "0000000"])
+    assert reads == [], "nothing is read before it is asked for"
+    assert next(parts) == to_ndjson([{"chunk": "0000000"}])
+    assert len(reads) == 1
+    with pytest.raises(FileNotFoundError, match="rows of chunk 0000001 are missing"):
+        next(parts)
 
 
 def _image(relpath: str, instance: int) -> ImageRecord:

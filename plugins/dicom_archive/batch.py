@@ -151,14 +151,14 @@ class Staging:
             if name in names:
                 self.store.delete(name, None)
 
-    def read_rows(self, chunk_ids: Iterable[str]) -> bytes:
-        parts = []
+    def read_rows(self, chunk_ids: Iterable[str]) -> Iterator[bytes]:
+        """Each chunk's staged rows (NDJSON) in turn, read when asked for: the batch's rows are
+        never in memory together."""
         for chunk_id in sorted(chunk_ids):
             raw = self.store.read_bytes(self.chunk_name("rows", chunk_id, "ndjson"))
             if raw is None:
                 raise FileNotFoundError(f"rows of chunk {chunk_id} are missing from {self.store.uri(self.prefix)}")
-            parts.append(raw)
-        return b"".join(parts)
+            yield raw
 
     def write_result(self, name: str, doc: dict[str, Any]) -> None:
         self.store.write_bytes(f"{self.prefix}{name}.json", json.dumps(doc, sort_keys=True).encode(), JSON_TYPE)
@@ -451,6 +451,14 @@ def build_report(
         "lookup": {
             "keys_matching_no_image": plan.lookup_unmatched,
             "keys_matching_several_images": plan.lookup_ambiguous,
+            # Archived images whose entry's identifying fields (a birth date, an issuer) were kept
+            # out of their row: named by DICOM keyword, never with their values.
+            "fields_withheld_from_rows": [
+                {"path": shown_path(image.relpath), "fields": image.lookup_withheld}
+                for group in plan.groups
+                for image in group.images
+                if image.lookup_withheld
+            ],
         },
         "archives": {
             "total": len(archives),

@@ -14,9 +14,8 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
-import io
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +24,7 @@ from google.cloud import bigquery
 
 from dicom_archive import bigquery_tables as tables
 from dicom_archive.bigquery_rows import check_rows
-from dicom_archive.ndjson import DEDUPE_ORDER, ROW_KEY, to_ndjson
+from dicom_archive.ndjson import DEDUPE_ORDER, ROW_KEY, NdjsonSpool
 
 MAX_JOB_ATTEMPTS = 20  # each failed attempt burns an id; more than this is a real problem
 Job = bigquery.LoadJob | bigquery.QueryJob
@@ -87,12 +86,13 @@ def run_query(client: bigquery.Client, sql: str, params: Sequence[Any], key: str
 
 @dataclass(frozen=True)
 class PreparedLoad:
-    """Checked rows of one run of a batch, and the deterministic names of all that loading them creates."""
+    """Checked rows of one run of a batch (in a temporary file), and the deterministic names of all
+    that loading them creates."""
 
     table_id: str
     scratch_table_id: str
     job_key: str  # jobs are <job_key>_<step>_<attempt>
-    ndjson: bytes
+    rows: NdjsonSpool
     row_count: int
     location: str
     columns_added: list[str]
@@ -118,26 +118,36 @@ class LoadResult:
 
 
 def prepare_load(
-    client: bigquery.Client, *, dataset_id: str, ndjson: bytes, run_key: str, location: str = "US"
+    client: bigquery.Client, *, dataset_id: str, ndjson: bytes | Iterable[bytes], run_key: str, location: str = "US"
 ) -> PreparedLoad:
-    """Check the rows first (a bad row leaves BigQuery untouched), then ensure the dataset and table."""
+    """Check the rows first (a bad row leaves BigQuery untouched), then ensure the dataset and table.
+    `ndjson`: the rows, or their parts in turn (each chunk's staged rows)."""
     if not run_key:
         raise ValueError("run_key must not be empty")
     table_id = tables.table_ref(client.project, dataset_id, tables.DEFAULT_TABLE)
-    checked = check_rows(ndjson, tables.load_schema())
-    ndjson = to_ndjson(checked)
-    added = tables.ensure_table(client, dataset_id, location=location)
-    key = job_key(tables.DEFAULT_TABLE, run_key, table_id.encode() + b"\0" + ndjson)
+    rows, entity_ids, archive_uris = NdjsonSpool(), set(), set()
+    try:
+        for row in check_rows([ndjson] if isinstance(ndjson, bytes) else ndjson, tables.load_schema()):
+            rows.write(row)
+            entity_ids.add(row["entity_id"])
+            archive_uris.add(row["storage_uri"])
+        with rows.stream() as checked:
+            digest = hashlib.file_digest(checked, "sha256").digest()
+        added = tables.ensure_table(client, dataset_id, location=location)
+    except BaseException:
+        rows.close()
+        raise
+    key = job_key(tables.DEFAULT_TABLE, run_key, table_id.encode() + b"\0" + digest)
     return PreparedLoad(
         table_id=table_id,
         scratch_table_id=f"{client.project}.{dataset_id}._scratch_{key}",
         job_key=key,
-        ndjson=ndjson,
-        row_count=len(checked),
+        rows=rows,
+        row_count=len(rows),
         location=location,
         columns_added=added,
-        entity_ids=sorted({row["entity_id"] for row in checked}),
-        archive_uris=sorted({row["storage_uri"] for row in checked}),
+        entity_ids=sorted(entity_ids),
+        archive_uris=sorted(archive_uris),
     )
 
 
@@ -161,17 +171,17 @@ def load_scratch_table(client: bigquery.Client, load: PreparedLoad) -> bigquery.
     config = bigquery.LoadJobConfig(
         schema=schema, source_format="NEWLINE_DELIMITED_JSON", write_disposition="WRITE_TRUNCATE"
     )
-    # No size given: a resumable upload, which every backend takes; rewound for each attempt.
-    source = io.BytesIO(load.ndjson)
-    submit = functools.partial(
-        client.load_table_from_file, source, scratch, rewind=True, location=load.location, job_config=config
-    )
 
     def rows_present(job: bigquery.LoadJob) -> bool:
         table = tables.get_table(client, load.scratch_table_id)
         return table is not None and table.num_rows == job.output_rows == load.row_count
 
-    return run_job(client, f"{load.job_key}_load", load.location, submit, rows_present)
+    # No size given: a resumable upload, which every backend takes; rewound for each attempt.
+    with load.rows.stream() as source:
+        submit = functools.partial(
+            client.load_table_from_file, source, scratch, rewind=True, location=load.location, job_config=config
+        )
+        return run_job(client, f"{load.job_key}_load", load.location, submit, rows_present)
 
 
 def merge_sql(load: PreparedLoad) -> str:
@@ -209,14 +219,15 @@ def load_rows_exactly_once(client: bigquery.Client, **prepare: Any) -> LoadResul
     """Takes prepare_load's arguments. Its `run_key` names the run of the batch (e.g.
     "<dag_run_id>/<batch_id>"): the same key and rows give the same job ids."""
     load = prepare_load(client, **prepare)
-    if load.row_count == 0:
-        return LoadResult(load.table_id, 0, load.columns_added)
-    merge_job, load_job_id = find_done_merge(client, load), None
-    if merge_job is None:
-        load_job_id = load_scratch_table(client, load).job_id
-        merge_job = run_merge(client, load)
-        # An API call, not a job; the table's expiry covers a crash before this line.
-        client.delete_table(load.scratch_table_id, not_found_ok=True)
+    with load.rows:
+        if load.row_count == 0:
+            return LoadResult(load.table_id, 0, load.columns_added)
+        merge_job, load_job_id = find_done_merge(client, load), None
+        if merge_job is None:
+            load_job_id = load_scratch_table(client, load).job_id
+            merge_job = run_merge(client, load)
+            # An API call, not a job; the table's expiry covers a crash before this line.
+            client.delete_table(load.scratch_table_id, not_found_ok=True)
     stats = merge_job.dml_stats
     counts = (stats.inserted_row_count, stats.updated_row_count, stats.deleted_row_count)
     return LoadResult(load.table_id, load.row_count, load.columns_added, *counts, load_job_id, merge_job.job_id)

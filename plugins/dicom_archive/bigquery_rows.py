@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Annotated, Any, NotRequired
 
 from google.cloud import bigquery
@@ -66,21 +66,24 @@ def _row_adapter(schema: tuple[bigquery.SchemaField, ...]) -> TypeAdapter[Any]:
     return TypeAdapter(with_config(ConfigDict(extra="forbid", coerce_numbers_to_str=True))(row))
 
 
-def check_rows(ndjson: bytes, schema: Sequence[bigquery.SchemaField]) -> list[dict]:
-    """Blank lines are skipped but counted; a RowError names every bad line and column."""
+def check_rows(ndjson: Iterable[bytes], schema: Sequence[bigquery.SchemaField]) -> Iterator[dict]:
+    """The good rows of the NDJSON parts, one at a time (a batch's rows never need to be in memory
+    together); then, if any line was bad, a RowError naming every bad line and column. Blank lines
+    are skipped but counted."""
     adapter, by_name = _row_adapter(tuple(schema)), {f.name: f for f in schema}
-    checked, errors = [], []
-    for number, line in enumerate(ndjson.splitlines(), start=1):
+    errors = []
+    lines = (line for part in ndjson for line in part.splitlines())
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             valid = adapter.validate_json(line)
-            checked.append(adapter.dump_python(valid, mode="json"))
         except ValidationError as exc:
             errors += [_problem(number, err, by_name) for err in exc.errors()]
+        else:
+            yield adapter.dump_python(valid, mode="json")
     if errors:
         raise RowError(errors)
-    return checked
 
 
 def _problem(number: int, err: Any, by_name: Mapping[str, bigquery.SchemaField]) -> tuple[int, str | None, str]:

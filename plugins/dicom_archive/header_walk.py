@@ -54,6 +54,9 @@ from dicom_archive.deid_gate import (
 ITEM, ITEM_DELIMITER, SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 UNDEFINED = 0xFFFFFFFF
 PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+# Top-level data an object with Rows may carry instead of pixel data: SpectroscopyData (MR
+# spectroscopy), its FirstOrderPhaseCorrectionAngle, an EncapsulatedDocument, a WaveformSequence.
+OTHER_BULK_DATA_TAGS = frozenset({0x56000020, 0x56000010, 0x00420011, 0x54000100})
 LONG_LENGTH_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
 BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 BULK_SKIP = 64 * 1024  # bulk values longer than this are skipped by their length, never read
@@ -172,6 +175,7 @@ class HeaderWalk:
     skipped: list[tuple[int, int]] = field(default_factory=list)  # ranges never read (bulk data)
     read_sha256: str = ""  # of every byte read (the file less `skipped`)
     pixel_offset: int | None = None
+    other_bulk_data: bool = False  # a top-level OTHER_BULK_DATA_TAGS element (no pixel data needed)
     private_removed: int = 0  # private data elements dropped (creators and group lengths not counted)
 
     @property
@@ -625,6 +629,7 @@ class _Walker:
 
         if frame.depth == 0 and tag in PIXEL_DATA_TAGS and self.walk.pixel_offset is None:
             self.walk.pixel_offset = start
+        self.walk.other_bulk_data |= frame.depth == 0 and tag in OTHER_BULK_DATA_TAGS
         if discard:
             return
         if drop:
@@ -755,18 +760,26 @@ def walk_header(stream: BinaryIO, size: int, policy: DeidPolicy, *, check_end: b
         raise WalkError(Reason.UNREADABLE, "the header is nested too deeply to walk") from err
 
 
-def _is_image(walk: HeaderWalk) -> bool:
-    if 0x00280010 in walk.top:  # Rows
-        return True
+def _image_kind(walk: HeaderWalk) -> str | None:
+    """What the object is, when it must hold pixel data: its SOP class when that is an image
+    storage class, or "an image" for an object with Rows and neither a SOP class nor other bulk
+    data (spectroscopy data, an encapsulated document, waveforms). None: pixel data is optional."""
     sop_class = walk.top.get(0x00080016)
-    return sop_class is not None and "Image Storage" in UID(_decode(sop_class.value)).name
+    if sop_class is not None:
+        name = UID(_decode(sop_class.value)).name
+        return f"a {name} object" if "Image Storage" in name else None
+    if 0x00280010 in walk.top and not walk.other_bulk_data:  # Rows
+        return "an image"
+    return None
 
 
 def judge_header(walk: HeaderWalk, policy: DeidPolicy) -> Verdict:
     """Checks 3 to 9 of the contract on a walked header; every failing check is listed."""
     verdict = Verdict()
-    if walk.pixel_offset is None and _is_image(walk):
-        verdict.fail(Reason.NOT_DICOM, "does not parse as DICOM (an image without pixel data (truncated))")
+    kind = _image_kind(walk) if walk.pixel_offset is None else None
+    if kind is not None:
+        detail = f"does not parse as DICOM ({kind} without pixel data: truncated, or written without it)"
+        verdict.fail(Reason.NOT_DICOM, detail)
         return verdict
     if walk.malformed:
         verdict.fail(Reason.MALFORMED_HEADER, "; ".join(walk.malformed))

@@ -308,7 +308,9 @@ def match_lookup(lookup: dict[str, dict[str, Any]], relpaths: Iterable[str]) -> 
 # ---------------------------------------------------------------------------------------------
 # lookup.json values: the header's person-name and identifier rules, by field name and by shape
 
-# Identifying attributes that a lookup value must never carry, on top of the person attributes.
+# Identifying attributes, on top of the person attributes, that the header's rules let a value
+# stay in (deid's default recipe writes IssuerOfPatientID and a coded PatientBirthDate): in
+# lookup.json they keep no image back, but their values never reach a row (LookupCheck.withheld).
 LOOKUP_IDENTIFYING_ATTRIBUTES: tuple[str, ...] = (
     "PatientBirthName",
     "PatientBirthDate",
@@ -566,13 +568,18 @@ class _EntryCheck:
     entity_id: str | None
     item_id: str | None
     person_attributes: Iterable[str]
+    withhold: bool = True  # a LOOKUP_IDENTIFYING_ATTRIBUTES value: withheld (else a violation)
     found: dict[str, str] = field(default_factory=dict)  # shown field -> rule
     unaccepted: list[str] = field(default_factory=list)  # positions
+    withheld: list[str] = field(default_factory=list)  # fields at the top of the entry
+    _top: str = ""  # the field at the top of the entry being walked
 
     def walk(self, entry: dict[str, Any], prefix: str = "") -> None:
         for position, (key, value) in enumerate(entry.items(), start=1):
             if not prefix and key == FLAG_FIELD:
                 continue
+            if not prefix:
+                self._top = key
             if not self.accept(key, not prefix):
                 where = f"field {position}" + (f" of {prefix}" if prefix else "")
                 if self.unaccepted_is_violation:
@@ -611,6 +618,10 @@ class _EntryCheck:
                 person_attributes=self.person_attributes,
             )
             if why is None and keyword in LOOKUP_IDENTIFYING_ATTRIBUTES:
+                if self.withhold:
+                    if self._top not in self.withheld:
+                        self.withheld.append(self._top)
+                    return
                 why = f"{keyword} holds a value"
             named_for_a_person = keyword is None and bool(name) and names_a_person_field(name)
             if why is None and named_for_a_person and not coded_id_value_allowed(text, (self.entity_id, self.item_id)):
@@ -625,15 +636,24 @@ class _EntryCheck:
         ]
 
 
-def lookup_violations(
+@dataclass(frozen=True)
+class LookupCheck:
+    """What one image's lookup.json entry breaks (`field (rule)` strings, never a value: the image
+    is quarantined), and its fields whose values stay out of the row (the image is archived)."""
+
+    violations: list[str]
+    withheld: list[str]
+
+
+def check_lookup_entry(
     entry: dict[str, Any],
     *,
     entity_id: str | None,
     item_id: str | None,
     person_attributes: Iterable[str] = DEFAULT_PERSON_ATTRIBUTES,
     declared_fields: Collection[str] = (),
-) -> list[str]:
-    """What in one image's lookup entry breaks the rules: `field (rule)` strings, never a value.
+) -> LookupCheck:
+    """Judge one image's lookup.json entry.
 
     Every field must be accepted (is_keyword_path, or at the top of the entry a name in
     `declared_fields`, DICOM_LOOKUP_FIELDS), at any depth (the fields of a sequence's items
@@ -641,9 +661,11 @@ def lookup_violations(
     The value of an accepted field goes through the header's person-name and identifier rules
     (deid.judge_field) by its keyword, and by its shape (a letter next to `^`); a declared field,
     by the keyword it resembles or as named for a person (field_keyword, names_a_person_field).
-    Keys of an object under a field that is not a sequence are that field's values. On top of the
-    header's rules, the birth date, address and telephone attributes must hold nothing, and a key
-    of such an object must be a plain field name (NOT_A_FIELD_NAME: `DOE^JOHN`, `Doe, John`)."""
+    Keys of an object under a field that is not a sequence are that field's values, and must be
+    plain field names (NOT_A_FIELD_NAME: `DOE^JOHN`, `Doe, John`). A field holding a birth date,
+    address, telephone or issuer attribute (LOOKUP_IDENTIFYING_ATTRIBUTES) with a value, which
+    the header's rules allow, is withheld: the top field of the entry holding it is left out of
+    the row."""
     declared = frozenset(declared_fields)
     check = _EntryCheck(
         accept=lambda key, top: (top and key in declared) or is_keyword_path(key),
@@ -653,11 +675,11 @@ def lookup_violations(
         person_attributes=person_attributes,
     )
     check.walk(entry)
-    return check.violations()
+    return LookupCheck(check.violations(), check.withheld)
 
 
 def deid_violations(deid: dict[str, Any]) -> list[str]:
-    """lookup_violations for batch.json's deid provenance: the contract's fields (DEID_FIELDS)
+    """check_lookup_entry's violations for batch.json's deid provenance: the contract's fields (DEID_FIELDS)
     and DICOM keywords are named; any other field is ignored like an unknown field of batch.json,
     but its value is still judged (by what its name resembles) and it is shown by position."""
     check = _EntryCheck(
@@ -666,6 +688,7 @@ def deid_violations(deid: dict[str, Any]) -> list[str]:
         entity_id=None,
         item_id=None,
         person_attributes=DEFAULT_PERSON_ATTRIBUTES,
+        withhold=False,  # the provenance reaches every row whole
     )
     check.walk(deid)
     broken = check.violations()

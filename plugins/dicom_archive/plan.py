@@ -26,10 +26,10 @@ from dicom_archive.manifest import (
     LookupMatch,
     ManifestError,
     PendingManifest,
+    check_lookup_entry,
     is_control_file,
     is_flagged,
     is_under_phi_folder,
-    lookup_violations,
     match_lookup,
     parse_lookup,
     parse_manifest,
@@ -63,6 +63,8 @@ class ImageRecord:
     # only that file. Empty in a plan staged before it was recorded: identity unknown, and the
     # archive step refuses the image (fail closed).
     source_identity: dict[str, int] = field(default_factory=dict)
+    # Fields of its lookup.json entry left out of its row (LookupCheck.withheld).
+    lookup_withheld: list[str] = field(default_factory=list)
 
     def header_key(self) -> tuple:
         big = 2**63  # blank or repeated UIDs and numbers are allowed
@@ -451,37 +453,36 @@ def _check_lookup_values(
 ) -> tuple[StudyIdentity, ImageRecord] | QuarantinedImage:
     """An image whose lookup.json entry breaks the header's person-name or identifier rules is
     quarantined (identifying_attribute, the fields named, never their values): its entry is
-    never staged nor loaded, and the anonymizer's output for that image is suspect. For an image
-    already held back, the lookup's failures join its list (judged without its coded ids)."""
+    never staged nor loaded, and the anonymizer's output for that image is suspect. Fields the
+    header's rules allow but that identify (a birth date, an issuer) are left out of the image's
+    row. For an image already held back, the lookup's failures join its list (judged without
+    its coded ids)."""
     if not entry or is_flagged(entry):
         return outcome
+    identity = None if isinstance(outcome, QuarantinedImage) else outcome[0]
+    checked = check_lookup_entry(
+        entry,
+        entity_id=identity.entity_id if identity else None,
+        item_id=identity.item_id if identity else None,
+        person_attributes=policy.person_attributes,
+        declared_fields=policy.lookup_fields,
+    )
     if isinstance(outcome, QuarantinedImage):
-        broken = lookup_violations(
-            entry,
-            entity_id=None,
-            item_id=None,
-            person_attributes=policy.person_attributes,
-            declared_fields=policy.lookup_fields,
-        )
-        if broken and outcome.reason not in _NEVER_READ:
-            failures = [*outcome.all_failures(), _lookup_failure(broken)]
+        if checked.violations and outcome.reason not in _NEVER_READ:
+            failures = [*outcome.all_failures(), _lookup_failure(checked.violations)]
             outcome.failures = failures
             outcome.detail = "; ".join(f["detail"] for f in failures)
         return outcome
     identity, record = outcome
-    broken = lookup_violations(
-        entry,
-        entity_id=identity.entity_id,
-        item_id=identity.item_id,
-        person_attributes=policy.person_attributes,
-        declared_fields=policy.lookup_fields,
-    )
-    if not broken:
+    if not checked.violations:
+        if checked.withheld:
+            record.lookup = {k: v for k, v in entry.items() if k not in checked.withheld}
+            record.lookup_withheld = checked.withheld
         return outcome
-    failure = _lookup_failure(broken)
-    held = QuarantinedImage(record.relpath, failure["reason"], failure["detail"], failures=[failure])
-    held.study = archive_stem(identity.entity_id, identity.study_date, identity.item_id)
-    return held
+    failure = _lookup_failure(checked.violations)
+    quarantined = QuarantinedImage(record.relpath, failure["reason"], failure["detail"], failures=[failure])
+    quarantined.study = archive_stem(identity.entity_id, identity.study_date, identity.item_id)
+    return quarantined
 
 
 # Quarantined before the file is read: nothing else about them is judged.

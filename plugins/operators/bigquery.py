@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from airflow.sdk import Context
@@ -74,12 +74,11 @@ class DicomMetadataToBigQueryOperator(DicomStorageBaseOperator):
                 f"batch {self.plan_ref['batch_id']}: {len(missing)} of {len(expected)} archive chunks did not "
                 f"complete ({', '.join(missing)}); see archive_studies. Nothing was loaded."
             )
-        ndjson = staging.read_rows(expected)
         collection = self.plan_ref["collection"]
         started = time.monotonic()
 
         if settings.send_to_google:
-            result = self._load_to_bigquery(hook, settings, collection, ndjson)
+            result = self._load_to_bigquery(hook, settings, collection, staging.read_rows(expected))
             result["archives_marked"] = self._mark_rows_loaded(store, staging)
             context["outlet_events"][TABLES_ALIAS].add(
                 table_asset(settings.project, collection, TABLE),
@@ -94,6 +93,7 @@ class DicomMetadataToBigQueryOperator(DicomStorageBaseOperator):
             from dicom_archive.ndjson import merge_rows
 
             name = f"BigQuery/{collection}/{TABLE}/{self.plan_ref['batch_id']}.ndjson"
+            ndjson = b"".join(staging.read_rows(expected))  # a local run's rows file holds them all anyway
             merged, counts = merge_rows(store.read_bytes(name), ndjson)
             stored = store.write_bytes(name, merged, "application/x-ndjson")
             result = {"table": stored.uri, "rows_in_batch": ndjson.count(b"\n"), **counts}
@@ -125,7 +125,7 @@ class DicomMetadataToBigQueryOperator(DicomStorageBaseOperator):
                 marked += mark_rows_loaded(store, summary["name"], summary.get("generation"))
         return marked
 
-    def _load_to_bigquery(self, hook: Any, settings: Any, collection: str, ndjson: bytes) -> dict[str, Any]:
+    def _load_to_bigquery(self, hook: Any, settings: Any, collection: str, ndjson: Iterable[bytes]) -> dict[str, Any]:
         from dicom_archive.bigquery_load import load_rows_exactly_once
         from dicom_archive.bigquery_tables import WITHDRAWALS_TABLE, ensure_table
 
