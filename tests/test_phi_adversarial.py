@@ -629,6 +629,40 @@ def test_a_lookup_value_that_breaks_a_header_rule_quarantines_its_image(landing,
         assert phi_audit.normalize(text) not in phi_audit.normalize(held.detail)
 
 
+def test_header_values_win_over_lookup_values_at_any_depth(landing):
+    """Contract: lookup.json values are merged into the row, "header values read from the file win
+    on conflict". A field whose attribute the file holds with another value (at the top, or at
+    any item of a flattened sequence path) is left out of the row, whether or not the row's allow
+    list carries the header's value; an equal value, or one the file does not hold, is merged."""
+    header = {
+        "StationName": "CT01",
+        "ContrastBolusRoute": "IV",
+        "ScanOptions": "AXIAL",
+        "RequestAttributesSequence": [{"RequestedProcedureDescription": "MR KNEE"}],
+    }
+    image = ImageSpec(ENTITY, ITEM, DATE, "CT", 2, 1, relpath=BAD, header_overrides=header)
+    entry = {
+        "StationName": "CT99",
+        "ContrastBolusRoute": "IV",  # equal: no conflict
+        "ScanOptions": "HELICAL",
+        "RequestAttributesSequence.RequestedProcedureDescription": "CT CHEST",
+        "RequestAttributesSequence[0].RequestedProcedureDescription": "CT CHEST",
+        "RequestAttributesSequence.0.ScheduledProcedureStepDescription": "ROUTINE",  # not in the file
+        "CTDIvol": 12.1,
+    }
+    landing.write(BatchSpec(BATCH, images=[*good_images(), image], collection=COLLECTION, lookup={BAD: entry}))
+    outcome = landing.process(BATCH)
+    (row,) = [r for r in outcome.rows if r["DicomHeader"].get("CTDIvol") == 12.1]
+    merged = row["DicomHeader"]
+    assert merged["ScanOptions"] == "AXIAL", "an allow-listed header value wins"
+    assert "StationName" not in merged, "the file holds another value, which the allow list leaves out"
+    assert not any(key.endswith("RequestedProcedureDescription") for key in merged)
+    assert merged["ContrastBolusRoute"] == "IV"
+    assert merged["RequestAttributesSequence.0.ScheduledProcedureStepDescription"] == "ROUTINE"
+    assert "CT99" not in json.dumps(outcome.rows)
+    assert outcome.report["images"]["archived"] == len(good_images()) + 1
+
+
 WITHHELD_LOOKUP_FIELDS = {
     "PatientBirthDate": BIRTH_DATE,  # deid's default recipe writes a coded one: the header may keep it
     "PatientBirthTime": "101500",
@@ -719,7 +753,7 @@ def test_a_lookup_key_that_is_not_a_field_name_quarantines_its_image(landing, en
     [
         {"PatientName": ENTITY},
         {"PatientID": ENTITY, "AccessionNumber": ITEM},
-        {"PatientName": "", "OtherPatientIDs": ""},
+        {"OtherPatientNames": "", "OtherPatientIDs": ""},
         {"CTDIvol": 12.1, "ScanOptions": "HELICAL", "RequestAttributesSequence.RequestedProcedureDescription": "CT"},
         {"ConvolutionKernel": "2^10"},  # a caret with no letter beside it is no name
         {"ScanOptions": {"SliceThickness": 1.25, "Kernel": ["B30f", "B70f"]}},  # keys under a field: values

@@ -147,7 +147,6 @@ def test_sensor_fails_at_once_with_every_missing_setting_named(monkeypatch):
         ({"GOOGLE_STORAGE_COLLECTION": "I" * 1024}, "limit of 1024 bytes per object name"),
         ({"DICOM_MAX_BATCHES_PER_RUN": "0"}, "DICOM_MAX_BATCHES_PER_RUN must be between 1"),
         ({"DICOM_LANDING_ROOT": "gs://Staging/x"}, "DICOM_LANDING_ROOT: bucket name 'Staging' has uppercase"),
-        ({"SEND_TO_GOOGLE": "false", "DICOM_LOCAL_OUTPUT": ""}, "DICOM_LOCAL_OUTPUT"),
         # A typo must never switch a check off without a word (issue 11).
         ({"DICOM_PERSON_ATTRIBUTES": "PatientsName"}, "DICOM_PERSON_ATTRIBUTES: not DICOM keywords.*PatientsName"),
         ({"DICOM_PERSON_ATTRIBUTES": "OperatorsName, referringphysicianname"}, "referringphysicianname"),
@@ -235,6 +234,21 @@ def test_settings_defaults_and_lists():
     assert settings.policy.person_attributes == DEFAULT_PERSON_ATTRIBUTES
     assert settings.policy.private_tags == "strip"
     assert settings.policy.profile == "contract"
+
+
+def test_local_mode_needs_only_the_landing_root(monkeypatch, tmp_path):
+    """SEND_TO_GOOGLE=false is the default: with no DICOM_LOCAL_OUTPUT, the output goes to
+    `dicom_output` in the Airflow home, so the spec's settings alone start a run."""
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow-home"))
+    settings = Settings.load({"DICOM_LANDING_ROOT": "/data/landing"}.get)
+    assert (settings.send_to_google, settings.local_output) == (False, str(tmp_path / "airflow-home" / "dicom_output"))
+    given = Settings.load({"DICOM_LANDING_ROOT": "/data/landing", "DICOM_LOCAL_OUTPUT": " /data/out "}.get)
+    assert given.local_output == "/data/out"
+    # A bad SEND_TO_GOOGLE is named alone, not with a folder it would not need.
+    with pytest.raises(SettingsError) as err:
+        Settings.load({"DICOM_LANDING_ROOT": "/data/landing", "SEND_TO_GOOGLE": "maybe"}.get)
+    assert "SEND_TO_GOOGLE must be true or false" in str(err.value)
+    assert "DICOM_LOCAL_OUTPUT" not in str(err.value)
 
 
 def test_declared_lookup_fields_reach_the_policy_and_the_report():

@@ -200,6 +200,16 @@ def test_study_summary(bigquery_client, loaded):
     ]
 
 
+def test_study_summary_counts_images_without_series_uid_or_number_as_one_series(bigquery_client, dataset_id):
+    """The contract lets UIDs be blank, and the rows then hold NULL for both series fields."""
+    rows = [r for r in fixture_rows() if r["storage_uri"] in (uri("A1"), uri("A5"))]
+    for row in rows:
+        row["SeriesInstanceUID"] = row["SeriesNumber"] = None
+    bl.load_rows_exactly_once(bigquery_client, dataset_id=dataset_id, ndjson=to_ndjson(rows), run_key="no-series")
+    got = {r["storage_uri"]: (r["images"], r["series"]) for r in run(bigquery_client, "study_summary", dataset_id)}
+    assert got == {uri("A1"): (3, 1), uri("A5"): (1, 1)}
+
+
 def test_modality_summary(bigquery_client, loaded):
     got = [tuple(r.values()) for r in run(bigquery_client, "modality_summary", loaded)]
     # (Modality, images, studies, patients), most images first, NULL last among equals.

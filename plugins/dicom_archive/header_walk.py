@@ -54,6 +54,7 @@ from dicom_archive.deid_gate import (
 ITEM, ITEM_DELIMITER, SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 UNDEFINED = 0xFFFFFFFF
 PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+ITEM_NUMBERS = re.compile(r"\[[0-9]+\]")  # in a tag path: `Seq[0].Keyword` -> `Seq.Keyword`
 # Top-level data an object with Rows may carry instead of pixel data: SpectroscopyData (MR
 # spectroscopy), its FirstOrderPhaseCorrectionAngle, an EncapsulatedDocument, a WaveformSequence.
 OTHER_BULK_DATA_TAGS = frozenset({0x56000020, 0x56000010, 0x00420011, 0x54000100})
@@ -174,6 +175,8 @@ class HeaderWalk:
     patches: dict[int, bytes] = field(default_factory=dict)  # offset -> new 4-byte length
     skipped: list[tuple[int, int]] = field(default_factory=list)  # ranges never read (bulk data)
     read_sha256: str = ""  # of every byte read (the file less `skipped`)
+    # Values at the keyword paths walk_header was asked to record: path without item numbers -> each.
+    recorded: dict[str, list[RawDataElement]] = field(default_factory=dict)
     pixel_offset: int | None = None
     other_bulk_data: bool = False  # a top-level OTHER_BULK_DATA_TAGS element (no pixel data needed)
     private_removed: int = 0  # private data elements dropped (creators and group lengths not counted)
@@ -246,7 +249,15 @@ class _Scope:
 
 
 class _Walker:
-    def __init__(self, stream: BinaryIO, size: int, policy: DeidPolicy, check_end: bool = True) -> None:
+    def __init__(
+        self,
+        stream: BinaryIO,
+        size: int,
+        policy: DeidPolicy,
+        check_end: bool = True,
+        record: frozenset[str] = frozenset(),
+    ) -> None:
+        self.record = record
         self.stream = stream
         self.size = size
         self.check_end = check_end
@@ -669,6 +680,9 @@ class _Walker:
         """A loaded value of an element (not a private creator) of the dataset `frame` (`path`: the
         element's own); `is_name`: its dictionary VR or the VR it is written with is PN."""
         private, depth = (tag >> 16) % 2 == 1, frame.depth
+        if self.record and not private and (where := ITEM_NUMBERS.sub("", path)) in self.record:
+            element = RawDataElement(tag, vr, length, value, start, frame.implicit, frame.little, True, False)
+            self.walk.recorded.setdefault(where, []).append(element)
         if depth == 0 and not private:
             if tag not in self.walk.top:
                 self.walk.top[tag] = RawDataElement(
@@ -748,12 +762,16 @@ def _decode(value: bytes) -> str:
     return value.decode("latin-1").strip(" \0")
 
 
-def walk_header(stream: BinaryIO, size: int, policy: DeidPolicy, *, check_end: bool = True) -> HeaderWalk:
+def walk_header(
+    stream: BinaryIO, size: int, policy: DeidPolicy, *, check_end: bool = True, record: frozenset[str] = frozenset()
+) -> HeaderWalk:
     """Walk a whole Part 10 file from its first byte. Raises WalkError (quarantine the image).
 
-    `check_end=False` reads nothing past `size` (the caller checks that the file ends there)."""
+    `check_end=False` reads nothing past `size` (the caller checks that the file ends there).
+    `record`: keyword paths without item numbers (`Seq.Keyword`) whose values to keep, at any item
+    (HeaderWalk.recorded)."""
     try:
-        return _Walker(stream, size, policy, check_end).run()
+        return _Walker(stream, size, policy, check_end, record).run()
     except (struct.error, UnicodeDecodeError) as err:
         raise WalkError(Reason.NOT_DICOM, f"does not parse as DICOM ({type(err).__name__})") from err
     except RecursionError as err:

@@ -519,6 +519,12 @@ def is_keyword_path(name: str) -> bool:
     return True
 
 
+def keyword_path_of_any_item(name: str) -> str:
+    """A keyword path with its item numbers left out (`Seq[0].Keyword`, `Seq.0.Keyword` ->
+    `Seq.Keyword`): the path at any item, as header_walk records values."""
+    return ".".join(re.sub(r"\[[0-9]+\]", "", part) for part in name.split(".") if not _ITEM_NUMBER.fullmatch(part))
+
+
 def declared_field_problem(name: str) -> str | None:
     """Why a name may not be declared in DICOM_LOOKUP_FIELDS (None: it may): it must be an ASCII
     identifier, not the flag, and not a person-name, identifier or contact field under another

@@ -16,10 +16,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dicom_archive.deid_gate import DeidPolicy, Reason, StudyIdentity
-from dicom_archive.header_walk import WalkError, judge_header, walk_header
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
+
+from dicom_archive.deid_gate import DeidPolicy, Reason, StudyIdentity, keyword_vr
+from dicom_archive.header_walk import HeaderWalk, WalkError, judge_header, walk_header
 from dicom_archive.landing import HeldImagesError, LandingFile, LandingZone, aliases, file_identity_of, shown_path
 from dicom_archive.manifest import (
+    FLAG_FIELD,
     LOOKUP_NAME,
     MANIFEST_NAME,
     BatchManifest,
@@ -29,7 +32,9 @@ from dicom_archive.manifest import (
     check_lookup_entry,
     is_control_file,
     is_flagged,
+    is_keyword_path,
     is_under_phi_folder,
+    keyword_path_of_any_item,
     match_lookup,
     parse_lookup,
     parse_manifest,
@@ -204,7 +209,8 @@ def inspect_image(
             if not _is_listed_file(source, file):
                 # Replaced between the listing (which judged its links and aliases) and the open.
                 return quarantined(Reason.UNREADABLE, "changed or replaced while the batch was being checked")
-            walk = walk_header(stream, file.size, policy)
+            paths = _lookup_paths(lookup_entry)
+            walk = walk_header(stream, file.size, policy, record=frozenset(paths.values()))
             source = source or dict(zone.source_identity(stream))  # a bucket names it once read
     except WalkError as err:
         return quarantined(err.reason, err.detail)
@@ -232,10 +238,52 @@ def inspect_image(
         instance_number=_int_or_none(ds.get("InstanceNumber")),
         series_uid=str(ds.get("SeriesInstanceUID") or ""),
         sop_uid=str(ds.get("SOPInstanceUID") or ""),
-        lookup=lookup_entry,
+        lookup=_without_header_conflicts(lookup_entry, paths, walk),
         source_identity=source,
     )
     return verdict.identity, record  # type: ignore[return-value]
+
+
+def _lookup_paths(entry: dict[str, Any] | None) -> dict[str, str]:
+    """The lookup.json fields that name a header attribute -> its path at any item."""
+    return {key: keyword_path_of_any_item(key) for key in entry or {} if key != FLAG_FIELD and is_keyword_path(key)}
+
+
+def _value_index(key: str) -> int | None:
+    """`ImageType[1]`: the field is one value of a multi-valued attribute (not a sequence's item)."""
+    last = key.rsplit(".", 1)[-1]
+    if "[" not in last or keyword_vr(last.split("[", 1)[0]) == "SQ":
+        return None
+    return int(last.rsplit("[", 1)[1].rstrip("]"))
+
+
+def _without_header_conflicts(
+    entry: dict[str, Any] | None, paths: dict[str, str], walk: HeaderWalk
+) -> dict[str, Any] | None:
+    """The entry less its fields whose attribute the header holds with another value (at any item
+    of a sequence path): the header's values win (the contract), and a header value the row's
+    allow list leaves out is not replaced by the anonymizer's either."""
+    from dicom_archive.rows import dicom_value_to_json  # rows imports this module
+
+    def held(raw: RawDataElement, index: int | None) -> Any:
+        try:
+            value = dicom_value_to_json(convert_raw_data_element(raw).value)
+        except Exception:  # a value pydicom cannot read: the header holds something all the same
+            return raw.value
+        if index is None:
+            return value
+        values = value if isinstance(value, list) else [value]
+        return values[index] if index < len(values) else None
+
+    conflicts = {
+        key
+        for key, path in paths.items()
+        if any(
+            value is not None and value != entry[key]
+            for value in (held(raw, _value_index(key)) for raw in walk.recorded.get(path, []))
+        )
+    }
+    return {k: v for k, v in entry.items() if k not in conflicts} if entry and conflicts else entry
 
 
 def _is_listed_file(source: dict[str, int], file: LandingFile) -> bool:
@@ -476,7 +524,7 @@ def _check_lookup_values(
     identity, record = outcome
     if not checked.violations:
         if checked.withheld:
-            record.lookup = {k: v for k, v in entry.items() if k not in checked.withheld}
+            record.lookup = {k: v for k, v in (record.lookup or {}).items() if k not in checked.withheld}
             record.lookup_withheld = checked.withheld
         return outcome
     failure = _lookup_failure(checked.violations)

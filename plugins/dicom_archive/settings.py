@@ -43,6 +43,11 @@ TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
 
 
+def default_local_output() -> str:
+    """DICOM_LOCAL_OUTPUT when unset: `dicom_output` in the Airflow home, which Airflow can write."""
+    return os.path.join(os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow"), "dicom_output")
+
+
 class SettingsError(ValueError):
     """What is missing or wrong, all at once."""
 
@@ -235,7 +240,7 @@ class Settings:
         bucket = (get("GOOGLE_CLOUD_STORAGE") or "").strip() or None
         project = (get("GOOGLE_PROJECT_NAME") or "").strip() or None
         collection = (get("GOOGLE_STORAGE_COLLECTION") or "").strip() or None
-        local_output = (get("DICOM_LOCAL_OUTPUT") or "").strip()
+        local_output = (get("DICOM_LOCAL_OUTPUT") or "").strip() or default_local_output()
 
         if not landing_root:
             problems.append("DICOM_LANDING_ROOT is not set (a local path or gs://bucket/prefix)")
@@ -244,8 +249,6 @@ class Settings:
                 problems.append("GOOGLE_CLOUD_STORAGE (the bucket) is required when SEND_TO_GOOGLE=true")
             if not project:
                 problems.append("GOOGLE_PROJECT_NAME (the BigQuery project) is required when SEND_TO_GOOGLE=true")
-        elif not local_output:
-            problems.append("DICOM_LOCAL_OUTPUT (the local output folder) is required when SEND_TO_GOOGLE=false")
         if collection is not None and (problem := collection_problem(collection)) is not None:
             problems.append(f"GOOGLE_STORAGE_COLLECTION: {problem}")
         # Google's naming rules, checked here so that a bad name fails the run's first task with
