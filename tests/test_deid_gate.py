@@ -413,12 +413,14 @@ def test_a_newer_editions_element_written_with_its_vr_is_judged_by_it(syntax):
 
 
 def test_a_newer_editions_element_without_a_written_vr_is_malformed():
-    """Implicit VR, or written as UN: nothing says what it holds, so nothing could judge it."""
+    """Implicit VR, or written as UN or another bytes VR: nothing says what it holds, so nothing
+    could judge it."""
     found = reasons(encode(_newer_elements(), ImplicitVRLittleEndian))["malformed_header"]
     assert "(0010,0043) is not an element the DICOM dictionary knows" in found
-    ds = base()
-    ds[0x00100042] = RawDataElement(BaseTag(0x00100042), "UN", 12, b"Assessed M  ", 0, False, True)
-    assert "(0010,0042) is not an element the DICOM dictionary knows" in reasons(encode(ds))["malformed_header"]
+    for vr in ("UN", "OB", "OW"):  # bytes: nothing tells a name in them from data
+        ds = base()
+        ds[0x00100042] = RawDataElement(BaseTag(0x00100042), vr, 12, b"Marple Jane ", 0, False, True)
+        assert "(0010,0042) is not an element the DICOM dictionary knows" in reasons(encode(ds))["malformed_header"]
 
 
 @pytest.mark.parametrize(

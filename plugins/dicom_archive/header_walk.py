@@ -574,9 +574,9 @@ class _Walker:
             if element == 0x0000:
                 if length != GROUP_LENGTH_BYTES:
                     self.walk.malformed.append(f"{element_path} is {length} bytes long, not {GROUP_LENGTH_BYTES}")
-            elif not written_as and vr in (None, "UN"):
-                # Nothing says what such an element holds, so nothing could judge it (a name in an LO).
-                # One written with another VR (a newer standard's element) is judged by that VR.
+            elif not written_as and (vr is None or vr in BULK_VRS):
+                # Nothing says what such an element holds, so nothing could judge it (a name in an LO,
+                # or as bytes). One written with another VR (a newer edition's) is judged by that VR.
                 self.walk.malformed.append(f"{element_path} is not an element the DICOM dictionary knows")
 
         # Private data elements: dropped (strip), reported (quarantine), or kept (allow list). Every
