@@ -1306,6 +1306,31 @@ def test_batch_json_options_reach_plan_and_archive(tmp_path):
     assert [m.relpath for m in members] == ["a.dcm"]
 
 
+UNKNOWN_TAG = 0x00189FF0  # in no edition pydicom knows
+
+
+@pytest.mark.parametrize(
+    ("vr", "value"),
+    [
+        ("ZZ", b"Marple^Jane DOB 19700101 MRN 7731904 "),  # no VR of DICOM's: nothing would judge it
+        ("XY", b"Marple Jane "),
+        ("UL", b"Poirot^Hercule 19700101"[:20]),  # binary numbers: text passes for them
+        ("FD", b"Marple^J"),
+        ("US", b"MR"),
+        ("AT", b"Jane"),
+        ("SV", b"Poirot^H"),
+        ("OF", b"Marple^Jane "),
+    ],
+)
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ExplicitVRBigEndian], ids=["explicit-le", "explicit-be"])
+def test_an_unknown_element_written_with_a_vr_the_walk_cannot_judge_is_malformed(vr, value, syntax):
+    data = encode(base(), syntax)  # pydicom will not write it: inserted by hand, in tag order
+    order = ">" if syntax == ExplicitVRBigEndian else "<"
+    at = data.index(struct.pack(f"{order}HH", 0x0020, 0x0011), 132)  # SeriesNumber, after every tag used
+    data = data[:at] + element(UNKNOWN_TAG, vr, value, syntax) + data[at:]
+    assert "(0018,9FF0) is not an element the DICOM dictionary knows" in reasons(data)["malformed_header"]
+
+
 # --- objects without pixel data -----------------------------------------------------------------
 MR_SPECTROSCOPY_STORAGE = "1.2.840.10008.5.1.4.1.1.4.2"
 
@@ -1333,8 +1358,16 @@ def test_an_object_whose_data_is_not_pixel_data_passes(sop_class, size, syntax):
 
 @pytest.mark.parametrize(
     ("sop_class", "kind"),
-    [(CTImageStorage, "a CT Image Storage object"), (None, "an image")],
-    ids=["ct-image-storage", "rows-without-sop-class"],
+    [
+        (CTImageStorage, "a CT Image Storage object"),
+        (None, "an image"),
+        # Objects with Rows whose SOP class name says no "Image Storage": pixel data all the same.
+        ("1.2.840.10008.5.1.4.1.1.66.4", "a Segmentation Storage object"),
+        ("1.2.840.10008.5.1.4.1.1.30", "a Parametric Map Storage object"),
+        ("1.2.840.10008.5.1.4.1.1.6.3", "a Photoacoustic Image Storage object"),
+        ("1.2.826.0.1.3680043.8.498.77", "a 1.2.826.0.1.3680043.8.498.77 object"),  # a class pydicom does not know
+    ],
+    ids=["ct-image-storage", "rows-without-sop-class", "segmentation", "parametric-map", "photoacoustic", "unknown"],
 )
 def test_an_image_without_pixel_data_is_named_for_what_it_is(sop_class, kind):
     """An image storage object whose file ends before any pixel data (cut at an element's end, or
@@ -1343,9 +1376,11 @@ def test_an_image_without_pixel_data_is_named_for_what_it_is(sop_class, kind):
     del ds.PixelData
     if sop_class is None:
         del ds.SOPClassUID
+    else:
+        ds.SOPClassUID = sop_class
     found = reasons(encode(ds))
     why = f"does not parse as DICOM ({kind} without pixel data: truncated, or written without it)"
     assert found == {"not_dicom": why}
-    # The same with an SOP class that needs no pixel data: nothing to hold it back for.
-    ds.SOPClassUID = MR_SPECTROSCOPY_STORAGE
-    assert reasons(encode(ds)) == {}
+    # An empty SpectroscopyData is no data elsewhere.
+    ds.add_new(0x56000020, "OF", b"")
+    assert reasons(encode(ds)) == {"not_dicom": why}

@@ -671,6 +671,14 @@ WITHHELD_LOOKUP_FIELDS = {
     "PersonTelephoneNumbers": "555-0143-7781",
     "RequestAttributesSequence": [{"IssuerOfPatientID": "STARR", "RequestedProcedureDescription": "CT CHEST"}],
     "OtherPatientIDsSequence": [{"IssuerOfPatientID": "STARR"}],
+    # The same kinds under other keywords, and under a key of a field that is not a sequence (phi4).
+    "PatientTelecomInformation": "jane.marple@stmarymead.example",
+    "ReferringPhysicianAddress": "221B Baker Street",
+    "PatientBirthDateInAlternativeCalendar": "5724-08-12",
+    "RegionOfResidence": "St Mary Mead",
+    "ReconstructionAlgorithm": {"PatientBirthDate": BIRTH_DATE},
+    "FilterType": {"PatientName": "Jane Marple"},
+    "ContrastBolusRoute": {"OtherPatientIDs": ["MRN 7731904"]},
 }
 
 
@@ -682,7 +690,7 @@ def test_an_identifying_lookup_value_the_header_rules_allow_is_kept_out_of_the_r
     out of its row, and the report names the field, never its value."""
     entry = {"CTDIvol": 12.1, "ScanOptions": "HELICAL", **{f: WITHHELD_LOOKUP_FIELDS[f] for f in fields}}
     first = good_images()[0].path
-    planted = ("LOC-4471902", "555-0143-7781", BIRTH_DATE)
+    planted = ("LOC-4471902", "555-0143-7781", BIRTH_DATE, "stmarymead", "Baker Street", "Jane Marple", "7731904")
     outcome = run_batch(landing, lookup={first: entry}, expect={}, planted=planted)
     (row,) = [r for r in outcome.rows if r["DicomHeader"].get("CTDIvol") == 12.1]  # the only entry
     assert "ScanOptions" in row["DicomHeader"], "the entry's other fields are merged"

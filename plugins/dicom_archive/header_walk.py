@@ -56,8 +56,8 @@ UNDEFINED = 0xFFFFFFFF
 PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 ITEM_NUMBERS = re.compile(r"\[[0-9]+\]")  # in a tag path: `Seq[0].Keyword` -> `Seq.Keyword`
 # Top-level data an object with Rows may carry instead of pixel data: SpectroscopyData (MR
-# spectroscopy), its FirstOrderPhaseCorrectionAngle, an EncapsulatedDocument, a WaveformSequence.
-OTHER_BULK_DATA_TAGS = frozenset({0x56000020, 0x56000010, 0x00420011, 0x54000100})
+# spectroscopy), an EncapsulatedDocument.
+OTHER_BULK_DATA_TAGS = frozenset({0x56000020, 0x00420011})
 LONG_LENGTH_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
 BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 BULK_SKIP = 64 * 1024  # bulk values longer than this are skipped by their length, never read
@@ -131,6 +131,9 @@ CODE_STRING = re.compile(rb"[A-Za-z0-9 _\\]*\0?")
 AGE_STRING = re.compile(rb"(\d{1,3}[DWMY])?(\\(\d{1,3}[DWMY])?)*")
 GROUP_LENGTH_BYTES = 4  # a group length is one UL
 FREE_TEXT_VRS = frozenset({"AE", "LO", "LT", "SH", "ST", "UC", "UR", "UT"})
+# The VRs an element the dictionary does not know may be written with: those whose values the walk
+# judges (a sequence's items, a name, text by its shape, numbers, dates and codes by their characters).
+JUDGED_UNKNOWN_VRS = FREE_TEXT_VRS | {"SQ", "PN", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"}
 
 
 @functools.lru_cache(maxsize=8192)
@@ -574,9 +577,10 @@ class _Walker:
             if element == 0x0000:
                 if length != GROUP_LENGTH_BYTES:
                     self.walk.malformed.append(f"{element_path} is {length} bytes long, not {GROUP_LENGTH_BYTES}")
-            elif not written_as and (vr is None or vr in BULK_VRS):
-                # Nothing says what such an element holds, so nothing could judge it (a name in an LO,
-                # or as bytes). One written with another VR (a newer edition's) is judged by that VR.
+            elif not written_as and vr not in JUDGED_UNKNOWN_VRS:
+                # Nothing says what such an element holds, so nothing could judge it: no VR (implicit),
+                # bytes or binary numbers (text passes for them), or no VR of DICOM's. One written
+                # with a VR whose values the walk judges (a newer edition's element) is judged by it.
                 self.walk.malformed.append(f"{element_path} is not an element the DICOM dictionary knows")
 
         # Private data elements: dropped (strip), reported (quarantine), or kept (allow list). Every
@@ -640,7 +644,7 @@ class _Walker:
 
         if frame.depth == 0 and tag in PIXEL_DATA_TAGS and self.walk.pixel_offset is None:
             self.walk.pixel_offset = start
-        self.walk.other_bulk_data |= frame.depth == 0 and tag in OTHER_BULK_DATA_TAGS
+        self.walk.other_bulk_data |= frame.depth == 0 and tag in OTHER_BULK_DATA_TAGS and length > 0
         if discard:
             return
         if drop:
@@ -779,15 +783,13 @@ def walk_header(
 
 
 def _image_kind(walk: HeaderWalk) -> str | None:
-    """What the object is, when it must hold pixel data: its SOP class when that is an image
-    storage class, or "an image" for an object with Rows and neither a SOP class nor other bulk
-    data (spectroscopy data, an encapsulated document, waveforms). None: pixel data is optional."""
+    """What the object is, when it must hold pixel data (None: it need not): an image storage
+    class, or any object with Rows unless its data is elsewhere (MR spectroscopy's
+    SpectroscopyData, an encapsulated document: OTHER_BULK_DATA_TAGS, not empty)."""
     sop_class = walk.top.get(0x00080016)
-    if sop_class is not None:
-        name = UID(_decode(sop_class.value)).name
-        return f"a {name} object" if "Image Storage" in name else None
-    if 0x00280010 in walk.top and not walk.other_bulk_data:  # Rows
-        return "an image"
+    name = UID(_decode(sop_class.value)).name if sop_class is not None else ""
+    if "Image Storage" in name or (0x00280010 in walk.top and not walk.other_bulk_data):  # Rows
+        return f"a {name} object" if name else "an image"
     return None
 
 

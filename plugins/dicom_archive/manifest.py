@@ -323,6 +323,19 @@ LOOKUP_IDENTIFYING_ATTRIBUTES: tuple[str, ...] = (
     "PersonAddress",
     "OtherPatientIDsSequence",
 )
+# The same kinds of attribute under any keyword: PatientTelecomInformation, ReferringPhysicianAddress,
+# PatientBirthDateInAlternativeCalendar, RegionOfResidence, IssuerOfAdmissionID...
+_IDENTIFYING_KEYWORD = re.compile(
+    r"Birth|Address|Telephone|Telecom|Residence|Locator|^IssuerOf(?:Patient|Admission|ServiceEpisode)ID"
+)
+
+
+def is_lookup_identifying(keyword: str | None) -> bool:
+    """A birth, address, telephone, residence or record-issuer attribute: one the header's rules
+    let hold a value, kept out of the rows (LOOKUP_IDENTIFYING_ATTRIBUTES and its kinds)."""
+    return bool(keyword) and (keyword in LOOKUP_IDENTIFYING_ATTRIBUTES or bool(_IDENTIFYING_KEYWORD.search(keyword)))
+
+
 # A plain field name: dotted segments, each an identifier (letters, digits, `_`; not a digit
 # first) with optional `[n]` indexes, an item number, or a DICOM tag in one of its spellings
 # (`(0010,0010)`, `0x00100010`, `0010-0010`, `[0010 0010]`). Blanks, `^`, `=`, `,`, quotes and
@@ -623,18 +636,31 @@ class _EntryCheck:
                 item_id=self.item_id,
                 person_attributes=self.person_attributes,
             )
-            if why is None and keyword in LOOKUP_IDENTIFYING_ATTRIBUTES:
+            if why is None and (is_lookup_identifying(keyword) or (is_key and self._names_identifying(text))):
+                # A key under a field that is not a sequence naming such an attribute, or a person's
+                # name or id (`{"StudyDescription": {"PatientBirthDate": ...}}`): its value is one too.
                 if self.withhold:
                     if self._top not in self.withheld:
                         self.withheld.append(self._top)
                     return
-                why = f"{keyword} holds a value"
+                why = f"{keyword or shown} holds a value"
             named_for_a_person = keyword is None and bool(name) and names_a_person_field(name)
             if why is None and named_for_a_person and not coded_id_value_allowed(text, (self.entity_id, self.item_id)):
                 why = f"{shown} is named for a person's name, contact or record number and holds a value"
             if why is not None:
                 self.found.setdefault(shown, why)
                 return
+
+    def _names_identifying(self, key: str) -> bool:
+        keyword = field_keyword(key)
+        if keyword is None:  # a plain word (`name`, `model`): a value like any other of its field
+            return False
+        return (
+            is_lookup_identifying(keyword)
+            or keyword in CODED_ID_ATTRIBUTES
+            or keyword_vr(keyword) == "PN"
+            or keyword in frozenset(self.person_attributes)
+        )
 
     def violations(self) -> list[str]:
         return [unaccepted_field_rule(where) for where in self.unaccepted] + [
