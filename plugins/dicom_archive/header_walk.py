@@ -789,7 +789,7 @@ def _image_kind(walk: HeaderWalk) -> str | None:
     sop_class = walk.top.get(0x00080016)
     name = UID(_decode(sop_class.value)).name if sop_class is not None else ""
     if "Image Storage" in name or (0x00280010 in walk.top and not walk.other_bulk_data):  # Rows
-        return f"a {name} object" if name else "an image"
+        return f"{'an' if name[:1] in 'AEIOU' else 'a'} {name} object" if name else "an image"
     return None
 
 
