@@ -122,7 +122,7 @@ class CompletedBatchSensor(GoogleDestinationMixin, BaseSensorOperator):
                     limit=limit,
                     local=not settings.send_to_google,
                     store=store,  # the cap is filled from batches no other run holds, fairly
-                    run_id=context["run_id"],
+                    run_id=getattr(context["dag_run"], "run_id", None),
                     explain=hook.explain_google_errors,
                 )
         except LandingRootError as err:
