@@ -219,6 +219,176 @@ def test_the_cap_never_exceeds_max_map_length(env, monkeypatch):
     assert max(len(v) for v in states(run).values()) <= 3
 
 
+# --- a fair cap: held and failing batches never starve the others -------------------------------
+
+
+def add_conflicting_batches(env: dict, first: str, again: str, first_at: datetime, again_at: datetime) -> None:
+    """`again` re-sends `first`'s study with one more image: other content under the same archive
+    name, so it fails (ArchiveConflictError) in every run once `first` is archived."""
+    study = ("GLfail01", "GAfail01", "20230105", "CT")
+    images = [ImageSpec(*study, source="ct"), ImageSpec(*study, instance_number=2, source="ct")]
+    write_batch(env["root"], BatchSpec(first, images=images[:1], collection=env["collection"], completed_at=first_at))
+    write_batch(env["root"], BatchSpec(again, images=images, collection=env["collection"], completed_at=again_at))
+
+
+def archive_store(env: dict):
+    from dicom_archive.stores import GCSObjectStore
+    from hooks.dicom_storage import DicomStorageHook
+
+    return GCSObjectStore(DicomStorageHook().storage_client().bucket(env["bucket"]))
+
+
+def test_a_batch_that_always_fails_never_starves_a_newer_one_and_is_still_retried(env, monkeypatch, caplog):
+    from dicom_archive import claims
+
+    monkeypatch.setenv("DICOM_MAX_BATCHES_PER_RUN", "1")
+    add_conflicting_batches(env, "sent-first", "failing", T0 - HOUR, T0 + timedelta(minutes=5))
+    assert str(run_manual(["sent-first"]).state) == "success"
+    add_batch(env, "newer", T0 + timedelta(minutes=10))
+
+    taken = []
+    for i in range(3):
+        run = run_as("scheduled", T0 + (i + 1) * HOUR, T0 + (i + 2) * HOUR)
+        taken.append(sensor_output(run))
+        assert str(run.state) == ("success" if taken[-1] == ["newer"] else "failed"), states(run)
+    # The failing batch is the oldest: the first run takes it; the next takes the newer batch,
+    # which has waited since before that attempt; the third retries the failing one.
+    assert taken == [["failing"], ["newer"], ["failing"]]
+    assert report(env, "newer")["status"] == "DONE"
+    assert report(env, "failing") is None, "never reported: it stays pending, never dropped"
+    last = claims.holder_of(archive_store(env), "failing")
+    assert last.released_at is not None, "given up by the run that failed it"
+    assert not last.is_held(datetime.now(UTC)), "so it holds the batch no more"
+    assert last.attempts == 2
+    assert "claimed for attempt 2; the last one, by run 'scheduled__" in caplog.text
+
+    # A manual run naming it takes it at once (no cap logic for named batches), as attempt 3.
+    manual = run_manual(["failing"])
+    assert sensor_output(manual) == ["failing"]
+    assert str(manual.state) == "failed"
+    assert claims.holder_of(archive_store(env), "failing").attempts == 3
+
+
+@pytest.mark.parametrize("claimed", [1, 2])
+def test_batches_held_by_a_live_run_take_no_slot_and_are_taken_once_their_claim_expires(env, monkeypatch, claimed):
+    """cap = the number of claimed batches: the run takes as many free batches, never a claimed one."""
+    from dicom_archive import claims
+
+    monkeypatch.setenv("DICOM_MAX_BATCHES_PER_RUN", str(claimed))
+    held = [add_batch(env, f"held-{i}", T0 + timedelta(minutes=i)).batch_id for i in range(claimed)]
+    free = [add_batch(env, f"free-{i}", T0 + timedelta(minutes=10 + i)).batch_id for i in range(claimed)]
+    store = archive_store(env)
+    for batch_id in held:
+        assert claims.acquire(store, batch_id, "scheduled__still_working", timedelta(hours=12)).owned
+
+    run = run_as("scheduled", T0 + HOUR, T0 + 2 * HOUR)
+    assert str(run.state) == "success", states(run)
+    assert sensor_output(run) == free
+    assert all(report(env, b)["status"] == "DONE" for b in free)
+    assert all(report(env, b) is None and claims.holder_of(store, b).run_id == "scheduled__still_working" for b in held)
+
+    expire_claim(env, held[0])  # that run died: its claim runs out (DICOM_CLAIM_HOURS)
+    run = run_as("scheduled", T0 + 2 * HOUR, T0 + 3 * HOUR)
+    assert str(run.state) == "success", states(run)
+    assert sensor_output(run) == [held[0]]
+    assert report(env, held[0])["status"] == "DONE"
+    assert claims.holder_of(store, held[0]) is None, "released after the report"
+    if claimed > 1:
+        assert claims.holder_of(store, held[1]).run_id == "scheduled__still_working", "still held"
+
+
+def _zone_and_store(tmp_path, batches: dict[str, datetime]):
+    from dicom_archive.landing import LocalLandingZone
+    from dicom_archive.stores import LocalObjectStore
+
+    for batch_id, completed_at in batches.items():
+        image = ImageSpec(f"GL{batch_id}", f"GA{batch_id}", "20230105")
+        write_batch(
+            tmp_path / "landing", BatchSpec(batch_id, images=[image], collection="IRB1", completed_at=completed_at)
+        )
+    return LocalLandingZone(tmp_path / "landing"), LocalObjectStore(tmp_path / "out")
+
+
+def test_the_cap_counts_only_batches_the_run_can_take(tmp_path):
+    from dicom_archive import claims
+    from dicom_archive.ledger import select_batches
+
+    zone, store = _zone_and_store(tmp_path, {f"b{i}": T0 + timedelta(minutes=i) for i in range(5)})
+    now = T0 + 10 * HOUR
+    for batch_id, run_id in (("b0", "other"), ("b1", "other"), ("b3", "this-run")):
+        claims.acquire(store, batch_id, run_id, timedelta(hours=12), now=now - HOUR)
+
+    picked = select_batches(zone, end=None, limit=2, store=store, run_id="this-run", now=now)
+    assert picked.batch_ids == ["b2", "b4"], "b3's claim is this run's own (a cleared run): takeable, tried"
+    assert sorted(picked.held) == ["b0", "b1"]
+    assert picked.deferred == ["b3"]
+    assert "2 held by another run's claim (left alone, outside the cap)" in picked.describe()
+    # Without the store (the version before): the claimed batches fill the cap.
+    assert select_batches(zone, end=None, limit=2).batch_ids == ["b0", "b1"]
+    # Once the claims expire they are taken again, queued as of their last attempt.
+    later = select_batches(zone, end=None, limit=5, store=store, run_id="next-run", now=now + 12 * HOUR)
+    assert later.batch_ids == ["b2", "b4", "b0", "b1", "b3"]
+    assert not later.held
+
+
+def test_a_failed_batch_queues_as_of_its_last_attempt_deterministically(tmp_path):
+    """Never-tried batches that came before a failed batch's last attempt go first; those that
+    came after it go after it: a batch that keeps failing never starves, and is never starved."""
+    from dicom_archive import claims
+    from dicom_archive.ledger import select_batches
+
+    zone, store = _zone_and_store(
+        tmp_path, {"failing": T0, "waiting": T0 + HOUR, "came-later": T0 + 3 * HOUR, "also-failing": T0}
+    )
+    for batch_id, tried_at in (("failing", T0 + 2 * HOUR), ("also-failing", T0 + 2 * HOUR)):
+        assert claims.acquire(store, batch_id, "run-1", timedelta(hours=12), now=tried_at).owned
+        assert claims.give_up(store, batch_id, "run-1", now=tried_at + timedelta(minutes=1))
+    now = T0 + 4 * HOUR
+
+    picked = select_batches(zone, end=None, limit=9, store=store, run_id="r", now=now)
+    assert picked.batch_ids == ["waiting", "also-failing", "failing", "came-later"], "ties: completed_at, then id"
+    capped = select_batches(zone, end=None, limit=1, store=store, run_id="r", now=now)
+    assert capped.batch_ids == ["waiting"]
+    assert capped.deferred == ["also-failing", "failing", "came-later"]
+    assert sorted(capped.tried) == ["also-failing", "failing"]
+    assert "(attempt 1, claimed 2024-03-01 12:00:00 UTC, left without a report" in capped.tried["failing"]
+    # A backfill of the interval orders the same way.
+    backfill = select_batches(zone, start=T0, end=T0 + 4 * HOUR, limit=9, store=store, run_id="r", now=now)
+    assert backfill.batch_ids == ["waiting", "also-failing", "failing", "came-later"]
+
+
+def test_a_given_up_claim_keeps_the_attempt_and_no_longer_holds_the_batch(tmp_path):
+    import json as json_module
+
+    from dicom_archive import claims
+    from dicom_archive.stores import LocalObjectStore
+
+    store = LocalObjectStore(tmp_path)
+    ttl = timedelta(hours=12)
+    assert claims.acquire(store, "b", "run-1", ttl, now=T0).owned
+    assert not claims.give_up(store, "b", "run-2", now=T0), "only the owner gives its claim up"
+    assert not claims.acquire(store, "b", "run-2", ttl, now=T0 + HOUR).owned, "still held by run-1"
+    assert claims.give_up(store, "b", "run-1", now=T0 + HOUR)
+    assert not claims.give_up(store, "b", "run-1", now=T0 + HOUR), "once (a retried report step)"
+    given_up = claims.holder_of(store, "b")
+    assert (given_up.attempts, given_up.released_at, given_up.is_held(T0 + HOUR)) == (1, T0 + HOUR, False)
+
+    taken = claims.acquire(store, "b", "run-2", ttl, now=T0 + 2 * HOUR)  # at once, not after 12 h
+    assert taken.owned
+    assert taken.attempts == 2
+    assert taken.message.startswith("claimed for attempt 2; the last one, by run 'run-1' (attempt 1,")
+    assert claims.acquire(store, "b", "run-2", ttl, now=T0 + 3 * HOUR).attempts == 2, "a retried task renews"
+    assert not claims.acquire(store, "b", "run-3", ttl, now=T0 + 3 * HOUR).owned, "one run at a time"
+    assert claims.release(store, "b", "run-2")
+    assert claims.holder_of(store, "b") is None, "a report ends the history"
+
+    # A claim written by the version before (no attempt count) is one attempt, held until it expires.
+    old = {"batch_id": "c", "run_id": "old-run", "claimed_at": T0.isoformat(), "expires_at": (T0 + ttl).isoformat()}
+    store.write_bytes(claims.claim_name("c"), json_module.dumps(old).encode(), "application/json")
+    assert not claims.acquire(store, "c", "run-2", ttl, now=T0 + HOUR).owned
+    assert claims.acquire(store, "c", "run-2", ttl, now=T0 + 13 * HOUR).attempts == 2
+
+
 def test_an_empty_scheduled_run_ends_skipped_within_one_poke(env):
     add_batch(env, "done-already", T0)
     assert str(run_manual().state) == "success"

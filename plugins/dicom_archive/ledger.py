@@ -7,6 +7,13 @@ A local run (SEND_TO_GOOGLE=false) counts its own report (`batch.report.local.js
 too, so that it takes the next batches; a run that sends to Google counts only
 `batch.report.json`, so it still sends a batch that was only handled locally.
 
+The cap is filled from the batches the run can take, in a fair order (`select_batches` with the
+archive store): a batch that another run's live claim holds is left alone and takes no slot, and
+a batch tried before without a report (its claim expired, or was released by a run that failed
+it) queues as of its last attempt instead of its `completed_at`. A batch that keeps failing so
+goes behind the batches that came before its last attempt, and is still retried once they are
+taken: no batch starves another, and none is dropped.
+
 One listing of the landing zone tells which folders hold a batch.json and which a report; only
 the manifests of batches without a report are read (plus, for a backfill, those of the
 reported ones), so a poke costs O(new batches), not O(history).
@@ -14,13 +21,17 @@ reported ones), so a poke costs O(new batches), not O(history).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from dicom_archive import claims
 from dicom_archive.landing import BatchFolder, LandingZone
 from dicom_archive.manifest import MANIFEST_NAME, ManifestError
 from dicom_archive.naming import batch_id_problem
 from dicom_archive.plan import read_manifest
+from dicom_archive.stores import ObjectStore
 
 DEFAULT_MAX_BATCHES_PER_RUN = 200
 
@@ -29,8 +40,10 @@ DEFAULT_MAX_BATCHES_PER_RUN = 200
 class Selection:
     """What one poke found, and why anything else was left."""
 
-    batch_ids: list[str] = field(default_factory=list)  # to process, oldest completed_at first
+    batch_ids: list[str] = field(default_factory=list)  # to process, in turn (oldest completed_at first)
     deferred: list[str] = field(default_factory=list)  # pending, over the per-run cap: the next run
+    held: dict[str, str] = field(default_factory=dict)  # pending, held by another run's live claim: who
+    tried: dict[str, str] = field(default_factory=dict)  # pending, tried before without a report: the last try
     rejected: dict[str, str] = field(default_factory=dict)  # folder name -> why it is not a batch id
     not_ready: int = 0  # batch.json present, but the anonymizer is not done
     later: int = 0  # pending, but completed at or after the end of this run's interval
@@ -38,8 +51,12 @@ class Selection:
 
     def describe(self) -> str:
         parts = [f"{len(self.batch_ids)} to process"]
+        if self.tried:
+            parts.append(f"{len(self.tried)} pending tried before without a report (queued as of their last attempt)")
         if self.deferred:
             parts.append(f"{len(self.deferred)} more pending over the per-run cap (left for the next runs)")
+        if self.held:
+            parts.append(f"{len(self.held)} held by another run's claim (left alone, outside the cap)")
         if self.later:
             parts.append(f"{self.later} completed after this run's interval (left for a later run)")
         if self.not_ready:
@@ -57,6 +74,10 @@ def select_batches(
     default_collection: str | None = None,
     limit: int = DEFAULT_MAX_BATCHES_PER_RUN,
     local: bool = False,
+    store: ObjectStore | None = None,
+    run_id: str | None = None,
+    now: datetime | None = None,
+    explain: Callable[[str], contextlib.AbstractContextManager[None]] = lambda _: contextlib.nullcontext(),
 ) -> Selection:
     """The batches of a run.
 
@@ -66,6 +87,13 @@ def select_batches(
       interval, reported or not: reprocessing it is a no-op where nothing changed.
 
     `local` (a SEND_TO_GOOGLE=false run): a local report counts as a report.
+
+    `store` (the archive store, where the claims are) makes the cap fair: a batch held by the
+    live claim of a run other than `run_id` is left out (its owner reports it), and a batch with
+    an expired or released claim (tried before, without a report) takes its turn as of its last
+    attempt, `max(completed_at, claimed_at)`, instead of its `completed_at`. Ties go by
+    `completed_at`, then batch id: the same landing zone and claims give the same selection.
+    `explain` wraps the claims' reads (the hook's explain_google_errors).
 
     A manifest that cannot be read is taken (its plan reports the problem, once), ordered and
     windowed by its file's modification time. Folder names that are not valid batch ids are
@@ -90,10 +118,25 @@ def select_batches(
         if start is not None and moment < start:
             continue
         dated.append((moment, folder.name))
-    dated.sort()
+    found = {}
+    if store is not None and dated:
+        with explain(f"the claims {store.uri(claims.CLAIM_ROOT + '/')}"):
+            found = claims.claims_of(store, [name for _, name in dated])
+    now = now or datetime.now(UTC)
+    queue: list[tuple[datetime, datetime, str]] = []
+    for moment, name in dated:
+        claim = found.get(name)
+        if claim is None:
+            queue.append((moment, moment, name))
+        elif claim.run_id != run_id and claim.is_held(now):
+            selection.held[name] = claim.describe()
+        else:
+            selection.tried[name] = claim.describe()
+            queue.append((max(moment, claim.claimed_at), moment, name))
+    queue.sort()
     cap = max(1, limit)
-    selection.batch_ids = [name for _, name in dated[:cap]]
-    selection.deferred = [name for _, name in dated[cap:]]
+    selection.batch_ids = [name for *_, name in queue[:cap]]
+    selection.deferred = [name for *_, name in queue[cap:]]
     return selection
 
 

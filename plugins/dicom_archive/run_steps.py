@@ -3,7 +3,8 @@
 - `plan_run`: claim each requested batch, plan it, hold back withdrawn studies and stage its
   plans (one per archive task); hand on one small *plan reference* per batch.
 - `report_run_batch`: decide what a batch's report step does (fail, finish an earlier clear,
-  or build, publish and clear), count what an interrupted attempt wrote, release the claim.
+  or build, publish and clear), count what an interrupted attempt wrote, release the claim
+  (or give it up, keeping the attempt, when the batch is left without a report).
 
 A plan reference (the plan step's XCom, one per batch; "batch" names only the landing batch):
 
@@ -186,7 +187,8 @@ def report_run_batch(
 
     Idempotent: a retry (or a cleared task) after the report was published, even after part of
     the staging area was cleared, finds the published report and finishes the clear. The claim
-    is released at the end, whatever the outcome the batch is left in. `rows_of_batch` counts
+    is released at the end, whatever the outcome the batch is left in (given up, keeping the
+    attempt, when the batch is left without a report). `rows_of_batch` counts
     the batch's rows in its table (sending to Google only), after an interrupted attempt."""
     batch_id = plan_ref["batch_id"]
     if plan_ref["status"] == REFUSED:  # nothing was read or written for it, and nothing will be
@@ -221,7 +223,9 @@ def report_run_batch(
         archives = [a for chunk in staging.read_archive_summaries().values() for a in chunk]
     if plan.status == STATUS_DONE and loaded is None:
         with explain(f"the claim of {batch_id}"):
-            claims.release(store, batch_id, run_id)  # re-processable by the next run at once
+            # Re-processable by the next run at once; the released claim keeps this attempt, so
+            # that the next runs take the batches that came before it first (dicom_archive.ledger).
+            claims.give_up(store, batch_id, run_id)
         return ReportOutcome(
             None,
             f"batch {batch_id}: its metadata was not loaded (see load_metadata); no report is written "

@@ -2,7 +2,9 @@
 
 The published batch reports are the ledger: a run takes every complete batch without a report
 whose completed_at is before the end of its data interval (a late batch goes to the next run;
-downtime loses nothing), oldest first, up to DICOM_MAX_BATCHES_PER_RUN. A run with nothing
+downtime loses nothing), oldest first, up to DICOM_MAX_BATCHES_PER_RUN. A batch another run's
+live claim holds takes no slot; a batch tried before without a report takes its turn as of its
+last attempt (dicom_archive.ledger), so a failing batch never starves the others. A run with nothing
 pending ends skipped at its first poke: waiting belongs to the schedule, not to a sensor that
 holds a run open for hours. Reschedule mode, no custom trigger (Cloud Composer 3 cannot load
 triggers from plugins/).
@@ -35,8 +37,10 @@ class CompletedBatchSensor(GoogleDestinationMixin, BaseSensorOperator):
       manual run).
 
     At most DICOM_MAX_BATCHES_PER_RUN batches (and never more than Airflow's max_map_length),
-    oldest first; the log says how many wait for the next run. Settings are validated when the
-    task renders its templates; a landing root that does not exist or cannot be read fails the run.
+    oldest first, counting only batches no other run's live claim holds; a batch tried before
+    without a report queues as of its last attempt. The log says how many wait for the next run.
+    Settings are validated when the task renders its templates; a landing root that does not
+    exist or cannot be read fails the run.
 
     :param landing_root: the landing zone; default: the DICOM_LANDING_ROOT setting.
     :param batch_ids: the ids a manual run asks for (a list, or a comma-separated string).
@@ -106,6 +110,7 @@ class CompletedBatchSensor(GoogleDestinationMixin, BaseSensorOperator):
             start, end = None, datetime.now(UTC)
         elif run_type != "backfill":
             start = None  # the ledger: everything pending before the end of the interval
+        store = hook.archive_store(settings)
         try:
             with hook.explain_google_errors(f"the landing zone {root}"):
                 zone = hook.landing_zone(settings)
@@ -116,6 +121,9 @@ class CompletedBatchSensor(GoogleDestinationMixin, BaseSensorOperator):
                     default_collection=settings.default_collection,
                     limit=limit,
                     local=not settings.send_to_google,
+                    store=store,  # the cap is filled from batches no other run holds, fairly
+                    run_id=getattr(context["dag_run"], "run_id", None),
+                    explain=hook.explain_google_errors,
                 )
         except LandingRootError as err:
             raise AirflowFailException(str(err)) from err
@@ -123,6 +131,10 @@ class CompletedBatchSensor(GoogleDestinationMixin, BaseSensorOperator):
             self.log.warning("landing zone folder %r is not a batch: %s; it is left alone", name, problem)
         for name, problem in sorted(selection.unreadable.items()):
             self.log.warning("batch %s: its manifest cannot be read (%s); its plan reports it", name, problem)
+        for name, holder in sorted(selection.held.items()):
+            self.log.info("batch %s: left alone, takes no slot: it is claimed by %s", name, holder)
+        for name, last in sorted(selection.tried.items()):
+            self.log.warning("batch %s: tried before without a report, queued as of its last attempt: %s", name, last)
         window = f"[{start}, {end})" if start is not None else f"completed before {end}"
         self.log.info("%s run, batches %s under %s: %s", run_type, window, zone.uri, selection.describe())
         if selection.deferred:
