@@ -154,20 +154,24 @@ def test_batches_view_rows_from_reports_staging_and_runs(monitored_env, monitore
     not_ready = BatchSpec("20240203-0002", images=[], collection=COLLECTION, status="RUNNING")
     pending = BatchSpec("20240203-0003", images=[], collection=COLLECTION)
     claimed = BatchSpec("20240203-0004", images=[], collection=COLLECTION)
-    for batch in (waiting, not_ready, pending, claimed):
+    given_up = BatchSpec("20240203-0005", images=[], collection=COLLECTION)  # its run left it: pending
+    for batch in (waiting, not_ready, pending, claimed, given_up):
         write_batch(root, batch)
 
     settings = load_settings()
     hook = DicomStorageHook()
     store = hook.archive_store(settings)
     assert claims.acquire(store, claimed.batch_id, "scheduled__elsewhere", timedelta(hours=1)).owned
+    assert claims.acquire(store, given_up.batch_id, "scheduled__elsewhere", timedelta(hours=1)).owned
+    assert claims.give_up(store, given_up.batch_id, "scheduled__elsewhere")
     try:
         rows = batch_rows(hook.landing_zone(settings), store, _runs_by_batch(), COLLECTION)
     finally:
         claims.release(store, claimed.batch_id, "scheduled__elsewhere")
+        store.delete(claims.claim_name(given_up.batch_id), None)
     by_id = {row.batch_id: row for row in rows}
     good, empty = monitored_run["good"].batch_id, monitored_run["empty"].batch_id
-    ids = (good, empty, waiting.batch_id, not_ready.batch_id, pending.batch_id, claimed.batch_id)
+    ids = (good, empty, waiting.batch_id, not_ready.batch_id, pending.batch_id, claimed.batch_id, given_up.batch_id)
     assert {b: by_id[b].state for b in ids} == {
         good: "DONE",
         empty: "EMPTY",
@@ -175,6 +179,7 @@ def test_batches_view_rows_from_reports_staging_and_runs(monitored_env, monitore
         not_ready.batch_id: "NOT_READY",
         pending.batch_id: "pending",
         claimed.batch_id: "claimed",
+        given_up.batch_id: "pending",
     }
     assert [b for b in ids if by_id[b].claimed] == [claimed.batch_id]
     report = json.loads((root / good / "batch.report.json").read_text())

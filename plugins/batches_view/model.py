@@ -181,16 +181,18 @@ def _staged_batches(store: Any) -> set[str]:
 
 
 def _claimed_batches(store: Any) -> set[str]:
-    """Batches a run holds a claim on (one listing; an expired claim still shows until taken over)."""
-    from dicom_archive.claims import CLAIM_ROOT
+    """Batches a run holds a claim on (an expired claim still shows until taken over; one given up
+    by a run that left its batch without a report does not)."""
+    from dicom_archive.claims import CLAIM_ROOT, claims_of
 
     if store is None:
         return set()
     try:
         names = store.list_names(f"{CLAIM_ROOT}/")
+        batch_ids = [name.rsplit("/", 1)[-1].removesuffix(".json") for name in names if name.endswith(".json")]
+        return {batch_id for batch_id, claim in claims_of(store, batch_ids).items() if claim.released_at is None}
     except Exception:
         return set()
-    return {name.rsplit("/", 1)[-1].removesuffix(".json") for name in names if name.endswith(".json")}
 
 
 def filter_rows(
