@@ -15,9 +15,10 @@ from dicom_archive.bigquery_rows import check_rows
 from dicom_archive.landing import LocalLandingZone
 from dicom_archive.ndjson import NdjsonSpool, to_ndjson
 from dicom_archive.plan import ImageRecord, StudyGroup, plan_batch
-from dicom_archive.rows import HEADER_COLUMNS, RunContext, dicom_value_to_text, image_fields
+from dicom_archive.rows import HEADER_COLUMNS, RunContext, image_fields
 from dicom_archive.settings import ArchiveSettings
 from dicom_archive.stores import LocalObjectStore
+from dicom_archive.values import dicom_value_to_text
 from tests.conftest import REPO_ROOT
 from tools import landing_zone as lz
 

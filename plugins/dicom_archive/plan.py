@@ -41,6 +41,7 @@ from dicom_archive.manifest import (
     shown_key,
 )
 from dicom_archive.naming import BATCH_ID_RE, archive_object_name, archive_stem
+from dicom_archive.values import dicom_value_to_json
 
 HASH_CHUNK = 1024 * 1024
 STATUS_DONE = "DONE"
@@ -263,7 +264,6 @@ def _without_header_conflicts(
     """The entry less its fields whose attribute the header holds with another value (at any item
     of a sequence path): the header's values win (the contract), and a header value the row's
     allow list leaves out is not replaced by the anonymizer's either."""
-    from dicom_archive.rows import dicom_value_to_json  # rows imports this module
 
     def held(raw: RawDataElement, index: int | None) -> Any:
         try:
