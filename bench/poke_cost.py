@@ -27,7 +27,7 @@ from bench.results import Result, Target, fmt, ratio
 from dicom_archive.landing import GCSLandingZone
 from dicom_archive.ledger import select_batches
 from dicom_archive.manifest import MANIFEST_NAME, ManifestError, parse_manifest
-from dicom_archive.stores import Checksums
+from dicom_archive.stores import Checksums, GCSObjectStore
 from tools import emulators
 
 NEW_BATCHES = 10
@@ -172,7 +172,11 @@ def _measure_both(
     end = START + timedelta(minutes=reported + NEW_BATCHES + 1)  # every new batch is before it
     zone = GCSLandingZone(bucket, PREFIX)
 
-    ours = measure(client, lambda: select_batches(zone, end=end).batch_ids, repeats)
+    # As the sensor pokes: with the archive store, whose claims it lists once (none here).
+    store = GCSObjectStore(bucket)
+    ours = measure(
+        client, lambda: select_batches(zone, end=end, store=store, run_id="scheduled__bench").batch_ids, repeats
+    )
     # Today's scheduled run of the interval holding the 10 new batches reads every manifest too.
     first_new = START + timedelta(minutes=reported)
     base = measure(client, lambda: baseline_poke(bucket, first_new, end), 1)
@@ -180,7 +184,7 @@ def _measure_both(
 
     matching = 2 * reported + NEW_BATCHES  # batch.json and batch.report.json names
     pages = -(-matching // PAGE_SIZE)
-    budget = pages + NEW_BATCHES
+    budget = pages + NEW_BATCHES + 1  # and the listing of the claims
     speedup = ratio(base["seconds"], ours["seconds"])
     list_calls = ours["calls"].get("list", 0)
     rows = [
@@ -196,7 +200,7 @@ def _measure_both(
         targets=[
             Target(
                 "requests per poke",
-                f"<= list pages + new manifests ({pages} + {NEW_BATCHES} on Cloud Storage)",
+                f"<= list pages + new manifests + the claims' listing ({pages} + {NEW_BATCHES} + 1 on Cloud Storage)",
                 f"{ours['requests']} ({list_calls} list, on the emulator's single page)",
                 ours["requests"] <= budget,
             ),
