@@ -311,6 +311,7 @@ def _hash_ties(zone: LandingZone, batch_id: str, images: list[ImageRecord]) -> N
 def _collection_of_broken(zone: LandingZone, batch_id: str, default_collection: str | None) -> str | None:
     """Where a broken batch.json's ERROR report goes in the bucket: the collection it names when
     that one is valid, else the default collection (None: the report stays beside the batch)."""
+
     def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:  # a key given twice names nothing
         return dict(pairs) if len(dict(pairs)) == len(pairs) else {}
 
