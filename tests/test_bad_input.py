@@ -497,33 +497,6 @@ def test_a_batch_json_that_breaks_a_rule_fails_the_batch(landing, changes, rule)
 
 
 @pytest.mark.parametrize(
-    ("raw", "default", "filed_under"),
-    [
-        pytest.param(manifest(batch_id=NEIGHBOUR), None, COLLECTION, id="named-collection"),
-        pytest.param(manifest(completed_at="yesterday"), "IRB_DEFAULT", COLLECTION, id="named-wins-over-default"),
-        pytest.param(manifest(collection="IRB-1"), "IRB_DEFAULT", "IRB_DEFAULT", id="invalid-named-default"),
-        pytest.param(b'{"batch_id": ', "IRB_DEFAULT", "IRB_DEFAULT", id="not-json-default"),
-        pytest.param(
-            b'{"collection": "IRB1", "collection": "IRB2", "batch_id": "x"}', "IRB_DEFAULT", "IRB_DEFAULT", id="twice"
-        ),
-        pytest.param(manifest(collection="IRB-1"), None, None, id="invalid-named-no-default"),
-    ],
-)
-def test_the_error_report_of_a_broken_batch_json_reaches_the_bucket_when_a_collection_is_known(
-    landing, raw, default, filed_under
-):
-    """The spec stores every report under Collection/<collection>/Batches/: a broken batch.json's
-    too, under the collection it names when that is valid, else the default; with neither, the
-    report stays beside the batch only."""
-    landing.write(BatchSpec(BATCH, images=good_images(), raw_manifest=raw))
-    outcome = landing.process(BATCH, default_collection=default)
-    assert (outcome.plan.status, outcome.report["collection"]) == ("ERROR", filed_under)
-    copies = sorted(p.relative_to(landing.out).as_posix() for p in landing.out.glob("Collection/*/Batches/*.json"))
-    assert copies == ([f"Collection/{filed_under}/Batches/{BATCH}.json"] if filed_under else [])
-    assert not list(landing.out.glob("Collection/*/Entity/**/*.tar.gz"))
-
-
-@pytest.mark.parametrize(
     ("changes", "rule"),
     [
         pytest.param({"batch_id": "Poirot^Hercule"}, "batch_id (a string of 14 characters) must", id="batch-id-name"),

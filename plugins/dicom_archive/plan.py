@@ -40,7 +40,7 @@ from dicom_archive.manifest import (
     parse_manifest,
     shown_key,
 )
-from dicom_archive.naming import BATCH_ID_RE, archive_object_name, archive_stem, collection_problem
+from dicom_archive.naming import BATCH_ID_RE, archive_object_name, archive_stem
 from dicom_archive.values import dicom_value_to_json
 
 HASH_CHUNK = 1024 * 1024
@@ -308,21 +308,6 @@ def _hash_ties(zone: LandingZone, batch_id: str, images: list[ImageRecord]) -> N
             image.tie_sha256 = digest.hexdigest()
 
 
-def _collection_of_broken(zone: LandingZone, batch_id: str, default_collection: str | None) -> str | None:
-    """Where a broken batch.json's ERROR report goes in the bucket: the collection it names when
-    that one is valid, else the default collection (None: the report stays beside the batch)."""
-
-    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:  # a key given twice names nothing
-        return dict(pairs) if len(dict(pairs)) == len(pairs) else {}
-
-    try:
-        doc = json.loads(zone.read_bytes(batch_id, MANIFEST_NAME) or b"null", object_pairs_hook=unique)
-    except (OSError, ValueError, RecursionError, ManifestError):
-        doc = None
-    named = doc.get("collection") if isinstance(doc, dict) else None
-    return named if collection_problem(named, show_value=False) is None else default_collection
-
-
 def read_manifest(
     zone: LandingZone, batch_id: str, default_collection: str | None
 ) -> BatchManifest | PendingManifest | None:
@@ -382,8 +367,7 @@ def _plan_batch(
             )
         raw_lookup = zone.read_bytes(batch_id, LOOKUP_NAME)
     except ManifestError as err:
-        collection = _collection_of_broken(zone, batch_id, default_collection)
-        return BatchPlan(batch_id, collection, STATUS_ERROR, error=str(err))
+        return BatchPlan(batch_id, None, STATUS_ERROR, error=str(err))
     try:
         # An empty lookup.json is not valid JSON either: it may have lost the flags it was written for.
         lookup = parse_lookup(raw_lookup, zone.describe(batch_id, LOOKUP_NAME)) if raw_lookup is not None else {}
