@@ -37,22 +37,22 @@ def merge_rows(old: bytes | None, new: bytes) -> tuple[bytes, dict[str, int]]:
     an old row whose image is not in `new` goes. Returns the merged file and the counts
     `rows_inserted`, `rows_updated`, `rows_deleted`."""
 
-    def keyed(data: bytes) -> dict[tuple[Any, ...], tuple[dict[str, Any], bytes]]:
-        found: dict[tuple[Any, ...], tuple[dict[str, Any], bytes]] = {}
+    def keyed(data: bytes) -> dict[tuple[Any, ...], tuple[list[str], dict[str, Any], bytes]]:
+        found: dict[tuple[Any, ...], tuple[list[str], dict[str, Any], bytes]] = {}
         for row in (json.loads(line) for line in data.splitlines() if line.strip()):
             key, order = tuple(row.get(c) for c in ROW_KEY), [str(row.get(c) or "") for c in DEDUPE_ORDER]
-            if key not in found or order < [str(found[key][0].get(c) or "") for c in DEDUPE_ORDER]:
-                found[key] = row, ndjson_line(row)
+            if key not in found or order < found[key][0]:
+                found[key] = order, row, ndjson_line(row)
         return found
 
     before, merged = keyed(old or b""), []
     counts = {"rows_inserted": 0, "rows_updated": 0, "rows_deleted": 0}
-    for key, (row, line) in keyed(new).items():
+    for key, (_, row, line) in keyed(new).items():
         kept = before.pop(key, None)
         if kept is None:
             counts["rows_inserted"] += 1
-        elif all(kept[0].get(c) == row.get(c) for c in ("storage_uri", "storage_generation")):
-            line = kept[1]
+        elif all(kept[1].get(c) == row.get(c) for c in ("storage_uri", "storage_generation")):
+            line = kept[2]
         else:
             counts["rows_updated"] += 1
         merged.append(line)
