@@ -177,13 +177,14 @@ class Verdict:
 
 # --- the rules, as plain functions ------------------------------------------------------------
 
-_INDEX = re.compile(r"\[\d*\]")
+# An index or item number in a flattened tag path (`Seq[0].Keyword`); one pattern for every path.
+ITEM_INDEX = re.compile(r"\[\d*\]")
 _NAME_SHAPE = re.compile(r"[^\W\d_][^\^=]*\^|\^\s*[^\W\d_]")  # a letter next to a component separator
 
 
 def last_keyword(name: str) -> str:
     """`RequestAttributesSequence[0].ScheduledPerformingPhysicianName` -> the last keyword."""
-    return _INDEX.sub("", name.strip()).rsplit(".", 1)[-1].strip()
+    return ITEM_INDEX.sub("", name.strip()).rsplit(".", 1)[-1].strip()
 
 
 @functools.lru_cache(maxsize=4096)

@@ -39,6 +39,7 @@ from dicom_archive.deid_gate import (
     BURNED_IN_ANNOTATION_OK,
     CODED_ID_ATTRIBUTES,
     IDENTITY_REMOVED_VALUE,
+    ITEM_INDEX,
     NAME_MAY_BE_CODED_ID,
     DeidPolicy,
     Reason,
@@ -54,7 +55,6 @@ from dicom_archive.deid_gate import (
 ITEM, ITEM_DELIMITER, SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 UNDEFINED = 0xFFFFFFFF
 PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
-ITEM_NUMBERS = re.compile(r"\[[0-9]+\]")  # in a tag path: `Seq[0].Keyword` -> `Seq.Keyword`
 # Top-level data an object with Rows may carry instead of pixel data: SpectroscopyData (MR
 # spectroscopy), an EncapsulatedDocument.
 OTHER_BULK_DATA_TAGS = frozenset({0x56000020, 0x00420011})
@@ -684,7 +684,7 @@ class _Walker:
         """A loaded value of an element (not a private creator) of the dataset `frame` (`path`: the
         element's own); `is_name`: its dictionary VR or the VR it is written with is PN."""
         private, depth = (tag >> 16) % 2 == 1, frame.depth
-        if self.record and not private and (where := ITEM_NUMBERS.sub("", path)) in self.record:
+        if self.record and not private and (where := ITEM_INDEX.sub("", path)) in self.record:
             element = RawDataElement(tag, vr, length, value, start, frame.implicit, frame.little, True, False)
             self.walk.recorded.setdefault(where, []).append(element)
         if depth == 0 and not private:

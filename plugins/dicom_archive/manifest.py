@@ -16,6 +16,7 @@ from dicom_archive.deid_gate import (
     ALWAYS_PERSON_ATTRIBUTES,
     CODED_ID_ATTRIBUTES,
     DEFAULT_PERSON_ATTRIBUTES,
+    ITEM_INDEX,
     coded_id_value_allowed,
     judge_field,
     keyword_vr,
@@ -535,7 +536,7 @@ def is_keyword_path(name: str) -> bool:
 def keyword_path_of_any_item(name: str) -> str:
     """A keyword path with its item numbers left out (`Seq[0].Keyword`, `Seq.0.Keyword` ->
     `Seq.Keyword`): the path at any item, as header_walk records values."""
-    return ".".join(re.sub(r"\[[0-9]+\]", "", part) for part in name.split(".") if not _ITEM_NUMBER.fullmatch(part))
+    return ".".join(ITEM_INDEX.sub("", part) for part in name.split(".") if not _ITEM_NUMBER.fullmatch(part))
 
 
 def declared_field_problem(name: str) -> str | None:
@@ -586,7 +587,7 @@ class _EntryCheck:
     unaccepted_is_violation: bool
     entity_id: str | None
     item_id: str | None
-    person_attributes: Iterable[str]
+    person_attributes: frozenset[str]
     withhold: bool = True  # a LOOKUP_IDENTIFYING_ATTRIBUTES value: withheld (else a violation)
     found: dict[str, str] = field(default_factory=dict)  # shown field -> rule
     unaccepted: list[str] = field(default_factory=list)  # positions
@@ -659,7 +660,7 @@ class _EntryCheck:
             is_lookup_identifying(keyword)
             or keyword in CODED_ID_ATTRIBUTES
             or keyword_vr(keyword) == "PN"
-            or keyword in frozenset(self.person_attributes)
+            or keyword in self.person_attributes
         )
 
     def violations(self) -> list[str]:
@@ -704,7 +705,7 @@ def check_lookup_entry(
         unaccepted_is_violation=True,
         entity_id=entity_id,
         item_id=item_id,
-        person_attributes=person_attributes,
+        person_attributes=frozenset(person_attributes),
     )
     check.walk(entry)
     return LookupCheck(check.violations(), check.withheld)
@@ -719,7 +720,7 @@ def deid_violations(deid: dict[str, Any]) -> list[str]:
         unaccepted_is_violation=False,
         entity_id=None,
         item_id=None,
-        person_attributes=DEFAULT_PERSON_ATTRIBUTES,
+        person_attributes=frozenset(DEFAULT_PERSON_ATTRIBUTES),
         withhold=False,  # the provenance reaches every row whole
     )
     check.walk(deid)
