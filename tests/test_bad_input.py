@@ -30,16 +30,18 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_archive.batch import archive_groups, build_report, publish_report
+from dicom_archive.batch import Staging, archive_groups, build_report, publish_report
 from dicom_archive.bigquery_load import DEDUPE_ORDER, ROW_KEY
 from dicom_archive.deid_gate import DEFAULT_PERSON_ATTRIBUTES, DeidPolicy, Reason
 from dicom_archive.landing import LocalLandingZone
 from dicom_archive.ledger import select_batches
 from dicom_archive.manifest import ManifestError, parse_rfc3339
+from dicom_archive.naming import MAX_COLLECTION_LENGTH
 from dicom_archive.ndjson import to_ndjson
 from dicom_archive.plan import BatchPlan, plan_batch
 from dicom_archive.rows import RunContext
-from dicom_archive.settings import ArchiveSettings
+from dicom_archive.run_steps import ReportOutcome, plan_run, report_run_batch
+from dicom_archive.settings import ArchiveSettings, Settings
 from dicom_archive.stores import LocalObjectStore
 from operators.failures import permanent_errors
 from tools import phi_audit
@@ -494,6 +496,148 @@ def test_a_batch_json_that_is_not_a_json_object_fails_the_batch(landing, raw, ru
 )
 def test_a_batch_json_that_breaks_a_rule_fails_the_batch(landing, changes, rule):
     run_broken_batch(landing, BatchSpec(BATCH, raw_manifest=manifest(**changes)), source="batch.json", rule=rule)
+
+
+def bucket_reports(landing: Landing) -> list[str]:
+    return sorted(p.relative_to(landing.out).as_posix() for p in landing.out.glob("Collection/*/Batches/*.json"))
+
+
+TOO_LONG = "I" * (MAX_COLLECTION_LENGTH + 1)  # a valid dataset id, too long for the object names
+
+
+@pytest.mark.parametrize(
+    ("raw", "default", "filed_under"),
+    [
+        pytest.param(manifest(batch_id=NEIGHBOUR), None, COLLECTION, id="named-collection"),
+        pytest.param(manifest(completed_at="yesterday"), "IRB_DEFAULT", COLLECTION, id="named-wins-over-default"),
+        pytest.param(manifest(status=None), None, COLLECTION, id="required-field-missing"),
+        pytest.param(manifest(collection="IRB-1"), "IRB_DEFAULT", "IRB_DEFAULT", id="invalid-named-default"),
+        pytest.param(manifest(collection="../IRB1"), "IRB_DEFAULT", "IRB_DEFAULT", id="path-named-default"),
+        pytest.param(manifest(collection=TOO_LONG), "IRB_DEFAULT", "IRB_DEFAULT", id="too-long-named-default"),
+        pytest.param(b'{"batch_id": ', "IRB_DEFAULT", "IRB_DEFAULT", id="not-json-default"),
+        pytest.param(b'["collection", "IRB1"]', "IRB_DEFAULT", "IRB_DEFAULT", id="not-an-object-default"),
+        pytest.param(
+            b'{"collection": "IRB1", "collection": "IRB2", "batch_id": "x"}', "IRB_DEFAULT", "IRB_DEFAULT", id="twice"
+        ),
+        pytest.param(manifest(collection="IRB-1"), None, None, id="invalid-named-no-default"),
+        pytest.param(b'{"batch_id": ', None, None, id="not-json-no-default"),
+    ],
+)
+def test_the_error_report_of_a_broken_batch_json_reaches_the_bucket_when_a_collection_is_known(
+    landing, raw, default, filed_under
+):
+    """The spec stores every report under Collection/<collection>/Batches/: a broken batch.json's
+    too, under the collection it names when that one passes the collection rules, else the
+    default; with neither, the report stays beside the batch only. Either way the report says
+    the manifest is unusable (its run fails: see the run-step tests below)."""
+    landing.write(BatchSpec(BATCH, images=good_images(), raw_manifest=raw))
+    outcome = landing.process(BATCH, default_collection=default)
+    assert (outcome.plan.status, outcome.report["collection"]) == ("ERROR", filed_under)
+    assert outcome.report["manifest_unusable"] is True
+    assert bucket_reports(landing) == ([f"Collection/{filed_under}/Batches/{BATCH}.json"] if filed_under else [])
+    assert not list(landing.out.glob("Collection/*/Entity/**/*.tar.gz"))
+    assert TOO_LONG not in outcome.plan.error
+    assert "../IRB1" not in outcome.plan.error
+
+
+# --- which batches fail their run -----------------------------------------------------------
+
+LOOKUP_BROKEN = "20240105-0003"  # a valid batch.json beside a broken lookup.json
+GAVE_UP = "20240105-0004"  # a valid batch.json with the anonymizer's status ERROR
+
+
+def run_steps(landing: Landing, batch_ids: list[str], default_collection: str | None) -> dict[str, ReportOutcome]:
+    """The plan and report steps of one local run (SEND_TO_GOOGLE=false) as the DAG calls them,
+    for batches that end ERROR (nothing to archive or load): each batch's report-step outcome.
+    A `failure` fails the batch's batch_report task, and so the run, visibly."""
+    env = {"DICOM_LANDING_ROOT": str(landing.root), "DICOM_LOCAL_OUTPUT": str(landing.out)}
+    if default_collection is not None:
+        env["GOOGLE_STORAGE_COLLECTION"] = default_collection
+    settings = Settings.load(env.get)
+    zone, store = LocalLandingZone(landing.root), LocalObjectStore(landing.out)
+    refs = plan_run(zone, store, batch_ids, "manual__steps", settings)
+    return {ref["batch_id"]: report_run_batch(zone, store, ref, "manual__steps", settings) for ref in refs}
+
+
+def write_error_neighbours(landing: Landing) -> None:
+    """Two batches that end ERROR without failing their run: their batch.json is valid."""
+    lookup = {"lookup.json": b'{"incoming/a.dcm": {"flagged": "yes"}}'}
+    landing.write(BatchSpec(LOOKUP_BROKEN, images=good_images(), collection=COLLECTION, extra_files=lookup))
+    landing.write(BatchSpec(GAVE_UP, images=good_images(), collection=COLLECTION, status="ERROR"))
+
+
+def _loop_manifest(folder: Path) -> None:
+    (folder / "batch.json").unlink()
+    (folder / "batch.json").symlink_to("batch.json")
+
+
+@pytest.mark.parametrize(
+    ("raw", "setup", "default", "filed_under", "rule"),
+    [
+        pytest.param(b'{"batch_id": ', None, "IRB_DEFAULT", "IRB_DEFAULT", "is not valid JSON", id="not-json"),
+        pytest.param(b"[]", None, "IRB_DEFAULT", "IRB_DEFAULT", "must be a JSON object", id="not-an-object"),
+        pytest.param(manifest(completed_at=None), None, None, COLLECTION, "completed_at", id="field-missing"),
+        pytest.param(
+            manifest(collection="../IRB1"), None, "IRB_DEFAULT", "IRB_DEFAULT", "collection must", id="invalid-named"
+        ),
+        pytest.param(None, _loop_manifest, "IRB_DEFAULT", "IRB_DEFAULT", "could not be planned", id="looping-link"),
+        pytest.param(b'{"batch_id": ', None, None, None, "is not valid JSON", id="no-default"),
+    ],
+)
+def test_a_broken_batch_json_fails_its_run_wherever_its_report_is_filed(
+    landing, raw, setup, default, filed_under, rule
+):
+    """A broken batch.json fails the run visibly, also when its ERROR report reached the bucket
+    under a collection; the other batches of the run go through: a broken lookup.json or the
+    anonymizer's status ERROR beside a valid batch.json end ERROR without failing it. A refused
+    batch id fails, as before."""
+    folder = landing.write(BatchSpec(BATCH, images=good_images(), raw_manifest=raw or manifest()))
+    if setup is not None:
+        setup(folder)
+    write_error_neighbours(landing)
+
+    outcomes = run_steps(landing, [BATCH, LOOKUP_BROKEN, GAVE_UP, "../outside"], default)
+
+    assert outcomes[BATCH].report["status"] == "ERROR"
+    assert outcomes[BATCH].report["collection"] == filed_under
+    assert rule in (outcomes[BATCH].failure or "")
+    assert "batch.json" in (outcomes[BATCH].failure or "")
+    for neighbour in (LOOKUP_BROKEN, GAVE_UP):
+        assert (outcomes[neighbour].failure, outcomes[neighbour].report["status"]) == (None, "ERROR")
+    assert "refused batch id" in (outcomes["../outside"].failure or "")
+    filed = [f"Collection/{filed_under}/Batches/{BATCH}.json"] if filed_under else []
+    others = [f"Collection/{COLLECTION}/Batches/{b}.json" for b in (LOOKUP_BROKEN, GAVE_UP)]
+    assert bucket_reports(landing) == sorted(filed + others)
+
+
+def test_a_broken_batch_json_fails_its_run_whichever_version_staged_its_plan(landing):
+    """A plan staged before the manifest's failure had a field of its own (an upgrade between
+    the plan and report steps) still fails a broken batch.json, by its missing collection; a
+    broken lookup.json's plan, staged then, keeps its collection and does not fail."""
+    landing.write(BatchSpec(BATCH, images=good_images(), raw_manifest=b'{"batch_id": '))
+    write_error_neighbours(landing)
+    zone, store = LocalLandingZone(landing.root), LocalObjectStore(landing.out)
+    settings = Settings.load(
+        {"DICOM_LANDING_ROOT": str(landing.root), "DICOM_LOCAL_OUTPUT": str(landing.out),
+         "GOOGLE_STORAGE_COLLECTION": "IRB_DEFAULT"}.get
+    )  # fmt: skip
+    refs = {ref["batch_id"]: ref for ref in plan_run(zone, store, [BATCH, LOOKUP_BROKEN], "manual__old", settings)}
+    for batch_id, ref in refs.items():
+        staged = Staging(store, batch_id, ref["run_key"])
+        old = json.loads(store.read_bytes(staged.plan_name))
+        old.pop("manifest_unusable")
+        if batch_id == BATCH:
+            old["collection"] = ref["collection"] = None  # what the previous version planned
+        store.write_bytes(staged.plan_name, json.dumps(old).encode(), "application/json")
+
+    old_broken = report_run_batch(zone, store, refs[BATCH], "manual__old", settings)
+    old_lookup = report_run_batch(zone, store, refs[LOOKUP_BROKEN], "manual__old", settings)
+    assert "is not valid JSON" in (old_broken.failure or "")
+    assert old_lookup.failure is None
+
+    new = run_steps(landing, [BATCH], "IRB_DEFAULT")[BATCH]
+    assert new.report["collection"] == "IRB_DEFAULT"
+    assert "is not valid JSON" in (new.failure or "")
 
 
 @pytest.mark.parametrize(

@@ -164,6 +164,13 @@ def read_report(root: Path, batch_id: str) -> dict:
     return json.loads((root / batch_id / "batch.report.json").read_text())
 
 
+def read_bucket_report(bucket: str, collection: str, batch_id: str) -> dict:
+    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+    blob = GCSHook().get_conn().bucket(bucket).blob(f"Collection/{collection}/Batches/{batch_id}.json")
+    return json.loads(blob.download_as_bytes())
+
+
 @pytest.fixture(scope="module")
 def good_batches(pipeline_env) -> list[BatchSpec]:
     batches = demo_batches(days=3)
@@ -269,7 +276,10 @@ def test_error_empty_and_bad_manifest_batches_beside_a_good_one(pipeline_env, bi
         write_batch(root, batch)
 
     # The broken manifest fails its batch (and so the run), and nothing else.
-    assert run_dag(["mixed-good", "mixed-error", "mixed-empty", "mixed-broken"]) == "failed"
+    dag_run = run_storage_dag(["mixed-good", "mixed-error", "mixed-empty", "mixed-broken"])
+    assert str(dag_run.state) == "failed"
+    reports = {ti.map_index: str(ti.state) for ti in dag_run.get_task_instances() if ti.task_id == "batch_report"}
+    assert sorted(reports.values()) == ["failed", "skipped", "skipped", "success"]  # ERROR and EMPTY end skipped
 
     objects = bucket_objects(pipeline_env["bucket"])
     assert expected_objects(good) <= set(objects)
@@ -284,7 +294,10 @@ def test_error_empty_and_bad_manifest_batches_beside_a_good_one(pipeline_env, bi
     assert broken_report["status"] == "ERROR"
     assert "batch.json" in broken_report["error"]
     assert "must equal the folder name" in broken_report["error"]
-    assert f"Collection/{COLLECTION}/Batches/mixed-broken.json" not in objects
+    # Its ERROR report is stored in the bucket too, under the default collection (pipeline_env
+    # sets GOOGLE_STORAGE_COLLECTION): the run fails all the same.
+    stored = read_bucket_report(pipeline_env["bucket"], COLLECTION, "mixed-broken")
+    assert (stored["status"], stored["error"]) == ("ERROR", broken_report["error"])
 
 
 @pytest.fixture

@@ -425,6 +425,8 @@ def build_report(
         "collection": plan.collection,
         "status": plan.status,
         "error": plan.error,
+        # batch.json itself could not be used: the batch fails its run (run_steps._failure_of).
+        "manifest_unusable": plan.manifest_unusable,
         "run_key": run_key,
         "completed_at": plan.completed_at,
         "reported_at": datetime.now(UTC).isoformat(),

@@ -169,6 +169,20 @@ def parse_manifest(
     return BatchManifest(batch_id, collection, status, completed_at, deid)
 
 
+def collection_named_in(raw: bytes | None) -> str | None:
+    """The collection a batch.json that fails validation still names, when the document reads as
+    a JSON object (no key twice) and the name passes the collection rules; else None. Where the
+    ERROR report of a broken manifest is filed in the bucket: never a name the manifest itself
+    would refuse (a path, too long)."""
+    if raw is None:
+        return None
+    try:
+        named = _parse_json_object(raw, MANIFEST_NAME).get("collection")
+    except ManifestError:
+        return None
+    return named if collection_problem(named, show_value=False) is None else None
+
+
 def check_deid(deid: dict[str, Any], source: str = MANIFEST_NAME) -> None:
     """batch.json's deid provenance is carried into every row and report: its keys and values go
     through the lookup.json rules (deid_violations, no coded ids). Raises ManifestError naming the

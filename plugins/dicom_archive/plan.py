@@ -30,6 +30,7 @@ from dicom_archive.manifest import (
     ManifestError,
     PendingManifest,
     check_lookup_entry,
+    collection_named_in,
     is_control_file,
     is_flagged,
     is_keyword_path,
@@ -151,6 +152,12 @@ class BatchPlan:
     aliases: dict[str, str] = field(default_factory=dict)  # a second name of an image -> the name counted
     lookup_unmatched: list[str] = field(default_factory=list)  # lookup.json keys that name no image
     lookup_ambiguous: dict[str, list[str]] = field(default_factory=dict)  # key -> the images it names
+    # batch.json itself cannot be used (or the batch id was refused): the batch fails its run
+    # visibly, whatever collection its ERROR report is filed under. Not set for the anonymizer's
+    # own status ERROR, nor for a broken lookup.json beside a valid batch.json: those batches end
+    # ERROR without failing the run. False in a plan staged before it existed, whose broken
+    # manifest shows by its missing collection (run_steps._failure_of).
+    manifest_unusable: bool = False
 
     @property
     def images_accepted(self) -> int:
@@ -323,6 +330,17 @@ def read_manifest(
     )
 
 
+def broken_manifest_plan(zone: LandingZone, batch_id: str, default_collection: str | None, error: str) -> BatchPlan:
+    """The ERROR plan of a batch whose batch.json cannot be used. Its report is filed in the bucket
+    under the collection the broken document still names, when that one is valid, else the
+    default collection; with neither it stays beside the batch only."""
+    try:
+        named = collection_named_in(zone.read_bytes(batch_id, MANIFEST_NAME))
+    except Exception:  # unreadable again (a looping link, an outage): `error` already says why
+        named = None
+    return BatchPlan(batch_id, named or default_collection, STATUS_ERROR, error=error, manifest_unusable=True)
+
+
 def plan_batch(
     zone: LandingZone,
     batch_id: str,
@@ -350,7 +368,9 @@ def _plan_batch(
     policy = policy or DeidPolicy()
     if not BATCH_ID_RE.fullmatch(batch_id) or batch_id.strip(".") == "":
         # Checked before touching the landing zone: a requested id must not name a path.
-        return BatchPlan(batch_id, None, STATUS_ERROR, error=f"{batch_id!r} is not a valid batch id")
+        return BatchPlan(
+            batch_id, None, STATUS_ERROR, error=f"{batch_id!r} is not a valid batch id", manifest_unusable=True
+        )
     try:
         manifest = read_manifest(zone, batch_id, default_collection)
         if manifest is None:
@@ -367,7 +387,7 @@ def _plan_batch(
             )
         raw_lookup = zone.read_bytes(batch_id, LOOKUP_NAME)
     except ManifestError as err:
-        return BatchPlan(batch_id, None, STATUS_ERROR, error=str(err))
+        return broken_manifest_plan(zone, batch_id, default_collection, str(err))
     try:
         # An empty lookup.json is not valid JSON either: it may have lost the flags it was written for.
         lookup = parse_lookup(raw_lookup, zone.describe(batch_id, LOOKUP_NAME)) if raw_lookup is not None else {}

@@ -28,9 +28,17 @@ from typing import Any
 from dicom_archive import claims
 from dicom_archive.batch import Recovery, Staging, build_report, chunk_id, publish_report, run_key, studies_per_chunk
 from dicom_archive.landing import LandingZone, batch_folder_problem, is_batch_problem
-from dicom_archive.manifest import REPORT_NAME
+from dicom_archive.manifest import REPORT_NAME, BatchManifest
 from dicom_archive.naming import batch_id_problem, batch_report_object_name
-from dicom_archive.plan import STATUS_DONE, STATUS_ERROR, STATUS_NOT_READY, BatchPlan, plan_batch, read_manifest
+from dicom_archive.plan import (
+    STATUS_DONE,
+    STATUS_ERROR,
+    STATUS_NOT_READY,
+    BatchPlan,
+    broken_manifest_plan,
+    plan_batch,
+    read_manifest,
+)
 from dicom_archive.settings import Settings
 from dicom_archive.stores import ObjectStore
 from dicom_archive.withdraw import hold_back_withdrawn
@@ -137,11 +145,13 @@ def _plan_one(zone: LandingZone, batch_id: str, settings: Settings) -> BatchPlan
         return plan_batch(zone, batch_id, default_collection=settings.default_collection, policy=settings.policy)
     except Exception as err:
         problem = f"{zone.describe(batch_id)} could not be planned: {type(err).__name__}: {err}"
-        plan = BatchPlan(batch_id, None, STATUS_ERROR, error=problem)
-        with contextlib.suppress(Exception):  # the bucket copy of the report needs the collection
+        try:
             manifest = read_manifest(zone, batch_id, settings.default_collection)
-            plan.collection = manifest.collection if manifest else None
-        return plan
+        except Exception:
+            manifest = None
+        if isinstance(manifest, BatchManifest):  # the manifest is fine: the batch ends ERROR, the run goes on
+            return BatchPlan(batch_id, manifest.collection, STATUS_ERROR, error=problem)
+        return broken_manifest_plan(zone, batch_id, settings.default_collection, problem)
 
 
 def _reported_before(zone: LandingZone, store: ObjectStore, plan: BatchPlan) -> bool:
@@ -263,8 +273,11 @@ def report_run_batch(
 
 
 def _failure_of(report: dict[str, Any]) -> str | None:
-    """A batch whose manifest itself is broken (no collection) fails, visibly."""
-    if report.get("collection") is not None:
+    """A batch whose manifest itself is unusable fails, visibly, even when its ERROR report was
+    filed under a collection. A report without a collection fails too: it reached no bucket, and
+    a report built from a plan staged before `manifest_unusable` existed tells a broken manifest
+    only that way."""
+    if not report.get("manifest_unusable") and report.get("collection") is not None:
         return None
     return report.get("error") or f"batch {report['batch_id']} failed"
 
