@@ -7,8 +7,9 @@ export AIRFLOW__CORE__PLUGINS_FOLDER=${AIRFLOW__CORE__PLUGINS_FOLDER:-$_root/plu
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
 export AIRFLOW__CORE__UNIT_TEST_MODE=${AIRFLOW__CORE__UNIT_TEST_MODE:-False}
 export PATH=$_root/.venv/bin:$PATH
+# plugins/ too, as Airflow puts it on sys.path: `python -c "from dicom_archive.sql_templates import ..."` works.
+export PYTHONPATH=$_root:$_root/plugins${PYTHONPATH:+:$PYTHONPATH}
 # Several local components share one SQLite file: let a writer wait for the lock (tools/airflow_sqlite.py).
-export PYTHONPATH=$_root${PYTHONPATH:+:$PYTHONPATH}
 export AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS=${AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS:-tools.airflow_sqlite.CONNECT_ARGS}
 
 # The local emulators. Product code never looks at these: the Google clients do.
