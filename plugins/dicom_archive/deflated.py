@@ -153,8 +153,9 @@ def _inflate(stream: BinaryIO, size: int, data_at: int, out: IO[bytes], max_byte
                         )
                     out.write(chunk)
                     crc, inflated = zlib.crc32(chunk, crc), inflated + len(chunk)
+                    # At the end of the stream what follows it is both unused_data and unconsumed_tail.
                     data = inflater.unconsumed_tail
-                    if not data and len(chunk) < COPY_CHUNK:
+                    if inflater.eof or (not data and len(chunk) < COPY_CHUNK):
                         break
             except zlib.error as err:
                 raise WalkError(Reason.NOT_DICOM, "does not parse as DICOM (corrupt deflated data)") from err
