@@ -1191,6 +1191,7 @@ def test_a_rerun_of_a_batch_with_a_deflated_image_writes_nothing_new(tmp_path):
     zone = _batch(tmp_path, {"x.dcm": _deflated_sample(), "y.dcm": encode(base())})
     store = LocalObjectStore(tmp_path / "out")
     (group,) = plan_batch(zone, "b1").groups
+    assert sorted(image.relpath for image in group.images) == ["x.dcm", "y.dcm"]
     assert publish_study_archive(group, zone, store).outcome == "written"
     written = _stored_files(tmp_path / "out")
     (again,) = plan_batch(zone, "b1").groups
@@ -1274,6 +1275,27 @@ def test_a_deflated_image_that_inflates_past_the_limit_is_unreadable(tmp_path):
     found = _quarantined(tmp_path, source, policy)
     assert found == {"unreadable": "the deflated data inflates to more than the limit of 1000000 bytes"}
     assert plan_batch(_batch(tmp_path / "big", {"x.dcm": source}), "b1").quarantined == []
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda data: _deflated_sample(PatientName=NAME), "no longer passes the de-identification check"),
+        (lambda data: data[:-10], "changed size since it was checked"),
+        (lambda data: data + b"\0\0", "grew since it was checked"),
+    ],
+    ids=["a-name-added", "cut", "grown"],
+)
+def test_a_deflated_image_changed_after_planning_fails_the_archive(tmp_path, change, message):
+    source = _deflated_sample()
+    zone = _batch(tmp_path, {"x.dcm": source})
+    (group,) = plan_batch(zone, "b1").groups
+    changed = change(source)
+    _rewrite_unseen(zone, group, "x.dcm", changed)
+    if message.startswith("no longer"):  # past the size check too: the inflated header is judged again
+        group.images[0].size = len(changed)
+    with pytest.raises(ArchiveIntegrityError, match=message):
+        write_study_archive(group, zone, io.BytesIO())
 
 
 # --- identity re-check at archive time ----------------------------------------------------------
