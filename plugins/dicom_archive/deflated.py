@@ -73,8 +73,8 @@ def walked_image(
     of its inflated equivalent (spooled, then `stream` of the result), which lives as long as
     the context. Raises WalkError (quarantine the image): for a deflated image, SizeChangedError
     when it is not `size` bytes long, not_dicom when its deflated data is truncated, corrupt or
-    followed by anything but padding, unreadable when it inflates to more than
-    `policy.max_image_bytes`."""
+    followed by anything but its padding or a matching gzip trailer, unreadable when it inflates
+    to more than `policy.max_image_bytes`."""
     try:
         walk = walk_header(stream, size, policy, check_end=check_end, record=record)
     except DeflatedDatasetError as deflated:
