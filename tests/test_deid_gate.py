@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -44,6 +45,7 @@ from dicom_archive.header_walk import StrippedReader, WalkError, judge_header, w
 from dicom_archive.landing import LocalLandingZone
 from dicom_archive.plan import plan_batch
 from dicom_archive.publish import publish_study_archive
+from dicom_archive.rows import RunContext, build_row, image_fields
 from dicom_archive.stores import LocalObjectStore
 from tools.landing_zone import BatchSpec, write_batch
 
@@ -876,7 +878,8 @@ def test_too_large_a_header_is_unreadable():
     assert (err.reason, err.detail) == (Reason.UNREADABLE, "the header is larger than the limit of 10000 bytes")
 
 
-def test_a_deflated_file_is_unreadable_fail_closed():
+def test_the_walker_alone_does_not_walk_a_deflated_file_fail_closed():
+    # Its inflated form is walked instead (deflated.walked_image, the tests below).
     err = walk_error(encode(base(), DeflatedExplicitVRLittleEndian))
     assert err.reason == Reason.UNREADABLE
 
@@ -896,14 +899,12 @@ def test_unreadable_and_malformed_images_do_not_stop_the_batch(tmp_path):
     bad = {
         "deep.dcm": encode(base(ReferencedStudySequence=Sequence([nest(20)]))),
         "dup.dcm": _insert_after(encode(base()), _pn(ENTITY), _pn(NAME)),
-        "deflated.dcm": encode(base(), DeflatedExplicitVRLittleEndian),
     }
     zone = _batch(tmp_path, {"good.dcm": encode(base()), **bad})
     plan = plan_batch(zone, "b1")
     assert {q.relpath: q.reason for q in plan.quarantined} == {
         "deep.dcm": "unreadable",
         "dup.dcm": "malformed_header",
-        "deflated.dcm": "unreadable",
     }
     assert [i.relpath for g in plan.groups for i in g.images] == ["good.dcm"]
 
@@ -1126,6 +1127,175 @@ def test_the_plan_reads_a_page_of_each_image(tmp_path, monkeypatch):
     header = max(image.header_length for group in plan.groups for image in group.images)
     assert header < 4096
     assert CountingFile.returned == 5 * 4096
+
+
+# --- deflated images: judged and archived as their inflated explicit little endian form ----------
+
+
+def _deflated_sample(**attributes: object) -> bytes:
+    """pydicom's deflated sample image, made to pass the contract, written back deflated."""
+    ds = pydicom.dcmread(get_testdata_file("image_dfl.dcm"))
+    ds.PatientIdentityRemoved = "YES"
+    ds.PatientID, ds.AccessionNumber, ds.StudyDate = ENTITY, ITEM, DATE
+    ds.PatientName = ds.ReferringPhysicianName = ""
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    data = buffer.getvalue()
+    assert pydicom.dcmread(io.BytesIO(data)).file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    return data
+
+
+def _quarantined(tmp_path: Path, data: bytes, policy: DeidPolicy | None = None) -> dict[str, str]:
+    plan = plan_batch(_batch(tmp_path, {"x.dcm": data}), "b1", policy=policy)
+    assert plan.groups == []
+    (held,) = plan.quarantined
+    return {f["reason"]: f["detail"] for f in held.failures} or {held.reason: held.detail}
+
+
+def _stored_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_deflated_image_that_passes_is_archived_as_explicit_little_endian_with_its_rows(tmp_path):
+    source = _deflated_sample()
+    zone = _batch(tmp_path, {"x.dcm": source})
+    plan = plan_batch(zone, "b1")
+    assert plan.quarantined == []
+    (group,) = plan.groups
+    store = LocalObjectStore(tmp_path / "out")
+    published = publish_study_archive(group, zone, store, row_fields=lambda ds, image: image_fields(ds, image))
+    assert published.outcome == "written"
+    (archive,) = [data for name, data in _stored_files(tmp_path / "out").items() if name.endswith(".tar.gz")]
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        ((name, data),) = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+
+    copy = pydicom.dcmread(io.BytesIO(data))
+    assert copy.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert copy.PixelData == pydicom.dcmread(get_testdata_file("image_dfl.dcm")).PixelData
+    assert (copy.PatientID, copy.AccessionNumber, copy.PatientIdentityRemoved) == (ENTITY, ITEM, "YES")
+    assert reasons(data) == {}, "the archived copy passes the gate on its own"
+
+    (member,) = published.members
+    assert member.member_name == name
+    assert member.sha256 == hashlib.sha256(data).hexdigest()
+    assert member.source_sha256 == hashlib.sha256(source).hexdigest(), "the landing file's, as deflated"
+    context = RunContext(upload_agent="test")
+    row = build_row(group=group, member=member, stored=published.stored, deid={}, context=context)
+    assert (row["PatientID"], row["StudyDate"], row["width"], row["height"]) == (ENTITY, "2007-09-04", 512, 512)
+    assert row["instance_sha256"] != row["source_sha256"]
+
+
+def test_a_rerun_of_a_batch_with_a_deflated_image_writes_nothing_new(tmp_path):
+    zone = _batch(tmp_path, {"x.dcm": _deflated_sample(), "y.dcm": encode(base())})
+    store = LocalObjectStore(tmp_path / "out")
+    (group,) = plan_batch(zone, "b1").groups
+    assert sorted(image.relpath for image in group.images) == ["x.dcm", "y.dcm"]
+    assert publish_study_archive(group, zone, store).outcome == "written"
+    written = _stored_files(tmp_path / "out")
+    (again,) = plan_batch(zone, "b1").groups
+    assert publish_study_archive(again, zone, store).outcome == "already_present"
+    assert _stored_files(tmp_path / "out") == written
+    first, second = io.BytesIO(), io.BytesIO()
+    write_study_archive(group, zone, first)
+    write_study_archive(again, zone, second)
+    assert first.getvalue() == second.getvalue(), "the same deflated file inflates to the same bytes"
+
+
+def test_the_deflated_sample_as_shipped_is_judged_not_unreadable(tmp_path):
+    # It ends with a gzip trailer (CRC-32 and size of the inflated data), which matches.
+    found = _quarantined(tmp_path, Path(get_testdata_file("image_dfl.dcm")).read_bytes())
+    assert "unreadable" not in found
+    assert "not_dicom" not in found
+    assert found["identifying_attribute"] == "holds a value: ReferringPhysicianName, PatientName"
+
+
+@pytest.mark.parametrize(
+    ("attributes", "detail"),
+    [
+        ({"PatientName": NAME}, "holds a value: PatientName"),
+        (
+            {"RequestAttributesSequence": Sequence([item(), item(ScheduledPerformingPhysicianName=NAME)])},
+            "holds a value: RequestAttributesSequence[1].ScheduledPerformingPhysicianName",
+        ),
+    ],
+    ids=["top-level", "in-a-sequence-item"],
+)
+def test_a_name_in_a_deflated_image_quarantines_it(tmp_path, attributes, detail):
+    assert _quarantined(tmp_path, _deflated_sample(**attributes)) == {"identifying_attribute": detail}
+
+
+def test_a_private_element_in_a_deflated_image_is_stripped_or_quarantined(tmp_path):
+    ds = pydicom.dcmread(io.BytesIO(_deflated_sample()))
+    source = encode(with_private(ds, 0x0033, "ACME 1.0", 0x10, "LO", "MRN999"), DeflatedExplicitVRLittleEndian)
+    assert b"MRN999" not in source, "deflated: the value is not in the file as written"
+    found = _quarantined(tmp_path / "q", source, QUARANTINE)
+    assert found == {"private_attribute": "private elements not on DICOM_PRIVATE_ALLOW: (0033,1010, no known creator)"}
+
+    _, archived = _archived(tmp_path / "s", {"x.dcm": source})
+    member, data = archived["x.dcm"]
+    copy = pydicom.dcmread(io.BytesIO(data))
+    assert _private_tags(copy) == []
+    assert b"MRN999" not in data
+    assert b"ACME" not in data
+    assert member.private_elements_removed == 1
+    assert copy.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert reasons(data, QUARANTINE) == {}
+
+
+def _deflated_data_at(data: bytes) -> int:
+    """Where the deflated dataset of a pydicom-written file starts (after its file meta)."""
+    return 132 + 12 + struct.unpack_from("<L", data, 140)[0]
+
+
+@pytest.mark.parametrize(
+    ("damage", "detail"),
+    [
+        (lambda data: data[:-100], "does not parse as DICOM (truncated deflated data)"),
+        (
+            # BFINAL set and the reserved block type: no inflater reads on.
+            lambda data: data[: _deflated_data_at(data)] + b"\x07" + data[_deflated_data_at(data) + 1 :],
+            "does not parse as DICOM (corrupt deflated data)",
+        ),
+        (lambda data: data + b"DOE^JOHN", "does not parse as DICOM (data after the end of the deflated data)"),
+    ],
+    ids=["truncated", "corrupt", "trailing-bytes"],
+)
+def test_a_damaged_deflated_image_does_not_parse(tmp_path, damage, detail):
+    assert _quarantined(tmp_path, damage(_deflated_sample())) == {"not_dicom": detail}
+
+
+def test_a_deflated_image_that_inflates_past_the_limit_is_unreadable(tmp_path):
+    ds = base(PixelData=bytes(2_000_000))
+    ds.Rows = ds.Columns = 1000
+    source = encode(ds, DeflatedExplicitVRLittleEndian)
+    policy = DeidPolicy(max_image_bytes=1_000_000)
+    assert len(source) < policy.max_image_bytes
+    found = _quarantined(tmp_path, source, policy)
+    assert found == {"unreadable": "the deflated data inflates to more than the limit of 1000000 bytes"}
+    assert plan_batch(_batch(tmp_path / "big", {"x.dcm": source}), "b1").quarantined == []
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda data: _deflated_sample(PatientName=NAME), "no longer passes the de-identification check"),
+        (lambda data: data[:-10], "changed size since it was checked"),
+        (lambda data: data + b"\0\0", "grew since it was checked"),
+    ],
+    ids=["a-name-added", "cut", "grown"],
+)
+def test_a_deflated_image_changed_after_planning_fails_the_archive(tmp_path, change, message):
+    source = _deflated_sample()
+    zone = _batch(tmp_path, {"x.dcm": source})
+    (group,) = plan_batch(zone, "b1").groups
+    changed = change(source)
+    _rewrite_unseen(zone, group, "x.dcm", changed)
+    if message.startswith("no longer"):  # past the size check too: the inflated header is judged again
+        group.images[0].size = len(changed)
+    with pytest.raises(ArchiveIntegrityError, match=message):
+        write_study_archive(group, zone, io.BytesIO())
 
 
 # --- identity re-check at archive time ----------------------------------------------------------

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import pydicom
 import pytest
 from pydicom.sequence import Sequence
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from dicom_archive.landing import LocalLandingZone
 from dicom_archive.plan import plan_batch
@@ -50,6 +51,12 @@ def hostile_batch() -> dict[str, bytes]:
         "dup/5.dcm": _insert_after(encode(base(InstanceNumber=5)), _pn(base().PatientID), _pn("ROE^JANE")),
         "dup/6.dcm": _insert_after(duplicated, flag, element(0x00120062, "CS", b"YES")),
         "lenient/7.dcm": encode(base(InstanceNumber=7, BurnedInAnnotation="NO\\YES")),
+        # Deflated: archived inflated, its private element stripped; quarantined for a name.
+        "deflated/8.dcm": encode(
+            with_private(base(InstanceNumber=8), 0x0033, "ACME 1.0", 0x10, "LO", "MRN-4471"),
+            DeflatedExplicitVRLittleEndian,
+        ),
+        "deflated/9.dcm": encode(base(InstanceNumber=9, PatientName=NAME), DeflatedExplicitVRLittleEndian),
     }
 
 
@@ -73,6 +80,7 @@ EXPECTED_FAILURES = {
         {"reason": "identity_not_removed", "detail": "PatientIdentityRemoved occurs more than once"},
     ],
     "lenient/7.dcm": [{"reason": "burned_in_annotation", "detail": "BurnedInAnnotation holds several values"}],
+    "deflated/9.dcm": [{"reason": "identifying_attribute", "detail": "holds a value: PatientName"}],
 }
 
 
@@ -124,13 +132,13 @@ def test_hostile_batch_through_the_dag(gate_env, bigquery_client):
 
     report = json.loads((root / BATCH / "batch.report.json").read_text())
     assert report["status"] == "DONE"
-    assert report["images"]["seen"] == 7
-    assert report["images"]["archived"] == 2
-    assert report["images"]["stripped"] == 1
-    assert report["images"]["private_elements_removed"] == 3
+    assert report["images"]["seen"] == 9
+    assert report["images"]["archived"] == 3
+    assert report["images"]["stripped"] == 2
+    assert report["images"]["private_elements_removed"] == 4
     assert report["images"]["quarantined_by_reason"] == {
         "burned_in_annotation": 1,
-        "identifying_attribute": 1,
+        "identifying_attribute": 2,
         "malformed_header": 3,
     }
     assert {q["path"]: q["failures"] for q in report["quarantined"]} == EXPECTED_FAILURES
@@ -147,9 +155,10 @@ def test_hostile_batch_through_the_dag(gate_env, bigquery_client):
     blobs = bucket_blobs(bucket)
     (archive_name,) = [name for name in blobs if name.endswith(".tar.gz")]
     archived = members(blobs[archive_name])
-    assert len(archived) == 2
+    assert len(archived) == 3
     for data in archived.values():
         ds = pydicom.dcmread(io.BytesIO(data))
+        assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
         assert [e.tag for e in ds.iterall() if e.tag.is_private] == []
         assert ds.PixelData == base().PixelData
     for name, data in blobs.items():  # archives, the bucket's report: nothing planted anywhere
@@ -163,12 +172,14 @@ def test_hostile_batch_through_the_dag(gate_env, bigquery_client):
             f"TO_JSON_STRING(t) AS everything FROM `{PROJECT}.{COLLECTION}.dicom` AS t ORDER BY archive_member"
         ).result()
     )
-    assert len(rows) == 2
+    assert len(rows) == 3
     sources = {hashlib.sha256(d).hexdigest(): p for p, d in hostile_batch().items()}
     by_source = {sources[row["source_sha256"]]: row for row in rows}
-    assert set(by_source) == {"good/1.dcm", "vendor/2.dcm"}
-    good, vendor = by_source["good/1.dcm"], by_source["vendor/2.dcm"]
+    assert set(by_source) == {"good/1.dcm", "vendor/2.dcm", "deflated/8.dcm"}
+    good, vendor, deflated = by_source["good/1.dcm"], by_source["vendor/2.dcm"], by_source["deflated/8.dcm"]
     assert (good["private_elements_removed"], vendor["private_elements_removed"]) == (0, 3)
+    assert deflated["private_elements_removed"] == 1
+    assert deflated["instance_sha256"] == hashlib.sha256(archived[deflated["archive_member"]]).hexdigest()
     assert good["instance_sha256"] == good["source_sha256"]
     assert vendor["instance_sha256"] != vendor["source_sha256"]
     assert vendor["instance_sha256"] == hashlib.sha256(archived[vendor["archive_member"]]).hexdigest()

@@ -25,6 +25,7 @@ goes through the whole DAG (dag.test()) against both emulators.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -38,7 +39,7 @@ import pydicom
 import pytest
 from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 
-from dicom_archive.archive import ArchiveIntegrityError
+from dicom_archive.archive import ArchiveIntegrityError, write_study_archive
 from dicom_archive.batch import archive_groups
 from dicom_archive.deid_gate import DeidPolicy, Reason
 from dicom_archive.landing import (
@@ -1178,6 +1179,38 @@ def test_gs_objects_that_differ_only_in_spelling_make_a_flag_ambiguous(gcs_zone,
     assert plan.status == "ERROR"
     assert "match no image, or several" in plan.error
     assert plan.lookup_ambiguous == {BAD: sorted(["./" + BAD, BAD])}
+
+
+def _deflated(data: bytes) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_gs_deflated_images_are_judged_and_archived_inflated(gcs_zone, tmp_path):
+    """Read from a bucket (reads pinned to the planned generation, the object read again from its
+    start to inflate it): the clean deflated image archived as explicit little endian, the one
+    with a name quarantined."""
+    clean = _deflated(image_bytes(bad_image()))
+    named = _deflated(image_bytes(bad_image(PatientName=NAME)))
+    spec = BatchSpec(BATCH, images=good_images(), collection=COLLECTION)
+    _upload_batch(gcs_zone, spec, {BAD: clean, "incoming/named.dcm": named}, tmp_path)
+    plan = plan_batch(gcs_zone, BATCH)
+    assert plan.status == "DONE", plan.error
+    assert {q.relpath: q.reason for q in plan.quarantined} == {"incoming/named.dcm": Reason.IDENTIFYING_ATTRIBUTE}
+    (study,) = [group for group in plan.groups if any(image.relpath == BAD for image in group.images)]
+    buffer = io.BytesIO()
+    _, members = write_study_archive(study, gcs_zone, buffer)
+    (member,) = [m for m in members if m.relpath == BAD]
+    with tarfile.open(fileobj=io.BytesIO(buffer.getvalue()), mode="r:gz") as tar:
+        data = tar.extractfile(member.member_name).read()
+    copy = pydicom.dcmread(io.BytesIO(data))
+    assert copy.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert copy.PixelData == pydicom.dcmread(io.BytesIO(clean)).PixelData
+    assert member.source_sha256 == hashlib.sha256(clean).hexdigest()
+    assert NAME.split("^")[0].encode() not in buffer.getvalue()
 
 
 # =============================================================================================

@@ -29,8 +29,9 @@ from typing import Any, BinaryIO
 from isal import igzip_threaded
 from pydicom.dataset import Dataset
 
+from dicom_archive.deflated import walked_image
 from dicom_archive.deid_gate import DeidPolicy, StudyIdentity
-from dicom_archive.header_walk import SizeChangedError, StrippedReader, WalkError, judge_header, walk_header
+from dicom_archive.header_walk import SizeChangedError, StrippedReader, WalkError, judge_header
 from dicom_archive.landing import HeldImagesError, LandingZone, file_identity_of
 from dicom_archive.plan import ImageRecord, StudyGroup
 from dicom_archive.stores import Checksums
@@ -209,13 +210,14 @@ def _add_image(
         stream = zone.open(group.batch_id, image.relpath, chunk_size=COPY_CHUNK, source=image.source_identity)
     except FileNotFoundError as err:
         raise ArchiveIntegrityError(f"{where} no longer exists (removed after planning); {_VOID}") from err
-    with stream:
+    with stream, contextlib.ExitStack() as inflated:
         # A file swapped after planning must never be uploaded unchecked, nor under another
         # study's name: only the very file the plan judged is read (its identity, taken from
         # the opened file), and its whole header is walked and judged again.
         opened = _check_same_file(zone, stream, image, where, held)
         try:
-            walk = walk_header(stream, image.size, policy, check_end=False)  # the reader's verify does
+            # The reader's verify checks the end (a deflated image's inflating checks it too).
+            walked = inflated.enter_context(walked_image(stream, image.size, policy, check_end=False))
         except SizeChangedError as err:
             change = "grew" if "grew" in err.detail else "changed size"
             raise ArchiveIntegrityError(f"{where} {change} since it was checked ({err.detail})") from err
@@ -223,6 +225,7 @@ def _add_image(
             raise ArchiveIntegrityError(f"{where} no longer passes the de-identification check ({err.reason})") from err
         except FileNotFoundError as err:  # a bucket's object: its planned generation is gone
             raise ArchiveIntegrityError(f"{where} no longer exists as planned (replaced or removed); {_VOID}") from err
+        walk = walked.walk
         verdict = judge_header(walk, policy)
         if verdict.failures:
             reasons = ", ".join(sorted({str(f.reason) for f in verdict.failures}))
@@ -233,8 +236,8 @@ def _add_image(
                 f"{where}: PatientID, StudyDate or AccessionNumber differ from the plan's (the file was "
                 "replaced after planning); nothing of this archive is kept"
             )
-        stream.seek(0)
-        reader = StrippedReader(stream, walk, COPY_CHUNK, hashing.run)
+        walked.stream.seek(0)
+        reader = StrippedReader(walked.stream, walk, COPY_CHUNK, hashing.run)
         try:
             tar.addfile(_tar_info(name, walk.output_size), reader)
         except SizeChangedError as err:
@@ -253,14 +256,14 @@ def _add_image(
     # Only the hash objects wait for the drain: the reader (its last window is the image, for a
     # small one) and the walk must not live until the end of the study.
     relpath, size, removed = image.relpath, walk.output_size, walk.private_removed
-    out_sha, source_sha = reader.out_sha, reader.source_sha
+    out_sha, source_sha, landing_sha256 = reader.out_sha, reader.source_sha, walked.landing_sha256
     return lambda: ArchivedMember(
         relpath,
         name,
         size,
         out_sha.hexdigest(),
         fields,
-        source_sha256=source_sha.hexdigest(),
+        source_sha256=landing_sha256 or source_sha.hexdigest(),
         private_elements_removed=removed,
     )
 

@@ -89,6 +89,17 @@ class SizeChangedError(WalkError):
     """The file is not the size it was listed with (it changed, or is being written)."""
 
 
+class DeflatedDatasetError(WalkError):
+    """The dataset is deflated (from `data_at` on): it cannot be walked as it is. Unless the caller
+    walks its inflated form (deflated.walked_image), the image is quarantined: fail closed."""
+
+    def __init__(self, data_at: int) -> None:
+        super().__init__(
+            Reason.UNREADABLE, "deflated transfer syntax: the header cannot be walked without inflating the file"
+        )
+        self.data_at = data_at
+
+
 def tag_text(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
@@ -355,9 +366,7 @@ class _Walker:
         first = self._file_meta()
         syntax = self.walk.transfer_syntax
         if syntax == DEFLATED:
-            raise WalkError(
-                Reason.UNREADABLE, "deflated transfer syntax: the header cannot be walked without inflating the file"
-            )
+            raise DeflatedDatasetError(self.pos - 4 if first is not None else self.pos)
         implicit, little = syntax == IMPLICIT_LITTLE, syntax != EXPLICIT_BIG
         self.walk.implicit, self.walk.little = implicit, little
         top = _Frame(0, "", implicit, little, discard=False, rewrite=self.strip, guessed=implicit)

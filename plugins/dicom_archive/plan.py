@@ -18,8 +18,9 @@ from typing import Any
 
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 
+from dicom_archive.deflated import walked_image
 from dicom_archive.deid_gate import DeidPolicy, Reason, StudyIdentity, keyword_vr
-from dicom_archive.header_walk import HeaderWalk, WalkError, judge_header, walk_header
+from dicom_archive.header_walk import HeaderWalk, WalkError, judge_header
 from dicom_archive.landing import HeldImagesError, LandingFile, LandingZone, aliases, file_identity_of, shown_path
 from dicom_archive.manifest import (
     FLAG_FIELD,
@@ -218,7 +219,8 @@ def inspect_image(
                 # Replaced between the listing (which judged its links and aliases) and the open.
                 return quarantined(Reason.UNREADABLE, "changed or replaced while the batch was being checked")
             paths = _lookup_paths(lookup_entry)
-            walk = walk_header(stream, file.size, policy, record=frozenset(paths.values()))
+            with walked_image(stream, file.size, policy, record=frozenset(paths.values())) as image:
+                walk = image.walk
             source = source or dict(zone.source_identity(stream))  # a bucket names it once read
     except WalkError as err:
         return quarantined(err.reason, err.detail)
