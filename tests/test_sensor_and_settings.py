@@ -433,3 +433,56 @@ def test_a_bad_setting_fails_every_task_at_once_without_retries(
         assert failed == {"find_requests"}, tries
     log = capfd.readouterr()
     assert re.search(problem, log.out + log.err)
+
+
+# Parse-time settings (read from the environment when a DAG file is parsed): a bad value is an
+# import error that names the setting and its rule, not a bare int() or croniter message.
+WHOLE = "must be a whole number of {} or more, not {}"
+CRON = "must be a cron expression .* not {!r}"
+
+
+@pytest.mark.parametrize(
+    ("dag_file", "name", "value", "message"),
+    [
+        ("dicom_storage.py", "DICOM_TASK_RETRIES", "abc", WHOLE.format(0, "'abc'")),
+        ("dicom_withdraw.py", "DICOM_TASK_RETRIES", "-1", WHOLE.format(0, "-1")),
+        ("dicom_storage.py", "DICOM_RETRY_DELAY_SECONDS", "1.5", WHOLE.format(0, "'1.5'")),
+        ("dicom_storage.py", "DICOM_MAX_ACTIVE_RUNS", "0", WHOLE.format(1, "0")),
+        ("dicom_storage.py", "DICOM_SCHEDULE", "bogus", CRON.format("bogus")),
+        ("dicom_withdraw.py", "DICOM_WITHDRAW_SCHEDULE", "every 15 min", CRON.format("every 15 min")),
+    ],
+)
+def test_a_bad_parse_time_setting_is_an_import_error_that_names_it(
+    airflow_db, monkeypatch, dag_file, name, value, message
+):
+    import re
+
+    from airflow.dag_processing.dagbag import DagBag
+
+    from tests.conftest import REPO_ROOT
+
+    monkeypatch.setenv(name, value)
+    bag = DagBag(dag_folder=str(REPO_ROOT / "dags" / dag_file))
+    errors = {path.rsplit("/", 1)[-1]: error for path, error in bag.import_errors.items()}
+    assert list(errors) == [dag_file], bag.import_errors
+    assert re.search(f"{name} {message}", errors[dag_file]), errors[dag_file]
+
+
+def test_good_parse_time_settings_reach_the_dags(airflow_db, monkeypatch):
+    from airflow.dag_processing.dagbag import DagBag
+
+    from tests.conftest import REPO_ROOT
+
+    def parsed(**env: str) -> tuple:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        bag = DagBag(dag_folder=str(REPO_ROOT / "dags"))
+        assert bag.import_errors == {}
+        return bag.get_dag("dicom_storage"), bag.get_dag("dicom_withdraw")
+
+    storage, withdraw = parsed(DICOM_SCHEDULE="none", DICOM_WITHDRAW_SCHEDULE="None")
+    assert (type(storage.timetable).__name__, type(withdraw.timetable).__name__) == ("NullTimetable",) * 2
+    storage, withdraw = parsed(DICOM_SCHEDULE="@daily", DICOM_WITHDRAW_SCHEDULE="*/5 * * * *")
+    assert (storage.timetable.expression, withdraw.timetable.expression) == ("0 0 * * *", "*/5 * * * *")
+    storage, _ = parsed(DICOM_TASK_RETRIES="", DICOM_MAX_ACTIVE_RUNS=" 4 ")  # empty: the default
+    assert (storage.max_active_runs, storage.get_task("plan_batches").retries) == (4, 3)
