@@ -123,6 +123,30 @@ def test_a_missing_landing_root_fails_the_run_and_never_skips(tmp_path, monkeypa
         poke(make_sensor())
 
 
+def test_a_manual_run_with_ids_under_a_missing_landing_root_fails_as_a_scheduled_run_would(tmp_path, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    monkeypatch.setenv("DICOM_LANDING_ROOT", str(tmp_path / "not-mounted"))
+    monkeypatch.setenv("SEND_TO_GOOGLE", "false")
+    monkeypatch.setenv("DICOM_LOCAL_OUTPUT", str(tmp_path / "out"))
+    with pytest.raises(AirflowFailException) as scheduled:
+        poke(make_sensor())
+    with pytest.raises(AirflowFailException) as manual:
+        poke(make_sensor(batch_ids=["20240105-0001"]), run_type="manual")
+    assert str(manual.value) == str(scheduled.value)
+    assert f"the landing root {tmp_path / 'not-mounted'} does not exist" in str(manual.value)
+
+
+def test_a_gs_landing_root_whose_bucket_does_not_exist_fails_a_manual_run_with_ids(gcs_emulator, tmp_path, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    monkeypatch.setenv("DICOM_LANDING_ROOT", "gs://no-such-landing-bucket/zone")
+    monkeypatch.setenv("SEND_TO_GOOGLE", "false")
+    monkeypatch.setenv("DICOM_LOCAL_OUTPUT", str(tmp_path / "out"))
+    with pytest.raises(AirflowFailException, match="bucket 'no-such-landing-bucket' does not exist"):
+        poke(make_sensor(batch_ids=["20240105-0001"]), run_type="manual")
+
+
 def test_sensor_fails_at_once_with_every_missing_setting_named(monkeypatch):
     monkeypatch.delenv("DICOM_LANDING_ROOT", raising=False)
     monkeypatch.setenv("SEND_TO_GOOGLE", "true")
