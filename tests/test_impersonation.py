@@ -374,17 +374,18 @@ def test_a_credentials_file_that_does_not_exist_fails_at_once_naming_the_connect
         "bigquery reporting its jobs": lambda: hook.bigquery_client(PROJECT, on_job=print),
     }[client]
     started = time.monotonic()
-    with pytest.raises(Exception) as raised:
+    # An AirflowFailException: fails at once even where a client is made outside a guard.
+    with pytest.raises(AirflowFailException, match="No Google credentials") as raised:
         make()
     assert time.monotonic() - started < 5
     assert not metadata_server_watch(), "no credentials is known without asking the metadata server"
     err = raised.value
     assert isinstance(err, permanent_errors())
-    assert isinstance(err, AirflowFailException), "fails at once even where a client is made outside a guard"
     message = str(err)
     assert "connection 'google_cloud_default'" in message
     assert str(missing) in message
-    assert "GOOGLE_APPLICATION_CREDENTIALS" in message and "Application Default Credentials" in message
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in message
+    assert "Application Default Credentials" in message
     assert "is_anonymous" in message
 
 

@@ -4,8 +4,9 @@ A conflict (another archive under the same name, replacing not allowed), an imag
 longer passes the de-identification re-check or changed since it was planned, a schema
 conflict, a bad row, a bad setting, a manifest value that breaks a rule (batch.json's deid given to
 the archive step), a bad withdrawal request, no Google credentials found for the connection,
-Google refusing the identity (401/403, rate limits aside) or a bucket, project or dataset that does not exist (404) gives the same result on every
-try: retrying them only delays the failure (3 retries with backoff took about 5 minutes).
+Google refusing the identity (401/403, rate limits aside) or a bucket, project or dataset that
+does not exist (404) gives the same result on every try: retrying them only delays the failure
+(3 retries with backoff took about 5 minutes).
 Transient errors (Google unavailable, a checksum mismatch after an upload) still retry.
 """
 
