@@ -89,10 +89,11 @@ with DAG(
         """Claim each batch, check every image header, group the images into studies and stage
         one plan per archive task; return one plan reference per batch (dicom_archive.run_steps)."""
         from dicom_archive.run_steps import plan_run
-        from hooks.dicom_storage import DicomStorageHook, load_settings
+        from hooks.dicom_storage import DicomStorageHook, load_settings, warn_of_ignored_variables
         from operators.failures import fail_at_once_on_permanent_errors
 
         settings = load_settings()
+        warn_of_ignored_variables()
         hook = DicomStorageHook.of_settings(settings)
         zone, store = hook.landing_zone(settings), hook.archive_store(settings)
         with fail_at_once_on_permanent_errors():

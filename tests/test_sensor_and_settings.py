@@ -510,3 +510,41 @@ def test_good_parse_time_settings_reach_the_dags(airflow_db, monkeypatch):
     assert (storage.timetable.expression, withdraw.timetable.expression) == ("0 0 * * *", "*/5 * * * *")
     storage, _ = parsed(DICOM_TASK_RETRIES="", DICOM_MAX_ACTIVE_RUNS=" 4 ")  # empty: the default
     assert (storage.max_active_runs, storage.get_task("plan_batches").retries) == (4, 3)
+
+
+def test_a_parse_time_setting_set_as_an_airflow_variable_is_named_in_a_warning(
+    airflow_db, tmp_path, monkeypatch, caplog
+):
+    """Parse-time settings come from the environment only; one set as an Airflow Variable is not
+    read, and a real run says so (once, in its plan task) rather than leave it looking applied."""
+    from airflow.models import Variable
+
+    from tests.conftest import run_dag
+
+    root = tmp_path / "landing"
+    write_batch(root, batch("ok1", datetime(2024, 1, 5, tzinfo=UTC)))
+    monkeypatch.setenv("DICOM_LANDING_ROOT", str(root))
+    monkeypatch.setenv("SEND_TO_GOOGLE", "false")
+    monkeypatch.setenv("DICOM_LOCAL_OUTPUT", str(tmp_path / "out"))
+    monkeypatch.delenv("DICOM_SCHEDULE", raising=False)
+    monkeypatch.setenv("DICOM_TASK_RETRIES", "0")
+    monkeypatch.delenv("DICOM_MAX_ACTIVE_RUNS", raising=False)
+    variables = {
+        "DICOM_SCHEDULE": "none",  # ignored: the DAG stays hourly
+        "DICOM_TASK_RETRIES": "4",  # ignored: the environment's 0 applies
+        "DICOM_MAX_ACTIVE_RUNS": "2",  # what the DAG uses anyway: nothing to tell
+    }
+    for name, value in variables.items():
+        Variable.set(name, value)
+    try:
+        run = run_dag(["ok1"])
+    finally:
+        for name in variables:
+            Variable.delete(name)
+    assert str(run.state) == "success", "a warning never fails the run"
+    warned = [r for r in caplog.records if "which is not read" in r.getMessage()]
+    assert {r.levelname for r in warned} == {"WARNING"}
+    assert sorted(r.getMessage().split()[0] for r in warned) == ["DICOM_SCHEDULE", "DICOM_TASK_RETRIES"]
+    for record in warned:
+        assert "is set as an Airflow Variable" in record.getMessage()
+        assert "parse-time settings come from the environment only (see README, Settings)" in record.getMessage()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import cached_property
@@ -24,6 +25,9 @@ from dicom_archive.stores import GCSObjectStore, LocalObjectStore, ObjectStore
 
 if TYPE_CHECKING:
     from google.cloud import bigquery, storage
+
+
+_log = logging.getLogger(__name__)
 
 
 class GooglePermissionError(RuntimeError):
@@ -92,6 +96,36 @@ def load_settings(overrides: Mapping[str, str] | None = None) -> Settings:
     except SettingsError as err:
         shown = ", ".join(f"{field}={value!r}" for field, value in (overrides or {}).items())
         raise BadSettingError(f"{err} (task arguments: {shown})" if shown else str(err)) from err
+
+
+def warn_of_ignored_variables() -> list[str]:
+    """Log a warning for each parse-time setting (dicom_archive.parse_settings) that is set as an
+    Airflow Variable to something other than what the DAG files use, and return their names.
+
+    A DAG file must not query Variables while it is parsed, so such a Variable is never read; the
+    plan task (one lookup per name, once per run) says so rather than leave it looking applied.
+    Never raises: a warning must not fail a run."""
+    from airflow.sdk import Variable
+
+    from dicom_archive import parse_settings
+
+    ignored = []
+    for name in parse_settings.PARSE_TIME_DEFAULTS:
+        try:
+            value = Variable.get(name, default=None)
+        except Exception:  # no Variable backend reachable: nothing to tell
+            return ignored
+        if value is None or parse_settings.same_value(name, str(value)):
+            continue
+        ignored.append(name)
+        _log.warning(
+            "%s is set as an Airflow Variable (%r), which is not read: parse-time settings come from the "
+            "environment only (see README, Settings); the DAGs use %r",
+            name,
+            value,
+            parse_settings.in_use(name),
+        )
+    return ignored
 
 
 class DicomStorageHook(BaseHook):
