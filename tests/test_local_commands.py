@@ -57,9 +57,10 @@ def test_airflow_stop_ends_standalone_and_what_it_started(tmp_path: Path):
 
 # Stands in for the real airflow in a copy of the scripts: `standalone` only records the DAGs'
 # paused state at the moment it would start; everything else goes to the real airflow.
+PAUSED_STATES = "import sqlite3, sys; print(sorted(sqlite3.connect(sys.argv[1]).execute(sys.argv[2])))"
 FAKE_AIRFLOW = """#!/usr/bin/env bash
 if [ "$1" = standalone ]; then
-  exec {python} -c "import sqlite3, sys; print(sorted(sqlite3.connect(sys.argv[1]).execute('SELECT dag_id, is_paused FROM dag')))" "$AIRFLOW_HOME/airflow.db"
+  exec {python} -c "{query}" "$AIRFLOW_HOME/airflow.db" "SELECT dag_id, is_paused FROM dag"
 fi
 exec {airflow} "$@"
 """
@@ -87,7 +88,9 @@ def test_make_airflow_unpauses_the_dags_that_make_demo_left_paused(airflow_db, t
     shutil.copytree(REPO_ROOT / "scripts", repo / "scripts")
     (repo / ".venv" / "bin").mkdir(parents=True)
     fake = repo / ".venv" / "bin" / "airflow"
-    fake.write_text(FAKE_AIRFLOW.format(python=sys.executable, airflow=REPO_ROOT / ".venv" / "bin" / "airflow"))
+    fake.write_text(
+        FAKE_AIRFLOW.format(python=sys.executable, query=PAUSED_STATES, airflow=REPO_ROOT / ".venv" / "bin" / "airflow")
+    )
     fake.chmod(0o755)
     (repo / ".venv" / "bin" / "python").symlink_to(sys.executable)
     landing = tmp_path / "landing"
