@@ -18,12 +18,12 @@ heavy is imported inside the tasks, so parsing stays fast.
 from __future__ import annotations
 
 import logging
-import os
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from airflow.sdk import DAG, CronDataIntervalTimetable, Param, TriggerRule, task
 
+from dicom_archive import parse_settings
 from operators.archive import DicomStudyArchiveOperator
 from operators.assets import ARCHIVES_ALIAS, TABLES_ALIAS
 from operators.bigquery import DicomMetadataToBigQueryOperator
@@ -31,10 +31,11 @@ from sensors.batches import CompletedBatchSensor
 
 log = logging.getLogger(__name__)
 
-# Pools are a parse-time setting; default_pool exists everywhere, so a fresh Airflow (Composer
-# included) needs no manual step. Naming a pool that does not exist is shown on the run's note.
-STORAGE_POOL = os.environ.get("DICOM_GCS_POOL") or "default_pool"
-BIGQUERY_POOL = os.environ.get("DICOM_BIGQUERY_POOL") or "default_pool"
+# Parse-time settings, from the environment only (dicom_archive.parse_settings). Pools default to
+# default_pool, which exists everywhere, so a fresh Airflow (Composer included) needs no manual
+# step. Naming a pool that does not exist is shown on the run's note.
+STORAGE_POOL = parse_settings.pool("DICOM_GCS_POOL")
+BIGQUERY_POOL = parse_settings.pool("DICOM_BIGQUERY_POOL")
 
 # Labels of the mapped tasks in the grid (plugins/batches_view/outcomes.py has their Python twins).
 CHUNK_LABEL = (
@@ -43,13 +44,20 @@ CHUNK_LABEL = (
 BATCH_LABEL = "{{ task.plan_ref['batch_id'] }}"
 REPORT_LABEL = "{{ batch_outcome if batch_outcome is defined else task.op_kwargs['plan_ref']['batch_id'] }}"
 
+
+def _timetable(cron: str) -> CronDataIntervalTimetable:
+    timetable = CronDataIntervalTimetable(cron, timezone="UTC")
+    timetable.validate()  # here, so that a bad expression names DICOM_SCHEDULE
+    return timetable
+
+
 # `none`: manual runs only (no scheduled runs, and so no backfills).
-SCHEDULE = os.environ.get("DICOM_SCHEDULE", "0 * * * *").strip()
+TIMETABLE = parse_settings.schedule("DICOM_SCHEDULE", _timetable)
 
 default_args = {
     "owner": "radiology-research",
-    "retries": int(os.environ.get("DICOM_TASK_RETRIES", "3")),
-    "retry_delay": timedelta(seconds=int(os.environ.get("DICOM_RETRY_DELAY_SECONDS", "30"))),
+    "retries": parse_settings.whole_number("DICOM_TASK_RETRIES"),
+    "retry_delay": timedelta(seconds=parse_settings.whole_number("DICOM_RETRY_DELAY_SECONDS")),
     "retry_exponential_backoff": True,
     "max_retry_delay": timedelta(minutes=10),
 }
@@ -57,10 +65,10 @@ default_args = {
 with DAG(
     dag_id="dicom_storage",
     description="Archive de-identified DICOM batches to Cloud Storage and their metadata to BigQuery",
-    schedule=None if SCHEDULE.lower() == "none" else CronDataIntervalTimetable(SCHEDULE, timezone="UTC"),
+    schedule=TIMETABLE,
     start_date=datetime(2024, 1, 1, tzinfo=UTC),
     catchup=False,
-    max_active_runs=int(os.environ.get("DICOM_MAX_ACTIVE_RUNS", "2")),
+    max_active_runs=parse_settings.whole_number("DICOM_MAX_ACTIVE_RUNS", minimum=1),
     default_args=default_args,
     params={
         "batch_ids": Param(
@@ -81,10 +89,11 @@ with DAG(
         """Claim each batch, check every image header, group the images into studies and stage
         one plan per archive task; return one plan reference per batch (dicom_archive.run_steps)."""
         from dicom_archive.run_steps import plan_run
-        from hooks.dicom_storage import DicomStorageHook, load_settings
+        from hooks.dicom_storage import DicomStorageHook, load_settings, warn_of_ignored_variables
         from operators.failures import fail_at_once_on_permanent_errors
 
         settings = load_settings()
+        warn_of_ignored_variables()
         hook = DicomStorageHook.of_settings(settings)
         zone, store = hook.landing_zone(settings), hook.archive_store(settings)
         with fail_at_once_on_permanent_errors():

@@ -15,27 +15,34 @@ backfill of the dicom_storage DAG uploads it again. This file only wires tasks t
 from __future__ import annotations
 
 import logging
-import os
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from airflow.sdk import DAG, Param, task
+from airflow.sdk import DAG, CronTriggerTimetable, Param, task
 
+from dicom_archive import parse_settings
 from operators.assets import ARCHIVES_ALIAS, TABLES_ALIAS
 from operators.withdraw import DicomWithdrawOperator
 
 log = logging.getLogger(__name__)
 
+
+def _checked_cron(cron: str) -> str:
+    """The expression, once Airflow accepts it; passed on as given, so Airflow picks its timetable."""
+    CronTriggerTimetable(cron, timezone="UTC").validate()
+    return cron
+
+
 with DAG(
     dag_id="dicom_withdraw",
     description="Withdraw patients or studies: delete their archives and rows, record it, never upload them again",
-    schedule=os.environ.get("DICOM_WITHDRAW_SCHEDULE", "*/15 * * * *"),
+    schedule=parse_settings.schedule("DICOM_WITHDRAW_SCHEDULE", _checked_cron),  # `none`: manual runs only
     start_date=datetime(2024, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,  # two runs never work on the same request at once
     default_args={
         "owner": "radiology-research",
-        "retries": int(os.environ.get("DICOM_TASK_RETRIES", "3")),
+        "retries": parse_settings.whole_number("DICOM_TASK_RETRIES"),
         "retry_delay": timedelta(seconds=30),
         "retry_exponential_backoff": True,
     },

@@ -32,6 +32,13 @@ if [ ! -f "$AIRFLOW_HOME/airflow.db" ]; then  # a fresh AIRFLOW_HOME: the databa
   airflow pools set "$DICOM_GCS_POOL" 4 "Concurrent archive uploads" >/dev/null
   airflow pools set "$DICOM_BIGQUERY_POOL" 2 "Concurrent BigQuery loads" >/dev/null
 fi
+# The setting above applies only to a DAG seen for the first time: one already in the database
+# (`make demo`'s `airflow dags test` creates them paused) keeps its state unless unpaused here, before
+# the scheduler starts (a CLI write while standalone runs can lose SQLite's lock). Both DAGs, as on a
+# fresh AIRFLOW_HOME. A DAG not in the database yet is not an error ("No paused DAGs were found").
+case ${AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION,,} in
+  false | 0) airflow dags unpause --treat-dag-id-as-regex --yes '^dicom_(storage|withdraw)$' >/dev/null ;;
+esac
 # The demo landing zone, unless the configured one already holds batches.
 [ -n "$(ls -A "$DICOM_LANDING_ROOT" 2>/dev/null)" ] || python -m tools.demo --prepare-only
 export AIRFLOW_REAL_BIN

@@ -324,3 +324,90 @@ def test_a_connection_named_by_the_user_must_exist(airflow_db, local_settings, m
 
     with pytest.raises(AirflowNotFoundException):
         DicomStorageHook(gcp_conn_id="google_typo").storage_client()
+
+
+@pytest.fixture
+def metadata_server_watch(monkeypatch):
+    """A stand-in for the GCE metadata server that only records whether anyone knocked."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+    monkeypatch.setenv("GCE_METADATA_HOST", address)
+    monkeypatch.setenv("GCE_METADATA_IP", address)
+
+    def knocked() -> bool:
+        server.setblocking(False)
+        try:
+            server.accept()[0].close()
+        except BlockingIOError:
+            return False
+        return True
+
+    yield knocked
+    server.close()
+
+
+@pytest.mark.parametrize("client", ["storage", "bigquery", "bigquery reporting its jobs"])
+def test_a_credentials_file_that_does_not_exist_fails_at_once_naming_the_connection(
+    airflow_db, local_settings, monkeypatch, tmp_path, metadata_server_watch, client
+):
+    import time
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from hooks.dicom_storage import DicomStorageHook
+    from operators.failures import permanent_errors
+
+    missing = tmp_path / "no-such-key.json"
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(missing))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT",
+        json.dumps({"conn_type": "google_cloud_platform", "extra": {"project": PROJECT}}),
+    )
+    hook = DicomStorageHook()
+    make = {
+        "storage": hook.storage_client,
+        "bigquery": lambda: hook.bigquery_client(PROJECT),
+        "bigquery reporting its jobs": lambda: hook.bigquery_client(PROJECT, on_job=print),
+    }[client]
+    started = time.monotonic()
+    # An AirflowFailException: fails at once even where a client is made outside a guard.
+    with pytest.raises(AirflowFailException, match="No Google credentials") as raised:
+        make()
+    assert time.monotonic() - started < 5
+    assert not metadata_server_watch(), "no credentials is known without asking the metadata server"
+    err = raised.value
+    assert isinstance(err, permanent_errors())
+    message = str(err)
+    assert "connection 'google_cloud_default'" in message
+    assert str(missing) in message
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in message
+    assert "Application Default Credentials" in message
+    assert "is_anonymous" in message
+
+
+def test_no_credentials_fail_the_run_at_once_without_retries(airflow_db, monkeypatch, tmp_path, capfd):
+    """A real run of the DAG with retries on: the first task that makes a client fails, once."""
+    from tests.conftest import run_dag
+    from tools.landing_zone import BatchSpec, ImageSpec, write_batch
+
+    root = tmp_path / "landing"
+    image = ImageSpec("GLaa0001", "GLbb0001", "20230105", "CT", source="ct")
+    write_batch(root, BatchSpec("ok1", images=[image], collection="IRB1"))
+    monkeypatch.setenv("DICOM_LANDING_ROOT", str(root))
+    monkeypatch.setenv("SEND_TO_GOOGLE", "true")
+    monkeypatch.setenv("GOOGLE_CLOUD_STORAGE", "some-bucket")
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-such-key.json"))
+    monkeypatch.setenv("AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT", json.dumps({"conn_type": "google_cloud_platform"}))
+    monkeypatch.setenv("DICOM_TASK_RETRIES", "2")  # read when the DAG file is parsed
+    monkeypatch.setenv("DICOM_RETRY_DELAY_SECONDS", "1")
+    run = run_dag(["ok1"])
+    tries = {ti.task_id: (str(ti.state), ti.try_number) for ti in run.get_task_instances()}
+    assert str(run.state) == "failed"
+    assert tries["plan_batches"] == ("failed", 1), tries  # the first task that makes a client
+    assert all(try_number <= 1 for _, try_number in tries.values()), tries
+    log = capfd.readouterr()
+    assert "No Google credentials for connection 'google_cloud_default'" in log.out + log.err

@@ -123,6 +123,30 @@ def test_a_missing_landing_root_fails_the_run_and_never_skips(tmp_path, monkeypa
         poke(make_sensor())
 
 
+def test_a_manual_run_with_ids_under_a_missing_landing_root_fails_as_a_scheduled_run_would(tmp_path, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    monkeypatch.setenv("DICOM_LANDING_ROOT", str(tmp_path / "not-mounted"))
+    monkeypatch.setenv("SEND_TO_GOOGLE", "false")
+    monkeypatch.setenv("DICOM_LOCAL_OUTPUT", str(tmp_path / "out"))
+    with pytest.raises(AirflowFailException) as scheduled:
+        poke(make_sensor())
+    with pytest.raises(AirflowFailException) as manual:
+        poke(make_sensor(batch_ids=["20240105-0001"]), run_type="manual")
+    assert str(manual.value) == str(scheduled.value)
+    assert f"the landing root {tmp_path / 'not-mounted'} does not exist" in str(manual.value)
+
+
+def test_a_gs_landing_root_whose_bucket_does_not_exist_fails_a_manual_run_with_ids(gcs_emulator, tmp_path, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    monkeypatch.setenv("DICOM_LANDING_ROOT", "gs://no-such-landing-bucket/zone")
+    monkeypatch.setenv("SEND_TO_GOOGLE", "false")
+    monkeypatch.setenv("DICOM_LOCAL_OUTPUT", str(tmp_path / "out"))
+    with pytest.raises(AirflowFailException, match="bucket 'no-such-landing-bucket' does not exist"):
+        poke(make_sensor(batch_ids=["20240105-0001"]), run_type="manual")
+
+
 def test_sensor_fails_at_once_with_every_missing_setting_named(monkeypatch):
     monkeypatch.delenv("DICOM_LANDING_ROOT", raising=False)
     monkeypatch.setenv("SEND_TO_GOOGLE", "true")
@@ -433,3 +457,94 @@ def test_a_bad_setting_fails_every_task_at_once_without_retries(
         assert failed == {"find_requests"}, tries
     log = capfd.readouterr()
     assert re.search(problem, log.out + log.err)
+
+
+# Parse-time settings (read from the environment when a DAG file is parsed): a bad value is an
+# import error that names the setting and its rule, not a bare int() or croniter message.
+WHOLE = "must be a whole number of {} or more, not {}"
+CRON = "must be a cron expression .* not {!r}"
+
+
+@pytest.mark.parametrize(
+    ("dag_file", "name", "value", "message"),
+    [
+        ("dicom_storage.py", "DICOM_TASK_RETRIES", "abc", WHOLE.format(0, "'abc'")),
+        ("dicom_withdraw.py", "DICOM_TASK_RETRIES", "-1", WHOLE.format(0, "-1")),
+        ("dicom_storage.py", "DICOM_RETRY_DELAY_SECONDS", "1.5", WHOLE.format(0, "'1.5'")),
+        ("dicom_storage.py", "DICOM_MAX_ACTIVE_RUNS", "0", WHOLE.format(1, "0")),
+        ("dicom_storage.py", "DICOM_SCHEDULE", "bogus", CRON.format("bogus")),
+        ("dicom_withdraw.py", "DICOM_WITHDRAW_SCHEDULE", "every 15 min", CRON.format("every 15 min")),
+    ],
+)
+def test_a_bad_parse_time_setting_is_an_import_error_that_names_it(
+    airflow_db, monkeypatch, dag_file, name, value, message
+):
+    import re
+
+    from airflow.dag_processing.dagbag import DagBag
+
+    from tests.conftest import REPO_ROOT
+
+    monkeypatch.setenv(name, value)
+    bag = DagBag(dag_folder=str(REPO_ROOT / "dags" / dag_file))
+    errors = {path.rsplit("/", 1)[-1]: error for path, error in bag.import_errors.items()}
+    assert list(errors) == [dag_file], bag.import_errors
+    assert re.search(f"{name} {message}", errors[dag_file]), errors[dag_file]
+
+
+def test_good_parse_time_settings_reach_the_dags(airflow_db, monkeypatch):
+    from airflow.dag_processing.dagbag import DagBag
+
+    from tests.conftest import REPO_ROOT
+
+    def parsed(**env: str) -> tuple:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        bag = DagBag(dag_folder=str(REPO_ROOT / "dags"))
+        assert bag.import_errors == {}
+        return bag.get_dag("dicom_storage"), bag.get_dag("dicom_withdraw")
+
+    storage, withdraw = parsed(DICOM_SCHEDULE="none", DICOM_WITHDRAW_SCHEDULE="None")
+    assert (type(storage.timetable).__name__, type(withdraw.timetable).__name__) == ("NullTimetable",) * 2
+    storage, withdraw = parsed(DICOM_SCHEDULE="@daily", DICOM_WITHDRAW_SCHEDULE="*/5 * * * *")
+    assert (storage.timetable.expression, withdraw.timetable.expression) == ("0 0 * * *", "*/5 * * * *")
+    storage, _ = parsed(DICOM_TASK_RETRIES="", DICOM_MAX_ACTIVE_RUNS=" 4 ")  # empty: the default
+    assert (storage.max_active_runs, storage.get_task("plan_batches").retries) == (4, 3)
+
+
+def test_a_parse_time_setting_set_as_an_airflow_variable_is_named_in_a_warning(
+    airflow_db, tmp_path, monkeypatch, caplog
+):
+    """Parse-time settings come from the environment only; one set as an Airflow Variable is not
+    read, and a real run says so (once, in its plan task) rather than leave it looking applied."""
+    from airflow.models import Variable
+
+    from tests.conftest import run_dag
+
+    root = tmp_path / "landing"
+    write_batch(root, batch("ok1", datetime(2024, 1, 5, tzinfo=UTC)))
+    monkeypatch.setenv("DICOM_LANDING_ROOT", str(root))
+    monkeypatch.setenv("SEND_TO_GOOGLE", "false")
+    monkeypatch.setenv("DICOM_LOCAL_OUTPUT", str(tmp_path / "out"))
+    monkeypatch.delenv("DICOM_SCHEDULE", raising=False)
+    monkeypatch.setenv("DICOM_TASK_RETRIES", "0")
+    monkeypatch.delenv("DICOM_MAX_ACTIVE_RUNS", raising=False)
+    variables = {
+        "DICOM_SCHEDULE": "none",  # ignored: the DAG stays hourly
+        "DICOM_TASK_RETRIES": "4",  # ignored: the environment's 0 applies
+        "DICOM_MAX_ACTIVE_RUNS": "2",  # what the DAG uses anyway: nothing to tell
+    }
+    for name, value in variables.items():
+        Variable.set(name, value)
+    try:
+        run = run_dag(["ok1"])
+    finally:
+        for name in variables:
+            Variable.delete(name)
+    assert str(run.state) == "success", "a warning never fails the run"
+    warned = [r for r in caplog.records if "which is not read" in r.getMessage()]
+    assert {r.levelname for r in warned} == {"WARNING"}
+    assert sorted(r.getMessage().split()[0] for r in warned) == ["DICOM_SCHEDULE", "DICOM_TASK_RETRIES"]
+    for record in warned:
+        assert "is set as an Airflow Variable" in record.getMessage()
+        assert "parse-time settings come from the environment only (see README, Settings)" in record.getMessage()

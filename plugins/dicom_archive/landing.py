@@ -100,6 +100,11 @@ class LandingZone(Protocol):
 
     def list_batch_folders(self) -> list[BatchFolder]: ...
 
+    def check_root(self) -> None:
+        """Raise LandingRootError when the landing root does not exist or cannot be read (what
+        list_batch_folders raises), at the cost of one look, however many batches it holds."""
+        ...
+
     def read_bytes(self, batch_id: str, relpath: str) -> bytes | None: ...
 
     def list_files(self, batch_id: str) -> list[LandingFile]: ...
@@ -144,11 +149,7 @@ class LocalLandingZone:
     def list_batch_folders(self) -> list[BatchFolder]:
         """Every folder directly under the root (linked folders excluded: they are not direct
         children), with whether it holds batch.json and our reports. Three stats per folder, no read."""
-        if not self.root.is_dir():
-            raise LandingRootError(
-                f"the landing root {self.root} does not exist or is not a folder (DICOM_LANDING_ROOT); "
-                "a run cannot tell whether batches are pending, so it fails rather than skip"
-            )
+        self.check_root()
         folders = []
         with os.scandir(self.root) as entries:
             for entry in entries:
@@ -170,6 +171,13 @@ class LocalLandingZone:
                     )
                 )
         return sorted(folders, key=lambda f: f.name)
+
+    def check_root(self) -> None:
+        if not self.root.is_dir():
+            raise LandingRootError(
+                f"the landing root {self.root} does not exist or is not a folder (DICOM_LANDING_ROOT); "
+                "a run cannot tell whether batches are pending, so it fails rather than skip"
+            )
 
     def _path(self, batch_id: str, relpath: str) -> Path:
         return self.root / batch_id / relpath
@@ -337,10 +345,7 @@ class GCSLandingZone:
                 if folder and leaf in (_MANIFEST, _REPORT, _LOCAL_REPORT):  # filtered again: exact names only
                     seen.setdefault(folder, {})[leaf] = blob.updated
         except NotFound as err:
-            raise LandingRootError(
-                f"the landing zone {self.uri} cannot be listed: bucket {self.bucket.name!r} does not exist "  # type: ignore[attr-defined]
-                "(DICOM_LANDING_ROOT); a run cannot tell whether batches are pending, so it fails rather than skip"
-            ) from err
+            raise self._missing_bucket() from err
         return [
             BatchFolder(
                 name,
@@ -351,6 +356,20 @@ class GCSLandingZone:
             )
             for name, leaves in sorted(seen.items())
         ]
+
+    def check_root(self) -> None:
+        from google.api_core.exceptions import NotFound
+
+        try:
+            next(iter(self.bucket.list_blobs(prefix=self.prefix, max_results=1, **self._retry)), None)  # type: ignore[attr-defined]
+        except NotFound as err:
+            raise self._missing_bucket() from err
+
+    def _missing_bucket(self) -> LandingRootError:
+        return LandingRootError(
+            f"the landing zone {self.uri} cannot be listed: bucket {self.bucket.name!r} does not exist "  # type: ignore[attr-defined]
+            "(DICOM_LANDING_ROOT); a run cannot tell whether batches are pending, so it fails rather than skip"
+        )
 
     def read_bytes(self, batch_id: str, relpath: str) -> bytes | None:
         from google.api_core.exceptions import NotFound

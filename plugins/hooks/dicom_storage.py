@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import cached_property
@@ -26,8 +27,18 @@ if TYPE_CHECKING:
     from google.cloud import bigquery, storage
 
 
+_log = logging.getLogger(__name__)
+
+
 class GooglePermissionError(RuntimeError):
     """Google refused an operation; the message says which identity and which resource."""
+
+
+class GoogleCredentialsError(GooglePermissionError, AirflowFailException):
+    """No credentials were found for the connection (google.auth's DefaultCredentialsError: no
+    Application Default Credentials, or a GOOGLE_APPLICATION_CREDENTIALS file that does not exist or
+    is not a key). A retry finds none either, so the task fails at once wherever it is raised, even
+    where a client is made outside fail_at_once_on_permanent_errors (like BadSettingError)."""
 
 
 class GoogleNotFoundError(RuntimeError):
@@ -85,6 +96,36 @@ def load_settings(overrides: Mapping[str, str] | None = None) -> Settings:
     except SettingsError as err:
         shown = ", ".join(f"{field}={value!r}" for field, value in (overrides or {}).items())
         raise BadSettingError(f"{err} (task arguments: {shown})" if shown else str(err)) from err
+
+
+def warn_of_ignored_variables() -> list[str]:
+    """Log a warning for each parse-time setting (dicom_archive.parse_settings) that is set as an
+    Airflow Variable to something other than what the DAG files use, and return their names.
+
+    A DAG file must not query Variables while it is parsed, so such a Variable is never read; the
+    plan task (one lookup per name, once per run) says so rather than leave it looking applied.
+    Never raises: a warning must not fail a run."""
+    from airflow.sdk import Variable
+
+    from dicom_archive import parse_settings
+
+    ignored = []
+    for name in parse_settings.PARSE_TIME_DEFAULTS:
+        try:
+            value = Variable.get(name, default=None)
+        except Exception:  # no Variable backend reachable: nothing to tell
+            return ignored
+        if value is None or parse_settings.same_value(name, str(value)):
+            continue
+        ignored.append(name)
+        _log.warning(
+            "%s is set as an Airflow Variable (%r), which is not read: parse-time settings come from the "
+            "environment only (see README, Settings); the DAGs use %r",
+            name,
+            value,
+            parse_settings.in_use(name),
+        )
+    return ignored
 
 
 class DicomStorageHook(BaseHook):
@@ -154,7 +195,8 @@ class DicomStorageHook(BaseHook):
         return self._with_key_file(GCSHook(gcp_conn_id=self.gcp_conn_id, impersonation_chain=self.impersonation_chain))
 
     def storage_client(self) -> storage.Client:
-        return self._gcs_hook.get_conn()
+        with self._credentials_explained():
+            return self._gcs_hook.get_conn()
 
     def _bigquery_hook(self, location: str | None) -> Any:
         from airflow.providers.google.cloud.hooks.bigquery import BigQueryHook
@@ -177,24 +219,28 @@ class DicomStorageHook(BaseHook):
         created), so that a task that is killed can cancel the job it was waiting for."""
         hook = self._bigquery_hook(location)
         if on_job is None:
-            # get_client() does not fall back to the connection's project: pass it.
-            return hook.get_client(project_id=project, location=location)
+            with self._credentials_explained():
+                # get_client() does not fall back to the connection's project: pass it.
+                return hook.get_client(project_id=project, location=location)
         from airflow.providers.google.common.consts import CLIENT_INFO
 
+        with self._credentials_explained():
+            credentials = hook.get_credentials()
         # What get_client() builds, as a client that reports its jobs.
         return _job_reporting_client_class()(
             on_job,
             client_info=CLIENT_INFO,
             project=project,
             location=location,
-            credentials=hook.get_credentials(),
+            credentials=credentials,
             client_options=hook.get_client_options(),
         )
 
     def cancel_bigquery_job(self, job_id: str, *, project: str, location: str | None = None) -> None:
         """Cancel a job and wait for it to end (the provider hook's cancel: a job that already
         ended is left alone)."""
-        self._bigquery_hook(location).cancel_job(job_id=job_id, project_id=project, location=location)
+        with self._credentials_explained():
+            self._bigquery_hook(location).cancel_job(job_id=job_id, project_id=project, location=location)
 
     def landing_zone(self, settings: Settings) -> LandingZone:
         """The landing zone at the settings' landing root."""
@@ -230,16 +276,40 @@ class DicomStorageHook(BaseHook):
         return f"connection {self.gcp_conn_id!r} with {identity}"
 
     @contextlib.contextmanager
+    def _credentials_explained(self) -> Iterator[None]:
+        """Where a client is made, credentials that cannot be found become GoogleCredentialsError."""
+        from google.auth.exceptions import DefaultCredentialsError
+
+        try:
+            yield
+        except DefaultCredentialsError as err:
+            raise self._no_credentials(err) from err
+
+    def _no_credentials(self, err: BaseException) -> GoogleCredentialsError:
+        return GoogleCredentialsError(
+            f"No Google credentials for {self.describe_credentials()}: {err} Set GOOGLE_APPLICATION_CREDENTIALS "
+            "to a service account key file that exists, or set up Application Default Credentials (the "
+            "environment's service account, or `gcloud auth application-default login`), or give the "
+            f"connection {self.gcp_conn_id!r} a key; for the local emulators, make it anonymous "
+            '({"is_anonymous": true} in its extra).'
+        )
+
+    @contextlib.contextmanager
     def explain_google_errors(self, resource: str) -> Iterator[None]:
         """Turn Google's refusals and silences into messages that say who and what.
 
         401/403 name the credentials and the resource, as the original pipeline's documentation
         advises checking both; exhausted retries name the endpoint that did not answer."""
         from google.api_core.exceptions import RetryError
+        from google.auth.exceptions import DefaultCredentialsError
 
         try:
             yield
+        except GoogleCredentialsError:
+            raise
         except Exception as err:
+            if isinstance(err, DefaultCredentialsError):  # a client made inside the block
+                raise self._no_credentials(err) from err
             status = _status(err)
             if status == 404:
                 raise GoogleNotFoundError(

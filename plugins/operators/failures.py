@@ -3,9 +3,10 @@
 A conflict (another archive under the same name, replacing not allowed), an image that no
 longer passes the de-identification re-check or changed since it was planned, a schema
 conflict, a bad row, a bad setting, a manifest value that breaks a rule (batch.json's deid given to
-the archive step), a bad withdrawal request, Google refusing the identity (401/403, rate limits
-aside) or a bucket, project or dataset that does not exist (404) gives the same result on every
-try: retrying them only delays the failure (3 retries with backoff took about 5 minutes).
+the archive step), a bad withdrawal request, no Google credentials found for the connection,
+Google refusing the identity (401/403, rate limits aside) or a bucket, project or dataset that
+does not exist (404) gives the same result on every try: retrying them only delays the failure
+(3 retries with backoff took about 5 minutes).
 Transient errors (Google unavailable, a checksum mismatch after an upload) still retry.
 """
 
@@ -25,7 +26,7 @@ def permanent_errors() -> tuple[type[BaseException], ...]:
     from dicom_archive.publish import ArchiveConflictError
     from dicom_archive.settings import SettingsError
     from dicom_archive.withdraw import WithdrawalRequestError
-    from hooks.dicom_storage import GoogleNotFoundError, GooglePermissionError
+    from hooks.dicom_storage import GoogleCredentialsError, GoogleNotFoundError, GooglePermissionError
 
     return (
         ArchiveConflictError,
@@ -36,6 +37,7 @@ def permanent_errors() -> tuple[type[BaseException], ...]:
         InvalidIdentifierError,
         WithdrawalRequestError,
         ManifestError,
+        GoogleCredentialsError,
         GooglePermissionError,
         GoogleNotFoundError,
     )

@@ -88,8 +88,15 @@ class CompletedBatchSensor(GoogleDestinationMixin, BaseSensorOperator):
         with fail_at_once_on_permanent_errors():  # a bad setting fails at once, soft_fail or not
             settings = self.destination_settings()  # the rendering's, read here only if not rendered
         limit = self.max_batches(settings.max_batches_per_run)
+        root = settings.landing_root
+        hook = self.storage_hook()
         requested = self._requested_ids()
         if requested is not None:
+            try:  # as a run without ids would: otherwise each batch would fail for want of its batch.json
+                with hook.explain_google_errors(f"the landing zone {root}"):
+                    hook.landing_zone(settings).check_root()
+            except LandingRootError as err:
+                raise AirflowFailException(str(err)) from err
             valid, refused = check_requested(requested)
             for shown, problem in refused.items():
                 self.log.error("refused batch id %s: %s; nothing is read or written for it", shown, problem)
@@ -101,8 +108,6 @@ class CompletedBatchSensor(GoogleDestinationMixin, BaseSensorOperator):
             # Refused ids go on to the plan step, which fails them visibly without touching anything.
             return PokeReturnValue(is_done=True, xcom_value=valid + [str(i) for i in requested if i not in valid])
 
-        root = settings.landing_root
-        hook = self.storage_hook()
         run_type = getattr(context["dag_run"], "run_type", None)
         run_type = getattr(run_type, "value", run_type)  # an enum in a real run
         start, end = context["data_interval_start"], context["data_interval_end"]
