@@ -23,7 +23,7 @@ from typing import Any
 
 from airflow.sdk import DAG, CronDataIntervalTimetable, Param, TriggerRule, task
 
-from dicom_archive import parse_settings
+from dicom_archive import parse_time_settings
 from operators.archive import DicomStudyArchiveOperator
 from operators.assets import ARCHIVES_ALIAS, TABLES_ALIAS
 from operators.bigquery import DicomMetadataToBigQueryOperator
@@ -31,11 +31,11 @@ from sensors.batches import CompletedBatchSensor
 
 log = logging.getLogger(__name__)
 
-# Parse-time settings, from the environment only (dicom_archive.parse_settings). Pools default to
+# Parse-time settings, from the environment only (dicom_archive.parse_time_settings). Pools default to
 # default_pool, which exists everywhere, so a fresh Airflow (Composer included) needs no manual
 # step. Naming a pool that does not exist is shown on the run's note.
-STORAGE_POOL = parse_settings.pool("DICOM_GCS_POOL")
-BIGQUERY_POOL = parse_settings.pool("DICOM_BIGQUERY_POOL")
+STORAGE_POOL = parse_time_settings.pool("DICOM_GCS_POOL")
+BIGQUERY_POOL = parse_time_settings.pool("DICOM_BIGQUERY_POOL")
 
 # Labels of the mapped tasks in the grid (plugins/batches_view/outcomes.py has their Python twins).
 CHUNK_LABEL = (
@@ -52,12 +52,12 @@ def _timetable(cron: str) -> CronDataIntervalTimetable:
 
 
 # `none`: manual runs only (no scheduled runs, and so no backfills).
-TIMETABLE = parse_settings.schedule("DICOM_SCHEDULE", _timetable)
+TIMETABLE = parse_time_settings.schedule("DICOM_SCHEDULE", _timetable)
 
 default_args = {
     "owner": "radiology-research",
-    "retries": parse_settings.whole_number("DICOM_TASK_RETRIES"),
-    "retry_delay": timedelta(seconds=parse_settings.whole_number("DICOM_RETRY_DELAY_SECONDS")),
+    "retries": parse_time_settings.whole_number("DICOM_TASK_RETRIES"),
+    "retry_delay": timedelta(seconds=parse_time_settings.whole_number("DICOM_RETRY_DELAY_SECONDS")),
     "retry_exponential_backoff": True,
     "max_retry_delay": timedelta(minutes=10),
 }
@@ -68,7 +68,7 @@ with DAG(
     schedule=TIMETABLE,
     start_date=datetime(2024, 1, 1, tzinfo=UTC),
     catchup=False,
-    max_active_runs=parse_settings.whole_number("DICOM_MAX_ACTIVE_RUNS", minimum=1),
+    max_active_runs=parse_time_settings.whole_number("DICOM_MAX_ACTIVE_RUNS", minimum=1),
     default_args=default_args,
     params={
         "batch_ids": Param(

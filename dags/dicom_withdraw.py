@@ -20,7 +20,7 @@ from typing import Any
 
 from airflow.sdk import DAG, CronTriggerTimetable, Param, task
 
-from dicom_archive import parse_settings
+from dicom_archive import parse_time_settings
 from operators.assets import ARCHIVES_ALIAS, TABLES_ALIAS
 from operators.withdraw import DicomWithdrawOperator
 
@@ -36,13 +36,13 @@ def _checked_cron(cron: str) -> str:
 with DAG(
     dag_id="dicom_withdraw",
     description="Withdraw patients or studies: delete their archives and rows, record it, never upload them again",
-    schedule=parse_settings.schedule("DICOM_WITHDRAW_SCHEDULE", _checked_cron),  # `none`: manual runs only
+    schedule=parse_time_settings.schedule("DICOM_WITHDRAW_SCHEDULE", _checked_cron),  # `none`: manual runs only
     start_date=datetime(2024, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,  # two runs never work on the same request at once
     default_args={
         "owner": "radiology-research",
-        "retries": parse_settings.whole_number("DICOM_TASK_RETRIES"),
+        "retries": parse_time_settings.whole_number("DICOM_TASK_RETRIES"),
         "retry_delay": timedelta(seconds=30),
         "retry_exponential_backoff": True,
     },

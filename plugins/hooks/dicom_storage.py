@@ -99,7 +99,7 @@ def load_settings(overrides: Mapping[str, str] | None = None) -> Settings:
 
 
 def warn_of_ignored_variables() -> list[str]:
-    """Log a warning for each parse-time setting (dicom_archive.parse_settings) that is set as an
+    """Log a warning for each parse-time setting (dicom_archive.parse_time_settings) that is set as an
     Airflow Variable to something other than what the DAG files use, and return their names.
 
     A DAG file must not query Variables while it is parsed, so such a Variable is never read; the
@@ -107,15 +107,15 @@ def warn_of_ignored_variables() -> list[str]:
     Never raises: a warning must not fail a run."""
     from airflow.sdk import Variable
 
-    from dicom_archive import parse_settings
+    from dicom_archive import parse_time_settings
 
     ignored = []
-    for name in parse_settings.PARSE_TIME_DEFAULTS:
+    for name in parse_time_settings.PARSE_TIME_DEFAULTS:
         try:
             value = Variable.get(name, default=None)
         except Exception:  # no Variable backend reachable: nothing to tell
             return ignored
-        if value is None or parse_settings.same_value(name, str(value)):
+        if value is None or parse_time_settings.same_value(name, str(value)):
             continue
         ignored.append(name)
         _log.warning(
@@ -123,7 +123,7 @@ def warn_of_ignored_variables() -> list[str]:
             "environment only (see README, Settings); the DAGs use %r",
             name,
             value,
-            parse_settings.in_use(name),
+            parse_time_settings.in_use(name),
         )
     return ignored
 
