@@ -43,8 +43,9 @@ with DAG(
     default_args={
         "owner": "radiology-research",
         "retries": parse_time_settings.whole_number("DICOM_TASK_RETRIES"),
-        "retry_delay": timedelta(seconds=30),
+        "retry_delay": timedelta(seconds=parse_time_settings.whole_number("DICOM_RETRY_DELAY_SECONDS")),
         "retry_exponential_backoff": True,
+        "max_retry_delay": timedelta(minutes=10),
     },
     params={
         "collection": Param(None, type=["null", "string"], description="Collection (IRB number)."),

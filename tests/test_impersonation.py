@@ -389,6 +389,36 @@ def test_a_credentials_file_that_does_not_exist_fails_at_once_naming_the_connect
     assert "is_anonymous" in message
 
 
+@pytest.mark.parametrize("named_by", ["the setting as an Airflow Variable", "the connection's key_path"])
+def test_a_key_file_the_provider_opens_that_does_not_exist_fails_at_once(
+    airflow_db, local_settings, monkeypatch, tmp_path, metadata_server_watch, named_by
+):
+    """The provider opens a key file itself when the setting comes from a Variable (handed over as
+    the connection's key_path) or the connection names one: a missing file is a bad setting too,
+    not a FileNotFoundError retried for minutes."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from hooks.dicom_storage import DicomStorageHook
+    from operators.failures import permanent_errors
+
+    missing = tmp_path / "no-such-key.json"
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    extra = (
+        {"project": PROJECT} if named_by.startswith("the setting") else {"project": PROJECT, "key_path": str(missing)}
+    )
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT", json.dumps({"conn_type": "google_cloud_platform", "extra": extra})
+    )
+    hook = DicomStorageHook(credentials_file=str(missing) if named_by.startswith("the setting") else None)
+    for make in (hook.storage_client, lambda: hook.bigquery_client(PROJECT)):
+        with pytest.raises(AirflowFailException, match="No Google credentials") as raised:
+            make()
+        assert isinstance(raised.value, permanent_errors())
+        assert "connection 'google_cloud_default'" in str(raised.value)
+        assert str(missing) in str(raised.value)
+    assert not metadata_server_watch()
+
+
 def test_no_credentials_fail_the_run_at_once_without_retries(airflow_db, monkeypatch, tmp_path, capfd):
     """A real run of the DAG with retries on: the first task that makes a client fails, once."""
     from tests.conftest import run_dag

@@ -510,6 +510,9 @@ def test_good_parse_time_settings_reach_the_dags(airflow_db, monkeypatch):
     assert (storage.timetable.expression, withdraw.timetable.expression) == ("0 0 * * *", "*/5 * * * *")
     storage, _ = parsed(DICOM_TASK_RETRIES="", DICOM_MAX_ACTIVE_RUNS=" 4 ")  # empty: the default
     assert (storage.max_active_runs, storage.get_task("plan_batches").retries) == (4, 3)
+    storage, withdraw = parsed(DICOM_RETRY_DELAY_SECONDS="7")  # both DAGs' tasks
+    for task in (storage.get_task("plan_batches"), *withdraw.tasks):
+        assert task.retry_delay.total_seconds() == 7, task.task_id
 
 
 def test_a_parse_time_setting_set_as_an_airflow_variable_is_named_in_a_warning(

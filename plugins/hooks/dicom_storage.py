@@ -277,12 +277,14 @@ class DicomStorageHook(BaseHook):
 
     @contextlib.contextmanager
     def _credentials_explained(self) -> Iterator[None]:
-        """Where a client is made, credentials that cannot be found become GoogleCredentialsError."""
+        """Where a client is made, credentials that cannot be found become GoogleCredentialsError:
+        also a key file that cannot be read, which the provider opens itself when the setting comes
+        from an Airflow Variable or the connection names one (no network is used in making a client)."""
         from google.auth.exceptions import DefaultCredentialsError
 
         try:
             yield
-        except DefaultCredentialsError as err:
+        except (DefaultCredentialsError, FileNotFoundError, IsADirectoryError, PermissionError) as err:
             raise self._no_credentials(err) from err
 
     def _no_credentials(self, err: BaseException) -> GoogleCredentialsError:
