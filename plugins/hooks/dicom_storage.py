@@ -285,16 +285,13 @@ class DicomStorageHook(BaseHook):
         try:
             yield
         except (DefaultCredentialsError, FileNotFoundError, IsADirectoryError, PermissionError) as err:
-            raise self._no_credentials(err) from err
-
-    def _no_credentials(self, err: BaseException) -> GoogleCredentialsError:
-        return GoogleCredentialsError(
-            f"No Google credentials for {self.describe_credentials()}: {err} Set GOOGLE_APPLICATION_CREDENTIALS "
-            "to a service account key file that exists, or set up Application Default Credentials (the "
-            "environment's service account, or `gcloud auth application-default login`), or give the "
-            f"connection {self.gcp_conn_id!r} a key; for the local emulators, make it anonymous "
-            '({"is_anonymous": true} in its extra).'
-        )
+            raise GoogleCredentialsError(
+                f"No Google credentials for {self.describe_credentials()}: {err} Set GOOGLE_APPLICATION_CREDENTIALS "
+                "to a service account key file that exists, or set up Application Default Credentials (the "
+                "environment's service account, or `gcloud auth application-default login`), or give the "
+                f"connection {self.gcp_conn_id!r} a key; for the local emulators, make it anonymous "
+                '({"is_anonymous": true} in its extra).'
+            ) from err
 
     @contextlib.contextmanager
     def explain_google_errors(self, resource: str) -> Iterator[None]:
@@ -303,15 +300,10 @@ class DicomStorageHook(BaseHook):
         401/403 name the credentials and the resource, as the original pipeline's documentation
         advises checking both; exhausted retries name the endpoint that did not answer."""
         from google.api_core.exceptions import RetryError
-        from google.auth.exceptions import DefaultCredentialsError
 
         try:
             yield
-        except GoogleCredentialsError:
-            raise
-        except Exception as err:
-            if isinstance(err, DefaultCredentialsError):  # a client made inside the block
-                raise self._no_credentials(err) from err
+        except Exception as err:  # missing credentials are explained where a client is made
             status = _status(err)
             if status == 404:
                 raise GoogleNotFoundError(
