@@ -45,14 +45,8 @@ BATCH_LABEL = "{{ task.plan_ref['batch_id'] }}"
 REPORT_LABEL = "{{ batch_outcome if batch_outcome is defined else task.op_kwargs['plan_ref']['batch_id'] }}"
 
 
-def _timetable(cron: str) -> CronDataIntervalTimetable:
-    timetable = CronDataIntervalTimetable(cron, timezone="UTC")
-    timetable.validate()  # here, so that a bad expression names DICOM_SCHEDULE
-    return timetable
-
-
 # `none`: manual runs only (no scheduled runs, and so no backfills).
-TIMETABLE = parse_time_settings.schedule("DICOM_SCHEDULE", _timetable)
+TIMETABLE = parse_time_settings.schedule("DICOM_SCHEDULE", CronDataIntervalTimetable)
 
 default_args = {
     "owner": "radiology-research",

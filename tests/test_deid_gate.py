@@ -1187,6 +1187,40 @@ def test_a_deflated_image_that_passes_is_archived_as_explicit_little_endian_with
     assert row["instance_sha256"] != row["source_sha256"]
 
 
+@pytest.mark.parametrize(
+    "file_meta",
+    [
+        {},
+        {"SourceApplicationEntityTitle": "ANON", "ImplementationVersionName": "PYDICOM 3"},
+        {"PrivateInformationCreatorUID": "1.2.3.4", "PrivateInformation": b"ACME"},
+    ],
+    ids=["as-pydicom-writes-it", "elements-after-the-transfer-syntax", "private-information-stripped"],
+)
+def test_a_deflated_images_archived_file_meta_is_the_standard_one_for_explicit_little_endian(tmp_path, file_meta):
+    """The archived copy's file meta is what pydicom writes for the same elements in Explicit VR
+    Little Endian: the transfer syntax's value and the group length both rewritten to match."""
+    from pydicom.filewriter import write_file_meta_info
+
+    ds = pydicom.dcmread(io.BytesIO(_deflated_sample()))
+    for keyword, value in file_meta.items():
+        setattr(ds.file_meta, keyword, value)
+    source = encode(ds, DeflatedExplicitVRLittleEndian)
+    _, archived = _archived(tmp_path, {"x.dcm": source})
+    _, data = archived["x.dcm"]
+
+    expected_meta = FileMetaDataset(ds.file_meta)
+    expected_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    for keyword in ("PrivateInformationCreatorUID", "PrivateInformation"):  # private data: stripped
+        if keyword in expected_meta:
+            delattr(expected_meta, keyword)
+    expected = io.BytesIO()
+    write_file_meta_info(expected, expected_meta, enforce_standard=True)  # computes the group length
+    meta_end = 132 + len(expected.getvalue())
+    assert data[132:meta_end] == expected.getvalue()
+    assert data[:132] == source[:132]
+    assert pydicom.dcmread(io.BytesIO(data)).PixelData == ds.PixelData
+
+
 def test_a_rerun_of_a_batch_with_a_deflated_image_writes_nothing_new(tmp_path):
     zone = _batch(tmp_path, {"x.dcm": _deflated_sample(), "y.dcm": encode(base())})
     store = LocalObjectStore(tmp_path / "out")

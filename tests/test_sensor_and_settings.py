@@ -508,6 +508,10 @@ def test_good_parse_time_settings_reach_the_dags(airflow_db, monkeypatch):
     assert (type(storage.timetable).__name__, type(withdraw.timetable).__name__) == ("NullTimetable",) * 2
     storage, withdraw = parsed(DICOM_SCHEDULE="@daily", DICOM_WITHDRAW_SCHEDULE="*/5 * * * *")
     assert (storage.timetable.expression, withdraw.timetable.expression) == ("0 0 * * *", "*/5 * * * *")
+    # The storage DAG's runs cover data intervals; a withdrawal run is a trigger at a time.
+    kinds = (type(storage.timetable).__name__, type(withdraw.timetable).__name__)
+    assert kinds == ("CronDataIntervalTimetable", "CronTriggerTimetable")
+    assert str(storage.timetable.timezone) == str(withdraw.timetable.timezone) == "UTC"
     storage, _ = parsed(DICOM_TASK_RETRIES="", DICOM_MAX_ACTIVE_RUNS=" 4 ")  # empty: the default
     assert (storage.max_active_runs, storage.get_task("plan_batches").retries) == (4, 3)
     storage, withdraw = parsed(DICOM_RETRY_DELAY_SECONDS="7")  # both DAGs' tasks

@@ -27,8 +27,6 @@ from typing import IO, BinaryIO, cast
 from dicom_archive.deid_gate import DeidPolicy, Reason
 from dicom_archive.header_walk import (
     COPY_CHUNK,
-    LONG_LENGTH_VRS,
-    TRANSFER_SYNTAX_TAG,
     DeflatedDatasetError,
     HeaderWalk,
     SizeChangedError,
@@ -37,8 +35,6 @@ from dicom_archive.header_walk import (
 )
 
 EXPLICIT_LITTLE = b"1.2.840.10008.1.2.1\0"  # a UI value is padded to an even length with a null
-PREAMBLE = 132  # 128 bytes and DICM
-GROUP_LENGTH_TAG = 0x00020000
 SPOOL_IN_MEMORY = 8 * 1024 * 1024  # an inflated file larger than this is spooled to disk
 # What may follow the deflated data: nothing, the null byte that pads a stream of odd length
 # (pydicom writes it), or a gzip trailer (CRC-32 and size of the inflated data, as some writers put
@@ -77,60 +73,44 @@ def walked_image(
     to more than `policy.max_image_bytes`."""
     try:
         walk = walk_header(stream, size, policy, check_end=check_end, record=record)
-    except DeflatedDatasetError as deflated:
-        data_at = deflated.data_at
+    except DeflatedDatasetError as err:
+        deflated = err
     else:
         yield ImageBytes(stream, size, walk)
         return
     with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as spool:
         inflated = cast(BinaryIO, spool)
         stream.seek(0)
-        landing_sha256, inflated_size = _inflate(stream, size, data_at, inflated, policy.max_image_bytes)
+        landing_sha256, inflated_size = _inflate(stream, size, deflated, inflated, policy.max_image_bytes)
         inflated.seek(0)
         walk = walk_header(inflated, inflated_size, policy, record=record)
         yield ImageBytes(inflated, inflated_size, walk, landing_sha256)
 
 
-def _explicit_file_meta(meta: bytes) -> bytes:
-    """The file meta elements `meta` (as the walker read them) with TransferSyntaxUID Explicit VR
-    Little Endian and the group length patched to match."""
-    elements: list[list[bytes]] = []  # [header, value]
-    group_length = None  # index of (0002,0000)
-    pos = 0
-    while pos < len(meta):
-        group, element = struct.unpack_from("<HH", meta, pos)
-        tag = group << 16 | element
-        if meta[pos + 4 : pos + 6].decode("ascii") in LONG_LENGTH_VRS:
-            header_length, (length,) = 12, struct.unpack_from("<L", meta, pos + 8)
-        else:
-            header_length, (length,) = 8, struct.unpack_from("<H", meta, pos + 6)
-        header = meta[pos : pos + header_length]
-        value = meta[pos + header_length : pos + header_length + length]
-        if tag == TRANSFER_SYNTAX_TAG:
-            header, value = header[:6] + struct.pack("<H", len(EXPLICIT_LITTLE)), EXPLICIT_LITTLE
-        elif tag == GROUP_LENGTH_TAG and length == 4:
-            group_length = len(elements)
-        elements.append([header, value])
-        pos += header_length + length
-    if group_length is not None:
-        after = sum(len(header) + len(value) for header, value in elements[group_length + 1 :])
-        elements[group_length][1] = struct.pack("<L", after)
-    return b"".join(header + value for header, value in elements)
+def _explicit_file_meta(head: bytes, deflated: DeflatedDatasetError) -> bytes:
+    """The preamble and file meta `head` (as the walker read them) with TransferSyntaxUID Explicit
+    VR Little Endian and the group length, if any, patched to match."""
+    start, end = deflated.syntax_element
+    syntax = head[start : start + 6] + struct.pack("<H", len(EXPLICIT_LITTLE)) + EXPLICIT_LITTLE
+    explicit = bytearray(head[:start] + syntax + head[end:])
+    if deflated.group_length_at is not None:
+        # Both come before the dataset; the group length's value counts the bytes after it.
+        at = deflated.group_length_at + (len(syntax) - (end - start) if deflated.group_length_at > start else 0)
+        struct.pack_into("<L", explicit, at, len(explicit) - at - 4)
+    return bytes(explicit)
 
 
-def _inflate(stream: BinaryIO, size: int, data_at: int, out: IO[bytes], max_bytes: int) -> tuple[str, int]:
-    """Writes the inflated file of the deflated file in `stream` (its dataset from `data_at` on)
-    to `out`; returns the sha256 of the deflated file and the size of the inflated one."""
-    landing = hashlib.sha256()
+def _inflate(
+    stream: BinaryIO, size: int, deflated: DeflatedDatasetError, out: IO[bytes], max_bytes: int
+) -> tuple[str, int]:
+    """Writes the inflated file of the deflated file in `stream` (as the walker found it) to `out`;
+    returns the sha256 of the deflated file and the size of the inflated one."""
+    landing, data_at = hashlib.sha256(), deflated.data_at
     head = stream.read(data_at)
     if len(head) != data_at:
         raise SizeChangedError(Reason.NOT_DICOM, "does not parse as DICOM (the file ended early)")
     landing.update(head)
-    try:
-        file_meta = _explicit_file_meta(head[PREAMBLE:])
-    except (struct.error, UnicodeDecodeError) as err:  # the walker read it: only a changed file
-        raise WalkError(Reason.NOT_DICOM, "does not parse as DICOM (truncated or corrupt file meta)") from err
-    written = out.write(head[:PREAMBLE] + file_meta)
+    written = out.write(_explicit_file_meta(head, deflated))
     inflater = zlib.decompressobj(-15)  # raw deflate (PS3.5 A.5): no zlib header
     read, trailing, crc, inflated = data_at, b"", 0, 0
     while read < size:

@@ -91,13 +91,15 @@ class SizeChangedError(WalkError):
 
 class DeflatedDatasetError(WalkError):
     """The dataset is deflated (from `data_at` on): it cannot be walked as it is. Unless the caller
-    walks its inflated form (deflated.walked_image), the image is quarantined: fail closed."""
+    walks its inflated form (deflated.walked_image), the image is quarantined: fail closed.
+    `syntax_element`: where the TransferSyntaxUID element is (start, end); `group_length_at`: where
+    the file meta group length's value is, if there is one; as the walker read them."""
 
-    def __init__(self, data_at: int) -> None:
+    def __init__(self, data_at: int, syntax_element: tuple[int, int], group_length_at: int | None) -> None:
         super().__init__(
             Reason.UNREADABLE, "deflated transfer syntax: the header cannot be walked without inflating the file"
         )
-        self.data_at = data_at
+        self.data_at, self.syntax_element, self.group_length_at = data_at, syntax_element, group_length_at
 
 
 def tag_text(tag: int) -> str:
@@ -288,6 +290,8 @@ class _Walker:
         self.containers: list[_Container] = []
         self.all_containers: list[_Container] = []
         self.walk = HeaderWalk(size=size)
+        # Where the file meta's TransferSyntaxUID is (start, end), and its group length's value.
+        self.syntax_element, self.group_length_at = (0, 0), None
 
     # --- reading ---------------------------------------------------------------------
     # The file is read in windows of READ_AHEAD bytes and parsed from memory; the digest of the
@@ -366,7 +370,8 @@ class _Walker:
         first = self._file_meta()
         syntax = self.walk.transfer_syntax
         if syntax == DEFLATED:
-            raise DeflatedDatasetError(self.pos - 4 if first is not None else self.pos)
+            data_at = self.pos - 4 if first is not None else self.pos
+            raise DeflatedDatasetError(data_at, self.syntax_element, self.group_length_at)
         implicit, little = syntax == IMPLICIT_LITTLE, syntax != EXPLICIT_BIG
         self.walk.implicit, self.walk.little = implicit, little
         top = _Frame(0, "", implicit, little, discard=False, rewrite=self.strip, guessed=implicit)
@@ -421,6 +426,7 @@ class _Walker:
                 group_length = (self.pos - 4, struct.unpack("<L", value)[0])
             elif tag == TRANSFER_SYNTAX_TAG:
                 self.walk.transfer_syntax = _decode(value)
+                self.syntax_element = (start, self.pos)
             elif tag in PRIVATE_INFORMATION_TAGS:
                 self.walk.private.append(PrivateElement(name, group, element, "file meta"))
                 if self.strip:
@@ -429,8 +435,10 @@ class _Walker:
                     self.walk.private_removed += tag == PRIVATE_INFORMATION_TAGS[-1]
         else:
             raw = None
-        if removed and group_length is not None:
-            self.walk.patches[group_length[0]] = struct.pack("<L", group_length[1] - removed)
+        if group_length is not None:
+            self.group_length_at = group_length[0]
+            if removed:
+                self.walk.patches[group_length[0]] = struct.pack("<L", group_length[1] - removed)
         if not self.walk.transfer_syntax:
             raise WalkError(Reason.NOT_DICOM, "does not parse as DICOM (truncated or corrupt header)")
         return raw

@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
-T = TypeVar("T")
+
+class _Timetable(Protocol):
+    def validate(self) -> None: ...
+
+
+T = TypeVar("T", bound=_Timetable)
 
 # Every parse-time setting and its default (as the environment would spell it).
 PARSE_TIME_DEFAULTS: dict[str, str] = {
@@ -55,19 +60,22 @@ def pool(name: str) -> str:
     return in_use(name)
 
 
-def schedule(name: str, build: Callable[[str], T]) -> T | None:
-    """None for `none` (manual runs only), else what `build` makes of the cron expression; an
-    expression `build` refuses names the setting (Airflow's own message names no setting)."""
+def schedule(name: str, timetable: Callable[..., T]) -> T | None:
+    """None for `none` (manual runs only), else the `timetable` class (an Airflow cron timetable,
+    passed in so that this module imports no Airflow) made of the expression, in UTC and validated
+    here, so that a bad expression names the setting (Airflow's own message names none)."""
     value = in_use(name)
     if value.lower() == NO_SCHEDULE:
         return None
     try:
-        return build(value)
+        made = timetable(value, timezone="UTC")
+        made.validate()
     except Exception as err:
         raise ParseTimeSettingError(
             f"{name} must be a cron expression (5 to 7 fields, e.g. '0 * * * *', or a preset such as "
             f"'@daily') or {NO_SCHEDULE!r}, not {value!r}: {err}"
         ) from err
+    return made
 
 
 def same_value(name: str, value: str) -> bool:
