@@ -38,12 +38,16 @@ STATUS_ERROR = "ERROR"
 
 
 class ManifestError(ValueError):
-    """A manifest or lookup file that breaks the contract; the message names file and rule."""
+    """A manifest or lookup file that breaks the contract; the message names file and rule.
+    `named_collection`: for a batch.json that reads as a JSON object, the collection it names when
+    that name passes the collection rules (where the ERROR report is filed in the bucket: never a
+    name the manifest itself would refuse, a path or too long); else None."""
 
     def __init__(self, source: str, rule: str) -> None:
         super().__init__(f"{source}: {rule}")
         self.source = source
         self.rule = rule
+        self.named_collection: str | None = None
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,17 @@ def parse_manifest(
     """Parse and validate batch.json. Unknown fields are ignored. The batch id is checked first,
     then the status: a batch that is not complete yet is pending, whatever its other fields say."""
     doc = _parse_json_object(raw, source)
+    try:
+        return _manifest_of(doc, folder_name, default_collection, source)
+    except ManifestError as err:
+        named = doc.get("collection")
+        err.named_collection = named if collection_problem(named, show_value=False) is None else None
+        raise
 
+
+def _manifest_of(
+    doc: dict[str, Any], folder_name: str, default_collection: str | None, source: str
+) -> BatchManifest | PendingManifest:
     batch_id = doc.get("batch_id")
     if batch_id_problem(batch_id) is not None:
         raise ManifestError(source, f"batch_id {kind_of(batch_id)} must match {BATCH_ID_RE.pattern} without '..'")
@@ -167,20 +181,6 @@ def parse_manifest(
     check_deid(deid, source)
 
     return BatchManifest(batch_id, collection, status, completed_at, deid)
-
-
-def collection_named_in(raw: bytes | None) -> str | None:
-    """The collection a batch.json that fails validation still names, when the document reads as
-    a JSON object (no key twice) and the name passes the collection rules; else None. Where the
-    ERROR report of a broken manifest is filed in the bucket: never a name the manifest itself
-    would refuse (a path, too long)."""
-    if raw is None:
-        return None
-    try:
-        named = _parse_json_object(raw, MANIFEST_NAME).get("collection")
-    except ManifestError:
-        return None
-    return named if collection_problem(named, show_value=False) is None else None
 
 
 def check_deid(deid: dict[str, Any], source: str = MANIFEST_NAME) -> None:

@@ -31,7 +31,6 @@ from dicom_archive.manifest import (
     ManifestError,
     PendingManifest,
     check_lookup_entry,
-    collection_named_in,
     is_control_file,
     is_flagged,
     is_keyword_path,
@@ -332,15 +331,11 @@ def read_manifest(
     )
 
 
-def broken_manifest_plan(zone: LandingZone, batch_id: str, default_collection: str | None, error: str) -> BatchPlan:
+def broken_manifest_plan(batch_id: str, error: str, collection: str | None) -> BatchPlan:
     """The ERROR plan of a batch whose batch.json cannot be used. Its report is filed in the bucket
-    under the collection the broken document still names, when that one is valid, else the
-    default collection; with neither it stays beside the batch only."""
-    try:
-        named = collection_named_in(zone.read_bytes(batch_id, MANIFEST_NAME))
-    except Exception:  # unreadable again (a looping link, an outage): `error` already says why
-        named = None
-    return BatchPlan(batch_id, named or default_collection, STATUS_ERROR, error=error, manifest_unusable=True)
+    under `collection`: the one the broken document still names (ManifestError.named_collection),
+    else the default; with neither it stays beside the batch only."""
+    return BatchPlan(batch_id, collection, STATUS_ERROR, error=error, manifest_unusable=True)
 
 
 def plan_batch(
@@ -389,7 +384,7 @@ def _plan_batch(
             )
         raw_lookup = zone.read_bytes(batch_id, LOOKUP_NAME)
     except ManifestError as err:
-        return broken_manifest_plan(zone, batch_id, default_collection, str(err))
+        return broken_manifest_plan(batch_id, str(err), err.named_collection or default_collection)
     try:
         # An empty lookup.json is not valid JSON either: it may have lost the flags it was written for.
         lookup = parse_lookup(raw_lookup, zone.describe(batch_id, LOOKUP_NAME)) if raw_lookup is not None else {}

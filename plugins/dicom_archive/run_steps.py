@@ -28,7 +28,7 @@ from typing import Any
 from dicom_archive import claims
 from dicom_archive.batch import Recovery, Staging, build_report, chunk_id, publish_report, run_key, studies_per_chunk
 from dicom_archive.landing import LandingZone, batch_folder_problem, is_batch_problem
-from dicom_archive.manifest import REPORT_NAME, BatchManifest
+from dicom_archive.manifest import REPORT_NAME, BatchManifest, ManifestError
 from dicom_archive.naming import batch_id_problem, batch_report_object_name
 from dicom_archive.plan import (
     STATUS_DONE,
@@ -145,13 +145,16 @@ def _plan_one(zone: LandingZone, batch_id: str, settings: Settings) -> BatchPlan
         return plan_batch(zone, batch_id, default_collection=settings.default_collection, policy=settings.policy)
     except Exception as err:
         problem = f"{zone.describe(batch_id)} could not be planned: {type(err).__name__}: {err}"
+        manifest, named = None, None
         try:
             manifest = read_manifest(zone, batch_id, settings.default_collection)
-        except Exception:
-            manifest = None
+        except ManifestError as manifest_err:
+            named = manifest_err.named_collection
+        except Exception:  # unreadable again (a looping link, an outage): `problem` already says why
+            pass
         if isinstance(manifest, BatchManifest):  # the manifest is fine: the batch ends ERROR, the run goes on
             return BatchPlan(batch_id, manifest.collection, STATUS_ERROR, error=problem)
-        return broken_manifest_plan(zone, batch_id, settings.default_collection, problem)
+        return broken_manifest_plan(batch_id, problem, named or settings.default_collection)
 
 
 def _reported_before(zone: LandingZone, store: ObjectStore, plan: BatchPlan) -> bool:
