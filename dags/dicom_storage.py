@@ -18,7 +18,7 @@ heavy is imported inside the tasks, so parsing stays fast.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from airflow.sdk import DAG, CronDataIntervalTimetable, Param, TriggerRule, task
@@ -48,14 +48,6 @@ REPORT_LABEL = "{{ batch_outcome if batch_outcome is defined else task.op_kwargs
 # `none`: manual runs only (no scheduled runs, and so no backfills).
 TIMETABLE = parse_time_settings.schedule("DICOM_SCHEDULE", CronDataIntervalTimetable)
 
-default_args = {
-    "owner": "radiology-research",
-    "retries": parse_time_settings.whole_number("DICOM_TASK_RETRIES"),
-    "retry_delay": timedelta(seconds=parse_time_settings.whole_number("DICOM_RETRY_DELAY_SECONDS")),
-    "retry_exponential_backoff": True,
-    "max_retry_delay": timedelta(minutes=10),
-}
-
 with DAG(
     dag_id="dicom_storage",
     description="Archive de-identified DICOM batches to Cloud Storage and their metadata to BigQuery",
@@ -63,7 +55,7 @@ with DAG(
     start_date=datetime(2024, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=parse_time_settings.whole_number("DICOM_MAX_ACTIVE_RUNS", minimum=1),
-    default_args=default_args,
+    default_args=parse_time_settings.task_defaults(),
     params={
         "batch_ids": Param(
             None,

@@ -15,7 +15,7 @@ backfill of the dicom_storage DAG uploads it again. This file only wires tasks t
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from airflow.sdk import DAG, CronTriggerTimetable, Param, task
@@ -34,13 +34,7 @@ with DAG(
     start_date=datetime(2024, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,  # two runs never work on the same request at once
-    default_args={
-        "owner": "radiology-research",
-        "retries": parse_time_settings.whole_number("DICOM_TASK_RETRIES"),
-        "retry_delay": timedelta(seconds=parse_time_settings.whole_number("DICOM_RETRY_DELAY_SECONDS")),
-        "retry_exponential_backoff": True,
-        "max_retry_delay": timedelta(minutes=10),
-    },
+    default_args=parse_time_settings.task_defaults(),
     params={
         "collection": Param(None, type=["null", "string"], description="Collection (IRB number)."),
         "entity_id": Param(None, type=["null", "string"], description="Coded patient id to withdraw."),

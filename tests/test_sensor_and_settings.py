@@ -517,6 +517,8 @@ def test_good_parse_time_settings_reach_the_dags(airflow_db, monkeypatch):
     storage, withdraw = parsed(DICOM_RETRY_DELAY_SECONDS="7")  # both DAGs' tasks
     for task in (storage.get_task("plan_batches"), *withdraw.tasks):
         assert task.retry_delay.total_seconds() == 7, task.task_id
+        policy = (task.retries, bool(task.retry_exponential_backoff), task.max_retry_delay.total_seconds(), task.owner)
+        assert policy == (3, True, 600, "radiology-research"), task.task_id
 
 
 def test_a_parse_time_setting_set_as_an_airflow_variable_is_named_in_a_warning(

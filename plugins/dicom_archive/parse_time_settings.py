@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Protocol, TypeVar
 
 
@@ -76,6 +77,18 @@ def schedule(name: str, timetable: Callable[..., T]) -> T | None:
             f"'@daily') or {NO_SCHEDULE!r}, not {value!r}: {err}"
         ) from err
     return made
+
+
+def task_defaults() -> dict[str, object]:
+    """Both DAGs' default_args: one retry policy (the README's DICOM_TASK_RETRIES and
+    DICOM_RETRY_DELAY_SECONDS rows), growing to at most 10 minutes between tries."""
+    return {
+        "owner": "radiology-research",
+        "retries": whole_number("DICOM_TASK_RETRIES"),
+        "retry_delay": timedelta(seconds=whole_number("DICOM_RETRY_DELAY_SECONDS")),
+        "retry_exponential_backoff": True,
+        "max_retry_delay": timedelta(minutes=10),
+    }
 
 
 def same_value(name: str, value: str) -> bool:
