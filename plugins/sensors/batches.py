@@ -6,8 +6,8 @@ downtime loses nothing), oldest first, up to DICOM_MAX_BATCHES_PER_RUN. A batch 
 live claim holds takes no slot; a batch tried before without a report takes its turn as of its
 last attempt (dicom_archive.ledger), so a failing batch never starves the others. A run with nothing
 pending ends skipped at its first poke: waiting belongs to the schedule, not to a sensor that
-holds a run open for hours. Reschedule mode, no custom trigger (Cloud Composer 3 cannot load
-triggers from plugins/).
+holds a run open for hours. So it never defers, and needs no custom trigger (Cloud Composer 3
+cannot load triggers from plugins/).
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ class CompletedBatchSensor(GoogleDestinationMixin, BaseSensorOperator):
         skips the run instead of failing it. Never a bad setting: the settings are checked when
         the task renders its templates, before poking, and fail it at once.
 
-    Reschedule mode by default; the other BaseSensorOperator arguments are passed on as given.
+    It decides at its first poke, so ``poke_interval`` and ``timeout`` change nothing; the other
+    BaseSensorOperator arguments are passed on as given.
     """
 
     template_fields: Sequence[str] = ("landing_root", "batch_ids", "impersonation_chain")
