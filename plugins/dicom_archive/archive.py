@@ -34,10 +34,10 @@ from dicom_archive.deid_gate import DeidPolicy, StudyIdentity
 from dicom_archive.header_walk import SizeChangedError, StrippedReader, WalkError, judge_header
 from dicom_archive.landing import HeldImagesError, LandingZone, file_identity_of
 from dicom_archive.plan import ImageRecord, StudyGroup
+from dicom_archive.settings import DEFAULT_COMPRESSLEVEL
 from dicom_archive.stores import Checksums
 
 COPY_CHUNK = 1024 * 1024
-DEFAULT_COMPRESSLEVEL = 1  # python-isal levels are 0 to 3
 FILE_MODE = 0o644
 DIR_MODE = 0o755
 

@@ -54,6 +54,7 @@ from dicom_archive.landing import LandingZone
 from dicom_archive.manifest import ManifestError, parse_rfc3339
 from dicom_archive.naming import batch_report_object_name
 from dicom_archive.plan import StudyGroup
+from dicom_archive.settings import DEFAULT_COMPRESSLEVEL
 from dicom_archive.stores import (
     ARCHIVE_CONTENT_TYPE,
     ObjectChangedError,
@@ -303,7 +304,7 @@ def publish_study_archive(
     store: ObjectStore,
     *,
     policy: DeidPolicy | None = None,
-    compresslevel: int = 1,
+    compresslevel: int = DEFAULT_COMPRESSLEVEL,
     replace_changed: bool = False,
     row_fields: RowFields | None = None,
     held: set[str] | None = None,

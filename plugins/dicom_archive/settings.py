@@ -39,6 +39,7 @@ DEFAULT_HEADER_ALLOW_LIST: tuple[str, ...] = (
 
 Lookup = Callable[[str], str | None]
 
+DEFAULT_COMPRESSLEVEL = 1  # DICOM_GZIP_LEVEL; python-isal's levels are 0 to 3
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
 
@@ -172,7 +173,7 @@ class ArchiveSettings:
     """What archiving a study needs of the settings (Settings.archive)."""
 
     policy: DeidPolicy = field(default_factory=DeidPolicy)
-    compresslevel: int = 1
+    compresslevel: int = DEFAULT_COMPRESSLEVEL
     replace_changed: bool = False
     header_allow_list: tuple[str, ...] = DEFAULT_HEADER_ALLOW_LIST
 
@@ -185,28 +186,28 @@ class Settings:
     project: str | None
     default_collection: str | None
     local_output: str
-    replace_changed: bool = False
-    compresslevel: int = 1
-    bigquery_location: str = "US"
-    studies_per_task: int = 25
-    max_archive_tasks: int = 512  # per run; the chunk size grows beyond studies_per_task to stay under it
-    person_attributes: tuple[str, ...] = DEFAULT_PERSON_ATTRIBUTES
-    person_attributes_removed: tuple[str, ...] = ()
-    private_tags: str = "strip"
-    private_allow: tuple[PrivateAllow, ...] = ()
-    deid_profile: str = "contract"
-    header_allow_list: tuple[str, ...] = DEFAULT_HEADER_ALLOW_LIST
-    lookup_fields: tuple[str, ...] = ()  # DICOM_LOOKUP_FIELDS: lookup.json fields besides DICOM keywords
-    max_image_mb: int = 4096
-    google_retry_seconds: int = 120  # how long the clients keep retrying transient errors
+    replace_changed: bool
+    compresslevel: int
+    bigquery_location: str
+    studies_per_task: int
+    max_archive_tasks: int  # per run; the chunk size grows beyond studies_per_task to stay under it
+    person_attributes: tuple[str, ...]
+    person_attributes_removed: tuple[str, ...]
+    private_tags: str
+    private_allow: tuple[PrivateAllow, ...]
+    deid_profile: str
+    header_allow_list: tuple[str, ...]
+    lookup_fields: tuple[str, ...]  # DICOM_LOOKUP_FIELDS: lookup.json fields besides DICOM keywords
+    max_image_mb: int
+    google_retry_seconds: int  # how long the clients keep retrying transient errors
     # -- which run processes a batch (the ledger): see dicom_archive.ledger and dicom_archive.claims
-    max_batches_per_run: int = 200  # oldest completed_at first; also capped at Airflow's max_map_length
-    claim_hours: int = 12  # a run's claim on a batch; a dead run's claim can be taken over after it
+    max_batches_per_run: int  # oldest completed_at first; also capped at Airflow's max_map_length
+    claim_hours: int  # a run's claim on a batch; a dead run's claim can be taken over after it
     # The identity every task uses when it is given none of its own (an operator's argument wins).
-    impersonation_chain: tuple[str, ...] = ()
+    impersonation_chain: tuple[str, ...]
     # GOOGLE_APPLICATION_CREDENTIALS: a service account key file, used through the connection
     # when it names no credentials of its own (None: Application Default Credentials).
-    credentials_file: str | None = None
+    credentials_file: str | None
 
     @property
     def archive(self) -> ArchiveSettings:
@@ -272,7 +273,7 @@ class Settings:
             replace_changed=_bool(
                 "DICOM_REPLACE_CHANGED_ARCHIVES", get("DICOM_REPLACE_CHANGED_ARCHIVES"), False, problems
             ),
-            compresslevel=_int("DICOM_GZIP_LEVEL", get("DICOM_GZIP_LEVEL"), 1, 0, 3, problems),
+            compresslevel=_int("DICOM_GZIP_LEVEL", get("DICOM_GZIP_LEVEL"), DEFAULT_COMPRESSLEVEL, 0, 3, problems),
             bigquery_location=(get("DICOM_BIGQUERY_LOCATION") or "US").strip(),
             studies_per_task=_int("DICOM_STUDIES_PER_TASK", get("DICOM_STUDIES_PER_TASK"), 25, 1, 10_000, problems),
             max_archive_tasks=_int(
