@@ -6,7 +6,6 @@ on the same staged data in the same run."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import time
@@ -91,8 +90,8 @@ def plan_bytes_per_task(studies: int) -> dict[str, Any]:
     shutil.rmtree(staging_root, ignore_errors=True)
     store = ReadCountingStore(staging_root)
     staging = Staging(store, zone.batch_id, run_key("bench__plan_read"))
-    defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
-    size = studies_per_chunk([len(plan.groups)], studies_per_task(), int(defaults["max_archive_tasks"]))
+    max_archive_tasks = Settings.load({"DICOM_LANDING_ROOT": "-"}.get).max_archive_tasks  # the default
+    size = studies_per_chunk([len(plan.groups)], studies_per_task(), max_archive_tasks)
     refs = staging.stage_plan(plan, size)
     before, after = [], []
     for ref in refs:

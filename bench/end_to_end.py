@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from typing import Any
@@ -27,8 +26,9 @@ RUN_ID = "bench__end_to_end"
 
 
 def studies_per_task() -> int:
-    default = next(f.default for f in dataclasses.fields(Settings) if f.name == "studies_per_task")
-    return int(os.environ.get("DICOM_STUDIES_PER_TASK") or default)
+    """What the DAG uses: DICOM_STUDIES_PER_TASK, or the setting's default."""
+    given = {"DICOM_LANDING_ROOT": "-", "DICOM_STUDIES_PER_TASK": os.environ.get("DICOM_STUDIES_PER_TASK")}
+    return Settings.load(given.get).studies_per_task
 
 
 def ours_batch(zone: Zone, store: GCSObjectStore, client: Any) -> dict[str, float]:
