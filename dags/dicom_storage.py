@@ -5,9 +5,10 @@ wait_for_batches -> plan_batches -> archive_studies (mapped over chunks of studi
 
 The published batch reports are the ledger: a run processes every complete batch without a report
 completed before the end of its data interval (oldest first, up to DICOM_MAX_BATCHES_PER_RUN), a
-backfill reprocesses the batches of its interval, and a run with nothing pending ends skipped at
-once. Each batch is claimed by one run at a time; every step is idempotent. A manual run with
-{"batch_ids": [...]} processes exactly those batches.
+backfill reprocesses the batches of its interval, and a run with nothing pending ends at once
+(its tasks skipped, the run a success noted "No batch in this run."). Each batch is claimed by
+one run at a time; every step is idempotent. A manual run with {"batch_ids": [...]} processes
+exactly those batches.
 
 plan_batches hands on one *plan reference* per batch (dicom_archive.run_steps) and stages one
 chunk plan per archive task, so each archive task reads its own studies only. This file only
