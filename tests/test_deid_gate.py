@@ -205,12 +205,85 @@ def test_the_second_item_and_every_offender_are_named():
 
 @pytest.mark.parametrize(
     ("value", "passes"),
-    [("", True), (ENTITY, True), (f"{ENTITY}\\{ENTITY}", True), (f"{ENTITY}\\{NAME}", False), (f"{ENTITY}^", False)],
+    [("", True), (ENTITY, True), (f"{ENTITY}\\{ENTITY}", True), (f"{ENTITY}\\{NAME}", False), (f"{ENTITY}^", True)],
     ids=["empty", "coded-id", "coded-id-twice", "coded-id-then-name", "coded-id-with-caret"],
 )
 def test_a_nested_name_may_only_be_empty_or_the_coded_patient_id(value, passes):
     ds = base(ReferencedStudySequence=Sequence([item(PatientName=value)]))
     assert (reasons(encode(ds)) == {}) is passes
+
+
+# PS3.5 6.2: trailing empty components and groups, with their delimiters, may be written or not.
+NAMES_THAT_ARE_THE_CODED_ID_OR_EMPTY = [
+    f"{ENTITY}^",
+    f"{ENTITY}^^^^",
+    "^^^^",
+    "^",
+    f"{ENTITY}={ENTITY}",
+    f"{ENTITY}^^={ENTITY}^",
+    f"{ENTITY}=",
+    "=",
+    "^=^^=",
+    f"={ENTITY}",
+    f"{ENTITY}^^^^\\^",
+]
+NAMES_STILL_CAUGHT = [
+    f"{ENTITY}^JOHN",
+    f"^{ENTITY}",
+    f"{ENTITY}^^^Dr",
+    f"{ENTITY}=DOE^JOHN",
+    f"DOE^JOHN={ENTITY}",
+    f"{ENTITY}={ENTITY}=JOHN",
+    f"{ENTITY} ^",
+    f"{ENTITY.upper()}^",
+    f"{ENTITY}^\\DOE",
+    "DOE",
+    "^DOE",
+    "=DOE",
+    "^^^^DOE",
+]
+
+
+def _with_name(keyword: str, value: str, *, top: bool, nested: bool, syntax: str = ExplicitVRLittleEndian) -> bytes:
+    """An image whose `keyword` holds `value` as written, byte for byte (pydicom drops trailing
+    empty groups when it writes a name): a placeholder of the same length, replaced."""
+    raw = value.encode() + b" " * (len(value) % 2)
+    placeholder = "~" * len(raw)  # no run of `~` anywhere else in the image
+    ds = base(**({keyword: placeholder} if top else {}))
+    if nested:
+        ds.ReferencedStudySequence = Sequence([item(**{keyword: placeholder})])
+    data = encode(ds, syntax)
+    assert data.count(placeholder.encode()) == top + nested
+    return data.replace(placeholder.encode(), raw)
+
+
+@pytest.mark.parametrize("keyword", ["PatientName", "ReferringPhysicianName", "OtherPatientNames"])
+@pytest.mark.parametrize("value", NAMES_THAT_ARE_THE_CODED_ID_OR_EMPTY)
+@pytest.mark.parametrize("syntax", SYNTAXES.values(), ids=SYNTAXES.keys())
+def test_a_name_that_is_the_coded_id_or_empty_but_for_its_delimiters_passes(keyword, value, syntax):
+    assert reasons(_with_name(keyword, value, top=True, nested=True, syntax=syntax)) == {}
+
+
+@pytest.mark.parametrize("keyword", ["PatientName", "ReferringPhysicianName", "OtherPatientNames"])
+@pytest.mark.parametrize("value", NAMES_STILL_CAUGHT)
+@pytest.mark.parametrize("nested", [False, True], ids=["top", "nested"])
+def test_a_name_with_anything_but_the_coded_id_and_delimiters_is_still_caught(keyword, value, nested):
+    data = _with_name(keyword, value, top=not nested, nested=nested)
+    path = f"ReferencedStudySequence[0].{keyword}" if nested else keyword
+    assert reasons(data) == {"identifying_attribute": f"holds a value: {path}"}
+
+
+@pytest.mark.parametrize("value", [f"{ENTITY}^", f"{ENTITY}={ENTITY}", "^"])
+def test_other_patient_ids_is_text_not_a_name_and_its_delimiters_count(value):
+    """OtherPatientIDs is an LO: a `^` or `=` in it is a character of the identifier, not a delimiter."""
+    ds = base(OtherPatientIDs=value)
+    assert reasons(encode(ds)) == {"identifying_attribute": "holds a value: OtherPatientIDs"}
+
+
+@pytest.mark.parametrize("value", ["^", "^^^^", "="])
+def test_an_empty_name_but_for_its_delimiters_is_empty_for_the_basic_profile(value):
+    data = _with_name("ReferringPhysicianName", value, top=True, nested=False)
+    assert reasons(data, BASIC) == reasons(encode(base()), BASIC)
 
 
 @pytest.mark.parametrize(
@@ -1414,6 +1487,14 @@ def test_values_not_shaped_like_names(value):
         ("StudyDescription", "CT CHEST for DOE^JOHN", "StudyDescription holds a value shaped like a person's name"),
         ("ScanOptions", "HELICAL", None),
         ("PatientAddress", "1 MAIN ST", "PatientAddress holds a value"),
+        ("PatientName", f"{ENTITY}^^^^", None),
+        ("PatientName", f"{ENTITY}={ENTITY}", None),
+        ("ReferringPhysicianName", "^", None),
+        ("A[0].OperatorsName", "=", None),
+        ("PatientName", f"{ENTITY}^JOHN", "PatientName holds a person's name or identifier"),
+        ("PatientName", f"^{ENTITY}", "PatientName holds a person's name or identifier"),
+        ("ReferringPhysicianName", "=DOE", "ReferringPhysicianName holds a person's name or identifier"),
+        ("OtherPatientIDs", f"{ENTITY}^", "OtherPatientIDs holds an identifier other than the coded ids"),
     ],
 )
 def test_judge_field(name, value, why):

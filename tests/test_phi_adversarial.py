@@ -556,6 +556,26 @@ def test_match_lookup_rules():
         match_lookup({"./a.dcm": {"flagged": True}, "A.DCM ": {"x": 1}}, files)
 
 
+@pytest.mark.parametrize(
+    ("entry", "passes"),
+    [
+        ({"PatientName": f"{ENTITY}^^^^"}, True),
+        ({"PatientName": f"{ENTITY}={ENTITY}"}, True),
+        ({"ReferringPhysicianName": "^"}, True),
+        ({"RequestAttributesSequence": [{"ScheduledPerformingPhysicianName": "^^^^="}]}, True),
+        ({"PatientName": f"{ENTITY}^JOHN"}, False),
+        ({"PatientName": f"^{ENTITY}"}, False),
+        ({"ReferringPhysicianName": "=Kowalczyk"}, False),
+        ({"RequestAttributesSequence": [{"ScheduledPerformingPhysicianName": f"{ENTITY}^Nowak"}]}, False),
+        ({"OtherPatientIDs": f"{ENTITY}^"}, False),
+    ],
+)
+def test_a_lookup_name_that_is_the_coded_id_or_empty_but_for_its_delimiters_passes(entry, passes):
+    """PS3.5 6.2: trailing empty name components and groups may be written with their delimiters."""
+    violations = check_lookup_entry(entry, entity_id=ENTITY, item_id=ITEM).violations
+    assert (violations == []) is passes
+
+
 # Accented names: composed (NFC, as JSON is usually written) or decomposed (NFD, as macOS names files).
 CAFE_NFC, CAFE_NFD = "incoming/caf\u00e9.dcm", "incoming/cafe\u0301.dcm"
 

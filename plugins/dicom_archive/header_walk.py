@@ -48,6 +48,7 @@ from dicom_archive.deid_gate import (
     coded_flag,
     coded_id_value_allowed,
     holds_value,
+    person_name_holds_value,
     person_value_allowed,
     value_looks_like_person_name,
 )
@@ -654,7 +655,10 @@ class _Walker:
                 is_name = "PN" in (semantic, dictionary_vr)
                 self._value(frame, tag, is_name, vr, value, length, start, element_path, keyword)
                 if self.profile and not private:
-                    filled = holds_value(value) if semantic not in BULK_VRS else bool(value)
+                    if semantic == "PN":
+                        filled = person_name_holds_value(value)  # `^` or `=` alone: an empty name
+                    else:
+                        filled = holds_value(value) if semantic not in BULK_VRS else bool(value)
                     self.walk.public_values.append((element_path, tag, dictionary_vr, keyword, filled))
                     if keyword == "CodeValue" and element_path.startswith("DeidentificationMethodCodeSequence["):
                         self.walk.deid_codes.append(_decode(value))
@@ -838,7 +842,7 @@ def judge_header(walk: HeaderWalk, policy: DeidPolicy) -> Verdict:
     filled: list[str] = []
     for path, keyword, text, is_name in walk.persons:
         if is_name or keyword in NAME_MAY_BE_CODED_ID:
-            allowed = person_value_allowed(text, entity_id)
+            allowed = person_value_allowed(text, entity_id, person_name=is_name)
         else:
             allowed = not holds_value(text)
         if not allowed and path not in filled:
