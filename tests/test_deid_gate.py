@@ -663,6 +663,78 @@ def test_ages_and_code_strings_as_scanners_write_them_pass(keyword, value):
     assert reasons(encode(ds)) == {}
 
 
+def _with_raw(keyword: str, value: str) -> Dataset:
+    ds, tag = base(), pydicom.datadict.tag_for_keyword(keyword)
+    raw = value.encode() + b" " * (len(value) % 2)
+    vr = pydicom.datadict.dictionary_VR(tag)
+    ds[tag] = RawDataElement(BaseTag(tag), vr, len(raw), raw, 0, False, True)  # pydicom would refuse some
+    return ds
+
+
+# Spellings real writers use for values that cannot carry a name (finding phi5-3).
+REAL_SPELLINGS = [
+    ("PatientAge", "58"),  # the public RSNA pneumonia challenge images: no unit
+    ("PatientAge", "5"),
+    ("PatientAge", "058"),
+    ("PatientAge", "58y"),
+    ("PatientAge", "058Y\\60"),
+    ("BodyPartExamined", "L-SPINE"),
+    ("BodyPartExamined", "ABD/PELVIS"),
+    ("BodyPartExamined", "HEAD (NECK)"),
+    ("ImageType", "DERIVED\\SECONDARY\\MPR 1.5MM\\T1+C"),
+    ("SliceThickness", "NaN"),
+    ("SliceThickness", "nan"),
+    ("SliceThickness", "-Inf"),
+    ("SliceThickness", "+inf"),
+    ("SliceThickness", "Infinity"),
+    ("SliceThickness", "-INF"),
+    ("PixelSpacing", "NaN\\0.5"),
+    ("AcquisitionNumber", "NaN"),
+]
+
+
+@pytest.mark.parametrize(("keyword", "value"), REAL_SPELLINGS)
+@pytest.mark.parametrize("syntax", SYNTAXES.values(), ids=SYNTAXES.keys())
+def test_values_real_writers_spell_so_that_no_name_fits_pass(keyword, value, syntax):
+    assert reasons(encode(_with_raw(keyword, value), syntax)) == {}
+
+
+# What each shape rule is for: a name or an identifier in a number, an age or a code string.
+STILL_MALFORMED = [
+    ("PatientAge", "5858", "is not an age"),
+    ("PatientAge", "58 DOE", "is not an age"),
+    ("PatientAge", "58Y^", "is not an age"),
+    ("PatientAge", "DOE", "is not an age"),
+    ("PatientAge", "58\\Doe", "is not an age"),
+    ("PatientAge", "58-", "is not an age"),
+    ("BodyPartExamined", "L-Spine", "holds a character no CS value has"),
+    ("BodyPartExamined", "DOE=JOHN", "holds a character no CS value has"),
+    ("BodyPartExamined", "DOE^JOHN", "holds a character no CS value has"),
+    ("BodyPartExamined", "DOE, JOHN", "holds a character no CS value has"),
+    ("BodyPartExamined", "JOHN.DOE@EXAMPLE.ORG", "holds a character no CS value has"),
+    ("BodyPartExamined", "O'BRIEN", "holds a character no CS value has"),
+    ("ScanOptions", "Doe/John", "holds a character no CS value has"),
+    ("ImageType", "ORIGINAL\\Jean-Pierre", "holds a character no CS value has"),
+    ("SliceThickness", "Nancy", "holds letters"),
+    ("SliceThickness", "NaN Doe", "holds letters"),
+    ("SliceThickness", "NaN^Doe", "holds letters"),
+    ("SliceThickness", "Info", "holds letters"),
+    ("SliceThickness", "NaN\\Doe", "holds letters"),
+    ("AcquisitionNumber", "Inf\\Jo", "holds letters"),
+    ("StudyTime", "nan", "holds letters"),
+    ("ContentDate", "Inf", "holds letters"),
+]
+
+
+@pytest.mark.parametrize(("keyword", "value", "why"), STILL_MALFORMED)
+def test_a_name_in_a_number_an_age_or_a_code_string_is_still_malformed(keyword, value, why):
+    ds, tag = base(), pydicom.datadict.tag_for_keyword(keyword)
+    following = min(t for t in ds if t > tag)
+    written = element(tag, pydicom.datadict.dictionary_VR(tag), value.encode())  # pydicom refuses some
+    data = insert_before(encode(ds), following, written)
+    assert f"{keyword} {why}" in reasons(data)["malformed_header"]
+
+
 def test_written_un_is_read_by_the_dictionary_even_when_long():
     ds = base()
     del ds.PatientName
