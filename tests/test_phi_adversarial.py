@@ -1260,6 +1260,18 @@ def test_gs_lookup_keys_are_matched_after_the_same_normalisation(gcs_zone, tmp_p
     assert {q.relpath: q.reason for q in plan.quarantined} == {BAD: Reason.FLAGGED_IN_LOOKUP}
 
 
+@pytest.mark.parametrize(
+    ("key", "relpath"), [(CAFE_NFC, CAFE_NFD), (CAFE_NFD, CAFE_NFC)], ids=["nfc-key-nfd-object", "nfd-key-nfc-object"]
+)
+def test_gs_lookup_keys_are_matched_whatever_their_unicode_composition(gcs_zone, tmp_path, key, relpath):
+    spec = BatchSpec(BATCH, images=[*good_images(), bad_image(relpath, OperatorsName=PLANTED["OperatorsName"])],
+                     collection=COLLECTION, lookup={key: {"flagged": True}})  # fmt: skip
+    _upload_batch(gcs_zone, spec, {}, tmp_path)
+    plan = plan_batch(gcs_zone, BATCH)
+    assert plan.status == "DONE", plan.error
+    assert {q.relpath: q.reason for q in plan.quarantined} == {relpath: Reason.FLAGGED_IN_LOOKUP}
+
+
 def test_gs_objects_that_differ_only_in_spelling_make_a_flag_ambiguous(gcs_zone, tmp_path):
     """`a.dcm` and `./a.dcm` are two objects with one normalised name: a flag for it fails the batch."""
     data = image_bytes(bad_image())
