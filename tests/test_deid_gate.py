@@ -205,12 +205,85 @@ def test_the_second_item_and_every_offender_are_named():
 
 @pytest.mark.parametrize(
     ("value", "passes"),
-    [("", True), (ENTITY, True), (f"{ENTITY}\\{ENTITY}", True), (f"{ENTITY}\\{NAME}", False), (f"{ENTITY}^", False)],
+    [("", True), (ENTITY, True), (f"{ENTITY}\\{ENTITY}", True), (f"{ENTITY}\\{NAME}", False), (f"{ENTITY}^", True)],
     ids=["empty", "coded-id", "coded-id-twice", "coded-id-then-name", "coded-id-with-caret"],
 )
 def test_a_nested_name_may_only_be_empty_or_the_coded_patient_id(value, passes):
     ds = base(ReferencedStudySequence=Sequence([item(PatientName=value)]))
     assert (reasons(encode(ds)) == {}) is passes
+
+
+# PS3.5 6.2: trailing empty components and groups, with their delimiters, may be written or not.
+NAMES_THAT_ARE_THE_CODED_ID_OR_EMPTY = [
+    f"{ENTITY}^",
+    f"{ENTITY}^^^^",
+    "^^^^",
+    "^",
+    f"{ENTITY}={ENTITY}",
+    f"{ENTITY}^^={ENTITY}^",
+    f"{ENTITY}=",
+    "=",
+    "^=^^=",
+    f"={ENTITY}",
+    f"{ENTITY}^^^^\\^",
+]
+NAMES_STILL_CAUGHT = [
+    f"{ENTITY}^JOHN",
+    f"^{ENTITY}",
+    f"{ENTITY}^^^Dr",
+    f"{ENTITY}=DOE^JOHN",
+    f"DOE^JOHN={ENTITY}",
+    f"{ENTITY}={ENTITY}=JOHN",
+    f"{ENTITY} ^",
+    f"{ENTITY.upper()}^",
+    f"{ENTITY}^\\DOE",
+    "DOE",
+    "^DOE",
+    "=DOE",
+    "^^^^DOE",
+]
+
+
+def _with_name(keyword: str, value: str, *, top: bool, nested: bool, syntax: str = ExplicitVRLittleEndian) -> bytes:
+    """An image whose `keyword` holds `value` as written, byte for byte (pydicom drops trailing
+    empty groups when it writes a name): a placeholder of the same length, replaced."""
+    raw = value.encode() + b" " * (len(value) % 2)
+    placeholder = "~" * len(raw)  # no run of `~` anywhere else in the image
+    ds = base(**({keyword: placeholder} if top else {}))
+    if nested:
+        ds.ReferencedStudySequence = Sequence([item(**{keyword: placeholder})])
+    data = encode(ds, syntax)
+    assert data.count(placeholder.encode()) == top + nested
+    return data.replace(placeholder.encode(), raw)
+
+
+@pytest.mark.parametrize("keyword", ["PatientName", "ReferringPhysicianName", "OtherPatientNames"])
+@pytest.mark.parametrize("value", NAMES_THAT_ARE_THE_CODED_ID_OR_EMPTY)
+@pytest.mark.parametrize("syntax", SYNTAXES.values(), ids=SYNTAXES.keys())
+def test_a_name_that_is_the_coded_id_or_empty_but_for_its_delimiters_passes(keyword, value, syntax):
+    assert reasons(_with_name(keyword, value, top=True, nested=True, syntax=syntax)) == {}
+
+
+@pytest.mark.parametrize("keyword", ["PatientName", "ReferringPhysicianName", "OtherPatientNames"])
+@pytest.mark.parametrize("value", NAMES_STILL_CAUGHT)
+@pytest.mark.parametrize("nested", [False, True], ids=["top", "nested"])
+def test_a_name_with_anything_but_the_coded_id_and_delimiters_is_still_caught(keyword, value, nested):
+    data = _with_name(keyword, value, top=not nested, nested=nested)
+    path = f"ReferencedStudySequence[0].{keyword}" if nested else keyword
+    assert reasons(data) == {"identifying_attribute": f"holds a value: {path}"}
+
+
+@pytest.mark.parametrize("value", [f"{ENTITY}^", f"{ENTITY}={ENTITY}", "^"])
+def test_other_patient_ids_is_text_not_a_name_and_its_delimiters_count(value):
+    """OtherPatientIDs is an LO: a `^` or `=` in it is a character of the identifier, not a delimiter."""
+    ds = base(OtherPatientIDs=value)
+    assert reasons(encode(ds)) == {"identifying_attribute": "holds a value: OtherPatientIDs"}
+
+
+@pytest.mark.parametrize("value", ["^", "^^^^", "="])
+def test_an_empty_name_but_for_its_delimiters_is_empty_for_the_basic_profile(value):
+    data = _with_name("ReferringPhysicianName", value, top=True, nested=False)
+    assert reasons(data, BASIC) == reasons(encode(base()), BASIC)
 
 
 @pytest.mark.parametrize(
@@ -588,6 +661,78 @@ def test_ages_and_code_strings_as_scanners_write_them_pass(keyword, value):
     raw = value.encode() + b" " * (len(value) % 2)
     ds[tag] = RawDataElement(BaseTag(tag), pydicom.datadict.dictionary_VR(tag), len(raw), raw, 0, False, True)
     assert reasons(encode(ds)) == {}
+
+
+def _with_raw(keyword: str, value: str) -> Dataset:
+    ds, tag = base(), pydicom.datadict.tag_for_keyword(keyword)
+    raw = value.encode() + b" " * (len(value) % 2)
+    vr = pydicom.datadict.dictionary_VR(tag)
+    ds[tag] = RawDataElement(BaseTag(tag), vr, len(raw), raw, 0, False, True)  # pydicom would refuse some
+    return ds
+
+
+# Spellings real writers use for values that cannot carry a name (finding phi5-3).
+REAL_SPELLINGS = [
+    ("PatientAge", "58"),  # the public RSNA pneumonia challenge images: no unit
+    ("PatientAge", "5"),
+    ("PatientAge", "058"),
+    ("PatientAge", "58y"),
+    ("PatientAge", "058Y\\60"),
+    ("BodyPartExamined", "L-SPINE"),
+    ("BodyPartExamined", "ABD/PELVIS"),
+    ("BodyPartExamined", "HEAD (NECK)"),
+    ("ImageType", "DERIVED\\SECONDARY\\MPR 1.5MM\\T1+C"),
+    ("SliceThickness", "NaN"),
+    ("SliceThickness", "nan"),
+    ("SliceThickness", "-Inf"),
+    ("SliceThickness", "+inf"),
+    ("SliceThickness", "Infinity"),
+    ("SliceThickness", "-INF"),
+    ("PixelSpacing", "NaN\\0.5"),
+    ("AcquisitionNumber", "NaN"),
+]
+
+
+@pytest.mark.parametrize(("keyword", "value"), REAL_SPELLINGS)
+@pytest.mark.parametrize("syntax", SYNTAXES.values(), ids=SYNTAXES.keys())
+def test_values_real_writers_spell_so_that_no_name_fits_pass(keyword, value, syntax):
+    assert reasons(encode(_with_raw(keyword, value), syntax)) == {}
+
+
+# What each shape rule is for: a name or an identifier in a number, an age or a code string.
+STILL_MALFORMED = [
+    ("PatientAge", "5858", "is not an age"),
+    ("PatientAge", "58 DOE", "is not an age"),
+    ("PatientAge", "58Y^", "is not an age"),
+    ("PatientAge", "DOE", "is not an age"),
+    ("PatientAge", "58\\Doe", "is not an age"),
+    ("PatientAge", "58-", "is not an age"),
+    ("BodyPartExamined", "L-Spine", "holds a character no CS value has"),
+    ("BodyPartExamined", "DOE=JOHN", "holds a character no CS value has"),
+    ("BodyPartExamined", "DOE^JOHN", "holds a character no CS value has"),
+    ("BodyPartExamined", "DOE, JOHN", "holds a character no CS value has"),
+    ("BodyPartExamined", "JOHN.DOE@EXAMPLE.ORG", "holds a character no CS value has"),
+    ("BodyPartExamined", "O'BRIEN", "holds a character no CS value has"),
+    ("ScanOptions", "Doe/John", "holds a character no CS value has"),
+    ("ImageType", "ORIGINAL\\Jean-Pierre", "holds a character no CS value has"),
+    ("SliceThickness", "Nancy", "holds letters"),
+    ("SliceThickness", "NaN Doe", "holds letters"),
+    ("SliceThickness", "NaN^Doe", "holds letters"),
+    ("SliceThickness", "Info", "holds letters"),
+    ("SliceThickness", "NaN\\Doe", "holds letters"),
+    ("AcquisitionNumber", "Inf\\Jo", "holds letters"),
+    ("StudyTime", "nan", "holds letters"),
+    ("ContentDate", "Inf", "holds letters"),
+]
+
+
+@pytest.mark.parametrize(("keyword", "value", "why"), STILL_MALFORMED)
+def test_a_name_in_a_number_an_age_or_a_code_string_is_still_malformed(keyword, value, why):
+    ds, tag = base(), pydicom.datadict.tag_for_keyword(keyword)
+    following = min(present.tag for present in ds if present.tag > tag)
+    written = element(tag, pydicom.datadict.dictionary_VR(tag), value.encode())  # pydicom refuses some
+    data = insert_before(encode(ds), following, written)
+    assert f"{keyword} {why}" in reasons(data)["malformed_header"]
 
 
 def test_written_un_is_read_by_the_dictionary_even_when_long():
@@ -1242,7 +1387,9 @@ def test_the_deflated_sample_as_shipped_is_judged_not_unreadable(tmp_path):
     found = _quarantined(tmp_path, Path(get_testdata_file("image_dfl.dcm")).read_bytes())
     assert "unreadable" not in found
     assert "not_dicom" not in found
-    assert found["identifying_attribute"] == "holds a value: ReferringPhysicianName, PatientName"
+    # Its names are `^^^^`: empty names with their delimiters written (PS3.5 6.2), nothing to judge.
+    assert "identifying_attribute" not in found
+    assert "invalid_patient_id" in found  # it has no PatientID: judged, not unreadable
 
 
 @pytest.mark.parametrize(
@@ -1414,6 +1561,14 @@ def test_values_not_shaped_like_names(value):
         ("StudyDescription", "CT CHEST for DOE^JOHN", "StudyDescription holds a value shaped like a person's name"),
         ("ScanOptions", "HELICAL", None),
         ("PatientAddress", "1 MAIN ST", "PatientAddress holds a value"),
+        ("PatientName", f"{ENTITY}^^^^", None),
+        ("PatientName", f"{ENTITY}={ENTITY}", None),
+        ("ReferringPhysicianName", "^", None),
+        ("A[0].OperatorsName", "=", None),
+        ("PatientName", f"{ENTITY}^JOHN", "PatientName holds a person's name or identifier"),
+        ("PatientName", f"^{ENTITY}", "PatientName holds a person's name or identifier"),
+        ("ReferringPhysicianName", "=DOE", "ReferringPhysicianName holds a person's name or identifier"),
+        ("OtherPatientIDs", f"{ENTITY}^", "OtherPatientIDs holds an identifier other than the coded ids"),
     ],
 )
 def test_judge_field(name, value, why):

@@ -556,6 +556,96 @@ def test_match_lookup_rules():
         match_lookup({"./a.dcm": {"flagged": True}, "A.DCM ": {"x": 1}}, files)
 
 
+@pytest.mark.parametrize(
+    ("entry", "passes"),
+    [
+        ({"PatientName": f"{ENTITY}^^^^"}, True),
+        ({"PatientName": f"{ENTITY}={ENTITY}"}, True),
+        ({"ReferringPhysicianName": "^"}, True),
+        ({"RequestAttributesSequence": [{"ScheduledPerformingPhysicianName": "^^^^="}]}, True),
+        ({"PatientName": f"{ENTITY}^JOHN"}, False),
+        ({"PatientName": f"^{ENTITY}"}, False),
+        ({"ReferringPhysicianName": "=Kowalczyk"}, False),
+        ({"RequestAttributesSequence": [{"ScheduledPerformingPhysicianName": f"{ENTITY}^Nowak"}]}, False),
+        ({"OtherPatientIDs": f"{ENTITY}^"}, False),
+    ],
+)
+def test_a_lookup_name_that_is_the_coded_id_or_empty_but_for_its_delimiters_passes(entry, passes):
+    """PS3.5 6.2: trailing empty name components and groups may be written with their delimiters."""
+    violations = check_lookup_entry(entry, entity_id=ENTITY, item_id=ITEM).violations
+    assert (violations == []) is passes
+
+
+# Accented names: composed (NFC, as JSON is usually written) or decomposed (NFD, as macOS names files).
+CAFE_NFC, CAFE_NFD = "incoming/caf\u00e9.dcm", "incoming/cafe\u0301.dcm"
+
+
+@pytest.mark.parametrize(
+    ("key", "relpath"), [(CAFE_NFC, CAFE_NFD), (CAFE_NFD, CAFE_NFC)], ids=["nfc-key-nfd-file", "nfd-key-nfc-file"]
+)
+def test_a_flag_whose_key_differs_from_the_file_name_only_in_unicode_composition_holds_the_image(landing, key, relpath):
+    flagged = bad_image(relpath, OperatorsName=PLANTED["OperatorsName"])
+    lookup = {key: {"flagged": True}, good_images()[0].path: {"CTDIvol": 1.0}}
+    outcome = run_batch(
+        landing,
+        bad=[flagged],
+        lookup=lookup,
+        expect={relpath: Reason.FLAGGED_IN_LOOKUP},
+        planted=(PLANTED["OperatorsName"],),
+    )
+    assert not outcome.opened(relpath)
+    assert outcome.report["lookup"]["keys_matching_no_image"] == []
+
+
+def test_a_key_differing_only_in_unicode_composition_reaches_its_image_s_row(landing):
+    image = ImageSpec(ENTITY, ITEM, DATE, "CT", 3, 1, relpath=CAFE_NFD)
+    landing.write(
+        BatchSpec(BATCH, images=[*good_images(), image], collection=COLLECTION, lookup={CAFE_NFC: {"CTDIvol": 7.5}})
+    )
+    outcome = landing.process(BATCH)
+    assert outcome.plan.status == "DONE", outcome.plan.error
+    assert [row["DicomHeader"].get("CTDIvol") for row in outcome.rows].count(7.5) == 1
+    assert outcome.report["lookup"]["keys_matching_no_image"] == []
+
+
+def test_two_files_that_differ_only_in_unicode_composition_make_a_flag_ambiguous(landing):
+    images = [*good_images(), bad_image(CAFE_NFC), bad_image(CAFE_NFD)]
+    images[-1].instance_number = 2
+    landing.write(BatchSpec(BATCH, images=images, collection=COLLECTION, lookup={CAFE_NFC: {"flagged": True}}))
+    outcome = landing.process(BATCH)
+    assert outcome.plan.status == "ERROR"
+    assert "match no image, or several" in outcome.plan.error
+    assert "Unicode composition" in outcome.plan.error
+    assert outcome.archives == {}
+
+
+@pytest.mark.parametrize("flagged", [True, False])
+def test_two_keys_that_differ_only_in_unicode_composition_fail_the_batch(landing, flagged):
+    lookup = {CAFE_NFC: {"flagged": flagged}, CAFE_NFD: {"CTDIvol": 1.0}}
+    landing.write(BatchSpec(BATCH, images=[*good_images(), bad_image(CAFE_NFC)], collection=COLLECTION, lookup=lookup))
+    outcome = landing.process(BATCH)
+    assert outcome.plan.status == "ERROR"
+    assert "two image keys name the same path" in outcome.plan.error
+    assert outcome.archives == {}
+
+
+def test_a_key_in_compatibility_letters_names_another_file():
+    """Decision: fullwidth letters or digits (NFKC would fold them) are another name, not the file's."""
+    files = ["img/file.dcm", "img/2.dcm"]
+    match = match_lookup({"img/\uff46\uff49\uff4c\uff45.dcm": {"flagged": True}, "img/\uff12.dcm": {}}, files)
+    assert match.entries == {}
+    assert match.unmatched == ["img/\uff12.dcm", "img/\uff46\uff49\uff4c\uff45.dcm"]
+    assert match.unsafe_flags({"img/\uff46\uff49\uff4c\uff45.dcm": {"flagged": True}}) == [
+        "img/\uff46\uff49\uff4c\uff45.dcm"
+    ]
+
+
+def test_unicode_composition_does_not_change_which_folder_is_phi():
+    assert normalise_relpath("a/cafe\u0301/./x.dcm") == "a/caf\u00e9/x.dcm"
+    assert not is_under_phi_folder("PHI\u0301/x.dcm")
+    assert is_under_phi_folder("cafe\u0301/PHI/x.dcm")
+
+
 # =============================================================================================
 # lookup.json values
 
@@ -1168,6 +1258,18 @@ def test_gs_lookup_keys_are_matched_after_the_same_normalisation(gcs_zone, tmp_p
     plan = plan_batch(gcs_zone, BATCH)
     assert plan.status == "DONE", plan.error
     assert {q.relpath: q.reason for q in plan.quarantined} == {BAD: Reason.FLAGGED_IN_LOOKUP}
+
+
+@pytest.mark.parametrize(
+    ("key", "relpath"), [(CAFE_NFC, CAFE_NFD), (CAFE_NFD, CAFE_NFC)], ids=["nfc-key-nfd-object", "nfd-key-nfc-object"]
+)
+def test_gs_lookup_keys_are_matched_whatever_their_unicode_composition(gcs_zone, tmp_path, key, relpath):
+    spec = BatchSpec(BATCH, images=[*good_images(), bad_image(relpath, OperatorsName=PLANTED["OperatorsName"])],
+                     collection=COLLECTION, lookup={key: {"flagged": True}})  # fmt: skip
+    _upload_batch(gcs_zone, spec, {}, tmp_path)
+    plan = plan_batch(gcs_zone, BATCH)
+    assert plan.status == "DONE", plan.error
+    assert {q.relpath: q.reason for q in plan.quarantined} == {relpath: Reason.FLAGGED_IN_LOOKUP}
 
 
 def test_gs_objects_that_differ_only_in_spelling_make_a_flag_ambiguous(gcs_zone, tmp_path):

@@ -244,9 +244,33 @@ def value_looks_like_person_name(value: object) -> bool:
     return any(_NAME_SHAPE.search(part) for part in value_components(value))
 
 
-def person_value_allowed(value: object, entity_id: str | None) -> bool:
-    """A person name is allowed only empty or equal to the image's coded PatientID."""
-    return all(part == "" or (entity_id is not None and part == entity_id) for part in value_components(value))
+def _name_groups(name: str) -> list[str]:
+    """A person name's component groups (alphabetic, ideographic, phonetic), each without its trailing
+    `^`s, trailing empty groups dropped: PS3.5 6.2 lets a writer keep or omit trailing empty
+    components and groups with their delimiters, so `ID^^^^` is the name `ID`, and `^`, `^^^^`
+    and `=` are empty names. A `^` before or between components is kept (`^ID` is not `ID`)."""
+    groups = [group.rstrip("^") for group in name.split("=")]
+    while groups and not groups[-1]:
+        groups.pop()
+    return groups
+
+
+def person_value_allowed(value: object, entity_id: str | None, *, person_name: bool = False) -> bool:
+    """A person name is allowed only empty or equal to the image's coded PatientID.
+
+    `person_name`: the value is a PN (not an LO such as OtherPatientIDs, where `^` is a character
+    like any other): each of its component groups that holds anything must be the coded id exactly
+    (`ID^`, `ID=ID`, `^^^^` pass; `ID^JOHN`, `^ID`, `ID=JOHN` do not)."""
+    for part in value_components(value):
+        pieces = [group for group in _name_groups(part) if group] if person_name else [part] if part else []
+        if any(entity_id is None or piece != entity_id for piece in pieces):
+            return False
+    return True
+
+
+def person_name_holds_value(value: object) -> bool:
+    """Whether a PN value holds anything but component and group delimiters (`^`, `=`)."""
+    return any(_name_groups(part) for part in value_components(value))
 
 
 def coded_id_value_allowed(value: object, coded_ids: Iterable[str | None]) -> bool:
@@ -276,8 +300,9 @@ def judge_field(
         return None
     if is_person_identifying_keyword(name, person_attributes):
         keyword = last_keyword(name)
-        if keyword in NAME_MAY_BE_CODED_ID or keyword_vr(keyword) == "PN":
-            if not person_value_allowed(value, entity_id):
+        is_name = keyword_vr(keyword) == "PN"
+        if keyword in NAME_MAY_BE_CODED_ID or is_name:
+            if not person_value_allowed(value, entity_id, person_name=is_name):
                 return f"{name} holds a person's name or identifier"
         elif holds_value(value):
             return f"{name} holds a value"

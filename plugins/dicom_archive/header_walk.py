@@ -48,6 +48,7 @@ from dicom_archive.deid_gate import (
     coded_flag,
     coded_id_value_allowed,
     holds_value,
+    person_name_holds_value,
     person_value_allowed,
     value_looks_like_person_name,
 )
@@ -138,10 +139,20 @@ FIXED_WIDTH_VRS = {"AT": 4, "FD": 8, "FL": 4, "SL": 4, "SS": 2, "SV": 8, "UL": 4
 # letters in one is text that no reader of that VR would show, e.g. a name hidden in a number.
 LETTERLESS_VRS = frozenset({"DA", "DS", "DT", "IS", "TM", "UI"})
 LETTER_RUN = re.compile(rb"[A-Za-z]{2}")
+# The words a number may be spelled with when it is not finite, as writers print them (C `nan`,
+# `-inf`; Java `NaN`, `Infinity`): a closed list of three words, no room for a name.
+NON_FINITE_NUMBER = re.compile(rb"[+-]?(?:nan|inf|infinity)", re.IGNORECASE)
+NUMBER_VRS = frozenset({"DS", "IS"})
 # A code string is capitals, digits, blanks and underscores (any case taken, as scanners write
-# some in lower case); an age is up to three digits and a unit. A `^` in one is a name's.
-CODE_STRING = re.compile(rb"[A-Za-z0-9 _\\]*\0?")
-AGE_STRING = re.compile(rb"(\d{1,3}[DWMY])?(\\(\d{1,3}[DWMY])?)*")
+# some in lower case). Real data also puts the punctuation of terms in one (`L-SPINE`, `ABD/PELVIS`,
+# `T1+C`): taken in capitals only, since a capital term with punctuation says no more than with a
+# blank, while `Hercule.Poirot` is how a name or a mailbox is written. Never `^` or `=` (a person
+# name's delimiters), a comma (`DOE, JOHN`), `@` or a quote.
+CODE_STRING = re.compile(rb"[A-Za-z0-9 _]*")
+CODE_TERM = re.compile(rb"[A-Z0-9 _./()+-]*")
+# An age is up to three digits and its unit (D, W, M or Y); writers also leave the unit out (the
+# public RSNA pneumonia images hold `58`) or write it in lower case: still a number, no name.
+AGE_STRING = re.compile(rb"\d{1,3}[DWMYdwmy]?")
 GROUP_LENGTH_BYTES = 4  # a group length is one UL
 FREE_TEXT_VRS = frozenset({"AE", "LO", "LT", "SH", "ST", "UC", "UR", "UT"})
 # The VRs an element the dictionary does not know may be written with: those whose values the walk
@@ -654,7 +665,10 @@ class _Walker:
                 is_name = "PN" in (semantic, dictionary_vr)
                 self._value(frame, tag, is_name, vr, value, length, start, element_path, keyword)
                 if self.profile and not private:
-                    filled = holds_value(value) if semantic not in BULK_VRS else bool(value)
+                    if semantic == "PN":
+                        filled = person_name_holds_value(value)  # `^` or `=` alone: an empty name
+                    else:
+                        filled = holds_value(value) if semantic not in BULK_VRS else bool(value)
                     self.walk.public_values.append((element_path, tag, dictionary_vr, keyword, filled))
                     if keyword == "CodeValue" and element_path.startswith("DeidentificationMethodCodeSequence["):
                         self.walk.deid_codes.append(_decode(value))
@@ -671,13 +685,26 @@ class _Walker:
             scope.group_lengths.append((start, self.pos))
 
     def _check_shape(self, tag: int, vr: str, value: bytes, path: str) -> None:
-        """A value of a number, date or UID VR holds nothing else: a name cannot hide in it."""
-        if vr in LETTERLESS_VRS and LETTER_RUN.search(value):
-            self.walk.malformed.append(f"{path} holds letters, which no {vr} value has")
-        elif vr == "CS" and not CODE_STRING.fullmatch(value):
-            self.walk.malformed.append(f"{path} holds a character no CS value has (letters, digits, blanks, _)")
-        elif vr == "AS" and not AGE_STRING.fullmatch(value.strip(b" \0")):
-            self.walk.malformed.append(f"{path} is not an age (up to three digits and D, W, M or Y)")
+        """A value of a number, date, UID, code string or age VR holds nothing else: a name cannot
+        hide in it. What real writers spell that holds no name passes (NaN in a DS, L-SPINE in a CS,
+        an age without its unit)."""
+        if vr in LETTERLESS_VRS:
+            number = vr in NUMBER_VRS
+            parts = value.split(b"\\") if number else [value]
+            if any(
+                LETTER_RUN.search(part) and not (number and NON_FINITE_NUMBER.fullmatch(part.strip(b" \0")))
+                for part in parts
+            ):
+                self.walk.malformed.append(f"{path} holds letters, which no {vr} value has")
+        elif vr == "CS":
+            parts = [part.strip(b" \0") for part in value.split(b"\\")]
+            if not all(CODE_STRING.fullmatch(part) or CODE_TERM.fullmatch(part) for part in parts):
+                detail = "letters, digits, blanks, _; or capitals with - . / + ( )"
+                self.walk.malformed.append(f"{path} holds a character no CS value has ({detail})")
+        elif vr == "AS":
+            parts = [part.strip(b" \0") for part in value.split(b"\\")]
+            if not all(not part or AGE_STRING.fullmatch(part) for part in parts):
+                self.walk.malformed.append(f"{path} is not an age (up to three digits, and D, W, M or Y)")
         width = FIXED_WIDTH_VRS.get(vr)
         if width is not None and tag & 0xFFFF:
             most = _most_values(tag)
@@ -838,7 +865,7 @@ def judge_header(walk: HeaderWalk, policy: DeidPolicy) -> Verdict:
     filled: list[str] = []
     for path, keyword, text, is_name in walk.persons:
         if is_name or keyword in NAME_MAY_BE_CODED_ID:
-            allowed = person_value_allowed(text, entity_id)
+            allowed = person_value_allowed(text, entity_id, person_name=is_name)
         else:
             allowed = not holds_value(text)
         if not allowed and path not in filled:

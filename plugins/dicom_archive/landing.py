@@ -12,6 +12,7 @@ import hashlib
 import os
 import socket
 import stat
+import unicodedata
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -434,8 +435,11 @@ def normalise_relpath(relpath: str) -> str:
 
     Backslashes are separators, blanks around a component are dropped, and so are empty and `.`
     components: `PHI//x.dcm`, `./PHI/x.dcm`, `PHI \\x.dcm` and `PHI/x.dcm ` all give `PHI/x.dcm`.
+    Accented letters are composed (NFC): macOS writes file names decomposed (NFD), most editors
+    write JSON composed, and the two spellings are one name to whoever typed it. Compatibility
+    forms (fullwidth letters) are another name and stay apart (NFKC would merge them).
     Case is kept (lookup keys are matched case-insensitively, see manifest.match_lookup)."""
-    parts = (part.strip() for part in relpath.replace("\\", "/").split("/"))
+    parts = (part.strip() for part in unicodedata.normalize("NFC", relpath).replace("\\", "/").split("/"))
     return "/".join(part for part in parts if part not in ("", "."))
 
 

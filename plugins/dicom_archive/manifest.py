@@ -266,14 +266,15 @@ def is_control_file(relpath: str) -> bool:
 
 
 SEVERAL_KEYS_RULE = (
-    "two image keys name the same path once normalised (`./`, `//`, backslashes, blanks, case): "
+    "two image keys name the same path once normalised (`./`, `//`, backslashes, blanks, case, "
+    "Unicode composition NFC): "
     "refused rather than one entry merged into or over the other"
 )
 
 
 def lookup_key(path: str) -> str:
     """The form under which lookup keys and image paths are compared: the landing zone's
-    normalisation (`./`, `//`, backslashes, blanks), then case-insensitive, so that a key in
+    normalisation (`./`, `//`, backslashes, blanks, NFC), then case-insensitive, so that a key in
     another case still reaches its image; two images that differ only in case make the key
     ambiguous, never a silent miss."""
     return normalise_relpath(path).casefold()

@@ -434,7 +434,8 @@ def _plan_batch(
         plan.status = STATUS_ERROR
         plan.error = (
             f"{zone.describe(batch_id, LOOKUP_NAME)}: flagged entries that match no image, or several "
-            f"(nothing is uploaded rather than risk an unflagged image): "
+            "(compared after normalising `./`, `//`, backslashes, blanks, case and Unicode composition; "
+            "nothing is uploaded rather than risk an unflagged image): "
             f"{', '.join(repr(shown_key(key)) for key in unsafe)}"
         )
         return plan
