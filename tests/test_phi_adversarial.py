@@ -125,8 +125,9 @@ def test_paths_are_normalised_one_way(raw, normal):
 
 @pytest.mark.parametrize(
     "relpath",
-    ["PHI/x.dcm", "phi/x.dcm", "Phi/x.dcm", "a/PHI/x.dcm", "a/b/phi/c/x", "PHI \\x", ".//PHI//x", " PHI/x"],
-)
+    ["PHI/x.dcm", "phi/x.dcm", "Phi/x.dcm", "a/PHI/x.dcm", "a/b/phi/c/x", "PHI \\x", ".//PHI//x", " PHI/x",
+     "\uff30\uff28\uff29/x.dcm", "a/\uff50hi/x.dcm", "\u2119HI/x.dcm"],
+)  # fmt: skip
 def test_a_phi_folder_counts_at_any_depth_and_in_any_case(relpath):
     assert is_under_phi_folder(relpath)
 

@@ -450,9 +450,11 @@ def is_under_phi_folder(relpath: str) -> bool:
     The contract names a top-level `PHI/` folder; a folder of that name anywhere else is taken to
     mean the same, and so is a file of that name (not a folder, but nothing says what else it
     would be), because guessing otherwise would upload images the anonymizer meant to hold back.
-    A case-insensitive file system would also take `phi/` for `PHI/`."""
+    A case-insensitive file system would also take `phi/` for `PHI/`. Compatibility forms count
+    too (NFKC: fullwidth letters, a styled letter): holding an image back is the safe
+    side of a doubt."""
     names = normalise_relpath(relpath).split("/")
-    return any(name.casefold() == PHI_FOLDER.casefold() for name in names)
+    return any(unicodedata.normalize("NFKC", name).casefold() == PHI_FOLDER.casefold() for name in names)
 
 
 @functools.cache
