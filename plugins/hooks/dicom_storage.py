@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
 
+from dicom_archive.google_errors import http_status, rate_limited
 from dicom_archive.landing import GCSLandingZone, LandingZone, LocalLandingZone, split_gs_uri
 from dicom_archive.settings import Settings, SettingsError
 from dicom_archive.stores import GCSObjectStore, LocalObjectStore, ObjectStore
@@ -304,14 +305,14 @@ class DicomStorageHook(BaseHook):
         try:
             yield
         except Exception as err:  # missing credentials are explained where a client is made
-            status = _status(err)
+            status = http_status(err)
             if status == 404:
                 raise GoogleNotFoundError(
                     f"{resource} (or the bucket, project or dataset holding it) does not exist for "
                     f"{self.describe_credentials()}: {getattr(err, 'message', err)}. Check GOOGLE_CLOUD_STORAGE, "
                     "GOOGLE_PROJECT_NAME and DICOM_LANDING_ROOT."
                 ) from err
-            if status in (401, 403) and not _rate_limited(err):
+            if status in (401, 403) and not rate_limited(err):
                 raise GooglePermissionError(
                     f"Google refused access ({status}) to {resource} for {self.describe_credentials()}: "
                     f"{getattr(err, 'message', err)}. Check the credentials file (GOOGLE_APPLICATION_CREDENTIALS "
@@ -380,24 +381,3 @@ def _storage_retry(settings: Settings) -> Any:
 
 class GoogleUnavailableError(RuntimeError):
     """Google could not be reached, even after the clients' retries."""
-
-
-def _status(err: BaseException) -> int | None:
-    """The HTTP status of a Google error, whether the client raised an API error or a raw upload
-    response error (None: not an HTTP answer)."""
-    code = getattr(err, "code", None)
-    if not isinstance(code, int):
-        code = getattr(getattr(err, "response", None), "status_code", None)
-    return code if isinstance(code, int) else None
-
-
-# A 403 that says "slow down", not "not allowed": it passes, and a later try may succeed.
-RATE_LIMIT_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded", "quotaExceeded"})
-
-
-def _rate_limited(err: BaseException) -> bool:
-    """The reasons are parsed by the BigQuery client; the storage client keeps only the body's text."""
-    errors = getattr(err, "errors", None) or []
-    if any(isinstance(e, dict) and e.get("reason") in RATE_LIMIT_REASONS for e in errors):
-        return True
-    return any(f'"{reason}"' in str(err) for reason in RATE_LIMIT_REASONS)
