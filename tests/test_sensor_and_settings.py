@@ -147,6 +147,53 @@ def test_a_gs_landing_root_whose_bucket_does_not_exist_fails_a_manual_run_with_i
         poke(make_sensor(batch_ids=["20240105-0001"]), run_type="manual")
 
 
+ACCESS_DENIED = {
+    "error": {"code": 403, "message": "caller does not have storage.objects.list access (injected)",
+              "errors": [{"reason": "forbidden", "message": "caller does not have storage.objects.list access"}]}
+}  # fmt: skip
+
+
+@pytest.fixture
+def refusing_landing_zone(gcs_emulator, tmp_path, monkeypatch):
+    """A gs:// landing zone whose bucket refuses this identity (403) on every request."""
+    from tests.faultproxy import Rule, proxied
+
+    monkeypatch.setenv("DICOM_LANDING_ROOT", "gs://refused-landing/zone")
+    monkeypatch.setenv("SEND_TO_GOOGLE", "false")
+    monkeypatch.setenv("DICOM_LOCAL_OUTPUT", str(tmp_path / "out"))
+    with proxied(gcs_emulator.url, "STORAGE_EMULATOR_HOST") as proxy:
+        yield proxy.add(Rule(path=r"/b/refused-landing(/|$)", status=403, body=ACCESS_DENIED, times=None))
+
+
+@pytest.mark.parametrize("run_type", ["scheduled", "manual-with-ids"])
+def test_a_landing_zone_refusing_the_identity_fails_the_sensor_at_once(refusing_landing_zone, run_type):
+    """A 403 (not a rate limit) is the same on every try: no retry, and the message names the
+    identity and the landing zone."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    sensor = make_sensor(batch_ids=["20240105-0001"]) if run_type == "manual-with-ids" else make_sensor()
+    with pytest.raises(AirflowFailException) as raised:
+        poke(sensor, run_type="manual" if run_type == "manual-with-ids" else run_type)
+    assert "Google refused access (403) to the landing zone gs://refused-landing/zone" in str(raised.value)
+    assert "connection 'google_cloud_default'" in str(raised.value)
+    assert refusing_landing_zone.fired >= 1
+
+
+def test_a_landing_zone_refusing_the_identity_fails_find_requests_at_once_explained(refusing_landing_zone):
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from tests.conftest import REPO_ROOT
+
+    dag = DagBag(dag_folder=str(REPO_ROOT / "dags")).dags["dicom_withdraw"]
+    find_requests = dag.get_task("find_requests").python_callable
+    with pytest.raises(AirflowFailException) as raised:
+        find_requests(params={}, run_id="scheduled__x")
+    assert "Google refused access (403) to the withdrawal requests in gs://refused-landing/zone" in str(raised.value)
+    assert "connection 'google_cloud_default'" in str(raised.value)
+    assert refusing_landing_zone.fired >= 1
+
+
 def test_sensor_fails_at_once_with_every_missing_setting_named(monkeypatch):
     monkeypatch.delenv("DICOM_LANDING_ROOT", raising=False)
     monkeypatch.setenv("SEND_TO_GOOGLE", "true")

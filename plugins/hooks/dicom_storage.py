@@ -31,19 +31,22 @@ if TYPE_CHECKING:
 _log = logging.getLogger(__name__)
 
 
-class GooglePermissionError(RuntimeError):
-    """Google refused an operation; the message says which identity and which resource."""
+class GooglePermissionError(RuntimeError, AirflowFailException):
+    """Google refused an operation; the message says which identity and which resource. A retry
+    is refused too, so the task fails at once wherever it is raised (an AirflowFailException:
+    no call site can forget it)."""
 
 
-class GoogleCredentialsError(GooglePermissionError, AirflowFailException):
+class GoogleCredentialsError(GooglePermissionError):
     """No credentials were found for the connection (google.auth's DefaultCredentialsError: no
     Application Default Credentials, or a GOOGLE_APPLICATION_CREDENTIALS file that does not exist or
     is not a key). A retry finds none either, so the task fails at once wherever it is raised, even
     where a client is made outside fail_at_once_on_permanent_errors (like BadSettingError)."""
 
 
-class GoogleNotFoundError(RuntimeError):
-    """A bucket, project or dataset the settings name does not exist (a retry cannot create it)."""
+class GoogleNotFoundError(RuntimeError, AirflowFailException):
+    """A bucket, project or dataset the settings name does not exist (a retry cannot create it),
+    so the task fails at once wherever it is raised."""
 
 
 # The settings a task's destination arguments stand for: Settings field -> setting name.
