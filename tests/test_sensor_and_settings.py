@@ -602,3 +602,54 @@ def test_a_parse_time_setting_set_as_an_airflow_variable_is_named_in_a_warning(
     for record in warned:
         assert "is set as an Airflow Variable" in record.getMessage()
         assert "parse-time settings come from the environment only (see README, Settings)" in record.getMessage()
+
+
+class DenyingSecretsBackend:
+    """A secrets backend that refuses every Variable: what Airflow 3.3 lets reach the caller of
+    Variable.get (a backend's other failures it logs and reads as "not found")."""
+
+    def _set_connection_class(self, cls: type) -> None:
+        pass
+
+    def get_variable(self, key: str, team_name: str | None = None) -> str | None:
+        from airflow.sdk.exceptions import AirflowSecretsBackendAccessDenied
+
+        raise AirflowSecretsBackendAccessDenied(f"the secrets backend refuses Variable {key} (injected)")
+
+    def get_connection(self, conn_id: str, team_name: str | None = None) -> None:
+        return None
+
+
+@pytest.fixture
+def denying_secrets_backend(monkeypatch):
+    from airflow.sdk.configuration import clear_secrets_backends_cache
+
+    monkeypatch.setenv("AIRFLOW__SECRETS__BACKEND", f"{__name__}.DenyingSecretsBackend")
+    monkeypatch.setenv("AIRFLOW__WORKERS__SECRETS_BACKEND", f"{__name__}.DenyingSecretsBackend")
+    clear_secrets_backends_cache()
+    yield
+    monkeypatch.undo()
+    clear_secrets_backends_cache()
+
+
+@pytest.mark.parametrize("in_environment", [{}, {"DICOM_LANDING_ROOT": "/tmp/landing"}], ids=["root", "send"])
+def test_a_variable_that_cannot_be_read_is_never_read_as_not_set(denying_secrets_backend, monkeypatch, in_environment):
+    """Settings kept as Airflow Variables: a backend that fails to answer is no missing setting
+    (a false "bad setting" that fails the task at once, or SEND_TO_GOOGLE=true read as false and
+    the run kept local). The error reaches the task, which fails (and is retried)."""
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSecretsBackendAccessDenied
+
+    from hooks.dicom_storage import load_settings
+    from operators.links import links_to_view
+
+    for name in ("DICOM_LANDING_ROOT", "SEND_TO_GOOGLE", "GOOGLE_CLOUD_STORAGE", "GOOGLE_PROJECT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in in_environment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("DICOM_LINKS_TO", raising=False)
+
+    with pytest.raises(AirflowSecretsBackendAccessDenied) as raised:
+        load_settings()
+    assert not isinstance(raised.value, AirflowFailException)
+    with pytest.raises(AirflowSecretsBackendAccessDenied):
+        links_to_view()

@@ -72,16 +72,16 @@ class BadSettingError(SettingsError, AirflowFailException):
 
 
 def setting_value(name: str) -> str | None:
-    """One setting, read like every other: the environment first, then the Airflow Variable."""
+    """One setting, read like every other: the environment first, then the Airflow Variable.
+
+    Nothing is caught: a missing Variable is None already (default=None), also outside a task
+    (Airflow 3.3 then asks the environment and the configured secrets backend only). An error that
+    does reach here (a secrets backend denying access) is no "not set": read as one, it would fail
+    the task as a bad setting, or run a sending deployment with SEND_TO_GOOGLE=false."""
     from airflow.sdk import Variable
 
     value = os.environ.get(name)
-    if value is not None:
-        return value
-    try:
-        return Variable.get(name, default=None)
-    except Exception:  # no Variable backend reachable (e.g. parsing outside a task)
-        return None
+    return value if value is not None else Variable.get(name, default=None)
 
 
 def load_settings(overrides: Mapping[str, str] | None = None) -> Settings:
