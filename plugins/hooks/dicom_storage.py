@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
@@ -60,9 +60,24 @@ DESTINATION_SETTINGS = {
 
 ImpersonationChain = str | Sequence[str] | None
 
+
+def _config_described(config: Any) -> str:
+    """credential_config_file is a path, or the configuration itself (never shown)."""
+    if isinstance(config, str) and not config.lstrip().startswith("{"):
+        return f"the credential configuration file {config}"
+    return "the credential configuration stored in the connection"
+
+
 # The fields of a Google connection that name its credentials; any of them wins over the
-# GOOGLE_APPLICATION_CREDENTIALS setting.
-_CONNECTION_CREDENTIALS = ("key_path", "keyfile_dict", "key_secret_name", "credential_config_file", "is_anonymous")
+# GOOGLE_APPLICATION_CREDENTIALS setting. Each with how error messages name that identity
+# (never a secret).
+_CONNECTION_CREDENTIALS: dict[str, Callable[[Any], str]] = {
+    "is_anonymous": lambda _: "anonymous credentials",
+    "key_path": lambda path: f"the key file {path}",
+    "keyfile_dict": lambda _: "the key stored in the connection",
+    "key_secret_name": lambda name: f"the key in the Secret Manager secret {name}",
+    "credential_config_file": _config_described,
+}
 
 
 class BadSettingError(SettingsError, AirflowFailException):
@@ -261,16 +276,16 @@ class DicomStorageHook(BaseHook):
 
     def describe_credentials(self) -> str:
         """Which identity the connection uses, for error messages (never a secret)."""
+        from airflow.providers.google.common.hooks.base_google import get_field
+
         try:
             extras = self.get_connection(self.gcp_conn_id).extra_dejson
-        except Exception:
+        except Exception:  # a message about another error must not fail on its own
             extras = {}
-        if extras.get("is_anonymous"):
-            identity = "anonymous credentials"
-        elif extras.get("key_path") or extras.get("extra__google_cloud_platform__key_path"):
-            identity = f"the key file {extras.get('key_path') or extras.get('extra__google_cloud_platform__key_path')}"
-        elif extras.get("keyfile_dict") or extras.get("extra__google_cloud_platform__keyfile_dict"):
-            identity = "the key stored in the connection"
+        named = ((name, get_field(extras, name)) for name in _CONNECTION_CREDENTIALS)
+        field, value = next(((name, value) for name, value in named if value), (None, None))
+        if field is not None:
+            identity = _CONNECTION_CREDENTIALS[field](value)
         elif self._key_file:
             identity = f"GOOGLE_APPLICATION_CREDENTIALS={self._key_file}"
         else:
@@ -338,8 +353,14 @@ def describe_chain(chain: str | Sequence[str]) -> str:
     return target + (f" (through {', '.join(delegates)})" if delegates else "")
 
 
+class _JobReportingClientFactory(Protocol):
+    """The job-reporting client class: a bigquery.Client whose first argument is `on_job`."""
+
+    def __call__(self, on_job: Callable[[str], None], /, **kwargs: Any) -> bigquery.Client: ...
+
+
 @functools.cache
-def _job_reporting_client_class() -> type[bigquery.Client]:
+def _job_reporting_client_class() -> _JobReportingClientFactory:
     from google.cloud import bigquery
 
     class JobReportingClient(bigquery.Client):
