@@ -69,7 +69,9 @@ with DAG(
             return [request.to_dict()]
         settings = load_settings()
         hook = DicomStorageHook.of_settings(settings)
-        requests, problems = pending_requests(hook.landing_zone(settings), hook.archive_store(settings))
+        # A refusal (401/403, 404) is explained, and fails at once: a retry cannot change it.
+        with hook.explain_google_errors(f"the withdrawal requests in {settings.landing_root}"):
+            requests, problems = pending_requests(hook.landing_zone(settings), hook.archive_store(settings))
         for problem in problems:
             log.warning("not a valid withdrawal request, left alone: %s", problem)
         if not requests:

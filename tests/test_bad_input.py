@@ -29,7 +29,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from google.api_core.exceptions import RetryError, ServiceUnavailable
 
+from dicom_archive import claims
 from dicom_archive.batch import Staging, archive_groups, build_report, publish_report
 from dicom_archive.bigquery_load import DEDUPE_ORDER, ROW_KEY
 from dicom_archive.deid_gate import DEFAULT_PERSON_ATTRIBUTES, DeidPolicy, Reason
@@ -608,6 +610,44 @@ def test_a_broken_batch_json_fails_its_run_wherever_its_report_is_filed(
     filed = [f"Collection/{filed_under}/Batches/{BATCH}.json"] if filed_under else []
     others = [f"Collection/{COLLECTION}/Batches/{b}.json" for b in (LOOKUP_BROKEN, GAVE_UP)]
     assert bucket_reports(landing) == sorted(filed + others)
+
+
+class OutageZone(LocalLandingZone):
+    """A landing zone whose listing of one batch meets an outage that outlasted the client's
+    retries (what the storage client raises then), while another batch meets a bug."""
+
+    outage = True
+
+    def list_files(self, batch_id: str) -> list:
+        if batch_id == BATCH and self.outage:
+            raise RetryError("Timeout of 1.0s exceeded", ServiceUnavailable("503 backend error"))
+        if batch_id == GAVE_UP:
+            return None + 1  # a bug that only this batch's content meets
+        return super().list_files(batch_id)
+
+
+def test_an_outage_while_planning_fails_the_step_and_a_bug_stays_its_batchs_own(landing):
+    """The developers' rule: what a retry may fix (here Google unavailable past the retry window)
+    fails the plan step, which gives up its claims and writes no report, so its retry plans the
+    batch; a batch's own trouble, even an unexpected exception, is that batch's ERROR only."""
+    landing.write(BatchSpec(BATCH, images=good_images(), collection=COLLECTION))
+    landing.write(BatchSpec(GAVE_UP, images=good_images(), collection=COLLECTION))
+    zone, store = OutageZone(landing.root), LocalObjectStore(landing.out)
+    settings = Settings.load({"DICOM_LANDING_ROOT": str(landing.root), "DICOM_LOCAL_OUTPUT": str(landing.out)}.get)
+
+    with pytest.raises(RetryError):
+        plan_run(zone, store, [GAVE_UP, BATCH], "manual__outage", settings)
+    assert not list(landing.root.glob("*/batch.report*.json"))
+    assert bucket_reports(landing) == []
+    for batch_id in (GAVE_UP, BATCH):  # given up: another run may take them at once
+        assert claims.acquire(store, batch_id, "manual__other", timedelta(hours=1)).owned
+        claims.release(store, batch_id, "manual__other")
+
+    zone.outage = False  # the task's retry: same run, the outage is over
+    refs = {ref["batch_id"]: ref for ref in plan_run(zone, store, [GAVE_UP, BATCH], "manual__outage", settings)}
+    assert (refs[BATCH]["status"], refs[GAVE_UP]["status"]) == ("DONE", "ERROR")
+    assert refs[BATCH]["earlier_attempts"] == []
+    assert "TypeError" in Staging(store, GAVE_UP, refs[GAVE_UP]["run_key"]).read_plan().error
 
 
 def test_a_broken_batch_json_fails_its_run_whichever_version_staged_its_plan(landing):

@@ -234,7 +234,7 @@ def test_load_rerun_and_backfill_leave_one_row_per_image(bigquery_client, datase
         client, dataset_id=dataset_id, ndjson=to_ndjson(rows), run_key="manual__2024-05-01"
     )
     first_jobs = job_ids(client) - before
-    assert (first.rows_in_batch, first.rows_inserted, first.reattached) == (4, 4, False)
+    assert (first.rows_in_batch, first.rows_inserted) == (4, 4)
     assert first_jobs == {first.load_job_id, first.merge_job_id}
     assert len(first_jobs) <= 3
     assert count_rows(client, dataset_id) == (4, 4)
@@ -245,8 +245,7 @@ def test_load_rerun_and_backfill_leave_one_row_per_image(bigquery_client, datase
     ndjson = b"\n".join(json.dumps(r).encode() for r in rows)
     mid = job_ids(client)
     rerun = bl.load_rows_exactly_once(client, dataset_id=dataset_id, ndjson=ndjson, run_key="manual__2024-05-01")
-    assert job_ids(client) == mid
-    assert rerun.reattached
+    assert job_ids(client) == mid  # re-attached to the MERGE that ran: no job runs again
     assert rerun.merge_job_id == first.merge_job_id
     assert count_rows(client, dataset_id) == (4, 4)
 
@@ -259,7 +258,7 @@ def test_load_rerun_and_backfill_leave_one_row_per_image(bigquery_client, datase
         run_key="backfill__2024-05-02",
     )
     assert len(job_ids(client) - mid) == 2
-    assert (backfill.rows_in_batch, backfill.rows_inserted, backfill.reattached) == (6, 2, False)
+    assert (backfill.rows_in_batch, backfill.rows_inserted) == (6, 2)
     assert backfill.merge_job_id != first.merge_job_id
     assert count_rows(client, dataset_id) == (6, 6)
 
@@ -299,7 +298,7 @@ def test_retry_after_merge_ran_reattaches_to_it(bigquery_client, dataset_id):
     before = job_ids(client)
     result = bl.load_rows_exactly_once(client, dataset_id=dataset_id, ndjson=to_ndjson(rows), run_key="r")
     assert job_ids(client) == before
-    assert (result.reattached, result.merge_job_id, result.rows_inserted) == (True, merge.job_id, 2)
+    assert (result.merge_job_id, result.rows_inserted) == (merge.job_id, 2)
     assert count_rows(client, dataset_id) == (2, 2)
 
 
@@ -514,3 +513,48 @@ def test_rows_given_chunk_by_chunk_load_as_the_same_rows_at_once(bigquery_client
     )
     assert (result.rows_in_batch, result.rows_inserted) == (5, 5)
     assert count_rows(bigquery_client, dataset_id) == (5, 5)
+
+
+class FailedJob:
+    """A job BigQuery ended with `reason` (what job.result() raises then, as the client builds it)."""
+
+    def __init__(self, job_id: str, status: int, reason: str) -> None:
+        self.job_id = job_id
+        self.error_result = {"reason": reason, "message": f"{reason}: Table p:IRB1.dicom (injected)"}
+        self.errors = [self.error_result]
+        self.exc = gexc.from_http_status(status, self.error_result["message"], errors=self.errors)
+
+    def result(self) -> None:
+        raise self.exc
+
+
+@pytest.mark.parametrize(
+    ("status", "reason", "at_once", "words"),
+    [
+        pytest.param(403, "accessDenied", True, "Google refused access (403)", id="access-denied"),
+        pytest.param(404, "notFound", True, "does not exist", id="dataset-gone"),
+        pytest.param(403, "quotaExceeded", False, "quotaExceeded", id="quota-is-retried"),
+        pytest.param(429, "rateLimitExceeded", False, "rateLimitExceeded", id="rate-limit-is-retried"),
+        pytest.param(500, "backendError", False, "backendError", id="backend-error-is-retried"),
+    ],
+)
+def test_a_job_refused_by_bigquery_fails_its_task_at_once_an_outage_retries(status, reason, at_once, words):
+    """A job that BigQuery ends with 403 accessDenied (the identity may start jobs, not write the
+    table) or 404 fails the task at once, as the same refusal of the job's start does; a rate
+    limit or a backend error is left to the task's retries. The operators' own nesting."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from hooks.dicom_storage import DicomStorageHook
+    from operators.failures import fail_at_once_on_permanent_errors
+
+    hook = DicomStorageHook(credentials_file="")
+    with (
+        pytest.raises((AirflowFailException, BigQueryJobError)) as raised,
+        fail_at_once_on_permanent_errors(),
+        hook.explain_google_errors("the BigQuery table p.IRB1.dicom"),
+    ):
+        bl.run_job(None, "merge_x", "US", lambda job_id: FailedJob(job_id, status, reason))
+    assert isinstance(raised.value, AirflowFailException) is at_once, repr(raised.value)
+    assert words in str(raised.value)
+    if not at_once:
+        assert isinstance(raised.value, BigQueryJobError)

@@ -335,3 +335,49 @@ def test_a_refusal_no_retry_can_change_fails_at_once(
         assert found[task] == (tries, "failed"), found
         log = capfd.readouterr()
         assert words in log.out + log.err
+
+
+def test_a_landing_zone_outage_while_planning_fails_the_plan_task_and_the_batch_stays_pending(
+    tmp_path, gcs_emulator, bigquery_emulator, airflow_db, monkeypatch, capfd
+):
+    """Listing a gs:// batch answers 503 past the clients' retries: an outage, not the batch's
+    trouble. The plan task fails (and is retried), no ERROR report marks the batch done, and its
+    claim is given up: the next run takes the batch and archives it."""
+    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+    monkeypatch.setenv("DICOM_TASK_RETRIES", "1")
+    monkeypatch.setenv("DICOM_RETRY_DELAY_SECONDS", "1")
+    monkeypatch.setenv("DICOM_GOOGLE_RETRY_SECONDS", "1")
+    landing = f"landing-{os.urandom(4).hex()}"
+    GCSHook().create_bucket(bucket_name=landing, project_id=PROJECT)
+    with pipeline_settings(f"gs://{landing}/zone", proxies=True) as env:
+        batch = demo_batches(days=1, collection=env["collection"])[0]
+        batch.batch_id = "faults-listing-down"
+        folder = write_batch(tmp_path / "source", batch)
+        for path in (p for p in folder.rglob("*") if p.is_file()):
+            name = f"zone/{batch.batch_id}/{path.relative_to(folder).as_posix()}"
+            GCSHook().get_conn().bucket(landing).blob(name).upload_from_filename(str(path))
+        # The listing of the batch's files (a prefix naming the batch), nothing else.
+        down = env["gcs"].add(
+            Rule(
+                method="GET", path=rf"/b/{landing}/o$", query=batch.batch_id, status=503, body=BACKEND_ERROR, times=None
+            )
+        )
+
+        dag_run = run_storage_dag([batch.batch_id])
+        assert str(dag_run.state) == "failed"
+        found = {ti.task_id: (ti.try_number, str(ti.state)) for ti in dag_run.get_task_instances()}
+        assert found["plan_batches"] == (2, "failed"), found
+        assert down.fired >= 2, "both tries listed the batch"
+        log = capfd.readouterr()
+        assert f"Google did not answer for the batch gs://{landing}/zone/{batch.batch_id}" in log.out + log.err
+        landing_bucket = GCSHook().get_conn().bucket(landing)
+        assert landing_bucket.get_blob(f"zone/{batch.batch_id}/batch.report.json") is None, "no report: still pending"
+        assert generations(env["bucket"]) == {}
+        assert not [b.name for b in GCSHook().get_conn().list_blobs(env["bucket"], prefix="Collection/")]
+
+        env["gcs"].clear()  # the outage is over: the next run takes the batch (its claim was given up)
+        assert run_dag([batch.batch_id]) == "success"
+        report = json.loads(landing_bucket.blob(f"zone/{batch.batch_id}/batch.report.json").download_as_bytes())
+        assert report["status"] == "DONE"
+        assert set(generations(env["bucket"])) == expected_objects(batch)

@@ -441,3 +441,36 @@ def test_no_credentials_fail_the_run_at_once_without_retries(airflow_db, monkeyp
     assert all(try_number <= 1 for _, try_number in tries.values()), tries
     log = capfd.readouterr()
     assert "No Google credentials for connection 'google_cloud_default'" in log.out + log.err
+
+
+@pytest.mark.parametrize(
+    ("extra", "named", "never_shown"),
+    [
+        ({"key_secret_name": "dicom-sa-key"}, "the key in the Secret Manager secret dicom-sa-key", None),
+        ({"credential_config_file": "/etc/wif.json"}, "the credential configuration file /etc/wif.json", None),
+        (
+            {"credential_config_file": json.dumps({"type": "external_account", "audience": "wif-pool-7731"})},
+            "the credential configuration stored in the connection",
+            "wif-pool-7731",
+        ),
+        ({"extra__google_cloud_platform__key_path": "/k.json"}, "the key file /k.json", None),
+        ({"keyfile_dict": json.dumps({"private_key": "KEY-7731"})}, "the key stored in the connection", "KEY-7731"),
+        ({"is_anonymous": True}, "anonymous credentials", None),
+    ],
+)
+def test_a_refusal_names_the_identity_the_connection_uses(monkeypatch, extra, named, never_shown):
+    """A 403 message names the connection's own credentials, whichever field holds them, never
+    Application Default Credentials when they are not in use, and never a secret."""
+    from google.api_core.exceptions import Forbidden
+
+    from hooks.dicom_storage import DicomStorageHook, GooglePermissionError
+
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("AIRFLOW_CONN_PROBE_CONN", json.dumps({"conn_type": "google_cloud_platform", "extra": extra}))
+    hook = DicomStorageHook(gcp_conn_id="probe_conn")
+    with pytest.raises(GooglePermissionError) as raised, hook.explain_google_errors("the bucket b"):
+        raise Forbidden("caller does not have storage.objects.list access")
+    assert f"connection 'probe_conn' with {named}:" in str(raised.value)
+    assert "Application Default Credentials" not in str(raised.value)
+    if never_shown:
+        assert never_shown not in str(raised.value)

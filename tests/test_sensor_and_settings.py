@@ -147,6 +147,53 @@ def test_a_gs_landing_root_whose_bucket_does_not_exist_fails_a_manual_run_with_i
         poke(make_sensor(batch_ids=["20240105-0001"]), run_type="manual")
 
 
+ACCESS_DENIED = {
+    "error": {"code": 403, "message": "caller does not have storage.objects.list access (injected)",
+              "errors": [{"reason": "forbidden", "message": "caller does not have storage.objects.list access"}]}
+}  # fmt: skip
+
+
+@pytest.fixture
+def refusing_landing_zone(gcs_emulator, tmp_path, monkeypatch):
+    """A gs:// landing zone whose bucket refuses this identity (403) on every request."""
+    from tests.faultproxy import Rule, proxied
+
+    monkeypatch.setenv("DICOM_LANDING_ROOT", "gs://refused-landing/zone")
+    monkeypatch.setenv("SEND_TO_GOOGLE", "false")
+    monkeypatch.setenv("DICOM_LOCAL_OUTPUT", str(tmp_path / "out"))
+    with proxied(gcs_emulator.url, "STORAGE_EMULATOR_HOST") as proxy:
+        yield proxy.add(Rule(path=r"/b/refused-landing(/|$)", status=403, body=ACCESS_DENIED, times=None))
+
+
+@pytest.mark.parametrize("run_type", ["scheduled", "manual-with-ids"])
+def test_a_landing_zone_refusing_the_identity_fails_the_sensor_at_once(refusing_landing_zone, run_type):
+    """A 403 (not a rate limit) is the same on every try: no retry, and the message names the
+    identity and the landing zone."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    sensor = make_sensor(batch_ids=["20240105-0001"]) if run_type == "manual-with-ids" else make_sensor()
+    with pytest.raises(AirflowFailException) as raised:
+        poke(sensor, run_type="manual" if run_type == "manual-with-ids" else run_type)
+    assert "Google refused access (403) to the landing zone gs://refused-landing/zone" in str(raised.value)
+    assert "connection 'google_cloud_default'" in str(raised.value)
+    assert refusing_landing_zone.fired >= 1
+
+
+def test_a_landing_zone_refusing_the_identity_fails_find_requests_at_once_explained(refusing_landing_zone):
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from tests.conftest import REPO_ROOT
+
+    dag = DagBag(dag_folder=str(REPO_ROOT / "dags")).dags["dicom_withdraw"]
+    find_requests = dag.get_task("find_requests").python_callable
+    with pytest.raises(AirflowFailException) as raised:
+        find_requests(params={}, run_id="scheduled__x")
+    assert "Google refused access (403) to the withdrawal requests in gs://refused-landing/zone" in str(raised.value)
+    assert "connection 'google_cloud_default'" in str(raised.value)
+    assert refusing_landing_zone.fired >= 1
+
+
 def test_sensor_fails_at_once_with_every_missing_setting_named(monkeypatch):
     monkeypatch.delenv("DICOM_LANDING_ROOT", raising=False)
     monkeypatch.setenv("SEND_TO_GOOGLE", "true")
@@ -557,3 +604,54 @@ def test_a_parse_time_setting_set_as_an_airflow_variable_is_named_in_a_warning(
     for record in warned:
         assert "is set as an Airflow Variable" in record.getMessage()
         assert "parse-time settings come from the environment only (see README, Settings)" in record.getMessage()
+
+
+class DenyingSecretsBackend:
+    """A secrets backend that refuses every Variable: what Airflow 3.3 lets reach the caller of
+    Variable.get (a backend's other failures it logs and reads as "not found")."""
+
+    def _set_connection_class(self, cls: type) -> None:
+        pass
+
+    def get_variable(self, key: str, team_name: str | None = None) -> str | None:
+        from airflow.sdk.exceptions import AirflowSecretsBackendAccessDenied
+
+        raise AirflowSecretsBackendAccessDenied(f"the secrets backend refuses Variable {key} (injected)")
+
+    def get_connection(self, conn_id: str, team_name: str | None = None) -> None:
+        return None
+
+
+@pytest.fixture
+def denying_secrets_backend(monkeypatch):
+    from airflow.sdk.configuration import clear_secrets_backends_cache
+
+    monkeypatch.setenv("AIRFLOW__SECRETS__BACKEND", f"{__name__}.DenyingSecretsBackend")
+    monkeypatch.setenv("AIRFLOW__WORKERS__SECRETS_BACKEND", f"{__name__}.DenyingSecretsBackend")
+    clear_secrets_backends_cache()
+    yield
+    monkeypatch.undo()
+    clear_secrets_backends_cache()
+
+
+@pytest.mark.parametrize("in_environment", [{}, {"DICOM_LANDING_ROOT": "/tmp/landing"}], ids=["root", "send"])
+def test_a_variable_that_cannot_be_read_is_never_read_as_not_set(denying_secrets_backend, monkeypatch, in_environment):
+    """Settings kept as Airflow Variables: a backend that fails to answer is no missing setting
+    (a false "bad setting" that fails the task at once, or SEND_TO_GOOGLE=true read as false and
+    the run kept local). The error reaches the task, which fails (and is retried)."""
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSecretsBackendAccessDenied
+
+    from hooks.dicom_storage import load_settings
+    from operators.links import links_to_view
+
+    for name in ("DICOM_LANDING_ROOT", "SEND_TO_GOOGLE", "GOOGLE_CLOUD_STORAGE", "GOOGLE_PROJECT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in in_environment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("DICOM_LINKS_TO", raising=False)
+
+    with pytest.raises(AirflowSecretsBackendAccessDenied) as raised:
+        load_settings()
+    assert not isinstance(raised.value, AirflowFailException)
+    with pytest.raises(AirflowSecretsBackendAccessDenied):
+        links_to_view()

@@ -31,7 +31,14 @@ Job = bigquery.LoadJob | bigquery.QueryJob
 
 
 class BigQueryJobError(RuntimeError):
-    """A load or query job failed; the message carries BigQuery's own errors."""
+    """A load or query job failed; the message carries BigQuery's own errors. `code` and `errors`
+    are the failure's HTTP status and reasons, kept so that the task can tell a refusal no retry
+    can change (403 accessDenied, 404) from an outage or a rate limit (google_errors)."""
+
+    def __init__(self, message: str, *, code: int | None = None, errors: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.errors = errors or []
 
 
 def job_key(kind: str, run_key: str, content: bytes) -> str:
@@ -72,7 +79,7 @@ def run_job(
             job.result()
         except gexc.GoogleAPICallError as exc:
             details = {"error_result": job.error_result, "errors": job.errors}
-            raise BigQueryJobError(f"job {job_id} failed: {details} ({exc})") from exc
+            raise BigQueryJobError(f"job {job_id} failed: {details} ({exc})", code=exc.code, errors=exc.errors) from exc
         return job
     raise BigQueryJobError(f"{MAX_JOB_ATTEMPTS} attempts of job {key} all used")
 
@@ -110,11 +117,6 @@ class LoadResult:
     rows_deleted: int = 0  # rows of images a replaced archive no longer holds
     load_job_id: str | None = None
     merge_job_id: str | None = None
-
-    @property
-    def reattached(self) -> bool:
-        """The MERGE had already run (an earlier try of the same rows): this try ran no job."""
-        return self.merge_job_id is not None and self.load_job_id is None
 
 
 def prepare_load(

@@ -21,12 +21,11 @@ reported ones), so a poke costs O(new batches), not O(history).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from dicom_archive import claims
+from dicom_archive.google_errors import Explain, no_explanation
 from dicom_archive.landing import BatchFolder, LandingZone
 from dicom_archive.manifest import MANIFEST_NAME, ManifestError
 from dicom_archive.naming import batch_id_problem
@@ -77,7 +76,7 @@ def select_batches(
     store: ObjectStore | None = None,
     run_id: str | None = None,
     now: datetime | None = None,
-    explain: Callable[[str], contextlib.AbstractContextManager[None]] = lambda _: contextlib.nullcontext(),
+    explain: Explain = no_explanation,
 ) -> Selection:
     """The batches of a run.
 

@@ -20,13 +20,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from dicom_archive import claims
 from dicom_archive.batch import Recovery, Staging, build_report, chunk_id, publish_report, run_key, studies_per_chunk
+from dicom_archive.google_errors import Explain, is_transient, no_explanation
 from dicom_archive.landing import LandingZone, batch_folder_problem, is_batch_problem
 from dicom_archive.manifest import REPORT_NAME, BatchManifest, ManifestError
 from dicom_archive.naming import batch_id_problem, batch_report_object_name
@@ -47,14 +48,6 @@ log = logging.getLogger(__name__)
 
 REFUSED = "REFUSED"  # a plan reference's status: the requested id was refused, nothing read or written
 
-# Wraps the calls on one resource (named) so that a refusal or an outage says who and what.
-Explain = Callable[[str], contextlib.AbstractContextManager[None]]
-
-
-@contextlib.contextmanager
-def _as_raised(resource: str) -> Iterator[None]:
-    yield
-
 
 def plan_run(
     zone: LandingZone,
@@ -63,14 +56,15 @@ def plan_run(
     run_id: str,
     settings: Settings,
     *,
-    explain: Explain = _as_raised,
+    explain: Explain = no_explanation,
 ) -> list[dict[str, Any]]:
     """The plan step: one plan reference per requested batch this run owns, plus the refused ids.
 
     A refused id is passed on untouched (its report step fails it); a batch claimed by another
-    live run is left alone; an error inside one batch gives that batch an ERROR plan. If the
-    step fails as a whole, this run's claims are given up, so that no batch stays blocked until
-    its claim expires (a retry of the step claims them again)."""
+    live run is left alone; an error inside one batch gives that batch an ERROR plan, except an
+    outage (a transient error), which fails the step: a retry may end it. If the step fails as a
+    whole, this run's claims are given up, so that no batch stays blocked until its claim expires
+    (a retry of the step claims them again, and stages its plans again under the same names)."""
     key = run_key(run_id)
     refused: list[dict[str, Any]] = []
     planned: list[tuple[BatchPlan, Staging, list[str], bool]] = []
@@ -91,7 +85,8 @@ def plan_run(
             if not claim.owned:
                 continue
             claimed.append(batch_id)
-            plan = _plan_one(zone, batch_id, settings)
+            with explain(f"the batch {zone.describe(batch_id)}"):  # only an outage leaves _plan_one
+                plan = _plan_one(zone, batch_id, settings)
             staging = Staging(store, batch_id, key)
             with explain(f"the staging area {store.uri(staging.prefix)}"):
                 hold_back_withdrawn(plan, store)  # withdrawn studies: quarantine reason `withdrawn`
@@ -140,18 +135,25 @@ def plan_run(
 
 
 def _plan_one(zone: LandingZone, batch_id: str, settings: Settings) -> BatchPlan:
-    """The batch's plan; one batch's trouble (a symlink loop, an unreadable folder) is its own."""
+    """The batch's plan; one batch's trouble (a symlink loop, an unreadable folder, even a bug
+    that only its content meets) is its own: an ERROR plan, so that it never blocks the others.
+    An outage (a transient error) is not the batch's: it fails the step, whose claims are then
+    given up, and the retry (or the next run) plans the batch again; an ERROR report would have
+    ended the batch for good."""
     try:
         return plan_batch(zone, batch_id, default_collection=settings.default_collection, policy=settings.policy)
     except Exception as err:
+        if is_transient(err):
+            raise
         problem = f"{zone.describe(batch_id)} could not be planned: {type(err).__name__}: {err}"
         manifest, named = None, None
         try:
             manifest = read_manifest(zone, batch_id, settings.default_collection)
         except ManifestError as manifest_err:
             named = manifest_err.named_collection
-        except Exception:  # unreadable again (a looping link, an outage): `problem` already says why
-            pass
+        except Exception as again:  # unreadable again (a looping link): `problem` already says why
+            if is_transient(again):
+                raise
         if isinstance(manifest, BatchManifest):  # the manifest is fine: the batch ends ERROR, the run goes on
             return BatchPlan(batch_id, manifest.collection, STATUS_ERROR, error=problem)
         return broken_manifest_plan(batch_id, problem, named or settings.default_collection)
@@ -194,7 +196,7 @@ def report_run_batch(
     settings: Settings,
     *,
     rows_of_batch: RowCounter | None = None,
-    explain: Explain = _as_raised,
+    explain: Explain = no_explanation,
 ) -> ReportOutcome:
     """The report step of one batch: write its report only once upload and load both succeeded.
 

@@ -14,11 +14,12 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
 
+from dicom_archive.google_errors import http_status, rate_limited
 from dicom_archive.landing import GCSLandingZone, LandingZone, LocalLandingZone, split_gs_uri
 from dicom_archive.settings import Settings, SettingsError
 from dicom_archive.stores import GCSObjectStore, LocalObjectStore, ObjectStore
@@ -30,19 +31,22 @@ if TYPE_CHECKING:
 _log = logging.getLogger(__name__)
 
 
-class GooglePermissionError(RuntimeError):
-    """Google refused an operation; the message says which identity and which resource."""
+class GooglePermissionError(RuntimeError, AirflowFailException):
+    """Google refused an operation; the message says which identity and which resource. A retry
+    is refused too, so the task fails at once wherever it is raised (an AirflowFailException:
+    no call site can forget it)."""
 
 
-class GoogleCredentialsError(GooglePermissionError, AirflowFailException):
+class GoogleCredentialsError(GooglePermissionError):
     """No credentials were found for the connection (google.auth's DefaultCredentialsError: no
     Application Default Credentials, or a GOOGLE_APPLICATION_CREDENTIALS file that does not exist or
     is not a key). A retry finds none either, so the task fails at once wherever it is raised, even
     where a client is made outside fail_at_once_on_permanent_errors (like BadSettingError)."""
 
 
-class GoogleNotFoundError(RuntimeError):
-    """A bucket, project or dataset the settings name does not exist (a retry cannot create it)."""
+class GoogleNotFoundError(RuntimeError, AirflowFailException):
+    """A bucket, project or dataset the settings name does not exist (a retry cannot create it),
+    so the task fails at once wherever it is raised."""
 
 
 # The settings a task's destination arguments stand for: Settings field -> setting name.
@@ -56,9 +60,24 @@ DESTINATION_SETTINGS = {
 
 ImpersonationChain = str | Sequence[str] | None
 
+
+def _config_described(config: Any) -> str:
+    """credential_config_file is a path, or the configuration itself (never shown)."""
+    if isinstance(config, str) and not config.lstrip().startswith("{"):
+        return f"the credential configuration file {config}"
+    return "the credential configuration stored in the connection"
+
+
 # The fields of a Google connection that name its credentials; any of them wins over the
-# GOOGLE_APPLICATION_CREDENTIALS setting.
-_CONNECTION_CREDENTIALS = ("key_path", "keyfile_dict", "key_secret_name", "credential_config_file", "is_anonymous")
+# GOOGLE_APPLICATION_CREDENTIALS setting. Each with how error messages name that identity
+# (never a secret).
+_CONNECTION_CREDENTIALS: dict[str, Callable[[Any], str]] = {
+    "is_anonymous": lambda _: "anonymous credentials",
+    "key_path": lambda path: f"the key file {path}",
+    "keyfile_dict": lambda _: "the key stored in the connection",
+    "key_secret_name": lambda name: f"the key in the Secret Manager secret {name}",
+    "credential_config_file": _config_described,
+}
 
 
 class BadSettingError(SettingsError, AirflowFailException):
@@ -68,16 +87,16 @@ class BadSettingError(SettingsError, AirflowFailException):
 
 
 def setting_value(name: str) -> str | None:
-    """One setting, read like every other: the environment first, then the Airflow Variable."""
+    """One setting, read like every other: the environment first, then the Airflow Variable.
+
+    Nothing is caught: a missing Variable is None already (default=None), also outside a task
+    (Airflow 3.3 then asks the environment and the configured secrets backend only). An error that
+    does reach here (a secrets backend denying access) is no "not set": read as one, it would fail
+    the task as a bad setting, or run a sending deployment with SEND_TO_GOOGLE=false."""
     from airflow.sdk import Variable
 
     value = os.environ.get(name)
-    if value is not None:
-        return value
-    try:
-        return Variable.get(name, default=None)
-    except Exception:  # no Variable backend reachable (e.g. parsing outside a task)
-        return None
+    return value if value is not None else Variable.get(name, default=None)
 
 
 def load_settings(overrides: Mapping[str, str] | None = None) -> Settings:
@@ -257,16 +276,16 @@ class DicomStorageHook(BaseHook):
 
     def describe_credentials(self) -> str:
         """Which identity the connection uses, for error messages (never a secret)."""
+        from airflow.providers.google.common.hooks.base_google import get_field
+
         try:
             extras = self.get_connection(self.gcp_conn_id).extra_dejson
-        except Exception:
+        except Exception:  # a message about another error must not fail on its own
             extras = {}
-        if extras.get("is_anonymous"):
-            identity = "anonymous credentials"
-        elif extras.get("key_path") or extras.get("extra__google_cloud_platform__key_path"):
-            identity = f"the key file {extras.get('key_path') or extras.get('extra__google_cloud_platform__key_path')}"
-        elif extras.get("keyfile_dict") or extras.get("extra__google_cloud_platform__keyfile_dict"):
-            identity = "the key stored in the connection"
+        named = ((name, get_field(extras, name)) for name in _CONNECTION_CREDENTIALS)
+        field, value = next(((name, value) for name, value in named if value), (None, None))
+        if field is not None:
+            identity = _CONNECTION_CREDENTIALS[field](value)
         elif self._key_file:
             identity = f"GOOGLE_APPLICATION_CREDENTIALS={self._key_file}"
         else:
@@ -304,14 +323,14 @@ class DicomStorageHook(BaseHook):
         try:
             yield
         except Exception as err:  # missing credentials are explained where a client is made
-            status = _status(err)
+            status = http_status(err)
             if status == 404:
                 raise GoogleNotFoundError(
                     f"{resource} (or the bucket, project or dataset holding it) does not exist for "
                     f"{self.describe_credentials()}: {getattr(err, 'message', err)}. Check GOOGLE_CLOUD_STORAGE, "
                     "GOOGLE_PROJECT_NAME and DICOM_LANDING_ROOT."
                 ) from err
-            if status in (401, 403) and not _rate_limited(err):
+            if status in (401, 403) and not rate_limited(err):
                 raise GooglePermissionError(
                     f"Google refused access ({status}) to {resource} for {self.describe_credentials()}: "
                     f"{getattr(err, 'message', err)}. Check the credentials file (GOOGLE_APPLICATION_CREDENTIALS "
@@ -334,8 +353,14 @@ def describe_chain(chain: str | Sequence[str]) -> str:
     return target + (f" (through {', '.join(delegates)})" if delegates else "")
 
 
+class _JobReportingClientFactory(Protocol):
+    """The job-reporting client class: a bigquery.Client whose first argument is `on_job`."""
+
+    def __call__(self, on_job: Callable[[str], None], /, **kwargs: Any) -> bigquery.Client: ...
+
+
 @functools.cache
-def _job_reporting_client_class() -> type[bigquery.Client]:
+def _job_reporting_client_class() -> _JobReportingClientFactory:
     from google.cloud import bigquery
 
     class JobReportingClient(bigquery.Client):
@@ -380,24 +405,3 @@ def _storage_retry(settings: Settings) -> Any:
 
 class GoogleUnavailableError(RuntimeError):
     """Google could not be reached, even after the clients' retries."""
-
-
-def _status(err: BaseException) -> int | None:
-    """The HTTP status of a Google error, whether the client raised an API error or a raw upload
-    response error (None: not an HTTP answer)."""
-    code = getattr(err, "code", None)
-    if not isinstance(code, int):
-        code = getattr(getattr(err, "response", None), "status_code", None)
-    return code if isinstance(code, int) else None
-
-
-# A 403 that says "slow down", not "not allowed": it passes, and a later try may succeed.
-RATE_LIMIT_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded", "quotaExceeded"})
-
-
-def _rate_limited(err: BaseException) -> bool:
-    """The reasons are parsed by the BigQuery client; the storage client keeps only the body's text."""
-    errors = getattr(err, "errors", None) or []
-    if any(isinstance(e, dict) and e.get("reason") in RATE_LIMIT_REASONS for e in errors):
-        return True
-    return any(f'"{reason}"' in str(err) for reason in RATE_LIMIT_REASONS)

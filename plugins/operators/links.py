@@ -14,7 +14,6 @@ Where they point is a setting, DICOM_LINKS_TO (environment, then Airflow Variabl
 
 from __future__ import annotations
 
-import os
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -28,15 +27,9 @@ TO_CONSOLE, TO_VIEW = "console", "batches-view"
 
 def links_to_view() -> bool:
     """True when the links should open the batches view rather than the Cloud console."""
-    value = os.environ.get(LINKS_SETTING)
-    if value is None:
-        try:
-            from airflow.sdk import Variable
+    from hooks.dicom_storage import setting_value
 
-            value = Variable.get(LINKS_SETTING, default=None)
-        except Exception:  # no Variable backend reachable
-            value = None
-    return (value or TO_CONSOLE).strip().lower() == TO_VIEW
+    return (setting_value(LINKS_SETTING) or TO_CONSOLE).strip().lower() == TO_VIEW
 
 
 def view_url(page: str = "", **params: str | None) -> str:
