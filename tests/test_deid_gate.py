@@ -8,10 +8,12 @@ hostile form (an element after the pixel data, a duplicated element).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import struct
 import tarfile
+import zlib
 from pathlib import Path
 
 import pydicom
@@ -1588,3 +1590,132 @@ def test_an_image_without_pixel_data_is_named_for_what_it_is(sop_class, kind):
     # An empty SpectroscopyData is no data elsewhere.
     ds.add_new(0x56000020, "OF", b"")
     assert reasons(encode(ds)) == {"not_dicom": why}
+
+
+# --- a value encoded as a sequence (phi5 finding 1) ------------------------------------------------
+
+PLACEHOLDER = "PLACEHOLDERX"
+HIDDEN_TEXT = b"DOE^JOHN MRN 7731904"
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _placed(where: str) -> Dataset:
+    """base() with the attribute at `where` (`Keyword`, or `Sequence[0].Keyword`) holding PLACEHOLDER,
+    every sequence and item of undefined length (so that a value can be swapped for other bytes)."""
+    if "." not in where:
+        return base(**{where: PLACEHOLDER})
+    outer, keyword = where.split("[0].")
+    ds = base(**{outer: Sequence([item(**{keyword: PLACEHOLDER})])})
+    ds[outer].is_undefined_length = True
+    ds[outer].value[0].is_undefined_length_sequence_item = True
+    return ds
+
+
+def sequence_shaped(where: str, syntax: str, vr: str | None, *, items: int = 1, text: bytes = HIDDEN_TEXT) -> bytes:
+    """A file whose attribute at `where` is encoded as a sequence of undefined length (written with
+    `vr`; None in implicit VR) of `items` items, each holding a CodeMeaning (LO) with `text`."""
+    data = encode(_placed(where), syntax)
+    at = data.index(PLACEHOLDER.encode())
+    start = at - 8  # a short-length element's header: tag, then VR and length or a 4-byte length
+    big = syntax == ExplicitVRBigEndian
+    order = ">" if big else "<"
+    if vr is None:
+        header = data[start : start + 4] + struct.pack("<L", UNDEFINED_LENGTH)
+    else:
+        header = data[start : start + 4] + vr.encode() + b"\0\0" + struct.pack(f"{order}L", UNDEFINED_LENGTH)
+    # What the items hold is encoded as a reader of that sequence takes it: implicit VR little endian
+    # in an implicit file or written as UN (PS3.5 6.2.2), the file's own encoding when written as SQ.
+    inner_syntax = syntax if vr == "SQ" else ImplicitVRLittleEndian
+    inner_order = order if vr == "SQ" else "<"
+    content = element(0x00080104, "LO", text, inner_syntax)
+    body = struct.pack(f"{inner_order}HHL", 0xFFFE, 0xE000, len(content)) + content
+    body = body * items + struct.pack(f"{inner_order}HHL", 0xFFFE, 0xE0DD, 0)
+    return data[:start] + header + body + data[at + len(PLACEHOLDER) :]
+
+
+SEQUENCE_SHAPED = {
+    # id: (where, syntax, VR written, the rule the attribute breaks: person or coded id)
+    "implicit-patient-name": ("PatientName", ImplicitVRLittleEndian, None, "person"),
+    "un-patient-name": ("PatientName", ExplicitVRLittleEndian, "UN", "person"),
+    "implicit-referring-physician": ("ReferringPhysicianName", ImplicitVRLittleEndian, None, "person"),
+    "implicit-other-patient-ids": ("OtherPatientIDs", ImplicitVRLittleEndian, None, "person"),
+    "implicit-patient-address": ("PatientAddress", ImplicitVRLittleEndian, None, "person"),
+    "un-patient-telecom": ("PatientTelecomInformation", ExplicitVRLittleEndian, "UN", "person"),
+    "sq-written-patient-name": ("PatientName", ExplicitVRLittleEndian, "SQ", "person"),
+    "big-endian-sq-written-patient-name": ("PatientName", ExplicitVRBigEndian, "SQ", "person"),
+    "big-endian-un-patient-name": ("PatientName", ExplicitVRBigEndian, "UN", "person"),
+    "nested-implicit-physician": (
+        "RequestAttributesSequence[0].ScheduledPerformingPhysicianName",
+        ImplicitVRLittleEndian,
+        None,
+        "person",
+    ),
+    "nested-un-accession": ("RequestAttributesSequence[0].AccessionNumber", ExplicitVRLittleEndian, "UN", "id"),
+    "nested-implicit-patient-id": ("OtherPatientIDsSequence[0].PatientID", ImplicitVRLittleEndian, None, "id"),
+}
+
+
+@pytest.mark.parametrize(("where", "syntax", "vr", "rule"), SEQUENCE_SHAPED.values(), ids=SEQUENCE_SHAPED.keys())
+def test_a_person_name_or_identifier_encoded_as_a_sequence_is_malformed_and_holds_a_value(where, syntax, vr, rule):
+    """Walked as a sequence, such an element was never judged as the value a reader takes it for
+    (pydicom reads an implicit PatientName of undefined length as a name made of the items' bytes)."""
+    data = sequence_shaped(where, syntax, vr)
+    found = reasons(data)
+    assert f"{where} is encoded as a sequence, but its dictionary VR is" in found["malformed_header"]
+    if rule == "person":
+        assert where in found["identifying_attribute"].removeprefix("holds a value: ").split(", ")
+    else:
+        assert found["identifying_attribute"] == f"holds an identifier other than the coded ids: {where}"
+    assert "DOE" not in str(found)
+    assert "7731904" not in str(found)
+
+
+@pytest.mark.parametrize(
+    ("where", "syntax", "vr", "items"),
+    [
+        ("StudyDescription", ImplicitVRLittleEndian, None, 1),
+        ("StudyDescription", ExplicitVRLittleEndian, "UN", 1),
+        ("Modality", ImplicitVRLittleEndian, None, 1),
+        ("RequestAttributesSequence[0].RequestedProcedureDescription", ImplicitVRLittleEndian, None, 1),
+        ("PatientName", ImplicitVRLittleEndian, None, 0),
+        ("PatientName", ExplicitVRLittleEndian, "UN", 0),
+    ],
+    ids=["free-text", "free-text-un", "code-string", "nested-free-text", "empty", "empty-un"],
+)
+def test_any_public_non_sequence_element_encoded_as_a_sequence_is_malformed(where, syntax, vr, items):
+    found = reasons(sequence_shaped(where, syntax, vr, items=items))
+    assert set(found) == {"malformed_header"}, found
+    assert f"{where} is encoded as a sequence, but its dictionary VR is" in found["malformed_header"]
+
+
+def deflate_file(data: bytes) -> bytes:
+    """An Explicit VR Little Endian file as Deflated Explicit VR Little Endian: its dataset as it is,
+    deflated (pydicom would rewrite what it deflates, a hostile element included)."""
+    meta_end = 132 + 12 + struct.unpack_from("<L", data, 140)[0]  # the file meta's group length comes first
+    meta = data[132:meta_end]
+    syntax = struct.pack("<HH", 0x0002, 0x0010) + b"UI" + struct.pack("<H", 20) + b"1.2.840.10008.1.2.1\0"
+    deflated = DeflatedExplicitVRLittleEndian.encode()
+    meta = meta.replace(syntax, syntax[:6] + struct.pack("<H", len(deflated)) + deflated)
+    meta = meta[:8] + struct.pack("<L", len(meta) - 12) + meta[12:]
+    compressor = zlib.compressobj(wbits=-15)
+    return data[:132] + meta + compressor.compress(data[meta_end:]) + compressor.flush()
+
+
+def test_values_encoded_as_sequences_are_quarantined_by_the_plan_and_never_archived(tmp_path):
+    files = {f"{name}.dcm": sequence_shaped(*case[:3]) for name, case in SEQUENCE_SHAPED.items()}
+    files["deflated-un-patient-name.dcm"] = deflate_file(sequence_shaped("PatientName", ExplicitVRLittleEndian, "UN"))
+    seen = pydicom.dcmread(io.BytesIO(files["implicit-patient-name.dcm"]))
+    assert "DOE^JOHN MRN 7731904" in str(seen.PatientName), "what a reader makes of it: the name"
+    files["good.dcm"] = encode(base())
+    zone = _batch(tmp_path, files)
+    plan = plan_batch(zone, "b1")
+    held = {q.relpath: {f["reason"] for f in q.all_failures()} for q in plan.quarantined}
+    assert set(held) == set(files) - {"good.dcm"}
+    for reasons_of_one in held.values():
+        assert {"malformed_header", "identifying_attribute"} <= reasons_of_one
+    (group,) = plan.groups
+    buffer = io.BytesIO()
+    _, members = write_study_archive(group, zone, buffer)
+    assert [m.relpath for m in members] == ["good.dcm"]
+    assert b"7731904" not in gzip.decompress(buffer.getvalue())
+    assert "7731904" not in plan.to_json()
