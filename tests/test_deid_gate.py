@@ -1719,3 +1719,185 @@ def test_values_encoded_as_sequences_are_quarantined_by_the_plan_and_never_archi
     assert [m.relpath for m in members] == ["good.dcm"]
     assert b"7731904" not in gzip.decompress(buffer.getvalue())
     assert "7731904" not in plan.to_json()
+
+
+# --- bytes no check judges: never copied as they are (phi5 finding 2) -------------------------------
+
+PREAMBLES = {
+    "text": b"PATIENT DOE^JOHN MRN 7731904 DOB 19650101".ljust(128, b"\0"),
+    # The DICOM/PE polyglot (CVE-2019-11687): an executable's header where readers skip 128 bytes.
+    "pe-executable": (b"MZ\x90\x00\x03" + bytes(55) + struct.pack("<L", 0x80)).ljust(64, b"\0")
+    + b"This program cannot be run in DOS mode.".ljust(64, b"\0"),
+    "tiff": b"II*\x00\x08\x00\x00\x00" + bytes(120),  # what pydicom's CT_small carries
+}
+
+
+def with_preamble(data: bytes, preamble: bytes) -> bytes:
+    return preamble + data[len(preamble) :]
+
+
+@pytest.mark.parametrize("mode", ["strip", "quarantine"])
+@pytest.mark.parametrize("preamble", PREAMBLES.values(), ids=PREAMBLES.keys())
+def test_the_archived_copy_carries_a_zeroed_preamble_and_reruns_keep_it(tmp_path, preamble, mode):
+    source = with_preamble(encode(base()), preamble)
+    policy = DeidPolicy(private_tags=mode)
+    zone = _batch(tmp_path, {"x.dcm": source})
+    (group,) = plan_batch(zone, "b1", policy=policy).groups
+    store = LocalObjectStore(tmp_path / "out")
+    published = publish_study_archive(group, zone, store, policy=policy)
+    (member,) = published.members
+    (archive,) = [data for name, data in _stored_files(tmp_path / "out").items() if name.endswith(".tar.gz")]
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        (data,) = [tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()]
+    assert data == bytes(128) + source[128:]
+    assert member.sha256 == hashlib.sha256(data).hexdigest()
+    assert member.source_sha256 == hashlib.sha256(source).hexdigest() != member.sha256
+    row = build_row(group=group, member=member, stored=published.stored, deid={}, context=RunContext("test"))
+    assert row["instance_sha256"] != row["source_sha256"]
+    written = _stored_files(tmp_path / "out")
+    (again,) = plan_batch(zone, "b1", policy=policy).groups
+    assert publish_study_archive(again, zone, store, policy=policy).outcome == "already_present"
+    assert _stored_files(tmp_path / "out") == written
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES.values(), ids=SYNTAXES.keys())
+def test_the_preamble_is_zeroed_with_private_elements_stripped_and_when_deflated(tmp_path, syntax):
+    preamble = PREAMBLES["text"]
+    stripped = with_preamble(
+        encode(with_private(base(InstanceNumber=1), 0x0033, "ACME 1.0", 0x10, "LO", "X"), syntax), preamble
+    )
+    deflated = with_preamble(_deflated_sample(), preamble)
+    _, archived = _archived(tmp_path, {"stripped.dcm": stripped, "deflated.dcm": deflated})
+    for relpath, (member, data) in archived.items():
+        assert data[:128] == bytes(128), relpath
+        assert b"DOE" not in data, relpath
+        assert member.sha256 != member.source_sha256
+        assert pydicom.dcmread(io.BytesIO(data)).PatientID == ENTITY
+
+
+@pytest.mark.parametrize("version", [b"DOE^JOHN 7731904", b"\x00\x02", b"\x00\x01\x00\x00", b"\x02\x00"], ids=repr)
+def test_a_file_meta_version_other_than_00_01_is_malformed(version):
+    ds = base()
+    ds.file_meta.FileMetaInformationVersion = version
+    why = "FileMetaInformationVersion is not 00 01, the only version PS3.10 defines"
+    assert reasons(encode(ds)) == {"malformed_header": why}
+
+
+def test_a_file_meta_version_written_as_a_number_passes_and_is_copied_as_00_01(tmp_path):
+    # 01 00: version 1 as a little endian number, as pydicom's no_meta_group_length.dcm has it.
+    ds = base()
+    ds.file_meta.FileMetaInformationVersion = b"\x01\x00"
+    source = encode(ds)
+    _, archived = _archived(tmp_path, {"x.dcm": source})
+    _, data = archived["x.dcm"]
+    assert pydicom.dcmread(io.BytesIO(data)).file_meta.FileMetaInformationVersion == b"\x00\x01"
+    assert len(data) == len(source)
+
+
+def _in_item(syntax: str, extra: bytes, *, first: bool = False) -> bytes:
+    """base() with a RequestAttributesSequence of defined length whose one item ends (or begins)
+    with the element `extra`, the lengths made to match."""
+    ds = base(RequestAttributesSequence=Sequence([item(RequestedProcedureID="RP1")]))
+    data = encode(ds, syntax)
+    order = ">" if syntax == ExplicitVRBigEndian else "<"
+    head = struct.pack(f"{order}HH", 0x0040, 0x0275)
+    at = data.index(head, 132)
+    length_at = at + (4 if syntax == ImplicitVRLittleEndian else 8)
+    (length,) = struct.unpack_from(f"{order}L", data, length_at)
+    item_at = length_at + 4
+    (item_length,) = struct.unpack_from(f"{order}L", data, item_at + 4)
+    put = item_at + 8 + (0 if first else item_length)
+    out = bytearray(data[:put] + extra + data[put:])
+    struct.pack_into(f"{order}L", out, length_at, length + len(extra))
+    struct.pack_into(f"{order}L", out, item_at + 4, item_length + len(extra))
+    return bytes(out)
+
+
+PADDINGS = {"text": b"DOE^JOHN MRN 7731904 ", "nul": bytes(64), "long": b"DOE^JOHN " * 8000}
+
+
+@pytest.mark.parametrize("padding", PADDINGS.values(), ids=PADDINGS.keys())
+@pytest.mark.parametrize("syntax", SYNTAXES.values(), ids=SYNTAXES.keys())
+def test_data_set_trailing_padding_is_left_out_of_the_copy_at_any_depth(tmp_path, syntax, padding):
+    clean = encode(base(), syntax)
+    top = clean + element(0xFFFCFFFC, "OB", padding, syntax)
+    nested = _in_item(syntax, element(0xFFFCFFFC, "OB", padding, syntax))
+    _, archived = _archived(tmp_path, {"top.dcm": top, "nested.dcm": nested})
+    assert archived["top.dcm"][1] == clean
+    _, data = archived["nested.dcm"]
+    assert b"DOE" not in data
+    copy = pydicom.dcmread(io.BytesIO(data))
+    assert copy.RequestAttributesSequence[0].RequestedProcedureID == "RP1"
+    assert 0xFFFCFFFC not in copy.RequestAttributesSequence[0]
+    assert copy.PixelData == PIXELS
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES.values(), ids=SYNTAXES.keys())
+def test_group_lengths_are_left_out_of_the_copy_at_any_depth(tmp_path, syntax):
+    """Retired outside the file meta: four bytes nothing judges (here `DOE^` and `7731`)."""
+    order = ">" if syntax == ExplicitVRBigEndian else "<"
+    source = _in_item(syntax, element(0x00400000, "UL", b"7731", syntax), first=True)
+    at = source.index(struct.pack(f"{order}HH", 0x0010, 0x0010), 132)  # pydicom writes no group length
+    source = source[:at] + element(0x00100000, "UL", b"DOE^", syntax) + source[at:]
+    assert reasons(source) == {}
+    _, archived = _archived(tmp_path, {"x.dcm": source})
+    member, data = archived["x.dcm"]
+    copy = pydicom.dcmread(io.BytesIO(data))
+    assert 0x00100000 not in copy
+    assert 0x00400000 not in copy.RequestAttributesSequence[0]
+    assert copy.RequestAttributesSequence[0].RequestedProcedureID == "RP1"
+    assert copy.PixelData == PIXELS
+    assert len(data) == len(source) - 24
+    assert member.private_elements_removed == 0
+
+
+def _undefined_lengths(ds: Dataset, keyword: str) -> Dataset:
+    ds[keyword].is_undefined_length = True
+    for entry in ds[keyword].value:
+        entry.is_undefined_length_sequence_item = True
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("delimiter", "where"),
+    [
+        (b"\xfe\xff\x0d\xe0", "RequestAttributesSequence[0]"),
+        (b"\xfe\xff\xdd\xe0", "RequestAttributesSequence"),
+    ],
+    ids=["item", "sequence"],
+)
+def test_a_delimiter_with_a_length_is_malformed(delimiter, where):
+    ds = _undefined_lengths(
+        base(RequestAttributesSequence=Sequence([item(RequestedProcedureID="RP1")])), "RequestAttributesSequence"
+    )
+    data = encode(ds)
+    at = data.index(delimiter + bytes(4), 132)
+    data = data[: at + 4] + b"DOE^" + data[at + 8 :]
+    assert reasons(data) == {"malformed_header": f"{where} has a delimiter whose length is not 0"}
+
+
+def test_the_delimiter_of_encapsulated_pixel_data_with_a_length_is_malformed():
+    ds = base()
+    ds.PixelData = encapsulate([b"\xff\xd8" + bytes(200) + b"\xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    data = encode(ds, JPEGBaseline8Bit)
+    assert data.endswith(b"\xfe\xff\xdd\xe0" + bytes(4))
+    data = data[:-4] + b"7731"
+    assert reasons(data) == {"malformed_header": "PixelData has a delimiter whose length is not 0"}
+
+
+def test_reserved_bytes_and_the_file_meta_group_length_are_written_as_the_standard_says(tmp_path):
+    source = bytearray(encode(base()))
+    version = source.index(b"\x02\x00\x01\x00OB", 128)
+    pixels = source.index(b"\xe0\x7f\x10\x00OW", 132)
+    source[version + 6 : version + 8] = b"JD"
+    source[pixels + 6 : pixels + 8] = b"77"
+    right = bytes(source[140:144])
+    source[140:144] = b"DOE^"  # the file meta group length's value
+    _, archived = _archived(tmp_path, {"x.dcm": bytes(source)})
+    _, data = archived["x.dcm"]
+    expected = bytearray(source)
+    expected[version + 6 : version + 8] = expected[pixels + 6 : pixels + 8] = b"\0\0"
+    expected[140:144] = right
+    assert data == bytes(expected)

@@ -74,6 +74,9 @@ EXPLICIT_BIG = "1.2.840.10008.1.2.2"
 DEFLATED = "1.2.840.10008.1.2.1.99"
 TRANSFER_SYNTAX_TAG = 0x00020010
 FILE_META_VERSION_TAG, FILE_META_VERSION = 0x00020001, b"\x00\x01"  # PS3.10 7.1: this version, no other
+# Some writers put the version as a little endian number (pydicom's no_meta_group_length.dcm): the
+# same version, two bytes that hold nothing else. The copy carries the standard spelling.
+FILE_META_VERSION_SWAPPED = b"\x01\x00"
 PREAMBLE_BYTES = 128
 # Its value has no meaning (PS3.10 7.2), so nothing judges it: never copied into the archive.
 TRAILING_PADDING_TAG = 0xFFFCFFFC
@@ -436,7 +439,10 @@ class _Walker:
             value = self.load(length)
             self._check_shape(tag, vr, value, name)
             if tag == FILE_META_VERSION_TAG and value != FILE_META_VERSION:
-                self.walk.malformed.append(f"{name} is not 00 01, the only version PS3.10 defines")
+                if value == FILE_META_VERSION_SWAPPED:
+                    self.walk.patches[self.pos - length] = FILE_META_VERSION
+                else:
+                    self.walk.malformed.append(f"{name} is not 00 01, the only version PS3.10 defines")
             if vr in FREE_TEXT_VRS and b"^" in value:
                 # The file meta names software and stations; a name's components would be a person's.
                 self.walk.malformed.append(f"{name} holds a ^, as a person's name does")
