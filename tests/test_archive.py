@@ -19,7 +19,7 @@ import pydicom
 import pytest
 
 from dicom_archive.archive import ArchiveIntegrityError, write_study_archive
-from dicom_archive.deid_gate import DEFAULT_PERSON_ATTRIBUTES, DeidPolicy, Reason
+from dicom_archive.deid_gate import CONTRACT_PERSON_ATTRIBUTES, DEFAULT_PERSON_ATTRIBUTES, DeidPolicy, Reason
 from dicom_archive.landing import LocalLandingZone
 from dicom_archive.naming import (
     MAX_COLLECTION_LENGTH,
@@ -499,11 +499,21 @@ PERSON_VALUES = {
     "PhysiciansOfRecord": "WELBY^MARCUS",
     "RequestingPhysician": "KILDARE^JAMES",
     "NameOfPhysiciansReadingStudy": "QUINCY^R",
+    # Not the contract's: contact details and record locators of the same kind (phi5 finding 4).
+    "PatientTelecomInformation": "jane.doe@example.org +1 555 0100",
+    "ReferringPhysicianAddress": "221B Baker Street",
+    "ReferringPhysicianTelephoneNumbers": "555-0143",
+    "PersonAddress": "12 Elm Street Springfield",
+    "PersonTelephoneNumbers": "555-0177",
+    "PersonTelecomInformation": "house@example.org",
+    "MedicalRecordLocator": "LOC-4471902",
 }
 
 
-def test_the_parametrized_attributes_are_the_contract_default():
+def test_the_parametrized_attributes_are_the_default():
     assert tuple(PERSON_VALUES) == DEFAULT_PERSON_ATTRIBUTES
+    assert DEFAULT_PERSON_ATTRIBUTES[:12] == CONTRACT_PERSON_ATTRIBUTES  # the contract's 12 first, all kept
+    assert "IssuerOfPatientID" not in DEFAULT_PERSON_ATTRIBUTES  # deid's default recipe fills it in every image
 
 
 @pytest.mark.parametrize("keyword", list(PERSON_VALUES))
@@ -579,6 +589,18 @@ def test_removing_a_default_person_attribute_takes_its_own_setting(tmp_path):
     assert settings.policy.describe()["person_attributes_removed"] == ["OtherPatientIDs"]
     with pytest.raises(SettingsError, match=r"may only name defaults.*InstitutionName"):
         Settings.load({**env, "DICOM_PERSON_ATTRIBUTES_REMOVED": "InstitutionName"}.get)
+
+
+def test_a_default_contact_attribute_can_be_removed_like_the_contracts(tmp_path):
+    env = {"DICOM_LANDING_ROOT": str(tmp_path), "DICOM_LOCAL_OUTPUT": str(tmp_path / "out")}
+    policy = Settings.load({**env, "DICOM_PERSON_ATTRIBUTES_REMOVED": "ReferringPhysicianAddress"}.get).policy
+    assert policy.describe()["person_attributes_removed"] == ["ReferringPhysicianAddress"]
+    address = ImageSpec(ENTITY, ITEM, DATE, "CT", 1, 7, header_overrides={"ReferringPhysicianAddress": "1 Main St"})
+    locator = ImageSpec(ENTITY, ITEM, DATE, "CT", 1, 8, header_overrides={"MedicalRecordLocator": "LOC-1"})
+    zone, plan = plan_with(tmp_path, [address, locator], policy=policy)
+    assert {q.relpath: q.detail for q in plan.quarantined} == {locator.path: "holds a value: MedicalRecordLocator"}
+    _, _, members = archive_bytes(only_group(plan), zone, policy=policy)
+    assert address.path in {m.relpath for m in members}
 
 
 def test_every_reason_in_one_batch_keeps_the_good_study(tmp_path):

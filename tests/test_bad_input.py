@@ -80,6 +80,14 @@ PLANTED = {
     "PhysiciansOfRecord": "Castellanos^Ines",
     "RequestingPhysician": "Abernathy^Quentin",
     "NameOfPhysiciansReadingStudy": "Vasquez-Moreau^Celine",
+    # The default's contact details and record locator, beyond the contract's 12.
+    "PatientTelecomInformation": "agnieszka.kowalczyk@example.org",
+    "ReferringPhysicianAddress": "7 Okonkwo Court, Shelbyville",
+    "ReferringPhysicianTelephoneNumbers": "+1 555 0199 4410",
+    "PersonAddress": "3 Haverford Row, Ogdenville",
+    "PersonTelephoneNumbers": "+1 555 0133 8127",
+    "PersonTelecomInformation": "eleanor.haverford@example.org",
+    "MedicalRecordLocator": "LOC-4471902-K",
 }
 
 

@@ -8,10 +8,12 @@ hostile form (an element after the pixel data, a duplicated element).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import struct
 import tarfile
+import zlib
 from pathlib import Path
 
 import pydicom
@@ -1743,3 +1745,314 @@ def test_an_image_without_pixel_data_is_named_for_what_it_is(sop_class, kind):
     # An empty SpectroscopyData is no data elsewhere.
     ds.add_new(0x56000020, "OF", b"")
     assert reasons(encode(ds)) == {"not_dicom": why}
+
+
+# --- a value encoded as a sequence (phi5 finding 1) ------------------------------------------------
+
+PLACEHOLDER = "PLACEHOLDERX"
+HIDDEN_TEXT = b"DOE^JOHN MRN 7731904"
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _placed(where: str) -> Dataset:
+    """base() with the attribute at `where` (`Keyword`, or `Sequence[0].Keyword`) holding PLACEHOLDER,
+    every sequence and item of undefined length (so that a value can be swapped for other bytes)."""
+    if "." not in where:
+        return base(**{where: PLACEHOLDER})
+    outer, keyword = where.split("[0].")
+    ds = base(**{outer: Sequence([item(**{keyword: PLACEHOLDER})])})
+    ds[outer].is_undefined_length = True
+    ds[outer].value[0].is_undefined_length_sequence_item = True
+    return ds
+
+
+def sequence_shaped(where: str, syntax: str, vr: str | None, *, items: int = 1, text: bytes = HIDDEN_TEXT) -> bytes:
+    """A file whose attribute at `where` is encoded as a sequence of undefined length (written with
+    `vr`; None in implicit VR) of `items` items, each holding a CodeMeaning (LO) with `text`."""
+    data = encode(_placed(where), syntax)
+    at = data.index(PLACEHOLDER.encode())
+    start = at - 8  # a short-length element's header: tag, then VR and length or a 4-byte length
+    big = syntax == ExplicitVRBigEndian
+    order = ">" if big else "<"
+    if vr is None:
+        header = data[start : start + 4] + struct.pack("<L", UNDEFINED_LENGTH)
+    else:
+        header = data[start : start + 4] + vr.encode() + b"\0\0" + struct.pack(f"{order}L", UNDEFINED_LENGTH)
+    # What the items hold is encoded as a reader of that sequence takes it: implicit VR little endian
+    # in an implicit file or written as UN (PS3.5 6.2.2), the file's own encoding when written as SQ.
+    inner_syntax = syntax if vr == "SQ" else ImplicitVRLittleEndian
+    inner_order = order if vr == "SQ" else "<"
+    content = element(0x00080104, "LO", text, inner_syntax)
+    body = struct.pack(f"{inner_order}HHL", 0xFFFE, 0xE000, len(content)) + content
+    body = body * items + struct.pack(f"{inner_order}HHL", 0xFFFE, 0xE0DD, 0)
+    return data[:start] + header + body + data[at + len(PLACEHOLDER) :]
+
+
+SEQUENCE_SHAPED = {
+    # id: (where, syntax, VR written, the rule the attribute breaks: person or coded id)
+    "implicit-patient-name": ("PatientName", ImplicitVRLittleEndian, None, "person"),
+    "un-patient-name": ("PatientName", ExplicitVRLittleEndian, "UN", "person"),
+    "implicit-referring-physician": ("ReferringPhysicianName", ImplicitVRLittleEndian, None, "person"),
+    "implicit-other-patient-ids": ("OtherPatientIDs", ImplicitVRLittleEndian, None, "person"),
+    "implicit-patient-address": ("PatientAddress", ImplicitVRLittleEndian, None, "person"),
+    "un-patient-telecom": ("PatientTelecomInformation", ExplicitVRLittleEndian, "UN", "person"),
+    "sq-written-patient-name": ("PatientName", ExplicitVRLittleEndian, "SQ", "person"),
+    "big-endian-sq-written-patient-name": ("PatientName", ExplicitVRBigEndian, "SQ", "person"),
+    "big-endian-un-patient-name": ("PatientName", ExplicitVRBigEndian, "UN", "person"),
+    "nested-implicit-physician": (
+        "RequestAttributesSequence[0].ScheduledPerformingPhysicianName",
+        ImplicitVRLittleEndian,
+        None,
+        "person",
+    ),
+    "nested-un-accession": ("RequestAttributesSequence[0].AccessionNumber", ExplicitVRLittleEndian, "UN", "id"),
+    "nested-implicit-patient-id": ("OtherPatientIDsSequence[0].PatientID", ImplicitVRLittleEndian, None, "id"),
+}
+
+
+@pytest.mark.parametrize(("where", "syntax", "vr", "rule"), SEQUENCE_SHAPED.values(), ids=SEQUENCE_SHAPED.keys())
+def test_a_person_name_or_identifier_encoded_as_a_sequence_is_malformed_and_holds_a_value(where, syntax, vr, rule):
+    """Walked as a sequence, such an element was never judged as the value a reader takes it for
+    (pydicom reads an implicit PatientName of undefined length as a name made of the items' bytes)."""
+    data = sequence_shaped(where, syntax, vr)
+    found = reasons(data)
+    assert f"{where} is encoded as a sequence, but its dictionary VR is" in found["malformed_header"]
+    if rule == "person":
+        assert where in found["identifying_attribute"].removeprefix("holds a value: ").split(", ")
+    else:
+        assert found["identifying_attribute"] == f"holds an identifier other than the coded ids: {where}"
+    assert "DOE" not in str(found)
+    assert "7731904" not in str(found)
+
+
+@pytest.mark.parametrize(
+    ("where", "syntax", "vr", "items"),
+    [
+        ("StudyDescription", ImplicitVRLittleEndian, None, 1),
+        ("StudyDescription", ExplicitVRLittleEndian, "UN", 1),
+        ("Modality", ImplicitVRLittleEndian, None, 1),
+        ("RequestAttributesSequence[0].RequestedProcedureDescription", ImplicitVRLittleEndian, None, 1),
+        ("PatientName", ImplicitVRLittleEndian, None, 0),
+        ("PatientName", ExplicitVRLittleEndian, "UN", 0),
+    ],
+    ids=["free-text", "free-text-un", "code-string", "nested-free-text", "empty", "empty-un"],
+)
+def test_any_public_non_sequence_element_encoded_as_a_sequence_is_malformed(where, syntax, vr, items):
+    found = reasons(sequence_shaped(where, syntax, vr, items=items))
+    assert set(found) == {"malformed_header"}, found
+    assert f"{where} is encoded as a sequence, but its dictionary VR is" in found["malformed_header"]
+
+
+def deflate_file(data: bytes) -> bytes:
+    """An Explicit VR Little Endian file as Deflated Explicit VR Little Endian: its dataset as it is,
+    deflated (pydicom would rewrite what it deflates, a hostile element included)."""
+    meta_end = 132 + 12 + struct.unpack_from("<L", data, 140)[0]  # the file meta's group length comes first
+    meta = data[132:meta_end]
+    syntax = struct.pack("<HH", 0x0002, 0x0010) + b"UI" + struct.pack("<H", 20) + b"1.2.840.10008.1.2.1\0"
+    deflated = DeflatedExplicitVRLittleEndian.encode()
+    meta = meta.replace(syntax, syntax[:6] + struct.pack("<H", len(deflated)) + deflated)
+    meta = meta[:8] + struct.pack("<L", len(meta) - 12) + meta[12:]
+    compressor = zlib.compressobj(wbits=-15)
+    return data[:132] + meta + compressor.compress(data[meta_end:]) + compressor.flush()
+
+
+def test_values_encoded_as_sequences_are_quarantined_by_the_plan_and_never_archived(tmp_path):
+    files = {f"{name}.dcm": sequence_shaped(*case[:3]) for name, case in SEQUENCE_SHAPED.items()}
+    files["deflated-un-patient-name.dcm"] = deflate_file(sequence_shaped("PatientName", ExplicitVRLittleEndian, "UN"))
+    seen = pydicom.dcmread(io.BytesIO(files["implicit-patient-name.dcm"]))
+    assert "DOE^JOHN MRN 7731904" in str(seen.PatientName), "what a reader makes of it: the name"
+    files["good.dcm"] = encode(base())
+    zone = _batch(tmp_path, files)
+    plan = plan_batch(zone, "b1")
+    held = {q.relpath: {f["reason"] for f in q.all_failures()} for q in plan.quarantined}
+    assert set(held) == set(files) - {"good.dcm"}
+    for reasons_of_one in held.values():
+        assert {"malformed_header", "identifying_attribute"} <= reasons_of_one
+    (group,) = plan.groups
+    buffer = io.BytesIO()
+    _, members = write_study_archive(group, zone, buffer)
+    assert [m.relpath for m in members] == ["good.dcm"]
+    assert b"7731904" not in gzip.decompress(buffer.getvalue())
+    assert "7731904" not in plan.to_json()
+
+
+# --- bytes no check judges: never copied as they are (phi5 finding 2) -------------------------------
+
+PREAMBLES = {
+    "text": b"PATIENT DOE^JOHN MRN 7731904 DOB 19650101".ljust(128, b"\0"),
+    # The DICOM/PE polyglot (CVE-2019-11687): an executable's header where readers skip 128 bytes.
+    "pe-executable": (b"MZ\x90\x00\x03" + bytes(55) + struct.pack("<L", 0x80)).ljust(64, b"\0")
+    + b"This program cannot be run in DOS mode.".ljust(64, b"\0"),
+    "tiff": b"II*\x00\x08\x00\x00\x00" + bytes(120),  # what pydicom's CT_small carries
+}
+
+
+def with_preamble(data: bytes, preamble: bytes) -> bytes:
+    return preamble + data[len(preamble) :]
+
+
+@pytest.mark.parametrize("mode", ["strip", "quarantine"])
+@pytest.mark.parametrize("preamble", PREAMBLES.values(), ids=PREAMBLES.keys())
+def test_the_archived_copy_carries_a_zeroed_preamble_and_reruns_keep_it(tmp_path, preamble, mode):
+    source = with_preamble(encode(base()), preamble)
+    policy = DeidPolicy(private_tags=mode)
+    zone = _batch(tmp_path, {"x.dcm": source})
+    (group,) = plan_batch(zone, "b1", policy=policy).groups
+    store = LocalObjectStore(tmp_path / "out")
+    published = publish_study_archive(group, zone, store, policy=policy)
+    (member,) = published.members
+    (archive,) = [data for name, data in _stored_files(tmp_path / "out").items() if name.endswith(".tar.gz")]
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        (data,) = [tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()]
+    assert data == bytes(128) + source[128:]
+    assert member.sha256 == hashlib.sha256(data).hexdigest()
+    assert member.source_sha256 == hashlib.sha256(source).hexdigest() != member.sha256
+    row = build_row(group=group, member=member, stored=published.stored, deid={}, context=RunContext("test"))
+    assert row["instance_sha256"] != row["source_sha256"]
+    written = _stored_files(tmp_path / "out")
+    (again,) = plan_batch(zone, "b1", policy=policy).groups
+    assert publish_study_archive(again, zone, store, policy=policy).outcome == "already_present"
+    assert _stored_files(tmp_path / "out") == written
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES.values(), ids=SYNTAXES.keys())
+def test_the_preamble_is_zeroed_with_private_elements_stripped_and_when_deflated(tmp_path, syntax):
+    preamble = PREAMBLES["text"]
+    stripped = with_preamble(
+        encode(with_private(base(InstanceNumber=1), 0x0033, "ACME 1.0", 0x10, "LO", "X"), syntax), preamble
+    )
+    deflated = with_preamble(_deflated_sample(), preamble)
+    _, archived = _archived(tmp_path, {"stripped.dcm": stripped, "deflated.dcm": deflated})
+    for relpath, (member, data) in archived.items():
+        assert data[:128] == bytes(128), relpath
+        assert b"DOE" not in data, relpath
+        assert member.sha256 != member.source_sha256
+        assert pydicom.dcmread(io.BytesIO(data)).PatientID == ENTITY
+
+
+@pytest.mark.parametrize("version", [b"DOE^JOHN 7731904", b"\x00\x02", b"\x00\x01\x00\x00", b"\x02\x00"], ids=repr)
+def test_a_file_meta_version_other_than_00_01_is_malformed(version):
+    ds = base()
+    ds.file_meta.FileMetaInformationVersion = version
+    why = "FileMetaInformationVersion is not 00 01, the only version PS3.10 defines"
+    assert reasons(encode(ds)) == {"malformed_header": why}
+
+
+def test_a_file_meta_version_written_as_a_number_passes_and_is_copied_as_00_01(tmp_path):
+    # 01 00: version 1 as a little endian number, as pydicom's no_meta_group_length.dcm has it.
+    ds = base()
+    ds.file_meta.FileMetaInformationVersion = b"\x01\x00"
+    source = encode(ds)
+    _, archived = _archived(tmp_path, {"x.dcm": source})
+    _, data = archived["x.dcm"]
+    assert pydicom.dcmread(io.BytesIO(data)).file_meta.FileMetaInformationVersion == b"\x00\x01"
+    assert len(data) == len(source)
+
+
+def _in_item(syntax: str, extra: bytes, *, first: bool = False) -> bytes:
+    """base() with a RequestAttributesSequence of defined length whose one item ends (or begins)
+    with the element `extra`, the lengths made to match."""
+    ds = base(RequestAttributesSequence=Sequence([item(RequestedProcedureID="RP1")]))
+    data = encode(ds, syntax)
+    order = ">" if syntax == ExplicitVRBigEndian else "<"
+    head = struct.pack(f"{order}HH", 0x0040, 0x0275)
+    at = data.index(head, 132)
+    length_at = at + (4 if syntax == ImplicitVRLittleEndian else 8)
+    (length,) = struct.unpack_from(f"{order}L", data, length_at)
+    item_at = length_at + 4
+    (item_length,) = struct.unpack_from(f"{order}L", data, item_at + 4)
+    put = item_at + 8 + (0 if first else item_length)
+    out = bytearray(data[:put] + extra + data[put:])
+    struct.pack_into(f"{order}L", out, length_at, length + len(extra))
+    struct.pack_into(f"{order}L", out, item_at + 4, item_length + len(extra))
+    return bytes(out)
+
+
+PADDINGS = {"text": b"DOE^JOHN MRN 7731904 ", "nul": bytes(64), "long": b"DOE^JOHN " * 8000}
+
+
+@pytest.mark.parametrize("padding", PADDINGS.values(), ids=PADDINGS.keys())
+@pytest.mark.parametrize("syntax", SYNTAXES.values(), ids=SYNTAXES.keys())
+def test_data_set_trailing_padding_is_left_out_of_the_copy_at_any_depth(tmp_path, syntax, padding):
+    clean = encode(base(), syntax)
+    top = clean + element(0xFFFCFFFC, "OB", padding, syntax)
+    nested = _in_item(syntax, element(0xFFFCFFFC, "OB", padding, syntax))
+    _, archived = _archived(tmp_path, {"top.dcm": top, "nested.dcm": nested})
+    assert archived["top.dcm"][1] == clean
+    _, data = archived["nested.dcm"]
+    assert b"DOE" not in data
+    copy = pydicom.dcmread(io.BytesIO(data))
+    assert copy.RequestAttributesSequence[0].RequestedProcedureID == "RP1"
+    assert 0xFFFCFFFC not in copy.RequestAttributesSequence[0]
+    assert copy.PixelData == PIXELS
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES.values(), ids=SYNTAXES.keys())
+def test_group_lengths_are_left_out_of_the_copy_at_any_depth(tmp_path, syntax):
+    """Retired outside the file meta: four bytes nothing judges (here `DOE^` and `7731`)."""
+    order = ">" if syntax == ExplicitVRBigEndian else "<"
+    source = _in_item(syntax, element(0x00400000, "UL", b"7731", syntax), first=True)
+    at = source.index(struct.pack(f"{order}HH", 0x0010, 0x0010), 132)  # pydicom writes no group length
+    source = source[:at] + element(0x00100000, "UL", b"DOE^", syntax) + source[at:]
+    assert reasons(source) == {}
+    _, archived = _archived(tmp_path, {"x.dcm": source})
+    member, data = archived["x.dcm"]
+    copy = pydicom.dcmread(io.BytesIO(data))
+    assert 0x00100000 not in copy
+    assert 0x00400000 not in copy.RequestAttributesSequence[0]
+    assert copy.RequestAttributesSequence[0].RequestedProcedureID == "RP1"
+    assert copy.PixelData == PIXELS
+    assert len(data) == len(source) - 24
+    assert member.private_elements_removed == 0
+
+
+def _undefined_lengths(ds: Dataset, keyword: str) -> Dataset:
+    ds[keyword].is_undefined_length = True
+    for entry in ds[keyword].value:
+        entry.is_undefined_length_sequence_item = True
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("delimiter", "where"),
+    [
+        (b"\xfe\xff\x0d\xe0", "RequestAttributesSequence[0]"),
+        (b"\xfe\xff\xdd\xe0", "RequestAttributesSequence"),
+    ],
+    ids=["item", "sequence"],
+)
+def test_a_delimiter_with_a_length_is_malformed(delimiter, where):
+    ds = _undefined_lengths(
+        base(RequestAttributesSequence=Sequence([item(RequestedProcedureID="RP1")])), "RequestAttributesSequence"
+    )
+    data = encode(ds)
+    at = data.index(delimiter + bytes(4), 132)
+    data = data[: at + 4] + b"DOE^" + data[at + 8 :]
+    assert reasons(data) == {"malformed_header": f"{where} has a delimiter whose length is not 0"}
+
+
+def test_the_delimiter_of_encapsulated_pixel_data_with_a_length_is_malformed():
+    ds = base()
+    ds.PixelData = encapsulate([b"\xff\xd8" + bytes(200) + b"\xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    data = encode(ds, JPEGBaseline8Bit)
+    assert data.endswith(b"\xfe\xff\xdd\xe0" + bytes(4))
+    data = data[:-4] + b"7731"
+    assert reasons(data) == {"malformed_header": "PixelData has a delimiter whose length is not 0"}
+
+
+def test_reserved_bytes_and_the_file_meta_group_length_are_written_as_the_standard_says(tmp_path):
+    source = bytearray(encode(base()))
+    version = source.index(b"\x02\x00\x01\x00OB", 128)
+    pixels = source.index(b"\xe0\x7f\x10\x00OW", 132)
+    source[version + 6 : version + 8] = b"JD"
+    source[pixels + 6 : pixels + 8] = b"77"
+    right = bytes(source[140:144])
+    source[140:144] = b"DOE^"  # the file meta group length's value
+    _, archived = _archived(tmp_path, {"x.dcm": bytes(source)})
+    _, data = archived["x.dcm"]
+    expected = bytearray(source)
+    expected[version + 6 : version + 8] = expected[pixels + 6 : pixels + 8] = b"\0\0"
+    expected[140:144] = right
+    assert data == bytes(expected)

@@ -38,6 +38,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_archive.archive import ArchiveIntegrityError, write_study_archive
 from dicom_archive.batch import archive_groups
@@ -85,6 +86,7 @@ from tests.test_bad_input import (
     run_flagged,
     snapshot,
 )
+from tests.test_deid_gate import sequence_shaped
 from tools import phi_audit
 from tools.landing_zone import BatchSpec, ImageSpec, image_bytes, write_batch
 
@@ -696,6 +698,12 @@ BAD_LOOKUP_VALUES = {
     "HomeAddress": PLANTED["PatientAddress"],
     "MRN": "7731904",
     "AccessionNo": "ACC-55193402",
+    # Contact details and record locators that the header's default list now holds to no value too.
+    "MedicalRecordLocator": "LOC-4471902",
+    "PersonTelephoneNumbers": "555-0143-7781",
+    "PatientTelecomInformation": "jane.marple@stmarymead.example",
+    "ReferringPhysicianAddress": "221B Baker Street",
+    "RequestAttributesSequence[0].PersonTelecomInformation": "jane.marple@stmarymead.example",
 }
 
 
@@ -759,27 +767,25 @@ WITHHELD_LOOKUP_FIELDS = {
     "PatientBirthDate": BIRTH_DATE,  # deid's default recipe writes a coded one: the header may keep it
     "PatientBirthTime": "101500",
     "IssuerOfPatientID": "STARR",
-    "MedicalRecordLocator": "LOC-4471902",
-    "PersonTelephoneNumbers": "555-0143-7781",
     "RequestAttributesSequence": [{"IssuerOfPatientID": "STARR", "RequestedProcedureDescription": "CT CHEST"}],
     "OtherPatientIDsSequence": [{"IssuerOfPatientID": "STARR"}],
     # The same kinds under other keywords, and under a key of a field that is not a sequence (phi4).
-    "PatientTelecomInformation": "jane.marple@stmarymead.example",
-    "ReferringPhysicianAddress": "221B Baker Street",
     "PatientBirthDateInAlternativeCalendar": "5724-08-12",
     "RegionOfResidence": "St Mary Mead",
     "ReconstructionAlgorithm": {"PatientBirthDate": BIRTH_DATE},
     "FilterType": {"PatientName": "Jane Marple"},
     "ContrastBolusRoute": {"OtherPatientIDs": ["MRN 7731904"]},
+    "ReconstructionMethod": {"PersonTelephoneNumbers": "555-0143-7781"},
 }
 
 
 @pytest.mark.parametrize("fields", [[f] for f in WITHHELD_LOOKUP_FIELDS] + [list(WITHHELD_LOOKUP_FIELDS)])
 def test_an_identifying_lookup_value_the_header_rules_allow_is_kept_out_of_the_row(landing, fields):
-    """A birth date, an issuer, a record locator or a telephone number in lookup.json breaks none of
-    the header's rules (deid's default recipe writes IssuerOfPatientID and PatientBirthDate into
-    every image): the image is archived, the field (the whole field at the top of its entry) is left
-    out of its row, and the report names the field, never its value."""
+    """A birth date, an issuer or a residence in lookup.json breaks none of the header's rules
+    (deid's default recipe writes IssuerOfPatientID and PatientBirthDate into every image), nor does
+    a contact attribute as a key under a field that is not a sequence: the image is archived, the
+    field (the whole field at the top of its entry) is left out of its row, and the report names
+    the field, never its value."""
     entry = {"CTDIvol": 12.1, "ScanOptions": "HELICAL", **{f: WITHHELD_LOOKUP_FIELDS[f] for f in fields}}
     first = good_images()[0].path
     planted = ("LOC-4471902", "555-0143-7781", BIRTH_DATE, "stmarymead", "Baker Street", "Jane Marple", "7731904")
@@ -1601,6 +1607,8 @@ def test_private_elements_after_the_pixel_data_are_stripped_too(landing):
 DAG_BUCKET = "adversarial-archive"
 DAG_LANDING_BUCKET = "adversarial-landing"
 DAG_COLLECTION = "IRB77310"
+PREAMBLE_NAME = "Pemberton^Rosalind"
+SEQUENCE_TEXT = b"Fairweather^Ottilie MRN-5512093"
 
 
 def _hostile_files() -> tuple[dict[str, bytes], dict, dict[str, set[str]], list[str]]:
@@ -1627,6 +1635,16 @@ def _hostile_files() -> tuple[dict[str, bytes], dict, dict[str, set[str]], list[
     lookup["x/lookup-key.dcm"] = {"Kowalczyk^Agnieszka": "reviewed", "Notes": {"Nowak^Agnieszka": True}}
     lookup["x/lookup-spelling.dcm"] = {"PatientsName": "Chidi Okonkwo", "0x00080090": "Eleanor Haverford"}
     lookup["Castellanos^Ines/none.dcm"] = {"CTDIvol": 1.0}
+    # A name encoded as a sequence (implicit VR; written UN), and one in the preamble of a clean image.
+    files["x/name-as-sequence.dcm"] = sequence_shaped("PatientName", ImplicitVRLittleEndian, None, text=SEQUENCE_TEXT)
+    files["x/name-as-un-sequence.dcm"] = sequence_shaped(
+        "RequestAttributesSequence[0].ScheduledPerformingPhysicianName",
+        ExplicitVRLittleEndian,
+        "UN",
+        text=SEQUENCE_TEXT,
+    )
+    preamble = ImageSpec(ENTITY, ITEM, DATE, "CT", 4, 5)
+    files["x/preamble.dcm"] = f"PATIENT {PREAMBLE_NAME}".encode().ljust(128, b"\0") + image_bytes(preamble)[128:]
     expected = {
         "x/flagged.dcm": {Reason.FLAGGED_IN_LOOKUP},
         "x/lookup-leak.dcm": {Reason.IDENTIFYING_ATTRIBUTE},
@@ -1635,8 +1653,11 @@ def _hostile_files() -> tuple[dict[str, bytes], dict, dict[str, set[str]], list[
         "x/nested.dcm": {Reason.IDENTIFYING_ATTRIBUTE},
         "x/duplicate.dcm": {Reason.MALFORMED_HEADER, Reason.IDENTIFYING_ATTRIBUTE},
         "x/after-pixels.dcm": {Reason.MALFORMED_HEADER, Reason.IDENTIFYING_ATTRIBUTE},
+        "x/name-as-sequence.dcm": {Reason.MALFORMED_HEADER, Reason.IDENTIFYING_ATTRIBUTE},
+        "x/name-as-un-sequence.dcm": {Reason.MALFORMED_HEADER, Reason.IDENTIFYING_ATTRIBUTE},
     }
-    planted = [NAME, MRN, "Brightwater Tomas", "Lindqvist^Margareta", *PLANTED.values()]
+    planted = [NAME, MRN, "Brightwater Tomas", "Lindqvist^Margareta", *PLANTED.values(), PREAMBLE_NAME]
+    planted += [SEQUENCE_TEXT.decode()]
     planted += ["Nowak^Agnieszka", "Chidi Okonkwo", "Eleanor Haverford", "Castellanos^Ines"]
     return files, lookup, expected, planted
 
@@ -1704,7 +1725,7 @@ def test_a_hostile_local_batch_through_the_dag(dag_env, tmp_path):
         **{name: {Reason.PHI_FOLDER} for name in ["y/Phi/p.dcm", "scan.dcm", ".held/q.dcm", "phi/q.dcm"]},
     }
     assert report["aliases"] == [{"path": "again/same.dcm", "same_as": good_images()[0].path}]
-    assert report["images"]["archived"] == len(good_images()) + 1
+    assert report["images"]["archived"] == len(good_images()) + 2  # the private one, stripped; the preamble's
     assert report["images"]["stripped"] == 1
     assert _dag_audit(planted, str(root)) == []
 
@@ -1729,7 +1750,7 @@ def test_a_hostile_gs_batch_through_the_dag(dag_env):
     assert state == "success"
     report = json.loads(bucket.blob(prefix + "batch.report.json").download_as_bytes())
     assert _failures(report) == {**expected, **{name: {Reason.PHI_FOLDER} for name in hidden}}
-    assert report["images"]["archived"] == len(good_images()) + 1
+    assert report["images"]["archived"] == len(good_images()) + 2
     assert _dag_audit(planted, f"gs://{DAG_LANDING_BUCKET}/zone") == []
 
 

@@ -211,6 +211,11 @@ def _in_file_meta(ds: Dataset) -> None:
     ds.file_meta.SourceApplicationEntityTitle = "AGNIESZKA"
 
 
+def _in_preamble(ds: Dataset) -> None:
+    # No element holds the preamble and no reader shows it.
+    ds.preamble = b"\x00PATIENT KOWALCZYK^AGNIESZKA\x01".ljust(128, b"\0")
+
+
 @pytest.mark.parametrize(
     ("mutate", "overrides", "element"),
     [
@@ -228,6 +233,7 @@ def _in_file_meta(ds: Dataset) -> None:
         pytest.param(_in_private_string, {}, "(0011,1001)", id="private-string"),
         pytest.param(_in_private_blob, {}, "(0013,1002)", id="private-UN-blob"),
         pytest.param(_in_file_meta, {}, "(0002,0016) SourceApplicationEntityTitle", id="file-meta"),
+        pytest.param(_in_preamble, {}, "preamble", id="preamble"),
     ],
 )
 def test_finds_an_identifier_inside_a_dicom_header_in_an_archive(outputs, mutate, overrides, element):

@@ -75,7 +75,7 @@ MANIFEST = "batch.json"
 LOOKUP = "lookup.json"
 DEFAULT_DEID = {"software": "deid 0.4.13", "recipe": "deid.dicom"}
 DEFAULT_COLLECTION = "IRB41449"
-# The contract's default list of attributes that must not hold a value in an archived image.
+# The default list of attributes that must not hold a value in an archived image (the contract's 12 and more).
 PERSON_KEYWORDS = DEFAULT_PERSON_ATTRIBUTES
 
 _SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"

@@ -41,7 +41,8 @@ is found in `Entity/1CT1/x` and `1CT1_2004`, not in `X1CT12`; `19650101` not ins
 such as a UID).
 
 What is scanned: object names (file paths under a local folder, object names in a bucket); in every
-`.tar.gz`/`.tgz`/`.tar`, each member name and, for DICOM members, every element of the header at any
+`.tar.gz`/`.tgz`/`.tar`, each member name and, for DICOM members, the 128-byte preamble (printable
+runs: no element holds it and no reader shows it), every element of the header at any
 depth (file meta, sequences, private elements; text values decoded, binary values of type OB/UN/OW
 searched for printable runs; pixel data and values over 1 MiB skipped), then every top-level element
 again read raw in file order (what a parsed view hides: the other copies of a duplicated element,
@@ -90,6 +91,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, Imp
 REPORT_NAME = "batch.report.json"
 LOOKUP_NAME = "lookup.json"
 MIN_CHARS = 4  # letters or digits
+PREAMBLE_BYTES = 128  # before `DICM` in a Part 10 file
 MIN_DIGITS = 6  # for a value made of digits only
 ANYWHERE_LENGTH = 8  # normalised values at least this long match inside other words too
 MAX_VALUE_BYTES = 1024 * 1024  # larger element values (pixel data, blobs) are not searched
@@ -646,6 +648,10 @@ class Auditor:
                         self.check(text, location, "DICOM header", f"{label}: {raw_label}")
         except Exception as err:  # the parsed walk has run; say that the raw one could not finish
             self.stats.skipped.append(f"{location}: {label}: raw element walk stopped ({type(err).__name__})")
+        # The preamble: no element holds it, no reader shows it, and anything may be written there.
+        stream.seek(0)
+        for text in _raw_texts(stream.read(PREAMBLE_BYTES), encodings):
+            self.check(text, location, "DICOM header", f"{label}: preamble")
         return True
 
     def scan_blob(self, stream: BinaryIO, size: int, location: str, name: str) -> None:

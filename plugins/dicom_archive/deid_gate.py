@@ -40,7 +40,8 @@ class Reason(StrEnum):
     BASIC_PROFILE = "basic_profile"
 
 
-DEFAULT_PERSON_ATTRIBUTES: tuple[str, ...] = (
+# The contract's list (check 6).
+CONTRACT_PERSON_ATTRIBUTES: tuple[str, ...] = (
     "PatientName",
     "OtherPatientIDs",
     "OtherPatientNames",
@@ -54,6 +55,22 @@ DEFAULT_PERSON_ATTRIBUTES: tuple[str, ...] = (
     "RequestingPhysician",
     "NameOfPhysiciansReadingStudy",
 )
+# Contact details and record locators of the same kind as the contract's PatientAddress and
+# PatientTelephoneNumbers (PatientTelecomInformation is PatientTelephoneNumbers' successor, e-mail
+# included). Not IssuerOfPatientID: deid's default recipe, the contract's example anonymizer, writes
+# one into every image (the real-anonymizer tests' deid outputs all keep it), which the contract's
+# checks pass.
+CONTACT_PERSON_ATTRIBUTES: tuple[str, ...] = (
+    "PatientTelecomInformation",
+    "ReferringPhysicianAddress",
+    "ReferringPhysicianTelephoneNumbers",
+    "PersonAddress",
+    "PersonTelephoneNumbers",
+    "PersonTelecomInformation",
+    "MedicalRecordLocator",
+)
+# What must hold no value unless the site removes it (DICOM_PERSON_ATTRIBUTES_REMOVED).
+DEFAULT_PERSON_ATTRIBUTES: tuple[str, ...] = CONTRACT_PERSON_ATTRIBUTES + CONTACT_PERSON_ATTRIBUTES
 
 # Checked at every depth whatever the configuration says (issue 11: names anywhere).
 ALWAYS_PERSON_ATTRIBUTES: tuple[str, ...] = ("PatientBirthName",)

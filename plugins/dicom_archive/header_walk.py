@@ -10,7 +10,12 @@ their items, private blocks), and past the pixel data, whose value is skipped by
 - duplicated or out-of-order elements (a malformed header), naming the tag;
 - private data elements and their creators, and, in strip mode, the byte ranges to drop and the
   lengths of enclosing sequences and items to patch, so that the archived copy can be written
-  by streaming the file once (`StrippedReader`): the header rewritten, the rest copied as is.
+  by streaming the file once (`StrippedReader`): the header rewritten, the rest copied as is;
+- the bytes of the header that no element's value holds and no check judges, which the copy
+  leaves out or zeroes in every mode: the preamble (zeros), the group lengths outside the file
+  meta and DataSetTrailingPadding (dropped), the reserved bytes of a long-length VR (zeros), the
+  file meta's group length (written as counted). FileMetaInformationVersion must be 00 01 and a
+  delimiter's length 0, or the header is malformed.
 
 Memory stays bounded: values longer than `BULK_SKIP` of a bulk VR are skipped, the others count
 against the policy's `max_header_bytes`, and nesting against its `max_depth`.
@@ -69,6 +74,13 @@ IMPLICIT_LITTLE = "1.2.840.10008.1.2"
 EXPLICIT_BIG = "1.2.840.10008.1.2.2"
 DEFLATED = "1.2.840.10008.1.2.1.99"
 TRANSFER_SYNTAX_TAG = 0x00020010
+FILE_META_VERSION_TAG, FILE_META_VERSION = 0x00020001, b"\x00\x01"  # PS3.10 7.1: this version, no other
+# Some writers put the version as a little endian number (pydicom's no_meta_group_length.dcm): the
+# same version, two bytes that hold nothing else. The copy carries the standard spelling.
+FILE_META_VERSION_SWAPPED = b"\x01\x00"
+PREAMBLE_BYTES = 128
+# Its value has no meaning (PS3.10 7.2), so nothing judges it: never copied into the archive.
+TRAILING_PADDING_TAG = 0xFFFCFFFC
 PRIVATE_INFORMATION_TAGS = (0x00020100, 0x00020102)  # PrivateInformationCreatorUID, PrivateInformation
 
 # Top-level attributes whose every copy the gate judges (a duplicate must not hide one).
@@ -191,15 +203,17 @@ class HeaderWalk:
     little: bool = True
     top: dict[int, RawDataElement] = field(default_factory=dict)  # first copy of each top-level value
     copies: dict[str, list[str]] = field(default_factory=dict)  # every copy of FLAG_KEYWORDS
-    persons: list[tuple[str, str, str, bool]] = field(default_factory=list)  # path, keyword, text, is PN
-    id_values: list[tuple[str, str]] = field(default_factory=list)  # path, text
+    # path, keyword, text, is PN; text None: the attribute is a sequence with items (content, not a value)
+    persons: list[tuple[str, str, str | None, bool]] = field(default_factory=list)
+    id_values: list[tuple[str, str | None]] = field(default_factory=list)  # path, text (None: as persons)
     malformed: list[str] = field(default_factory=list)
     private: list[PrivateElement] = field(default_factory=list)  # not on the allow list
     # Basic profile: path, tag, dictionary VR, keyword, holds a value.
     public_values: list[tuple[str, int, str, str, bool]] = field(default_factory=list)
     deid_codes: list[str] = field(default_factory=list)  # CodeValues of DeidentificationMethodCodeSequence
     removals: list[tuple[int, int]] = field(default_factory=list)  # byte ranges dropped from the copy
-    patches: dict[int, bytes] = field(default_factory=dict)  # offset -> new 4-byte length
+    # offset -> the bytes the copy holds there instead (lengths, a zeroed preamble, reserved bytes)
+    patches: dict[int, bytes] = field(default_factory=dict)
     skipped: list[tuple[int, int]] = field(default_factory=list)  # ranges never read (bulk data)
     read_sha256: str = ""  # of every byte read (the file less `skipped`)
     # Values at the keyword paths walk_header was asked to record: path without item numbers -> each.
@@ -214,7 +228,7 @@ class HeaderWalk:
 
     @property
     def rewritten(self) -> bool:
-        return bool(self.removals)
+        return bool(self.removals or self.patches)
 
     @property
     def header_length(self) -> int:
@@ -271,7 +285,6 @@ class _Scope:
     creators: dict[int, tuple[str, int, int]] = field(default_factory=dict)  # (group<<8|block) -> creator, start, end
     kept_blocks: set[int] = field(default_factory=set)
     used_blocks: set[int] = field(default_factory=set)
-    group_lengths: list[tuple[int, int]] = field(default_factory=list)
     changed: bool = False
 
 
@@ -377,6 +390,10 @@ class _Walker:
         head = self.window[:132]
         if len(head) < 132 or head[128:132] != b"DICM":
             raise WalkError(Reason.NOT_DICOM, "not a DICOM Part 10 file (no DICM preamble)")
+        if head[:PREAMBLE_BYTES].count(0) != PREAMBLE_BYTES:
+            # Nothing judges the preamble (text, a TIFF header, an executable: the DICOM/PE polyglot of
+            # CVE-2019-11687), and PS3.10 7.1 lets it be all zeros: the copy carries zeros.
+            self.walk.patches[0] = bytes(PREAMBLE_BYTES)
         self.pos = 132
         first = self._file_meta()
         syntax = self.walk.transfer_syntax
@@ -409,14 +426,16 @@ class _Walker:
         previous = -1
         group_length: tuple[int, int] | None = None  # where its value is, and the value
         removed = 0
+        meta_end = self.size
         while self.pos < self.size:
             start = self.pos
             raw = self.read(4, "file meta")
             group, element = struct.unpack("<HH", raw)
             if group != 0x0002:
+                meta_end = start
                 break
             tag = group << 16 | element
-            vr, length, _ = self._explicit_header(tag, "<")
+            vr, length, _ = self._explicit_header(tag, "<", start)
             _, keyword, written_as = _public_vr_and_keyword(tag)
             name = keyword or tag_text(tag)
             if tag <= previous:
@@ -430,6 +449,11 @@ class _Walker:
                 self.walk.malformed.append(f"{name} is {length} bytes long, not {GROUP_LENGTH_BYTES}")
             value = self.load(length)
             self._check_shape(tag, vr, value, name)
+            if tag == FILE_META_VERSION_TAG and value != FILE_META_VERSION:
+                if value == FILE_META_VERSION_SWAPPED:
+                    self.walk.patches[self.pos - length] = FILE_META_VERSION
+                else:
+                    self.walk.malformed.append(f"{name} is not 00 01, the only version PS3.10 defines")
             if vr in FREE_TEXT_VRS and b"^" in value:
                 # The file meta names software and stations; a name's components would be a person's.
                 self.walk.malformed.append(f"{name} holds a ^, as a person's name does")
@@ -447,24 +471,39 @@ class _Walker:
         else:
             raw = None
         if group_length is not None:
-            self.group_length_at = group_length[0]
-            if removed:
-                self.walk.patches[group_length[0]] = struct.pack("<L", group_length[1] - removed)
+            at, value = group_length
+            self.group_length_at = at
+            # Its value is what follows it: written so, whatever the file said (four bytes are not
+            # for carrying anything else), less what strip mode drops.
+            counted = meta_end - at - 4 - removed
+            if counted != value:
+                self.walk.patches[at] = struct.pack("<L", counted)
         if not self.walk.transfer_syntax:
             raise WalkError(Reason.NOT_DICOM, "does not parse as DICOM (truncated or corrupt header)")
         return raw
 
-    def _explicit_header(self, tag: int, order: str) -> tuple[str, int, int]:
+    def _explicit_header(self, tag: int, order: str, start: int) -> tuple[str, int, int]:
         code = self.read(2)
         if not (0x41 <= code[0] <= 0x5A and 0x41 <= code[1] <= 0x5A):
             raise WalkError(Reason.NOT_DICOM, f"does not parse as DICOM (no valid VR at {tag_text(tag)})")
         vr = code.decode("ascii")
         if vr in LONG_LENGTH_VRS:
-            self.read(2)
+            self._reserved(start, self.read(2))
             (length,) = struct.unpack(f"{order}L", self.read(4))
             return vr, length, self.pos - 4
         (length,) = struct.unpack(f"{order}H", self.read(2))
         return vr, length, self.pos - 2
+
+    def _reserved(self, start: int, reserved: bytes) -> None:
+        """The two bytes after the VR of an element of long length (`start`), which readers skip and
+        PS3.5 7.1.2 sets to zero: zeros in the copy, whatever they held."""
+        if reserved != b"\0\0":
+            self.walk.patches[start + 6] = b"\0\0"
+
+    def _delimiter(self, frame: _Frame, length: int, what: str) -> None:
+        """A delimiter's length is zero (PS3.5 7.5): four bytes that no reader shows must hold nothing."""
+        if length and not frame.discard:
+            self.walk.malformed.append(f"{what} has a delimiter whose length is not 0")
 
     def _dataset(self, scope: _Scope, end: int | None, frame: _Frame, *, first: bytes | None = None) -> bool:
         """Walk one dataset: the top level (end None, depth 0: to the end of the file), an item
@@ -501,6 +540,7 @@ class _Walker:
                 )
             if group == 0xFFFE:
                 if tag == ITEM_DELIMITER and end is None and not top:
+                    self._delimiter(frame, unpack_length(head)[0], path)
                     break
                 where = path or "the dataset"
                 raise WalkError(Reason.NOT_DICOM, f"does not parse as DICOM (unexpected {tag_text(tag)} in {where})")
@@ -512,6 +552,7 @@ class _Walker:
                     raise WalkError(Reason.NOT_DICOM, f"does not parse as DICOM (no valid VR at {tag_text(tag)})")
                 vr = head[4:6].decode("ascii")
                 if vr in LONG_LENGTH_VRS:
+                    self._reserved(start, head[6:8])
                     (length,) = unpack_long(self.read(4))
                     length_offset = self.pos - 4
                 else:
@@ -523,10 +564,9 @@ class _Walker:
         return scope.changed
 
     def _close_scope(self, scope: _Scope, frame: _Frame) -> None:
-        """The creators of blocks that keep nothing: dropped in strip mode, with the group lengths
-        that a change inside the dataset made wrong (they are retired outside the file meta). In
-        quarantine mode a creator that reserves no element is reported, as a creator is a value like
-        any other, unless the allow list names it."""
+        """The creators of blocks that keep nothing: dropped in strip mode. In quarantine mode a
+        creator that reserves no element is reported, as a creator is a value like any other, unless
+        the allow list names it."""
         for key, (creator, start, stop) in scope.creators.items():
             if key in scope.kept_blocks:
                 continue
@@ -537,9 +577,6 @@ class _Walker:
                 name = tag_text(group << 16 | element)
                 path = f"{frame.path}.{name}" if frame.path else name
                 self.walk.private.append(PrivateElement(path, group, element, self._shown(creator)))
-        if frame.rewrite and scope.changed:
-            for start, stop in scope.group_lengths:
-                self._remove(start, stop, scope)
 
     def _shown(self, creator: str | None) -> str | None:
         """A creator as reports may show it: only one that pydicom's private dictionary or the allow
@@ -587,13 +624,22 @@ class _Walker:
                 self.walk.malformed.append(f"{element_path} is out of order")
 
         if vr is not None and vr != "UN":
-            if written_as and vr not in written_as and not discard:
-                # Judged by the VR it is written with, a PN written as LO or as OB would pass unread.
-                self.walk.malformed.append(f"{element_path} is written as {vr}, not {' or '.join(written_as)}")
             semantic = vr
         is_sequence = semantic == "SQ" or (
             length == UNDEFINED and tag not in PIXEL_DATA_TAGS and vr in (None, "UN", "SQ")
         )
+        # A sequence where the dictionary says a value (a PN, an LO...): walked as one, it would never
+        # be judged as the value a reader takes it for (pydicom reads a PatientName of undefined length
+        # as a name made of the items' bytes). Private and unknown elements have no dictionary VR.
+        sequence_shaped = is_sequence and bool(written_as) and "SQ" not in written_as
+        if not discard and written_as:
+            if sequence_shaped:
+                self.walk.malformed.append(
+                    f"{element_path} is encoded as a sequence, but its dictionary VR is {' or '.join(written_as)}"
+                )
+            elif vr is not None and vr != "UN" and vr not in written_as:
+                # Judged by the VR it is written with, a PN written as LO or as OB would pass unread.
+                self.walk.malformed.append(f"{element_path} is written as {vr}, not {' or '.join(written_as)}")
         guessed = False
         if vr == "UN" and is_sequence:
             implicit, little = True, True  # PS3.5 6.2.2: a UN sequence is encoded implicit VR little endian
@@ -640,13 +686,18 @@ class _Walker:
                 self.skip(length, f"value of {element_path}")
             else:
                 inner = _Frame(frame.depth, element_path, implicit, little, inner_discard, rewrite, guessed)
-                self._sequence(inner, length, length_offset, frame.little)
+                items = self._sequence(inner, length, length_offset, frame.little)
+                if sequence_shaped and items and not discard:
+                    self._content(keyword, dictionary_vr, element_path)
             if not discard and self.profile and not private:
                 self.walk.public_values.append((element_path, tag, dictionary_vr, keyword, length != 0))
         elif length == UNDEFINED:
             if tag not in PIXEL_DATA_TAGS:
                 raise WalkError(Reason.NOT_DICOM, f"does not parse as DICOM (undefined length of {element_path})")
-            self._fragments(little, element_path)
+            self._fragments(frame, little, element_path)
+        elif tag == TRAILING_PADDING_TAG:
+            self.skip(length, f"value of {element_path}")
+            drop = not discard
         elif inner_discard or (length > BULK_SKIP and (semantic in BULK_VRS or tag in PIXEL_DATA_TAGS)):
             self.skip(length, f"value of {element_path}")
         else:
@@ -680,9 +731,10 @@ class _Walker:
             return
         if drop:
             self._remove(start, self.pos, scope)
-            self.walk.private_removed += element != 0x0000
-        elif element == 0x0000 and group != 0x0002:
-            scope.group_lengths.append((start, self.pos))
+            self.walk.private_removed += private and element != 0x0000
+        elif element == 0x0000 and not private and group != 0x0002:
+            # Retired outside the file meta (PS3.5 7.2), and four bytes nothing judges: never copied.
+            self._remove(start, self.pos, scope)
 
     def _check_shape(self, tag: int, vr: str, value: bytes, path: str) -> None:
         """A value of a number, date, UID, code string or age VR holds nothing else: a name cannot
@@ -744,9 +796,17 @@ class _Walker:
             # A top-level OtherPatientIDs too, whatever the person list says: check 7 is no setting.
             self.walk.id_values.append((path, _decode(value)))
 
-    def _sequence(self, frame: _Frame, length: int, length_offset: int, length_little: bool) -> None:
-        """The items of the sequence `frame` (its path is the sequence's); its length is written in the
-        enclosing dataset's byte order, `length_little`."""
+    def _content(self, keyword: str, dictionary_vr: str, path: str) -> None:
+        """A person or identifier attribute encoded as a sequence with items: whatever they hold is
+        content, which its rules (empty, or a coded id) never allow."""
+        if dictionary_vr == "PN" or keyword in self.policy.person_keywords:
+            self.walk.persons.append((path, keyword, None, dictionary_vr == "PN"))
+        elif keyword in CODED_ID_ATTRIBUTES:
+            self.walk.id_values.append((path, None))
+
+    def _sequence(self, frame: _Frame, length: int, length_offset: int, length_little: bool) -> int:
+        """The items of the sequence `frame` (its path is the sequence's), and how many there are; its
+        length is written in the enclosing dataset's byte order, `length_little`."""
         depth, path, little = frame.depth, frame.path, frame.little
         if depth + 1 > self.policy.max_depth:
             raise WalkError(Reason.UNREADABLE, f"sequences nested deeper than {self.policy.max_depth} at {path}")
@@ -762,6 +822,7 @@ class _Walker:
             if tag == SEQUENCE_DELIMITER:
                 if end is not None:
                     raise WalkError(Reason.NOT_DICOM, f"does not parse as DICOM (stray delimiter in {path})")
+                self._delimiter(frame, item_length, path)
                 break
             if tag != ITEM:
                 raise WalkError(Reason.NOT_DICOM, f"does not parse as DICOM (no item in {path})")
@@ -776,19 +837,21 @@ class _Walker:
             if self.pos != end:
                 raise WalkError(Reason.NOT_DICOM, f"does not parse as DICOM (an item overruns {path})")
             self.containers.pop()
+        return index
 
     def _push(self, length_offset: int, length: int, little: bool) -> None:
         container = _Container(length_offset, length, little)
         self.containers.append(container)
         self.all_containers.append(container)
 
-    def _fragments(self, little: bool, path: str) -> None:
+    def _fragments(self, frame: _Frame, little: bool, path: str) -> None:
         """Encapsulated pixel data: items skipped by their lengths, up to the delimiter."""
         order = "<" if little else ">"
         while True:
             group, element, length = struct.unpack(f"{order}HHL", self.read(8, "pixel data"))
             tag = group << 16 | element
             if tag == SEQUENCE_DELIMITER:
+                self._delimiter(frame, length, path)
                 return
             if tag != ITEM or length == UNDEFINED:
                 raise WalkError(Reason.NOT_DICOM, "does not parse as DICOM (corrupt pixel data)")
@@ -864,7 +927,9 @@ def judge_header(walk: HeaderWalk, policy: DeidPolicy) -> Verdict:
     item_id = walk.text("AccessionNumber")
     filled: list[str] = []
     for path, keyword, text, is_name in walk.persons:
-        if is_name or keyword in NAME_MAY_BE_CODED_ID:
+        if text is None:  # a sequence with items: content, whatever it holds
+            allowed = False
+        elif is_name or keyword in NAME_MAY_BE_CODED_ID:
             allowed = person_value_allowed(text, entity_id, person_name=is_name)
         else:
             allowed = not holds_value(text)
@@ -872,7 +937,9 @@ def judge_header(walk: HeaderWalk, policy: DeidPolicy) -> Verdict:
             filled.append(path)
     if filled:
         verdict.fail(Reason.IDENTIFYING_ATTRIBUTE, "holds a value: " + ", ".join(filled))
-    foreign = [path for path, text in walk.id_values if not coded_id_value_allowed(text, (entity_id, item_id))]
+    foreign = [
+        path for path, text in walk.id_values if text is None or not coded_id_value_allowed(text, (entity_id, item_id))
+    ]
     if foreign:
         detail = "holds an identifier other than the coded ids: " + ", ".join(foreign)
         verdict.fail(Reason.IDENTIFYING_ATTRIBUTE, detail)
@@ -895,7 +962,8 @@ def _update_hashes(source_sha: Any, data: bytes, out_sha: Any, out: bytes) -> No
 
 class StrippedReader(io.RawIOBase):
     """The archived copy of a walked file, read once from its start: dropped ranges left out,
-    patched lengths put in, everything else (the pixel data) copied as it is.
+    patches put in (lengths, a zeroed preamble, zeroed reserved bytes), everything else (the pixel
+    data) copied as it is.
 
     Hashes the source (source_sha256), the copy (instance_sha256), and the bytes the walk read,
     so that `verify` can tell whether the file changed between the walk and the copy.
@@ -927,19 +995,27 @@ class StrippedReader(io.RawIOBase):
         return True
 
     def _intervals(self) -> list[tuple[int, int, bool, bool, bytes | None]]:
-        """[start, stop) pieces of the source: dropped?, walked (read by the walk)?, patch."""
+        """[start, stop) pieces of the source: dropped?, walked (read by the walk)?, the bytes the
+        copy holds instead (None: its own)."""
         walk = self.walk
         points = {0, walk.size}
         for start, stop in walk.removals + walk.skipped:
             points.update((start, stop))
-        for offset in walk.patches:
-            points.update((offset, offset + 4))
+        patches = sorted(walk.patches.items())
+        for offset, patch in patches:
+            points.update((offset, offset + len(patch)))
+        offsets = [offset for offset, _ in patches]
         edges = sorted(p for p in points if 0 <= p <= walk.size)
         pieces = []
         for start, stop in itertools.pairwise(edges):
             dropped = _within_ranges(walk.removals, start, stop)
             skipped = _within_ranges(walk.skipped, start, stop)
-            pieces.append((start, stop, dropped, not skipped, walk.patches.get(start) if stop - start == 4 else None))
+            replaced = None
+            index = bisect.bisect_right(offsets, start) - 1
+            if index >= 0 and start < offsets[index] + len(patches[index][1]):
+                offset, patch = patches[index]
+                replaced = patch[start - offset : stop - offset]  # a piece never straddles a patch's end
+            pieces.append((start, stop, dropped, not skipped, replaced))
         return pieces
 
     def _next_window(self) -> bytes | None:

@@ -155,12 +155,13 @@ def _lookup_fields(value: str | None, problems: list[str]) -> tuple[str, ...]:
 
 
 def person_attributes(added: tuple[str, ...], removed: tuple[str, ...], problems: list[str]) -> tuple[str, ...]:
-    """The contract's list, plus DICOM_PERSON_ATTRIBUTES, less DICOM_PERSON_ATTRIBUTES_REMOVED
-    (which may name only defaults: removing is never done by leaving a name out)."""
+    """The default list (the contract's and the contact attributes of deid_gate), plus
+    DICOM_PERSON_ATTRIBUTES, less DICOM_PERSON_ATTRIBUTES_REMOVED (which may name only defaults:
+    removing is never done by leaving a name out)."""
     not_defaults = [n for n in removed if n not in DEFAULT_PERSON_ATTRIBUTES]
     if not_defaults:
         problems.append(
-            "DICOM_PERSON_ATTRIBUTES_REMOVED may only name defaults of the contract's list, not: "
+            "DICOM_PERSON_ATTRIBUTES_REMOVED may only name defaults of the person attribute list, not: "
             + ", ".join(not_defaults)
         )
     merged = [n for n in DEFAULT_PERSON_ATTRIBUTES if n not in removed]
