@@ -30,7 +30,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_archive.batch import Staging, archive_groups, build_report, publish_report
+from dicom_archive.batch import Staging, build_report, publish_report
 from dicom_archive.bigquery_load import DEDUPE_ORDER, ROW_KEY
 from dicom_archive.deid_gate import DEFAULT_PERSON_ATTRIBUTES, DeidPolicy, Reason
 from dicom_archive.landing import LocalLandingZone
@@ -44,6 +44,7 @@ from dicom_archive.run_steps import ReportOutcome, plan_run, report_run_batch
 from dicom_archive.settings import ArchiveSettings, Settings
 from dicom_archive.stores import LocalObjectStore
 from operators.failures import permanent_errors
+from tests.archiving import archive_groups
 from tools import phi_audit
 from tools.landing_zone import BatchSpec, ImageSpec, image_bytes, make_image, raw_identifiers, write_batch
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from dicom_archive.bigquery_tables import DEFAULT_TABLE
 from dicom_archive.naming import archive_object_name
 from dicom_archive.plan import BatchPlan, ImageRecord, StudyGroup, apply_withdrawals
 from dicom_archive.stores import LocalObjectStore
@@ -98,11 +99,11 @@ def test_local_withdrawal_deletes_archives_and_ndjson_rows_and_is_idempotent(tmp
             [("E1", "I1", 1), ("E1", "I1", 2), ("E1", "I2", 1), ("E10", "I1", 1)]]  # fmt: skip
     store.write_bytes(f"BigQuery/{C}/dicom/b1.ndjson", b"".join(json.dumps(r).encode() + b"\n" for r in rows), "x")
 
-    record = process_withdrawal(request(item_id="I1"), store, delete_rows=delete_local_rows(store))
+    record = process_withdrawal(request(item_id="I1"), store, delete_rows=delete_local_rows(store, DEFAULT_TABLE))
     assert (record.status, record.objects_deleted, record.rows_deleted) == ("complete", 1, 2)
     assert store.get(names[0]) is None
     assert store.get(names[1]) is not None
-    record = process_withdrawal(request(request_id="r2"), store, delete_rows=delete_local_rows(store))
+    record = process_withdrawal(request(request_id="r2"), store, delete_rows=delete_local_rows(store, DEFAULT_TABLE))
     assert (record.objects_deleted, record.rows_deleted, record.scope) == (1, 1, "entity")
     assert store.get(keep) is not None
     left = [json.loads(line) for line in store.read_bytes(f"BigQuery/{C}/dicom/b1.ndjson").splitlines()]

@@ -21,11 +21,19 @@ from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from dicom_archive.deflated import walked_image
 from dicom_archive.deid_gate import DeidPolicy, Reason, StudyIdentity, keyword_vr
 from dicom_archive.header_walk import HeaderWalk, WalkError, judge_header
-from dicom_archive.landing import HeldImagesError, LandingFile, LandingZone, aliases, file_identity_of, shown_path
+from dicom_archive.landing import (
+    MANIFEST_NAME,
+    HeldImagesError,
+    LandingFile,
+    LandingZone,
+    aliases,
+    file_identity_of,
+    is_under_phi_folder,
+    shown_path,
+)
 from dicom_archive.manifest import (
     FLAG_FIELD,
     LOOKUP_NAME,
-    MANIFEST_NAME,
     BatchManifest,
     LookupMatch,
     ManifestError,
@@ -34,7 +42,6 @@ from dicom_archive.manifest import (
     is_control_file,
     is_flagged,
     is_keyword_path,
-    is_under_phi_folder,
     keyword_path_of_any_item,
     match_lookup,
     parse_lookup,

@@ -328,7 +328,7 @@ def pending_requests(zone: Any, store: ObjectStore) -> tuple[list[WithdrawalRequ
     return requests, problems
 
 
-def delete_local_rows(store: ObjectStore, table: str = "dicom") -> DeleteRows:
+def delete_local_rows(store: ObjectStore, table: str) -> DeleteRows:
     """Row deletion for SEND_TO_GOOGLE=false: the rows are NDJSON files under
     `BigQuery/<collection>/<table>/` in the local output folder."""
 
