@@ -48,7 +48,7 @@ from dicom_archive.manifest import (
     parse_manifest,
     shown_key,
 )
-from dicom_archive.naming import BATCH_ID_RE, archive_object_name, archive_stem
+from dicom_archive.naming import archive_object_name, archive_stem, batch_id_problem
 from dicom_archive.values import dicom_value_to_json
 
 HASH_CHUNK = 1024 * 1024
@@ -370,11 +370,10 @@ def _plan_batch(
     """Everything the archive step needs to know about one batch. Never raises for bad input:
     a broken manifest gives an ERROR plan with the message, a bad image a quarantine entry."""
     policy = policy or DeidPolicy()
-    if not BATCH_ID_RE.fullmatch(batch_id) or batch_id.strip(".") == "":
+    problem = batch_id_problem(batch_id)
+    if problem is not None:
         # Checked before touching the landing zone: a requested id must not name a path.
-        return BatchPlan(
-            batch_id, None, STATUS_ERROR, error=f"{batch_id!r} is not a valid batch id", manifest_unusable=True
-        )
+        return BatchPlan(batch_id, None, STATUS_ERROR, error=problem, manifest_unusable=True)
     try:
         manifest = read_manifest(zone, batch_id, default_collection)
         if manifest is None:
