@@ -11,11 +11,11 @@ from bench.context import Context
 from bench.datasets import ensure_zone
 from bench.nullstore import NullObjectStore
 from bench.results import Result, Target, fmt, ratio
-from dicom_archive.batch import archive_groups
+from dicom_archive.batch import archive_groups_spooled
 from dicom_archive.bigquery_load import load_rows_exactly_once
 from dicom_archive.bigquery_tables import ensure_dataset, ensure_table
 from dicom_archive.landing import LocalLandingZone
-from dicom_archive.ndjson import to_ndjson
+from dicom_archive.ndjson import NdjsonSpool, to_ndjson
 from dicom_archive.plan import plan_batch
 from dicom_archive.rows import RunContext
 from dicom_archive.settings import ArchiveSettings
@@ -29,10 +29,17 @@ def template_rows(ctx: Context) -> list[dict[str, Any]]:
     landing = LocalLandingZone(zone.root)
     plan = plan_batch(landing, zone.batch_id)
     context = RunContext(upload_agent="bench", dag_run_id="bench__bigquery")
-    _, rows = archive_groups(
-        plan.groups[:1], landing, NullObjectStore(), deid=plan.deid, context=context, settings=ArchiveSettings()
-    )
-    return rows
+    with NdjsonSpool() as rows:
+        archive_groups_spooled(
+            plan.groups[:1],
+            landing,
+            NullObjectStore(),
+            rows=rows,
+            deid=plan.deid,
+            context=context,
+            settings=ArchiveSettings(),
+        )
+        return list(rows)
 
 
 def batch_rows(template: list[dict[str, Any]], count: int, salt: str) -> list[dict[str, Any]]:
@@ -116,7 +123,7 @@ def run(ctx: Context) -> Result:
         notes=[
             "Jobs: client.list_jobs(all_users=True) before and after. HTTP calls: every request through the "
             "client's `_http` session (JSON API calls and resumable-upload requests), counted by a wrapper.",
-            "Rows are real rows of one archived CT study (product `archive_groups`), repeated with distinct "
+            "Rows are real rows of one archived CT study (product `archive_groups_spooled`), repeated with distinct "
             "instance_sha256. 'first batch' creates the dataset and table; 'next batch' finds them.",
             "Baseline: `client.insert_rows_json(table, [row])` per row (sendit style): no job, one call per row; "
             f"run for {', '.join(map(str, ctx.sizes.bigquery_baseline_rows))} rows only "

@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 STORAGE_POOL = parse_time_settings.pool("DICOM_GCS_POOL")
 BIGQUERY_POOL = parse_time_settings.pool("DICOM_BIGQUERY_POOL")
 
-# Labels of the mapped tasks in the grid (plugins/batches_view/outcomes.py has their Python twins).
+# Labels of the mapped tasks in the grid; REPORT_LABEL shows the label batch_report sets
+# (plugins/batches_view/outcomes.py: batch_label).
 CHUNK_LABEL = (
     "{{ task.study_groups['batch_id'] }} studies {{ task.study_groups['start'] + 1 }}-{{ task.study_groups['stop'] }}"
 )
@@ -111,6 +112,7 @@ with DAG(
     @task(trigger_rule=TriggerRule.ALL_DONE)
     def collection_summary(plan_refs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
         """Log each touched collection's summary (the old pipeline's __TABLES_SUMMARY__)."""
+        from dicom_archive.plan import STATUS_DONE
         from dicom_archive.sql_templates import format_table, run_summary
         from hooks.dicom_storage import DicomStorageHook, load_settings
         from operators.failures import fail_at_once_on_permanent_errors
@@ -118,7 +120,7 @@ with DAG(
         settings = load_settings()
         hook = DicomStorageHook.of_settings(settings)
         plan_refs = plan_refs or []
-        collections = sorted({p["collection"] for p in plan_refs if p["collection"] and p["status"] == "DONE"})
+        collections = sorted({p["collection"] for p in plan_refs if p["collection"] and p["status"] == STATUS_DONE})
         if not settings.send_to_google:
             from batches_view.task_outcome import log_local_rows
 
@@ -146,6 +148,7 @@ with DAG(
         from airflow.sdk.exceptions import AirflowFailException
 
         from batches_view.task_outcome import finish
+        from dicom_archive.bigquery_tables import DEFAULT_TABLE, table_ref
         from dicom_archive.run_steps import count_rows_of_batch, report_run_batch
         from hooks.dicom_storage import DicomStorageHook, load_settings
         from operators.failures import fail_at_once_on_permanent_errors
@@ -154,7 +157,7 @@ with DAG(
         hook = DicomStorageHook.of_settings(settings)
 
         def rows_of_batch(plan: Any) -> int:
-            table = f"{settings.project}.{plan.collection}.dicom"
+            table = table_ref(settings.project, plan.collection, DEFAULT_TABLE)
             with hook.explain_google_errors(f"the BigQuery table {table}"):
                 client = hook.bigquery_client(settings.project, settings.bigquery_location)
                 return count_rows_of_batch(client, table, plan.batch_id)

@@ -339,3 +339,36 @@ def test_bad_templated_bucket_fails_the_task_at_once_with_the_rule_named(
     log = capfd.readouterr()
     assert re.search(problem, log.out + log.err)
     assert re.search(r"task arguments: bucket=", log.out + log.err)
+
+
+def test_an_image_changed_after_planning_fails_the_task_at_once_naming_the_image(
+    dag, landing, settings_env, tmp_path, capfd
+):
+    """The planned files are not the ones the task finds (here: a copy of the landing zone, so
+    every file is another one): the task fails once, not retried, and its log names the image,
+    the rule and why it is not retried."""
+    import shutil
+
+    from airflow.utils.state import DagRunState, TaskInstanceState
+
+    root, plan = landing
+    copy = tmp_path / "landing-copy"
+    shutil.copytree(root, copy)
+    settings_env.setenv("DICOM_LANDING_ROOT", str(copy))
+    settings_env.setenv("SEND_TO_GOOGLE", "false")
+
+    run = dag.test()
+
+    assert run.state == DagRunState.FAILED
+    ti = run.get_task_instance("archive")
+    assert (ti.state, ti.try_number) == (TaskInstanceState.FAILED, 1)
+    log = capfd.readouterr()
+    found = re.search(
+        r"AirflowFailException: ArchiveIntegrityError: (\S+) is not the file that was planned "
+        r"\(changed after planning: [^)]+\); nothing of this archive is kept \(not retried: a retry cannot fix this\)",
+        log.out + log.err,
+    )
+    assert found, "the task's log gives the reason, the image and why it was not retried"
+    planned = {str(copy / BATCH_ID / image.relpath) for group in plan.groups for image in group.images}
+    assert found[1] in planned
+    assert not [p for p in (tmp_path / "output").rglob("*.tar.gz")], "nothing of the archive is kept"

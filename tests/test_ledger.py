@@ -687,3 +687,36 @@ def test_one_batch_folder_that_cannot_be_read_never_stops_the_others(env, name, 
     bad = report(env, "bad")
     assert bad["status"] == "ERROR"
     assert name in bad["error"]
+
+
+def test_a_release_that_loses_the_race_leaves_the_claim_and_the_store_says_so(env):
+    """Between reading the claim and deleting it, another run replaced it (Cloud Storage answers
+    412 to the generation-guarded delete) or deleted it (404): the store reports its own
+    ObjectChangedError, and release leaves the claim as the other run left it."""
+    from dicom_archive import claims
+    from dicom_archive.stores import GCSObjectStore, ObjectChangedError
+    from hooks.dicom_storage import DicomStorageHook
+
+    class DeletedMeanwhile(GCSObjectStore):
+        def delete(self, name, generation):
+            GCSObjectStore.delete(self, name, None)  # the other run's delete comes first
+            return super().delete(name, generation)
+
+    bucket = DicomStorageHook().storage_client().bucket(env["bucket"])
+    store = GCSObjectStore(bucket)
+    assert claims.acquire(store, "lost-race", "run-1", timedelta(hours=1)).owned
+    generation = claims.holder_of(store, "lost-race").generation
+    replaced = {"error": {"code": 412, "message": "conditionNotMet", "errors": [{"reason": "conditionNotMet"}]}}
+    rule = Rule(method="DELETE", path=r"/o/_claims(%2F|/)lost-race\.json$", status=412, body=replaced, times=None)
+    env["gcs"].add(rule)
+    with pytest.raises(ObjectChangedError, match="was replaced or is gone"):
+        store.delete(claims.claim_name("lost-race"), generation)
+    assert not claims.release(store, "lost-race", "run-1")
+    assert claims.holder_of(store, "lost-race").run_id == "run-1", "the claim is left as it is"
+    env["gcs"].rules.remove(rule)
+
+    with pytest.raises(ObjectChangedError, match="was replaced or is gone"):
+        DeletedMeanwhile(bucket).delete(claims.claim_name("lost-race"), generation)
+    assert claims.acquire(store, "lost-race", "run-1", timedelta(hours=1)).owned
+    assert not claims.release(DeletedMeanwhile(bucket), "lost-race", "run-1")
+    assert claims.holder_of(store, "lost-race") is None

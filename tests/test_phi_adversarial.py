@@ -41,7 +41,6 @@ from pydicom.filereader import _read_file_meta_info, data_element_generator, rea
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_archive.archive import ArchiveIntegrityError, write_study_archive
-from dicom_archive.batch import archive_groups
 from dicom_archive.deid_gate import DeidPolicy, Reason
 from dicom_archive.landing import (
     GCSLandingZone,
@@ -65,6 +64,7 @@ from dicom_archive.plan import BatchPlan, plan_batch
 from dicom_archive.rows import RunContext
 from dicom_archive.settings import DEFAULT_HEADER_ALLOW_LIST, ArchiveSettings
 from dicom_archive.stores import LocalObjectStore
+from tests.archiving import archive_groups
 from tests.conftest import PROJECT, pipeline_settings, run_dag
 from tests.faultproxy import FaultProxy, ProxyRequest, ProxyResponse, Rule, proxied
 from tests.test_bad_input import (

@@ -17,7 +17,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
-from dicom_archive.batch import Staging, archive_groups, build_report, publish_report, run_key
+from dicom_archive.batch import Staging, build_report, publish_report, run_key
 from dicom_archive.landing import LocalLandingZone
 from dicom_archive.ndjson import to_ndjson
 from dicom_archive.plan import plan_batch
@@ -25,6 +25,7 @@ from dicom_archive.publish import publish_study_archive
 from dicom_archive.rows import RunContext
 from dicom_archive.settings import ArchiveSettings
 from dicom_archive.stores import GCSObjectStore, LocalObjectStore
+from tests.archiving import archive_groups
 from tools import landing_zone as lz
 from tools import phi_audit
 from tools.phi_audit import Identifier, audit, identifiers_from_dicom

@@ -10,7 +10,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
 from dicom_archive.archive import ArchivedMember, read_archive_members
-from dicom_archive.batch import Staging, StudyFields, archive_groups, run_key
+from dicom_archive.batch import Staging, StudyFields, run_key
 from dicom_archive.bigquery_rows import check_rows
 from dicom_archive.landing import LocalLandingZone
 from dicom_archive.ndjson import NdjsonSpool, to_ndjson
@@ -19,6 +19,7 @@ from dicom_archive.rows import HEADER_COLUMNS, RunContext, image_fields
 from dicom_archive.settings import ArchiveSettings
 from dicom_archive.stores import LocalObjectStore
 from dicom_archive.values import dicom_value_to_text
+from tests.archiving import archive_groups
 from tests.conftest import REPO_ROOT
 from tools import landing_zone as lz
 

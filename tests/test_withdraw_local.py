@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from dicom_archive.bigquery_tables import DEFAULT_TABLE
 from dicom_archive.naming import archive_object_name
 from dicom_archive.plan import BatchPlan, ImageRecord, StudyGroup, apply_withdrawals
 from dicom_archive.stores import LocalObjectStore
@@ -98,11 +99,11 @@ def test_local_withdrawal_deletes_archives_and_ndjson_rows_and_is_idempotent(tmp
             [("E1", "I1", 1), ("E1", "I1", 2), ("E1", "I2", 1), ("E10", "I1", 1)]]  # fmt: skip
     store.write_bytes(f"BigQuery/{C}/dicom/b1.ndjson", b"".join(json.dumps(r).encode() + b"\n" for r in rows), "x")
 
-    record = process_withdrawal(request(item_id="I1"), store, delete_rows=delete_local_rows(store))
+    record = process_withdrawal(request(item_id="I1"), store, delete_rows=delete_local_rows(store, DEFAULT_TABLE))
     assert (record.status, record.objects_deleted, record.rows_deleted) == ("complete", 1, 2)
     assert store.get(names[0]) is None
     assert store.get(names[1]) is not None
-    record = process_withdrawal(request(request_id="r2"), store, delete_rows=delete_local_rows(store))
+    record = process_withdrawal(request(request_id="r2"), store, delete_rows=delete_local_rows(store, DEFAULT_TABLE))
     assert (record.objects_deleted, record.rows_deleted, record.scope) == (1, 1, "entity")
     assert store.get(keep) is not None
     left = [json.loads(line) for line in store.read_bytes(f"BigQuery/{C}/dicom/b1.ndjson").splitlines()]
@@ -132,3 +133,43 @@ def test_withdrawn_studies_become_quarantine_reason_withdrawn(tmp_path):
         BatchPlan("b", C, "DONE", groups=groups[:1]), WithdrawnIndex.load(store, C).withdrawn_by
     )
     assert all_gone.status == "EMPTY"
+
+
+class RacedStore(LocalObjectStore):
+    """A local store where another actor deletes `gone` just after the withdrawal listed it, and
+    where deleting `refused` fails once (an outage: the task fails and is retried)."""
+
+    def __init__(self, root, *, gone=None, refused=None):
+        super().__init__(root)
+        self.gone, self.refused = gone, refused
+
+    def list_versions(self, prefix):
+        listed = super().list_versions(prefix)
+        if self.gone is not None:
+            self.delete(self.gone, None)
+            self.gone = None
+        return listed
+
+    def delete_version(self, name, generation):
+        if name == self.refused:
+            self.refused = None
+            raise OSError(f"{name}: the store is unavailable")
+        return super().delete_version(name, generation)
+
+
+def test_the_record_counts_the_archives_this_request_deleted_across_retries(tmp_path):
+    names = [archive_object_name(C, "E1", "20230101", item) for item in ("I1", "I2", "I3")]
+    store = RacedStore(tmp_path, gone=names[0], refused=names[2])
+    for name in names:
+        store.write_bytes(name, b"tar.gz", "application/gzip")
+
+    with pytest.raises(OSError, match="unavailable"):
+        process_withdrawal(request(), store, delete_rows=delete_local_rows(store, DEFAULT_TABLE))
+    record = process_withdrawal(request(), store, delete_rows=delete_local_rows(store, DEFAULT_TABLE))
+
+    assert [store.get(name) for name in names] == [None, None, None]
+    assert (record.status, record.objects_found, record.objects_deleted) == ("complete", 3, 2), (
+        "found 3; one was gone before this request deleted it, the other two were deleted by two tries"
+    )
+    saved = json.loads(store.read_bytes(f"Collection/{C}/Withdrawals/r1.json"))
+    assert (saved["objects_found"], saved["objects_deleted"], saved["versions_deleted"]) == (3, 2, 0)

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote
 
-from batches_view.model import STATES, BatchRow, filter_rows
+from batches_view.model import REPORTED, STATES, BatchRow, filter_rows
 from batches_view.outcomes import needs_attention
 from operators.links import BATCHES_VIEW, CollectionArchivesLink, CollectionTableLink, links_to_view
 
@@ -83,7 +83,9 @@ def _links(row: BatchRow, settings: Any) -> list[str]:
             links.append(_a(url, "objects", top=False))
     if row.table and row.collection:
         if settings is not None and settings.send_to_google and not links_to_view():
-            url = CollectionTableLink.url(project=settings.project, dataset=row.collection, table="dicom")
+            from dicom_archive.bigquery_tables import DEFAULT_TABLE
+
+            url = CollectionTableLink.url(project=settings.project, dataset=row.collection, table=DEFAULT_TABLE)
             links.append(_a(url, "table", top=False))
         else:
             links.append(f'<span class="muted" title="table">{_e(row.table)}</span>')
@@ -104,7 +106,7 @@ def render_rows(rows: list[BatchRow], settings: Any) -> str:
             for name, key in (("plan", "plan_seconds"), ("archive", "archive_seconds"), ("load", "load_seconds"))
             if row.timings.get(key) is not None
         )
-        attention = row.state in ("DONE", "EMPTY", "ERROR") and needs_attention(
+        attention = row.state in REPORTED and needs_attention(
             {"status": row.state, "images": {"quarantined": row.quarantined}}
         )
         archives = (
@@ -224,15 +226,15 @@ def build_app() -> Any:
 
     def _report(batch_id: str) -> dict[str, Any]:
         from batches_view.model import read_report
-        from dicom_archive.naming import BATCH_ID_RE
+        from dicom_archive.naming import batch_id_problem
 
-        if not BATCH_ID_RE.fullmatch(batch_id) or ".." in batch_id:
+        if batch_id_problem(batch_id) is not None:
             raise HTTPException(status_code=404, detail="no such batch")
         settings, zone, store, _ = _sources()
         manifest_collection = None
         if zone is not None:
             from batches_view.model import _json
-            from dicom_archive.manifest import MANIFEST_NAME
+            from dicom_archive.landing import MANIFEST_NAME
 
             manifest_collection = (_json(zone.read_bytes(batch_id, MANIFEST_NAME)) or {}).get("collection")
         collection = manifest_collection or (settings.default_collection if settings else None)

@@ -13,13 +13,17 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from dicom_archive.plan import STATUS_DONE, STATUS_EMPTY, STATUS_ERROR, STATUS_NOT_READY
+
 WAITING = "waiting"  # a folder without batch.json: the anonymizer is not done
-NOT_READY = "NOT_READY"  # batch.json says the anonymizer is not done
 PENDING = "pending"  # complete, no report, nobody working on it
 RUNNING = "running"  # a run has staged its plan and not yet reported
 CLAIMED = "claimed"  # a run holds the batch's claim (`_claims/<batch_id>.json`) and has staged nothing yet
 FAILED = "failed"  # the last run that took it failed before its report
-STATES = (WAITING, NOT_READY, PENDING, CLAIMED, RUNNING, FAILED, "DONE", "EMPTY", "ERROR")
+# A row's state is also STATUS_NOT_READY (batch.json says the anonymizer is not done), or what the
+# batch's report says (REPORTED).
+REPORTED = (STATUS_DONE, STATUS_EMPTY, STATUS_ERROR)
+STATES = (WAITING, STATUS_NOT_READY, PENDING, CLAIMED, RUNNING, FAILED, *REPORTED)
 
 
 @dataclass
@@ -112,7 +116,7 @@ def row_from_report(batch_id: str, report: dict[str, Any], source: str, local: b
 
 def read_report(zone: Any, store: Any, batch_id: str, collection: str | None) -> tuple[dict | None, str, bool]:
     """The batch's report: beside the batch, else the published copy; else a local run's."""
-    from dicom_archive.manifest import LOCAL_REPORT_NAME, REPORT_NAME
+    from dicom_archive.landing import LOCAL_REPORT_NAME, REPORT_NAME
     from dicom_archive.naming import batch_report_object_name
 
     report = _json(zone.read_bytes(batch_id, REPORT_NAME))
@@ -133,7 +137,8 @@ def batch_rows(
     zone: Any, store: Any, runs_by_batch: dict[str, list[RunRef]], default_collection: str | None
 ) -> list[BatchRow]:
     """One row per batch folder of the landing zone, newest first."""
-    from dicom_archive.manifest import MANIFEST_NAME, STATUS_DONE, STATUS_ERROR
+    from dicom_archive.landing import MANIFEST_NAME
+    from dicom_archive.manifest import MANIFEST_STATUS_DONE, MANIFEST_STATUS_ERROR
 
     staged = _staged_batches(store)
     claimed = _claimed_batches(store)
@@ -153,8 +158,8 @@ def batch_rows(
             row.completed_at = completed_at if isinstance(completed_at, str) else None
             if manifest is None and zone.read_bytes(batch_id, MANIFEST_NAME) is None:
                 row.state = WAITING
-            elif manifest is not None and manifest.get("status") not in (STATUS_DONE, STATUS_ERROR):
-                row.state = NOT_READY
+            elif manifest is not None and manifest.get("status") not in (MANIFEST_STATUS_DONE, MANIFEST_STATUS_ERROR):
+                row.state = STATUS_NOT_READY
             elif last is not None and last.state == "failed":
                 row.state = FAILED
             elif batch_id in staged or (last is not None and last.state in ("running", "queued")):

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from dicom_archive.plan import STATUS_DONE
+
 # The context key batch_report fills in; its map_index_template renders it.
 LABEL_KEY = "batch_outcome"
-DONE, EMPTY, ERROR = "DONE", "EMPTY", "ERROR"
 
 
 def quarantined(report: dict[str, Any]) -> int:
@@ -22,7 +23,7 @@ def quarantined(report: dict[str, Any]) -> int:
 
 def needs_attention(report: dict[str, Any]) -> bool:
     """A batch an operator should look at: not DONE, or DONE with quarantined images."""
-    return report.get("status") != DONE or quarantined(report) > 0
+    return report.get("status") != STATUS_DONE or quarantined(report) > 0
 
 
 def batch_label(report: dict[str, Any]) -> str:
@@ -33,18 +34,13 @@ def batch_label(report: dict[str, Any]) -> str:
     if held:
         seen = (report.get("images") or {}).get("seen")
         label += f", {held} of {seen} quarantined" if seen else f", {held} quarantined"
-    if status == DONE:
+    if status == STATUS_DONE:
         rows = (report.get("bigquery") or {}).get("rows_inserted")
         archives = report.get("archives") or {}
         label += f", {archives.get('written', 0)} archives written"
         if rows is not None:
             label += f", {rows} new rows"
     return label
-
-
-def chunk_label(batch_id: str, start: int, stop: int) -> str:
-    """`20240105-0001 studies 1-25` - the label of an archive task (1-based, inclusive)."""
-    return f"{batch_id} studies {start + 1}-{stop}"
 
 
 def run_note(reports: list[dict[str, Any]], unreported: list[str] | None = None) -> str:

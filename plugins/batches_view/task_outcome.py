@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from batches_view.outcomes import EMPTY, ERROR, LABEL_KEY, batch_label
+from batches_view.outcomes import LABEL_KEY, batch_label
+from dicom_archive.plan import STATUS_EMPTY, STATUS_ERROR
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ def finish(report: dict[str, Any]) -> dict[str, Any]:
     context = get_current_context()
     label = batch_label(report)
     context[LABEL_KEY] = label  # type: ignore[literal-required]
-    if report["status"] in (EMPTY, ERROR):
+    if report["status"] in (STATUS_EMPTY, STATUS_ERROR):
         context["ti"].xcom_push(key="return_value", value=report)
         raise AirflowSkipException(f"{label}: nothing of this batch was stored; the report says why")
     return report
@@ -33,10 +34,11 @@ def finish(report: dict[str, Any]) -> dict[str, Any]:
 def log_local_rows(plan_refs: list[dict[str, Any]], store: Any) -> None:
     """SEND_TO_GOOGLE=false: say where each batch's rows went, with the counts its report will show."""
     from dicom_archive.batch import Staging
+    from dicom_archive.run_steps import REFUSED
 
     log.info("SEND_TO_GOOGLE=false: nothing was sent to BigQuery; the rows were written to local files")
     for plan_ref in plan_refs:
-        if plan_ref["status"] == "REFUSED":  # no staging name is ever built from a refused id
+        if plan_ref["status"] == REFUSED:  # no staging name is ever built from a refused id
             log.info("refused batch id %r: nothing read or written", plan_ref["batch_id"])
             continue
         loaded = Staging(store, plan_ref["batch_id"], plan_ref["run_key"]).read_result("bigquery")

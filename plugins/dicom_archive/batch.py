@@ -28,8 +28,8 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from dicom_archive.archive import ArchivedMember, held_identities
-from dicom_archive.landing import LandingZone, shown_path
-from dicom_archive.manifest import LOCAL_REPORT_NAME, REPORT_NAME, check_deid
+from dicom_archive.landing import LOCAL_REPORT_NAME, REPORT_NAME, LandingZone, shown_path
+from dicom_archive.manifest import check_deid
 from dicom_archive.naming import batch_report_object_name, require_batch_id
 from dicom_archive.ndjson import NdjsonSpool, to_ndjson
 from dicom_archive.plan import STATUS_NOT_READY, WITHDRAWN, BatchPlan, ImageRecord, StudyGroup
@@ -216,25 +216,6 @@ def chunk_id(start: int) -> str:
 
 
 ProgressCallback = Callable[[int, int, int, float], None]  # done, total, bytes, seconds
-
-
-def archive_groups(
-    groups: list[StudyGroup],
-    zone: LandingZone,
-    store: ObjectStore,
-    *,
-    deid: dict[str, Any],
-    context: RunContext,
-    settings: ArchiveSettings,
-    progress: ProgressCallback | None = None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Publish each group's archive; return the per-archive summaries and the per-image rows
-    (in memory: for small batches; an archive task spools them, see archive_groups_spooled)."""
-    with NdjsonSpool() as rows:
-        summaries = archive_groups_spooled(
-            groups, zone, store, rows=rows, deid=deid, context=context, settings=settings, progress=progress
-        )
-        return summaries, list(rows)
 
 
 def archive_groups_spooled(

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from dicom_archive.naming import require_batch_id
-from dicom_archive.stores import ObjectExistsError, ObjectStore
+from dicom_archive.stores import ObjectChangedError, ObjectExistsError, ObjectStore
 
 CLAIM_ROOT = "_claims"
 JSON_TYPE = "application/json"
@@ -194,9 +194,7 @@ def release(store: ObjectStore, batch_id: str, run_id: str) -> bool:
         return False
     try:
         store.delete(claim_name(batch_id), holder.generation)
-    except Exception as err:
-        if type(err).__name__ not in ("PreconditionFailed", "NotFound"):
-            raise  # a refusal or an outage: the task fails and its retry releases the claim
+    except ObjectChangedError as err:  # a refusal or an outage is raised: the task's retry releases the claim
         log.warning("batch %s: the claim was taken over meanwhile; left as it is (%s)", batch_id, err)
         return False
     return True

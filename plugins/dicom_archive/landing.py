@@ -51,11 +51,12 @@ class LandingFile:
         return None if self.generation is None else {"generation": self.generation}
 
 
-# The names the ledger needs of each batch folder (see list_batch_folders): the manifest, the
-# report of a run that sent the batch to Google, and the report of a local (SEND_TO_GOOGLE=false) run.
-_MANIFEST = "batch.json"
-_REPORT = "batch.report.json"
-_LOCAL_REPORT = "batch.report.local.json"
+# The files of a batch folder the pipeline reads and writes beside the images (the ledger lists
+# them, see list_batch_folders): the manifest, the report of a run that sent the batch to Google,
+# and the report of a local (SEND_TO_GOOGLE=false) run, beside the real one, never in its place.
+MANIFEST_NAME = "batch.json"
+REPORT_NAME = "batch.report.json"
+LOCAL_REPORT_NAME = "batch.report.local.json"
 
 
 class LandingRootError(RuntimeError):
@@ -156,7 +157,7 @@ class LocalLandingZone:
             for entry in entries:
                 if not entry.is_dir(follow_symlinks=False):
                     continue
-                manifest = _stat_or_none(Path(entry.path, _MANIFEST))
+                manifest = _stat_or_none(Path(entry.path, MANIFEST_NAME))
                 if isinstance(manifest, OSError):
                     # A batch.json that cannot be reached (a looping link, a folder the worker may not
                     # read) is the batch's own trouble: taken, dated by its folder, its plan says why.
@@ -166,9 +167,9 @@ class LocalLandingZone:
                         entry.name,
                         has_manifest=manifest is not None,
                         # A report that cannot be reached does not count: the batch is taken, and says why.
-                        has_report=isinstance(_stat_or_none(Path(entry.path, _REPORT)), os.stat_result),
+                        has_report=isinstance(_stat_or_none(Path(entry.path, REPORT_NAME)), os.stat_result),
                         manifest_modified=None if manifest is None else datetime.fromtimestamp(manifest.st_mtime, UTC),
-                        has_local_report=isinstance(_stat_or_none(Path(entry.path, _LOCAL_REPORT)), os.stat_result),
+                        has_local_report=isinstance(_stat_or_none(Path(entry.path, LOCAL_REPORT_NAME)), os.stat_result),
                     )
                 )
         return sorted(folders, key=lambda f: f.name)
@@ -338,22 +339,23 @@ class GCSLandingZone:
         cannot be read fails the run (never a skip)."""
         from google.api_core.exceptions import NotFound
 
-        glob = f"{_glob_escape(self.prefix)}*/{{{_MANIFEST},{_REPORT},{_LOCAL_REPORT}}}"
+        glob = f"{_glob_escape(self.prefix)}*/{{{MANIFEST_NAME},{REPORT_NAME},{LOCAL_REPORT_NAME}}}"
         seen: dict[str, dict[str, object]] = {}
         try:
             for blob in self.bucket.list_blobs(prefix=self.prefix, match_glob=glob, **self._retry):  # type: ignore[attr-defined]
                 folder, _, leaf = blob.name[len(self.prefix) :].partition("/")
-                if folder and leaf in (_MANIFEST, _REPORT, _LOCAL_REPORT):  # filtered again: exact names only
+                # Filtered again: the glob is a pattern, the ledger wants these exact names only.
+                if folder and leaf in (MANIFEST_NAME, REPORT_NAME, LOCAL_REPORT_NAME):
                     seen.setdefault(folder, {})[leaf] = blob.updated
         except NotFound as err:
             raise self._missing_bucket() from err
         return [
             BatchFolder(
                 name,
-                has_manifest=_MANIFEST in leaves,
-                has_report=_REPORT in leaves,
-                manifest_modified=leaves.get(_MANIFEST),  # type: ignore[arg-type]
-                has_local_report=_LOCAL_REPORT in leaves,
+                has_manifest=MANIFEST_NAME in leaves,
+                has_report=REPORT_NAME in leaves,
+                manifest_modified=leaves.get(MANIFEST_NAME),  # type: ignore[arg-type]
+                has_local_report=LOCAL_REPORT_NAME in leaves,
             )
             for name, leaves in sorted(seen.items())
         ]

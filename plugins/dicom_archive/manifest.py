@@ -23,18 +23,15 @@ from dicom_archive.deid_gate import (
     last_keyword,
     value_looks_like_person_name,
 )
-from dicom_archive.landing import PHI_FOLDER, is_under_phi_folder, normalise_relpath  # noqa: F401  (re-exported)
+from dicom_archive.landing import LOCAL_REPORT_NAME, MANIFEST_NAME, REPORT_NAME, normalise_relpath
 from dicom_archive.naming import BATCH_ID_RE, batch_id_problem, collection_problem, kind_of
 
-MANIFEST_NAME = "batch.json"
 LOOKUP_NAME = "lookup.json"
-REPORT_NAME = "batch.report.json"
 FLAG_FIELD = "flagged"
-# A SEND_TO_GOOGLE=false run's report: beside the real one, never in its place.
-LOCAL_REPORT_NAME = "batch.report.local.json"
 
-STATUS_DONE = "DONEPROCESSING"
-STATUS_ERROR = "ERROR"
+# batch.json's own status values (the anonymizer's): not a plan's status (plan.STATUS_*).
+MANIFEST_STATUS_DONE = "DONEPROCESSING"
+MANIFEST_STATUS_ERROR = "ERROR"
 
 
 class ManifestError(ValueError):
@@ -64,7 +61,7 @@ class BatchManifest:
 
     @property
     def is_error(self) -> bool:
-        return self.status == STATUS_ERROR
+        return self.status == MANIFEST_STATUS_ERROR
 
 
 @dataclass(frozen=True)
@@ -159,7 +156,7 @@ def _manifest_of(
     status = doc.get("status")
     if not isinstance(status, str) or not status:
         raise ManifestError(source, "status must be a non-empty string")
-    if status not in (STATUS_DONE, STATUS_ERROR):
+    if status not in (MANIFEST_STATUS_DONE, MANIFEST_STATUS_ERROR):
         return PendingManifest(batch_id, status)
 
     collection = doc.get("collection")  # null is absent

@@ -21,11 +21,19 @@ from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from dicom_archive.deflated import walked_image
 from dicom_archive.deid_gate import DeidPolicy, Reason, StudyIdentity, keyword_vr
 from dicom_archive.header_walk import HeaderWalk, WalkError, judge_header
-from dicom_archive.landing import HeldImagesError, LandingFile, LandingZone, aliases, file_identity_of, shown_path
+from dicom_archive.landing import (
+    MANIFEST_NAME,
+    HeldImagesError,
+    LandingFile,
+    LandingZone,
+    aliases,
+    file_identity_of,
+    is_under_phi_folder,
+    shown_path,
+)
 from dicom_archive.manifest import (
     FLAG_FIELD,
     LOOKUP_NAME,
-    MANIFEST_NAME,
     BatchManifest,
     LookupMatch,
     ManifestError,
@@ -34,14 +42,13 @@ from dicom_archive.manifest import (
     is_control_file,
     is_flagged,
     is_keyword_path,
-    is_under_phi_folder,
     keyword_path_of_any_item,
     match_lookup,
     parse_lookup,
     parse_manifest,
     shown_key,
 )
-from dicom_archive.naming import BATCH_ID_RE, archive_object_name, archive_stem
+from dicom_archive.naming import archive_object_name, archive_stem, batch_id_problem
 from dicom_archive.values import dicom_value_to_json
 
 HASH_CHUNK = 1024 * 1024
@@ -363,11 +370,10 @@ def _plan_batch(
     """Everything the archive step needs to know about one batch. Never raises for bad input:
     a broken manifest gives an ERROR plan with the message, a bad image a quarantine entry."""
     policy = policy or DeidPolicy()
-    if not BATCH_ID_RE.fullmatch(batch_id) or batch_id.strip(".") == "":
+    problem = batch_id_problem(batch_id)
+    if problem is not None:
         # Checked before touching the landing zone: a requested id must not name a path.
-        return BatchPlan(
-            batch_id, None, STATUS_ERROR, error=f"{batch_id!r} is not a valid batch id", manifest_unusable=True
-        )
+        return BatchPlan(batch_id, None, STATUS_ERROR, error=problem, manifest_unusable=True)
     try:
         manifest = read_manifest(zone, batch_id, default_collection)
         if manifest is None:

@@ -63,7 +63,8 @@ class ObjectExistsError(RuntimeError):
 
 
 class ObjectChangedError(RuntimeError):
-    """A guarded update found the object changed since it was read (HTTP 412 on Cloud Storage)."""
+    """A guarded update or delete found the object changed since it was read, or gone (HTTP 412 or
+    404 on Cloud Storage)."""
 
 
 @dataclass
@@ -208,7 +209,15 @@ class GCSObjectStore:
                     writer._buffer.close()
 
     def delete(self, name: str, generation: int | None) -> None:
-        self.bucket.blob(name).delete(if_generation_match=generation, **self._retry)
+        """Delete the live object, only if it is still `generation` (None: whichever it is);
+        ObjectChangedError when it is another one or gone."""
+        from google.api_core.exceptions import NotFound, PreconditionFailed
+
+        try:
+            self.bucket.blob(name).delete(if_generation_match=generation, **self._retry)
+        except (PreconditionFailed, NotFound) as err:
+            wanted = "" if generation is None else f" (generation {generation})"
+            raise ObjectChangedError(f"{self.uri(name)}{wanted} was replaced or is gone: {err}") from err
 
     def write_bytes(self, name: str, data: bytes, content_type: str) -> StoredObject:
         blob = self.bucket.blob(name)

@@ -201,8 +201,10 @@ class WithdrawalRecord:
     status: str = STATUS_IN_PROGRESS
     started_at: str = field(default_factory=_now)
     completed_at: str | None = None
-    objects_found: int | None = None  # live archives, counted before anything was deleted
-    versions_found: int | None = None  # noncurrent versions, likewise
+    objects_found: int | None = None  # archives, counted before anything was deleted
+    versions_found: int | None = None  # their noncurrent versions, likewise
+    # What this request's tries deleted, added up as they go: an archive counts once its last
+    # (live) version is gone, a version that was gone already counts nothing.
     objects_deleted: int | None = None
     versions_deleted: int | None = None
     rows_deleted: int | None = None
@@ -278,14 +280,27 @@ def process_withdrawal(
         record.versions_found = len(versions) - len(live)
         done("planned")
 
-    # 3. Every version of every archive (a deletion that finds a version gone counts nothing).
-    for version in versions:
-        store.delete_version(version.name, version.generation)
-    if record.objects_deleted is None:
-        record.objects_deleted = record.objects_found
-        record.versions_deleted = record.versions_found
+    # 3. Every version of every archive, oldest first, so that the live version of an archive goes
+    #    last: it is still the newest listed on a retry, and the archive is counted once. The
+    #    record is written after each deletion, so a retry adds to what earlier tries counted
+    #    (a try killed between a deletion and that write leaves that one version uncounted).
+    record.objects_deleted = record.objects_deleted or 0
+    record.versions_deleted = record.versions_deleted or 0
+    newest = {v.name: v.generation for v in sorted(versions, key=lambda v: v.generation or 0)}
+    for version in sorted(versions, key=lambda v: (v.name, v.generation or 0)):
+        if not store.delete_version(version.name, version.generation):
+            continue
+        if version.generation == newest[version.name]:
+            record.objects_deleted += 1
+        else:
+            record.versions_deleted += 1
+        store.write_bytes(name, record.to_json(), JSON_TYPE)
+    if "objects_deleted" not in record.steps:
         done("objects_deleted")
-    progress(f"withdrawal {request.request_id}: {record.objects_deleted} archives deleted")
+    progress(
+        f"withdrawal {request.request_id}: {record.objects_deleted} archives and "
+        f"{record.versions_deleted} noncurrent versions deleted"
+    )
 
     # 4. The rows (a retry re-attaches to the job that already ran, and reports its count).
     if record.rows_deleted is None:
@@ -328,7 +343,7 @@ def pending_requests(zone: Any, store: ObjectStore) -> tuple[list[WithdrawalRequ
     return requests, problems
 
 
-def delete_local_rows(store: ObjectStore, table: str = "dicom") -> DeleteRows:
+def delete_local_rows(store: ObjectStore, table: str) -> DeleteRows:
     """Row deletion for SEND_TO_GOOGLE=false: the rows are NDJSON files under
     `BigQuery/<collection>/<table>/` in the local output folder."""
 

@@ -63,9 +63,6 @@ class DicomStudyArchiveOperator(DicomStorageBaseOperator):
 
     def _archive(self, context: Context) -> list[dict[str, Any]]:
         # Imported here, not at module level, so that parsing the DAG stays fast.
-        from airflow.sdk.exceptions import AirflowFailException
-
-        from dicom_archive.archive import ArchiveIntegrityError
         from dicom_archive.batch import archive_groups_spooled, wrote
         from dicom_archive.ndjson import NdjsonSpool
         from dicom_archive.rows import RunContext
@@ -90,21 +87,16 @@ class DicomStudyArchiveOperator(DicomStorageBaseOperator):
             resource = store.uri(groups[0].object_name.rsplit("/Entity/", 1)[0])
             # The rows wait in a temporary file, not in memory, until they are staged.
             with hook.explain_google_errors(resource), NdjsonSpool() as rows:
-                try:
-                    chunk_summaries = archive_groups_spooled(
-                        groups,
-                        zone,
-                        store,
-                        rows=rows,
-                        deid=deid,
-                        context=run_context,
-                        settings=settings.archive,
-                        progress=self._log_progress,
-                    )
-                except ArchiveIntegrityError as err:
-                    # An image changed after planning: a retry would meet the same file. Nothing
-                    # of the archive being written was kept (the upload was cancelled).
-                    raise AirflowFailException(f"ArchiveIntegrityError: {err}") from err
+                chunk_summaries = archive_groups_spooled(
+                    groups,
+                    zone,
+                    store,
+                    rows=rows,
+                    deid=deid,
+                    context=run_context,
+                    settings=settings.archive,
+                    progress=self._log_progress,
+                )
                 staging.write_chunk(chunk, chunk_summaries, rows)
             summaries.extend(chunk_summaries)
             collection = groups[0].collection

@@ -13,8 +13,6 @@ from operators.destination import DicomStorageBaseOperator
 from operators.failures import fail_at_once_on_permanent_errors
 from operators.links import BatchReportLink, CollectionArchivesLink, CollectionTableLink, record_links
 
-TABLE = "dicom"
-
 
 class DicomMetadataToBigQueryOperator(DicomStorageBaseOperator):
     """Load a batch's staged rows into `<project>.<collection>.dicom`, exactly once.
@@ -57,11 +55,13 @@ class DicomMetadataToBigQueryOperator(DicomStorageBaseOperator):
         from airflow.sdk.exceptions import AirflowFailException
 
         from dicom_archive.batch import Staging
+        from dicom_archive.bigquery_tables import DEFAULT_TABLE
+        from dicom_archive.plan import STATUS_DONE
 
         settings = self.destination_settings()
         hook = self.storage_hook()
         store = hook.archive_store(settings)
-        if self.plan_ref["status"] != "DONE":  # before any name is built from the id (it may be a refused one)
+        if self.plan_ref["status"] != STATUS_DONE:  # before any name is built from the id (it may be a refused one)
             self.log.info("batch %s is %s: nothing to load", self.plan_ref["batch_id"], self.plan_ref["status"])
             return {"table": None, "rows_in_batch": 0, "rows_inserted": 0}
         staging = Staging(store, self.plan_ref["batch_id"], self.plan_ref["run_key"])
@@ -81,7 +81,7 @@ class DicomMetadataToBigQueryOperator(DicomStorageBaseOperator):
             result = self._load_to_bigquery(hook, settings, collection, staging.read_rows(expected))
             result["archives_marked"] = self._mark_rows_loaded(store, staging)
             context["outlet_events"][TABLES_ALIAS].add(
-                table_asset(settings.project, collection, TABLE),
+                table_asset(settings.project, collection, DEFAULT_TABLE),
                 extra={
                     "batch_id": self.plan_ref["batch_id"],
                     "rows_inserted": result["rows_inserted"],
@@ -92,12 +92,12 @@ class DicomMetadataToBigQueryOperator(DicomStorageBaseOperator):
         else:
             from dicom_archive.ndjson import merge_rows
 
-            name = f"BigQuery/{collection}/{TABLE}/{self.plan_ref['batch_id']}.ndjson"
+            name = f"BigQuery/{collection}/{DEFAULT_TABLE}/{self.plan_ref['batch_id']}.ndjson"
             ndjson = b"".join(staging.read_rows(expected))  # a local run's rows file holds them all anyway
             merged, counts = merge_rows(store.read_bytes(name), ndjson)
             stored = store.write_bytes(name, merged, "application/x-ndjson")
             result = {"table": stored.uri, "rows_in_batch": ndjson.count(b"\n"), **counts}
-        record_links(self, settings, collection=collection, batch_id=self.plan_ref["batch_id"], table=TABLE)
+        record_links(self, settings, collection=collection, batch_id=self.plan_ref["batch_id"], table=DEFAULT_TABLE)
         result["seconds"] = round(time.monotonic() - started, 3)
         staging.write_result("bigquery", result)
         self.log.info(
@@ -127,9 +127,9 @@ class DicomMetadataToBigQueryOperator(DicomStorageBaseOperator):
 
     def _load_to_bigquery(self, hook: Any, settings: Any, collection: str, ndjson: Iterable[bytes]) -> dict[str, Any]:
         from dicom_archive.bigquery_load import load_rows_exactly_once
-        from dicom_archive.bigquery_tables import WITHDRAWALS_TABLE, ensure_table
+        from dicom_archive.bigquery_tables import DEFAULT_TABLE, WITHDRAWALS_TABLE, ensure_table, table_ref
 
-        table_id = f"{settings.project}.{collection}.{TABLE}"
+        table_id = table_ref(settings.project, collection, DEFAULT_TABLE)
         with hook.explain_google_errors(f"the BigQuery table {table_id}"):
             client = self.bigquery_client(hook, settings)
             # The summary SQL reads it too.

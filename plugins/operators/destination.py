@@ -118,7 +118,7 @@ class DicomStorageBaseOperator(GoogleDestinationMixin, BaseOperator):
         self.gcp_conn_id = gcp_conn_id
         self.impersonation_chain = impersonation_chain
         self.job_id: str | None = None  # the BigQuery job the task last started, and where
-        self._job_place: tuple[str, str | None] | None = None
+        self._job_place: tuple[str | None, str] | None = None
 
     def bigquery_client(self, hook: DicomStorageHook, settings: Settings) -> bigquery.Client:
         """The BigQuery client of this task; the job it runs is kept in `job_id` for on_kill."""

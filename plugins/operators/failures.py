@@ -1,7 +1,8 @@
 """Errors a retry cannot fix fail the task at once, without retries.
 
 A conflict (another archive under the same name, replacing not allowed), an image that no
-longer passes the de-identification re-check or changed since it was planned, a schema
+longer passes the de-identification re-check or changed since it was planned (a retry would meet
+the same file; nothing of the archive being written is kept: its upload is cancelled), a schema
 conflict, a bad row, a bad setting, a manifest value that breaks a rule (batch.json's deid given to
 the archive step), a bad withdrawal request, no Google credentials found for the connection,
 Google refusing the identity (401/403, rate limits aside) or a bucket, project or dataset that

@@ -11,8 +11,6 @@ from operators.assets import ARCHIVES_ALIAS, TABLES_ALIAS, archive_prefix_asset,
 from operators.destination import DicomStorageBaseOperator
 from operators.failures import fail_at_once_on_permanent_errors
 
-TABLE = "dicom"
-
 
 class DicomWithdrawOperator(DicomStorageBaseOperator):
     """Withdraw an entity (patient) or one study: mark it withdrawn, delete its archives (every
@@ -51,6 +49,7 @@ class DicomWithdrawOperator(DicomStorageBaseOperator):
         import functools
         from dataclasses import asdict
 
+        from dicom_archive.bigquery_tables import DEFAULT_TABLE
         from dicom_archive.bigquery_withdrawals import log_withdrawal
         from dicom_archive.withdraw import delete_local_rows, make_request, process_withdrawal
 
@@ -70,7 +69,7 @@ class DicomWithdrawOperator(DicomStorageBaseOperator):
                 )
 
         else:
-            delete_rows, log = delete_local_rows(store, TABLE), None  # type: ignore[assignment]
+            delete_rows, log = delete_local_rows(store, DEFAULT_TABLE), None  # type: ignore[assignment]
         with hook.explain_google_errors(f"the archives and rows of collection {request.collection}"):
             record = process_withdrawal(
                 request, store, delete_rows=delete_rows, log=log, dag_run_id=context["run_id"], progress=self.log.info
@@ -90,7 +89,7 @@ class DicomWithdrawOperator(DicomStorageBaseOperator):
                 extra={**extra, "objects_deleted": record.objects_deleted},
             )
             context["outlet_events"][TABLES_ALIAS].add(
-                table_asset(settings.project, record.collection, TABLE),
+                table_asset(settings.project, record.collection, DEFAULT_TABLE),
                 extra={**extra, "rows_deleted": record.rows_deleted},
             )
         return asdict(record)
