@@ -893,6 +893,28 @@ def test_a_batch_not_finished_is_pending_whatever_its_other_fields_say(landing, 
     assert landing.process(BATCH).plan.status == "DONE"
 
 
+def test_an_unreadable_manifest_is_named_only_by_the_run_that_takes_it(landing):
+    """The sensor warns of a batch.json it cannot read only when its run takes the batch (dated
+    by the file's modification time): a run that leaves it for later, or a backfill of an interval
+    it is not in, says nothing of it."""
+    folder = landing.write(BatchSpec(BATCH, images=good_images(), raw_manifest=b'{"batch_id": '))
+    landing.write(BatchSpec(NEIGHBOUR, images=good_images(), collection=COLLECTION))
+    modified = datetime(2024, 1, 6, 12, tzinfo=UTC)
+    os.utime(folder / "batch.json", (modified.timestamp(), modified.timestamp()))
+    zone = LocalLandingZone(landing.root)
+
+    before = select_batches(zone, end=datetime(2024, 1, 6, tzinfo=UTC))  # a run whose interval ends before it
+    assert (before.batch_ids, before.later, before.unreadable) == ([NEIGHBOUR], 1, {})
+    backfill = select_batches(zone, start=datetime(2024, 1, 5, tzinfo=UTC), end=datetime(2024, 1, 6, tzinfo=UTC))
+    assert (backfill.batch_ids, backfill.unreadable) == ([NEIGHBOUR], {})
+
+    taken = select_batches(zone, end=datetime(2024, 1, 7, tzinfo=UTC))
+    assert taken.batch_ids == [NEIGHBOUR, BATCH]
+    assert list(taken.unreadable) == [BATCH]
+    assert "is not valid JSON" in taken.unreadable[BATCH]
+    assert taken.unreadable_dated == {BATCH: modified}
+
+
 def test_a_manifest_that_breaks_the_parser_fails_only_its_batch_in_the_ledger(landing):
     for name, raw in (
         (BATCH, manifest(completed_at="9999-12-31T23:59:59-05:00")),
