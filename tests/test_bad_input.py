@@ -540,6 +540,29 @@ def test_the_error_report_of_a_broken_batch_json_reaches_the_bucket_when_a_colle
     assert "../IRB1" not in outcome.plan.error
 
 
+@pytest.mark.parametrize(
+    ("raw", "completed_at"),
+    [
+        pytest.param(manifest(deid="deid 0.4.13"), "2024-01-05T09:30:00+00:00", id="deid-broken"),
+        pytest.param(manifest(collection="IRB-1"), "2024-01-05T09:30:00+00:00", id="collection-broken"),
+        pytest.param(manifest(batch_id=NEIGHBOUR), "2024-01-05T09:30:00+00:00", id="batch-id-broken"),
+        pytest.param(manifest(completed_at="2024-01-05T15:00:00+05:30", deid="x"), "2024-01-05T09:30:00+00:00"),
+        pytest.param(manifest(completed_at="2024-02-30T09:30:00Z"), None, id="no-such-instant"),
+        pytest.param(manifest(completed_at="Hercule Poirot 7731904"), None, id="not-a-timestamp"),
+        pytest.param(manifest(completed_at=1704447000), None, id="not-a-string"),
+        pytest.param(b'{"completed_at": "2024-01-05T09:30:00Z", ', None, id="not-json"),
+    ],
+)
+def test_the_error_report_of_a_broken_batch_json_keeps_its_completed_at_only_when_valid(landing, raw, completed_at):
+    """The ERROR report keeps the broken document's completed_at when the manifest's own parser
+    accepts it (the batches view dates and sorts the batch by it), in UTC; never anything else."""
+    landing.write(BatchSpec(BATCH, images=good_images(), raw_manifest=raw))
+    outcome = landing.process(BATCH, default_collection="IRB_DEFAULT")
+    assert (outcome.report["status"], outcome.report["manifest_unusable"]) == ("ERROR", True)
+    assert outcome.report["completed_at"] == completed_at
+    assert "Hercule" not in json.dumps(outcome.report)
+
+
 # --- which batches fail their run -----------------------------------------------------------
 
 LOOKUP_BROKEN = "20240105-0003"  # a valid batch.json beside a broken lookup.json
