@@ -546,7 +546,9 @@ def test_the_error_report_of_a_broken_batch_json_reaches_the_bucket_when_a_colle
         pytest.param(manifest(deid="deid 0.4.13"), "2024-01-05T09:30:00+00:00", id="deid-broken"),
         pytest.param(manifest(collection="IRB-1"), "2024-01-05T09:30:00+00:00", id="collection-broken"),
         pytest.param(manifest(batch_id=NEIGHBOUR), "2024-01-05T09:30:00+00:00", id="batch-id-broken"),
-        pytest.param(manifest(completed_at="2024-01-05T15:00:00+05:30", deid="x"), "2024-01-05T09:30:00+00:00"),
+        pytest.param(
+            manifest(completed_at="2024-01-05T15:00:00+05:30", deid="x"), "2024-01-05T09:30:00+00:00", id="in-utc"
+        ),
         pytest.param(manifest(completed_at="2024-02-30T09:30:00Z"), None, id="no-such-instant"),
         pytest.param(manifest(completed_at="Hercule Poirot 7731904"), None, id="not-a-timestamp"),
         pytest.param(manifest(completed_at=1704447000), None, id="not-a-string"),
