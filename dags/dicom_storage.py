@@ -172,9 +172,11 @@ with DAG(
                 rows_of_batch=rows_of_batch if settings.send_to_google else None,
                 explain=hook.explain_google_errors,
             )
-        if outcome.failure is not None:
-            raise AirflowFailException(outcome.failure)
-        return finish(outcome.report)  # labels this instance; an EMPTY or ERROR batch ends skipped
+        if outcome.report is None:
+            raise AirflowFailException(outcome.failure or f"batch {plan_ref['batch_id']}: no report")
+        # Labels this instance and keeps the report in XCom; an EMPTY or ERROR batch ends skipped,
+        # a batch whose report comes with a failure (an unusable batch.json) fails after that.
+        return finish(outcome.report, outcome.failure)
 
     summary = collection_summary(plan_refs)
     archive_studies >> load_metadata >> summary

@@ -551,6 +551,31 @@ def test_the_error_report_of_a_broken_batch_json_reaches_the_bucket_when_a_colle
     assert "../IRB1" not in outcome.plan.error
 
 
+@pytest.mark.parametrize(
+    ("raw", "completed_at"),
+    [
+        pytest.param(manifest(deid="deid 0.4.13"), "2024-01-05T09:30:00+00:00", id="deid-broken"),
+        pytest.param(manifest(collection="IRB-1"), "2024-01-05T09:30:00+00:00", id="collection-broken"),
+        pytest.param(manifest(batch_id=NEIGHBOUR), "2024-01-05T09:30:00+00:00", id="batch-id-broken"),
+        pytest.param(
+            manifest(completed_at="2024-01-05T15:00:00+05:30", deid="x"), "2024-01-05T09:30:00+00:00", id="in-utc"
+        ),
+        pytest.param(manifest(completed_at="2024-02-30T09:30:00Z"), None, id="no-such-instant"),
+        pytest.param(manifest(completed_at="Hercule Poirot 7731904"), None, id="not-a-timestamp"),
+        pytest.param(manifest(completed_at=1704447000), None, id="not-a-string"),
+        pytest.param(b'{"completed_at": "2024-01-05T09:30:00Z", ', None, id="not-json"),
+    ],
+)
+def test_the_error_report_of_a_broken_batch_json_keeps_its_completed_at_only_when_valid(landing, raw, completed_at):
+    """The ERROR report keeps the broken document's completed_at when the manifest's own parser
+    accepts it (the batches view dates and sorts the batch by it), in UTC; never anything else."""
+    landing.write(BatchSpec(BATCH, images=good_images(), raw_manifest=raw))
+    outcome = landing.process(BATCH, default_collection="IRB_DEFAULT")
+    assert (outcome.report["status"], outcome.report["manifest_unusable"]) == ("ERROR", True)
+    assert outcome.report["completed_at"] == completed_at
+    assert "Hercule" not in json.dumps(outcome.report)
+
+
 # --- which batches fail their run -----------------------------------------------------------
 
 LOOKUP_BROKEN = "20240105-0003"  # a valid batch.json beside a broken lookup.json
@@ -940,6 +965,28 @@ def test_a_batch_not_finished_is_pending_whatever_its_other_fields_say(landing, 
     (folder / "batch.json").write_bytes(manifest())  # the anonymizer finishes the batch
     assert select_batches(zone, end=None).batch_ids == [BATCH]
     assert landing.process(BATCH).plan.status == "DONE"
+
+
+def test_an_unreadable_manifest_is_named_only_by_the_run_that_takes_it(landing):
+    """The sensor warns of a batch.json it cannot read only when its run takes the batch (dated
+    by the file's modification time): a run that leaves it for later, or a backfill of an interval
+    it is not in, says nothing of it."""
+    folder = landing.write(BatchSpec(BATCH, images=good_images(), raw_manifest=b'{"batch_id": '))
+    landing.write(BatchSpec(NEIGHBOUR, images=good_images(), collection=COLLECTION))
+    modified = datetime(2024, 1, 6, 12, tzinfo=UTC)
+    os.utime(folder / "batch.json", (modified.timestamp(), modified.timestamp()))
+    zone = LocalLandingZone(landing.root)
+
+    before = select_batches(zone, end=datetime(2024, 1, 6, tzinfo=UTC))  # a run whose interval ends before it
+    assert (before.batch_ids, before.later, before.unreadable) == ([NEIGHBOUR], 1, {})
+    backfill = select_batches(zone, start=datetime(2024, 1, 5, tzinfo=UTC), end=datetime(2024, 1, 6, tzinfo=UTC))
+    assert (backfill.batch_ids, backfill.unreadable) == ([NEIGHBOUR], {})
+
+    taken = select_batches(zone, end=datetime(2024, 1, 7, tzinfo=UTC))
+    assert taken.batch_ids == [NEIGHBOUR, BATCH]
+    assert list(taken.unreadable) == [BATCH]
+    assert "is not valid JSON" in taken.unreadable[BATCH]
+    assert taken.unreadable_dated == {BATCH: modified}
 
 
 def test_a_manifest_that_breaks_the_parser_fails_only_its_batch_in_the_ledger(landing):

@@ -55,6 +55,15 @@ def test_labels_and_note_tell_outcomes_apart():
     assert not run_note([good]).startswith("⚠"), "a clean run carries no warning sign"
 
 
+def test_the_note_tells_an_error_report_whose_task_failed_and_counts_one_batch():
+    broken = _report("b-broken", "ERROR", 0, 0, {})
+    note = run_note([broken], failed=["b-broken"])
+    assert note.startswith("⚠ **1 batch**: 1 ERROR (task failed);")
+    assert "| b-broken | ERROR (task failed) |" in note
+    assert "no report" not in note
+    assert run_note([_report("b-good", "DONE", 1, 1, {}, rows=1)]).startswith("**1 batch**: 1 DONE;")
+
+
 @pytest.fixture(scope="module")
 def monitored_env(tmp_path_factory, gcs_emulator, bigquery_emulator, airflow_db) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("landing")
@@ -140,6 +149,121 @@ def test_the_run_note_summarises_the_run(monitored_run):
     assert note is not None, "the listener writes the note when the run ends"
     assert note.startswith("⚠ **2 batches**: 1 DONE, 1 EMPTY;")
     assert f"| {monitored_run['empty'].batch_id} | EMPTY | 1 | 0 | 1 (identifying_attribute 1) | 0 | 0 |" in note
+
+
+def load_links(run_id: str) -> dict[str, dict[str, str]]:
+    """The extra links of each load_metadata instance (by its label, the batch id; each link by its
+    class name), as the worker stored them in XCom for the UI."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    labels = {index: label for (task, index), (_, label) in task_instances(run_id).items() if task == "load_metadata"}
+    links: dict[str, dict[str, str]] = {label: {} for label in labels.values() if label}
+    with create_session() as session:
+        rows = session.query(XComModel).filter(
+            XComModel.dag_id == DAG_ID,
+            XComModel.run_id == run_id,
+            XComModel.task_id == "load_metadata",
+            XComModel.key.like("_link_%"),
+        )
+        for row in rows:
+            links[labels[row.map_index]][row.key.removeprefix("_link_")] = XComModel.deserialize_value(row)
+    return links
+
+
+def report_url(env: dict, batch_id: str) -> str:
+    return (
+        f"https://console.cloud.google.com/storage/browser/_details/{env['bucket']}/Collection/{COLLECTION}/"
+        f"Batches/{batch_id}.json?project={PROJECT}"
+    )
+
+
+def test_the_empty_batch_links_its_report(monitored_env, monitored_run):
+    """An EMPTY batch stored nothing, but its report says why: its load_metadata instance links it."""
+    links = load_links(monitored_run["run_id"])
+    empty = monitored_run["empty"].batch_id
+    assert links[empty] == {
+        "BatchReportLink": report_url(monitored_env, empty),
+        "CollectionArchivesLink": "",  # it wrote no archive
+        "CollectionTableLink": "",  # it loaded no row
+    }
+    good = monitored_run["good"].batch_id
+    assert links[good]["BatchReportLink"] == report_url(monitored_env, good)
+
+
+def test_an_empty_batch_objects_page_says_it_has_no_table(monitored_env, monitored_run):
+    from batches_view.app import render_objects
+
+    report = json.loads((monitored_env["root"] / monitored_run["empty"].batch_id / "batch.report.json").read_text())
+    page = render_objects(monitored_run["empty"].batch_id, report)
+    assert "no table (nothing loaded)" in page
+    assert "table ." not in page
+
+
+BROKEN = "20240204-0001"
+BROKEN_COMPLETED_AT = "2024-02-04T10:00:00Z"
+
+
+@pytest.fixture(scope="module")
+def broken_run(monitored_env) -> dict:
+    """A batch whose batch.json breaks a rule (deid is not an object) but holds a valid completed_at."""
+    raw = json.dumps(
+        {"batch_id": BROKEN, "collection": COLLECTION, "status": "DONEPROCESSING",
+         "completed_at": BROKEN_COMPLETED_AT, "deid": "not an object"}
+    ).encode()  # fmt: skip
+    write_batch(monitored_env["root"], BatchSpec(BROKEN, images=[], collection=COLLECTION, raw_manifest=raw))
+    dag_run = run_dag([BROKEN])
+    return {"run_id": dag_run.run_id, "state": str(dag_run.state)}
+
+
+def test_an_unusable_batch_json_fails_its_run_and_shows_its_error_report(monitored_env, broken_run):
+    """The run fails visibly, and the UI still shows the ERROR report: the task's label, its XCom
+    and the run's note, as for any other ERROR batch, and its link."""
+    from airflow.models.dagrun import DagRun
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    assert broken_run["state"] == "failed"
+    reports = {label: state for (task, _), (state, label) in task_instances(broken_run["run_id"]).items()
+               if task == "batch_report"}  # fmt: skip
+    assert reports == {f"{BROKEN}: ERROR": "failed"}
+    with create_session() as session:
+        values = [
+            XComModel.deserialize_value(row)
+            for row in session.query(XComModel).filter(
+                XComModel.dag_id == DAG_ID,
+                XComModel.run_id == broken_run["run_id"],
+                XComModel.task_id == "batch_report",
+                XComModel.key == "return_value",
+            )
+        ]
+        note = session.query(DagRun).filter(DagRun.run_id == broken_run["run_id"]).one().note
+    assert [(v["batch_id"], v["status"], v["manifest_unusable"]) for v in values] == [(BROKEN, "ERROR", True)]
+    assert "deid must be an object" in values[0]["error"]
+    assert values[0]["completed_at"] == "2024-02-04T10:00:00+00:00", "the document's valid completed_at is kept"
+    assert note is not None
+    assert note.startswith("⚠ **1 batch**: 1 ERROR (task failed);")
+    assert f"| {BROKEN} | ERROR (task failed) |" in note
+    assert "no report" not in note
+    assert load_links(broken_run["run_id"])[BROKEN] == {
+        "BatchReportLink": report_url(monitored_env, BROKEN),
+        "CollectionArchivesLink": "",
+        "CollectionTableLink": "",
+    }
+
+
+def test_the_view_warns_when_the_landing_root_does_not_exist(monitored_env, tmp_path, monkeypatch):
+    from batches_view.app import _collect, render_page
+
+    missing = tmp_path / "no-such-landing"
+    monkeypatch.setenv("DICOM_LANDING_ROOT", str(missing))
+    settings, rows, warnings = _collect()
+    assert rows == []
+    assert any(f"the landing root {missing} does not exist" in w for w in warnings), warnings
+    page = render_page("DICOM batches", rows, settings, {}, warnings, form=True)
+    assert (
+        f'<div class="warn">The landing zone cannot be read, so no batch is listed: the landing root {missing} ' in page
+    )
 
 
 def test_batches_view_rows_from_reports_staging_and_runs(monitored_env, monitored_run):

@@ -664,7 +664,7 @@ def test_local_runs_over_the_cap_take_the_next_batches_and_a_send_run_still_send
     ],
 )
 @pytest.mark.parametrize("how", ["scheduled", "manual"])
-def test_one_batch_folder_that_cannot_be_read_never_stops_the_others(env, name, target, how):
+def test_one_batch_folder_that_cannot_be_read_never_stops_the_others(env, name, target, how, capfd):
     """A looping link or a path through a file in one batch folder is that batch's ERROR; the
     sensor and the planning go on, and the good batch beside it is archived and loaded."""
     add_batch(env, "bad", T0 + timedelta(minutes=5))
@@ -684,6 +684,12 @@ def test_one_batch_folder_that_cannot_be_read_never_stops_the_others(env, name, 
     assert "success" in states(run)["plan_batches"]
     if how == "scheduled":
         assert sensor_output(run) == ["bad", "good"], "the unreadable batch is taken, to be reported"
+        if name == "batch.json":  # the sensor's warning (its task log) says what this run does with it
+            captured = capfd.readouterr()  # the task log goes to the console in dag.test()
+            logged = (captured.out + captured.err).splitlines()
+            warning = next(line for line in logged if "batch bad: its manifest cannot be read" in line)
+            assert "; this run takes it (dated by its batch.json's or folder's modification time, " in warning
+            assert f"{T0 + timedelta(minutes=5):%Y-%m-%dT%H:%M:%S}" in warning
     bad = report(env, "bad")
     assert bad["status"] == "ERROR"
     assert name in bad["error"]

@@ -176,6 +176,19 @@ def render_page(
     )
 
 
+def render_objects(batch_id: str, found: dict[str, Any]) -> str:
+    """The objects page of a batch: the archives and the table its report names."""
+    items = "".join(f"<li><code>{_e(uri)}</code></li>" for uri in (found.get("archives") or {}).get("objects", []))
+    table = (found.get("bigquery") or {}).get("table")
+    loaded = f"table {_e(table)}" if table else "no table (nothing loaded)"
+    return (
+        f"<!doctype html><html><head><meta charset=utf-8><title>Objects of {_e(batch_id)}</title>"
+        f"<style>{STYLE}</style></head><body><h1>Objects of batch {_e(batch_id)}</h1>"
+        f'<p class="muted">From the batch report; {loaded}.</p>'
+        f"<ul>{items or '<li class=muted>none</li>'}</ul></body></html>"
+    )
+
+
 def build_app() -> Any:
     from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
     from airflow.api_fastapi.core_api.security import requires_access_dag
@@ -215,14 +228,7 @@ def build_app() -> Any:
 
     @app.get("/objects/{batch_id}", response_class=HTMLResponse)
     def objects(batch_id: str) -> str:
-        found = _report(batch_id)
-        items = "".join(f"<li><code>{_e(uri)}</code></li>" for uri in (found.get("archives") or {}).get("objects", []))
-        return (
-            f"<!doctype html><html><head><meta charset=utf-8><title>Objects of {_e(batch_id)}</title>"
-            f"<style>{STYLE}</style></head><body><h1>Objects of batch {_e(batch_id)}</h1>"
-            f'<p class="muted">From the batch report; table {_e((found.get("bigquery") or {}).get("table"))}.</p>'
-            f"<ul>{items or '<li class=muted>none</li>'}</ul></body></html>"
-        )
+        return render_objects(batch_id, _report(batch_id))
 
     def _report(batch_id: str) -> dict[str, Any]:
         from batches_view.model import read_report
@@ -255,6 +261,10 @@ def _sources() -> tuple[Any, Any, Any, list[str]]:
         settings = load_settings()
         hook = DicomStorageHook.of_settings(settings)
         zone = hook.landing_zone(settings)
+        try:  # else a missing root would read as an empty landing zone
+            zone.check_root()
+        except Exception as err:
+            warnings.append(f"The landing zone cannot be read, so no batch is listed: {err}")
         try:
             store = hook.archive_store(settings)
         except Exception as err:

@@ -1,7 +1,8 @@
 """Scheduler-side notes on dicom_storage runs: the run's summary, and missing pools.
 
 - When a run ends, its note summarises it (batches and states, archives, rows, quarantined),
-  from the batch reports the run's batch_report tasks returned. A note a user wrote is kept.
+  from the batch reports the run's batch_report tasks returned (or kept in XCom before they
+  failed: a batch.json that cannot be used). A note a user wrote is kept.
 - When a run starts and a pool its tasks name does not exist, the note says so at once:
   Airflow would otherwise leave those tasks "scheduled" forever without a word.
 
@@ -53,11 +54,15 @@ def _with_session(dag_run: Any, work: Any) -> None:
 
 
 def _return_values(dag_run: Any, session: Any, task_id: str) -> list[Any]:
+    return [value for _, value in _indexed_return_values(dag_run, session, task_id)]
+
+
+def _indexed_return_values(dag_run: Any, session: Any, task_id: str) -> list[tuple[int, Any]]:
     from airflow.models.xcom import XComModel
     from sqlalchemy import select
 
     rows = session.execute(
-        select(XComModel.value)
+        select(XComModel.map_index, XComModel.value)
         .where(
             XComModel.dag_id == dag_run.dag_id,
             XComModel.run_id == dag_run.run_id,
@@ -66,18 +71,39 @@ def _return_values(dag_run: Any, session: Any, task_id: str) -> list[Any]:
         )
         .order_by(XComModel.map_index)
     ).all()
-    return [XComModel.deserialize_value(row) for row in rows]
+    return [(row.map_index, XComModel.deserialize_value(row)) for row in rows]
+
+
+def _failed_map_indexes(dag_run: Any, session: Any, task_id: str) -> set[int]:
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.state import TaskInstanceState
+    from sqlalchemy import select
+
+    return set(
+        session.scalars(
+            select(TaskInstance.map_index).where(
+                TaskInstance.dag_id == dag_run.dag_id,
+                TaskInstance.run_id == dag_run.run_id,
+                TaskInstance.task_id == task_id,
+                TaskInstance.state == TaskInstanceState.FAILED,
+            )
+        ).all()
+    )
 
 
 def summarise(dag_run: Any) -> None:
     from batches_view.outcomes import run_note
 
     def work(session: Any) -> None:
-        reports = [r for r in _return_values(dag_run, session, "batch_report") if isinstance(r, dict)]
+        indexed = [(i, r) for i, r in _indexed_return_values(dag_run, session, "batch_report") if isinstance(r, dict)]
+        reports = [r for _, r in indexed]
+        # A batch whose batch.json cannot be used keeps its ERROR report in XCom and fails its task.
+        failed_indexes = _failed_map_indexes(dag_run, session, "batch_report")
+        failed = [r.get("batch_id") for i, r in indexed if i in failed_indexes]
         planned = [b for value in _return_values(dag_run, session, "plan_batches") for b in (value or [])]
         reported = {r.get("batch_id") for r in reports}
         unreported = [b["batch_id"] for b in planned if isinstance(b, dict) and b.get("batch_id") not in reported]
-        _write_note(dag_run, run_note(reports, unreported), session)
+        _write_note(dag_run, run_note(reports, unreported, failed), session)
 
     _with_session(dag_run, work)
 

@@ -43,12 +43,22 @@ def batch_label(report: dict[str, Any]) -> str:
     return label
 
 
-def run_note(reports: list[dict[str, Any]], unreported: list[str] | None = None) -> str:
-    """The Markdown note of a dicom_storage run: batches and states, archives, rows, quarantined."""
+def run_note(
+    reports: list[dict[str, Any]], unreported: list[str] | None = None, failed: list[str] | None = None
+) -> str:
+    """The Markdown note of a dicom_storage run: batches and states, archives, rows, quarantined.
+    `unreported`: batches planned without a report; `failed`: batches whose report task failed
+    after writing their report (a batch.json that cannot be used)."""
     unreported = sorted(unreported or [])
+    failed_ids = set(failed or [])
     if not reports and not unreported:
         return "No batch in this run."
-    states = Counter(r.get("status") or "?" for r in reports)
+
+    def state_of(report: dict[str, Any]) -> str:
+        status = str(report.get("status") or "?")
+        return f"{status} (task failed)" if report.get("batch_id") in failed_ids else status
+
+    states = Counter(state_of(r) for r in reports)
     if unreported:
         states["no report"] = len(unreported)
     written = sum((r.get("archives") or {}).get("written", 0) for r in reports)
@@ -56,9 +66,10 @@ def run_note(reports: list[dict[str, Any]], unreported: list[str] | None = None)
     rows = sum((r.get("bigquery") or {}).get("rows_inserted") or 0 for r in reports)
     held = sum(quarantined(r) for r in reports)
     attention = [r for r in reports if needs_attention(r)]
-    headline = "⚠ " if attention or unreported else ""
+    headline = "⚠ " if attention or unreported or failed_ids else ""
+    count = len(reports) + len(unreported)
     lines = [
-        f"{headline}**{len(reports) + len(unreported)} batches**: "
+        f"{headline}**{count} {'batch' if count == 1 else 'batches'}**: "
         + ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
         + f"; {written} archives written, {present} already present; {rows} rows inserted; "
         f"{held} images quarantined.",
@@ -70,7 +81,7 @@ def run_note(reports: list[dict[str, Any]], unreported: list[str] | None = None)
         images = r.get("images") or {}
         reasons = ", ".join(f"{k} {v}" for k, v in sorted((images.get("quarantined_by_reason") or {}).items()))
         lines.append(
-            f"| {r.get('batch_id')} | {r.get('status')} | {images.get('seen', 0)} | {images.get('archived', 0)} | "
+            f"| {r.get('batch_id')} | {state_of(r)} | {images.get('seen', 0)} | {images.get('archived', 0)} | "
             f"{quarantined(r)}{f' ({reasons})' if reasons else ''} | {(r.get('archives') or {}).get('written', 0)} | "
             f"{(r.get('bigquery') or {}).get('rows_inserted') or 0} |"
         )

@@ -5,6 +5,9 @@
 - A batch that stored nothing (EMPTY: every image quarantined; ERROR: the anonymizer gave up)
   ends **skipped**, so it stands out from the green DONE batches. Its report is written first
   and stays the task's XCom (`return_value`), as for every other batch.
+- A batch whose report says its task must fail (its batch.json cannot be used) gets its label
+  and keeps its report in XCom too, then fails: Airflow keeps a failed try's XComs (they are
+  cleared when the next try starts), so the UI and the run's note show the ERROR report.
 """
 
 from __future__ import annotations
@@ -18,13 +21,16 @@ from dicom_archive.plan import STATUS_EMPTY, STATUS_ERROR
 log = logging.getLogger(__name__)
 
 
-def finish(report: dict[str, Any]) -> dict[str, Any]:
+def finish(report: dict[str, Any], failure: str | None = None) -> dict[str, Any]:
     from airflow.sdk import get_current_context
-    from airflow.sdk.exceptions import AirflowSkipException
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
     context = get_current_context()
     label = batch_label(report)
     context[LABEL_KEY] = label  # type: ignore[literal-required]
+    if failure is not None:
+        context["ti"].xcom_push(key="return_value", value=report)
+        raise AirflowFailException(failure)
     if report["status"] in (STATUS_EMPTY, STATUS_ERROR):
         context["ti"].xcom_push(key="return_value", value=report)
         raise AirflowSkipException(f"{label}: nothing of this batch was stored; the report says why")

@@ -33,6 +33,7 @@ from dicom_archive.plan import read_manifest
 from dicom_archive.stores import ObjectStore
 
 DEFAULT_MAX_BATCHES_PER_RUN = 200
+_UNDATED = datetime.min.replace(tzinfo=UTC)  # a batch.json whose modification time cannot be read
 
 
 @dataclass
@@ -47,6 +48,8 @@ class Selection:
     not_ready: int = 0  # batch.json present, but the anonymizer is not done
     later: int = 0  # pending, but completed at or after the end of this run's interval
     unreadable: dict[str, str] = field(default_factory=dict)  # taken, with the manifest's problem
+    # Those batches' dates: their batch.json's (else their folder's) modification time; None: unknown.
+    unreadable_dated: dict[str, datetime | None] = field(default_factory=dict)
 
     def describe(self) -> str:
         parts = [f"{len(self.batch_ids)} to process"]
@@ -95,8 +98,8 @@ def select_batches(
     `explain` wraps the claims' reads (the hook's explain_google_errors).
 
     A manifest that cannot be read is taken (its plan reports the problem, once), ordered and
-    windowed by its file's modification time. Folder names that are not valid batch ids are
-    refused and never read.
+    windowed by its file's modification time; `unreadable` names those this run takes. Folder
+    names that are not valid batch ids are refused and never read.
     """
     selection = Selection()
     dated: list[tuple[datetime, str]] = []
@@ -136,6 +139,12 @@ def select_batches(
     cap = max(1, limit)
     selection.batch_ids = [name for *_, name in queue[:cap]]
     selection.deferred = [name for *_, name in queue[cap:]]
+    # Only a batch this run takes is reported by its plan; the others wait for the run that takes them.
+    moments = {name: moment for moment, name in dated}
+    selection.unreadable = {name: why for name, why in selection.unreadable.items() if name in selection.batch_ids}
+    selection.unreadable_dated = {
+        name: None if moments[name] == _UNDATED else moments[name] for name in selection.unreadable
+    }
     return selection
 
 
@@ -151,7 +160,7 @@ def _completed_at(
         try:
             return zone.modified(folder.name, MANIFEST_NAME)
         except OSError:  # the batch's own trouble: its plan reports it; it sorts first
-            return datetime.min.replace(tzinfo=UTC)
+            return _UNDATED
     if manifest is None:  # removed since the listing
         return None
     if not manifest.is_ready:

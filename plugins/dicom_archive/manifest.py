@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator
@@ -38,13 +39,16 @@ class ManifestError(ValueError):
     """A manifest or lookup file that breaks the contract; the message names file and rule.
     `named_collection`: for a batch.json that reads as a JSON object, the collection it names when
     that name passes the collection rules (where the ERROR report is filed in the bucket: never a
-    name the manifest itself would refuse, a path or too long); else None."""
+    name the manifest itself would refuse, a path or too long); else None. `completed_at`: likewise,
+    the completed_at it holds when that one passes parse_rfc3339 (RFC 3339, UTC), for the ERROR
+    report; else None."""
 
     def __init__(self, source: str, rule: str) -> None:
         super().__init__(f"{source}: {rule}")
         self.source = source
         self.rule = rule
         self.named_collection: str | None = None
+        self.completed_at: str | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,8 @@ def parse_manifest(
     except ManifestError as err:
         named = doc.get("collection")
         err.named_collection = named if collection_problem(named, show_value=False) is None else None
+        with contextlib.suppress(ManifestError):  # nothing unvalidated reaches the report
+            err.completed_at = parse_rfc3339(doc.get("completed_at"), source, "completed_at").isoformat()
         raise
 
 

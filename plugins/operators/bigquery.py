@@ -56,13 +56,16 @@ class DicomMetadataToBigQueryOperator(DicomStorageBaseOperator):
 
         from dicom_archive.batch import Staging
         from dicom_archive.bigquery_tables import DEFAULT_TABLE
-        from dicom_archive.plan import STATUS_DONE
+        from dicom_archive.plan import STATUS_DONE, STATUS_EMPTY, STATUS_ERROR
 
         settings = self.destination_settings()
         hook = self.storage_hook()
         store = hook.archive_store(settings)
         if self.plan_ref["status"] != STATUS_DONE:  # before any name is built from the id (it may be a refused one)
             self.log.info("batch %s is %s: nothing to load", self.plan_ref["batch_id"], self.plan_ref["status"])
+            if self.plan_ref["status"] in (STATUS_EMPTY, STATUS_ERROR):  # stored nothing; its report says why
+                batch_id, collection = self.plan_ref["batch_id"], self.plan_ref["collection"]
+                record_links(self, settings, collection=collection, batch_id=batch_id, archives=False)
             return {"table": None, "rows_in_batch": 0, "rows_inserted": 0}
         staging = Staging(store, self.plan_ref["batch_id"], self.plan_ref["run_key"])
 

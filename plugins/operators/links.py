@@ -77,17 +77,30 @@ class BatchReportLink(_RecordedLink):
         )
 
 
-def record_links(operator: Any, settings: Any, *, collection: str, batch_id: str, table: str | None = None) -> None:
+def record_links(
+    operator: Any,
+    settings: Any,
+    *,
+    collection: str | None,
+    batch_id: str,
+    table: str | None = None,
+    archives: bool = True,
+) -> None:
     """Fill `operator.console_links` for a batch: its archives, its report, and the table if loaded.
+    `archives=False`: a batch that stored nothing (EMPTY, ERROR) links its report only.
 
     Towards the console only when the run sends to Google (otherwise there is nothing there to
-    see); towards the batches view always."""
+    see), and only under a collection (a report filed under none stays beside its batch); towards
+    the batches view always."""
     if not (settings.send_to_google or links_to_view()):
         return
+    if collection is None and not links_to_view():
+        return
     links = operator.console_links
-    links[CollectionArchivesLink.name] = CollectionArchivesLink.url(
-        bucket=settings.bucket, collection=collection, project=settings.project, batch_id=batch_id
-    )
+    if archives:
+        links[CollectionArchivesLink.name] = CollectionArchivesLink.url(
+            bucket=settings.bucket, collection=collection, project=settings.project, batch_id=batch_id
+        )
     links[BatchReportLink.name] = BatchReportLink.url(
         bucket=settings.bucket, collection=collection, batch_id=batch_id, project=settings.project
     )

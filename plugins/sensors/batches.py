@@ -136,7 +136,14 @@ class CompletedBatchSensor(GoogleDestinationMixin, BaseSensorOperator):
         for name, problem in sorted(selection.rejected.items()):
             self.log.warning("landing zone folder %r is not a batch: %s; it is left alone", name, problem)
         for name, problem in sorted(selection.unreadable.items()):
-            self.log.warning("batch %s: its manifest cannot be read (%s); its plan reports it", name, problem)
+            dated = selection.unreadable_dated.get(name)
+            when = f"dated by its batch.json's or folder's modification time, {dated.isoformat()}" if dated else "first"
+            self.log.warning(
+                "batch %s: its manifest cannot be read (%s); this run takes it (%s) and its plan reports the problem",
+                name,
+                problem,
+                when,
+            )
         for name, holder in sorted(selection.held.items()):
             self.log.info("batch %s: left alone, takes no slot: it is claimed by %s", name, holder)
         for name, last in sorted(selection.tried.items()):
