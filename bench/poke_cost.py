@@ -24,9 +24,9 @@ from bench.cloud import PROJECT, HttpCallCounter
 from bench.common import BENCH_DIR, median
 from bench.context import Context
 from bench.results import Result, Target, fmt, ratio
-from dicom_archive.landing import GCSLandingZone
+from dicom_archive.landing import MANIFEST_NAME, GCSLandingZone
 from dicom_archive.ledger import select_batches
-from dicom_archive.manifest import MANIFEST_NAME, ManifestError, parse_manifest
+from dicom_archive.manifest import ManifestError, parse_manifest
 from dicom_archive.stores import Checksums, GCSObjectStore
 from tools import emulators
 

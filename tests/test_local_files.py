@@ -113,7 +113,8 @@ def test_local_store_create_only_writer_keeps_the_first_object(tmp_path):
 def test_local_landing_zone_report_write_uses_the_name_the_plan_knows(tmp_path, monkeypatch):
     """The report's temporary file is one the plan counts as ours, never as an image of the batch."""
     from dicom_archive import local_files
-    from dicom_archive.manifest import REPORT_NAME, is_control_file
+    from dicom_archive.landing import REPORT_NAME
+    from dicom_archive.manifest import is_control_file
 
     renamed = []
 

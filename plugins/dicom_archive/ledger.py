@@ -26,8 +26,8 @@ from datetime import UTC, datetime
 
 from dicom_archive import claims
 from dicom_archive.google_errors import Explain, no_explanation
-from dicom_archive.landing import BatchFolder, LandingZone
-from dicom_archive.manifest import MANIFEST_NAME, ManifestError
+from dicom_archive.landing import MANIFEST_NAME, BatchFolder, LandingZone
+from dicom_archive.manifest import ManifestError
 from dicom_archive.naming import batch_id_problem
 from dicom_archive.plan import read_manifest
 from dicom_archive.stores import ObjectStore

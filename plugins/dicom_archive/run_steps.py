@@ -28,8 +28,8 @@ from typing import Any
 from dicom_archive import claims
 from dicom_archive.batch import Recovery, Staging, build_report, chunk_id, publish_report, run_key, studies_per_chunk
 from dicom_archive.google_errors import Explain, is_transient, no_explanation
-from dicom_archive.landing import LandingZone, batch_folder_problem, is_batch_problem
-from dicom_archive.manifest import REPORT_NAME, BatchManifest, ManifestError
+from dicom_archive.landing import REPORT_NAME, LandingZone, batch_folder_problem, is_batch_problem
+from dicom_archive.manifest import BatchManifest, ManifestError
 from dicom_archive.naming import batch_id_problem, batch_report_object_name
 from dicom_archive.plan import (
     STATUS_DONE,
