@@ -79,6 +79,8 @@ with DAG(
         log.info("%d pending withdrawal requests: %s", len(requests), ", ".join(r.request_id for r in requests))
         return [r.to_dict() for r in requests]
 
-    DicomWithdrawOperator.partial(task_id="withdraw", outlets=[ARCHIVES_ALIAS, TABLES_ALIAS]).expand(
-        request=find_requests()
-    )
+    DicomWithdrawOperator.partial(
+        task_id="withdraw",
+        outlets=[ARCHIVES_ALIAS, TABLES_ALIAS],
+        map_index_template="{{ task.request['request_id'] }}",  # the grid shows each request by its id
+    ).expand(request=find_requests())

@@ -380,12 +380,25 @@ def test_manual_withdrawal_of_one_study(env):
     land(env, "ci-wd-one", study(E1, I1, 2) + study(E1, I3, 2))
     assert run_batches("ci-wd-one") == "success"
     conf = {"collection": env["collection"], "entity_id": E1, "item_id": I1, "reason": "phi_found"}
-    assert run("dicom_withdraw", conf) == "success"
+    dag_run = run_dag(dag_id="dicom_withdraw", conf=conf)
+    assert str(dag_run.state) == "success"
     assert set(archives(env)) == {object_name(env, E1, I3)}
     assert {(r["entity_id"], r["item_id"]) for r in table_rows(env)} == {(E1, I3)}
     records = blobs(env, f"Collection/{env['collection']}/Withdrawals/")
     (doc,) = [json.loads(b.download_as_bytes()) for b in records.values()]
     assert (doc["scope"], doc["item_id"], doc["objects_deleted"], doc["rows_deleted"]) == ("study", I1, 1, 2)
+    assert _withdraw_labels(dag_run.run_id) == [doc["request_id"]], "the grid shows the request by its id"
+
+
+def _withdraw_labels(run_id: str) -> list[str | None]:
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        tis = session.query(TaskInstance).filter(
+            TaskInstance.dag_id == "dicom_withdraw", TaskInstance.run_id == run_id, TaskInstance.task_id == "withdraw"
+        )
+        return [ti.rendered_map_index for ti in tis]
 
 
 def _body_has(marker: bytes, status: int = 403):
