@@ -681,7 +681,10 @@ def test_an_outage_while_planning_fails_the_step_and_a_bug_stays_its_batchs_own(
     refs = {ref["batch_id"]: ref for ref in plan_run(zone, store, [GAVE_UP, BATCH], "manual__outage", settings)}
     assert (refs[BATCH]["status"], refs[GAVE_UP]["status"]) == ("DONE", "ERROR")
     assert refs[BATCH]["earlier_attempts"] == []
-    assert "TypeError" in Staging(store, GAVE_UP, refs[GAVE_UP]["run_key"]).read_plan().error
+    gave_up = Staging(store, GAVE_UP, refs[GAVE_UP]["run_key"]).read_plan()
+    assert "TypeError" in gave_up.error
+    written = json.loads((landing.root / GAVE_UP / "batch.json").read_text())["completed_at"]
+    assert gave_up.completed_at == parse_rfc3339(written, "batch.json", "completed_at").isoformat()
 
 
 def test_a_broken_batch_json_fails_its_run_whichever_version_staged_its_plan(landing):
