@@ -339,12 +339,14 @@ def read_manifest(
 
 
 def broken_manifest_plan(
-    batch_id: str, error: str, collection: str | None, completed_at: str | None = None
+    batch_id: str, error: str, default_collection: str | None, broken: ManifestError | None = None
 ) -> BatchPlan:
-    """The ERROR plan of a batch whose batch.json cannot be used. Its report is filed in the bucket
-    under `collection`: the one the broken document still names (ManifestError.named_collection),
-    else the default; with neither it stays beside the batch only. `completed_at`: the valid one
-    the broken document still holds (ManifestError.completed_at), so the report keeps its date."""
+    """The ERROR plan of a batch whose batch.json cannot be used (`broken`: its error, when the
+    document could be read). Its report is filed in the bucket under the collection the broken
+    document still names (ManifestError.named_collection), else the default; with neither it stays
+    beside the batch only. It keeps the valid completed_at the document still holds."""
+    named, completed_at = (broken.named_collection, broken.completed_at) if broken else (None, None)
+    collection = named or default_collection
     return BatchPlan(batch_id, collection, STATUS_ERROR, completed_at=completed_at, error=error, manifest_unusable=True)
 
 
@@ -393,7 +395,7 @@ def _plan_batch(
             )
         raw_lookup = zone.read_bytes(batch_id, LOOKUP_NAME)
     except ManifestError as err:
-        return broken_manifest_plan(batch_id, str(err), err.named_collection or default_collection, err.completed_at)
+        return broken_manifest_plan(batch_id, str(err), default_collection, err)
     try:
         # An empty lookup.json is not valid JSON either: it may have lost the flags it was written for.
         lookup = parse_lookup(raw_lookup, zone.describe(batch_id, LOOKUP_NAME)) if raw_lookup is not None else {}

@@ -146,18 +146,18 @@ def _plan_one(zone: LandingZone, batch_id: str, settings: Settings) -> BatchPlan
         if is_transient(err):
             raise
         problem = f"{zone.describe(batch_id)} could not be planned: {type(err).__name__}: {err}"
-        manifest, named, completed_at = None, None, None
+        manifest, broken = None, None
         try:
             manifest = read_manifest(zone, batch_id, settings.default_collection)
         except ManifestError as manifest_err:
-            named, completed_at = manifest_err.named_collection, manifest_err.completed_at
+            broken = manifest_err
         except Exception as again:  # unreadable again (a looping link): `problem` already says why
             if is_transient(again):
                 raise
         if isinstance(manifest, BatchManifest):  # the manifest is fine: the batch ends ERROR, the run goes on
             completed = manifest.completed_at.isoformat()
             return BatchPlan(batch_id, manifest.collection, STATUS_ERROR, completed_at=completed, error=problem)
-        return broken_manifest_plan(batch_id, problem, named or settings.default_collection, completed_at)
+        return broken_manifest_plan(batch_id, problem, settings.default_collection, broken)
 
 
 def _reported_before(zone: LandingZone, store: ObjectStore, plan: BatchPlan) -> bool:
